@@ -1,0 +1,494 @@
+//! Diagnosis: walks the layers DNS → network → TLS → protocol → policy over the latest view of every
+//! (endpoint, check, region) of a target and names the first layer that fails, where (everywhere,
+//! some regions, or one agent's own network) and the evidence. Pure: rows in, findings out.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::scope::RegionState;
+
+/// The layers in the order a mail operator checks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Layer {
+    Dns,
+    Network,
+    Tls,
+    Protocol,
+    Policy,
+}
+
+impl Layer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layer::Dns => "dns",
+            Layer::Network => "network",
+            Layer::Tls => "tls",
+            Layer::Protocol => "protocol",
+            Layer::Policy => "policy",
+        }
+    }
+}
+
+/// What the collector knows now of one (target, endpoint, check, region).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesView {
+    pub target: String,
+    pub endpoint: String,
+    pub check: String,
+    pub region: String,
+    pub agent_id: String,
+    /// Ok / Failing (after hysteresis) / Stale.
+    pub state: RegionState,
+    /// The latest result's outcome: ok, warn or fail.
+    pub outcome: String,
+    pub error_class: Option<String>,
+    pub phase: Option<String>,
+    pub message: String,
+    /// The latest result's facts, as text.
+    pub facts: BTreeMap<String, String>,
+}
+
+/// One finding of a diagnosis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub layer: Option<Layer>,
+    /// `fail` or `warn`.
+    pub severity: &'static str,
+    /// `everywhere`, `regions`, `agent` or `none`.
+    pub scope: &'static str,
+    pub regions: Vec<String>,
+    pub check: String,
+    pub summary: String,
+    pub evidence: Vec<String>,
+}
+
+/// The layer an error class (seen in `phase` of a `check`) belongs to.
+pub fn layer_of(check: &str, error_class: &str, phase: Option<&str>) -> Layer {
+    match error_class {
+        c if c.starts_with("dns_") => Layer::Dns,
+        "refused" | "reset" | "unreachable" | "not_permitted" => Layer::Network,
+        // A timeout before the connection stands is the path; after it, the server.
+        "timeout" if matches!(phase, None | Some("connect" | "resolve" | "echo")) => Layer::Network,
+        "tls_handshake" | "cert_expired" | "cert_untrusted" | "cert_name" | "cert_expiring"
+        | "no_starttls" => Layer::Tls,
+        "policy" => Layer::Policy,
+        _ if matches!(
+            check,
+            "spf" | "dmarc" | "dkim" | "mta-sts" | "tlsrpt" | "dane" | "dnsbl"
+        ) =>
+        {
+            Layer::Policy
+        }
+        _ => Layer::Protocol,
+    }
+}
+
+/// (agent, check) pairs whose failures are the agent's own network: the agent fails the check on
+/// at least two targets and on most of its targets, while other agents succeed on most of those.
+pub fn agent_faults(rows: &[SeriesView]) -> BTreeSet<(String, String)> {
+    // (agent, check) -> (targets probed, targets failing)
+    let mut per_agent: BTreeMap<(&str, &str), (BTreeSet<&str>, BTreeSet<&str>)> = BTreeMap::new();
+    // (target, check) -> agents with an ok view
+    let mut ok_by: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.state != RegionState::Stale) {
+        let e = per_agent.entry((&r.agent_id, &r.check)).or_default();
+        e.0.insert(&r.target);
+        if r.state == RegionState::Failing {
+            e.1.insert(&r.target);
+        } else {
+            ok_by
+                .entry((&r.target, &r.check))
+                .or_default()
+                .insert(&r.agent_id);
+        }
+    }
+    let mut faults = BTreeSet::new();
+    for ((agent, check), (probed, failing)) in per_agent {
+        if failing.len() < 2 || failing.len() * 2 <= probed.len() {
+            continue;
+        }
+        let others_ok = failing
+            .iter()
+            .filter(|t| {
+                ok_by
+                    .get(&(**t, check))
+                    .is_some_and(|a| a.iter().any(|a| *a != agent))
+            })
+            .count();
+        if others_ok * 2 > failing.len() {
+            faults.insert((agent.to_string(), check.to_string()));
+        }
+    }
+    faults
+}
+
+fn evidence_of(r: &SeriesView) -> String {
+    let mut s = format!(
+        "{} {} {}: {}",
+        r.region,
+        r.check,
+        r.endpoint,
+        r.error_class.as_deref().unwrap_or("-")
+    );
+    if let Some(p) = &r.phase {
+        s.push_str(&format!(" in {p}"));
+    }
+    if !r.message.is_empty() {
+        s.push_str(&format!(": {}", r.message));
+    }
+    if let Some(code) = r
+        .facts
+        .get("smtp.reply_code")
+        .or_else(|| r.facts.get("reply.code"))
+    {
+        s.push_str(&format!(" (reply {code})"));
+    }
+    if let Some(na) = r.facts.get("cert.not_after") {
+        let days = r
+            .facts
+            .get("cert.days_left")
+            .map(|d| format!(", {d} days left"))
+            .unwrap_or_default();
+        s.push_str(&format!(" [certificate not after {na}{days}]"));
+    }
+    s
+}
+
+/// Diagnoses one target from the views of all its series (other targets' rows are used only to
+/// tell agent faults). Findings come worst first: failures before warnings, then by layer.
+pub fn diagnose(
+    target: &str,
+    rows: &[SeriesView],
+    faults: &BTreeSet<(String, String)>,
+) -> Vec<Finding> {
+    let mine: Vec<&SeriesView> = rows.iter().filter(|r| r.target == target).collect();
+    let mut findings = Vec::new();
+    // (severity rank, layer, check) -> problem rows
+    let mut groups: BTreeMap<(u8, Layer, &str), Vec<&SeriesView>> = BTreeMap::new();
+    let mut agent_groups: BTreeMap<(&str, &str), Vec<&SeriesView>> = BTreeMap::new();
+    for r in &mine {
+        let fault = faults.contains(&(r.agent_id.clone(), r.check.clone()));
+        let severity = match (r.state, r.outcome.as_str()) {
+            (RegionState::Failing, _) => 0,
+            (RegionState::Ok, "warn") => 1,
+            _ => continue,
+        };
+        let Some(class) = r.error_class.as_deref() else {
+            continue;
+        };
+        if fault && severity == 0 {
+            agent_groups
+                .entry((&r.agent_id, &r.check))
+                .or_default()
+                .push(r);
+            continue;
+        }
+        let layer = layer_of(&r.check, class, r.phase.as_deref());
+        groups
+            .entry((severity, layer, &r.check))
+            .or_default()
+            .push(r);
+    }
+    for ((severity, layer, check), problems) in groups {
+        let regions: BTreeSet<&str> = problems.iter().map(|r| r.region.as_str()).collect();
+        let fresh: BTreeSet<&str> = mine
+            .iter()
+            .filter(|r| r.check == check && r.state != RegionState::Stale)
+            .filter(|r| !faults.contains(&(r.agent_id.clone(), r.check.clone())))
+            .map(|r| r.region.as_str())
+            .collect();
+        let everywhere = regions.is_superset(&fresh);
+        let classes: BTreeSet<&str> = problems
+            .iter()
+            .filter_map(|r| r.error_class.as_deref())
+            .collect();
+        let classes: Vec<&str> = classes.into_iter().collect();
+        let where_ = if everywhere {
+            "seen from every region".to_string()
+        } else {
+            format!(
+                "only from {} (fine from {})",
+                regions.iter().copied().collect::<Vec<_>>().join(", "),
+                fresh
+                    .difference(&regions)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        findings.push(Finding {
+            layer: Some(layer),
+            severity: if severity == 0 { "fail" } else { "warn" },
+            scope: if everywhere { "everywhere" } else { "regions" },
+            regions: regions.iter().map(|r| r.to_string()).collect(),
+            check: check.to_string(),
+            summary: format!("{check}: {} {}, {where_}", layer.name(), classes.join("/")),
+            evidence: problems.iter().map(|r| evidence_of(r)).collect(),
+        });
+    }
+    for ((agent, check), problems) in agent_groups {
+        let regions: BTreeSet<String> = problems.iter().map(|r| r.region.clone()).collect();
+        findings.push(Finding {
+            layer: problems
+                .first()
+                .and_then(|r| r.error_class.as_deref().map(|c| layer_of(check, c, r.phase.as_deref()))),
+            severity: "fail",
+            scope: "agent",
+            regions: regions.into_iter().collect(),
+            check: check.to_string(),
+            summary: format!(
+                "{check}: agent {agent} fails this check on most of its targets while other agents succeed: \
+                 its own network (e.g. a provider blocking the port), not counted against {target}"
+            ),
+            evidence: problems.iter().map(|r| evidence_of(r)).collect(),
+        });
+    }
+    findings.extend(consistency(&mine));
+    findings.sort_by_key(|f| (f.severity != "fail", f.scope == "agent", f.layer));
+    if findings.is_empty() {
+        findings.push(Finding {
+            layer: None,
+            severity: "ok",
+            scope: "none",
+            regions: Vec::new(),
+            check: String::new(),
+            summary: if mine.is_empty() {
+                format!("no data for {target}")
+            } else {
+                "every check passes in every region".to_string()
+            },
+            evidence: Vec::new(),
+        });
+    }
+    findings
+}
+
+/// Regions that see different MX sets, and endpoints or regions presenting different certificates.
+pub fn consistency(rows: &[&SeriesView]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut mx_sets: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for r in rows
+        .iter()
+        .filter(|r| r.check == "mx" && r.state != RegionState::Stale)
+    {
+        if let Some(set) = r.facts.get("mx.set") {
+            mx_sets.entry(set).or_default().insert(&r.region);
+        }
+    }
+    if mx_sets.len() > 1 {
+        let (regions, evidence): (BTreeSet<String>, Vec<String>) = {
+            let mut regs = BTreeSet::new();
+            let ev = mx_sets
+                .iter()
+                .map(|(set, rs)| {
+                    regs.extend(rs.iter().map(|r| r.to_string()));
+                    format!(
+                        "{} see MX {set}",
+                        rs.iter().copied().collect::<Vec<_>>().join(", ")
+                    )
+                })
+                .collect();
+            (regs, ev)
+        };
+        out.push(Finding {
+            layer: Some(Layer::Dns),
+            severity: "warn",
+            scope: "regions",
+            regions: regions.into_iter().collect(),
+            check: "mx".into(),
+            summary: "regions see different MX sets (split horizon or propagation)".into(),
+            evidence,
+        });
+    }
+    // check -> certificate identity -> where seen
+    let mut certs: BTreeMap<&str, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.state != RegionState::Stale) {
+        let id = r.facts.get("cert.sha256").cloned().or_else(|| {
+            let na = r.facts.get("cert.not_after")?;
+            Some(format!(
+                "{} until {na}",
+                r.facts.get("cert.subject").map_or("?", |s| s.as_str())
+            ))
+        });
+        if let Some(id) = id {
+            certs
+                .entry(&r.check)
+                .or_default()
+                .entry(id)
+                .or_default()
+                .insert(format!("{} {}", r.region, r.endpoint));
+        }
+    }
+    for (check, ids) in certs.into_iter().filter(|(_, ids)| ids.len() > 1) {
+        let regions: BTreeSet<String> = ids
+            .values()
+            .flatten()
+            .filter_map(|w| w.split_once(' ').map(|(r, _)| r.to_string()))
+            .collect();
+        out.push(Finding {
+            layer: Some(Layer::Tls),
+            severity: "warn",
+            scope: "regions",
+            regions: regions.into_iter().collect(),
+            check: check.to_string(),
+            summary: format!("{check}: addresses or regions present different certificates"),
+            evidence: ids
+                .iter()
+                .map(|(id, seen)| {
+                    format!(
+                        "{id}: {}",
+                        seen.iter().cloned().collect::<Vec<_>>().join(", ")
+                    )
+                })
+                .collect(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(
+        target: &str,
+        check: &str,
+        region: &str,
+        state: RegionState,
+        class: Option<&str>,
+    ) -> SeriesView {
+        SeriesView {
+            target: target.into(),
+            endpoint: format!("mx.{target}[198.18.0.2]"),
+            check: check.into(),
+            region: region.into(),
+            agent_id: format!("agent-{region}"),
+            state,
+            outcome: if state == RegionState::Failing {
+                "fail"
+            } else {
+                "ok"
+            }
+            .into(),
+            error_class: class.map(String::from),
+            phase: class.map(|_| "connect".to_string()),
+            message: String::new(),
+            facts: BTreeMap::new(),
+        }
+    }
+
+    use RegionState::{Failing, Ok as Fine, Stale};
+
+    #[test]
+    fn port_block_in_one_region_is_network_there_only() {
+        let rows = vec![
+            row("lab.test", "smtp", "eu-west", Fine, None),
+            row("lab.test", "smtp", "us-east", Fine, None),
+            row("lab.test", "smtp", "ap-south", Failing, Some("timeout")),
+            row("lab.test", "submission", "ap-south", Fine, None),
+        ];
+        let f = diagnose("lab.test", &rows, &agent_faults(&rows));
+        assert!(!f.is_empty());
+        assert_eq!(f[0].layer, Some(Layer::Network));
+        assert_eq!(f[0].scope, "regions");
+        assert_eq!(f[0].regions, vec!["ap-south".to_string()]);
+        assert_eq!(f[0].check, "smtp");
+        assert!(
+            f[0].summary.contains("only from ap-south"),
+            "{}",
+            f[0].summary
+        );
+        assert_eq!(f.len(), 1, "submission is fine: {f:?}");
+    }
+
+    #[test]
+    fn first_failing_layer_comes_first_and_everywhere_is_said() {
+        let mut expired = row("t.test", "imaps", "eu-west", Failing, Some("cert_expired"));
+        expired.phase = Some("tls".into());
+        expired
+            .facts
+            .insert("cert.not_after".into(), "2026-10-01T00:00:00Z".into());
+        let mut expired2 = expired.clone();
+        expired2.region = "us-east".into();
+        expired2.agent_id = "agent-us-east".into();
+        let rows = vec![
+            expired,
+            expired2,
+            row("t.test", "imap", "eu-west", Failing, Some("refused")),
+            row("t.test", "imap", "us-east", Failing, Some("refused")),
+        ];
+        let f = diagnose("t.test", &rows, &BTreeSet::new());
+        assert_eq!(f[0].layer, Some(Layer::Network));
+        assert_eq!(f[0].scope, "everywhere");
+        assert_eq!(f[1].layer, Some(Layer::Tls));
+        assert!(
+            f[1].evidence.iter().all(|e| e.contains("2026-10-01")),
+            "{:?}",
+            f[1].evidence
+        );
+    }
+
+    #[test]
+    fn agent_blocking_port_is_the_agents_fault() {
+        let mut rows = Vec::new();
+        for t in ["a.test", "b.test", "c.test"] {
+            rows.push(row(t, "smtp", "eu-west", Fine, None));
+            rows.push(row(t, "smtp", "us-east", Fine, None));
+            rows.push(row(t, "smtp", "ap-south", Failing, Some("timeout")));
+        }
+        let faults = agent_faults(&rows);
+        assert_eq!(faults.len(), 1);
+        assert!(faults.contains(&("agent-ap-south".to_string(), "smtp".to_string())));
+        let f = diagnose("b.test", &rows, &faults);
+        assert_eq!(f[0].scope, "agent");
+        assert_eq!(f[0].regions, vec!["ap-south".to_string()]);
+        // One failing target is not enough to blame the agent.
+        let one: Vec<_> = rows
+            .iter()
+            .filter(|r| r.target == "a.test")
+            .cloned()
+            .collect();
+        assert!(agent_faults(&one).is_empty());
+    }
+
+    #[test]
+    fn differing_mx_sets_and_certificates_are_reported() {
+        let mut a = row("t.test", "mx", "eu-west", Fine, None);
+        a.facts.insert("mx.set".into(), "10 mx1.t.test".into());
+        let mut b = row("t.test", "mx", "us-east", Fine, None);
+        b.facts.insert("mx.set".into(), "10 mx2.t.test".into());
+        let mut c = row("t.test", "smtp", "eu-west", Fine, None);
+        c.facts.insert("cert.sha256".into(), "aa".into());
+        let mut d = row("t.test", "smtp", "us-east", Fine, None);
+        d.facts.insert("cert.sha256".into(), "bb".into());
+        let f = diagnose("t.test", &[a, b, c, d], &BTreeSet::new());
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(f
+            .iter()
+            .any(|f| f.layer == Some(Layer::Dns) && f.summary.contains("different MX")));
+        assert!(f
+            .iter()
+            .any(|f| f.layer == Some(Layer::Tls) && f.summary.contains("different certificates")));
+    }
+
+    #[test]
+    fn healthy_and_unknown_targets() {
+        let rows = vec![
+            row("t.test", "smtp", "eu-west", Fine, None),
+            row("t.test", "smtp", "x", Stale, None),
+        ];
+        assert_eq!(diagnose("t.test", &rows, &BTreeSet::new())[0].scope, "none");
+        assert!(diagnose("u.test", &rows, &BTreeSet::new())[0]
+            .summary
+            .contains("no data"));
+    }
+
+    #[test]
+    fn layers() {
+        assert_eq!(layer_of("mx", "dns_nxdomain", None), Layer::Dns);
+        assert_eq!(layer_of("smtp", "timeout", Some("connect")), Layer::Network);
+        assert_eq!(layer_of("smtp", "timeout", Some("banner")), Layer::Protocol);
+        assert_eq!(layer_of("smtp", "cert_name", Some("tls")), Layer::Tls);
+        assert_eq!(layer_of("smtp", "reply_4xx", Some("ehlo")), Layer::Protocol);
+        assert_eq!(layer_of("spf", "protocol", None), Layer::Policy);
+    }
+}

@@ -1,0 +1,180 @@
+//! Cross-region scope of one (target, check): `up`, `partial` (naming the failing regions),
+//! `down` (at least a quorum of regions agree) or `stale` (no fresh data anywhere).
+
+use std::fmt;
+
+/// The state of one region's view of a (target, check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RegionState {
+    Ok,
+    Failing,
+    Stale,
+    /// The agent's own network is at fault (see `agent_faults`): not counted against the target.
+    AgentFault,
+}
+
+/// How many failing regions make a target `down`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quorum {
+    /// More than half of the regions with fresh data.
+    #[default]
+    Majority,
+    /// At least K regions (capped at the number of regions with fresh data).
+    AtLeast(u32),
+}
+
+impl Quorum {
+    fn needed(self, fresh: usize) -> usize {
+        match self {
+            Quorum::Majority => fresh / 2 + 1,
+            Quorum::AtLeast(k) => (k as usize).clamp(1, fresh.max(1)),
+        }
+    }
+}
+
+impl std::str::FromStr for Quorum {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "majority" => Ok(Quorum::Majority),
+            k => k
+                .parse::<u32>()
+                .ok()
+                .filter(|k| *k >= 1)
+                .map(Quorum::AtLeast)
+                .ok_or_else(|| format!("quorum '{s}': expected 'majority' or a number >= 1")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Up,
+    Partial { failing: Vec<String> },
+    Down { failing: Vec<String> },
+    Stale,
+}
+
+impl Scope {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scope::Up => "up",
+            Scope::Partial { .. } => "partial",
+            Scope::Down { .. } => "down",
+            Scope::Stale => "stale",
+        }
+    }
+
+    pub fn failing(&self) -> &[String] {
+        match self {
+            Scope::Partial { failing } | Scope::Down { failing } => failing,
+            _ => &[],
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Combines the regions' views (region name, state) into one scope.
+pub fn scope(regions: &[(String, RegionState)], quorum: Quorum) -> Scope {
+    let fresh: Vec<_> = regions
+        .iter()
+        .filter(|(_, s)| matches!(s, RegionState::Ok | RegionState::Failing))
+        .collect();
+    if fresh.is_empty() {
+        return Scope::Stale;
+    }
+    let mut failing: Vec<String> = fresh
+        .iter()
+        .filter(|(_, s)| *s == RegionState::Failing)
+        .map(|(r, _)| r.clone())
+        .collect();
+    failing.sort();
+    failing.dedup();
+    if failing.is_empty() {
+        Scope::Up
+    } else if failing.len() >= quorum.needed(fresh.len()) {
+        Scope::Down { failing }
+    } else {
+        Scope::Partial { failing }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RegionState::*;
+
+    fn regions(states: &[(&str, RegionState)]) -> Vec<(String, RegionState)> {
+        states.iter().map(|(r, s)| (r.to_string(), *s)).collect()
+    }
+
+    #[test]
+    fn majority_quorum() {
+        let q = Quorum::Majority;
+        assert_eq!(
+            scope(&regions(&[("a", Ok), ("b", Ok), ("c", Ok)]), q),
+            Scope::Up
+        );
+        assert_eq!(
+            scope(&regions(&[("a", Ok), ("b", Ok), ("c", Failing)]), q),
+            Scope::Partial {
+                failing: vec!["c".into()]
+            }
+        );
+        assert_eq!(
+            scope(&regions(&[("a", Failing), ("b", Ok), ("c", Failing)]), q),
+            Scope::Down {
+                failing: vec!["a".into(), "c".into()]
+            }
+        );
+        assert_eq!(
+            scope(&regions(&[("a", Stale), ("b", Stale)]), q),
+            Scope::Stale
+        );
+        assert_eq!(scope(&[], q), Scope::Stale);
+    }
+
+    #[test]
+    fn stale_and_agent_faults_do_not_count() {
+        let q = Quorum::Majority;
+        // One fresh failing region out of one fresh region is a majority.
+        assert_eq!(
+            scope(
+                &regions(&[("a", Stale), ("b", Failing), ("c", AgentFault)]),
+                q
+            ),
+            Scope::Down {
+                failing: vec!["b".into()]
+            }
+        );
+        assert_eq!(
+            scope(&regions(&[("a", Ok), ("c", AgentFault)]), q),
+            Scope::Up
+        );
+    }
+
+    #[test]
+    fn configured_quorum() {
+        let all_but_one = regions(&[("a", Failing), ("b", Failing), ("c", Failing), ("d", Ok)]);
+        assert_eq!(scope(&all_but_one, Quorum::AtLeast(4)).name(), "partial");
+        assert_eq!(scope(&all_but_one, Quorum::AtLeast(3)).name(), "down");
+        assert_eq!(
+            scope(&regions(&[("a", Failing)]), Quorum::AtLeast(5)).name(),
+            "down"
+        );
+        assert_eq!(
+            "majority".parse(),
+            Result::<Quorum, String>::Ok(Quorum::Majority)
+        );
+        assert_eq!(
+            "2".parse(),
+            Result::<Quorum, String>::Ok(Quorum::AtLeast(2))
+        );
+        assert!("0".parse::<Quorum>().is_err() && "most".parse::<Quorum>().is_err());
+    }
+}
