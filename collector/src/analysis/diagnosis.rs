@@ -85,15 +85,20 @@ pub fn layer_of(check: &str, error_class: &str, phase: Option<&str>) -> Layer {
 /// (agent, check) pairs whose failures are the agent's own network: the agent fails the check on
 /// at least two targets and on most of its targets, while other agents succeed on most of those.
 pub fn agent_faults(rows: &[SeriesView]) -> BTreeSet<(String, String)> {
-    // (agent, check) -> (targets probed, targets failing)
-    let mut per_agent: BTreeMap<(&str, &str), (BTreeSet<&str>, BTreeSet<&str>)> = BTreeMap::new();
+    /// Targets an agent probes with a check, and those failing.
+    #[derive(Default)]
+    struct Seen<'a> {
+        probed: BTreeSet<&'a str>,
+        failing: BTreeSet<&'a str>,
+    }
+    let mut per_agent: BTreeMap<(&str, &str), Seen> = BTreeMap::new();
     // (target, check) -> agents with an ok view
     let mut ok_by: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.state != RegionState::Stale) {
         let e = per_agent.entry((&r.agent_id, &r.check)).or_default();
-        e.0.insert(&r.target);
+        e.probed.insert(&r.target);
         if r.state == RegionState::Failing {
-            e.1.insert(&r.target);
+            e.failing.insert(&r.target);
         } else {
             ok_by
                 .entry((&r.target, &r.check))
@@ -102,7 +107,7 @@ pub fn agent_faults(rows: &[SeriesView]) -> BTreeSet<(String, String)> {
         }
     }
     let mut faults = BTreeSet::new();
-    for ((agent, check), (probed, failing)) in per_agent {
+    for ((agent, check), Seen { probed, failing }) in per_agent {
         if failing.len() < 2 || failing.len() * 2 <= probed.len() {
             continue;
         }
