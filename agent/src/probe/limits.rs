@@ -14,7 +14,10 @@ pub struct HostLimits {
 
 impl HostLimits {
     pub fn new(per_host: usize) -> Self {
-        HostLimits { per_host: per_host.max(1), hosts: Arc::default() }
+        HostLimits {
+            per_host: per_host.max(1),
+            hosts: Arc::default(),
+        }
     }
 
     /// Waits for a connection slot to `host`; the slot is freed when the permit drops.
@@ -30,12 +33,16 @@ impl HostLimits {
                 .or_insert_with(|| Arc::new(Semaphore::new(self.per_host)))
                 .clone()
         };
-        sem.acquire_owned().await.expect("host semaphore is never closed")
+        sem.acquire_owned()
+            .await
+            .expect("host semaphore is never closed")
     }
 
     /// Connections to `host` in use right now (for tests and metrics).
     pub fn in_use(&self, host: &str) -> usize {
         let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        hosts.get(host).map_or(0, |s| self.per_host - s.available_permits())
+        hosts
+            .get(host)
+            .map_or(0, |s| self.per_host - s.available_permits())
     }
 }

@@ -2,13 +2,20 @@
 //! returns observations; it knows nothing of gRPC, the spool or the schedule. A problem the probe
 //! finds (NXDOMAIN, refused, expired certificate) is an observation, never an `Err`.
 
+mod endpoints;
 pub mod limits;
+mod mx;
 pub mod resolve;
+mod tcp;
+#[cfg(test)]
+mod testing;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mxscope_proto::CheckKind;
+use mxscope_proto::{CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
+use tokio::time::Instant;
 
 pub use limits::HostLimits;
 pub use resolve::{Resolve, Resolver};
@@ -50,7 +57,12 @@ pub struct CheckOptions {
 
 impl Default for CheckOptions {
     fn default() -> Self {
-        CheckOptions { mail_from: None, rcpt_to: None, cert_warn_days: 14, cert_fail_days: 3 }
+        CheckOptions {
+            mail_from: None,
+            rcpt_to: None,
+            cert_warn_days: 14,
+            cert_fail_days: 3,
+        }
     }
 }
 
@@ -87,10 +99,250 @@ pub fn supported(check: CheckKind) -> bool {
     )
 }
 
+/// A probe that could not be run at all (as opposed to a problem it found, which is an observation).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProbeError {
+    #[error("no probe for check {0}")]
+    Unsupported(CheckKind),
+}
+
+/// Longest wait for a TCP connect.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Extra time past the total deadline before a stuck probe is abandoned (a safety net only).
+const GRACE: Duration = Duration::from_millis(500);
+
+/// One address of one check, as a per-address probe sees it.
+#[allow(dead_code)] // spec and host are read by the protocol probes
+pub(crate) struct Target<'a> {
+    pub spec: &'a CheckSpec,
+    pub ctx: &'a ProbeContext,
+    /// MX host name (SNI) or the target itself.
+    pub host: &'a str,
+    pub addr: SocketAddr,
+    /// End of the whole probe run.
+    pub deadline: Instant,
+}
+
+impl Target<'_> {
+    /// The deadline of a phase allowed `limit`: never past the total deadline.
+    pub(crate) fn phase_deadline(&self, limit: Duration) -> Instant {
+        (Instant::now() + limit).min(self.deadline)
+    }
+}
+
+fn now_us() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
+}
+
 /// Runs one (target, check): one observation for DNS checks, one per address for port checks.
 /// Bounded by `spec.timeout`; never panics on what the network sends.
-pub async fn run_check(spec: &CheckSpec, ctx: &ProbeContext) -> Vec<mxscope_proto::Observation> {
-    // Replaced by the probe implementation (helper in progress).
-    let _ = (spec, ctx);
-    Vec::new()
+pub async fn run_check(spec: &CheckSpec, ctx: &ProbeContext) -> Vec<Observation> {
+    let started = Instant::now();
+    let deadline = started + spec.timeout;
+    let start_us = now_us();
+    let mut out = match spec.check {
+        CheckKind::Mx => {
+            vec![mx::check(ctx.resolver.as_ref(), &spec.target, start_us, deadline).await]
+        }
+        check if check.per_address() && supported(check) => {
+            per_address(spec, ctx, start_us, deadline).await
+        }
+        check => {
+            let err = ProbeError::Unsupported(check);
+            let mut obs =
+                Observation::new(&spec.target, Endpoint::host(&spec.target), check, start_us);
+            obs.problem(
+                Outcome::Fail,
+                ErrorClass::Policy,
+                Phase::Total,
+                err.to_string(),
+            );
+            vec![obs]
+        }
+    };
+    for obs in &mut out {
+        obs.interval = spec.interval;
+        if obs.timing_of(Phase::Total).is_none() {
+            obs.timing(Phase::Total, started.elapsed());
+        }
+    }
+    out
+}
+
+/// Expands the target and probes every address concurrently (each under the per-host limit).
+async fn per_address(
+    spec: &CheckSpec,
+    ctx: &ProbeContext,
+    start_us: i64,
+    deadline: Instant,
+) -> Vec<Observation> {
+    let started = Instant::now();
+    let port = spec.port().unwrap_or(0);
+    let expansion =
+        endpoints::expand(ctx.resolver.as_ref(), &spec.target, spec.kind, deadline).await;
+    let mut out = Vec::new();
+    for f in &expansion.failures {
+        let endpoint = Endpoint {
+            host: f.host.clone(),
+            ip: None,
+            port,
+        };
+        let mut obs = Observation::new(&spec.target, endpoint, spec.check, start_us);
+        obs.timing(Phase::Resolve, expansion.took);
+        obs.problem(Outcome::Fail, f.class, Phase::Resolve, f.message.clone());
+        out.push(obs);
+    }
+    let probes = expansion.addrs.iter().map(|a| {
+        let endpoint = Endpoint {
+            host: a.host.clone(),
+            ip: Some(a.ip),
+            port,
+        };
+        let mut obs = Observation::new(&spec.target, endpoint, spec.check, start_us);
+        obs.timing(Phase::Resolve, expansion.took);
+        obs.fact(
+            "address.family",
+            if a.ip.is_ipv4() { "ipv4" } else { "ipv6" },
+        );
+        if let Some(p) = a.preference {
+            obs.fact("mx.preference", p);
+        }
+        if a.implicit_mx {
+            obs.fact("mx.implicit", true);
+        }
+        let target = Target {
+            spec,
+            ctx,
+            host: &a.host,
+            addr: SocketAddr::new(a.ip, port),
+            deadline,
+        };
+        async move {
+            let guarded = probe_address(&target, &mut obs);
+            if tokio::time::timeout_at(deadline + GRACE, guarded)
+                .await
+                .is_err()
+            {
+                obs.problem(
+                    Outcome::Fail,
+                    ErrorClass::Timeout,
+                    Phase::Total,
+                    "probe overran its deadline",
+                );
+            }
+            obs.timing(Phase::Total, started.elapsed());
+            obs
+        }
+    });
+    out.extend(futures::future::join_all(probes).await);
+    out
+}
+
+/// Probes one address under the per-host connection limit.
+async fn probe_address(target: &Target<'_>, obs: &mut Observation) {
+    let key = target.addr.ip().to_string();
+    let Ok(_permit) =
+        tokio::time::timeout_at(target.deadline, target.ctx.host_limits.acquire(&key)).await
+    else {
+        obs.problem(
+            Outcome::Fail,
+            ErrorClass::Timeout,
+            Phase::Connect,
+            "no free connection slot for this host before the deadline",
+        );
+        return;
+    };
+    if let Some(stream) =
+        tcp::connect(obs, target.addr, target.phase_deadline(CONNECT_TIMEOUT)).await
+    {
+        drop(stream);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::testing::FakeResolver;
+
+    pub(crate) fn context(resolver: FakeResolver) -> ProbeContext {
+        ProbeContext {
+            resolver: Arc::new(resolver),
+            tls_roots: Arc::new(rustls::RootCertStore::empty()),
+            host_limits: HostLimits::new(2),
+            helo_name: "probe.mxscope.test".to_string(),
+        }
+    }
+
+    fn spec(target: &str, check: CheckKind, port: u16) -> CheckSpec {
+        CheckSpec {
+            target: target.to_string(),
+            kind: TargetKind::Domain,
+            check,
+            port: Some(port),
+            timeout: Duration::from_secs(3),
+            interval: Duration::from_secs(30),
+            require_tls: false,
+            options: CheckOptions::default(),
+        }
+    }
+
+    /// A loopback port nobody listens on: bind, note the port, close.
+    async fn closed_port() -> u16 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        l.local_addr().expect("local addr").port()
+    }
+
+    #[tokio::test]
+    async fn refused_port_is_classified_per_address() {
+        let port = closed_port().await;
+        let ctx = context(
+            FakeResolver::default()
+                .mx("example.test", &[(10, "mx.example.test")])
+                .ips("mx.example.test", &["127.0.0.1"]),
+        );
+        let started = std::time::Instant::now();
+        let out = run_check(&spec("example.test", CheckKind::Smtp, port), &ctx).await;
+        assert_eq!(out.len(), 1);
+        let o = &out[0];
+        assert_eq!(o.outcome, Outcome::Fail);
+        assert_eq!(o.error_class, Some(ErrorClass::Refused));
+        assert_eq!(o.phase, Some(Phase::Connect));
+        assert_eq!(
+            o.endpoint.label(),
+            format!("mx.example.test[127.0.0.1]:{port}")
+        );
+        assert!(o.timing_of(Phase::Connect).is_some());
+        assert!(o.timing_of(Phase::Total).is_some());
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[tokio::test]
+    async fn dns_failure_is_one_failed_observation_in_resolve() {
+        let ctx = context(FakeResolver::default().fail("nx.test", ErrorClass::DnsServfail));
+        let out = run_check(&spec("nx.test", CheckKind::Imaps, 993), &ctx).await;
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].error_class, Some(ErrorClass::DnsServfail));
+        assert_eq!(out[0].phase, Some(Phase::Resolve));
+        assert_eq!(out[0].interval, Duration::from_secs(30));
+        assert!(out[0].timing_of(Phase::Total).is_some());
+    }
+
+    #[tokio::test]
+    async fn mx_check_runs_through_dispatch() {
+        let ctx = context(
+            FakeResolver::default()
+                .mx("example.test", &[(10, "mx.example.test")])
+                .ips("mx.example.test", &["127.0.0.1"]),
+        );
+        let out = run_check(&spec("example.test", CheckKind::Mx, 0), &ctx).await;
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].outcome, Outcome::Ok, "{}", out[0].message);
+        assert!(out[0].timing_of(Phase::Total).is_some());
+    }
 }

@@ -47,15 +47,312 @@ pub struct ResolverConfig {
     pub timeout: Option<Duration>,
 }
 
-/// The real resolver (hickory), built once per agent.
+/// The real resolver (hickory), built once per agent. It keeps no cache (monitoring wants live
+/// answers and the TTLs the servers send) and asks fully qualified names only (no search list).
 pub struct Resolver {
-    // Filled in by the probe implementation.
-    _config: ResolverConfig,
+    inner: hickory_resolver::TokioResolver,
+    /// Our own bound on one question, on top of hickory's per-attempt timeout.
+    deadline: Duration,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver")
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Resolver {
     /// Builds the resolver; fails (with the reason) when the system configuration cannot be read.
     pub fn new(config: ResolverConfig) -> Result<Self, DnsError> {
-        Ok(Resolver { _config: config })
+        use hickory_resolver::config::{
+            NameServerConfigGroup, ResolveHosts, ResolverConfig as HickoryConfig,
+        };
+        use hickory_resolver::name_server::TokioConnectionProvider;
+
+        let provider = TokioConnectionProvider::default();
+        let mut builder = match config.server {
+            Some(server) => {
+                // All DNS (UDP and TCP) to this one server, no search domains, no hosts file.
+                let group =
+                    NameServerConfigGroup::from_ips_clear(&[server.ip()], server.port(), true);
+                let mut b = hickory_resolver::TokioResolver::builder_with_config(
+                    HickoryConfig::from_parts(None, vec![], group),
+                    provider,
+                );
+                b.options_mut().use_hosts_file = ResolveHosts::Never;
+                b
+            }
+            None => hickory_resolver::TokioResolver::builder(provider).map_err(|e| DnsError {
+                class: ErrorClass::DnsError,
+                name: "/etc/resolv.conf".to_string(),
+                detail: format!("cannot read the system resolver configuration: {e}"),
+            })?,
+        };
+        let opts = builder.options_mut();
+        opts.cache_size = 0;
+        opts.ndots = 0;
+        opts.preserve_intermediates = false;
+        let per_attempt = config.timeout.unwrap_or(Duration::from_secs(3));
+        opts.timeout = per_attempt;
+        opts.attempts = 2;
+        let deadline = per_attempt * 3;
+        Ok(Resolver {
+            inner: builder.build(),
+            deadline,
+        })
+    }
+
+    async fn lookup(
+        &self,
+        name: &str,
+        rtype: hickory_resolver::proto::rr::RecordType,
+    ) -> Result<hickory_resolver::lookup::Lookup, DnsError> {
+        let fqdn = fqdn(name);
+        match tokio::time::timeout(self.deadline, self.inner.lookup(fqdn.as_str(), rtype)).await {
+            Ok(Ok(lookup)) => Ok(lookup),
+            Ok(Err(e)) => Err(DnsError {
+                class: classify(&e),
+                name: name.to_string(),
+                detail: e.to_string(),
+            }),
+            Err(_) => Err(DnsError {
+                class: ErrorClass::DnsTimeout,
+                name: name.to_string(),
+                detail: format!("no answer within {:?}", self.deadline),
+            }),
+        }
+    }
+
+    /// One address family; `Ok(None)` when the name exists but has no such records.
+    async fn family(
+        &self,
+        name: &str,
+        rtype: hickory_resolver::proto::rr::RecordType,
+    ) -> Result<Option<Answer<IpAddr>>, DnsError> {
+        use hickory_resolver::proto::rr::RData;
+        match self.lookup(name, rtype).await {
+            Ok(lookup) => {
+                let mut ttl = u32::MAX;
+                let mut records = Vec::new();
+                for r in lookup.records() {
+                    let ip = match r.data() {
+                        RData::A(a) => IpAddr::V4(a.0),
+                        RData::AAAA(a) => IpAddr::V6(a.0),
+                        _ => continue,
+                    };
+                    ttl = ttl.min(r.ttl());
+                    records.push(ip);
+                }
+                if records.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some(Answer { records, ttl }))
+            }
+            Err(e) if e.class == ErrorClass::DnsNodata => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The name as an absolute DNS name, so no search domain is ever appended.
+fn fqdn(name: &str) -> String {
+    if name.ends_with('.') {
+        name.to_string()
+    } else {
+        format!("{name}.")
+    }
+}
+
+/// Classifies a hickory error by its kind and response code (never by its text).
+fn classify(err: &hickory_resolver::ResolveError) -> ErrorClass {
+    use hickory_resolver::proto::ProtoErrorKind;
+    use hickory_resolver::ResolveErrorKind;
+
+    let ResolveErrorKind::Proto(proto) = err.kind() else {
+        return ErrorClass::DnsError;
+    };
+    match proto.kind() {
+        ProtoErrorKind::NoRecordsFound { response_code, .. } => classify_rcode(*response_code),
+        ProtoErrorKind::Timeout => ErrorClass::DnsTimeout,
+        ProtoErrorKind::RequestRefused => ErrorClass::DnsRefused,
+        ProtoErrorKind::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+            ErrorClass::DnsTimeout
+        }
+        _ => ErrorClass::DnsError,
+    }
+}
+
+/// Maps a DNS response code to our class.
+fn classify_rcode(code: hickory_resolver::proto::op::ResponseCode) -> ErrorClass {
+    use hickory_resolver::proto::op::ResponseCode;
+    match code {
+        ResponseCode::NXDomain => ErrorClass::DnsNxdomain,
+        ResponseCode::NoError => ErrorClass::DnsNodata,
+        ResponseCode::ServFail => ErrorClass::DnsServfail,
+        ResponseCode::Refused => ErrorClass::DnsRefused,
+        _ => ErrorClass::DnsError,
+    }
+}
+
+#[async_trait::async_trait]
+impl Resolve for Resolver {
+    async fn mx(&self, name: &str) -> Result<Answer<MxRecord>, DnsError> {
+        use hickory_resolver::proto::rr::{RData, RecordType};
+        let lookup = self.lookup(name, RecordType::MX).await?;
+        let mut ttl = u32::MAX;
+        let mut records = Vec::new();
+        for r in lookup.records() {
+            if let RData::MX(mx) = r.data() {
+                ttl = ttl.min(r.ttl());
+                let exchange = mx.exchange().to_ascii();
+                let exchange = exchange.trim_end_matches('.').to_string();
+                records.push(MxRecord {
+                    preference: mx.preference(),
+                    exchange,
+                });
+            }
+        }
+        if records.is_empty() {
+            return Err(DnsError {
+                class: ErrorClass::DnsNodata,
+                name: name.to_string(),
+                detail: "no MX records in the answer".to_string(),
+            });
+        }
+        records.sort_by(|a, b| {
+            a.preference
+                .cmp(&b.preference)
+                .then(a.exchange.cmp(&b.exchange))
+        });
+        Ok(Answer { records, ttl })
+    }
+
+    async fn ips(&self, name: &str) -> Result<Answer<IpAddr>, DnsError> {
+        use hickory_resolver::proto::rr::RecordType;
+        let (v4, v6) = tokio::join!(
+            self.family(name, RecordType::A),
+            self.family(name, RecordType::AAAA)
+        );
+        merge_families(name, v4, v6)
+    }
+
+    async fn txt(&self, name: &str) -> Result<Answer<String>, DnsError> {
+        use hickory_resolver::proto::rr::{RData, RecordType};
+        let lookup = self.lookup(name, RecordType::TXT).await?;
+        let mut ttl = u32::MAX;
+        let mut records = Vec::new();
+        for r in lookup.records() {
+            if let RData::TXT(txt) = r.data() {
+                ttl = ttl.min(r.ttl());
+                let text: String = txt
+                    .txt_data()
+                    .iter()
+                    .map(|part| String::from_utf8_lossy(part))
+                    .collect();
+                records.push(text);
+            }
+        }
+        if records.is_empty() {
+            return Err(DnsError {
+                class: ErrorClass::DnsNodata,
+                name: name.to_string(),
+                detail: "no TXT records in the answer".to_string(),
+            });
+        }
+        Ok(Answer { records, ttl })
+    }
+}
+
+/// Joins the A and AAAA answers: any addresses win; both empty is an empty answer; otherwise the
+/// most telling error (NXDOMAIN before the others).
+fn merge_families(
+    name: &str,
+    v4: Result<Option<Answer<IpAddr>>, DnsError>,
+    v6: Result<Option<Answer<IpAddr>>, DnsError>,
+) -> Result<Answer<IpAddr>, DnsError> {
+    let mut records = Vec::new();
+    let mut ttl = u32::MAX;
+    let mut errors = Vec::new();
+    for part in [v4, v6] {
+        match part {
+            Ok(Some(a)) => {
+                ttl = ttl.min(a.ttl);
+                records.extend(a.records);
+            }
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    if !records.is_empty() {
+        return Ok(Answer { records, ttl });
+    }
+    if errors.is_empty() {
+        return Ok(Answer { records, ttl: 0 });
+    }
+    errors.sort_by_key(|e| e.class != ErrorClass::DnsNxdomain);
+    let mut first = errors.swap_remove(0);
+    first.name = name.to_string();
+    Err(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(class: ErrorClass) -> DnsError {
+        DnsError {
+            class,
+            name: "x".into(),
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn rcodes_map_to_classes() {
+        use hickory_resolver::proto::op::ResponseCode;
+        assert_eq!(
+            classify_rcode(ResponseCode::NXDomain),
+            ErrorClass::DnsNxdomain
+        );
+        assert_eq!(classify_rcode(ResponseCode::NoError), ErrorClass::DnsNodata);
+        assert_eq!(
+            classify_rcode(ResponseCode::ServFail),
+            ErrorClass::DnsServfail
+        );
+        assert_eq!(
+            classify_rcode(ResponseCode::Refused),
+            ErrorClass::DnsRefused
+        );
+        assert_eq!(classify_rcode(ResponseCode::FormErr), ErrorClass::DnsError);
+    }
+
+    #[test]
+    fn families_merge() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let a = Answer {
+            records: vec![ip],
+            ttl: 60,
+        };
+        let got = merge_families("h", Ok(Some(a)), Err(err(ErrorClass::DnsServfail))).unwrap();
+        assert_eq!(got.records, vec![ip]);
+        assert_eq!(got.ttl, 60);
+        let empty = merge_families("h", Ok(None), Ok(None)).unwrap();
+        assert!(empty.records.is_empty());
+        let e = merge_families(
+            "h",
+            Err(err(ErrorClass::DnsServfail)),
+            Err(err(ErrorClass::DnsNxdomain)),
+        )
+        .unwrap_err();
+        assert_eq!(e.class, ErrorClass::DnsNxdomain);
+        assert_eq!(e.name, "h");
+    }
+
+    #[test]
+    fn names_are_made_absolute() {
+        assert_eq!(fqdn("example.test"), "example.test.");
+        assert_eq!(fqdn("example.test."), "example.test.");
     }
 }

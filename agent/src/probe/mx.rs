@@ -1,0 +1,175 @@
+//! The `mx` check: the MX set with preferences and TTL, the A/AAAA addresses (and TTL) of each MX
+//! host, all in one observation timed in phase `resolve`.
+
+use mxscope_proto::{Endpoint, ErrorClass, Observation, Outcome, Phase};
+use tokio::time::Instant;
+
+use super::endpoints::bounded;
+use super::resolve::Resolve;
+
+/// Runs the `mx` check for `target` against `resolver`, answering before `deadline`.
+pub(crate) async fn check(
+    resolver: &dyn Resolve,
+    target: &str,
+    start_us: i64,
+    deadline: Instant,
+) -> Observation {
+    let mut obs = Observation::new(
+        target,
+        Endpoint::host(target),
+        mxscope_proto::CheckKind::Mx,
+        start_us,
+    );
+    let started = Instant::now();
+    let mx = bounded(target, deadline, resolver.mx(target)).await;
+    let hosts: Vec<(u16, String)> = match mx {
+        Ok(answer) => {
+            obs.fact("mx.ttl", answer.ttl)
+                .fact("mx.count", answer.records.len());
+            obs.fact("mx.implicit", false);
+            answer
+                .records
+                .into_iter()
+                .map(|r| (r.preference, r.exchange))
+                .collect()
+        }
+        Err(e) if e.class == ErrorClass::DnsNodata => {
+            // RFC 5321 §5.1: without MX the domain itself is the mail host.
+            obs.fact("mx.count", 0usize).fact("mx.implicit", true);
+            vec![(0, target.to_string())]
+        }
+        Err(e) => {
+            obs.timing(Phase::Resolve, started.elapsed());
+            obs.problem(
+                Outcome::Fail,
+                e.class,
+                Phase::Resolve,
+                format!("MX lookup for {target}: {e}"),
+            );
+            return obs;
+        }
+    };
+    if hosts.iter().any(|(_, h)| h.is_empty() || h == ".") {
+        obs.fact("mx.null", true);
+        obs.timing(Phase::Resolve, started.elapsed());
+        obs.problem(
+            Outcome::Fail,
+            ErrorClass::Policy,
+            Phase::Resolve,
+            format!("{target} has a null MX (RFC 7505): it accepts no mail"),
+        );
+        return obs;
+    }
+    let lookups = hosts
+        .iter()
+        .map(|(_, h)| bounded(h, deadline, resolver.ips(h)));
+    let answers = futures::future::join_all(lookups).await;
+    obs.timing(Phase::Resolve, started.elapsed());
+
+    let (mut v4, mut v6) = (0usize, 0usize);
+    for (i, ((pref, host), answer)) in hosts.iter().zip(answers).enumerate() {
+        obs.fact(&format!("mx.{i}.host"), host.as_str());
+        obs.fact(&format!("mx.{i}.preference"), *pref);
+        match answer {
+            Ok(a) => {
+                let addrs: Vec<String> = a.records.iter().map(|ip| ip.to_string()).collect();
+                let n4 = a.records.iter().filter(|ip| ip.is_ipv4()).count();
+                v4 += n4;
+                v6 += a.records.len() - n4;
+                obs.fact(&format!("mx.{i}.addrs"), addrs.join(","));
+                obs.fact(&format!("mx.{i}.ipv4"), n4);
+                obs.fact(&format!("mx.{i}.ipv6"), a.records.len() - n4);
+                if a.records.is_empty() {
+                    obs.problem(
+                        Outcome::Fail,
+                        ErrorClass::DnsNodata,
+                        Phase::Resolve,
+                        format!("MX host {host} has no A/AAAA records"),
+                    );
+                } else {
+                    obs.fact(&format!("mx.{i}.ttl"), a.ttl);
+                }
+            }
+            Err(e) => {
+                obs.fact(&format!("mx.{i}.error"), e.class.name());
+                obs.problem(
+                    Outcome::Fail,
+                    e.class,
+                    Phase::Resolve,
+                    format!("MX host {host}: {e}"),
+                );
+            }
+        }
+    }
+    obs.fact("mx.hosts", hosts.len())
+        .fact("mx.ipv4_count", v4)
+        .fact("mx.ipv6_count", v6);
+    obs
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use mxscope_proto::FactValue;
+
+    use super::*;
+    use crate::probe::testing::FakeResolver;
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[tokio::test]
+    async fn reports_mx_set_with_numbers_as_numbers() {
+        let r = FakeResolver::default()
+            .mx(
+                "example.test",
+                &[(10, "mx1.example.test"), (20, "mx2.example.test")],
+            )
+            .ips("mx1.example.test", &["127.0.0.1", "::1"])
+            .ips("mx2.example.test", &["127.0.0.2"]);
+        let o = check(&r, "example.test", 0, far()).await;
+        assert_eq!(o.outcome, Outcome::Ok, "{}", o.message);
+        assert_eq!(o.fact_of("mx.count"), Some(&FactValue::Int(2)));
+        assert_eq!(o.fact_of("mx.ttl"), Some(&FactValue::Int(300)));
+        assert_eq!(
+            o.fact_of("mx.0.host"),
+            Some(&FactValue::Text("mx1.example.test".into()))
+        );
+        assert_eq!(o.fact_of("mx.0.preference"), Some(&FactValue::Int(10)));
+        assert_eq!(
+            o.fact_of("mx.0.addrs"),
+            Some(&FactValue::Text("127.0.0.1,::1".into()))
+        );
+        assert_eq!(o.fact_of("mx.0.ttl"), Some(&FactValue::Int(60)));
+        assert_eq!(o.fact_of("mx.ipv6_count"), Some(&FactValue::Int(1)));
+        assert!(o.timing_of(Phase::Resolve).is_some());
+    }
+
+    #[tokio::test]
+    async fn mx_host_without_addresses_fails_naming_it() {
+        let r = FakeResolver::default()
+            .mx(
+                "example.test",
+                &[(10, "mx1.example.test"), (20, "bad.example.test")],
+            )
+            .ips("mx1.example.test", &["127.0.0.1"]);
+        let o = check(&r, "example.test", 0, far()).await;
+        assert_eq!(o.outcome, Outcome::Fail);
+        assert_eq!(o.error_class, Some(ErrorClass::DnsNodata));
+        assert_eq!(o.phase, Some(Phase::Resolve));
+        assert!(o.message.contains("bad.example.test"), "{}", o.message);
+    }
+
+    #[tokio::test]
+    async fn nxdomain_and_implicit_mx() {
+        let r = FakeResolver::default().fail("nx.test", ErrorClass::DnsNxdomain);
+        let o = check(&r, "nx.test", 0, far()).await;
+        assert_eq!(o.error_class, Some(ErrorClass::DnsNxdomain));
+        let r = FakeResolver::default().ips("plain.test", &["127.0.0.1"]);
+        let o = check(&r, "plain.test", 0, far()).await;
+        assert_eq!(o.outcome, Outcome::Ok);
+        assert_eq!(o.fact_of("mx.implicit"), Some(&FactValue::Flag(true)));
+    }
+}

@@ -1,0 +1,93 @@
+//! Test support for probe tests: a fake resolver built with a small builder.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use mxscope_proto::ErrorClass;
+
+use super::resolve::{Answer, DnsError, MxRecord, Resolve};
+
+/// Answers from tables; unknown names have no MX (nodata) and no addresses.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct FakeResolver {
+    mx: HashMap<String, Vec<MxRecord>>,
+    ips: HashMap<String, Vec<IpAddr>>,
+    fail: HashMap<String, ErrorClass>,
+}
+
+impl FakeResolver {
+    pub(crate) fn mx(mut self, name: &str, records: &[(u16, &str)]) -> Self {
+        let records = records
+            .iter()
+            .map(|(p, h)| MxRecord {
+                preference: *p,
+                exchange: h.to_string(),
+            })
+            .collect();
+        self.mx.insert(name.to_string(), records);
+        self
+    }
+
+    pub(crate) fn ips(mut self, name: &str, ips: &[&str]) -> Self {
+        let ips = ips
+            .iter()
+            .map(|s| s.parse().expect("test address"))
+            .collect();
+        self.ips.insert(name.to_string(), ips);
+        self
+    }
+
+    pub(crate) fn fail(mut self, name: &str, class: ErrorClass) -> Self {
+        self.fail.insert(name.to_string(), class);
+        self
+    }
+
+    fn failure(&self, name: &str) -> Option<DnsError> {
+        self.fail.get(name).map(|class| DnsError {
+            class: *class,
+            name: name.to_string(),
+            detail: "fake failure".to_string(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Resolve for FakeResolver {
+    async fn mx(&self, name: &str) -> Result<Answer<MxRecord>, DnsError> {
+        if let Some(e) = self.failure(name) {
+            return Err(e);
+        }
+        match self.mx.get(name) {
+            Some(records) => Ok(Answer {
+                records: records.clone(),
+                ttl: 300,
+            }),
+            None => Err(DnsError {
+                class: ErrorClass::DnsNodata,
+                name: name.to_string(),
+                detail: "no MX".to_string(),
+            }),
+        }
+    }
+
+    async fn ips(&self, name: &str) -> Result<Answer<IpAddr>, DnsError> {
+        if let Some(e) = self.failure(name) {
+            return Err(e);
+        }
+        Ok(Answer {
+            records: self.ips.get(name).cloned().unwrap_or_default(),
+            ttl: 60,
+        })
+    }
+
+    async fn txt(&self, name: &str) -> Result<Answer<String>, DnsError> {
+        match self.failure(name) {
+            Some(e) => Err(e),
+            None => Err(DnsError {
+                class: ErrorClass::DnsNodata,
+                name: name.to_string(),
+                detail: "no TXT".to_string(),
+            }),
+        }
+    }
+}
