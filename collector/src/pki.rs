@@ -1,0 +1,424 @@
+//! The private PKI behind mTLS: a CA, agent certificates whose identity (id and region) is bound in
+//! a URI SAN, admin and read-only client certificates for ctl, collector server certificates, and
+//! CSR signing for token enrolment. Peer identities are read back from certificates here too.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+
+const URN: &str = "urn:mxscope:";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} already exists: refusing to overwrite a CA (remove it first if you mean it)")]
+    Exists(PathBuf),
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("invalid {what} '{value}': {why}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// Who a client certificate speaks for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Identity {
+    /// An agent: results are attributed to this id and region, whatever its hello says.
+    Agent { id: String, region: String },
+    /// ctl with every right (targets may be changed).
+    Admin { name: String },
+    /// ctl that may only read.
+    Reader { name: String },
+}
+
+impl Identity {
+    fn uri(&self) -> String {
+        match self {
+            Identity::Agent { id, region } => format!("{URN}agent:{region}:{id}"),
+            Identity::Admin { name } => format!("{URN}admin:{name}"),
+            Identity::Reader { name } => format!("{URN}read:{name}"),
+        }
+    }
+
+    fn common_name(&self) -> String {
+        match self {
+            Identity::Agent { id, region } => format!("mxscope agent {id} ({region})"),
+            Identity::Admin { name } => format!("mxscope admin {name}"),
+            Identity::Reader { name } => format!("mxscope reader {name}"),
+        }
+    }
+
+    fn parse_uri(uri: &str) -> Option<Identity> {
+        let rest = uri.strip_prefix(URN)?;
+        let (kind, rest) = rest.split_once(':')?;
+        match kind {
+            "agent" => {
+                let (region, id) = rest.split_once(':')?;
+                (is_label(region) && is_label(id)).then(|| Identity::Agent {
+                    id: id.into(),
+                    region: region.into(),
+                })
+            }
+            "admin" if is_label(rest) => Some(Identity::Admin { name: rest.into() }),
+            "read" if is_label(rest) => Some(Identity::Reader { name: rest.into() }),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Agent { id, region } => write!(f, "agent {id} in {region}"),
+            Identity::Admin { name } => write!(f, "admin {name}"),
+            Identity::Reader { name } => write!(f, "reader {name}"),
+        }
+    }
+}
+
+/// DNS-label style: what agent ids, regions and admin names may be.
+pub fn is_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn check_label(what: &'static str, value: &str) -> Result<(), PkiError> {
+    if is_label(value) {
+        Ok(())
+    } else {
+        Err(PkiError::Invalid {
+            what,
+            value: value.into(),
+            why: "use 1-63 lowercase letters, digits and inner hyphens",
+        })
+    }
+}
+
+/// The identity a peer certificate (DER) carries, if it is one of ours.
+pub fn identity_of(cert_der: &[u8]) -> Option<Identity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(uri) => Identity::parse_uri(uri),
+        _ => None,
+    })
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl fmt::Debug for Issued {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Issued")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"***")
+            .finish()
+    }
+}
+
+/// How long issued certificates live.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    /// Days before now (negative values make certificates that are not yet valid).
+    pub from_days_ago: i64,
+    pub days: i64,
+}
+
+impl Default for Validity {
+    fn default() -> Self {
+        Validity {
+            from_days_ago: 1,
+            days: 825,
+        }
+    }
+}
+
+fn apply(params: &mut CertificateParams, v: Validity) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(v.from_days_ago);
+    params.not_after = params.not_before + time::Duration::days(v.days);
+}
+
+/// A certificate authority held in memory.
+pub struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    /// A new CA (ECDSA P-256), valid ten years.
+    pub fn create(name: &str) -> Result<Ca, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        apply(
+            &mut params,
+            Validity {
+                from_days_ago: 1,
+                days: 3650,
+            },
+        );
+        Ok(Ca {
+            cert: params.self_signed(&key)?,
+            key,
+        })
+    }
+
+    /// Loads `ca.pem` and `ca.key` from `dir`.
+    pub fn load(dir: &Path) -> Result<Ca, PkiError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            fs::read_to_string(&path).map_err(|source| PkiError::Io { path, source })
+        };
+        let key = KeyPair::from_pem(&read("ca.key")?)?;
+        let params = CertificateParams::from_ca_cert_pem(&read("ca.pem")?)?;
+        // Re-signing the parsed parameters gives an issuer with the same name and key.
+        Ok(Ca {
+            cert: params.self_signed(&key)?,
+            key,
+        })
+    }
+
+    /// Writes `ca.pem` and `ca.key` (mode 0600) into `dir`, never overwriting.
+    pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
+        fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+            path: dir.into(),
+            source,
+        })?;
+        let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+        for p in [&cert, &key] {
+            if p.exists() {
+                return Err(PkiError::Exists(p.clone()));
+            }
+        }
+        write_private(&key, &self.key.serialize_pem())?;
+        fs::write(&cert, self.cert.pem()).map_err(|source| PkiError::Io { path: cert, source })
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A client certificate for an agent, an admin or a reader.
+    pub fn issue(&self, who: &Identity, validity: Validity) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate()?;
+        let cert = self
+            .client_params(who, validity)?
+            .signed_by(&key, &self.cert, &self.key)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Signs an agent's CSR, taking only its public key: the identity is set here, server-side.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        who: &Identity,
+        validity: Validity,
+    ) -> Result<String, PkiError> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        csr.params = self.client_params(who, validity)?;
+        Ok(csr.signed_by(&self.cert, &self.key)?.pem())
+    }
+
+    /// A server certificate for the collector, for these DNS names and IP addresses.
+    pub fn issue_server(&self, names: &[String], validity: Validity) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "mxscope collector");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        apply(&mut params, validity);
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    fn client_params(
+        &self,
+        who: &Identity,
+        validity: Validity,
+    ) -> Result<CertificateParams, PkiError> {
+        match who {
+            Identity::Agent { id, region } => {
+                check_label("agent id", id)?;
+                check_label("region", region)?;
+            }
+            Identity::Admin { name } | Identity::Reader { name } => check_label("name", name)?,
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, who.common_name());
+        let uri = who.uri().try_into().map_err(|_| PkiError::Invalid {
+            what: "identity",
+            value: who.uri(),
+            why: "not an IA5 string",
+        })?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        apply(&mut params, validity);
+        Ok(params)
+    }
+}
+
+/// A new key and a CSR for it (what an agent sends when it enrols with a token).
+pub fn new_csr() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "mxscope agent enrolment");
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.pem()?, key.serialize_pem()))
+}
+
+/// Writes a secret file readable by its owner only.
+pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| PkiError::Io {
+        path: path.into(),
+        source,
+    };
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(contents.as_bytes()).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der(pem: &str) -> Vec<u8> {
+        let mut r = pem.as_bytes();
+        let cert = rustls_pemfile::certs(&mut r)
+            .next()
+            .expect("one cert")
+            .expect("valid pem");
+        cert.to_vec()
+    }
+
+    #[test]
+    fn agent_identity_round_trips_and_is_server_side_on_csr() {
+        let ca = Ca::create("test ca").unwrap();
+        let who = Identity::Agent {
+            id: "ag-1".into(),
+            region: "eu-west".into(),
+        };
+        let issued = ca.issue(&who, Validity::default()).unwrap();
+        assert_eq!(identity_of(&der(&issued.cert_pem)), Some(who.clone()));
+        assert!(
+            format!("{issued:?}").contains("***") && !format!("{issued:?}").contains("PRIVATE")
+        );
+
+        let (csr, _key) = new_csr().unwrap();
+        let signed = ca.sign_csr(&csr, &who, Validity::default()).unwrap();
+        assert_eq!(identity_of(&der(&signed)), Some(who));
+
+        let admin = Identity::Admin { name: "ops".into() };
+        assert_eq!(
+            identity_of(&der(&ca
+                .issue(&admin, Validity::default())
+                .unwrap()
+                .cert_pem)),
+            Some(admin)
+        );
+        let server = ca
+            .issue_server(
+                &["localhost".into(), "127.0.0.1".into()],
+                Validity::default(),
+            )
+            .unwrap();
+        assert_eq!(identity_of(&der(&server.cert_pem)), None);
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let ca = Ca::create("test ca").unwrap();
+        for (id, region) in [
+            ("Ag", "eu"),
+            ("a b", "eu"),
+            ("a", ""),
+            ("a", "eu:west"),
+            ("-a", "eu"),
+        ] {
+            let who = Identity::Agent {
+                id: id.into(),
+                region: region.into(),
+            };
+            assert!(
+                matches!(
+                    ca.issue(&who, Validity::default()),
+                    Err(PkiError::Invalid { .. })
+                ),
+                "{id}/{region}"
+            );
+        }
+        assert_eq!(Identity::parse_uri("urn:mxscope:agent:eu-west"), None);
+        assert_eq!(Identity::parse_uri("urn:other:admin:x"), None);
+        assert_eq!(Identity::parse_uri("urn:mxscope:root:x"), None);
+    }
+
+    #[test]
+    fn save_load_and_no_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::create("test ca").unwrap();
+        ca.save(dir.path()).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &fs::metadata(dir.path().join("ca.key"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(ca.save(dir.path()), Err(PkiError::Exists(_))));
+        let loaded = Ca::load(dir.path()).unwrap();
+        let who = Identity::Reader {
+            name: "dash".into(),
+        };
+        let issued = loaded.issue(&who, Validity::default()).unwrap();
+        assert_eq!(identity_of(&der(&issued.cert_pem)), Some(who));
+        assert!(matches!(
+            Ca::load(&dir.path().join("missing")),
+            Err(PkiError::Io { .. })
+        ));
+    }
+}
