@@ -267,15 +267,37 @@ pub fn diagnose(
     findings
 }
 
+/// The MX set an `mx` result saw, from its `mx.N.preference`/`mx.N.host`/`mx.N.addrs` facts:
+/// `10 mx1.example.test (198.18.0.2); 20 mx2.example.test (198.18.0.3)`.
+pub fn mx_set(facts: &BTreeMap<String, String>) -> Option<String> {
+    let mut entries = Vec::new();
+    for i in 0.. {
+        let Some(host) = facts.get(&format!("mx.{i}.host")) else {
+            break;
+        };
+        let pref = facts
+            .get(&format!("mx.{i}.preference"))
+            .map_or("?", |p| p.as_str());
+        let addrs = facts
+            .get(&format!("mx.{i}.addrs"))
+            .map_or("", |a| a.as_str());
+        let mut addrs: Vec<&str> = addrs.split(',').filter(|a| !a.is_empty()).collect();
+        addrs.sort_unstable();
+        entries.push(format!("{pref} {host} ({})", addrs.join(", ")));
+    }
+    entries.sort();
+    (!entries.is_empty()).then(|| entries.join("; "))
+}
+
 /// Regions that see different MX sets, and endpoints or regions presenting different certificates.
 pub fn consistency(rows: &[&SeriesView]) -> Vec<Finding> {
     let mut out = Vec::new();
-    let mut mx_sets: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    let mut mx_sets: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
     for r in rows
         .iter()
         .filter(|r| r.check == "mx" && r.state != RegionState::Stale)
     {
-        if let Some(set) = r.facts.get("mx.set") {
+        if let Some(set) = mx_set(&r.facts) {
             mx_sets.entry(set).or_default().insert(&r.region);
         }
     }
@@ -458,9 +480,19 @@ mod tests {
     #[test]
     fn differing_mx_sets_and_certificates_are_reported() {
         let mut a = row("t.test", "mx", "eu-west", Fine, None);
-        a.facts.insert("mx.set".into(), "10 mx1.t.test".into());
-        let mut b = row("t.test", "mx", "us-east", Fine, None);
-        b.facts.insert("mx.set".into(), "10 mx2.t.test".into());
+        a.facts.insert("mx.0.host".into(), "mx1.t.test".into());
+        a.facts.insert("mx.0.preference".into(), "10".into());
+        a.facts
+            .insert("mx.0.addrs".into(), "198.18.0.3,198.18.0.2".into());
+        let mut b = a.clone();
+        b.region = "us-east".into();
+        b.agent_id = "agent-us-east".into();
+        assert_eq!(
+            mx_set(&a.facts).as_deref(),
+            Some("10 mx1.t.test (198.18.0.2, 198.18.0.3)")
+        );
+        assert!(diagnose("t.test", &[a.clone(), b.clone()], &BTreeSet::new())[0].scope == "none");
+        b.facts.insert("mx.0.addrs".into(), "198.18.0.9".into());
         let mut c = row("t.test", "smtp", "eu-west", Fine, None);
         c.facts.insert("cert.sha256".into(), "aa".into());
         let mut d = row("t.test", "smtp", "us-east", Fine, None);
