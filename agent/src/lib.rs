@@ -5,4 +5,5 @@ pub mod config;
 pub mod probe;
 pub mod schedule;
 pub mod spool;
+pub mod trust;
 pub mod uplink;
