@@ -2,13 +2,16 @@
 //! returns observations; it knows nothing of gRPC, the spool or the schedule. A problem the probe
 //! finds (NXDOMAIN, refused, expired certificate) is an observation, never an `Err`.
 
+mod dialogue;
 mod endpoints;
 pub mod limits;
 mod mx;
 pub mod resolve;
+mod smtp;
 mod tcp;
 #[cfg(test)]
 mod testing;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -113,7 +116,6 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const GRACE: Duration = Duration::from_millis(500);
 
 /// One address of one check, as a per-address probe sees it.
-#[allow(dead_code)] // spec and host are read by the protocol probes
 pub(crate) struct Target<'a> {
     pub spec: &'a CheckSpec,
     pub ctx: &'a ProbeContext,
@@ -256,10 +258,17 @@ async fn probe_address(target: &Target<'_>, obs: &mut Observation) {
         );
         return;
     };
-    if let Some(stream) =
-        tcp::connect(obs, target.addr, target.phase_deadline(CONNECT_TIMEOUT)).await
-    {
-        drop(stream);
+    match target.spec.check {
+        CheckKind::Smtp | CheckKind::Submission | CheckKind::Smtps => {
+            smtp::probe(target, obs).await
+        }
+        _ => {
+            if let Some(stream) =
+                tcp::connect(obs, target.addr, target.phase_deadline(CONNECT_TIMEOUT)).await
+            {
+                drop(stream);
+            }
+        }
     }
 }
 
