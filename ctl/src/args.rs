@@ -193,8 +193,14 @@ pub fn target_name(s: &str) -> Result<String, String> {
         if label.is_empty() {
             return fail("empty label");
         }
-        if !is_dns_label(label) {
-            return fail("labels are letters, digits and '-', at most 63 characters, not starting or ending with '-'");
+        // Like the agent, '_' is tolerated (it appears in some real host names).
+        let chars_ok = label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if label.len() > 63 || !chars_ok || label.starts_with('-') || label.ends_with('-') {
+            return fail(
+                "labels are letters, digits, '-' and '_', at most 63 characters, not starting or ending with '-'",
+            );
         }
     }
     if name
@@ -305,6 +311,10 @@ mod tests {
             "mx1.mail.example.test"
         );
         assert_eq!(target_name("localhost").unwrap(), "localhost");
+        assert_eq!(
+            target_name("mail_1.example.com").unwrap(),
+            "mail_1.example.com"
+        );
         assert_eq!(target_name("127.0.0.1").unwrap(), "127.0.0.1");
         assert_eq!(target_name("::1").unwrap(), "::1");
         for bad in [
