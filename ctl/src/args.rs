@@ -323,7 +323,7 @@ mod tests {
             "-bad.com",
             "bad-.com",
             "a..b",
-            "under_score.com",
+            "-under_score.com",
             "1.2.3.999",
             "a@b.c",
         ] {
