@@ -1,1 +1,16 @@
-//! placeholder
+//! Lab harness for mxscope's end-to-end tests: private instances of Postfix, Dovecot and nsd on
+//! loopback, a throw-away CA, and wrappers that run the real mxscope binaries against them.
+
+pub mod binaries;
+pub mod certs;
+pub mod dovecot;
+pub mod lab;
+pub mod mxscope;
+pub mod net;
+pub mod nsd;
+pub mod postfix;
+pub mod process;
+pub mod wait;
+
+pub use lab::Lab;
+pub use wait::wait_until;

@@ -33,11 +33,16 @@ struct Side {
 }
 
 fn parse_side(s: &str) -> Result<Side, String> {
-    let (netns, dev) = s.split_once(':').ok_or_else(|| format!("expected NETNS:DEV, got '{s}'"))?;
+    let (netns, dev) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected NETNS:DEV, got '{s}'"))?;
     if dev.is_empty() || dev.len() >= libc::IFNAMSIZ {
         return Err(format!("device name '{dev}' must be 1..15 characters"));
     }
-    Ok(Side { netns: netns.to_string(), dev: dev.to_string() })
+    Ok(Side {
+        netns: netns.to_string(),
+        dev: dev.to_string(),
+    })
 }
 
 /// Enters `netns` (this thread) and creates the TUN device `dev` there.
@@ -54,7 +59,11 @@ fn open_tun_in(side: &Side) -> io::Result<OwnedFd> {
     }
     // SAFETY: fd was just returned by open and is not owned elsewhere.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TUN | IFF_NO_PI, _pad: [0; 22] };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TUN | IFF_NO_PI,
+        _pad: [0; 22],
+    };
     req.name[..side.dev.len()].copy_from_slice(side.dev.as_bytes());
     // SAFETY: TUNSETIFF reads and writes an ifreq-sized struct we own.
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {

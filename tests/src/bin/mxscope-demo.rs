@@ -1,0 +1,2 @@
+//! mxscope demo (being written)
+fn main() {}

@@ -1,0 +1,359 @@
+//! Wrappers around the real mxscope binaries: a collector on a free loopback port, agents with a
+//! generated target TOML, and `mxscopectl` queries parsed from its JSON output.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::binaries::{mxscope_binary, AGENT, COLLECTOR, CTL};
+use crate::lab::{path_str, write_file};
+use crate::net::{free_port, is_listening};
+use crate::process::{Proc, Spec};
+use crate::wait::wait_for;
+
+/// A running `mxscope-collector --listen 127.0.0.1:PORT --db PATH --insecure`.
+#[derive(Debug)]
+pub struct Collector {
+    proc: Proc,
+    addr: SocketAddr,
+    db: PathBuf,
+}
+
+impl Collector {
+    /// Starts a collector with its db at `<dir>/mxscope.db` on a free port.
+    pub fn start(dir: &Path) -> Result<Collector> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)?));
+        Collector::start_at(dir, addr, &dir.join("mxscope.db"))
+    }
+
+    /// Starts a collector listening on `addr` with its db at `db`.
+    pub fn start_at(log_dir: &Path, addr: SocketAddr, db: &Path) -> Result<Collector> {
+        let bin = mxscope_binary(COLLECTOR)?;
+        let spec = Spec::new("collector", bin)
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--db",
+                &path_str(db)?,
+                "--insecure",
+            ])
+            .env("RUST_LOG", "info");
+        let proc = Proc::spawn(spec, log_dir)?;
+        let mut c = Collector {
+            proc,
+            addr,
+            db: db.to_path_buf(),
+        };
+        c.wait_ready()?;
+        Ok(c)
+    }
+
+    /// Waits until the gRPC port accepts connections (or fails if the process died).
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let addr = self.addr;
+        let proc = &mut self.proc;
+        wait_for(
+            &format!("collector listening on {addr}"),
+            Duration::from_secs(30),
+            || {
+                if !proc.is_running() {
+                    bail!(
+                        "collector exited during startup ({:?}):\n{}",
+                        proc.exit_status(),
+                        proc.log_tail(40)
+                    );
+                }
+                Ok(is_listening(addr).then_some(()))
+            },
+        )
+    }
+
+    /// `http://127.0.0.1:PORT`, for `--collector`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn db(&self) -> &Path {
+        &self.db
+    }
+
+    pub fn proc_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    /// SIGKILL (a crash), then start again on the same address and db. If the new process
+    /// cannot bind yet and exits, it is started again until the deadline.
+    pub fn crash_and_restart(&mut self) -> Result<()> {
+        self.proc.kill()?;
+        self.proc.restart()?;
+        let addr = self.addr;
+        let proc = &mut self.proc;
+        let mut restarts = 0;
+        wait_for(
+            &format!("restarted collector listening on {addr}"),
+            Duration::from_secs(30),
+            || {
+                if !proc.is_running() {
+                    restarts += 1;
+                    if restarts > 20 {
+                        bail!(
+                            "collector keeps exiting after restart:\n{}",
+                            proc.log_tail(40)
+                        );
+                    }
+                    proc.restart()?;
+                }
+                Ok(is_listening(addr).then_some(()))
+            },
+        )
+    }
+
+    /// A client for `mxscopectl` against this collector.
+    pub fn ctl(&self) -> Result<Ctl> {
+        Ctl::new(&self.url())
+    }
+}
+
+/// One `[[target]]` of an agent config.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    pub name: String,
+    pub checks: Vec<String>,
+    pub interval: String,
+    /// Per-check port overrides (`ports = { smtp = 2525 }`).
+    pub ports: BTreeMap<String, u16>,
+}
+
+impl TargetConfig {
+    pub fn new(name: &str, checks: &[&str]) -> Self {
+        TargetConfig {
+            name: name.to_string(),
+            checks: checks.iter().map(|c| c.to_string()).collect(),
+            interval: "2s".to_string(),
+            ports: BTreeMap::new(),
+        }
+    }
+
+    pub fn interval(mut self, interval: &str) -> Self {
+        self.interval = interval.to_string();
+        self
+    }
+
+    pub fn port(mut self, check: &str, port: u16) -> Self {
+        self.ports.insert(check.to_string(), port);
+        self
+    }
+}
+
+/// Renders targets as the agent's TOML config.
+pub fn agent_toml(targets: &[TargetConfig]) -> String {
+    let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+    let mut out = String::new();
+    for t in targets {
+        out += "[[target]]\n";
+        out += &format!("name = {}\n", q(&t.name));
+        let checks: Vec<String> = t.checks.iter().map(|c| q(c)).collect();
+        out += &format!("checks = [{}]\n", checks.join(", "));
+        out += &format!("interval = {}\n", q(&t.interval));
+        if !t.ports.is_empty() {
+            let ports: Vec<String> = t.ports.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+            out += &format!("ports = {{ {} }}\n", ports.join(", "));
+        }
+        out += "\n";
+    }
+    out
+}
+
+/// Settings of one agent process.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub id: String,
+    pub region: String,
+    pub collector_url: String,
+    pub resolver: Option<SocketAddr>,
+    pub ca_file: Option<PathBuf>,
+    pub targets: Vec<TargetConfig>,
+}
+
+/// A running `mxscope-agent`.
+#[derive(Debug)]
+pub struct Agent {
+    proc: Proc,
+    id: String,
+    region: String,
+    spool: PathBuf,
+}
+
+impl Agent {
+    /// Writes `<dir>/agent-ID.toml` and starts the agent with its spool in `<dir>/spool-ID`.
+    pub fn start(dir: &Path, opts: &AgentOptions) -> Result<Agent> {
+        let bin = mxscope_binary(AGENT)?;
+        let config = dir.join(format!("agent-{}.toml", opts.id));
+        write_file(&config, agent_toml(&opts.targets))?;
+        let spool = dir.join(format!("spool-{}", opts.id));
+        let mut spec = Spec::new(format!("agent-{}", opts.id), bin)
+            .args([
+                "--collector",
+                &opts.collector_url,
+                "--id",
+                &opts.id,
+                "--region",
+                &opts.region,
+                "--config",
+                &path_str(&config)?,
+                "--spool",
+                &path_str(&spool)?,
+            ])
+            .env("RUST_LOG", "info");
+        if let Some(resolver) = opts.resolver {
+            spec = spec.args(["--resolver", &resolver.to_string()]);
+        }
+        if let Some(ca) = &opts.ca_file {
+            spec = spec.args(["--ca-file", &path_str(ca)?]);
+        }
+        let proc = Proc::spawn(spec, dir)?;
+        Ok(Agent {
+            proc,
+            id: opts.id.clone(),
+            region: opts.region.clone(),
+            spool,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    pub fn spool(&self) -> &Path {
+        &self.spool
+    }
+
+    pub fn proc_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    /// Fails with the log tail if the agent has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        if !self.proc.is_running() {
+            bail!(
+                "agent {} exited ({:?}):\n{}",
+                self.id,
+                self.proc.exit_status(),
+                self.proc.log_tail(40)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One row of `mxscopectl status --format json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StatusRow {
+    pub target: String,
+    pub endpoint: String,
+    pub check: String,
+    pub region: String,
+    pub state: String,
+    pub reachability: f64,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub last_error: Option<String>,
+    pub last_seen: serde_json::Value,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// One row of `mxscopectl agents --format json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AgentRow {
+    pub id: String,
+    pub region: String,
+    #[serde(default)]
+    pub stored_up_to_seq: u64,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// `mxscopectl --collector URL …`.
+#[derive(Debug, Clone)]
+pub struct Ctl {
+    bin: PathBuf,
+    url: String,
+}
+
+impl Ctl {
+    pub fn new(collector_url: &str) -> Result<Ctl> {
+        Ok(Ctl {
+            bin: mxscope_binary(CTL)?,
+            url: collector_url.to_string(),
+        })
+    }
+
+    /// Runs `mxscopectl --collector URL ARGS…` and returns stdout; non-zero exit is an error.
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["--collector", self.url.as_str()];
+        all.extend_from_slice(args);
+        crate::process::run(&self.bin, &all)
+    }
+
+    /// `status --format json`, parsed.
+    pub fn status(&self) -> Result<Vec<StatusRow>> {
+        let out = self.run(&["status", "--format", "json"])?;
+        serde_json::from_str(&out).with_context(|| format!("parse status JSON: {out}"))
+    }
+
+    /// `agents --format json`, parsed.
+    pub fn agents(&self) -> Result<Vec<AgentRow>> {
+        let out = self.run(&["agents", "--format", "json"])?;
+        serde_json::from_str(&out).with_context(|| format!("parse agents JSON: {out}"))
+    }
+
+    /// `status` as the human-readable table.
+    pub fn status_table(&self) -> Result<String> {
+        self.run(&["status"])
+    }
+}
+
+/// The seqs of every stored result of `agent_id`, as returned by the Query API (one entry per
+/// stored row, so a duplicate would show up twice), read over gRPC.
+pub fn stored_seqs(collector_url: &str, agent_id: &str) -> Result<Vec<u64>> {
+    use mxscope_proto::pb::query_client::QueryClient;
+    use mxscope_proto::pb::ResultsRequest;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("build tokio runtime")?;
+    rt.block_on(async {
+        let mut client = QueryClient::connect(collector_url.to_string())
+            .await
+            .with_context(|| format!("connect to {collector_url}"))?;
+        let resp = client
+            .results(ResultsRequest {
+                agent_id: agent_id.to_string(),
+                limit: 1_000_000,
+                ..Default::default()
+            })
+            .await
+            .context("Query.Results")?
+            .into_inner();
+        Ok(resp
+            .results
+            .into_iter()
+            .filter_map(|r| r.result)
+            .filter(|r| r.agent_id == agent_id)
+            .map(|r| r.seq)
+            .collect())
+    })
+}
