@@ -89,6 +89,11 @@ impl Collector {
         &mut self.proc
     }
 
+    /// The last `n` lines of the collector's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        self.proc.log_tail(n)
+    }
+
     /// SIGKILL (a crash), then start again on the same address and db. If the new process
     /// cannot bind yet and exits, it is started again until the deadline.
     pub fn crash_and_restart(&mut self) -> Result<()> {
@@ -244,6 +249,29 @@ impl Agent {
         &mut self.proc
     }
 
+    /// The last `n` lines of the agent's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        self.proc.log_tail(n)
+    }
+
+    /// Reads the agent's spool with the agent's own spool code. Only call after the agent exited.
+    pub fn spool_summary(&mut self) -> Result<SpoolSummary> {
+        if self.proc.is_running() {
+            bail!(
+                "agent {} still running; stop it before reading its spool",
+                self.id
+            );
+        }
+        let (spool, _report) = mxscope_agent::spool::Spool::open(&self.spool, 256 << 20)
+            .with_context(|| format!("open spool {}", self.spool.display()))?;
+        Ok(SpoolSummary {
+            highest_seq: spool.highest_seq(),
+            acked_seq: spool.acked_seq(),
+            depth: spool.depth(),
+            dropped_total: spool.dropped_total(),
+        })
+    }
+
     /// Fails with the log tail if the agent has exited.
     pub fn ensure_running(&mut self) -> Result<()> {
         if !self.proc.is_running() {
@@ -286,6 +314,32 @@ pub struct AgentRow {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
+/// One row of `mxscopectl results --format json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ResultRow {
+    pub agent_id: String,
+    pub seq: u64,
+    pub region: String,
+    pub target: String,
+    pub check: String,
+    pub outcome: String,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// What an agent's on-disk spool says after the agent has exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolSummary {
+    /// Highest seq the agent assigned (it numbers results 1, 2, 3, …).
+    pub highest_seq: u64,
+    /// Highest seq the collector acked.
+    pub acked_seq: u64,
+    /// Results still waiting to be sent or acked.
+    pub depth: u64,
+    /// Results the agent dropped (spool full or damaged).
+    pub dropped_total: u64,
+}
+
 /// `mxscopectl --collector URL …`.
 #[derive(Debug, Clone)]
 pub struct Ctl {
@@ -318,6 +372,15 @@ impl Ctl {
     pub fn agents(&self) -> Result<Vec<AgentRow>> {
         let out = self.run(&["agents", "--format", "json"])?;
         serde_json::from_str(&out).with_context(|| format!("parse agents JSON: {out}"))
+    }
+
+    /// `results --agent ID --limit N --format json`, parsed (newest first).
+    pub fn results_of(&self, agent_id: &str, limit: u32) -> Result<Vec<ResultRow>> {
+        let limit = limit.to_string();
+        let out = self.run(&[
+            "results", "--agent", agent_id, "--limit", &limit, "--format", "json",
+        ])?;
+        serde_json::from_str(&out).with_context(|| format!("parse results JSON: {out}"))
     }
 
     /// `status` as the human-readable table.
