@@ -163,4 +163,203 @@ mod tests {
             assert_eq!(err.exit_code(), 2, "{argv:?}: {err}");
         }
     }
+
+    mod end_to_end {
+        //! Commands run through real gRPC against the in-process fake collector.
+        use super::*;
+        use crate::client::exit_code;
+        use crate::fake::FakeQuery;
+        use mxscope_proto::pb;
+        use serde_json::{json, Value};
+
+        async fn ctl(url: &str, argv: &[&str]) -> (anyhow::Result<()>, String) {
+            let mut full = vec!["mxscopectl", "--collector", url];
+            full.extend_from_slice(argv);
+            let cli = Cli::try_parse_from(&full).unwrap_or_else(|e| panic!("{full:?}: {e}"));
+            let mut out = Vec::new();
+            let res = run(cli, &mut out).await;
+            (res, String::from_utf8(out).expect("utf-8 output"))
+        }
+
+        async fn ok_json(url: &str, argv: &[&str]) -> Value {
+            let (res, out) = ctl(url, argv).await;
+            if let Err(e) = res {
+                panic!("{argv:?} failed: {e:#}");
+            }
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{argv:?}: not JSON ({e}): {out}"))
+        }
+
+        #[tokio::test]
+        async fn target_lifecycle_through_grpc() {
+            let fake = FakeQuery::default();
+            let url = fake.serve().await;
+
+            let added = ok_json(
+                &url,
+                &[
+                    "--format",
+                    "json",
+                    "target",
+                    "add",
+                    "Example.test",
+                    "--checks",
+                    "mx,smtp",
+                    "--port",
+                    "smtp=2525",
+                ],
+            )
+            .await;
+            assert_eq!(added["name"], json!("example.test"));
+            assert_eq!(added["ports"], json!({"smtp": 2525}));
+
+            let (res, _) = ctl(&url, &["target", "add", "example.test", "--checks", "mx"]).await;
+            let err = res.expect_err("second add must fail");
+            assert_eq!(exit_code(&err), 1);
+            assert_eq!(err.to_string(), "target 'example.test' exists");
+
+            let list = ok_json(&url, &["--format", "json", "target", "list"]).await;
+            assert_eq!(list.as_array().map(Vec::len), Some(1));
+
+            let updated = ok_json(
+                &url,
+                &[
+                    "--format",
+                    "json",
+                    "target",
+                    "update",
+                    "example.test",
+                    "--every",
+                    "2m",
+                ],
+            )
+            .await;
+            assert_eq!(updated["interval_ms"], json!(120_000));
+            assert_eq!(updated["checks"], json!(["mx", "smtp"]), "checks kept");
+            assert_eq!(updated["ports"], json!({"smtp": 2525}), "ports kept");
+
+            let (res, out) = ctl(&url, &["target", "rm", "example.test"]).await;
+            assert!(res.is_ok(), "{res:?}");
+            assert_eq!(out.trim(), "removed  example.test");
+
+            let (res, out) = ctl(&url, &["target", "show", "example.test"]).await;
+            let err = res.expect_err("show after rm must fail");
+            assert_eq!(exit_code(&err), 1);
+            assert_eq!(err.to_string(), "unknown target 'example.test'");
+            assert!(out.is_empty(), "nothing on stdout on error: {out}");
+
+            let (res, _) = ctl(&url, &["target", "update", "nope.test", "--every", "1m"]).await;
+            assert_eq!(
+                res.map_err(|e| (exit_code(&e), e.to_string())),
+                Err((1, "unknown target 'nope.test'".into()))
+            );
+        }
+
+        #[tokio::test]
+        async fn status_json_through_grpc() {
+            let fake = FakeQuery::default();
+            fake.state.lock().unwrap().status = vec![pb::StatusRow {
+                target: "example.test".into(),
+                endpoint: "mx1.example.test[127.0.0.1]:2526".into(),
+                check: "smtp".into(),
+                region: "us-east".into(),
+                state: "failing".into(),
+                reachability: 0.0,
+                p50_ms: None,
+                p95_ms: None,
+                last_error: Some("refused".into()),
+                last_seen_us: 1_700_000_000_000_000,
+                count: 3,
+                ok_count: 0,
+                last_outcome: "fail".into(),
+                last_message: "connection refused".into(),
+            }];
+            let url = fake.serve().await;
+            let v = ok_json(
+                &url,
+                &[
+                    "status", "--format", "json", "--region", "us-east", "--window", "10m",
+                ],
+            )
+            .await;
+            let rows = v.as_array().expect("array");
+            assert_eq!(rows.len(), 1);
+            assert_eq!(rows[0]["state"], json!("failing"));
+            assert_eq!(rows[0]["last_error"], json!("refused"));
+            assert_eq!(rows[0]["reachability"], json!(0.0));
+            assert!(rows[0]["p95_ms"].is_null());
+            let req = fake
+                .state
+                .lock()
+                .unwrap()
+                .last_status
+                .clone()
+                .expect("status request seen");
+            assert_eq!(req.region, "us-east");
+            assert_eq!(req.window_ms, 600_000);
+        }
+
+        #[tokio::test]
+        async fn results_and_agents_through_grpc() {
+            let fake = FakeQuery::default();
+            fake.state.lock().unwrap().agents = vec![pb::AgentInfo {
+                id: "ap1".into(),
+                region: "ap-south".into(),
+                connected: true,
+                state: "ok".into(),
+                ..Default::default()
+            }];
+            let url = fake.serve().await;
+            let v = ok_json(
+                &url,
+                &[
+                    "--format", "json", "results", "--since", "5m", "--limit", "7", "--check",
+                    "imaps",
+                ],
+            )
+            .await;
+            assert_eq!(v, json!([]));
+            let req = fake
+                .state
+                .lock()
+                .unwrap()
+                .last_results
+                .clone()
+                .expect("results request seen");
+            assert_eq!(req.limit, 7);
+            assert_eq!(req.check, "imaps");
+            let age_us = crate::output::now_us() - req.since_us;
+            assert!(
+                (299_000_000..=310_000_000).contains(&age_us),
+                "since is 5m ago, got {age_us}us"
+            );
+
+            let (res, out) = ctl(&url, &["--format", "csv", "agents"]).await;
+            assert!(res.is_ok(), "{res:?}");
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(lines.len(), 2, "{out}");
+            assert!(lines[0].starts_with("id,region,state,connected"), "{out}");
+            assert!(lines[1].starts_with("ap1,ap-south,ok,true"), "{out}");
+        }
+
+        #[tokio::test]
+        async fn local_validation_fails_before_connecting() {
+            // Nothing listens at this URL; a usage error must be reported, not "cannot reach".
+            let (res, _) = ctl(
+                "http://127.0.0.1:9",
+                &[
+                    "target",
+                    "add",
+                    "example.test",
+                    "--checks",
+                    "mx",
+                    "--port",
+                    "smtp=25",
+                ],
+            )
+            .await;
+            let err = res.expect_err("must fail");
+            assert_eq!(exit_code(&err), 2);
+            assert!(err.to_string().contains("does not run that check"), "{err}");
+        }
+    }
 }

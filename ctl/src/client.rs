@@ -61,6 +61,11 @@ impl fmt::Display for Failure {
 
 impl StdError for Failure {}
 
+/// The exit code for any error a command returns: a [`Failure`]'s own, otherwise 1.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    err.downcast_ref::<Failure>().map_or(1, Failure::exit_code)
+}
+
 /// How to reach the collector.
 #[derive(Debug, Clone)]
 pub struct Target {

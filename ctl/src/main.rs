@@ -5,6 +5,8 @@ mod agents;
 mod args;
 mod cli;
 mod client;
+#[cfg(test)]
+mod fake;
 mod output;
 mod results;
 mod status;
@@ -33,10 +35,7 @@ async fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             eprintln!("error: {err:#}");
-            let code = err
-                .downcast_ref::<client::Failure>()
-                .map_or(1, client::Failure::exit_code);
-            ExitCode::from(code)
+            ExitCode::from(client::exit_code(&err))
         }
     }
 }
