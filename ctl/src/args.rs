@@ -102,6 +102,17 @@ pub fn region(s: &str) -> Result<String, String> {
     }
 }
 
+/// An agent id: a DNS label, like the agent requires.
+pub fn agent_id(s: &str) -> Result<String, String> {
+    if is_dns_label(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "invalid agent id '{s}': use lowercase letters, digits and '-' (at most 63 characters)"
+        ))
+    }
+}
+
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63

@@ -22,7 +22,7 @@ pub struct ResultsArgs {
     #[arg(long, value_parser = args::check)]
     pub check: Option<String>,
     /// Only results of this agent.
-    #[arg(long, value_parser = args::region)]
+    #[arg(long, value_parser = args::agent_id)]
     pub agent: Option<String>,
     /// Only results from this region.
     #[arg(long, value_parser = args::region)]
