@@ -1,1 +1,189 @@
-//! placeholder
+//! mxscope collector: accepts agents' result streams over gRPC (`Ingest`), stores them in SQLite
+//! through a single batching writer, and answers `mxscopectl` (`Query`).
+//!
+//! Like mini-redis, [`run`] takes an already bound listener and a shutdown future, so tests bind
+//! port 0 and stop the collector on demand.
+
+pub mod analysis;
+pub mod error;
+pub mod ingest;
+pub mod query;
+pub mod store;
+pub mod target;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mxscope_proto::pb::ingest_server::IngestServer;
+use mxscope_proto::pb::query_server::QueryServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::store::{Store, StoreError, StoreOptions};
+
+/// Collector settings (the binary fills them from flags and `MXSCOPE_*` variables).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// SQLite database file (created if missing).
+    pub db_path: PathBuf,
+    /// Default status window when a request does not set one.
+    pub window: Duration,
+    /// An agent or series silent longer than this is stale.
+    pub stale_after: Duration,
+    /// Largest gRPC message accepted (decoded).
+    pub max_message_bytes: usize,
+    /// Most results in one batch.
+    pub max_batch_results: usize,
+    /// Batches of one agent being committed at the same time (acks still go out in order).
+    pub max_in_flight_batches: usize,
+    /// How long an agent may take to send its hello.
+    pub hello_timeout: Duration,
+    /// On shutdown, how long open streams get to finish before they are cut.
+    pub shutdown_grace: Duration,
+    /// Writer batching and reader pool.
+    pub store: StoreOptions,
+}
+
+impl Config {
+    /// Defaults for everything but the database path.
+    pub fn new(db_path: impl Into<PathBuf>) -> Config {
+        Config {
+            db_path: db_path.into(),
+            window: Duration::from_secs(5 * 60),
+            stale_after: Duration::from_secs(2 * 60),
+            max_message_bytes: 4 * 1024 * 1024,
+            max_batch_results: 5000,
+            max_in_flight_batches: 8,
+            hello_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+            store: StoreOptions::default(),
+        }
+    }
+}
+
+/// Why the collector could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    #[error("TLS not configured yet (mTLS comes in a later release); pass --insecure to serve plain text on loopback")]
+    TlsNotConfigured,
+    #[error("refusing to serve plain text on non-loopback address {0}; listen on 127.0.0.1 or ::1")]
+    InsecureNotLoopback(SocketAddr),
+    #[error("cannot read the listener address")]
+    Listener(#[source] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("database task failed")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("grpc server failed")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Plain-text gRPC is allowed only when asked for (`insecure`) and only on loopback.
+pub fn check_plaintext(insecure: bool, addr: SocketAddr) -> Result<(), RunError> {
+    if !insecure {
+        return Err(RunError::TlsNotConfigured);
+    }
+    if !addr.ip().is_loopback() {
+        return Err(RunError::InsecureNotLoopback(addr));
+    }
+    Ok(())
+}
+
+/// State shared by the gRPC services.
+pub(crate) struct Shared {
+    pub store: Store,
+    pub config: Config,
+    /// Open sessions per agent id.
+    pub connected: Mutex<HashMap<String, usize>>,
+    /// Bumped after every committed change of the central targets.
+    pub schedule: watch::Sender<u64>,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+impl Shared {
+    pub(crate) fn is_connected(&self, id: &str) -> bool {
+        self.connected.lock().map(|m| m.get(id).copied().unwrap_or(0) > 0).unwrap_or(false)
+    }
+}
+
+/// Serves plain-text gRPC (Ingest and Query) on `listener` until `shutdown` completes. Then it stops
+/// accepting, lets open sessions commit and ack their in-flight batches (up to
+/// `config.shutdown_grace`), closes the database writer and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let addr = listener.local_addr().map_err(RunError::Listener)?;
+    check_plaintext(true, addr)?;
+
+    let path = config.db_path.clone();
+    let opts = config.store.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&path, opts)).await??;
+
+    let token = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let (schedule, _) = watch::channel(1u64);
+    let grace = config.shutdown_grace;
+    let max_message = config.max_message_bytes;
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        config,
+        connected: Mutex::new(HashMap::new()),
+        schedule,
+        shutdown: token.clone(),
+        tasks: tasks.clone(),
+    });
+
+    let ingest = IngestServer::new(ingest::IngestService::new(shared.clone()))
+        .max_decoding_message_size(max_message);
+    let query = QueryServer::new(query::QueryService::new(shared.clone()))
+        .max_decoding_message_size(max_message);
+    let stop = token.clone();
+    let signal = async move {
+        shutdown.await;
+        info!("shutting down: no new connections, draining sessions");
+        stop.cancel();
+    };
+    let server = tonic::transport::Server::builder()
+        // HTTP/2 keepalive: notice dead agents behind silent NATs.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(ingest)
+        .add_service(query)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    info!(listen = %addr, db = %shared.config.db_path.display(), "collector listening");
+
+    let mut server = std::pin::pin!(server);
+    let served = tokio::select! {
+        res = &mut server => res,
+        () = token.cancelled() => match tokio::time::timeout(grace, &mut server).await {
+            Ok(res) => res,
+            Err(_) => {
+                warn!(grace_ms = grace.as_millis() as u64, "shutdown grace period over, closing open streams");
+                Ok(())
+            }
+        },
+    };
+    token.cancel();
+    tasks.close();
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        warn!("session tasks did not finish within the grace period");
+    }
+    drop(shared);
+    store.close().await?;
+    info!("database closed");
+    served?;
+    Ok(())
+}

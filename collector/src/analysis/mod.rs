@@ -1,7 +1,6 @@
-//! Pure analysis over stored rows: latency sketches, per-series hysteresis, cross-region scope with
-//! a quorum, agent-fault detection and the layer-by-layer diagnosis. No I/O here.
+//! Analysis: pure functions over stored rows (no I/O, no clock), so every rule is unit-tested
+//! on hand-built rows. Cross-region scope, latency sketches and diagnosis join here later.
 
-pub mod diagnosis;
-pub mod hysteresis;
-pub mod scope;
-pub mod sketch;
+pub mod status;
+
+pub use status::{percentile, status_rows, StatusParams};

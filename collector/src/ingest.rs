@@ -1,0 +1,349 @@
+//! The `Ingest` service: one bidirectional `Session` per agent. Validates the hello, answers with
+//! `Welcome` and schedule snapshots, hands result batches to the store writer and acks each batch
+//! only after its transaction committed, in order, without waiting before reading the next batch.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::stream::FuturesOrdered;
+use futures::{Future, StreamExt};
+use mxscope_proto::pb::agent_message::Msg as Up;
+use mxscope_proto::pb::collector_message::Msg as Down;
+use mxscope_proto::pb::{self, ingest_server::Ingest};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::error::{chain, ServiceError};
+use crate::store::{now_us, AgentHello, StoreError, TargetDef};
+use crate::target::is_label;
+use crate::Shared;
+
+/// Most agent-local targets kept from one hello.
+const MAX_LOCAL_TARGETS: usize = 10_000;
+
+/// gRPC `Ingest` implementation.
+pub struct IngestService {
+    shared: Arc<Shared>,
+}
+
+impl IngestService {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        IngestService { shared }
+    }
+}
+
+type Out = mpsc::Sender<Result<pb::CollectorMessage, Status>>;
+
+/// Checks the hello: id and region are DNS-label style.
+pub fn validate_hello(h: &pb::Hello) -> Result<(), ServiceError> {
+    if !is_label(&h.agent_id) {
+        return Err(ServiceError::InvalidArgument(format!(
+            "agent id '{}' is invalid: use 1-63 lowercase letters, digits and '-'",
+            h.agent_id
+        )));
+    }
+    if !is_label(&h.region) {
+        return Err(ServiceError::InvalidArgument(format!(
+            "region '{}' is invalid: use 1-63 lowercase letters, digits and '-'",
+            h.region
+        )));
+    }
+    if h.local_targets.len() > MAX_LOCAL_TARGETS {
+        return Err(ServiceError::ResourceExhausted(format!(
+            "hello lists {} local targets, more than the limit of {MAX_LOCAL_TARGETS}",
+            h.local_targets.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a batch against the stream's agent: size limit, agent id, seq >= 1 and strictly ascending.
+pub fn validate_batch(batch: &pb::ResultBatch, agent_id: &str, max: usize) -> Result<(), ServiceError> {
+    if batch.results.len() > max {
+        return Err(ServiceError::ResourceExhausted(format!(
+            "batch of {} results is above the limit of {max}; send smaller batches",
+            batch.results.len()
+        )));
+    }
+    let mut prev = 0u64;
+    for r in &batch.results {
+        if r.agent_id != agent_id {
+            return Err(ServiceError::InvalidArgument(format!(
+                "result seq {} names agent '{}', but this stream belongs to agent '{agent_id}'",
+                r.seq, r.agent_id
+            )));
+        }
+        if r.seq == 0 || i64::try_from(r.seq).is_err() {
+            return Err(ServiceError::InvalidArgument(format!(
+                "result seq {} is out of range (1 to 2^63-1)",
+                r.seq
+            )));
+        }
+        if r.seq <= prev {
+            return Err(ServiceError::InvalidArgument(format!(
+                "result seq {} follows seq {prev}: results in a batch must be in ascending seq order",
+                r.seq
+            )));
+        }
+        prev = r.seq;
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    type SessionStream = ReceiverStream<Result<pb::CollectorMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let shared = &self.shared;
+        let first = match tokio::time::timeout(shared.config.hello_timeout, inbound.message()).await {
+            Err(_) => {
+                return Err(Status::deadline_exceeded("no hello within the hello timeout"));
+            }
+            Ok(res) => res?,
+        };
+        let Some(pb::AgentMessage { msg: Some(Up::Hello(hello)) }) = first else {
+            return Err(ServiceError::InvalidArgument("the first message on a session must be a hello".into()).into());
+        };
+        validate_hello(&hello)?;
+        let stored = shared
+            .store
+            .register_agent(AgentHello {
+                id: hello.agent_id.clone(),
+                region: hello.region.clone(),
+                version: hello.version.clone(),
+                labels: hello.labels.clone().into_iter().collect::<BTreeMap<_, _>>(),
+                dropped_total: hello.dropped_total,
+                local_targets: hello.local_targets.iter().map(TargetDef::from_wire).collect(),
+                at_us: now_us(),
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        if hello.highest_seq < stored {
+            warn!(agent.id = %hello.agent_id, highest_seq = hello.highest_seq, stored_up_to_seq = stored,
+                "agent reports a highest seq below what is stored; results up to the stored seq will be skipped");
+        }
+        info!(agent.id = %hello.agent_id, region = %hello.region, version = %hello.version,
+            stored_up_to_seq = stored, "agent connected");
+
+        let (out, rx) = mpsc::channel(64);
+        let welcome = Down::Welcome(pb::Welcome { stored_up_to_seq: stored });
+        out.send(Ok(pb::CollectorMessage { msg: Some(welcome) }))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))?;
+
+        let session = Session {
+            connection: Connection::open(shared.clone(), &hello.agent_id),
+            shared: shared.clone(),
+            agent_id: hello.agent_id,
+            region: hello.region,
+            schedule: shared.schedule.subscribe(),
+            out,
+        };
+        shared.tasks.spawn(session.run(inbound));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Counts an agent as connected while alive.
+struct Connection {
+    shared: Arc<Shared>,
+    id: String,
+}
+
+impl Connection {
+    fn open(shared: Arc<Shared>, id: &str) -> Connection {
+        if let Ok(mut m) = shared.connected.lock() {
+            let n = m.entry(id.to_string()).or_insert(0);
+            *n += 1;
+            if *n > 1 {
+                warn!(agent.id = %id, sessions = *n, "agent has more than one open session");
+            }
+        }
+        Connection { shared, id: id.to_string() }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.shared.connected.lock() {
+            if let Some(n) = m.get_mut(&self.id) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.id);
+                }
+            }
+        }
+    }
+}
+
+type Commit = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>>;
+
+struct Session {
+    connection: Connection,
+    shared: Arc<Shared>,
+    agent_id: String,
+    region: String,
+    schedule: watch::Receiver<u64>,
+    out: Out,
+}
+
+impl Session {
+    async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>) {
+        let max_in_flight = self.shared.config.max_in_flight_batches.max(1);
+        let mut pending: FuturesOrdered<Commit> = FuturesOrdered::new();
+        let mut reading = true;
+        let mut failure: Option<Status> = None;
+        let mut schedule_open = true;
+
+        if self.send_schedule().await.is_err() {
+            return;
+        }
+        loop {
+            if !reading && pending.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                Some(res) = pending.next(), if !pending.is_empty() => match res {
+                    Ok(seq) => {
+                        if self.send(Down::Ack(pb::Ack { stored_up_to_seq: seq })).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(err) => {
+                        warn!(agent.id = %self.agent_id, error = %chain(&err), "storing a batch failed");
+                        failure = Some(ServiceError::from(err).into());
+                        break;
+                    }
+                },
+                () = self.shared.shutdown.cancelled(), if reading => {
+                    debug!(agent.id = %self.agent_id, in_flight = pending.len(), "draining session on shutdown");
+                    reading = false;
+                }
+                changed = self.schedule.changed(), if schedule_open && reading => {
+                    if changed.is_err() {
+                        schedule_open = false;
+                    } else if self.send_schedule().await.is_err() {
+                        break;
+                    }
+                }
+                msg = inbound.message(), if reading && pending.len() < max_in_flight => match msg {
+                    Ok(Some(m)) => match self.handle(m) {
+                        Ok(Some(commit)) => pending.push_back(commit),
+                        Ok(None) => {}
+                        Err(err) => {
+                            warn!(agent.id = %self.agent_id, error = %err, "closing session on bad input");
+                            failure = Some(err.into());
+                            reading = false;
+                        }
+                    },
+                    Ok(None) => {
+                        debug!(agent.id = %self.agent_id, "agent closed its stream");
+                        reading = false;
+                    }
+                    Err(status) => {
+                        debug!(agent.id = %self.agent_id, error = %status, "agent stream failed");
+                        reading = false;
+                    }
+                },
+            }
+        }
+        if let Some(status) = failure {
+            let _ = self.out.send(Err(status)).await;
+        }
+        info!(agent.id = %self.agent_id, region = %self.region, "agent disconnected");
+        drop(self.connection);
+    }
+
+    /// Handles one message; a batch yields the future of its commit.
+    fn handle(&self, m: pb::AgentMessage) -> Result<Option<Commit>, ServiceError> {
+        match m.msg {
+            None => Ok(None),
+            Some(Up::Hello(_)) => {
+                Err(ServiceError::InvalidArgument("hello was already sent on this session".into()))
+            }
+            Some(Up::Batch(batch)) => {
+                validate_batch(&batch, &self.agent_id, self.shared.config.max_batch_results)?;
+                debug!(agent.id = %self.agent_id, results = batch.results.len(), "batch received");
+                Ok(Some(self.shared.store.store_results(&self.agent_id, &self.region, batch.results, now_us())))
+            }
+            Some(Up::Heartbeat(hb)) => {
+                let commit = self.shared.store.heartbeat(&self.agent_id, hb.spool_depth, hb.dropped_total, now_us());
+                let id = self.agent_id.clone();
+                self.shared.tasks.spawn(async move {
+                    if let Err(err) = commit.await {
+                        warn!(agent.id = %id, error = %chain(&err), "storing a heartbeat failed");
+                    }
+                });
+                Ok(None)
+            }
+        }
+    }
+
+    async fn send(&self, msg: Down) -> Result<(), ()> {
+        self.out.send(Ok(pb::CollectorMessage { msg: Some(msg) })).await.map_err(|_| ())
+    }
+
+    /// Sends the central targets for this agent's region (a full snapshot).
+    async fn send_schedule(&mut self) -> Result<(), ()> {
+        let version = *self.schedule.borrow_and_update();
+        let targets = match self.shared.store.central_targets().await {
+            Ok(t) => t,
+            Err(err) => {
+                warn!(agent.id = %self.agent_id, error = %chain(&err), "loading the schedule failed");
+                return Ok(());
+            }
+        };
+        let targets = targets
+            .iter()
+            .filter(|t| t.regions.is_empty() || t.regions.iter().any(|r| *r == self.region))
+            .map(|t| t.to_wire("central"))
+            .collect();
+        debug!(agent.id = %self.agent_id, schedule.version = version, "sending schedule");
+        self.send(Down::Schedule(pb::Schedule { version, targets })).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(agent: &str, seq: u64) -> pb::ProbeResult {
+        pb::ProbeResult { agent_id: agent.into(), seq, ..Default::default() }
+    }
+
+    #[test]
+    fn hello_validation() {
+        let mut h = pb::Hello { agent_id: "eu-1".into(), region: "eu-west".into(), ..Default::default() };
+        assert!(validate_hello(&h).is_ok());
+        h.agent_id = "EU_1".into();
+        let msg = validate_hello(&h).unwrap_err().to_string();
+        assert!(msg.contains("agent id 'EU_1' is invalid"), "{msg}");
+        h.agent_id = "eu-1".into();
+        h.region = String::new();
+        let msg = validate_hello(&h).unwrap_err().to_string();
+        assert!(msg.contains("region '' is invalid"), "{msg}");
+    }
+
+    #[test]
+    fn batch_validation() {
+        let ok = pb::ResultBatch { results: vec![result("a", 1), result("a", 5)] };
+        assert!(validate_batch(&ok, "a", 10).is_ok());
+        let other = pb::ResultBatch { results: vec![result("b", 1)] };
+        assert!(validate_batch(&other, "a", 10).unwrap_err().to_string().contains("names agent 'b'"));
+        let desc = pb::ResultBatch { results: vec![result("a", 2), result("a", 2)] };
+        assert!(validate_batch(&desc, "a", 10).unwrap_err().to_string().contains("ascending"));
+        let zero = pb::ResultBatch { results: vec![result("a", 0)] };
+        assert!(validate_batch(&zero, "a", 10).is_err());
+        let big = pb::ResultBatch { results: (1..=11).map(|s| result("a", s)).collect() };
+        assert!(matches!(validate_batch(&big, "a", 10), Err(ServiceError::ResourceExhausted(_))));
+    }
+}

@@ -1,0 +1,211 @@
+//! The `Query` service used by `mxscopectl`: status (see [`crate::analysis::status`] for the
+//! semantics), results, agents and target management. Cross-region views come later.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use mxscope_proto::pb::{self, query_server::Query};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::analysis::{status_rows, StatusParams};
+use crate::error::{unknown_target, ServiceError};
+use crate::store::{now_us, Filter, LOCAL_AGENT_LABEL};
+use crate::target::validate;
+use crate::Shared;
+
+/// Results returned when a request sets no limit.
+pub const DEFAULT_RESULTS_LIMIT: u32 = 100;
+/// Most results returned by one request.
+pub const MAX_RESULTS_LIMIT: u32 = 10_000;
+/// Span over which `results_per_min` of an agent is averaged.
+const RATE_SPAN: Duration = Duration::from_secs(5 * 60);
+
+/// gRPC `Query` implementation.
+pub struct QueryService {
+    shared: Arc<Shared>,
+}
+
+impl QueryService {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        QueryService { shared }
+    }
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Normalizes a target name for lookups the way [`validate`] stores it.
+fn lookup_name(name: &str) -> String {
+    let n = name.trim();
+    let inner = n.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(n);
+    match inner.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.to_string(),
+        Err(_) => n.trim_end_matches('.').to_ascii_lowercase(),
+    }
+}
+
+fn cross_region(what: &str) -> Status {
+    ServiceError::Unimplemented(format!("{what} comes with cross-region analysis")).into()
+}
+
+type Res<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl Query for QueryService {
+    type WatchStream = BoxStream<'static, Result<pb::WatchEvent, Status>>;
+
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
+        let req = request.into_inner();
+        let window = if req.window_ms == 0 { self.shared.config.window } else { Duration::from_millis(req.window_ms) };
+        let now = now_us();
+        let filter = Filter { target: req.target, check: req.check, region: req.region, agent_id: String::new() };
+        let (series, samples) = self
+            .shared
+            .store
+            .status_input(filter, now.saturating_sub(micros(window)))
+            .await
+            .map_err(ServiceError::from)?;
+        let params = StatusParams { now_us: now, stale_after_us: micros(self.shared.config.stale_after) };
+        let rows = status_rows(&series, &samples, &params);
+        Ok(Response::new(pb::StatusResponse {
+            rows,
+            window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    async fn results(&self, request: Request<pb::ResultsRequest>) -> Res<pb::ResultsResponse> {
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => DEFAULT_RESULTS_LIMIT,
+            n => n.min(MAX_RESULTS_LIMIT),
+        };
+        let filter = Filter { target: req.target, check: req.check, region: req.region, agent_id: req.agent_id };
+        let results = self
+            .shared
+            .store
+            .results(filter, req.since_us, limit)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(pb::ResultsResponse { results }))
+    }
+
+    async fn agents(&self, _request: Request<pb::AgentsRequest>) -> Res<pb::AgentsResponse> {
+        let store = &self.shared.store;
+        let now = now_us();
+        let agents = store.agents().await.map_err(ServiceError::from)?;
+        let counts = store
+            .results_per_agent(now.saturating_sub(micros(RATE_SPAN)))
+            .await
+            .map_err(ServiceError::from)?;
+        let stale_after = micros(self.shared.config.stale_after);
+        let minutes = RATE_SPAN.as_secs_f64() / 60.0;
+        let agents = agents
+            .into_iter()
+            .map(|a| pb::AgentInfo {
+                connected: self.shared.is_connected(&a.id),
+                results_per_min: counts.get(&a.id).copied().unwrap_or(0) as f64 / minutes,
+                state: if now.saturating_sub(a.last_seen_us) > stale_after { "stale" } else { "ok" }.to_string(),
+                labels: a.labels.into_iter().collect(),
+                id: a.id,
+                region: a.region,
+                version: a.version,
+                last_seen_us: a.last_seen_us,
+                stored_up_to_seq: a.stored_up_to_seq,
+                dropped_total: a.dropped_total,
+                spool_depth: a.spool_depth,
+            })
+            .collect();
+        Ok(Response::new(pb::AgentsResponse { agents }))
+    }
+
+    async fn matrix(&self, _request: Request<pb::MatrixRequest>) -> Res<pb::MatrixResponse> {
+        Err(cross_region("the matrix"))
+    }
+
+    async fn latency(&self, _request: Request<pb::LatencyRequest>) -> Res<pb::LatencyResponse> {
+        Err(cross_region("latency by region"))
+    }
+
+    async fn diagnose(&self, _request: Request<pb::DiagnoseRequest>) -> Res<pb::DiagnoseResponse> {
+        Err(cross_region("diagnosis"))
+    }
+
+    /// Central targets (source `central`), then agent-local ones (source `local`, one entry per
+    /// reporting agent, named in the `mxscope.agent` label, `regions` = that agent's region).
+    async fn list_targets(&self, _request: Request<pb::ListTargetsRequest>) -> Res<pb::ListTargetsResponse> {
+        let store = &self.shared.store;
+        let mut targets: Vec<pb::TargetSpec> = store
+            .central_targets()
+            .await
+            .map_err(ServiceError::from)?
+            .iter()
+            .map(|t| t.to_wire("central"))
+            .collect();
+        for (agent, region, t) in store.local_targets().await.map_err(ServiceError::from)? {
+            let mut spec = t.to_wire("local");
+            spec.labels.insert(LOCAL_AGENT_LABEL.to_string(), agent);
+            spec.regions = vec![region];
+            targets.push(spec);
+        }
+        Ok(Response::new(pb::ListTargetsResponse { targets }))
+    }
+
+    async fn get_target(&self, request: Request<pb::GetTargetRequest>) -> Res<pb::TargetSpec> {
+        let name = lookup_name(&request.into_inner().name);
+        let central = self.shared.store.central_targets().await.map_err(ServiceError::from)?;
+        if let Some(t) = central.iter().find(|t| t.name == name) {
+            return Ok(Response::new(t.to_wire("central")));
+        }
+        let local = self.shared.store.local_targets().await.map_err(ServiceError::from)?;
+        if let Some((agent, region, t)) = local.into_iter().find(|(_, _, t)| t.name == name) {
+            let mut spec = t.to_wire("local");
+            spec.labels.insert(LOCAL_AGENT_LABEL.to_string(), agent);
+            spec.regions = vec![region];
+            return Ok(Response::new(spec));
+        }
+        Err(ServiceError::NotFound(unknown_target(&name)).into())
+    }
+
+    async fn put_target(&self, request: Request<pb::PutTargetRequest>) -> Res<pb::TargetSpec> {
+        let req = request.into_inner();
+        let Some(spec) = req.target else {
+            return Err(ServiceError::InvalidArgument("put target needs a target".into()).into());
+        };
+        let def = validate(&spec).map_err(ServiceError::from)?;
+        self.shared
+            .store
+            .put_target(def.clone(), req.update, now_us())
+            .await
+            .map_err(ServiceError::from)?;
+        self.shared.schedule.send_modify(|v| *v += 1);
+        info!(target.name = %def.name, update = req.update, "target saved");
+        Ok(Response::new(def.to_wire("central")))
+    }
+
+    async fn remove_target(&self, request: Request<pb::RemoveTargetRequest>) -> Res<pb::RemoveTargetResponse> {
+        let name = lookup_name(&request.into_inner().name);
+        self.shared.store.remove_target(&name).await.map_err(ServiceError::from)?;
+        self.shared.schedule.send_modify(|v| *v += 1);
+        info!(target.name = %name, "target removed");
+        Ok(Response::new(pb::RemoveTargetResponse {}))
+    }
+
+    async fn watch(&self, _request: Request<pb::WatchRequest>) -> Res<Self::WatchStream> {
+        Err(cross_region("watch"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_names_match_validated_names() {
+        assert_eq!(lookup_name(" Example.TEST. "), "example.test");
+        assert_eq!(lookup_name("[::1]"), "::1");
+        assert_eq!(lookup_name("127.0.0.1"), "127.0.0.1");
+    }
+}

@@ -1,0 +1,419 @@
+//! Storage: SQLite in WAL mode behind a small struct API ([`Store`]) that speaks domain rows, so a
+//! PostgreSQL backend can slot in later. One writer thread owns the write connection and commits
+//! requests in batches; reads use a small pool of read-only connections on `spawn_blocking`.
+//!
+//! Durability: `synchronous=NORMAL` in WAL mode means a commit is durable against a process crash
+//! (the WAL is written before COMMIT returns) but the last commits may be lost on power failure.
+//! Every write request is answered only after its COMMIT returned, and the ingest acks only then.
+
+mod read;
+pub(crate) mod schema;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mxscope_proto::pb;
+use rusqlite::{Connection, OpenFlags};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+pub use schema::SCHEMA_VERSION;
+use writer::{Op, Reply, Request};
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("cannot open database '{}': {source} (check that the directory exists and is writable, or pass another --db)", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database '{}' has schema version {found}, newer than this collector supports ({supported}); upgrade mxscope-collector or use another --db", path.display())]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("database migration to version {version} failed")]
+    Migrate {
+        version: i64,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database error")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database commit failed")]
+    Commit(#[source] Arc<rusqlite::Error>),
+    #[error("stored json is malformed")]
+    Json(#[from] serde_json::Error),
+    #[error("value out of range: {0}")]
+    OutOfRange(&'static str),
+    #[error("unknown agent '{0}'")]
+    UnknownAgent(String),
+    #[error("target '{0}' already exists")]
+    TargetExists(String),
+    #[error("unknown target '{0}'")]
+    TargetNotFound(String),
+    #[error("database writer has stopped")]
+    WriterClosed,
+    #[error("database task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Tuning of the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Most write requests committed in one transaction.
+    pub batch_max: usize,
+    /// How long the writer waits for more requests after the first one before committing.
+    pub linger: Duration,
+    /// Idle read connections kept open.
+    pub readers: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { batch_max: 512, linger: Duration::from_millis(2), readers: 4 }
+    }
+}
+
+/// Counters of the writer, for tests and (later) metrics.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub transactions: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+/// A central or agent-local target as stored (JSON in the `spec` column).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct TargetDef {
+    pub name: String,
+    pub checks: Vec<String>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub regions: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub ports: BTreeMap<String, u32>,
+    pub require_tls: bool,
+    pub kind: String,
+}
+
+impl TargetDef {
+    /// Reads the wire form (the `source` field is not stored).
+    pub fn from_wire(t: &pb::TargetSpec) -> Self {
+        TargetDef {
+            name: t.name.clone(),
+            checks: t.checks.clone(),
+            interval_ms: t.interval_ms,
+            timeout_ms: t.timeout_ms,
+            regions: t.regions.clone(),
+            labels: t.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            ports: t.ports.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            require_tls: t.require_tls,
+            kind: t.kind.clone(),
+        }
+    }
+
+    /// The wire form, marked with its source (`central` or `local`).
+    pub fn to_wire(&self, source: &str) -> pb::TargetSpec {
+        pb::TargetSpec {
+            name: self.name.clone(),
+            checks: self.checks.clone(),
+            interval_ms: self.interval_ms,
+            timeout_ms: self.timeout_ms,
+            regions: self.regions.clone(),
+            labels: self.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            ports: self.ports.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            source: source.to_string(),
+            require_tls: self.require_tls,
+            kind: self.kind.clone(),
+        }
+    }
+}
+
+/// Label key that names the reporting agent on a listed local target.
+pub const LOCAL_AGENT_LABEL: &str = "mxscope.agent";
+
+/// What an agent says when it connects.
+#[derive(Debug, Clone, Default)]
+pub struct AgentHello {
+    pub id: String,
+    pub region: String,
+    pub version: String,
+    pub labels: BTreeMap<String, String>,
+    pub dropped_total: u64,
+    pub local_targets: Vec<TargetDef>,
+    pub at_us: i64,
+}
+
+/// One row of `agents`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentRow {
+    pub id: String,
+    pub region: String,
+    pub version: String,
+    pub labels: BTreeMap<String, String>,
+    pub first_seen_us: i64,
+    pub last_seen_us: i64,
+    pub stored_up_to_seq: u64,
+    pub dropped_total: u64,
+    pub spool_depth: u64,
+}
+
+/// One row of `series`: the latest state of a (target, endpoint, check, region).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesRow {
+    pub target: String,
+    pub endpoint: String,
+    pub check: String,
+    pub region: String,
+    /// Wire value of `pb::Outcome` (0 = unknown).
+    pub last_outcome: i32,
+    /// Empty when the last result was ok.
+    pub last_error: String,
+    pub last_message: String,
+    pub last_seen_us: i64,
+    pub interval_ms: u64,
+}
+
+/// One result inside a status window (only what the status computation needs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub target: String,
+    pub endpoint: String,
+    pub check: String,
+    pub region: String,
+    /// Wire value of `pb::Outcome`.
+    pub outcome: i32,
+    pub total_us: Option<i64>,
+}
+
+/// Filters shared by status and results queries; empty strings match everything.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub target: String,
+    pub check: String,
+    pub region: String,
+    pub agent_id: String,
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    path: PathBuf,
+    tx: std::sync::mpsc::Sender<writer::Msg>,
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    readers: Arc<read::Pool>,
+    stats: Arc<WriterStats>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+type Pending<T> = std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database, then starts the writer thread.
+    /// Blocking: call it from `spawn_blocking` in async code.
+    pub fn open(path: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
+        let mut conn = open_write(path)?;
+        schema::migrate_to(&mut conn, path, SCHEMA_VERSION)?;
+        let stats = Arc::new(WriterStats::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = writer::spawn(conn, rx, opts.clone(), stats.clone())
+            .map_err(|e| StoreError::Open { path: path.to_path_buf(), source: io_to_sqlite(e) })?;
+        Ok(Store {
+            path: path.to_path_buf(),
+            tx,
+            writer: Arc::new(Mutex::new(Some(handle))),
+            readers: Arc::new(read::Pool::new(path.to_path_buf(), opts.readers)),
+            stats,
+        })
+    }
+
+    /// Writer counters.
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+
+    /// Commits everything queued so far, stops the writer thread and waits for it. Later writes fail
+    /// with [`StoreError::WriterClosed`].
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let _ = self.tx.send(writer::Msg::Close);
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            tokio::task::spawn_blocking(move || {
+                if handle.join().is_err() {
+                    tracing::error!("database writer thread panicked");
+                }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Queues a write now; the returned future resolves after its transaction committed.
+    fn submit(&self, op: Op) -> Pending<Reply> {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.tx.send(writer::Msg::Write(Request { op, reply }));
+        Box::pin(async move {
+            sent.map_err(|_| StoreError::WriterClosed)?;
+            rx.await.map_err(|_| StoreError::WriterClosed)?
+        })
+    }
+
+    /// Records a connecting agent and its local targets; resolves to its stored-up-to seq.
+    pub fn register_agent(&self, hello: AgentHello) -> Pending<u64> {
+        let fut = self.submit(Op::Hello(hello));
+        Box::pin(async move { fut.await?.seq() })
+    }
+
+    /// Queues results of one agent (ascending seq; seq <= the agent's high-water mark are skipped
+    /// as duplicates). Resolves to the high-water mark after the commit.
+    pub fn store_results(
+        &self,
+        agent_id: &str,
+        region: &str,
+        results: Vec<pb::ProbeResult>,
+        at_us: i64,
+    ) -> Pending<u64> {
+        let fut = self.submit(Op::Results {
+            agent_id: agent_id.to_string(),
+            region: region.to_string(),
+            results,
+            at_us,
+        });
+        Box::pin(async move { fut.await?.seq() })
+    }
+
+    /// Records a heartbeat.
+    pub fn heartbeat(&self, agent_id: &str, spool_depth: u64, dropped_total: u64, at_us: i64) -> Pending<()> {
+        let fut = self.submit(Op::Heartbeat {
+            agent_id: agent_id.to_string(),
+            spool_depth,
+            dropped_total,
+            at_us,
+        });
+        Box::pin(async move { fut.await.map(|_| ()) })
+    }
+
+    /// Adds (`update = false`) or replaces (`update = true`) a central target.
+    pub fn put_target(&self, def: TargetDef, update: bool, at_us: i64) -> Pending<()> {
+        let fut = self.submit(Op::PutTarget { def, update, at_us });
+        Box::pin(async move { fut.await.map(|_| ()) })
+    }
+
+    /// Removes a central target; its results stay.
+    pub fn remove_target(&self, name: &str) -> Pending<()> {
+        let fut = self.submit(Op::RemoveTarget { name: name.to_string() });
+        Box::pin(async move { fut.await.map(|_| ()) })
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = self.readers.clone();
+        tokio::task::spawn_blocking(move || pool.with(f)).await?
+    }
+
+    /// All central targets, by name.
+    pub async fn central_targets(&self) -> Result<Vec<TargetDef>, StoreError> {
+        self.read(read::central_targets).await
+    }
+
+    /// All agent-local targets as (agent id, region, target).
+    pub async fn local_targets(&self) -> Result<Vec<(String, String, TargetDef)>, StoreError> {
+        self.read(read::local_targets).await
+    }
+
+    /// All agents, by id.
+    pub async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
+        self.read(read::agents).await
+    }
+
+    /// Count of results per agent that started at or after `since_us`.
+    pub async fn results_per_agent(&self, since_us: i64) -> Result<BTreeMap<String, u64>, StoreError> {
+        self.read(move |c| read::results_per_agent(c, since_us)).await
+    }
+
+    /// Series matching the filter and the samples of their windows (results since `since_us`).
+    pub async fn status_input(
+        &self,
+        filter: Filter,
+        since_us: i64,
+    ) -> Result<(Vec<SeriesRow>, Vec<Sample>), StoreError> {
+        self.read(move |c| read::status_input(c, &filter, since_us)).await
+    }
+
+    /// Stored results, newest first.
+    pub async fn results(
+        &self,
+        filter: Filter,
+        since_us: i64,
+        limit: u32,
+    ) -> Result<Vec<pb::StoredResult>, StoreError> {
+        self.read(move |c| read::results(c, &filter, since_us, limit)).await
+    }
+}
+
+impl Reply {
+    fn seq(self) -> Result<u64, StoreError> {
+        match self {
+            Reply::Seq(n) => Ok(n),
+            Reply::Done => Err(StoreError::OutOfRange("writer reply")),
+        }
+    }
+}
+
+fn io_to_sqlite(e: std::io::Error) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+}
+
+/// Opens the write connection: WAL, `synchronous=NORMAL` (see the module docs), busy timeout.
+fn open_write(path: &Path) -> Result<Connection, StoreError> {
+    let open = || -> Result<Connection, rusqlite::Error> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(journal_mode = %mode, "database is not in wal mode");
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // A write proves the file is writable now, not at the first batch.
+        conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")?;
+        Ok(conn)
+    };
+    open().map_err(|source| StoreError::Open { path: path.to_path_buf(), source })
+}
+
+/// Microseconds since the Unix epoch, by the wall clock.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Adds to a counter (relaxed: statistics only).
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,114 @@
+//! Versioned schema: an ordered list of migration steps, tracked in `PRAGMA user_version`.
+//! Each step runs in its own transaction; a database newer than this code is refused.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// Migration steps, applied in order. Step `i` brings the database to version `i + 1`.
+/// Append only: never edit a step that has shipped.
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // 1: agents, raw results, per-series summary, central targets.
+    r#"
+    CREATE TABLE agents (
+        id               TEXT PRIMARY KEY,
+        region           TEXT NOT NULL,
+        version          TEXT NOT NULL,
+        labels           TEXT NOT NULL,
+        first_seen_us    INTEGER NOT NULL,
+        last_seen_us     INTEGER NOT NULL,
+        stored_up_to_seq INTEGER NOT NULL DEFAULT 0,
+        dropped_total    INTEGER NOT NULL DEFAULT 0,
+        spool_depth      INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE results (
+        id           INTEGER PRIMARY KEY,
+        agent_id     TEXT NOT NULL,
+        seq          INTEGER NOT NULL,
+        region       TEXT NOT NULL,
+        target       TEXT NOT NULL,
+        endpoint     TEXT NOT NULL,
+        host         TEXT NOT NULL,
+        ip           TEXT NOT NULL,
+        port         INTEGER NOT NULL,
+        family       INTEGER NOT NULL,
+        check_name   TEXT NOT NULL,
+        start_us     INTEGER NOT NULL,
+        outcome      INTEGER NOT NULL,
+        error_class  TEXT NOT NULL,
+        phase        TEXT NOT NULL,
+        total_us     INTEGER,
+        timings      TEXT NOT NULL,
+        facts        TEXT NOT NULL,
+        message      TEXT NOT NULL,
+        interval_ms  INTEGER NOT NULL,
+        stored_at_us INTEGER NOT NULL
+    );
+    CREATE TABLE series (
+        target       TEXT NOT NULL,
+        endpoint     TEXT NOT NULL,
+        check_name   TEXT NOT NULL,
+        region       TEXT NOT NULL,
+        last_outcome INTEGER NOT NULL,
+        last_error   TEXT NOT NULL,
+        last_message TEXT NOT NULL,
+        last_seen_us INTEGER NOT NULL,
+        interval_ms  INTEGER NOT NULL,
+        PRIMARY KEY (target, endpoint, check_name, region)
+    ) WITHOUT ROWID;
+    CREATE TABLE targets (
+        name       TEXT PRIMARY KEY,
+        spec       TEXT NOT NULL,
+        created_us INTEGER NOT NULL,
+        updated_us INTEGER NOT NULL
+    );
+    "#,
+    // 2: agent-local targets reported in Hello; the one index status and results queries use.
+    r#"
+    CREATE TABLE agent_targets (
+        agent_id    TEXT NOT NULL,
+        name        TEXT NOT NULL,
+        spec        TEXT NOT NULL,
+        reported_us INTEGER NOT NULL,
+        PRIMARY KEY (agent_id, name)
+    ) WITHOUT ROWID;
+    CREATE INDEX results_target_check_start ON results (target, check_name, start_us);
+    "#,
+];
+
+/// The schema version this code writes and reads.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Current `user_version` of a connection.
+pub(crate) fn version(conn: &Connection) -> Result<i64, rusqlite::Error> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+}
+
+/// Brings `conn` up to `target` (at most [`SCHEMA_VERSION`]), one transaction per step.
+pub(crate) fn migrate_to(conn: &mut Connection, path: &Path, target: i64) -> Result<(), StoreError> {
+    let found = version(conn).map_err(StoreError::Sqlite)?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate() {
+        let to = i as i64 + 1;
+        if to <= found || to > target {
+            continue;
+        }
+        let run = |conn: &mut Connection| -> Result<(), rusqlite::Error> {
+            let tx = conn.transaction()?;
+            tx.execute_batch(step)?;
+            tx.pragma_update(None, "user_version", to)?;
+            tx.commit()
+        };
+        run(conn).map_err(|source| StoreError::Migrate { version: to, source })?;
+        tracing::info!(schema.version = to, "database migrated");
+    }
+    Ok(())
+}
