@@ -1,1 +1,636 @@
-//! (being written)
+//! Runs every (target, check) of the local targets plus the latest central schedule on its interval,
+//! at a stable per-agent offset, under a global concurrency limit, and appends the results.
+//! A run that outlives its interval is never started twice; a new central schedule replaces the old.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mxscope_proto::{pb, CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::Target;
+use crate::probe::{self, CheckSpec, ProbeContext};
+use crate::spool::{SpoolError, SpoolHandle};
+
+/// Extra time a probe gets beyond its own timeout before the scheduler records it as timed out.
+const PROBE_SAFETY_MARGIN: Duration = Duration::from_secs(5);
+
+/// Runs one (target, check); the real one calls the probes, tests use fakes.
+#[async_trait::async_trait]
+pub trait Prober: Send + Sync + 'static {
+    async fn probe(&self, spec: &CheckSpec) -> Vec<Observation>;
+}
+
+/// The real prober: [`probe::run_check`] with the agent's shared context.
+pub struct LiveProber {
+    pub ctx: ProbeContext,
+}
+
+#[async_trait::async_trait]
+impl Prober for LiveProber {
+    async fn probe(&self, spec: &CheckSpec) -> Vec<Observation> {
+        probe::run_check(spec, &self.ctx).await
+    }
+}
+
+/// Where finished probes' observations go (the spool; tests use memory).
+#[async_trait::async_trait]
+pub trait ResultSink: Send + Sync + 'static {
+    async fn store(&self, observations: Vec<Observation>) -> Result<Vec<u64>, SpoolError>;
+}
+
+#[async_trait::async_trait]
+impl ResultSink for SpoolHandle {
+    async fn store(&self, observations: Vec<Observation>) -> Result<Vec<u64>, SpoolError> {
+        self.append(observations).await
+    }
+}
+
+/// Stable offset of a (target, check) within its interval for this agent: FNV-1a of the names,
+/// finished with a splitmix64 mix so nearby names spread evenly.
+pub fn stable_offset(
+    agent_id: &str,
+    target: &str,
+    check: CheckKind,
+    interval: Duration,
+) -> Duration {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [
+        agent_id.as_bytes(),
+        b"\0",
+        target.as_bytes(),
+        b"\0",
+        check.name().as_bytes(),
+    ] {
+        for &b in part {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    let micros = u64::try_from(interval.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    Duration::from_micros(h % micros)
+}
+
+/// The (target, check) pairs to run: local targets win over central ones of the same name.
+pub fn desired_jobs(
+    local: &[Target],
+    central: Option<&pb::Schedule>,
+    region: &str,
+) -> BTreeMap<(String, CheckKind), CheckSpec> {
+    let mut jobs = BTreeMap::new();
+    if let Some(schedule) = central {
+        for spec in &schedule.targets {
+            if !spec.regions.is_empty() && !spec.regions.iter().any(|r| r == region) {
+                continue;
+            }
+            match Target::from_central(spec) {
+                Ok((target, problems)) => {
+                    for problem in problems {
+                        warn!(target = %target.name, problem = %problem, "central target check skipped");
+                    }
+                    for s in target.check_specs() {
+                        jobs.insert((s.target.clone(), s.check), s);
+                    }
+                }
+                Err(problem) => {
+                    warn!(target = %spec.name, problem = %problem, "central target skipped")
+                }
+            }
+        }
+    }
+    for target in local {
+        for s in target.check_specs() {
+            jobs.insert((s.target.clone(), s.check), s);
+        }
+    }
+    jobs
+}
+
+/// What the scheduler needs; built once per agent.
+pub struct Scheduler {
+    pub agent_id: String,
+    pub region: String,
+    pub local: Vec<Target>,
+    /// Latest central schedule (`None` until the collector sent one).
+    pub central: watch::Receiver<Option<pb::Schedule>>,
+    pub prober: Arc<dyn Prober>,
+    pub sink: Arc<dyn ResultSink>,
+    /// Global limit of simultaneous probes.
+    pub concurrency: usize,
+    /// How long in-flight probes may take after shutdown before they are abandoned.
+    pub grace: Duration,
+}
+
+struct Job {
+    spec: CheckSpec,
+    cancel: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+impl Scheduler {
+    /// Runs until `shutdown`; then starts nothing new and waits (up to `grace`) for running probes,
+    /// whose results are stored before this returns.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let global = Arc::new(Semaphore::new(self.concurrency.max(1)));
+        // The phase grid every job's offset is measured from, so restarted jobs keep their slot.
+        let epoch = Instant::now();
+        let mut jobs: BTreeMap<(String, CheckKind), Job> = BTreeMap::new();
+        let mut central_open = true;
+        loop {
+            let schedule = self.central.borrow_and_update().clone();
+            let desired = desired_jobs(&self.local, schedule.as_ref(), &self.region);
+            self.apply(desired, &mut jobs, &tracker, &global, epoch, &shutdown);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = self.central.changed(), if central_open => {
+                    if changed.is_err() {
+                        central_open = false;
+                    }
+                }
+            }
+        }
+        for job in jobs.values() {
+            job.cancel.cancel();
+        }
+        tracker.close();
+        let running = tracker.len();
+        if tokio::time::timeout(self.grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(grace = ?self.grace, "probes still running at the shutdown deadline, abandoning them");
+            for job in jobs.values() {
+                job.handle.abort();
+            }
+        } else {
+            debug!(jobs = running, "scheduler stopped");
+        }
+    }
+
+    fn apply(
+        &self,
+        desired: BTreeMap<(String, CheckKind), CheckSpec>,
+        jobs: &mut BTreeMap<(String, CheckKind), Job>,
+        tracker: &TaskTracker,
+        global: &Arc<Semaphore>,
+        epoch: Instant,
+        shutdown: &CancellationToken,
+    ) {
+        let stale: Vec<(String, CheckKind)> = jobs
+            .iter()
+            .filter(|(key, job)| desired.get(*key) != Some(&job.spec))
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut previous = BTreeMap::new();
+        for key in stale {
+            if let Some(job) = jobs.remove(&key) {
+                job.cancel.cancel();
+                previous.insert(key, job.handle);
+            }
+        }
+        let (mut started, stopped) = (0usize, previous.len());
+        for (key, spec) in desired {
+            if jobs.contains_key(&key) {
+                continue;
+            }
+            let cancel = shutdown.child_token();
+            let offset = stable_offset(&self.agent_id, &spec.target, spec.check, spec.interval);
+            let run = JobRun {
+                spec: spec.clone(),
+                offset,
+                epoch,
+                prober: self.prober.clone(),
+                sink: self.sink.clone(),
+                global: global.clone(),
+                cancel: cancel.clone(),
+                // A changed job waits for its old run to finish: never two runs of one check.
+                previous: previous.remove(&key),
+            };
+            let handle = tracker.spawn(run.run());
+            jobs.insert(
+                key,
+                Job {
+                    spec,
+                    cancel,
+                    handle,
+                },
+            );
+            started += 1;
+        }
+        if started > 0 || stopped > 0 {
+            info!(jobs = jobs.len(), started, stopped, "schedule applied");
+        }
+    }
+}
+
+struct JobRun {
+    spec: CheckSpec,
+    offset: Duration,
+    epoch: Instant,
+    prober: Arc<dyn Prober>,
+    sink: Arc<dyn ResultSink>,
+    global: Arc<Semaphore>,
+    cancel: CancellationToken,
+    previous: Option<JoinHandle<()>>,
+}
+
+impl JobRun {
+    /// The first slot at or after now on this job's grid (`epoch + offset + k * interval`).
+    fn first_slot(&self) -> Instant {
+        let now = Instant::now();
+        let base = self.epoch + self.offset;
+        if now <= base {
+            return base;
+        }
+        let interval = self.spec.interval.as_nanos().max(1);
+        let since = (now - base).as_nanos();
+        let k = since.div_ceil(interval);
+        let nanos = u64::try_from(k * interval).unwrap_or(u64::MAX);
+        base + Duration::from_nanos(nanos)
+    }
+
+    async fn run(mut self) {
+        if let Some(previous) = self.previous.take() {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = previous => {}
+            }
+        }
+        let mut ticker = tokio::time::interval_at(self.first_slot(), self.spec.interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let permit = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return,
+                permit = self.global.clone().acquire_owned() => permit,
+            };
+            let Ok(_permit) = permit else { return };
+            // Runs to the end even when cancelled: a started probe's result is kept.
+            let observations = self.probe_once().await;
+            drop(_permit);
+            if observations.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.sink.store(observations).await {
+                warn!(target = %self.spec.target, check = %self.spec.check, error = %e,
+                    "results not stored");
+            }
+        }
+    }
+
+    async fn probe_once(&self) -> Vec<Observation> {
+        let start_us = now_us();
+        let deadline = self.spec.timeout + PROBE_SAFETY_MARGIN;
+        let mut observations = match tokio::time::timeout(deadline, self.prober.probe(&self.spec))
+            .await
+        {
+            Ok(obs) => obs,
+            Err(_) => {
+                warn!(target = %self.spec.target, check = %self.spec.check, "probe overran its deadline");
+                let mut o = Observation::new(
+                    &self.spec.target,
+                    Endpoint::host(self.spec.target.clone()),
+                    self.spec.check,
+                    start_us,
+                );
+                o.problem(
+                    Outcome::Fail,
+                    ErrorClass::Timeout,
+                    Phase::Total,
+                    "probe overran its deadline",
+                );
+                o.timing(Phase::Total, deadline);
+                vec![o]
+            }
+        };
+        for o in &mut observations {
+            o.interval = self.spec.interval;
+        }
+        observations
+    }
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::probe::{CheckOptions, TargetKind};
+
+    /// Records when each (target, check) started; sleeps per target when told to.
+    #[derive(Default)]
+    struct FakeProber {
+        epoch: Mutex<Option<Instant>>,
+        starts: Mutex<Vec<(String, CheckKind, Duration)>>,
+        running: Mutex<HashMap<String, usize>>,
+        max_running: Mutex<HashMap<String, usize>>,
+        slow: HashMap<String, Duration>,
+    }
+
+    impl FakeProber {
+        fn starts_of(&self, target: &str) -> Vec<Duration> {
+            let starts = self.starts.lock().unwrap();
+            starts
+                .iter()
+                .filter(|(t, _, _)| t == target)
+                .map(|(_, _, at)| *at)
+                .collect()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Prober for FakeProber {
+        async fn probe(&self, spec: &CheckSpec) -> Vec<Observation> {
+            let at = {
+                let epoch = *self.epoch.lock().unwrap().get_or_insert_with(Instant::now);
+                Instant::now() - epoch
+            };
+            self.starts
+                .lock()
+                .unwrap()
+                .push((spec.target.clone(), spec.check, at));
+            {
+                let mut running = self.running.lock().unwrap();
+                let n = running.entry(spec.target.clone()).or_default();
+                *n += 1;
+                let mut max = self.max_running.lock().unwrap();
+                let m = max.entry(spec.target.clone()).or_default();
+                *m = (*m).max(*n);
+            }
+            if let Some(d) = self.slow.get(&spec.target) {
+                tokio::time::sleep(*d).await;
+            }
+            *self.running.lock().unwrap().get_mut(&spec.target).unwrap() -= 1;
+            vec![Observation::new(
+                &spec.target,
+                Endpoint::host(spec.target.clone()),
+                spec.check,
+                0,
+            )]
+        }
+    }
+
+    #[derive(Default)]
+    struct MemorySink(Mutex<Vec<Observation>>);
+
+    #[async_trait::async_trait]
+    impl ResultSink for MemorySink {
+        async fn store(&self, observations: Vec<Observation>) -> Result<Vec<u64>, SpoolError> {
+            let mut all = self.0.lock().unwrap();
+            all.extend(observations);
+            Ok(vec![])
+        }
+    }
+
+    fn target(name: &str, checks: &[CheckKind], interval: Duration) -> Target {
+        Target {
+            name: name.to_string(),
+            kind: TargetKind::Domain,
+            checks: checks.to_vec(),
+            interval,
+            timeout: Duration::from_secs(5),
+            require_tls: false,
+            ports: BTreeMap::new(),
+            options: CheckOptions::default(),
+        }
+    }
+
+    fn central(version: u64, targets: &[(&str, &[&str])]) -> pb::Schedule {
+        pb::Schedule {
+            version,
+            targets: targets
+                .iter()
+                .map(|(name, checks)| pb::TargetSpec {
+                    name: name.to_string(),
+                    checks: checks.iter().map(|c| c.to_string()).collect(),
+                    interval_ms: 10_000,
+                    source: "central".into(),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    fn scheduler(
+        local: Vec<Target>,
+        central: watch::Receiver<Option<pb::Schedule>>,
+        prober: Arc<FakeProber>,
+        sink: Arc<MemorySink>,
+    ) -> Scheduler {
+        Scheduler {
+            agent_id: "eu-1".into(),
+            region: "eu-west".into(),
+            local,
+            central,
+            prober,
+            sink,
+            concurrency: 10_000,
+            grace: Duration::from_secs(30),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn thousand_targets_spread_evenly() {
+        let interval = Duration::from_secs(60);
+        let local: Vec<Target> = (0..1000)
+            .map(|i| target(&format!("d{i}.example"), &[CheckKind::Mx], interval))
+            .collect();
+        let prober = Arc::new(FakeProber::default());
+        *prober.epoch.lock().unwrap() = Some(Instant::now());
+        let sink = Arc::new(MemorySink::default());
+        let (_tx, rx) = watch::channel(None);
+        let stop = CancellationToken::new();
+        let task =
+            tokio::spawn(scheduler(local, rx, prober.clone(), sink.clone()).run(stop.clone()));
+        tokio::time::sleep(interval - Duration::from_millis(1)).await;
+        stop.cancel();
+        task.await.unwrap();
+
+        let starts = prober.starts.lock().unwrap();
+        assert_eq!(
+            starts.len(),
+            1000,
+            "each target exactly once in the first interval"
+        );
+        let mut slots = [0usize; 60];
+        for (_, _, at) in starts.iter() {
+            slots[at.as_secs() as usize] += 1;
+        }
+        let mean = 1000.0 / 60.0;
+        let max = *slots.iter().max().unwrap();
+        assert!(
+            (max as f64) <= 2.0 * mean,
+            "busiest second has {max} probes (mean {mean:.1}): {slots:?}"
+        );
+        assert!(slots.iter().all(|&n| n > 0), "no empty second: {slots:?}");
+        let stored = sink.0.lock().unwrap();
+        assert_eq!(stored.len(), 1000);
+        assert!(
+            stored.iter().all(|o| o.interval == interval),
+            "interval is set on every observation"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn offset_is_stable_and_within_interval() {
+        let i = Duration::from_secs(60);
+        let a = stable_offset("eu-1", "example.com", CheckKind::Smtp, i);
+        assert_eq!(a, stable_offset("eu-1", "example.com", CheckKind::Smtp, i));
+        assert_ne!(
+            a,
+            stable_offset("us-1", "example.com", CheckKind::Smtp, i),
+            "per agent"
+        );
+        assert!(a < i);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_probe_is_not_started_twice() {
+        let interval = Duration::from_secs(10);
+        let prober = Arc::new(FakeProber {
+            slow: [("slow.example".to_string(), Duration::from_secs(25))]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        });
+        *prober.epoch.lock().unwrap() = Some(Instant::now());
+        let mut slow_target = target("slow.example", &[CheckKind::Smtp], interval);
+        slow_target.timeout = Duration::from_secs(60);
+        let local = vec![
+            slow_target,
+            target("fast.example", &[CheckKind::Smtp], interval),
+        ];
+        let sink = Arc::new(MemorySink::default());
+        let (_tx, rx) = watch::channel(None);
+        let stop = CancellationToken::new();
+        let task =
+            tokio::spawn(scheduler(local, rx, prober.clone(), sink.clone()).run(stop.clone()));
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        stop.cancel();
+        task.await.unwrap();
+
+        let slow = prober.starts_of("slow.example");
+        let fast = prober.starts_of("fast.example");
+        assert_eq!(fast.len(), 10, "fast target runs every interval: {fast:?}");
+        assert!(
+            (3..=4).contains(&slow.len()),
+            "slow target skips busy ticks: {slow:?}"
+        );
+        assert_eq!(
+            prober.max_running.lock().unwrap()["slow.example"],
+            1,
+            "never two runs at once"
+        );
+        for pair in slow.windows(2) {
+            assert!(pair[1] - pair[0] >= Duration::from_secs(25), "{slow:?}");
+        }
+        // The run in flight at shutdown finished and was stored.
+        let stored = sink
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|o| o.target == "slow.example")
+            .count();
+        assert_eq!(stored, slow.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn central_schedule_replacement_stops_removed_targets() {
+        let prober = Arc::new(FakeProber::default());
+        *prober.epoch.lock().unwrap() = Some(Instant::now());
+        let sink = Arc::new(MemorySink::default());
+        let (tx, rx) = watch::channel(Some(central(
+            1,
+            &[("a.example", &["mx"]), ("b.example", &["mx"])],
+        )));
+        let local = vec![target(
+            "local.example",
+            &[CheckKind::Mx],
+            Duration::from_secs(10),
+        )];
+        let stop = CancellationToken::new();
+        let task =
+            tokio::spawn(scheduler(local, rx, prober.clone(), sink.clone()).run(stop.clone()));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(prober.starts_of("a.example").len() >= 2);
+        assert!(prober.starts_of("b.example").len() >= 2);
+
+        let changed_at = Duration::from_secs(30);
+        tx.send_replace(Some(central(
+            2,
+            &[("b.example", &["smtp"]), ("c.example", &["mx"])],
+        )));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        stop.cancel();
+        task.await.unwrap();
+
+        assert!(
+            prober
+                .starts_of("a.example")
+                .iter()
+                .all(|at| *at <= changed_at),
+            "removed target stopped"
+        );
+        assert!(prober.starts_of("c.example").len() >= 2, "new target runs");
+        assert!(
+            prober.starts_of("local.example").len() >= 5,
+            "local targets keep running"
+        );
+        let starts = prober.starts.lock().unwrap();
+        let b_after: Vec<CheckKind> = starts
+            .iter()
+            .filter(|(t, _, at)| t == "b.example" && *at > changed_at)
+            .map(|(_, c, _)| *c)
+            .collect();
+        assert!(!b_after.is_empty());
+        assert!(
+            b_after.iter().all(|c| *c == CheckKind::Smtp),
+            "changed checks take effect: {b_after:?}"
+        );
+    }
+
+    #[test]
+    fn local_wins_and_regions_filter() {
+        let mut schedule = central(1, &[("a.example", &["mx"]), ("b.example", &["mx"])]);
+        schedule.targets[1].regions = vec!["us-east".into()];
+        let local = vec![target(
+            "a.example",
+            &[CheckKind::Mx],
+            Duration::from_secs(30),
+        )];
+        let jobs = desired_jobs(&local, Some(&schedule), "eu-west");
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        let spec = &jobs[&("a.example".to_string(), CheckKind::Mx)];
+        assert_eq!(
+            spec.interval,
+            Duration::from_secs(30),
+            "local definition wins"
+        );
+    }
+}
