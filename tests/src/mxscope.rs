@@ -200,10 +200,15 @@ pub struct Agent {
 impl Agent {
     /// Writes `<dir>/agent-ID.toml` and starts the agent with its spool in `<dir>/spool-ID`.
     pub fn start(dir: &Path, opts: &AgentOptions) -> Result<Agent> {
+        Agent::start_with_spool(dir, dir, opts)
+    }
+
+    /// Like [`Agent::start`], with the spool in `<spool_parent>/spool-ID`.
+    pub fn start_with_spool(dir: &Path, spool_parent: &Path, opts: &AgentOptions) -> Result<Agent> {
         let bin = mxscope_binary(AGENT)?;
         let config = dir.join(format!("agent-{}.toml", opts.id));
         write_file(&config, agent_toml(&opts.targets))?;
-        let spool = dir.join(format!("spool-{}", opts.id));
+        let spool = spool_parent.join(format!("spool-{}", opts.id));
         let mut spec = Spec::new(format!("agent-{}", opts.id), bin)
             .args([
                 "--collector",

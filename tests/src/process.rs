@@ -96,6 +96,9 @@ impl Proc {
         if let Some(dir) = &self.spec.current_dir {
             cmd.current_dir(dir);
         }
+        // Own process group: a Ctrl-C in the terminal reaches the harness, which then stops its
+        // children in order, instead of hitting every child at once.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.spawn().with_context(|| {
             format!("start {} ({})", self.spec.name, self.spec.program.display())
         })?;
