@@ -109,3 +109,117 @@ fn state(s: &SeriesRow, last: Option<Outcome>, p: &StatusParams) -> &'static str
         "failing"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 10_000_000_000;
+    const SEC: i64 = 1_000_000;
+
+    fn params() -> StatusParams {
+        StatusParams { now_us: NOW, stale_after_us: 120 * SEC }
+    }
+
+    fn series(endpoint: &str, region: &str, last: pb::Outcome, error: &str, age_s: i64, interval_ms: u64) -> SeriesRow {
+        SeriesRow {
+            target: "example.test".into(),
+            endpoint: endpoint.into(),
+            check: "smtp".into(),
+            region: region.into(),
+            last_outcome: last as i32,
+            last_error: error.into(),
+            last_message: format!("last via {endpoint}"),
+            last_seen_us: NOW - age_s * SEC,
+            interval_ms,
+        }
+    }
+
+    fn sample(endpoint: &str, region: &str, outcome: pb::Outcome, total_ms: Option<i64>) -> Sample {
+        Sample {
+            target: "example.test".into(),
+            endpoint: endpoint.into(),
+            check: "smtp".into(),
+            region: region.into(),
+            outcome: outcome as i32,
+            total_us: total_ms.map(|ms| ms * 1000),
+        }
+    }
+
+    #[test]
+    fn percentiles_nearest_rank() {
+        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile(&[7.0], 95.0), Some(7.0));
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&v, 95.0), Some(95.0));
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 50.0), Some(2.0));
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 0.0), Some(1.0));
+    }
+
+    #[test]
+    fn reachability_counts_and_latency_skip_failures() {
+        let s = vec![series("mx1", "eu-west", pb::Outcome::Ok, "", 10, 60_000)];
+        let samples = vec![
+            sample("mx1", "eu-west", pb::Outcome::Ok, Some(10)),
+            sample("mx1", "eu-west", pb::Outcome::Ok, Some(30)),
+            sample("mx1", "eu-west", pb::Outcome::Warn, Some(20)),
+            // A failure counts against reachability but its (timeout) duration is not latency.
+            sample("mx1", "eu-west", pb::Outcome::Fail, Some(10_000)),
+            // Another region's sample belongs to another row.
+            sample("mx1", "us-east", pb::Outcome::Fail, None),
+        ];
+        let rows = status_rows(&s, &samples, &params());
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!((r.count, r.ok_count), (4, 2));
+        assert!((r.reachability - 0.75).abs() < 1e-9, "{}", r.reachability);
+        assert_eq!(r.p50_ms, Some(20.0));
+        assert_eq!(r.p95_ms, Some(30.0));
+        assert_eq!(r.state, "ok");
+        assert_eq!(r.last_error, None);
+        assert_eq!(r.last_outcome, "ok");
+        assert_eq!(r.last_message, "last via mx1");
+        assert_eq!(r.last_seen_us, NOW - 10 * SEC);
+    }
+
+    #[test]
+    fn empty_window_has_zero_reachability_and_no_latency() {
+        let s = vec![series("mx1", "eu-west", pb::Outcome::Fail, "refused", 10, 60_000)];
+        let only_failures = vec![sample("mx1", "eu-west", pb::Outcome::Fail, Some(5))];
+        let r = &status_rows(&s, &[], &params())[0];
+        assert_eq!((r.count, r.reachability, r.p50_ms, r.p95_ms), (0, 0.0, None, None));
+        let r = &status_rows(&s, &only_failures, &params())[0];
+        assert_eq!((r.count, r.reachability, r.p50_ms), (1, 0.0, None));
+    }
+
+    #[test]
+    fn states_ok_failing_stale() {
+        let s = vec![
+            series("fresh-fail", "eu-west", pb::Outcome::Fail, "timeout", 30, 60_000),
+            series("fresh-warn", "eu-west", pb::Outcome::Warn, "cert_expiring", 30, 60_000),
+            // 150 s old, interval 60 s: max(3 × 60 s, 120 s) = 180 s, still fresh.
+            series("slow-interval", "eu-west", pb::Outcome::Ok, "", 150, 60_000),
+            // 130 s old, interval 10 s: max(30 s, 120 s) = 120 s, stale even though it failed.
+            series("silent", "eu-west", pb::Outcome::Fail, "refused", 130, 10_000),
+            // 10 min old with a 5 min interval: 3 × 5 min = 15 min, fresh.
+            series("long-interval", "eu-west", pb::Outcome::Ok, "", 600, 300_000),
+            series("unknown", "eu-west", pb::Outcome::Unspecified, "", 1, 60_000),
+        ];
+        let rows = status_rows(&s, &[], &params());
+        let got: Vec<(&str, &str, Option<&str>)> =
+            rows.iter().map(|r| (r.endpoint.as_str(), r.state.as_str(), r.last_error.as_deref())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("fresh-fail", "failing", Some("timeout")),
+                ("fresh-warn", "ok", Some("cert_expiring")),
+                ("slow-interval", "ok", None),
+                ("silent", "stale", Some("refused")),
+                ("long-interval", "ok", None),
+                ("unknown", "failing", None),
+            ]
+        );
+        assert_eq!(rows[5].last_outcome, "unknown");
+    }
+}
