@@ -393,35 +393,3 @@ impl Ctl {
         self.run(&["status"])
     }
 }
-
-/// The seqs of every stored result of `agent_id`, as returned by the Query API (one entry per
-/// stored row, so a duplicate would show up twice), read over gRPC.
-pub fn stored_seqs(collector_url: &str, agent_id: &str) -> Result<Vec<u64>> {
-    use mxscope_proto::pb::query_client::QueryClient;
-    use mxscope_proto::pb::ResultsRequest;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("build tokio runtime")?;
-    rt.block_on(async {
-        let mut client = QueryClient::connect(collector_url.to_string())
-            .await
-            .with_context(|| format!("connect to {collector_url}"))?;
-        let resp = client
-            .results(ResultsRequest {
-                agent_id: agent_id.to_string(),
-                limit: 1_000_000,
-                ..Default::default()
-            })
-            .await
-            .context("Query.Results")?
-            .into_inner();
-        Ok(resp
-            .results
-            .into_iter()
-            .filter_map(|r| r.result)
-            .filter(|r| r.agent_id == agent_id)
-            .map(|r| r.seq)
-            .collect())
-    })
-}

@@ -14,6 +14,8 @@ use mxscope_tests::Lab;
 
 const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
 const DOMAIN: &str = "example.test";
+/// The collector's cap on results per query; the test stays far below it.
+const RESULTS_LIMIT: u32 = 10_000;
 
 fn rows_for<'a>(rows: &'a [StatusRow], check: &str, region: &str) -> Vec<&'a StatusRow> {
     rows.iter()
@@ -109,7 +111,7 @@ fn three_regions_report_status_and_survive_a_collector_crash() {
         .collect();
 
     // Results from all three regions arrive and status settles.
-    let mut last = Vec::new();
+    let mut last = String::new();
     let settled = wait_for(
         "status from all three regions",
         Duration::from_secs(90),
@@ -117,13 +119,24 @@ fn three_regions_report_status_and_survive_a_collector_crash() {
             for a in agents.iter_mut() {
                 a.ensure_running()?;
             }
-            last = ctl.status().unwrap_or_default();
-            Ok(status_settled(&last).then_some(()))
+            if !collector.proc_mut().is_running() {
+                anyhow::bail!("collector exited:\n{}", collector.log_tail(30));
+            }
+            match ctl.status() {
+                Ok(rows) => {
+                    last = format!("{rows:#?}");
+                    Ok(status_settled(&rows).then_some(()))
+                }
+                Err(e) => {
+                    last = format!("{e:#}");
+                    Ok(None)
+                }
+            }
         },
     );
     if let Err(e) = settled {
         panic!(
-            "{e}\nlast status: {last:#?}\ncollector log:\n{}\nagent log:\n{}",
+            "{e}\nlast status: {last}\ncollector log:\n{}\nagent log:\n{}",
             collector.log_tail(30),
             agents[0].log_tail(30)
         );
@@ -211,8 +224,14 @@ fn three_regions_report_status_and_survive_a_collector_crash() {
             "agent {} left unsent results: {spool:?}",
             a.id()
         );
-        let rows = ctl.results_of(a.id(), 1_000_000).expect("results of agent");
+        let rows = ctl
+            .results_of(a.id(), RESULTS_LIMIT)
+            .expect("results of agent");
         assert!(!rows.is_empty());
+        assert!(
+            rows.len() < RESULTS_LIMIT as usize,
+            "more results than one query returns"
+        );
         let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
         let distinct: BTreeSet<u64> = seqs.iter().copied().collect();
         assert_eq!(
