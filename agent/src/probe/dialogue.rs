@@ -206,6 +206,30 @@ impl Dialogue {
         result
     }
 
+    /// Sends `cmd` (if any) and reads lines until `last`, recording the phase's timing when `phase`
+    /// is given. The line-protocol counterpart of [`Dialogue::command`] for IMAP and POP3.
+    pub(crate) async fn exchange(
+        &mut self,
+        obs: &mut Observation,
+        phase: Option<Phase>,
+        cmd: Option<&str>,
+        deadline: Instant,
+        last: impl FnMut(&str) -> Result<bool, DialogueError>,
+    ) -> Result<Vec<String>, DialogueError> {
+        let started = Instant::now();
+        let result = async {
+            if let Some(cmd) = cmd {
+                self.send(cmd, deadline).await?;
+            }
+            self.read_lines(deadline, last).await
+        }
+        .await;
+        if let Some(phase) = phase {
+            obs.timing(phase, started.elapsed());
+        }
+        result
+    }
+
     /// Hands the stream over for a TLS handshake. Bytes the server sent after its go-ahead but before
     /// the handshake would be a command-injection hole (CVE-2011-0411 style): a protocol error.
     pub(crate) fn into_io(self) -> Result<Box<dyn Io>, DialogueError> {

@@ -4,8 +4,11 @@
 
 mod dialogue;
 mod endpoints;
+mod icmp;
+mod imap;
 pub mod limits;
 mod mx;
+mod pop3;
 pub mod resolve;
 mod smtp;
 mod tcp;
@@ -99,6 +102,7 @@ pub fn supported(check: CheckKind) -> bool {
             | CheckKind::Imaps
             | CheckKind::Pop3
             | CheckKind::Pop3s
+            | CheckKind::Icmp
     )
 }
 
@@ -262,6 +266,9 @@ async fn probe_address(target: &Target<'_>, obs: &mut Observation) {
         CheckKind::Smtp | CheckKind::Submission | CheckKind::Smtps => {
             smtp::probe(target, obs).await
         }
+        CheckKind::Imap | CheckKind::Imaps => imap::probe(target, obs).await,
+        CheckKind::Pop3 | CheckKind::Pop3s => pop3::probe(target, obs).await,
+        CheckKind::Icmp => icmp::probe(target, obs).await,
         _ => {
             if let Some(stream) =
                 tcp::connect(obs, target.addr, target.phase_deadline(CONNECT_TIMEOUT)).await
@@ -273,85 +280,4 @@ async fn probe_address(target: &Target<'_>, obs: &mut Observation) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::probe::testing::FakeResolver;
-
-    pub(crate) fn context(resolver: FakeResolver) -> ProbeContext {
-        ProbeContext {
-            resolver: Arc::new(resolver),
-            tls_roots: Arc::new(rustls::RootCertStore::empty()),
-            host_limits: HostLimits::new(2),
-            helo_name: "probe.mxscope.test".to_string(),
-        }
-    }
-
-    fn spec(target: &str, check: CheckKind, port: u16) -> CheckSpec {
-        CheckSpec {
-            target: target.to_string(),
-            kind: TargetKind::Domain,
-            check,
-            port: Some(port),
-            timeout: Duration::from_secs(3),
-            interval: Duration::from_secs(30),
-            require_tls: false,
-            options: CheckOptions::default(),
-        }
-    }
-
-    /// A loopback port nobody listens on: bind, note the port, close.
-    async fn closed_port() -> u16 {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        l.local_addr().expect("local addr").port()
-    }
-
-    #[tokio::test]
-    async fn refused_port_is_classified_per_address() {
-        let port = closed_port().await;
-        let ctx = context(
-            FakeResolver::default()
-                .mx("example.test", &[(10, "mx.example.test")])
-                .ips("mx.example.test", &["127.0.0.1"]),
-        );
-        let started = std::time::Instant::now();
-        let out = run_check(&spec("example.test", CheckKind::Smtp, port), &ctx).await;
-        assert_eq!(out.len(), 1);
-        let o = &out[0];
-        assert_eq!(o.outcome, Outcome::Fail);
-        assert_eq!(o.error_class, Some(ErrorClass::Refused));
-        assert_eq!(o.phase, Some(Phase::Connect));
-        assert_eq!(
-            o.endpoint.label(),
-            format!("mx.example.test[127.0.0.1]:{port}")
-        );
-        assert!(o.timing_of(Phase::Connect).is_some());
-        assert!(o.timing_of(Phase::Total).is_some());
-        assert!(started.elapsed() < Duration::from_secs(3));
-    }
-
-    #[tokio::test]
-    async fn dns_failure_is_one_failed_observation_in_resolve() {
-        let ctx = context(FakeResolver::default().fail("nx.test", ErrorClass::DnsServfail));
-        let out = run_check(&spec("nx.test", CheckKind::Imaps, 993), &ctx).await;
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].error_class, Some(ErrorClass::DnsServfail));
-        assert_eq!(out[0].phase, Some(Phase::Resolve));
-        assert_eq!(out[0].interval, Duration::from_secs(30));
-        assert!(out[0].timing_of(Phase::Total).is_some());
-    }
-
-    #[tokio::test]
-    async fn mx_check_runs_through_dispatch() {
-        let ctx = context(
-            FakeResolver::default()
-                .mx("example.test", &[(10, "mx.example.test")])
-                .ips("mx.example.test", &["127.0.0.1"]),
-        );
-        let out = run_check(&spec("example.test", CheckKind::Mx, 0), &ctx).await;
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].outcome, Outcome::Ok, "{}", out[0].message);
-        assert!(out[0].timing_of(Phase::Total).is_some());
-    }
-}
+mod tests;
