@@ -51,8 +51,20 @@ impl Lab {
     }
 
     /// Keeps the directory after the test (for post-mortems); returns its path.
-    pub fn keep(self) -> PathBuf {
-        self.dir.keep()
+    pub fn keep(mut self) -> PathBuf {
+        self.dir.disable_cleanup(true);
+        self.dir.path().to_path_buf()
+    }
+}
+
+impl Drop for Lab {
+    /// A failing test (or `MXSCOPE_KEEP_LAB=1`) keeps its directory, with every log, for a look.
+    /// The servers living in it are dropped (stopped) before the lab itself.
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("MXSCOPE_KEEP_LAB").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("lab kept for inspection: {}", self.dir.path().display());
+        }
     }
 }
 

@@ -41,7 +41,8 @@ impl Collector {
                 &path_str(db)?,
                 "--insecure",
             ])
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
         let proc = Proc::spawn(spec, log_dir)?;
         let mut c = Collector {
             proc,
@@ -222,7 +223,8 @@ impl Agent {
                 "--spool",
                 &path_str(&spool)?,
             ])
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
         if let Some(resolver) = opts.resolver {
             spec = spec.args(["--resolver", &resolver.to_string()]);
         }
