@@ -2,6 +2,7 @@
 //! with rcgen (valid, expired, wrong name, untrusted), IMAP and POP3 dialogues, and dispatch.
 
 mod dispatch;
+mod dns;
 mod fakes;
 mod imap_pop3;
 mod misbehaving;
