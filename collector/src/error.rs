@@ -1,7 +1,6 @@
 //! Service errors and the one place that maps them (and store errors) to gRPC status codes.
 //! `Internal` answers with a generic message and logs the full error chain.
 
-
 use tonic::Status;
 
 use crate::store::StoreError;
@@ -79,15 +78,26 @@ mod tests {
     fn codes() {
         let s: Status = ServiceError::from(StoreError::TargetNotFound("x".into())).into();
         assert_eq!(s.code(), Code::NotFound);
-        assert_eq!(s.message(), "unknown target 'x' (see 'mxscopectl target list')");
+        assert_eq!(
+            s.message(),
+            "unknown target 'x' (see 'mxscopectl target list')"
+        );
         let s: Status = ServiceError::from(StoreError::TargetExists("x".into())).into();
         assert_eq!(s.code(), Code::AlreadyExists);
         let s: Status = ServiceError::from(StoreError::OutOfRange("seq")).into();
         assert_eq!(s.code(), Code::Internal);
-        assert!(!s.message().contains("seq"), "internal details must not leak: {}", s.message());
+        assert!(
+            !s.message().contains("seq"),
+            "internal details must not leak: {}",
+            s.message()
+        );
         let s: Status = ServiceError::from(TargetError::IntervalTooShort(5)).into();
         assert_eq!(s.code(), Code::InvalidArgument);
         // `source()` is used by `chain`, keep the import honest.
-        assert!(StoreError::Commit(std::sync::Arc::new(rusqlite::Error::InvalidQuery)).source().is_some());
+        assert!(
+            StoreError::Commit(std::sync::Arc::new(rusqlite::Error::InvalidQuery))
+                .source()
+                .is_some()
+        );
     }
 }

@@ -61,7 +61,11 @@ pub fn validate_hello(h: &pb::Hello) -> Result<(), ServiceError> {
 }
 
 /// Checks a batch against the stream's agent: size limit, agent id, seq >= 1 and strictly ascending.
-pub fn validate_batch(batch: &pb::ResultBatch, agent_id: &str, max: usize) -> Result<(), ServiceError> {
+pub fn validate_batch(
+    batch: &pb::ResultBatch,
+    agent_id: &str,
+    max: usize,
+) -> Result<(), ServiceError> {
     if batch.results.len() > max {
         return Err(ServiceError::ResourceExhausted(format!(
             "batch of {} results is above the limit of {max}; send smaller batches",
@@ -103,14 +107,23 @@ impl Ingest for IngestService {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = request.into_inner();
         let shared = &self.shared;
-        let first = match tokio::time::timeout(shared.config.hello_timeout, inbound.message()).await {
+        let first = match tokio::time::timeout(shared.config.hello_timeout, inbound.message()).await
+        {
             Err(_) => {
-                return Err(Status::deadline_exceeded("no hello within the hello timeout"));
+                return Err(Status::deadline_exceeded(
+                    "no hello within the hello timeout",
+                ));
             }
             Ok(res) => res?,
         };
-        let Some(pb::AgentMessage { msg: Some(Up::Hello(hello)) }) = first else {
-            return Err(ServiceError::InvalidArgument("the first message on a session must be a hello".into()).into());
+        let Some(pb::AgentMessage {
+            msg: Some(Up::Hello(hello)),
+        }) = first
+        else {
+            return Err(ServiceError::InvalidArgument(
+                "the first message on a session must be a hello".into(),
+            )
+            .into());
         };
         validate_hello(&hello)?;
         let stored = shared
@@ -121,7 +134,11 @@ impl Ingest for IngestService {
                 version: hello.version.clone(),
                 labels: hello.labels.clone().into_iter().collect::<BTreeMap<_, _>>(),
                 dropped_total: hello.dropped_total,
-                local_targets: hello.local_targets.iter().map(TargetDef::from_wire).collect(),
+                local_targets: hello
+                    .local_targets
+                    .iter()
+                    .map(TargetDef::from_wire)
+                    .collect(),
                 at_us: now_us(),
             })
             .await
@@ -134,7 +151,9 @@ impl Ingest for IngestService {
             stored_up_to_seq = stored, "agent connected");
 
         let (out, rx) = mpsc::channel(64);
-        let welcome = Down::Welcome(pb::Welcome { stored_up_to_seq: stored });
+        let welcome = Down::Welcome(pb::Welcome {
+            stored_up_to_seq: stored,
+        });
         out.send(Ok(pb::CollectorMessage { msg: Some(welcome) }))
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
@@ -167,7 +186,10 @@ impl Connection {
                 warn!(agent.id = %id, sessions = *n, "agent has more than one open session");
             }
         }
-        Connection { shared, id: id.to_string() }
+        Connection {
+            shared,
+            id: id.to_string(),
+        }
     }
 }
 
@@ -267,16 +289,26 @@ impl Session {
     fn handle(&self, m: pb::AgentMessage) -> Result<Option<Commit>, ServiceError> {
         match m.msg {
             None => Ok(None),
-            Some(Up::Hello(_)) => {
-                Err(ServiceError::InvalidArgument("hello was already sent on this session".into()))
-            }
+            Some(Up::Hello(_)) => Err(ServiceError::InvalidArgument(
+                "hello was already sent on this session".into(),
+            )),
             Some(Up::Batch(batch)) => {
                 validate_batch(&batch, &self.agent_id, self.shared.config.max_batch_results)?;
                 debug!(agent.id = %self.agent_id, results = batch.results.len(), "batch received");
-                Ok(Some(self.shared.store.store_results(&self.agent_id, &self.region, batch.results, now_us())))
+                Ok(Some(self.shared.store.store_results(
+                    &self.agent_id,
+                    &self.region,
+                    batch.results,
+                    now_us(),
+                )))
             }
             Some(Up::Heartbeat(hb)) => {
-                let commit = self.shared.store.heartbeat(&self.agent_id, hb.spool_depth, hb.dropped_total, now_us());
+                let commit = self.shared.store.heartbeat(
+                    &self.agent_id,
+                    hb.spool_depth,
+                    hb.dropped_total,
+                    now_us(),
+                );
                 let id = self.agent_id.clone();
                 self.shared.tasks.spawn(async move {
                     if let Err(err) = commit.await {
@@ -289,7 +321,10 @@ impl Session {
     }
 
     async fn send(&self, msg: Down) -> Result<(), ()> {
-        self.out.send(Ok(pb::CollectorMessage { msg: Some(msg) })).await.map_err(|_| ())
+        self.out
+            .send(Ok(pb::CollectorMessage { msg: Some(msg) }))
+            .await
+            .map_err(|_| ())
     }
 
     /// Sends the central targets for this agent's region (a full snapshot).
@@ -304,11 +339,12 @@ impl Session {
         };
         let targets = targets
             .iter()
-            .filter(|t| t.regions.is_empty() || t.regions.iter().any(|r| *r == self.region))
+            .filter(|t| t.regions.is_empty() || t.regions.contains(&self.region))
             .map(|t| t.to_wire("central"))
             .collect();
         debug!(agent.id = %self.agent_id, schedule.version = version, "sending schedule");
-        self.send(Down::Schedule(pb::Schedule { version, targets })).await
+        self.send(Down::Schedule(pb::Schedule { version, targets }))
+            .await
     }
 }
 
@@ -317,12 +353,20 @@ mod tests {
     use super::*;
 
     fn result(agent: &str, seq: u64) -> pb::ProbeResult {
-        pb::ProbeResult { agent_id: agent.into(), seq, ..Default::default() }
+        pb::ProbeResult {
+            agent_id: agent.into(),
+            seq,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn hello_validation() {
-        let mut h = pb::Hello { agent_id: "eu-1".into(), region: "eu-west".into(), ..Default::default() };
+        let mut h = pb::Hello {
+            agent_id: "eu-1".into(),
+            region: "eu-west".into(),
+            ..Default::default()
+        };
         assert!(validate_hello(&h).is_ok());
         h.agent_id = "EU_1".into();
         let msg = validate_hello(&h).unwrap_err().to_string();
@@ -335,15 +379,34 @@ mod tests {
 
     #[test]
     fn batch_validation() {
-        let ok = pb::ResultBatch { results: vec![result("a", 1), result("a", 5)] };
+        let ok = pb::ResultBatch {
+            results: vec![result("a", 1), result("a", 5)],
+        };
         assert!(validate_batch(&ok, "a", 10).is_ok());
-        let other = pb::ResultBatch { results: vec![result("b", 1)] };
-        assert!(validate_batch(&other, "a", 10).unwrap_err().to_string().contains("names agent 'b'"));
-        let desc = pb::ResultBatch { results: vec![result("a", 2), result("a", 2)] };
-        assert!(validate_batch(&desc, "a", 10).unwrap_err().to_string().contains("ascending"));
-        let zero = pb::ResultBatch { results: vec![result("a", 0)] };
+        let other = pb::ResultBatch {
+            results: vec![result("b", 1)],
+        };
+        assert!(validate_batch(&other, "a", 10)
+            .unwrap_err()
+            .to_string()
+            .contains("names agent 'b'"));
+        let desc = pb::ResultBatch {
+            results: vec![result("a", 2), result("a", 2)],
+        };
+        assert!(validate_batch(&desc, "a", 10)
+            .unwrap_err()
+            .to_string()
+            .contains("ascending"));
+        let zero = pb::ResultBatch {
+            results: vec![result("a", 0)],
+        };
         assert!(validate_batch(&zero, "a", 10).is_err());
-        let big = pb::ResultBatch { results: (1..=11).map(|s| result("a", s)).collect() };
-        assert!(matches!(validate_batch(&big, "a", 10), Err(ServiceError::ResourceExhausted(_))));
+        let big = pb::ResultBatch {
+            results: (1..=11).map(|s| result("a", s)).collect(),
+        };
+        assert!(matches!(
+            validate_batch(&big, "a", 10),
+            Err(ServiceError::ResourceExhausted(_))
+        ));
     }
 }

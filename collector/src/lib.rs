@@ -76,7 +76,9 @@ impl Config {
 pub enum RunError {
     #[error("TLS not configured yet (mTLS comes in a later release); pass --insecure to serve plain text on loopback")]
     TlsNotConfigured,
-    #[error("refusing to serve plain text on non-loopback address {0}; listen on 127.0.0.1 or ::1")]
+    #[error(
+        "refusing to serve plain text on non-loopback address {0}; listen on 127.0.0.1 or ::1"
+    )]
     InsecureNotLoopback(SocketAddr),
     #[error("cannot read the listener address")]
     Listener(#[source] std::io::Error),
@@ -113,7 +115,10 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn is_connected(&self, id: &str) -> bool {
-        self.connected.lock().map(|m| m.get(id).copied().unwrap_or(0) > 0).unwrap_or(false)
+        self.connected
+            .lock()
+            .map(|m| m.get(id).copied().unwrap_or(0) > 0)
+            .unwrap_or(false)
     }
 }
 

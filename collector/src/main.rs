@@ -54,7 +54,9 @@ fn main() -> ExitCode {
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -64,12 +66,14 @@ fn init_tracing(format: LogFormat) {
 #[tokio::main]
 async fn serve(args: Args) -> anyhow::Result<()> {
     check_plaintext(args.insecure, args.listen)?;
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
-        format!(
-            "cannot listen on {} (is another collector running? pick another --listen)",
-            args.listen
-        )
-    })?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another collector running? pick another --listen)",
+                args.listen
+            )
+        })?;
     let mut config = Config::new(args.db);
     config.window = args.window;
     config.stale_after = args.stale_after;

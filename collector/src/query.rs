@@ -40,7 +40,10 @@ fn micros(d: Duration) -> i64 {
 /// Normalizes a target name for lookups the way [`validate`] stores it.
 fn lookup_name(name: &str) -> String {
     let n = name.trim();
-    let inner = n.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(n);
+    let inner = n
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or(n);
     match inner.parse::<std::net::IpAddr>() {
         Ok(ip) => ip.to_string(),
         Err(_) => n.trim_end_matches('.').to_ascii_lowercase(),
@@ -59,16 +62,28 @@ impl Query for QueryService {
 
     async fn status(&self, request: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
         let req = request.into_inner();
-        let window = if req.window_ms == 0 { self.shared.config.window } else { Duration::from_millis(req.window_ms) };
+        let window = if req.window_ms == 0 {
+            self.shared.config.window
+        } else {
+            Duration::from_millis(req.window_ms)
+        };
         let now = now_us();
-        let filter = Filter { target: req.target, check: req.check, region: req.region, agent_id: String::new() };
+        let filter = Filter {
+            target: req.target,
+            check: req.check,
+            region: req.region,
+            agent_id: String::new(),
+        };
         let (series, samples) = self
             .shared
             .store
             .status_input(filter, now.saturating_sub(micros(window)))
             .await
             .map_err(ServiceError::from)?;
-        let params = StatusParams { now_us: now, stale_after_us: micros(self.shared.config.stale_after) };
+        let params = StatusParams {
+            now_us: now,
+            stale_after_us: micros(self.shared.config.stale_after),
+        };
         let rows = status_rows(&series, &samples, &params);
         Ok(Response::new(pb::StatusResponse {
             rows,
@@ -82,7 +97,12 @@ impl Query for QueryService {
             0 => DEFAULT_RESULTS_LIMIT,
             n => n.min(MAX_RESULTS_LIMIT),
         };
-        let filter = Filter { target: req.target, check: req.check, region: req.region, agent_id: req.agent_id };
+        let filter = Filter {
+            target: req.target,
+            check: req.check,
+            region: req.region,
+            agent_id: req.agent_id,
+        };
         let results = self
             .shared
             .store
@@ -107,7 +127,12 @@ impl Query for QueryService {
             .map(|a| pb::AgentInfo {
                 connected: self.shared.is_connected(&a.id),
                 results_per_min: counts.get(&a.id).copied().unwrap_or(0) as f64 / minutes,
-                state: if now.saturating_sub(a.last_seen_us) > stale_after { "stale" } else { "ok" }.to_string(),
+                state: if now.saturating_sub(a.last_seen_us) > stale_after {
+                    "stale"
+                } else {
+                    "ok"
+                }
+                .to_string(),
                 labels: a.labels.into_iter().collect(),
                 id: a.id,
                 region: a.region,
@@ -135,7 +160,10 @@ impl Query for QueryService {
 
     /// Central targets (source `central`), then agent-local ones (source `local`, one entry per
     /// reporting agent, named in the `mxscope.agent` label, `regions` = that agent's region).
-    async fn list_targets(&self, _request: Request<pb::ListTargetsRequest>) -> Res<pb::ListTargetsResponse> {
+    async fn list_targets(
+        &self,
+        _request: Request<pb::ListTargetsRequest>,
+    ) -> Res<pb::ListTargetsResponse> {
         let store = &self.shared.store;
         let mut targets: Vec<pb::TargetSpec> = store
             .central_targets()
@@ -155,11 +183,21 @@ impl Query for QueryService {
 
     async fn get_target(&self, request: Request<pb::GetTargetRequest>) -> Res<pb::TargetSpec> {
         let name = lookup_name(&request.into_inner().name);
-        let central = self.shared.store.central_targets().await.map_err(ServiceError::from)?;
+        let central = self
+            .shared
+            .store
+            .central_targets()
+            .await
+            .map_err(ServiceError::from)?;
         if let Some(t) = central.iter().find(|t| t.name == name) {
             return Ok(Response::new(t.to_wire("central")));
         }
-        let local = self.shared.store.local_targets().await.map_err(ServiceError::from)?;
+        let local = self
+            .shared
+            .store
+            .local_targets()
+            .await
+            .map_err(ServiceError::from)?;
         if let Some((agent, region, t)) = local.into_iter().find(|(_, _, t)| t.name == name) {
             let mut spec = t.to_wire("local");
             spec.labels.insert(LOCAL_AGENT_LABEL.to_string(), agent);
@@ -185,9 +223,16 @@ impl Query for QueryService {
         Ok(Response::new(def.to_wire("central")))
     }
 
-    async fn remove_target(&self, request: Request<pb::RemoveTargetRequest>) -> Res<pb::RemoveTargetResponse> {
+    async fn remove_target(
+        &self,
+        request: Request<pb::RemoveTargetRequest>,
+    ) -> Res<pb::RemoveTargetResponse> {
         let name = lookup_name(&request.into_inner().name);
-        self.shared.store.remove_target(&name).await.map_err(ServiceError::from)?;
+        self.shared
+            .store
+            .remove_target(&name)
+            .await
+            .map_err(ServiceError::from)?;
         self.shared.schedule.send_modify(|v| *v += 1);
         info!(target.name = %name, "target removed");
         Ok(Response::new(pb::RemoveTargetResponse {}))

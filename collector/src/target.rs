@@ -34,13 +34,18 @@ pub enum TargetError {
     BadPort { check: String, port: u32 },
     #[error("port override names check '{0}', which the target does not run")]
     PortForAbsentCheck(String),
-    #[error("region '{0}' is not a valid region name (lowercase letters, digits and '-', up to 63)")]
+    #[error(
+        "region '{0}' is not a valid region name (lowercase letters, digits and '-', up to 63)"
+    )]
     BadRegion(String),
 }
 
 /// True for DNS-label style names: `[a-z0-9-]{1,63}` (used for agent ids and regions).
 pub fn is_label(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// A host or domain name: dot-separated labels of letters, digits and inner hyphens, at most 253
@@ -59,11 +64,16 @@ pub fn is_domain_name(s: &str) -> bool {
             && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     };
     labels.iter().all(label_ok)
-        && labels.last().is_some_and(|l| !l.bytes().all(|b| b.is_ascii_digit()))
+        && labels
+            .last()
+            .is_some_and(|l| !l.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn parse_ip(s: &str) -> Option<IpAddr> {
-    let inner = s.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(s);
+    let inner = s
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or(s);
     inner.parse().ok()
 }
 
@@ -98,14 +108,21 @@ pub fn validate(spec: &pb::TargetSpec) -> Result<TargetDef, TargetError> {
         ms if ms < MIN_INTERVAL_MS => return Err(TargetError::IntervalTooShort(ms)),
         ms => ms,
     };
-    let timeout_ms = if spec.timeout_ms == 0 { DEFAULT_TIMEOUT_MS } else { spec.timeout_ms };
+    let timeout_ms = if spec.timeout_ms == 0 {
+        DEFAULT_TIMEOUT_MS
+    } else {
+        spec.timeout_ms
+    };
     for (check, port) in &spec.ports {
         let kind: CheckKind = check.parse()?;
         if !checks.iter().any(|c| c == kind.name()) {
             return Err(TargetError::PortForAbsentCheck(check.clone()));
         }
         if *port == 0 || *port > 65535 {
-            return Err(TargetError::BadPort { check: check.clone(), port: *port });
+            return Err(TargetError::BadPort {
+                check: check.clone(),
+                port: *port,
+            });
         }
     }
     let mut regions: Vec<String> = Vec::new();
@@ -160,53 +177,93 @@ mod tests {
 
     #[test]
     fn refuses_bad_names() {
-        for bad in ["", "-a.test", "a-.test", "a..test", "under_score.test", "256.1.1.1", "a b", &"x".repeat(64)] {
+        for bad in [
+            "",
+            "-a.test",
+            "a-.test",
+            "a..test",
+            "under_score.test",
+            "256.1.1.1",
+            "a b",
+            &"x".repeat(64),
+        ] {
             let err = validate(&spec(bad, &["mx"])).unwrap_err();
             assert!(matches!(err, TargetError::BadName(_)), "{bad}: {err}");
         }
-        let msg = validate(&spec("bad name", &["mx"])).unwrap_err().to_string();
-        assert!(msg.contains("not a domain name, host name or IP address"), "{msg}");
+        let msg = validate(&spec("bad name", &["mx"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("not a domain name, host name or IP address"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn unknown_check_lists_valid_names() {
-        let msg = validate(&spec("example.test", &["smpt"])).unwrap_err().to_string();
+        let msg = validate(&spec("example.test", &["smpt"]))
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("unknown check 'smpt'"), "{msg}");
-        assert!(msg.contains("submission") && msg.contains("mta-sts"), "{msg}");
-        assert_eq!(validate(&spec("example.test", &[])).unwrap_err(), TargetError::NoChecks("example.test".into()));
+        assert!(
+            msg.contains("submission") && msg.contains("mta-sts"),
+            "{msg}"
+        );
+        assert_eq!(
+            validate(&spec("example.test", &[])).unwrap_err(),
+            TargetError::NoChecks("example.test".into())
+        );
     }
 
     #[test]
     fn interval_kind_ports_and_regions() {
         let mut s = spec("example.test", &["smtp"]);
         s.interval_ms = 999;
-        assert_eq!(validate(&s).unwrap_err(), TargetError::IntervalTooShort(999));
+        assert_eq!(
+            validate(&s).unwrap_err(),
+            TargetError::IntervalTooShort(999)
+        );
         s.interval_ms = 1_000;
         s.timeout_ms = 2_000;
         let d = validate(&s).unwrap();
         assert_eq!((d.interval_ms, d.timeout_ms), (1_000, 2_000));
 
         s.kind = "mailbox".into();
-        assert_eq!(validate(&s).unwrap_err(), TargetError::BadKind("mailbox".into()));
+        assert_eq!(
+            validate(&s).unwrap_err(),
+            TargetError::BadKind("mailbox".into())
+        );
         s.kind = "host".into();
         assert_eq!(validate(&s).unwrap().kind, "host");
         let mut ip = spec("127.0.0.2", &["smtp"]);
         ip.kind = "domain".into();
-        assert!(matches!(validate(&ip).unwrap_err(), TargetError::IpAsDomain(_)));
+        assert!(matches!(
+            validate(&ip).unwrap_err(),
+            TargetError::IpAsDomain(_)
+        ));
 
         s.ports.insert("smtp".into(), 2525);
         assert_eq!(validate(&s).unwrap().ports.get("smtp"), Some(&2525));
         s.ports.insert("imap".into(), 1143);
-        assert_eq!(validate(&s).unwrap_err(), TargetError::PortForAbsentCheck("imap".into()));
+        assert_eq!(
+            validate(&s).unwrap_err(),
+            TargetError::PortForAbsentCheck("imap".into())
+        );
         s.ports.remove("imap");
         s.ports.insert("smtp".into(), 70_000);
-        assert!(matches!(validate(&s).unwrap_err(), TargetError::BadPort { .. }));
+        assert!(matches!(
+            validate(&s).unwrap_err(),
+            TargetError::BadPort { .. }
+        ));
         s.ports.clear();
 
         s.regions = vec!["eu-west".into(), "eu-west".into()];
         assert_eq!(validate(&s).unwrap().regions, vec!["eu-west"]);
         s.regions = vec!["EU West".into()];
-        assert_eq!(validate(&s).unwrap_err(), TargetError::BadRegion("EU West".into()));
+        assert_eq!(
+            validate(&s).unwrap_err(),
+            TargetError::BadRegion("EU West".into())
+        );
     }
 
     #[test]

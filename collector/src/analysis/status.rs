@@ -47,11 +47,20 @@ struct Window {
 }
 
 /// Computes status rows, in the order of `series`, from the series and the results of the window.
-pub fn status_rows(series: &[SeriesRow], samples: &[Sample], p: &StatusParams) -> Vec<pb::StatusRow> {
+pub fn status_rows(
+    series: &[SeriesRow],
+    samples: &[Sample],
+    p: &StatusParams,
+) -> Vec<pb::StatusRow> {
     let mut windows: HashMap<Key<'_>, Window> = HashMap::new();
     for s in samples {
         let w = windows
-            .entry((s.target.as_str(), s.endpoint.as_str(), s.check.as_str(), s.region.as_str()))
+            .entry((
+                s.target.as_str(),
+                s.endpoint.as_str(),
+                s.check.as_str(),
+                s.region.as_str(),
+            ))
             .or_default();
         w.count += 1;
         let outcome = outcome_from_wire(s.outcome);
@@ -69,7 +78,12 @@ pub fn status_rows(series: &[SeriesRow], samples: &[Sample], p: &StatusParams) -
     series
         .iter()
         .map(|s| {
-            let key = (s.target.as_str(), s.endpoint.as_str(), s.check.as_str(), s.region.as_str());
+            let key = (
+                s.target.as_str(),
+                s.endpoint.as_str(),
+                s.check.as_str(),
+                s.region.as_str(),
+            );
             let mut w = windows.remove(&key).unwrap_or_default();
             w.totals_ms.sort_by(f64::total_cmp);
             let last = outcome_from_wire(s.last_outcome);
@@ -79,7 +93,11 @@ pub fn status_rows(series: &[SeriesRow], samples: &[Sample], p: &StatusParams) -
                 check: s.check.clone(),
                 region: s.region.clone(),
                 state: state(s, last, p).to_string(),
-                reachability: if w.count == 0 { 0.0 } else { (w.ok + w.warn) as f64 / w.count as f64 },
+                reachability: if w.count == 0 {
+                    0.0
+                } else {
+                    (w.ok + w.warn) as f64 / w.count as f64
+                },
                 p50_ms: percentile(&w.totals_ms, 50.0),
                 p95_ms: percentile(&w.totals_ms, 95.0),
                 last_error: match last {
@@ -99,7 +117,9 @@ pub fn status_rows(series: &[SeriesRow], samples: &[Sample], p: &StatusParams) -
 
 /// `stale` | `failing` | `ok` (see the module docs).
 fn state(s: &SeriesRow, last: Option<Outcome>, p: &StatusParams) -> &'static str {
-    let interval_us = i64::try_from(s.interval_ms).unwrap_or(i64::MAX / 4000).saturating_mul(1000);
+    let interval_us = i64::try_from(s.interval_ms)
+        .unwrap_or(i64::MAX / 4000)
+        .saturating_mul(1000);
     let fresh_for = interval_us.saturating_mul(3).max(p.stale_after_us);
     if p.now_us.saturating_sub(s.last_seen_us) > fresh_for {
         "stale"
@@ -118,10 +138,20 @@ mod tests {
     const SEC: i64 = 1_000_000;
 
     fn params() -> StatusParams {
-        StatusParams { now_us: NOW, stale_after_us: 120 * SEC }
+        StatusParams {
+            now_us: NOW,
+            stale_after_us: 120 * SEC,
+        }
     }
 
-    fn series(endpoint: &str, region: &str, last: pb::Outcome, error: &str, age_s: i64, interval_ms: u64) -> SeriesRow {
+    fn series(
+        endpoint: &str,
+        region: &str,
+        last: pb::Outcome,
+        error: &str,
+        age_s: i64,
+        interval_ms: u64,
+    ) -> SeriesRow {
         SeriesRow {
             target: "example.test".into(),
             endpoint: endpoint.into(),
@@ -185,10 +215,20 @@ mod tests {
 
     #[test]
     fn empty_window_has_zero_reachability_and_no_latency() {
-        let s = vec![series("mx1", "eu-west", pb::Outcome::Fail, "refused", 10, 60_000)];
+        let s = vec![series(
+            "mx1",
+            "eu-west",
+            pb::Outcome::Fail,
+            "refused",
+            10,
+            60_000,
+        )];
         let only_failures = vec![sample("mx1", "eu-west", pb::Outcome::Fail, Some(5))];
         let r = &status_rows(&s, &[], &params())[0];
-        assert_eq!((r.count, r.reachability, r.p50_ms, r.p95_ms), (0, 0.0, None, None));
+        assert_eq!(
+            (r.count, r.reachability, r.p50_ms, r.p95_ms),
+            (0, 0.0, None, None)
+        );
         let r = &status_rows(&s, &only_failures, &params())[0];
         assert_eq!((r.count, r.reachability, r.p50_ms), (1, 0.0, None));
     }
@@ -196,19 +236,62 @@ mod tests {
     #[test]
     fn states_ok_failing_stale() {
         let s = vec![
-            series("fresh-fail", "eu-west", pb::Outcome::Fail, "timeout", 30, 60_000),
-            series("fresh-warn", "eu-west", pb::Outcome::Warn, "cert_expiring", 30, 60_000),
+            series(
+                "fresh-fail",
+                "eu-west",
+                pb::Outcome::Fail,
+                "timeout",
+                30,
+                60_000,
+            ),
+            series(
+                "fresh-warn",
+                "eu-west",
+                pb::Outcome::Warn,
+                "cert_expiring",
+                30,
+                60_000,
+            ),
             // 150 s old, interval 60 s: max(3 × 60 s, 120 s) = 180 s, still fresh.
             series("slow-interval", "eu-west", pb::Outcome::Ok, "", 150, 60_000),
             // 130 s old, interval 10 s: max(30 s, 120 s) = 120 s, stale even though it failed.
-            series("silent", "eu-west", pb::Outcome::Fail, "refused", 130, 10_000),
+            series(
+                "silent",
+                "eu-west",
+                pb::Outcome::Fail,
+                "refused",
+                130,
+                10_000,
+            ),
             // 10 min old with a 5 min interval: 3 × 5 min = 15 min, fresh.
-            series("long-interval", "eu-west", pb::Outcome::Ok, "", 600, 300_000),
-            series("unknown", "eu-west", pb::Outcome::Unspecified, "", 1, 60_000),
+            series(
+                "long-interval",
+                "eu-west",
+                pb::Outcome::Ok,
+                "",
+                600,
+                300_000,
+            ),
+            series(
+                "unknown",
+                "eu-west",
+                pb::Outcome::Unspecified,
+                "",
+                1,
+                60_000,
+            ),
         ];
         let rows = status_rows(&s, &[], &params());
-        let got: Vec<(&str, &str, Option<&str>)> =
-            rows.iter().map(|r| (r.endpoint.as_str(), r.state.as_str(), r.last_error.as_deref())).collect();
+        let got: Vec<(&str, &str, Option<&str>)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.endpoint.as_str(),
+                    r.state.as_str(),
+                    r.last_error.as_deref(),
+                )
+            })
+            .collect();
         assert_eq!(
             got,
             vec![

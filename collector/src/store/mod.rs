@@ -29,7 +29,7 @@ use writer::{Op, Reply, Request};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    #[error("cannot open database '{}': {source} (check that the directory exists and is writable, or pass another --db)", path.display())]
+    #[error("cannot open database '{}' (check that the directory exists and is writable, or pass another --db)", path.display())]
     Open {
         path: PathBuf,
         #[source]
@@ -80,7 +80,11 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { batch_max: 512, linger: Duration::from_millis(2), readers: 4 }
+        StoreOptions {
+            batch_max: 512,
+            linger: Duration::from_millis(2),
+            readers: 4,
+        }
     }
 }
 
@@ -115,7 +119,11 @@ impl TargetDef {
             interval_ms: t.interval_ms,
             timeout_ms: t.timeout_ms,
             regions: t.regions.clone(),
-            labels: t.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: t
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             ports: t.ports.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             require_tls: t.require_tls,
             kind: t.kind.clone(),
@@ -130,7 +138,11 @@ impl TargetDef {
             interval_ms: self.interval_ms,
             timeout_ms: self.timeout_ms,
             regions: self.regions.clone(),
-            labels: self.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             ports: self.ports.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             source: source.to_string(),
             require_tls: self.require_tls,
@@ -217,7 +229,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -231,8 +245,11 @@ impl Store {
         schema::migrate_to(&mut conn, path, SCHEMA_VERSION)?;
         let stats = Arc::new(WriterStats::default());
         let (tx, rx) = std::sync::mpsc::channel();
-        let handle = writer::spawn(conn, rx, opts.clone(), stats.clone())
-            .map_err(|e| StoreError::Open { path: path.to_path_buf(), source: io_to_sqlite(e) })?;
+        let handle =
+            writer::spawn(conn, rx, opts.clone(), stats.clone()).map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                source: io_to_sqlite(e),
+            })?;
         Ok(Store {
             path: path.to_path_buf(),
             tx,
@@ -298,7 +315,13 @@ impl Store {
     }
 
     /// Records a heartbeat.
-    pub fn heartbeat(&self, agent_id: &str, spool_depth: u64, dropped_total: u64, at_us: i64) -> Pending<()> {
+    pub fn heartbeat(
+        &self,
+        agent_id: &str,
+        spool_depth: u64,
+        dropped_total: u64,
+        at_us: i64,
+    ) -> Pending<()> {
         let fut = self.submit(Op::Heartbeat {
             agent_id: agent_id.to_string(),
             spool_depth,
@@ -316,7 +339,9 @@ impl Store {
 
     /// Removes a central target; its results stay.
     pub fn remove_target(&self, name: &str) -> Pending<()> {
-        let fut = self.submit(Op::RemoveTarget { name: name.to_string() });
+        let fut = self.submit(Op::RemoveTarget {
+            name: name.to_string(),
+        });
         Box::pin(async move { fut.await.map(|_| ()) })
     }
 
@@ -345,8 +370,12 @@ impl Store {
     }
 
     /// Count of results per agent that started at or after `since_us`.
-    pub async fn results_per_agent(&self, since_us: i64) -> Result<BTreeMap<String, u64>, StoreError> {
-        self.read(move |c| read::results_per_agent(c, since_us)).await
+    pub async fn results_per_agent(
+        &self,
+        since_us: i64,
+    ) -> Result<BTreeMap<String, u64>, StoreError> {
+        self.read(move |c| read::results_per_agent(c, since_us))
+            .await
     }
 
     /// Series matching the filter and the samples of their windows (results since `since_us`).
@@ -355,7 +384,8 @@ impl Store {
         filter: Filter,
         since_us: i64,
     ) -> Result<(Vec<SeriesRow>, Vec<Sample>), StoreError> {
-        self.read(move |c| read::status_input(c, &filter, since_us)).await
+        self.read(move |c| read::status_input(c, &filter, since_us))
+            .await
     }
 
     /// Stored results, newest first.
@@ -365,7 +395,8 @@ impl Store {
         since_us: i64,
         limit: u32,
     ) -> Result<Vec<pb::StoredResult>, StoreError> {
-        self.read(move |c| read::results(c, &filter, since_us, limit)).await
+        self.read(move |c| read::results(c, &filter, since_us, limit))
+            .await
     }
 }
 
@@ -387,7 +418,9 @@ fn open_write(path: &Path) -> Result<Connection, StoreError> {
     let open = || -> Result<Connection, rusqlite::Error> {
         let conn = Connection::open_with_flags(
             path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(Duration::from_secs(5))?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
@@ -399,7 +432,10 @@ fn open_write(path: &Path) -> Result<Connection, StoreError> {
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")?;
         Ok(conn)
     };
-    open().map_err(|source| StoreError::Open { path: path.to_path_buf(), source })
+    open().map_err(|source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Microseconds since the Unix epoch, by the wall clock.

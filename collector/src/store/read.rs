@@ -21,11 +21,18 @@ pub(crate) struct Pool {
 
 impl Pool {
     pub(crate) fn new(path: PathBuf, max_idle: usize) -> Pool {
-        Pool { path, max_idle, idle: Mutex::new(Vec::new()) }
+        Pool {
+            path,
+            max_idle,
+            idle: Mutex::new(Vec::new()),
+        }
     }
 
     /// Runs `f` on an idle or new connection (blocking).
-    pub(crate) fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    pub(crate) fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let conn = self.idle.lock().ok().and_then(|mut v| v.pop());
         let conn = match conn {
             Some(c) => c,
@@ -45,7 +52,10 @@ impl Pool {
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(|source| StoreError::Open { path: self.path.clone(), source })?;
+        .map_err(|source| StoreError::Open {
+            path: self.path.clone(),
+            source,
+        })?;
         conn.busy_timeout(Duration::from_secs(5))?;
         Ok(conn)
     }
@@ -61,12 +71,20 @@ pub(crate) fn central_targets(c: &Connection) -> Result<Vec<TargetDef>, StoreErr
     Ok(out)
 }
 
-pub(crate) fn local_targets(c: &Connection) -> Result<Vec<(String, String, TargetDef)>, StoreError> {
+pub(crate) fn local_targets(
+    c: &Connection,
+) -> Result<Vec<(String, String, TargetDef)>, StoreError> {
     let mut st = c.prepare_cached(
         "SELECT t.agent_id, coalesce(a.region, ''), t.spec FROM agent_targets t
          LEFT JOIN agents a ON a.id = t.agent_id ORDER BY t.name, t.agent_id",
     )?;
-    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
     let mut out = Vec::new();
     for row in rows {
         let (agent, region, spec) = row?;
@@ -105,10 +123,16 @@ pub(crate) fn agents(c: &Connection) -> Result<Vec<AgentRow>, StoreError> {
     Ok(out)
 }
 
-pub(crate) fn results_per_agent(c: &Connection, since_us: i64) -> Result<BTreeMap<String, u64>, StoreError> {
-    let mut st =
-        c.prepare_cached("SELECT agent_id, count(*) FROM results WHERE start_us >= ?1 GROUP BY agent_id")?;
-    let rows = st.query_map([since_us], |r| Ok((r.get::<_, String>(0)?, unsigned(r.get(1)?))))?;
+pub(crate) fn results_per_agent(
+    c: &Connection,
+    since_us: i64,
+) -> Result<BTreeMap<String, u64>, StoreError> {
+    let mut st = c.prepare_cached(
+        "SELECT agent_id, count(*) FROM results WHERE start_us >= ?1 GROUP BY agent_id",
+    )?;
+    let rows = st.query_map([since_us], |r| {
+        Ok((r.get::<_, String>(0)?, unsigned(r.get(1)?)))
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -137,8 +161,14 @@ pub(crate) fn status_input(
     f: &Filter,
     since_us: i64,
 ) -> Result<(Vec<SeriesRow>, Vec<Sample>), StoreError> {
-    let (cond, args) =
-        conditions(f, &[("target", "target"), ("check", "check_name"), ("region", "region")]);
+    let (cond, args) = conditions(
+        f,
+        &[
+            ("target", "target"),
+            ("check", "check_name"),
+            ("region", "region"),
+        ],
+    );
     let sql = format!(
         "SELECT target, endpoint, check_name, region, last_outcome, last_error, last_message, last_seen_us,
              interval_ms FROM series WHERE 1 = 1{cond} ORDER BY target, check_name, endpoint, region"
@@ -161,7 +191,10 @@ pub(crate) fn status_input(
         .collect::<Result<Vec<_>, _>>()?;
 
     // One indexed range scan per (target, check) of the listed series.
-    let pairs: BTreeSet<(&str, &str)> = series.iter().map(|s| (s.target.as_str(), s.check.as_str())).collect();
+    let pairs: BTreeSet<(&str, &str)> = series
+        .iter()
+        .map(|s| (s.target.as_str(), s.check.as_str()))
+        .collect();
     let mut samples = Vec::new();
     let mut st = c.prepare_cached(
         "SELECT endpoint, region, outcome, total_us FROM results
@@ -196,7 +229,12 @@ pub(crate) fn results(
 ) -> Result<Vec<pb::StoredResult>, StoreError> {
     let (cond, mut args) = conditions(
         f,
-        &[("target", "target"), ("check", "check_name"), ("region", "region"), ("agent_id", "agent_id")],
+        &[
+            ("target", "target"),
+            ("check", "check_name"),
+            ("region", "region"),
+            ("agent_id", "agent_id"),
+        ],
     );
     args.push(Value::Integer(since_us));
     let since = args.len();
@@ -232,16 +270,35 @@ pub(crate) fn results(
             message: r.get(15)?,
             interval_ms: unsigned(r.get(16)?),
         };
-        Ok((result, r.get::<_, String>(2)?, r.get::<_, i64>(17)?, timings, facts))
+        Ok((
+            result,
+            r.get::<_, String>(2)?,
+            r.get::<_, i64>(17)?,
+            timings,
+            facts,
+        ))
     })?;
     let mut out = Vec::new();
     for row in rows {
         let (mut result, region, stored_at_us, timings, facts) = row?;
         let timings: Vec<(String, u64)> = serde_json::from_str(&timings)?;
-        result.timings = timings.into_iter().map(|(phase, micros)| pb::PhaseTiming { phase, micros }).collect();
+        result.timings = timings
+            .into_iter()
+            .map(|(phase, micros)| pb::PhaseTiming { phase, micros })
+            .collect();
         let facts: Vec<(String, serde_json::Value)> = serde_json::from_str(&facts)?;
-        result.facts = facts.into_iter().map(|(key, v)| pb::Fact { key, value: fact_from_json(v) }).collect();
-        out.push(pb::StoredResult { result: Some(result), region, stored_at_us });
+        result.facts = facts
+            .into_iter()
+            .map(|(key, v)| pb::Fact {
+                key,
+                value: fact_from_json(v),
+            })
+            .collect();
+        out.push(pb::StoredResult {
+            result: Some(result),
+            region,
+            stored_at_us,
+        });
     }
     Ok(out)
 }

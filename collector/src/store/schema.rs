@@ -87,7 +87,11 @@ pub(crate) fn version(conn: &Connection) -> Result<i64, rusqlite::Error> {
 }
 
 /// Brings `conn` up to `target` (at most [`SCHEMA_VERSION`]), one transaction per step.
-pub(crate) fn migrate_to(conn: &mut Connection, path: &Path, target: i64) -> Result<(), StoreError> {
+pub(crate) fn migrate_to(
+    conn: &mut Connection,
+    path: &Path,
+    target: i64,
+) -> Result<(), StoreError> {
     let found = version(conn).map_err(StoreError::Sqlite)?;
     if found > SCHEMA_VERSION {
         return Err(StoreError::TooNew {
@@ -107,7 +111,10 @@ pub(crate) fn migrate_to(conn: &mut Connection, path: &Path, target: i64) -> Res
             tx.pragma_update(None, "user_version", to)?;
             tx.commit()
         };
-        run(conn).map_err(|source| StoreError::Migrate { version: to, source })?;
+        run(conn).map_err(|source| StoreError::Migrate {
+            version: to,
+            source,
+        })?;
         tracing::info!(schema.version = to, "database migrated");
     }
     Ok(())

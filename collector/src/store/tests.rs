@@ -7,7 +7,11 @@ use tempfile::TempDir;
 use super::*;
 
 fn opts(linger_ms: u64) -> StoreOptions {
-    StoreOptions { batch_max: 1000, linger: Duration::from_millis(linger_ms), readers: 2 }
+    StoreOptions {
+        batch_max: 1000,
+        linger: Duration::from_millis(linger_ms),
+        readers: 2,
+    }
 }
 
 fn open(dir: &TempDir, linger_ms: u64) -> Store {
@@ -15,7 +19,13 @@ fn open(dir: &TempDir, linger_ms: u64) -> Store {
 }
 
 fn hello(id: &str) -> AgentHello {
-    AgentHello { id: id.into(), region: "eu-west".into(), version: "0.1.0".into(), at_us: now_us(), ..Default::default() }
+    AgentHello {
+        id: id.into(),
+        region: "eu-west".into(),
+        version: "0.1.0".into(),
+        at_us: now_us(),
+        ..Default::default()
+    }
 }
 
 fn result(agent: &str, seq: u64) -> pb::ProbeResult {
@@ -32,7 +42,10 @@ fn result(agent: &str, seq: u64) -> pb::ProbeResult {
         check: "smtp".into(),
         start_us: 1_000_000 + seq as i64,
         outcome: pb::Outcome::Ok as i32,
-        timings: vec![pb::PhaseTiming { phase: "total".into(), micros: 1500 }],
+        timings: vec![pb::PhaseTiming {
+            phase: "total".into(),
+            micros: 1500,
+        }],
         interval_ms: 60_000,
         ..Default::default()
     }
@@ -40,8 +53,13 @@ fn result(agent: &str, seq: u64) -> pb::ProbeResult {
 
 fn seqs(path: &std::path::Path, agent: &str) -> Vec<i64> {
     let c = Connection::open(path).expect("reader");
-    let mut st = c.prepare("SELECT seq FROM results WHERE agent_id = ?1 ORDER BY seq").expect("prepare");
-    st.query_map([agent], |r| r.get(0)).expect("query").collect::<Result<_, _>>().expect("rows")
+    let mut st = c
+        .prepare("SELECT seq FROM results WHERE agent_id = ?1 ORDER BY seq")
+        .expect("prepare");
+    st.query_map([agent], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
 }
 
 #[tokio::test]
@@ -52,7 +70,9 @@ async fn batching_commits_many_requests_in_few_transactions() {
     let before = store.stats().transactions.load(Ordering::Relaxed);
 
     // All 300 requests are queued before the writer's linger ends.
-    let pending: Vec<_> = (1..=300).map(|seq| store.store_results("a1", "eu-west", vec![result("a1", seq)], now_us())).collect();
+    let pending: Vec<_> = (1..=300)
+        .map(|seq| store.store_results("a1", "eu-west", vec![result("a1", seq)], now_us()))
+        .collect();
     let path = dir.path().join("t.db");
     for (i, p) in pending.into_iter().enumerate() {
         let hwm = p.await.expect("committed");
@@ -61,7 +81,10 @@ async fn batching_commits_many_requests_in_few_transactions() {
         assert!(seqs(&path, "a1").len() as u64 >= hwm);
     }
     let txs = store.stats().transactions.load(Ordering::Relaxed) - before;
-    assert!((1..=3).contains(&txs), "300 requests took {txs} transactions");
+    assert!(
+        (1..=3).contains(&txs),
+        "300 requests took {txs} transactions"
+    );
     assert_eq!(seqs(&path, "a1").len(), 300);
     store.close().await.unwrap();
 }
@@ -74,15 +97,39 @@ async fn resent_results_are_stored_once_and_hwm_allows_gaps() {
     assert_eq!(store.register_agent(hello("a1")).await.unwrap(), 0);
     let batch = |s: &[u64]| s.iter().map(|&q| result("a1", q)).collect::<Vec<_>>();
 
-    assert_eq!(store.store_results("a1", "eu-west", batch(&[1, 2, 3]), now_us()).await.unwrap(), 3);
-    assert_eq!(store.store_results("a1", "eu-west", batch(&[1, 2, 3]), now_us()).await.unwrap(), 3);
+    assert_eq!(
+        store
+            .store_results("a1", "eu-west", batch(&[1, 2, 3]), now_us())
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        store
+            .store_results("a1", "eu-west", batch(&[1, 2, 3]), now_us())
+            .await
+            .unwrap(),
+        3
+    );
     assert_eq!(seqs(&path, "a1"), vec![1, 2, 3]);
 
     // Overlap plus a gap (the agent dropped 5 and 6 from a full spool).
-    assert_eq!(store.store_results("a1", "eu-west", batch(&[2, 3, 4, 7]), now_us()).await.unwrap(), 7);
+    assert_eq!(
+        store
+            .store_results("a1", "eu-west", batch(&[2, 3, 4, 7]), now_us())
+            .await
+            .unwrap(),
+        7
+    );
     assert_eq!(seqs(&path, "a1"), vec![1, 2, 3, 4, 7]);
     // Below the high-water mark counts as a duplicate.
-    assert_eq!(store.store_results("a1", "eu-west", batch(&[5, 6]), now_us()).await.unwrap(), 7);
+    assert_eq!(
+        store
+            .store_results("a1", "eu-west", batch(&[5, 6]), now_us())
+            .await
+            .unwrap(),
+        7
+    );
     assert_eq!(seqs(&path, "a1"), vec![1, 2, 3, 4, 7]);
 
     // A reconnect learns the mark.
@@ -90,9 +137,18 @@ async fn resent_results_are_stored_once_and_hwm_allows_gaps() {
     // Another agent has its own mark.
     store.register_agent(hello("a2")).await.unwrap();
     let b2 = vec![result("a2", 1)];
-    assert_eq!(store.store_results("a2", "eu-west", b2, now_us()).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .store_results("a2", "eu-west", b2, now_us())
+            .await
+            .unwrap(),
+        1
+    );
     // Results of an agent that never said hello are refused.
-    let err = store.store_results("ghost", "eu-west", vec![result("ghost", 1)], now_us()).await.unwrap_err();
+    let err = store
+        .store_results("ghost", "eu-west", vec![result("ghost", 1)], now_us())
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::UnknownAgent(_)), "{err}");
     store.close().await.unwrap();
 }
@@ -101,7 +157,11 @@ async fn resent_results_are_stored_once_and_hwm_allows_gaps() {
 async fn one_failing_request_does_not_spoil_its_batch() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir, 100);
-    let def = TargetDef { name: "example.test".into(), checks: vec!["mx".into()], ..Default::default() };
+    let def = TargetDef {
+        name: "example.test".into(),
+        checks: vec!["mx".into()],
+        ..Default::default()
+    };
     let a = store.put_target(def.clone(), false, 1);
     let b = store.put_target(def.clone(), false, 2);
     let c = store.register_agent(hello("a1"));
@@ -110,17 +170,34 @@ async fn one_failing_request_does_not_spoil_its_batch() {
     assert_eq!(c.await.unwrap(), 0);
     assert_eq!(store.central_targets().await.unwrap(), vec![def.clone()]);
 
-    assert!(matches!(store.put_target(TargetDef { name: "other.test".into(), ..def.clone() }, true, 3).await,
-        Err(StoreError::TargetNotFound(_))));
+    assert!(matches!(
+        store
+            .put_target(
+                TargetDef {
+                    name: "other.test".into(),
+                    ..def.clone()
+                },
+                true,
+                3
+            )
+            .await,
+        Err(StoreError::TargetNotFound(_))
+    ));
     let mut updated = def.clone();
     updated.interval_ms = 5_000;
     store.put_target(updated.clone(), true, 4).await.unwrap();
     assert_eq!(store.central_targets().await.unwrap(), vec![updated]);
     store.remove_target("example.test").await.unwrap();
     assert!(store.central_targets().await.unwrap().is_empty());
-    assert!(matches!(store.remove_target("example.test").await, Err(StoreError::TargetNotFound(_))));
+    assert!(matches!(
+        store.remove_target("example.test").await,
+        Err(StoreError::TargetNotFound(_))
+    ));
     store.close().await.unwrap();
-    assert!(matches!(store.register_agent(hello("a1")).await, Err(StoreError::WriterClosed)));
+    assert!(matches!(
+        store.register_agent(hello("a1")).await,
+        Err(StoreError::WriterClosed)
+    ));
 }
 
 #[tokio::test]
@@ -133,32 +210,69 @@ async fn results_round_trip_numbers_facts_and_series() {
     r.error_class = "refused".into();
     r.phase = "connect".into();
     r.message = "connection refused".into();
-    r.timings.insert(0, pb::PhaseTiming { phase: "connect".into(), micros: 700 });
+    r.timings.insert(
+        0,
+        pb::PhaseTiming {
+            phase: "connect".into(),
+            micros: 700,
+        },
+    );
     r.facts = vec![
-        pb::Fact { key: "banner".into(), value: Some(pb::fact::Value::Text("220 hi".into())) },
-        pb::Fact { key: "code".into(), value: Some(pb::fact::Value::Int(421)) },
-        pb::Fact { key: "ratio".into(), value: Some(pb::fact::Value::Float(1.0)) },
-        pb::Fact { key: "tls".into(), value: Some(pb::fact::Value::Flag(true)) },
+        pb::Fact {
+            key: "banner".into(),
+            value: Some(pb::fact::Value::Text("220 hi".into())),
+        },
+        pb::Fact {
+            key: "code".into(),
+            value: Some(pb::fact::Value::Int(421)),
+        },
+        pb::Fact {
+            key: "ratio".into(),
+            value: Some(pb::fact::Value::Float(1.0)),
+        },
+        pb::Fact {
+            key: "tls".into(),
+            value: Some(pb::fact::Value::Flag(true)),
+        },
     ];
     // An unknown outcome and a missing endpoint are stored, not a panic.
     let mut odd = result("a1", 2);
     odd.outcome = 42;
     odd.endpoint = None;
-    store.store_results("a1", "eu-west", vec![r.clone(), odd], now_us()).await.unwrap();
+    store
+        .store_results("a1", "eu-west", vec![r.clone(), odd], now_us())
+        .await
+        .unwrap();
 
     let got = store.results(Filter::default(), 0, 10).await.unwrap();
     assert_eq!(got.len(), 2);
-    let back = got.iter().find_map(|s| s.result.clone().filter(|r| r.seq == 1)).unwrap();
+    let back = got
+        .iter()
+        .find_map(|s| s.result.clone().filter(|r| r.seq == 1))
+        .unwrap();
     assert_eq!(back, r);
     assert_eq!(got[0].region, "eu-west");
 
-    let f = Filter { target: "example.test".into(), check: "smtp".into(), ..Default::default() };
+    let f = Filter {
+        target: "example.test".into(),
+        check: "smtp".into(),
+        ..Default::default()
+    };
     let (series, samples) = store.status_input(f, 0).await.unwrap();
     assert_eq!(series.len(), 2, "{series:?}");
-    let s = series.iter().find(|s| s.endpoint == "mx1.example.test[127.0.0.1]:25").unwrap();
-    assert_eq!((s.last_outcome, s.last_error.as_str()), (pb::Outcome::Fail as i32, "refused"));
+    let s = series
+        .iter()
+        .find(|s| s.endpoint == "mx1.example.test[127.0.0.1]:25")
+        .unwrap();
+    assert_eq!(
+        (s.last_outcome, s.last_error.as_str()),
+        (pb::Outcome::Fail as i32, "refused")
+    );
     assert_eq!(samples.len(), 2);
-    let none = Filter { region: "us-east".into(), ..Default::default() };
+    let none = Filter {
+        region: "us-east".into(),
+        ..Default::default()
+    };
     assert!(store.status_input(none, 0).await.unwrap().0.is_empty());
     store.close().await.unwrap();
 }
@@ -182,19 +296,31 @@ async fn migrates_an_old_database_and_keeps_its_data() {
     let store = Store::open(&path, opts(0)).unwrap();
     let c = Connection::open(&path).unwrap();
     assert_eq!(schema::version(&c).unwrap(), SCHEMA_VERSION);
-    assert!(SCHEMA_VERSION >= 2);
+    const { assert!(SCHEMA_VERSION >= 2) };
     let agents = store.agents().await.unwrap();
     assert_eq!(agents.len(), 1);
-    assert_eq!((agents[0].id.as_str(), agents[0].stored_up_to_seq), ("old-1", 41));
-    assert_eq!(agents[0].labels.get("asn").map(String::as_str), Some("64500"));
+    assert_eq!(
+        (agents[0].id.as_str(), agents[0].stored_up_to_seq),
+        ("old-1", 41)
+    );
+    assert_eq!(
+        agents[0].labels.get("asn").map(String::as_str),
+        Some("64500")
+    );
     assert_eq!(store.central_targets().await.unwrap()[0].checks, vec!["mx"]);
     // The old agent's mark survives; the table added by migration 2 works.
     let mut h = hello("old-1");
-    h.local_targets = vec![TargetDef { name: "local.test".into(), ..Default::default() }];
+    h.local_targets = vec![TargetDef {
+        name: "local.test".into(),
+        ..Default::default()
+    }];
     assert_eq!(store.register_agent(h).await.unwrap(), 41);
     let local = store.local_targets().await.unwrap();
     assert_eq!(local.len(), 1);
-    assert_eq!((local[0].0.as_str(), local[0].2.name.as_str()), ("old-1", "local.test"));
+    assert_eq!(
+        (local[0].0.as_str(), local[0].2.name.as_str()),
+        ("old-1", "local.test")
+    );
     store.close().await.unwrap();
 }
 
@@ -202,10 +328,17 @@ async fn migrates_an_old_database_and_keeps_its_data() {
 fn refuses_a_database_from_a_newer_version() {
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("new.db");
-    Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+    Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
     let err = Store::open(&path, opts(0)).unwrap_err();
     assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
-    assert!(err.to_string().contains("newer than this collector supports"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("newer than this collector supports"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -215,5 +348,8 @@ fn open_names_the_unwritable_path() {
     let err = Store::open(&path, opts(0)).unwrap_err();
     assert!(matches!(err, StoreError::Open { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("missing-dir") && msg.contains("writable"), "{msg}");
+    assert!(
+        msg.contains("missing-dir") && msg.contains("writable"),
+        "{msg}"
+    );
 }

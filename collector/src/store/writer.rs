@@ -15,10 +15,26 @@ use super::{bump, AgentHello, StoreError, StoreOptions, TargetDef, WriterStats};
 /// A write operation.
 pub(crate) enum Op {
     Hello(AgentHello),
-    Results { agent_id: String, region: String, results: Vec<pb::ProbeResult>, at_us: i64 },
-    Heartbeat { agent_id: String, spool_depth: u64, dropped_total: u64, at_us: i64 },
-    PutTarget { def: TargetDef, update: bool, at_us: i64 },
-    RemoveTarget { name: String },
+    Results {
+        agent_id: String,
+        region: String,
+        results: Vec<pb::ProbeResult>,
+        at_us: i64,
+    },
+    Heartbeat {
+        agent_id: String,
+        spool_depth: u64,
+        dropped_total: u64,
+        at_us: i64,
+    },
+    PutTarget {
+        def: TargetDef,
+        update: bool,
+        at_us: i64,
+    },
+    RemoveTarget {
+        name: String,
+    },
 }
 
 /// What a committed operation returns.
@@ -99,7 +115,8 @@ fn run(mut conn: Connection, rx: Receiver<Msg>, opts: StoreOptions, stats: &Writ
 /// commits once, then answers every request.
 fn commit_batch(conn: &mut Connection, batch: Vec<Request>, stats: &WriterStats) {
     let n = batch.len() as u64;
-    let mut answers: Vec<(oneshot::Sender<_>, Result<Reply, StoreError>)> = Vec::with_capacity(batch.len());
+    let mut answers: Vec<(oneshot::Sender<_>, Result<Reply, StoreError>)> =
+        Vec::with_capacity(batch.len());
     let outcome = (|| -> Result<(), rusqlite::Error> {
         let mut tx = conn.transaction()?;
         for Request { op, reply } in batch {
@@ -145,10 +162,18 @@ fn apply_isolated(tx: &mut Transaction<'_>, op: Op) -> Result<Reply, StoreError>
 fn apply(tx: &Connection, op: Op) -> Result<Reply, StoreError> {
     match op {
         Op::Hello(h) => hello(tx, &h).map(Reply::Seq),
-        Op::Results { agent_id, region, results, at_us } => {
-            store_results(tx, &agent_id, &region, &results, at_us).map(Reply::Seq)
-        }
-        Op::Heartbeat { agent_id, spool_depth, dropped_total, at_us } => {
+        Op::Results {
+            agent_id,
+            region,
+            results,
+            at_us,
+        } => store_results(tx, &agent_id, &region, &results, at_us).map(Reply::Seq),
+        Op::Heartbeat {
+            agent_id,
+            spool_depth,
+            dropped_total,
+            at_us,
+        } => {
             let n = tx.execute(
                 "UPDATE agents SET spool_depth = ?1, dropped_total = ?2, last_seen_us = max(last_seen_us, ?3)
                  WHERE id = ?4",
@@ -161,7 +186,9 @@ fn apply(tx: &Connection, op: Op) -> Result<Reply, StoreError> {
         }
         Op::PutTarget { def, update, at_us } => {
             let exists = tx
-                .query_row("SELECT 1 FROM targets WHERE name = ?1", [&def.name], |_| Ok(()))
+                .query_row("SELECT 1 FROM targets WHERE name = ?1", [&def.name], |_| {
+                    Ok(())
+                })
                 .optional()?
                 .is_some();
             let spec = serde_json::to_string(&def)?;
@@ -213,7 +240,11 @@ fn hello(tx: &Connection, h: &AgentHello) -> Result<u64, StoreError> {
     for t in &h.local_targets {
         ins.execute(params![h.id, t.name, serde_json::to_string(t)?, h.at_us])?;
     }
-    let hwm: i64 = tx.query_row("SELECT stored_up_to_seq FROM agents WHERE id = ?1", [&h.id], |r| r.get(0))?;
+    let hwm: i64 = tx.query_row(
+        "SELECT stored_up_to_seq FROM agents WHERE id = ?1",
+        [&h.id],
+        |r| r.get(0),
+    )?;
     Ok(u64::try_from(hwm).unwrap_or(0))
 }
 
@@ -226,7 +257,11 @@ fn store_results(
     at_us: i64,
 ) -> Result<u64, StoreError> {
     let hwm: Option<i64> = tx
-        .query_row("SELECT stored_up_to_seq FROM agents WHERE id = ?1", [agent_id], |r| r.get(0))
+        .query_row(
+            "SELECT stored_up_to_seq FROM agents WHERE id = ?1",
+            [agent_id],
+            |r| r.get(0),
+        )
         .optional()?;
     let Some(mut hwm) = hwm else {
         return Err(StoreError::UnknownAgent(agent_id.to_string()));
@@ -310,7 +345,13 @@ struct Row {
 impl Row {
     fn of(r: &pb::ProbeResult) -> Row {
         let (endpoint, host, ip, port, family) = match &r.endpoint {
-            Some(e) => (mxscope_proto::endpoint_label(e), e.host.clone(), e.ip.clone(), i64::from(e.port), e.family),
+            Some(e) => (
+                mxscope_proto::endpoint_label(e),
+                e.host.clone(),
+                e.ip.clone(),
+                i64::from(e.port),
+                e.family,
+            ),
             None => (r.target.clone(), r.target.clone(), String::new(), 0, 0),
         };
         let total_us = r
@@ -318,7 +359,11 @@ impl Row {
             .iter()
             .find(|t| t.phase == "total")
             .map(|t| i64::try_from(t.micros).unwrap_or(i64::MAX));
-        let timings: Vec<(&str, u64)> = r.timings.iter().map(|t| (t.phase.as_str(), t.micros)).collect();
+        let timings: Vec<(&str, u64)> = r
+            .timings
+            .iter()
+            .map(|t| (t.phase.as_str(), t.micros))
+            .collect();
         let facts: Vec<(&str, serde_json::Value)> = r
             .facts
             .iter()

@@ -1,0 +1,564 @@
+//! In-process tests: the collector's `run` on a port-0 loopback listener, driven by tonic clients
+//! acting as an agent (Ingest) and as mxscopectl (Query).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mxscope_collector::{run, Config, RunError};
+use mxscope_proto::pb::{
+    self, agent_message, collector_message, ingest_client::IngestClient, query_client::QueryClient,
+};
+use tempfile::TempDir;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+/// How long any single expected message may take.
+const DEADLINE: Duration = Duration::from_secs(5);
+
+struct Collector {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), RunError>>,
+    dir: TempDir,
+}
+
+impl Collector {
+    async fn start(tune: impl FnOnce(&mut Config)) -> Collector {
+        let dir = TempDir::new().expect("temp dir");
+        let mut config = Config::new(dir.path().join("mxscope.db"));
+        tune(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        Collector {
+            addr,
+            stop: Some(stop),
+            task,
+            dir,
+        }
+    }
+
+    async fn query(&self) -> QueryClient<Channel> {
+        QueryClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("query client")
+    }
+
+    /// Triggers shutdown and waits (with a deadline) for `run` to return.
+    async fn shutdown(mut self) -> (Result<(), RunError>, TempDir) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let res = tokio::time::timeout(DEADLINE * 2, self.task)
+            .await
+            .expect("run returns in time")
+            .expect("run task");
+        (res, self.dir)
+    }
+}
+
+struct Agent {
+    id: String,
+    tx: mpsc::Sender<pb::AgentMessage>,
+    rx: Streaming<pb::CollectorMessage>,
+}
+
+fn hello(id: &str, region: &str) -> pb::Hello {
+    pb::Hello {
+        agent_id: id.into(),
+        region: region.into(),
+        version: "test".into(),
+        ..Default::default()
+    }
+}
+
+fn up(msg: agent_message::Msg) -> pb::AgentMessage {
+    pb::AgentMessage { msg: Some(msg) }
+}
+
+fn result(agent: &str, seq: u64) -> pb::ProbeResult {
+    pb::ProbeResult {
+        agent_id: agent.into(),
+        seq,
+        target: "example.test".into(),
+        endpoint: Some(pb::Endpoint {
+            host: "mx.example.test".into(),
+            ip: "127.0.0.1".into(),
+            port: 25,
+            family: 4,
+        }),
+        check: "smtp".into(),
+        start_us: now_us() - 1_000,
+        outcome: pb::Outcome::Ok as i32,
+        timings: vec![pb::PhaseTiming {
+            phase: "total".into(),
+            micros: 12_000,
+        }],
+        interval_ms: 60_000,
+        ..Default::default()
+    }
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+impl Agent {
+    async fn open(addr: SocketAddr, first: pb::AgentMessage) -> Result<Agent, tonic::Status> {
+        let mut client = IngestClient::connect(format!("http://{addr}"))
+            .await
+            .expect("ingest client");
+        let (tx, rx) = mpsc::channel(16);
+        let id = match &first.msg {
+            Some(agent_message::Msg::Hello(h)) => h.agent_id.clone(),
+            _ => String::new(),
+        };
+        tx.send(first).await.expect("queue first message");
+        let rx = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        Ok(Agent { id, tx, rx })
+    }
+
+    async fn connect(addr: SocketAddr, id: &str, region: &str) -> Agent {
+        Agent::open(addr, up(agent_message::Msg::Hello(hello(id, region))))
+            .await
+            .expect("session accepted")
+    }
+
+    async fn send_batch(&self, seqs: impl IntoIterator<Item = u64>) {
+        let results = seqs.into_iter().map(|s| result(&self.id, s)).collect();
+        self.tx
+            .send(up(agent_message::Msg::Batch(pb::ResultBatch { results })))
+            .await
+            .expect("send batch");
+    }
+
+    /// The next message, an error status, or `None` at the end of the stream.
+    async fn next(&mut self) -> Result<Option<collector_message::Msg>, tonic::Status> {
+        let msg = tokio::time::timeout(DEADLINE, self.rx.message())
+            .await
+            .expect("collector answered in time")?;
+        Ok(msg.map(|m| m.msg.expect("message has a body")))
+    }
+
+    async fn welcome(&mut self) -> u64 {
+        match self.next().await {
+            Ok(Some(collector_message::Msg::Welcome(w))) => w.stored_up_to_seq,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// Next ack, skipping schedules.
+    async fn ack(&mut self) -> u64 {
+        loop {
+            match self.next().await {
+                Ok(Some(collector_message::Msg::Ack(a))) => return a.stored_up_to_seq,
+                Ok(Some(collector_message::Msg::Schedule(_))) => continue,
+                other => panic!("expected ack, got {other:?}"),
+            }
+        }
+    }
+
+    /// Next schedule within `within`.
+    async fn schedule(&mut self, within: Duration) -> pb::Schedule {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.rx.message())
+                .await
+                .expect("schedule arrived in time")
+                .expect("stream ok")
+                .expect("stream open");
+            if let Some(collector_message::Msg::Schedule(s)) = msg.msg {
+                return s;
+            }
+        }
+    }
+}
+
+async fn stored_seqs(q: &mut QueryClient<Channel>, agent: &str) -> Vec<u64> {
+    let req = pb::ResultsRequest {
+        agent_id: agent.into(),
+        limit: 1000,
+        ..Default::default()
+    };
+    let mut seqs: Vec<u64> = q
+        .results(req)
+        .await
+        .expect("results")
+        .into_inner()
+        .results
+        .into_iter()
+        .filter_map(|r| r.result.map(|r| r.seq))
+        .collect();
+    seqs.sort_unstable();
+    seqs
+}
+
+#[tokio::test]
+async fn acks_follow_commits_and_resends_are_stored_once() {
+    let c = Collector::start(|_| {}).await;
+    let mut q = c.query().await;
+
+    let mut a = Agent::connect(c.addr, "eu-1", "eu-west").await;
+    assert_eq!(a.welcome().await, 0);
+    assert!(a.schedule(DEADLINE).await.targets.is_empty());
+
+    a.send_batch(1..=3).await;
+    a.send_batch(4..=5).await;
+    assert_eq!(a.ack().await, 3);
+    // The ack came after the commit: a reader already sees the rows.
+    let seen = stored_seqs(&mut q, "eu-1").await;
+    assert!(seen.starts_with(&[1, 2, 3]), "{seen:?}");
+    assert_eq!(a.ack().await, 5);
+    drop(a);
+
+    // Reconnect and resend an overlapping batch, as an agent does after losing acks.
+    let mut a = Agent::connect(c.addr, "eu-1", "eu-west").await;
+    assert_eq!(a.welcome().await, 5);
+    a.send_batch(3..=7).await;
+    assert_eq!(a.ack().await, 7);
+    assert_eq!(stored_seqs(&mut q, "eu-1").await, vec![1, 2, 3, 4, 5, 6, 7]);
+
+    // A heartbeat shows up in the agents view.
+    let hb = pb::Heartbeat {
+        spool_depth: 12,
+        dropped_total: 3,
+        sent_at_us: now_us(),
+    };
+    a.tx.send(up(agent_message::Msg::Heartbeat(hb)))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let agent = loop {
+        let agents = q
+            .agents(pb::AgentsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .agents;
+        assert_eq!(agents.len(), 1);
+        if agents[0].spool_depth == 12 || tokio::time::Instant::now() > deadline {
+            break agents[0].clone();
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(
+        (agent.id.as_str(), agent.region.as_str()),
+        ("eu-1", "eu-west")
+    );
+    assert_eq!(
+        (
+            agent.spool_depth,
+            agent.dropped_total,
+            agent.stored_up_to_seq
+        ),
+        (12, 3, 7)
+    );
+    assert!(agent.connected);
+    assert_eq!(agent.state, "ok");
+    assert!(
+        (agent.results_per_min - 7.0 / 5.0).abs() < 1e-9,
+        "{}",
+        agent.results_per_min
+    );
+
+    // Status has one row for the series with all seven results.
+    let rows = q
+        .status(pb::StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let r = &rows[0];
+    assert_eq!(
+        (r.target.as_str(), r.check.as_str(), r.region.as_str()),
+        ("example.test", "smtp", "eu-west")
+    );
+    assert_eq!(r.endpoint, "mx.example.test[127.0.0.1]:25");
+    assert_eq!(
+        (r.state.as_str(), r.count, r.ok_count, r.reachability),
+        ("ok", 7, 7, 1.0)
+    );
+    assert_eq!(r.p50_ms, Some(12.0));
+
+    let (res, _dir) = c.shutdown().await;
+    res.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn schedule_follows_target_changes_within_two_seconds() {
+    let c = Collector::start(|_| {}).await;
+    let mut q = c.query().await;
+    let mut h = hello("eu-1", "eu-west");
+    h.local_targets = vec![pb::TargetSpec {
+        name: "local.test".into(),
+        checks: vec!["imap".into()],
+        ..Default::default()
+    }];
+    let mut a = Agent::open(c.addr, up(agent_message::Msg::Hello(h)))
+        .await
+        .expect("session");
+    assert_eq!(a.welcome().await, 0);
+    let first = a.schedule(DEADLINE).await;
+    assert!(first.targets.is_empty());
+
+    let spec = pb::TargetSpec {
+        name: "Example.TEST".into(),
+        checks: vec!["smtp".into(), "mx".into()],
+        ..Default::default()
+    };
+    let saved = q
+        .put_target(pb::PutTargetRequest {
+            target: Some(spec.clone()),
+            update: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            saved.name.as_str(),
+            saved.interval_ms,
+            saved.source.as_str()
+        ),
+        ("example.test", 60_000, "central")
+    );
+    let s = a.schedule(Duration::from_secs(2)).await;
+    assert!(s.version > first.version);
+    let names: Vec<&str> = s.targets.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, vec!["example.test"]);
+    assert_eq!(s.targets[0].source, "central");
+
+    // A target for another region is not sent to this agent.
+    let us = pb::TargetSpec {
+        name: "us.test".into(),
+        checks: vec!["mx".into()],
+        regions: vec!["us-east".into()],
+        ..Default::default()
+    };
+    q.put_target(pb::PutTargetRequest {
+        target: Some(us),
+        update: false,
+    })
+    .await
+    .unwrap();
+    let s = a.schedule(Duration::from_secs(2)).await;
+    assert_eq!(s.targets.len(), 1);
+
+    // Add twice, update a missing one, bad input.
+    let err = q
+        .put_target(pb::PutTargetRequest {
+            target: Some(spec.clone()),
+            update: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    let missing = pb::TargetSpec {
+        name: "missing.test".into(),
+        ..spec.clone()
+    };
+    let err = q
+        .put_target(pb::PutTargetRequest {
+            target: Some(missing),
+            update: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let bad = pb::TargetSpec {
+        checks: vec!["smpt".into()],
+        ..spec.clone()
+    };
+    let err = q
+        .put_target(pb::PutTargetRequest {
+            target: Some(bad),
+            update: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("unknown check 'smpt'"),
+        "{}",
+        err.message()
+    );
+
+    // Central and local targets, marked by source.
+    let all = q
+        .list_targets(pb::ListTargetsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .targets;
+    let listed: Vec<(&str, &str)> = all
+        .iter()
+        .map(|t| (t.name.as_str(), t.source.as_str()))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("example.test", "central"),
+            ("us.test", "central"),
+            ("local.test", "local")
+        ]
+    );
+    let local = q
+        .get_target(pb::GetTargetRequest {
+            name: "local.test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(local.regions, vec!["eu-west"]);
+    assert_eq!(
+        local.labels.get("mxscope.agent").map(String::as_str),
+        Some("eu-1")
+    );
+
+    // Removing pushes a snapshot without it; removing again names the way out.
+    q.remove_target(pb::RemoveTargetRequest {
+        name: "example.test".into(),
+    })
+    .await
+    .unwrap();
+    let s = a.schedule(Duration::from_secs(2)).await;
+    assert!(s.targets.is_empty(), "{s:?}");
+    let err = q
+        .remove_target(pb::RemoveTargetRequest {
+            name: "example.test".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(
+        err.message(),
+        "unknown target 'example.test' (see 'mxscopectl target list')"
+    );
+
+    let err = q.matrix(pb::MatrixRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert!(
+        err.message().contains("comes with cross-region analysis"),
+        "{}",
+        err.message()
+    );
+
+    let (res, _dir) = c.shutdown().await;
+    res.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn bad_hellos_and_batches_are_refused_with_reasons() {
+    let c = Collector::start(|cfg| cfg.max_batch_results = 10).await;
+
+    let err = Agent::open(
+        c.addr,
+        up(agent_message::Msg::Hello(hello("Bad_ID", "eu-west"))),
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("agent id 'Bad_ID' is invalid"),
+        "{}",
+        err.message()
+    );
+
+    let batch_first = up(agent_message::Msg::Batch(pb::ResultBatch {
+        results: vec![result("eu-1", 1)],
+    }));
+    let err = Agent::open(c.addr, batch_first)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("must be a hello"),
+        "{}",
+        err.message()
+    );
+
+    // Too many results in one batch.
+    let mut a = Agent::connect(c.addr, "eu-1", "eu-west").await;
+    a.welcome().await;
+    a.send_batch(1..=11).await;
+    let err = loop {
+        match a.next().await {
+            Ok(Some(collector_message::Msg::Schedule(_))) => continue,
+            Err(status) => break status,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    };
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().contains("above the limit of 10"),
+        "{}",
+        err.message()
+    );
+
+    // A result of another agent: the good batch before it is still acked, then the error.
+    let mut a = Agent::connect(c.addr, "eu-1", "eu-west").await;
+    a.welcome().await;
+    a.send_batch([1]).await;
+    let foreign = pb::ResultBatch {
+        results: vec![result("us-1", 2)],
+    };
+    a.tx.send(up(agent_message::Msg::Batch(foreign)))
+        .await
+        .unwrap();
+    assert_eq!(a.ack().await, 1);
+    let err = a.next().await.expect_err("stream fails");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("names agent 'us-1'"),
+        "{}",
+        err.message()
+    );
+
+    let (res, _dir) = c.shutdown().await;
+    res.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn shutdown_ends_sessions_and_every_ack_was_committed() {
+    let c = Collector::start(|_| {}).await;
+    let mut a = Agent::connect(c.addr, "eu-1", "eu-west").await;
+    assert_eq!(a.welcome().await, 0);
+    a.send_batch(1..=2).await;
+    assert_eq!(a.ack().await, 2);
+    a.send_batch(3..=4).await;
+
+    let db = c.dir.path().join("mxscope.db");
+    let stop = tokio::spawn(c.shutdown());
+    // Collect what the collector sends until the stream ends.
+    let mut acked = 2;
+    loop {
+        match a.next().await {
+            Ok(Some(collector_message::Msg::Ack(ack))) => acked = ack.stored_up_to_seq,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let (res, dir) = stop.await.expect("shutdown task");
+    res.expect("clean shutdown");
+
+    let conn = rusqlite::Connection::open(&db).expect("open db after shutdown");
+    let stored: u64 = conn
+        .query_row("SELECT count(*) FROM results", [], |r| r.get(0))
+        .expect("count");
+    assert!(stored >= acked, "acked {acked} but stored {stored}");
+    drop(dir);
+}
