@@ -131,9 +131,7 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
     let submission = t.spec.check == CheckKind::Submission;
 
     if implicit {
-        if submission || t.spec.check == CheckKind::Smtps {
-            obs.fact("smtp.auth_after_tls", !ext.auth.is_empty());
-        }
+        obs.fact("smtp.auth_after_tls", !ext.auth.is_empty());
     } else {
         if submission {
             let before = !ext.auth.is_empty();

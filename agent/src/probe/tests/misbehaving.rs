@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::fakes::{log_lines, serve, smtp_server, SmtpScript};
+use super::fakes::{log_lines, serve, smtp_server, Pki, SmtpScript, Validity};
 use super::*;
 
 /// The deadline these tests give a probe, and the slack allowed past it.
@@ -143,8 +143,11 @@ async fn reply_421_after_ehlo_fails_without_quit() {
 
 #[tokio::test]
 async fn greylisting_reply_to_rcpt_is_a_warning() {
+    let pki = Pki::new("mxscope test CA");
+    let leaf = pki.leaf(MX, Validity::DaysLeft(90));
     let (port, log) = smtp_server(SmtpScript {
         extensions: vec!["PIPELINING".into()],
+        tls: Some(leaf.server_config()),
         rcpt_reply: Some(
             "450 4.7.1 <rcpt@example.test>: Recipient address rejected: Greylisted\r\n".into(),
         ),
@@ -154,23 +157,28 @@ async fn greylisting_reply_to_rcpt_is_a_warning() {
     let mut sp = smtp_spec(port);
     sp.options.rcpt_to = Some("rcpt@example.test".into());
     sp.options.mail_from = Some("probe@mxscope.test".into());
-    let (o, _) = run_one(&sp, &context_with(rustls::RootCertStore::empty())).await;
-    // Missing STARTTLS is a warning too; the first warning stays, so check the rcpt facts.
-    assert_eq!(o.outcome, Outcome::Warn, "{}", o.message);
+    let (o, took) = run_one(&sp, &context_with(pki.roots())).await;
+    assert_problem(&o, Outcome::Warn, ErrorClass::Greylisted, Phase::Rcpt);
     assert_eq!(int(&o, "smtp.rcpt.code"), 450);
     assert_eq!(text(&o, "smtp.rcpt.enhanced"), "4.7.1");
     assert_eq!(int(&o, "smtp.mail.code"), 250);
+    assert_eq!(text(&o, "smtp.mail.enhanced"), "2.1.0");
     let sent = log_lines(&log);
-    assert!(
-        sent.contains(&"RCPT TO:<rcpt@example.test>".to_string()),
-        "{sent:?}"
+    assert_eq!(
+        sent,
+        vec![
+            "EHLO probe.mxscope.test",
+            "STARTTLS",
+            "<tls>",
+            "EHLO probe.mxscope.test",
+            "MAIL FROM:<probe@mxscope.test>",
+            "RCPT TO:<rcpt@example.test>",
+            "QUIT",
+        ],
+        "never DATA, always QUIT"
     );
-    assert!(
-        !sent.iter().any(|l| l.starts_with("DATA")),
-        "never DATA: {sent:?}"
-    );
-    assert_eq!(sent.last().map(String::as_str), Some("QUIT"));
     assert!(o.timing_of(Phase::Mail).is_some() && o.timing_of(Phase::Rcpt).is_some());
+    assert!(took < DEADLINE + SLACK, "took {took:?}");
 }
 
 #[tokio::test]
