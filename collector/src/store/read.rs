@@ -123,6 +123,8 @@ pub(crate) fn agents(c: &Connection) -> Result<Vec<AgentRow>, StoreError> {
     Ok(out)
 }
 
+/// Scans the results of the span (no agent index, to keep ingest cheap); fine for minutes, to be
+/// replaced by per-minute rollups.
 pub(crate) fn results_per_agent(
     c: &Connection,
     since_us: i64,

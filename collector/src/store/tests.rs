@@ -65,7 +65,7 @@ fn seqs(path: &std::path::Path, agent: &str) -> Vec<i64> {
 #[tokio::test]
 async fn batching_commits_many_requests_in_few_transactions() {
     let dir = TempDir::new().unwrap();
-    let store = open(&dir, 200);
+    let store = open(&dir, 500);
     store.register_agent(hello("a1")).await.unwrap();
     let before = store.stats().transactions.load(Ordering::Relaxed);
 
