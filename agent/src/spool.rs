@@ -883,7 +883,10 @@ fn actor(
                         Err(_) => break,
                     }
                 }
-                match spool.append_group(&agent_id, groups) {
+                let result = spool.append_group(&agent_id, groups);
+                // Counters first, so a caller that got its reply never reads older ones.
+                publish(&spool, &stats, &committed);
+                match result {
                     Ok(seqs) => {
                         for (reply, seqs) in replies.into_iter().zip(seqs) {
                             let _ = reply.send(Ok(seqs));
@@ -903,18 +906,27 @@ fn actor(
                 }
             }
             Command::ReadFrom { after, max, reply } => {
-                let _ = reply.send(spool.read_from(after, max));
+                let result = spool.read_from(after, max);
+                publish(&spool, &stats, &committed);
+                let _ = reply.send(result);
             }
             Command::Ack { up_to, reply } => {
-                let _ = reply.send(spool.ack(up_to));
+                let result = spool.ack(up_to);
+                publish(&spool, &stats, &committed);
+                let _ = reply.send(result);
             }
             Command::EnsureSeqAbove { n, reply } => {
-                let _ = reply.send(spool.ensure_seq_above(n));
+                let result = spool.ensure_seq_above(n);
+                publish(&spool, &stats, &committed);
+                let _ = reply.send(result);
             }
         }
-        stats.update(&spool);
-        committed.send_replace(spool.highest_seq());
     }
+}
+
+fn publish(spool: &Spool, stats: &SpoolStats, committed: &watch::Sender<u64>) {
+    stats.update(spool);
+    committed.send_replace(spool.highest_seq());
 }
 
 #[cfg(test)]
