@@ -166,34 +166,42 @@ fn three_regions_report_status_and_survive_a_collector_crash() {
         }
     }
 
-    // Crash the collector mid-run; agents keep probing into their spools meanwhile.
-    let before_crash = stored_up_to(&ctl);
-    collector.proc_mut().kill().expect("SIGKILL collector");
-    run_for(Duration::from_secs(5), &mut agents);
-    collector
-        .crash_and_restart()
-        .expect("restart collector on the same db and port");
+    // Crash the collector mid-run (twice, to hit different points of the stream); agents keep
+    // probing into their spools meanwhile and resend what was not acked.
+    for crash in 1..=2 {
+        let before_crash = stored_up_to(&ctl);
+        assert_eq!(
+            before_crash.len(),
+            REGIONS.len(),
+            "agents known before crash {crash}"
+        );
+        collector.proc_mut().kill().expect("SIGKILL collector");
+        run_for(Duration::from_secs(4), &mut agents);
+        collector
+            .crash_and_restart()
+            .expect("restart collector on the same db and port");
 
-    // After the restart every agent's stored seq moves past what it was before the crash,
-    // which means the results spooled during the outage went through.
-    wait_for(
-        "agents to catch up after restart",
-        Duration::from_secs(60),
-        || {
-            for a in agents.iter_mut() {
-                a.ensure_running()?;
-            }
-            let now = stored_up_to(&ctl);
-            Ok(agents
-                .iter()
-                .all(|a| {
-                    let before = before_crash.get(a.id()).copied().unwrap_or(0);
-                    now.get(a.id()).is_some_and(|&n| n > before + 5)
-                })
-                .then_some(()))
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\ncollector log:\n{}", collector.log_tail(40)));
+        // Every agent's stored seq moves well past where it was before the crash: the results
+        // spooled during the outage went through.
+        wait_for(
+            &format!("agents to catch up after restart {crash}"),
+            Duration::from_secs(60),
+            || {
+                for a in agents.iter_mut() {
+                    a.ensure_running()?;
+                }
+                let now = stored_up_to(&ctl);
+                Ok(agents
+                    .iter()
+                    .all(|a| {
+                        let before = before_crash.get(a.id()).copied().unwrap_or(0);
+                        now.get(a.id()).is_some_and(|&n| n > before + 5)
+                    })
+                    .then_some(()))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\ncollector log:\n{}", collector.log_tail(40)));
+    }
 
     // Stop agents gracefully; each flushes its spool before exiting.
     for a in agents.iter_mut() {
