@@ -79,3 +79,62 @@ async fn icmp_echo_to_loopback_or_says_not_permitted() {
         other => panic!("icmp.permitted missing: {other:?} {}", o.message),
     }
 }
+
+#[tokio::test]
+async fn per_host_limit_serialises_connections_to_one_address() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let port = listener.local_addr().expect("local addr").port();
+    let now = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (n, p) = (now.clone(), peak.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (n, p) = (n.clone(), p.clone());
+            tokio::spawn(async move {
+                p.fetch_max(n.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                let mut s = BufReader::new(stream);
+                let _ = s.get_mut().write_all(b"220 ok\r\n").await;
+                let mut line = String::new();
+                while s.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    let quit = line.starts_with("QUIT");
+                    let reply: &[u8] = if quit { b"221 bye\r\n" } else { b"250 hi\r\n" };
+                    if quit {
+                        // Leaving before the client can read the 221 and free its slot.
+                        n.fetch_sub(1, Ordering::SeqCst);
+                        let _ = s.get_mut().write_all(reply).await;
+                        return;
+                    }
+                    let _ = s.get_mut().write_all(reply).await;
+                    line.clear();
+                }
+                n.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let mut ctx = context(
+        FakeResolver::default()
+            .mx(
+                "example.test",
+                &[(10, "a.example.test"), (20, "b.example.test")],
+            )
+            .ips("a.example.test", &["127.0.0.1"])
+            .ips("b.example.test", &["127.0.0.1"]),
+    );
+    ctx.host_limits = HostLimits::new(1);
+    let out = run_check(&spec("example.test", CheckKind::Smtp, port), &ctx).await;
+    assert_eq!(out.len(), 2, "one observation per address");
+    for o in &out {
+        assert_eq!(o.error_class, Some(ErrorClass::NoStarttls), "{}", o.message);
+        assert!(o.timing_of(Phase::Quit).is_some());
+    }
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        1,
+        "never two connections at once"
+    );
+}
