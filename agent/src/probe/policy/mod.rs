@@ -1,0 +1,74 @@
+//! Mail policy and reputation records: pure parsers and evaluators for SPF, DMARC, DKIM keys,
+//! MTA-STS, TLS-RPT, DNS blocklist answers and the Postfix queue. No I/O here: DNS comes in
+//! through small traits or as already-fetched strings, so every rule is unit tested.
+
+pub mod dkim;
+pub mod dmarc;
+pub mod dnsbl;
+pub mod mtasts;
+pub mod queue;
+pub mod spf;
+pub mod tlsrpt;
+
+/// How a policy check grades what it found; mirrors `mxscope_proto::model::Outcome` (same
+/// variants), kept local so this module stays dependency-free until it is wired in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Outcome {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl Outcome {
+    /// The worse of two outcomes.
+    pub fn worst(self, other: Outcome) -> Outcome {
+        self.max(other)
+    }
+}
+
+/// One `name=value` item of a tag list (DKIM, DMARC, MTA-STS and TLS-RPT records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TagItem<'a> {
+    Pair(&'a str, &'a str),
+    /// An item without `=` or with an empty name, as written (trimmed).
+    Malformed(&'a str),
+}
+
+/// Splits `tag=value; tag=value` into trimmed items; empty items (`;;`, a trailing `;`) are
+/// dropped. Whitespace around names and values (including folded CRLF) is not significant.
+pub(crate) fn tag_list(record: &str) -> Vec<TagItem<'_>> {
+    record
+        .split(';')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| match item.split_once('=') {
+            Some((name, value)) if !name.trim().is_empty() => {
+                TagItem::Pair(name.trim(), value.trim())
+            }
+            _ => TagItem::Malformed(item),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_list_trims_and_flags_malformed_items() {
+        let items = tag_list(" v = DMARC1 ;p=reject;; bogus ; =x;\r\n\tpct= 50 ;");
+        assert_eq!(
+            items,
+            vec![
+                TagItem::Pair("v", "DMARC1"),
+                TagItem::Pair("p", "reject"),
+                TagItem::Malformed("bogus"),
+                TagItem::Malformed("=x"),
+                TagItem::Pair("pct", "50"),
+            ]
+        );
+        assert!(tag_list("").is_empty());
+        assert_eq!(Outcome::Warn.worst(Outcome::Fail), Outcome::Fail);
+        assert_eq!(Outcome::Ok.worst(Outcome::Warn), Outcome::Warn);
+    }
+}
