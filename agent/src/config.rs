@@ -423,6 +423,8 @@ struct RawTarget {
     rcpt_to: Option<Spanned<String>>,
     cert_warn_days: Option<Spanned<i64>>,
     cert_fail_days: Option<Spanned<i64>>,
+    dkim_selectors: Option<Vec<Spanned<String>>>,
+    dnsbl_zones: Option<Vec<Spanned<String>>>,
 }
 
 /// Reads and validates a targets file.
@@ -660,6 +662,50 @@ fn validate_target(
             "must not exceed cert_warn_days".into(),
         ));
     }
+    let names = |v: Option<Vec<Spanned<String>>>, key: &str, what: &str| {
+        let mut out: Vec<String> = Vec::new();
+        for n in v.unwrap_or_default() {
+            let name = n
+                .get_ref()
+                .trim()
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            let ok = !name.is_empty()
+                && name.len() <= 253
+                && name.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                });
+            if !ok {
+                return Err(err(
+                    n.span().start,
+                    key,
+                    format!("'{}' is not a {what}", n.get_ref()),
+                ));
+            }
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        Ok(out)
+    };
+    options.dkim_selectors = names(raw.dkim_selectors, "dkim_selectors", "DKIM selector")?;
+    options.dnsbl_zones = names(raw.dnsbl_zones, "dnsbl_zones", "DNS zone name")?;
+    for (check, list, key) in [
+        (CheckKind::Dkim, &options.dkim_selectors, "dkim_selectors"),
+        (CheckKind::Dnsbl, &options.dnsbl_zones, "dnsbl_zones"),
+    ] {
+        if checks.contains(&check) && list.is_empty() {
+            return Err(err(
+                table_start,
+                key,
+                format!("required by the '{check}' check (e.g. {key} = [\"...\"])"),
+            ));
+        }
+    }
+
 
     Ok(Target {
         name,

@@ -3,12 +3,15 @@
 //! finds (NXDOMAIN, refused, expired certificate) is an observation, never an `Err`.
 
 mod dialogue;
+mod dnsbl;
 mod endpoints;
 mod icmp;
 mod imap;
 pub mod limits;
 mod mx;
+pub mod policy;
 mod pop3;
+mod records;
 pub mod resolve;
 mod smtp;
 mod tcp;
@@ -59,6 +62,10 @@ pub struct CheckOptions {
     /// Certificate days-left thresholds: below `warn` is a warning, below `fail` a failure.
     pub cert_warn_days: u32,
     pub cert_fail_days: u32,
+    /// DKIM selectors the `dkim` check reads (`<selector>._domainkey.<domain>`).
+    pub dkim_selectors: Vec<String>,
+    /// DNS blocklist zones the `dnsbl` check asks about each MX address.
+    pub dnsbl_zones: Vec<String>,
 }
 
 impl Default for CheckOptions {
@@ -68,6 +75,8 @@ impl Default for CheckOptions {
             rcpt_to: None,
             cert_warn_days: 14,
             cert_fail_days: 3,
+            dkim_selectors: Vec::new(),
+            dnsbl_zones: Vec::new(),
         }
     }
 }
@@ -103,6 +112,11 @@ pub fn supported(check: CheckKind) -> bool {
             | CheckKind::Pop3
             | CheckKind::Pop3s
             | CheckKind::Icmp
+            | CheckKind::Spf
+            | CheckKind::Dmarc
+            | CheckKind::Dkim
+            | CheckKind::Tlsrpt
+            | CheckKind::Dnsbl
     )
 }
 
@@ -150,10 +164,16 @@ pub async fn run_check(spec: &CheckSpec, ctx: &ProbeContext) -> Vec<Observation>
     let started = Instant::now();
     let deadline = started + spec.timeout;
     let start_us = now_us();
+    let resolver = ctx.resolver.as_ref();
     let mut out = match spec.check {
         CheckKind::Mx => {
             vec![mx::check(ctx.resolver.as_ref(), &spec.target, start_us, deadline).await]
         }
+        CheckKind::Spf => vec![records::spf_check(spec, resolver, start_us, deadline).await],
+        CheckKind::Dmarc => vec![records::dmarc_check(spec, resolver, start_us, deadline).await],
+        CheckKind::Dkim => vec![records::dkim_check(spec, resolver, start_us, deadline).await],
+        CheckKind::Tlsrpt => vec![records::tlsrpt_check(spec, resolver, start_us, deadline).await],
+        CheckKind::Dnsbl => vec![dnsbl::check(spec, resolver, start_us, deadline).await],
         check if check.per_address() && supported(check) => {
             per_address(spec, ctx, start_us, deadline).await
         }

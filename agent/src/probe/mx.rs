@@ -1,10 +1,10 @@
 //! The `mx` check: the MX set with preferences and TTL, the A/AAAA addresses (and TTL) of each MX
-//! host, all in one observation timed in phase `resolve`.
+//! host, null MX, CNAME and IP-literal exchanges, forward-confirmed reverse DNS; one observation.
 
 use mxscope_proto::{Endpoint, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
-use super::endpoints::bounded;
+use super::endpoints::{bounded, ip_literal};
 use super::resolve::Resolve;
 
 /// Runs the `mx` check for `target` against `resolver`, answering before `deadline`.
@@ -64,7 +64,30 @@ pub(crate) async fn check(
         .iter()
         .map(|(_, h)| bounded(h, deadline, resolver.ips(h)));
     let answers = futures::future::join_all(lookups).await;
-    obs.timing(Phase::Resolve, started.elapsed());
+    let aliases = hosts
+        .iter()
+        .map(|(_, h)| bounded(h, deadline, resolver.cname(h)));
+    let aliases = futures::future::join_all(aliases).await;
+    for (i, ((_, host), alias)) in hosts.iter().zip(aliases).enumerate() {
+        if ip_literal(host).is_some() {
+            obs.fact(&format!("mx.{i}.ip_literal"), true);
+            obs.problem(
+                Outcome::Fail,
+                ErrorClass::Policy,
+                Phase::Resolve,
+                format!("MX host {host} is an IP address literal; an MX must name a host"),
+            );
+        }
+        if let Ok(Some(target)) = alias {
+            obs.fact(&format!("mx.{i}.cname"), target.as_str());
+            obs.problem(
+                Outcome::Warn,
+                ErrorClass::Policy,
+                Phase::Resolve,
+                format!("MX host {host} is a CNAME (to {target}); RFC 2181 forbids it"),
+            );
+        }
+    }
 
     let (mut v4, mut v6) = (0usize, 0usize);
     for (i, ((pref, host), answer)) in hosts.iter().zip(answers).enumerate() {
@@ -88,6 +111,7 @@ pub(crate) async fn check(
                     );
                 } else {
                     obs.fact(&format!("mx.{i}.ttl"), a.ttl);
+                    fcrdns(resolver, &mut obs, i, host, &a.records, deadline).await;
                 }
             }
             Err(e) => {
@@ -101,10 +125,67 @@ pub(crate) async fn check(
             }
         }
     }
+    obs.timing(Phase::Resolve, started.elapsed());
     obs.fact("mx.hosts", hosts.len())
         .fact("mx.ipv4_count", v4)
         .fact("mx.ipv6_count", v6);
     obs
+}
+
+/// Forward-confirmed reverse DNS of each address of MX host `i`: a PTR name that resolves back
+/// to the address. Facts `mx.<i>.ptr` (`ip=name` pairs) and `mx.<i>.fcrdns`; a mismatch warns.
+async fn fcrdns(
+    resolver: &dyn Resolve,
+    obs: &mut Observation,
+    i: usize,
+    host: &str,
+    addrs: &[std::net::IpAddr],
+    deadline: Instant,
+) {
+    let mut pairs = Vec::new();
+    let mut confirmed_all = true;
+    for ip in addrs {
+        let names = match bounded(&ip.to_string(), deadline, resolver.reverse(*ip)).await {
+            Ok(a) => a.records,
+            Err(_) => Vec::new(),
+        };
+        let mut confirmed = false;
+        for name in &names {
+            if let Ok(fwd) = bounded(name, deadline, resolver.ips(name)).await {
+                if fwd.records.contains(ip) {
+                    confirmed = true;
+                    break;
+                }
+            }
+        }
+        pairs.push(format!(
+            "{ip}={}",
+            if names.is_empty() {
+                "-".to_string()
+            } else {
+                names.join("|")
+            }
+        ));
+        if !confirmed {
+            confirmed_all = false;
+            let why = if names.is_empty() {
+                "has no PTR record".to_string()
+            } else {
+                format!(
+                    "has PTR {} which does not resolve back to it",
+                    names.join(", ")
+                )
+            };
+            obs.problem(
+                Outcome::Warn,
+                ErrorClass::Policy,
+                Phase::Resolve,
+                format!("MX host {host} address {ip} {why} (no forward-confirmed reverse DNS)"),
+            );
+        }
+    }
+    obs.fact(&format!("mx.{i}.ptr"), pairs.join(","));
+    obs.fact(&format!("mx.{i}.fcrdns"), confirmed_all);
 }
 
 #[cfg(test)]
@@ -128,9 +209,13 @@ mod tests {
                 &[(10, "mx1.example.test"), (20, "mx2.example.test")],
             )
             .ips("mx1.example.test", &["127.0.0.1", "::1"])
-            .ips("mx2.example.test", &["127.0.0.2"]);
+            .ips("mx2.example.test", &["127.0.0.2"])
+            .ptr("127.0.0.1", &["mx1.example.test"])
+            .ptr("::1", &["mx1.example.test"])
+            .ptr("127.0.0.2", &["mx2.example.test"]);
         let o = check(&r, "example.test", 0, far()).await;
         assert_eq!(o.outcome, Outcome::Ok, "{}", o.message);
+        assert_eq!(o.fact_of("mx.0.fcrdns"), Some(&FactValue::Flag(true)));
         assert_eq!(o.fact_of("mx.count"), Some(&FactValue::Int(2)));
         assert_eq!(o.fact_of("mx.ttl"), Some(&FactValue::Int(300)));
         assert_eq!(
@@ -163,11 +248,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ptr_mismatch_cname_and_ip_literal_are_flagged() {
+        let r = FakeResolver::default()
+            .mx("example.test", &[(10, "mx1.example.test")])
+            .ips("mx1.example.test", &["127.0.0.1"])
+            .ips("other.test", &["127.0.0.9"])
+            .ptr("127.0.0.1", &["other.test"]);
+        let o = check(&r, "example.test", 0, far()).await;
+        assert_eq!(o.outcome, Outcome::Warn);
+        assert_eq!(o.error_class, Some(ErrorClass::Policy));
+        assert_eq!(o.fact_of("mx.0.fcrdns"), Some(&FactValue::Flag(false)));
+        assert_eq!(
+            o.fact_of("mx.0.ptr"),
+            Some(&FactValue::Text("127.0.0.1=other.test".into()))
+        );
+
+        let r = FakeResolver::default()
+            .mx("example.test", &[(10, "alias.example.test")])
+            .cname("alias.example.test", "real.example.test")
+            .ips("alias.example.test", &["127.0.0.1"])
+            .ptr("127.0.0.1", &["alias.example.test"]);
+        let o = check(&r, "example.test", 0, far()).await;
+        assert_eq!(o.outcome, Outcome::Warn, "{}", o.message);
+        assert!(o.message.contains("CNAME"), "{}", o.message);
+
+        let r = FakeResolver::default()
+            .mx("example.test", &[(10, "127.0.0.1")])
+            .fail("127.0.0.1", ErrorClass::DnsNxdomain);
+        let o = check(&r, "example.test", 0, far()).await;
+        assert_eq!(o.outcome, Outcome::Fail);
+        assert_eq!(o.fact_of("mx.0.ip_literal"), Some(&FactValue::Flag(true)));
+    }
+
+    #[tokio::test]
     async fn nxdomain_and_implicit_mx() {
         let r = FakeResolver::default().fail("nx.test", ErrorClass::DnsNxdomain);
         let o = check(&r, "nx.test", 0, far()).await;
         assert_eq!(o.error_class, Some(ErrorClass::DnsNxdomain));
-        let r = FakeResolver::default().ips("plain.test", &["127.0.0.1"]);
+        let r = FakeResolver::default()
+            .ips("plain.test", &["127.0.0.1"])
+            .ptr("127.0.0.1", &["plain.test"]);
         let o = check(&r, "plain.test", 0, far()).await;
         assert_eq!(o.outcome, Outcome::Ok);
         assert_eq!(o.fact_of("mx.implicit"), Some(&FactValue::Flag(true)));

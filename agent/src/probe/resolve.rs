@@ -23,6 +23,15 @@ pub struct MxRecord {
     pub exchange: String,
 }
 
+/// One TLSA record (RFC 6698): certificate usage, selector, matching type and association data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsaRecord {
+    pub usage: u8,
+    pub selector: u8,
+    pub matching: u8,
+    pub data: Vec<u8>,
+}
+
 /// Records with the TTL of the answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer<T> {
@@ -37,6 +46,22 @@ pub trait Resolve: Send + Sync + 'static {
     /// A and AAAA together; an empty answer (no error) when the name has neither.
     async fn ips(&self, name: &str) -> Result<Answer<IpAddr>, DnsError>;
     async fn txt(&self, name: &str) -> Result<Answer<String>, DnsError>;
+    /// PTR names of an address (reverse DNS), without trailing dots.
+    async fn reverse(&self, ip: IpAddr) -> Result<Answer<String>, DnsError>;
+    /// TLSA records at `name` (e.g. `_25._tcp.mx.example.test`).
+    async fn tlsa(&self, name: &str) -> Result<Answer<TlsaRecord>, DnsError>;
+    /// The CNAME target of `name` when `name` is an alias; `Ok(None)` when it is not.
+    async fn cname(&self, name: &str) -> Result<Option<String>, DnsError>;
+}
+
+/// The PTR query name of an address: `d.c.b.a.in-addr.arpa` or the nibbles under `ip6.arpa`.
+pub fn reverse_name(ip: IpAddr) -> String {
+    let zone = if ip.is_ipv4() || matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) {
+        "in-addr.arpa"
+    } else {
+        "ip6.arpa"
+    };
+    super::policy::dnsbl::reverse_query_name(ip, zone)
 }
 
 /// Settings for the hickory-backed resolver.
@@ -259,6 +284,72 @@ impl Resolve for Resolver {
                 class: ErrorClass::DnsNodata,
                 name: name.to_string(),
                 detail: "no TXT records in the answer".to_string(),
+            });
+        }
+        Ok(Answer { records, ttl })
+    }
+
+    async fn reverse(&self, ip: IpAddr) -> Result<Answer<String>, DnsError> {
+        use hickory_resolver::proto::rr::{RData, RecordType};
+        self.records(&reverse_name(ip), RecordType::PTR, |d| match d {
+            RData::PTR(p) => Some(p.0.to_ascii().trim_end_matches('.').to_string()),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn tlsa(&self, name: &str) -> Result<Answer<TlsaRecord>, DnsError> {
+        use hickory_resolver::proto::rr::{RData, RecordType};
+        self.records(name, RecordType::TLSA, |d| match d {
+            RData::TLSA(t) => Some(TlsaRecord {
+                usage: t.cert_usage().into(),
+                selector: t.selector().into(),
+                matching: t.matching().into(),
+                data: t.cert_data().to_vec(),
+            }),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn cname(&self, name: &str) -> Result<Option<String>, DnsError> {
+        use hickory_resolver::proto::rr::{RData, RecordType};
+        let found = self
+            .records(name, RecordType::CNAME, |d| match d {
+                RData::CNAME(c) => Some(c.0.to_ascii().trim_end_matches('.').to_string()),
+                _ => None,
+            })
+            .await;
+        match found {
+            Ok(a) => Ok(a.records.into_iter().next()),
+            Err(e) if e.class == ErrorClass::DnsNodata => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Resolver {
+    /// Records of one type as `(ttl, data)`; an answer without any is `dns_nodata`.
+    async fn records<T>(
+        &self,
+        name: &str,
+        rtype: hickory_resolver::proto::rr::RecordType,
+        pick: impl Fn(&hickory_resolver::proto::rr::RData) -> Option<T>,
+    ) -> Result<Answer<T>, DnsError> {
+        let lookup = self.lookup(name, rtype).await?;
+        let mut ttl = u32::MAX;
+        let mut records = Vec::new();
+        for r in lookup.records() {
+            if let Some(v) = pick(r.data()) {
+                ttl = ttl.min(r.ttl());
+                records.push(v);
+            }
+        }
+        if records.is_empty() {
+            return Err(DnsError {
+                class: ErrorClass::DnsNodata,
+                name: name.to_string(),
+                detail: format!("no {rtype} records in the answer"),
             });
         }
         Ok(Answer { records, ttl })

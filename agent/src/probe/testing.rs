@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use mxscope_proto::ErrorClass;
 
-use super::resolve::{Answer, DnsError, MxRecord, Resolve};
+use super::resolve::{Answer, DnsError, MxRecord, Resolve, TlsaRecord};
 
 /// Answers from tables; unknown names have no MX (nodata) and no addresses.
 #[derive(Debug, Default, Clone)]
@@ -13,6 +13,10 @@ pub(crate) struct FakeResolver {
     mx: HashMap<String, Vec<MxRecord>>,
     ips: HashMap<String, Vec<IpAddr>>,
     fail: HashMap<String, ErrorClass>,
+    txt: HashMap<String, Vec<String>>,
+    ptr: HashMap<IpAddr, Vec<String>>,
+    tlsa: HashMap<String, Vec<TlsaRecord>>,
+    cname: HashMap<String, String>,
 }
 
 impl FakeResolver {
@@ -34,6 +38,29 @@ impl FakeResolver {
             .map(|s| s.parse().expect("test address"))
             .collect();
         self.ips.insert(name.to_string(), ips);
+        self
+    }
+
+    pub(crate) fn txt(mut self, name: &str, records: &[&str]) -> Self {
+        let records = records.iter().map(|r| r.to_string()).collect();
+        self.txt.insert(name.to_string(), records);
+        self
+    }
+
+    pub(crate) fn ptr(mut self, ip: &str, names: &[&str]) -> Self {
+        let names = names.iter().map(|n| n.to_string()).collect();
+        self.ptr.insert(ip.parse().expect("test address"), names);
+        self
+    }
+
+    #[allow(dead_code)] // for the dane tests
+    pub(crate) fn tlsa(mut self, name: &str, records: Vec<TlsaRecord>) -> Self {
+        self.tlsa.insert(name.to_string(), records);
+        self
+    }
+
+    pub(crate) fn cname(mut self, name: &str, target: &str) -> Self {
+        self.cname.insert(name.to_string(), target.to_string());
         self
     }
 
@@ -81,13 +108,46 @@ impl Resolve for FakeResolver {
     }
 
     async fn txt(&self, name: &str) -> Result<Answer<String>, DnsError> {
-        match self.failure(name) {
-            Some(e) => Err(e),
-            None => Err(DnsError {
-                class: ErrorClass::DnsNodata,
-                name: name.to_string(),
-                detail: "no TXT".to_string(),
-            }),
+        if let Some(e) = self.failure(name) {
+            return Err(e);
         }
+        found(name, self.txt.get(name))
+    }
+
+    async fn reverse(&self, ip: IpAddr) -> Result<Answer<String>, DnsError> {
+        let name = super::resolve::reverse_name(ip);
+        if let Some(e) = self.failure(&name) {
+            return Err(e);
+        }
+        found(&name, self.ptr.get(&ip))
+    }
+
+    async fn tlsa(&self, name: &str) -> Result<Answer<TlsaRecord>, DnsError> {
+        if let Some(e) = self.failure(name) {
+            return Err(e);
+        }
+        found(name, self.tlsa.get(name))
+    }
+
+    async fn cname(&self, name: &str) -> Result<Option<String>, DnsError> {
+        if let Some(e) = self.failure(name) {
+            return Err(e);
+        }
+        Ok(self.cname.get(name).cloned())
+    }
+}
+
+/// A table entry as an answer; a missing entry is `dns_nodata`.
+fn found<T: Clone>(name: &str, records: Option<&Vec<T>>) -> Result<Answer<T>, DnsError> {
+    match records {
+        Some(r) if !r.is_empty() => Ok(Answer {
+            records: r.clone(),
+            ttl: 300,
+        }),
+        _ => Err(DnsError {
+            class: ErrorClass::DnsNodata,
+            name: name.to_string(),
+            detail: "no records".to_string(),
+        }),
     }
 }

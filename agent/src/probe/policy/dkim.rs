@@ -346,7 +346,7 @@ pub fn evaluate(txt_records: &[String]) -> DkimVerdict {
     let outcome = findings
         .iter()
         .map(DkimFinding::severity)
-        .fold(Outcome::Ok, Outcome::worst);
+        .fold(Outcome::Ok, Outcome::max);
     DkimVerdict {
         outcome,
         record,

@@ -358,7 +358,7 @@ pub fn evaluate(txt_records: &[String]) -> DmarcVerdict {
     let outcome = findings
         .iter()
         .map(DmarcFinding::severity)
-        .fold(Outcome::Ok, Outcome::worst);
+        .fold(Outcome::Ok, Outcome::max);
     DmarcVerdict {
         outcome,
         record,

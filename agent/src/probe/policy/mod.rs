@@ -10,21 +10,8 @@ pub mod queue;
 pub mod spf;
 pub mod tlsrpt;
 
-/// How a policy check grades what it found; mirrors `mxscope_proto::model::Outcome` (same
-/// variants), kept local so this module stays dependency-free until it is wired in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Outcome {
-    Ok,
-    Warn,
-    Fail,
-}
-
-impl Outcome {
-    /// The worse of two outcomes.
-    pub fn worst(self, other: Outcome) -> Outcome {
-        self.max(other)
-    }
-}
+/// How a policy check grades what it found: the proto outcome (a worse outcome is greater).
+pub use mxscope_proto::Outcome;
 
 /// One `name=value` item of a tag list (DKIM, DMARC, MTA-STS and TLS-RPT records).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +55,7 @@ mod tests {
             ]
         );
         assert!(tag_list("").is_empty());
-        assert_eq!(Outcome::Warn.worst(Outcome::Fail), Outcome::Fail);
-        assert_eq!(Outcome::Ok.worst(Outcome::Warn), Outcome::Warn);
+        assert_eq!(Outcome::Warn.max(Outcome::Fail), Outcome::Fail);
+        assert_eq!(Outcome::Ok.max(Outcome::Warn), Outcome::Warn);
     }
 }

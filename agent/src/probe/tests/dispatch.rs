@@ -42,7 +42,8 @@ async fn mx_check_runs_through_dispatch() {
     let ctx = context(
         FakeResolver::default()
             .mx("example.test", &[(10, "mx.example.test")])
-            .ips("mx.example.test", &["127.0.0.1"]),
+            .ips("mx.example.test", &["127.0.0.1"])
+            .ptr("127.0.0.1", &["mx.example.test"]),
     );
     let out = run_check(&spec("example.test", CheckKind::Mx, 0), &ctx).await;
     assert_eq!(out.len(), 1);

@@ -6,6 +6,7 @@ mod dns;
 mod fakes;
 mod imap_pop3;
 mod misbehaving;
+mod policy_checks;
 mod tls_certs;
 
 use std::sync::Arc;

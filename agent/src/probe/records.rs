@@ -1,0 +1,427 @@
+//! DNS policy record checks: `spf`, `dmarc`, `dkim` and `tlsrpt`. Each fetches its TXT records
+//! through `Resolve`, grades them with the pure `policy` parsers and returns one observation.
+
+use std::net::IpAddr;
+
+use mxscope_proto::{CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
+use tokio::time::Instant;
+
+use super::endpoints::{bounded, expand};
+use super::policy::{dkim, dmarc, spf, tlsrpt};
+use super::resolve::{Answer, DnsError, Resolve};
+use super::{CheckSpec, TargetKind};
+
+/// TXT strings at `name`; NXDOMAIN and no-data are an empty list, other failures an `Err`.
+pub(crate) async fn txt_or_empty(
+    resolver: &dyn Resolve,
+    name: &str,
+    deadline: Instant,
+) -> Result<Vec<String>, DnsError> {
+    match bounded(name, deadline, resolver.txt(name)).await {
+        Ok(a) => Ok(a.records),
+        Err(e) if is_void(&e) => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+fn is_void(e: &DnsError) -> bool {
+    matches!(e.class, ErrorClass::DnsNxdomain | ErrorClass::DnsNodata)
+}
+
+fn void_or<T>(r: Result<Answer<T>, DnsError>) -> Result<Vec<T>, String> {
+    match r {
+        Ok(a) => Ok(a.records),
+        Err(e) if is_void(&e) => Ok(Vec::new()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// SPF's view of DNS on top of our `Resolve`, bounded by the probe deadline.
+struct SpfView<'a> {
+    resolver: &'a dyn Resolve,
+    deadline: Instant,
+}
+
+#[async_trait::async_trait]
+impl spf::SpfDns for SpfView<'_> {
+    async fn txt(&self, name: &str) -> Result<Vec<String>, String> {
+        void_or(bounded(name, self.deadline, self.resolver.txt(name)).await)
+    }
+
+    async fn mx_hosts(&self, name: &str) -> Result<Vec<String>, String> {
+        let r = bounded(name, self.deadline, self.resolver.mx(name)).await;
+        void_or(r).map(|v| v.into_iter().map(|m| m.exchange).collect())
+    }
+
+    async fn addrs(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+        void_or(bounded(name, self.deadline, self.resolver.ips(name)).await)
+    }
+}
+
+fn observation(spec: &CheckSpec, check: CheckKind, start_us: i64) -> Observation {
+    Observation::new(&spec.target, Endpoint::host(&spec.target), check, start_us)
+}
+
+/// Records a DNS failure of the record lookup itself.
+fn dns_problem(obs: &mut Observation, what: &str, e: &DnsError) {
+    obs.problem(
+        Outcome::Fail,
+        e.class,
+        Phase::Resolve,
+        format!("{what} lookup: {e}"),
+    );
+}
+
+/// `spf`: exactly one valid record, the recursive lookup count, `+all`, and whether every MX
+/// address of the domain is authorised by it.
+pub(crate) async fn spf_check(
+    spec: &CheckSpec,
+    resolver: &dyn Resolve,
+    start_us: i64,
+    deadline: Instant,
+) -> Observation {
+    let mut obs = observation(spec, CheckKind::Spf, start_us);
+    let domain = spec.target.as_str();
+    let started = Instant::now();
+    let txt = match txt_or_empty(resolver, domain, deadline).await {
+        Ok(t) => t,
+        Err(e) => {
+            obs.timing(Phase::Resolve, started.elapsed());
+            dns_problem(&mut obs, "SPF", &e);
+            return obs;
+        }
+    };
+    let spf_count = txt
+        .iter()
+        .filter(|t| spf::select_spf(std::slice::from_ref(t)).is_ok())
+        .count();
+    obs.fact("spf.records", spf_count);
+    let record = match spf::select_spf(&txt) {
+        Ok(r) => r,
+        Err(e) => {
+            obs.timing(Phase::Resolve, started.elapsed());
+            obs.problem(
+                Outcome::Fail,
+                ErrorClass::Policy,
+                Phase::Resolve,
+                format!("SPF for {domain}: {e}"),
+            );
+            return obs;
+        }
+    };
+    obs.fact("spf.record", record.as_str());
+    let parsed = match spf::parse(&record) {
+        Ok(p) => p,
+        Err(e) => {
+            obs.timing(Phase::Resolve, started.elapsed());
+            obs.fact("spf.valid", false);
+            obs.problem(
+                Outcome::Fail,
+                ErrorClass::Policy,
+                Phase::Resolve,
+                format!("SPF record of {domain} does not parse: {e}"),
+            );
+            return obs;
+        }
+    };
+    obs.fact("spf.valid", true);
+    if let Some(q) = parsed.all_qualifier() {
+        obs.fact("spf.all", format!("{q:?}").to_ascii_lowercase());
+    }
+    let view = SpfView { resolver, deadline };
+    let report = spf::count_lookups(domain, &view).await;
+    obs.fact("spf.lookups", report.total)
+        .fact("spf.lookup_limit", spf::LOOKUP_LIMIT)
+        .fact("spf.void_lookups", report.void_lookups)
+        .fact("spf.plus_all", report.plus_all || parsed.plus_all());
+    if report.chain.len() > 1 {
+        obs.fact("spf.includes", report.chain[1..].join(","));
+    }
+    if !report.errors.is_empty() {
+        let issues: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+        obs.fact("spf.issues", issues.join("; "));
+        obs.problem(
+            Outcome::Warn,
+            ErrorClass::Policy,
+            Phase::Resolve,
+            format!("SPF of {domain}: {}", issues.join("; ")),
+        );
+    }
+    if report.limit_exceeded {
+        obs.problem(
+            Outcome::Fail,
+            ErrorClass::Policy,
+            Phase::Resolve,
+            format!(
+                "SPF of {domain} needs {} DNS lookups, more than the limit of {}: receivers return permerror",
+                report.total,
+                spf::LOOKUP_LIMIT
+            ),
+        );
+    }
+    if report.void_limit_exceeded {
+        obs.problem(
+            Outcome::Fail,
+            ErrorClass::Policy,
+            Phase::Resolve,
+            format!(
+                "SPF of {domain} has {} void lookups, more than {}",
+                report.void_lookups,
+                spf::VOID_LOOKUP_LIMIT
+            ),
+        );
+    }
+    if report.plus_all || parsed.plus_all() {
+        obs.problem(
+            Outcome::Fail,
+            ErrorClass::Policy,
+            Phase::Resolve,
+            format!("SPF of {domain} ends in +all: every host on the internet may send as it"),
+        );
+    }
+
+    // Is each MX address authorised to send for the domain?
+    let expansion = expand(resolver, domain, TargetKind::Domain, deadline).await;
+    obs.fact("spf.mx_addresses", expansion.addrs.len());
+    let mut unauthorised = Vec::new();
+    for a in &expansion.addrs {
+        let verdict = spf::authorizes(domain, a.ip, &view).await;
+        let result = match &verdict {
+            Ok(auth) => format!("{:?}", auth.result),
+            Err(e) => format!("{:?}", e.result()),
+        };
+        obs.fact(
+            &format!("spf.mx.{}", a.ip),
+            result.to_ascii_lowercase().as_str(),
+        );
+        if !verdict.as_ref().is_ok_and(spf::Authorization::is_pass) {
+            unauthorised.push(format!("{} ({})", a.ip, result.to_ascii_lowercase()));
+        }
+    }
+    obs.fact("spf.mx_unauthorised", unauthorised.len());
+    if !unauthorised.is_empty() {
+        obs.problem(
+            Outcome::Warn,
+            ErrorClass::Policy,
+            Phase::Resolve,
+            format!(
+                "SPF of {domain} does not authorise MX address(es) {}",
+                unauthorised.join(", ")
+            ),
+        );
+    }
+    obs.timing(Phase::Resolve, started.elapsed());
+    obs
+}
+
+fn dmarc_finding(f: &dmarc::DmarcFinding) -> String {
+    use dmarc::DmarcFinding as F;
+    match f {
+        F::NoRecord => "no DMARC record".to_string(),
+        F::MultipleRecords { count } => format!("{count} DMARC records (exactly one allowed)"),
+        F::Invalid(e) => format!("invalid DMARC record: {e}"),
+        F::PolicyNone => "p=none: receivers only monitor, nothing is rejected".to_string(),
+        F::SubdomainPolicyNone => "sp=none: subdomains are not protected".to_string(),
+        F::PartialPct { pct } => format!("pct={pct}: the policy applies to part of the mail"),
+        F::NoAggregateReports => "no rua: nobody receives aggregate reports".to_string(),
+    }
+}
+
+fn policy_name(p: dmarc::Policy) -> &'static str {
+    match p {
+        dmarc::Policy::None => "none",
+        dmarc::Policy::Quarantine => "quarantine",
+        dmarc::Policy::Reject => "reject",
+    }
+}
+
+fn alignment_name(a: dmarc::Alignment) -> &'static str {
+    match a {
+        dmarc::Alignment::Relaxed => "r",
+        dmarc::Alignment::Strict => "s",
+    }
+}
+
+/// `dmarc`: the `_dmarc` record parsed and graded (`p=none` is a warning).
+pub(crate) async fn dmarc_check(
+    spec: &CheckSpec,
+    resolver: &dyn Resolve,
+    start_us: i64,
+    deadline: Instant,
+) -> Observation {
+    let mut obs = observation(spec, CheckKind::Dmarc, start_us);
+    let name = format!("_dmarc.{}", spec.target);
+    let started = Instant::now();
+    let txt = txt_or_empty(resolver, &name, deadline).await;
+    obs.timing(Phase::Resolve, started.elapsed());
+    let txt = match txt {
+        Ok(t) => t,
+        Err(e) => {
+            dns_problem(&mut obs, "DMARC", &e);
+            return obs;
+        }
+    };
+    let verdict = dmarc::evaluate(&txt);
+    if let Some(r) = &verdict.record {
+        obs.fact("dmarc.p", policy_name(r.policy));
+        if let Some(sp) = r.subdomain_policy {
+            obs.fact("dmarc.sp", policy_name(sp));
+        }
+        obs.fact("dmarc.pct", u32::from(r.pct))
+            .fact("dmarc.adkim", alignment_name(r.adkim))
+            .fact("dmarc.aspf", alignment_name(r.aspf))
+            .fact("dmarc.rua_count", r.rua.len())
+            .fact("dmarc.ruf_count", r.ruf.len());
+        if !r.rua.is_empty() {
+            let rua: Vec<&str> = r.rua.iter().map(|u| u.uri.as_str()).collect();
+            obs.fact("dmarc.rua", rua.join(","));
+        }
+    }
+    if let [one] = txt.as_slice() {
+        obs.fact("dmarc.record", one.as_str());
+    }
+    let messages: Vec<String> = verdict.findings.iter().map(dmarc_finding).collect();
+    if !messages.is_empty() {
+        obs.fact("dmarc.findings", messages.join("; "));
+    }
+    if verdict.outcome != Outcome::Ok {
+        let worst: Vec<String> = verdict
+            .findings
+            .iter()
+            .filter(|f| f.severity() == verdict.outcome)
+            .map(dmarc_finding)
+            .collect();
+        obs.problem(
+            verdict.outcome,
+            ErrorClass::Policy,
+            Phase::Resolve,
+            format!("DMARC of {}: {}", spec.target, worst.join("; ")),
+        );
+    }
+    obs
+}
+
+fn dkim_finding(f: &dkim::DkimFinding) -> String {
+    use dkim::DkimFinding as F;
+    match f {
+        F::NoRecord => "no key record".to_string(),
+        F::MultipleRecords { count } => format!("{count} key records"),
+        F::Invalid(e) => format!("invalid key record: {e}"),
+        F::Revoked => "key revoked (empty p=)".to_string(),
+        F::BadKey(e) => format!("unusable key: {e}"),
+        F::WeakKey { bits } => format!("{bits}-bit key, under 1024 bits: verifiers reject it"),
+        F::ShortKey { bits } => format!("{bits}-bit key, under 2048 bits"),
+        F::Testing => "t=y: testing mode".to_string(),
+        F::Sha1Only => "h= allows only sha1".to_string(),
+    }
+}
+
+/// `dkim`: each configured selector's key record, graded; the worst selector decides.
+pub(crate) async fn dkim_check(
+    spec: &CheckSpec,
+    resolver: &dyn Resolve,
+    start_us: i64,
+    deadline: Instant,
+) -> Observation {
+    let mut obs = observation(spec, CheckKind::Dkim, start_us);
+    let started = Instant::now();
+    let selectors = &spec.options.dkim_selectors;
+    obs.fact("dkim.selectors", selectors.len());
+    if selectors.is_empty() {
+        obs.problem(
+            Outcome::Fail,
+            ErrorClass::Policy,
+            Phase::Total,
+            "no DKIM selectors configured (dkim_selectors in the target)",
+        );
+        return obs;
+    }
+    for sel in selectors {
+        let name = format!("{sel}._domainkey.{}", spec.target);
+        let txt = match txt_or_empty(resolver, &name, deadline).await {
+            Ok(t) => t,
+            Err(e) => {
+                obs.fact(&format!("dkim.{sel}.error"), e.class.name());
+                dns_problem(&mut obs, &format!("DKIM selector {sel}"), &e);
+                continue;
+            }
+        };
+        let v = dkim::evaluate(&txt);
+        if let Some(bits) = v.bits {
+            obs.fact(&format!("dkim.{sel}.bits"), bits);
+        }
+        if let Some(r) = &v.record {
+            obs.fact(
+                &format!("dkim.{sel}.key_type"),
+                format!("{:?}", r.key_type).to_ascii_lowercase(),
+            );
+            obs.fact(&format!("dkim.{sel}.revoked"), r.revoked());
+            obs.fact(&format!("dkim.{sel}.testing"), r.testing());
+        }
+        let messages: Vec<String> = v.findings.iter().map(dkim_finding).collect();
+        obs.fact(&format!("dkim.{sel}.outcome"), v.outcome.name());
+        if !messages.is_empty() {
+            obs.fact(&format!("dkim.{sel}.findings"), messages.join("; "));
+        }
+        if v.outcome != Outcome::Ok {
+            let worst: Vec<String> = v
+                .findings
+                .iter()
+                .filter(|f| f.severity() == v.outcome)
+                .map(dkim_finding)
+                .collect();
+            obs.problem(
+                v.outcome,
+                ErrorClass::Policy,
+                Phase::Resolve,
+                format!("DKIM selector {sel}: {}", worst.join("; ")),
+            );
+        }
+    }
+    obs.timing(Phase::Resolve, started.elapsed());
+    obs
+}
+
+/// `tlsrpt`: the `_smtp._tls` record present and parsed, with its report destinations.
+pub(crate) async fn tlsrpt_check(
+    spec: &CheckSpec,
+    resolver: &dyn Resolve,
+    start_us: i64,
+    deadline: Instant,
+) -> Observation {
+    let mut obs = observation(spec, CheckKind::Tlsrpt, start_us);
+    let name = format!("_smtp._tls.{}", spec.target);
+    let started = Instant::now();
+    let txt = txt_or_empty(resolver, &name, deadline).await;
+    obs.timing(Phase::Resolve, started.elapsed());
+    let txt = match txt {
+        Ok(t) => t,
+        Err(e) => {
+            dns_problem(&mut obs, "TLS-RPT", &e);
+            return obs;
+        }
+    };
+    match tlsrpt::select(&txt) {
+        Ok(r) => {
+            let rua: Vec<String> = r
+                .rua
+                .iter()
+                .map(|u| match u {
+                    tlsrpt::ReportUri::Mailto(a) => format!("mailto:{a}"),
+                    tlsrpt::ReportUri::Https(u) => u.clone(),
+                })
+                .collect();
+            obs.fact("tlsrpt.rua_count", rua.len())
+                .fact("tlsrpt.rua", rua.join(","));
+        }
+        Err(e) => {
+            obs.problem(
+                Outcome::Fail,
+                ErrorClass::Policy,
+                Phase::Resolve,
+                format!("TLS-RPT of {}: {e}", spec.target),
+            );
+        }
+    }
+    obs
+}
