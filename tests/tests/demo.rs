@@ -32,6 +32,12 @@ fn demo_once_prints_status_for_three_regions() {
             rows.iter().any(|r| r.contains(region)),
             "no row for {region}:\n{out}"
         );
+        // The offline servers answer, so every region's smtp row is ok.
+        assert!(
+            rows.iter()
+                .any(|r| r.contains(region) && r.contains(" smtp ") && r.contains(" ok ")),
+            "no ok smtp row for {region}:\n{out}"
+        );
     }
     assert!(data.join("mxscope.db").exists(), "collector db under --dir");
 }
