@@ -44,6 +44,8 @@ pub enum ConfigError {
     Flag { flag: &'static str, message: String },
     #[error("{file}: {message}")]
     CaFile { file: String, message: String },
+    #[error("{file}: {message}")]
+    Credentials { file: String, message: String },
 }
 
 /// Log output format.
@@ -62,9 +64,23 @@ pub enum LogFormat {
     about = "mxscope agent: mail probes, spooled and streamed to the collector"
 )]
 pub struct Flags {
-    /// Collector address, `http://host:port` (plain text; TLS comes later).
+    /// Collector address: `https://host:port` (mTLS), or `http://host:port` for a plain-text
+    /// `--insecure` collector on loopback.
     #[arg(long, env = "MXSCOPE_COLLECTOR")]
     pub collector: String,
+    /// This agent's certificate (PEM) for the collector, from `mxscopectl enroll`.
+    #[arg(long, env = "MXSCOPE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--tls-cert`.
+    #[arg(long, env = "MXSCOPE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) of the collector's server certificate (default: the system roots). Not `--ca-file`,
+    /// which is for probe TLS.
+    #[arg(long, env = "MXSCOPE_COLLECTOR_CA")]
+    pub collector_ca: Option<PathBuf>,
+    /// Probe credentials (TOML: `[name]` with `user` and `password`), mode 0600.
+    #[arg(long, env = "MXSCOPE_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
     /// Agent id (DNS-label style: lowercase letters, digits, '-').
     #[arg(long, env = "MXSCOPE_ID")]
     pub id: String,
@@ -227,6 +243,10 @@ pub struct AgentConfig {
     pub targets: Vec<Target>,
     pub resolver: Option<SocketAddr>,
     pub ca_file: Option<PathBuf>,
+    /// Client certificate, key and collector CA for an `https://` collector.
+    pub collector_tls: Option<crate::trust::CollectorTls>,
+    /// Probe logins (passwords print as `***`).
+    pub credentials: crate::credentials::Credentials,
     pub spool_dir: PathBuf,
     pub spool_max: u64,
     pub concurrency: usize,
@@ -239,8 +259,18 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Validates the flags and loads the targets file they name.
     pub fn from_flags(flags: Flags) -> Result<AgentConfig, ConfigError> {
-        validate_collector(&flags.collector)?;
+        let https = validate_collector(&flags.collector)?;
         validate_id(&flags.id)?;
+        let collector_tls = crate::trust::collector_tls(
+            https,
+            flags.tls_cert.as_deref(),
+            flags.tls_key.as_deref(),
+            flags.collector_ca.as_deref(),
+        )?;
+        let credentials = match &flags.credentials {
+            Some(path) => crate::credentials::Credentials::load(path)?,
+            None => Default::default(),
+        };
         if flags.region.trim().is_empty() {
             return Err(ConfigError::Flag {
                 flag: "region",
@@ -266,6 +296,8 @@ impl AgentConfig {
             targets,
             resolver: flags.resolver,
             ca_file: flags.ca_file,
+            collector_tls,
+            credentials,
             spool_dir,
             spool_max: flags.spool_max,
             concurrency: flags.concurrency as usize,
@@ -281,26 +313,28 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// `http://host:port`; anything else is refused with the reason.
-fn validate_collector(url: &str) -> Result<(), ConfigError> {
+/// `https://host:port` (true) or `http://host:port` (false); anything else is refused with the reason.
+fn validate_collector(url: &str) -> Result<bool, ConfigError> {
     let err = |m: &str| ConfigError::Flag {
         flag: "collector",
         message: format!("'{url}': {m}"),
     };
     let uri: tonic::transport::Uri = url.parse().map_err(|_| err("not a URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
             return Err(err(
-                "TLS to the collector is not supported yet, use http://",
+                "expected https://host:port (or http://host:port for --insecure collectors)",
             ))
         }
-        _ => return Err(err("expected http://host:port")),
-    }
+    };
     if uri.host().is_none_or(str::is_empty) || uri.port_u16().is_none() {
-        return Err(err("expected http://host:port"));
+        return Err(err(
+            "expected https://host:port (or http://host:port for --insecure collectors)",
+        ));
     }
-    Ok(())
+    Ok(https)
 }
 
 /// DNS-label style: 1-63 of `a-z 0-9 -`, not starting or ending with '-'.
@@ -706,7 +740,6 @@ fn validate_target(
         }
     }
 
-
     Ok(Target {
         name,
         kind,
@@ -955,7 +988,12 @@ checks = ["smtp"]
         let e = bad(&["--collector", "127.0.0.1:7443", "--id", "a"]);
         assert!(e.starts_with("--collector:"), "{e}");
         let e = bad(&["--collector", "http://127.0.0.1", "--id", "a"]);
-        assert!(e.contains("expected http://host:port"), "{e}");
+        assert!(e.contains("expected https://host:port"), "{e}");
+        let e = bad(&["--collector", "https://127.0.0.1:7443", "--id", "a"]);
+        assert!(
+            e.contains("--tls-cert") && e.contains("mxscopectl enroll"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! streams the spool to the collector over one gRPC stream, removing results only once acked.
 
 pub mod config;
+pub mod credentials;
 pub mod probe;
 pub mod schedule;
 pub mod spool;
@@ -113,6 +114,7 @@ pub async fn run_with(
             region: config.region.clone(),
             labels: config.labels.clone(),
             local_targets: config.targets.iter().map(|t| t.to_local_spec()).collect(),
+            tls: config.collector_tls.clone(),
         },
         spool: spool.clone(),
         schedule: schedule_tx,

@@ -34,7 +34,7 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum UplinkError {
-    #[error("connect: {0}")]
+    #[error("cannot connect to the collector")]
     Connect(#[from] tonic::transport::Error),
     #[error("rpc: {0}")]
     Rpc(#[from] tonic::Status),
@@ -56,6 +56,23 @@ pub struct Identity {
     pub region: String,
     pub labels: BTreeMap<String, String>,
     pub local_targets: Vec<pb::TargetSpec>,
+    /// mTLS to an `https://` collector.
+    pub tls: Option<crate::trust::CollectorTls>,
+}
+
+/// An error and its sources joined by ": " (tonic's bare "transport error" says nothing alone).
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = e.source();
+    }
+    out
 }
 
 /// Capped exponential backoff with jitter: 0.5 s doubling to 30 s, each wait drawn from [d/2, d].
@@ -129,12 +146,12 @@ impl Uplink {
             match result {
                 Ok(()) => return,
                 Err(e) if deadline.is_cancelled() => {
-                    warn!(collector = %self.identity.collector, error = %e, unsent = self.spool.depth(),
+                    warn!(collector = %self.identity.collector, error = %chain(&e), unsent = self.spool.depth(),
                         "shutdown deadline reached with results not acked, they stay in the spool");
                     return;
                 }
                 Err(e) => {
-                    warn!(collector = %self.identity.collector, error = %e, "collector unreachable, retrying")
+                    warn!(collector = %self.identity.collector, error = %chain(&e), "collector unreachable, retrying")
                 }
             }
             if welcomed_at.is_some_and(|at: Instant| at.elapsed() >= HEALTHY_AFTER) {
@@ -174,7 +191,11 @@ impl Uplink {
         stop: &CancellationToken,
         welcomed_at: &mut Option<Instant>,
     ) -> Result<(), UplinkError> {
-        let channel = Endpoint::from_shared(self.identity.collector.clone())?
+        let mut endpoint = Endpoint::from_shared(self.identity.collector.clone())?;
+        if let Some(tls) = &self.identity.tls {
+            endpoint = endpoint.tls_config(tls.client_config())?;
+        }
+        let channel = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))

@@ -183,6 +183,7 @@ fn uplink(
                 source: "local".into(),
                 ..Default::default()
             }],
+            tls: None,
         },
         spool: spool.clone(),
         schedule: tx,
@@ -366,6 +367,8 @@ async fn agent_probes_while_collector_is_down_and_delivers_later() {
         targets: vec![target],
         resolver: None,
         ca_file: None,
+        collector_tls: None,
+        credentials: Default::default(),
         spool_dir: dir.path().join("spool"),
         spool_max: 1 << 20,
         concurrency: 4,
