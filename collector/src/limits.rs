@@ -1,0 +1,492 @@
+//! Input limits on what agents send (string lengths, list sizes, timestamps, per-agent result rate)
+//! and the counters of everything refused, which `/metrics` reads through [`Counters`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use mxscope_proto::pb;
+use tokio::time::Instant;
+
+/// Limits applied to every result and to each agent's result rate.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Longest target and endpoint host name (a DNS name).
+    pub max_name_len: usize,
+    /// Longest result message.
+    pub max_message_len: usize,
+    /// Longest fact key (and timing phase name).
+    pub max_fact_key_len: usize,
+    /// Longest text fact.
+    pub max_fact_text_len: usize,
+    /// Most facts in one result.
+    pub max_facts: usize,
+    /// Most phase timings in one result.
+    pub max_timings: usize,
+    /// Longest short field: check, error class, phase, ip.
+    pub max_short_len: usize,
+    /// A start time further in the future than this is refused.
+    pub max_future: Duration,
+    /// A start time older than this is refused.
+    pub max_age: Duration,
+    /// Results per second one agent id may send, over all its connections.
+    pub rate_per_sec: f64,
+    /// Results an agent may send at once above the rate.
+    pub burst: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_name_len: 253,
+            max_message_len: 4096,
+            max_fact_key_len: 128,
+            max_fact_text_len: 4096,
+            max_facts: 128,
+            max_timings: 64,
+            max_short_len: 64,
+            max_future: Duration::from_secs(10 * 60),
+            max_age: Duration::from_secs(14 * 24 * 3600),
+            rate_per_sec: 5000.0,
+            burst: 10_000.0,
+        }
+    }
+}
+
+/// Why one result was refused. A bounded set: usable as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RejectReason {
+    StringTooLong,
+    TooManyFacts,
+    TooManyTimings,
+    InFuture,
+    TooOld,
+    UnknownEnum,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 6] = [
+        RejectReason::StringTooLong,
+        RejectReason::TooManyFacts,
+        RejectReason::TooManyTimings,
+        RejectReason::InFuture,
+        RejectReason::TooOld,
+        RejectReason::UnknownEnum,
+    ];
+
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::StringTooLong => "string_too_long",
+            RejectReason::TooManyFacts => "too_many_facts",
+            RejectReason::TooManyTimings => "too_many_timings",
+            RejectReason::InFuture => "in_future",
+            RejectReason::TooOld => "too_old",
+            RejectReason::UnknownEnum => "unknown_enum",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refused result: the reason class and the detail for the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct Rejected {
+    pub reason: RejectReason,
+    pub detail: String,
+}
+
+fn too_long(field: &str, len: usize, max: usize) -> Rejected {
+    Rejected {
+        reason: RejectReason::StringTooLong,
+        detail: format!("{field} is {len} bytes, the limit is {max}"),
+    }
+}
+
+impl Limits {
+    /// Checks one result against the limits; `now_us` is the collector's clock.
+    pub fn check_result(&self, r: &pb::ProbeResult, now_us: i64) -> Result<(), Rejected> {
+        let len = |field: &str, s: &str, max: usize| {
+            if s.len() > max {
+                Err(too_long(field, s.len(), max))
+            } else {
+                Ok(())
+            }
+        };
+        len("target", &r.target, self.max_name_len)?;
+        len("message", &r.message, self.max_message_len)?;
+        len("check", &r.check, self.max_short_len)?;
+        len("error_class", &r.error_class, self.max_short_len)?;
+        len("phase", &r.phase, self.max_short_len)?;
+        if let Some(e) = &r.endpoint {
+            len("endpoint.host", &e.host, self.max_name_len)?;
+            len("endpoint.ip", &e.ip, self.max_short_len)?;
+            if pb::AddressFamily::try_from(e.family).is_err() {
+                return Err(Rejected {
+                    reason: RejectReason::UnknownEnum,
+                    detail: format!("endpoint.family {} is not a known address family", e.family),
+                });
+            }
+        }
+        if pb::Outcome::try_from(r.outcome).is_err() {
+            return Err(Rejected {
+                reason: RejectReason::UnknownEnum,
+                detail: format!("outcome {} is not a known outcome", r.outcome),
+            });
+        }
+        if r.facts.len() > self.max_facts {
+            return Err(Rejected {
+                reason: RejectReason::TooManyFacts,
+                detail: format!("{} facts, the limit is {}", r.facts.len(), self.max_facts),
+            });
+        }
+        if r.timings.len() > self.max_timings {
+            return Err(Rejected {
+                reason: RejectReason::TooManyTimings,
+                detail: format!(
+                    "{} timings, the limit is {}",
+                    r.timings.len(),
+                    self.max_timings
+                ),
+            });
+        }
+        for f in &r.facts {
+            len("fact key", &f.key, self.max_fact_key_len)?;
+            if let Some(pb::fact::Value::Text(t)) = &f.value {
+                len("fact text", t, self.max_fact_text_len)?;
+            }
+        }
+        for t in &r.timings {
+            len("timing phase", &t.phase, self.max_fact_key_len)?;
+        }
+        let future = micros(self.max_future);
+        let age = micros(self.max_age);
+        if r.start_us > now_us.saturating_add(future) {
+            return Err(Rejected {
+                reason: RejectReason::InFuture,
+                detail: format!(
+                    "start time is {} s ahead of the collector's clock (limit {} s)",
+                    r.start_us.saturating_sub(now_us) / 1_000_000,
+                    self.max_future.as_secs()
+                ),
+            });
+        }
+        if r.start_us < now_us.saturating_sub(age) {
+            return Err(Rejected {
+                reason: RejectReason::TooOld,
+                detail: format!(
+                    "start time is {} s in the past (limit {} s)",
+                    now_us.saturating_sub(r.start_us) / 1_000_000,
+                    self.max_age.as_secs()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Everything refused or limited since start. Read-only for everyone but the collector; the
+/// `/metrics` endpoint reads it through `Collector::counters()` / `counters()` on shared state.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Results refused, by [`RejectReason`] (index = declaration order).
+    rejected: [AtomicU64; RejectReason::ALL.len()],
+    /// Messages above the gRPC decode limit (the session is closed).
+    pub oversize_messages: AtomicU64,
+    /// Batches above the result-count limit (the session is closed).
+    pub oversize_batches: AtomicU64,
+    /// Messages that did not decode as protobuf (the session is closed).
+    pub malformed_messages: AtomicU64,
+    /// Times an agent's session was paused because it was above its result rate.
+    pub rate_limited: AtomicU64,
+    /// Total time sessions spent paused by the rate limit, in milliseconds.
+    pub rate_limited_ms: AtomicU64,
+    /// Requests without a (usable) client certificate.
+    pub unauthenticated: AtomicU64,
+    /// Requests whose certificate has no right to the method.
+    pub permission_denied: AtomicU64,
+    /// Hellos whose id or region differs from the certificate.
+    pub identity_mismatch: AtomicU64,
+    /// Hellos of revoked agents refused.
+    pub revoked_refused: AtomicU64,
+    /// Open sessions closed because their agent was revoked.
+    pub revoked_closed: AtomicU64,
+}
+
+impl Counters {
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.rejected[reason.index()].load(Ordering::Relaxed)
+    }
+
+    pub fn rejected_total(&self) -> u64 {
+        RejectReason::ALL.iter().map(|r| self.rejected(*r)).sum()
+    }
+
+    pub(crate) fn reject(&self, reason: RejectReason) {
+        self.rejected[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn bump(counter: &AtomicU64) -> u64 {
+        counter.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// Token buckets keyed by agent id, shared by all of an agent's connections.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimiter {
+    pub fn new(rate_per_sec: f64, burst: f64) -> RateLimiter {
+        RateLimiter {
+            rate: rate_per_sec.max(f64::MIN_POSITIVE),
+            burst: burst.max(1.0),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes `n` results from `agent`'s bucket (it may go into debt) and says how long the caller
+    /// must wait before reading more from that agent. Zero when within the rate.
+    pub fn reserve(&self, agent: &str, n: usize) -> Duration {
+        let now = Instant::now();
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return Duration::ZERO;
+        };
+        let b = buckets.entry(agent.to_string()).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * self.rate).min(self.burst);
+        b.at = now;
+        b.tokens -= n as f64;
+        if b.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((-b.tokens / self.rate).min(3600.0))
+        }
+    }
+}
+
+/// `5000/s`, `300/m`, or a bare number per second.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    let (n, per) = match s.split_once('/') {
+        Some((n, unit)) => {
+            let per = match unit.trim() {
+                "s" | "sec" => 1.0,
+                "m" | "min" => 60.0,
+                "h" => 3600.0,
+                other => return Err(format!("unknown unit '{other}': use /s, /m or /h")),
+            };
+            (n, per)
+        }
+        None => (s, 1.0),
+    };
+    let n: f64 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a rate like 5000/s"))?;
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("'{s}': the rate must be above zero"));
+    }
+    Ok(n / per)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW: i64 = 1_700_000_000_000_000;
+
+    fn ok_result() -> pb::ProbeResult {
+        pb::ProbeResult {
+            agent_id: "a".into(),
+            seq: 1,
+            target: "example.com".into(),
+            check: "smtp".into(),
+            start_us: NOW - 1_000_000,
+            outcome: pb::Outcome::Ok as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_limit_rejects_with_its_reason() {
+        let l = Limits::default();
+        assert_eq!(l.check_result(&ok_result(), NOW), Ok(()));
+        let cases: Vec<(pb::ProbeResult, RejectReason)> = vec![
+            (
+                pb::ProbeResult {
+                    target: "a".repeat(254),
+                    ..ok_result()
+                },
+                RejectReason::StringTooLong,
+            ),
+            (
+                pb::ProbeResult {
+                    message: "m".repeat(4097),
+                    ..ok_result()
+                },
+                RejectReason::StringTooLong,
+            ),
+            (
+                pb::ProbeResult {
+                    facts: vec![pb::Fact::default(); 129],
+                    ..ok_result()
+                },
+                RejectReason::TooManyFacts,
+            ),
+            (
+                pb::ProbeResult {
+                    facts: vec![pb::Fact {
+                        key: "k".into(),
+                        value: Some(pb::fact::Value::Text("x".repeat(4097))),
+                    }],
+                    ..ok_result()
+                },
+                RejectReason::StringTooLong,
+            ),
+            (
+                pb::ProbeResult {
+                    timings: vec![pb::PhaseTiming::default(); 65],
+                    ..ok_result()
+                },
+                RejectReason::TooManyTimings,
+            ),
+            (
+                pb::ProbeResult {
+                    start_us: NOW + 11 * 60 * 1_000_000,
+                    ..ok_result()
+                },
+                RejectReason::InFuture,
+            ),
+            (
+                pb::ProbeResult {
+                    start_us: NOW - 15 * 24 * 3600 * 1_000_000,
+                    ..ok_result()
+                },
+                RejectReason::TooOld,
+            ),
+            (
+                pb::ProbeResult {
+                    outcome: 77,
+                    ..ok_result()
+                },
+                RejectReason::UnknownEnum,
+            ),
+        ];
+        assert!(!cases.is_empty());
+        for (r, reason) in cases {
+            let got = l.check_result(&r, NOW).expect_err("must be rejected");
+            assert_eq!(got.reason, reason, "{got}");
+        }
+        // Exactly at the limits is accepted.
+        let edge = pb::ProbeResult {
+            target: "a".repeat(253),
+            message: "m".repeat(4096),
+            start_us: NOW + 10 * 60 * 1_000_000,
+            ..ok_result()
+        };
+        assert_eq!(l.check_result(&edge, NOW), Ok(()));
+    }
+
+    #[test]
+    fn counters_by_reason() {
+        let c = Counters::default();
+        c.reject(RejectReason::TooOld);
+        c.reject(RejectReason::TooOld);
+        c.reject(RejectReason::InFuture);
+        assert_eq!(c.rejected(RejectReason::TooOld), 2);
+        assert_eq!(c.rejected_total(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_is_shared_per_agent_id_and_refills() {
+        let r = RateLimiter::new(100.0, 200.0);
+        assert_eq!(r.reserve("a", 150), Duration::ZERO);
+        // A second connection of the same agent shares the bucket: 50 left, 100 more is 50 in debt.
+        assert_eq!(r.reserve("a", 100), Duration::from_millis(500));
+        // Another agent has its own bucket.
+        assert_eq!(r.reserve("b", 200), Duration::ZERO);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // 1 s refills 100: the debt of 50 is paid, 50 left.
+        assert_eq!(r.reserve("a", 50), Duration::ZERO);
+    }
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("5000/s"), Ok(5000.0));
+        assert_eq!(parse_rate("600/m"), Ok(10.0));
+        assert_eq!(parse_rate("20"), Ok(20.0));
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("5/fortnight").is_err());
+        assert!(parse_rate("lots").is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic_decode_or_validation(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            use prost::Message;
+            let limits = Limits::default();
+            if let Ok(msg) = pb::AgentMessage::decode(bytes.as_slice()) {
+                if let Some(pb::agent_message::Msg::Batch(b)) = msg.msg {
+                    for r in &b.results {
+                        let _ = limits.check_result(r, NOW);
+                    }
+                    let _ = crate::ingest::validate_batch(&b, "a", 5000);
+                }
+            }
+            if let Ok(r) = pb::ProbeResult::decode(bytes.as_slice()) {
+                let _ = limits.check_result(&r, NOW);
+                let _ = limits.check_result(&r, i64::MIN);
+                let _ = limits.check_result(&r, i64::MAX);
+            }
+        }
+
+        #[test]
+        fn arbitrary_results_never_panic(
+            target in ".{0,300}", message in ".{0,50}", outcome in any::<i32>(),
+            family in any::<i32>(), start in any::<i64>(), nfacts in 0usize..200,
+        ) {
+            let r = pb::ProbeResult {
+                target,
+                message,
+                outcome,
+                start_us: start,
+                endpoint: Some(pb::Endpoint { family, ..Default::default() }),
+                facts: vec![pb::Fact::default(); nfacts],
+                ..Default::default()
+            };
+            let _ = Limits::default().check_result(&r, NOW);
+        }
+    }
+}
