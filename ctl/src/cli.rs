@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::client::{Client, Target};
 use crate::output::{Format, Report};
-use crate::{agents, args, results, status, target};
+use crate::{agents, args, bounce, pki, results, status, target};
 
 /// mxscopectl: query an mxscope collector and manage its targets.
 #[derive(Debug, Parser)]
@@ -38,6 +38,14 @@ pub struct Cli {
     #[arg(long, global = true, env = "MXSCOPE_CA_FILE")]
     pub ca_file: Option<PathBuf>,
 
+    /// Client certificate (PEM) for an https:// collector, from `mxscopectl admin-cert`.
+    #[arg(long, global = true, env = "MXSCOPE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, global = true, env = "MXSCOPE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -53,6 +61,15 @@ pub enum Command {
     /// Manage the targets the collector hands to agents.
     #[command(subcommand)]
     Target(target::TargetCommand),
+    /// Explain a bounce (RFC 3464 DSN) per recipient: action, status and its meaning, reply (offline).
+    Bounce(bounce::BounceArgs),
+    /// Certificate authority for mTLS (offline, on the CA directory).
+    #[command(subcommand)]
+    Ca(pki::CaCommand),
+    /// Issue an agent certificate bound to its id and region (offline).
+    Enroll(pki::EnrollArgs),
+    /// Issue a certificate for mxscopectl: admin, or --read-only (offline).
+    AdminCert(pki::AdminCertArgs),
 }
 
 /// Runs the parsed command against the collector and writes its answer to `out`.
@@ -61,7 +78,17 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         url: cli.collector.clone(),
         timeout: cli.timeout,
         ca_file: cli.ca_file.clone(),
+        tls_cert: cli.tls_cert.clone(),
+        tls_key: cli.tls_key.clone(),
     };
+    // Certificate commands work on files only, no connection.
+    if let Command::Ca(_) | Command::Enroll(_) | Command::AdminCert(_) = cli.command {
+        return pki::run(cli.command, out);
+    }
+    // Reading a bounce file needs no collector.
+    if let Command::Bounce(a) = &cli.command {
+        return bounce::run(a, cli.format, out);
+    }
     // Arguments that only make sense together are checked before any connection is made.
     if let Command::Target(cmd) = &cli.command {
         cmd.check()?;
@@ -72,6 +99,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Results(a) => results::run(&mut client, a, cli.format, out).await,
         Command::Status(a) => status::run(&mut client, a, cli.format, out).await,
         Command::Target(cmd) => target::run(&mut client, cmd, cli.format, out).await,
+        Command::Bounce(a) => bounce::run(&a, cli.format, out),
+        cmd @ (Command::Ca(_) | Command::Enroll(_) | Command::AdminCert(_)) => pki::run(cmd, out),
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mxscope_proto::pb::query_client::QueryClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
 /// Why a command failed, with the exit code it maps to. Anything else is exit 1.
@@ -36,6 +36,12 @@ impl Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Failure::Unreachable { url, reason } if url.starts_with("http://") => write!(
+                f,
+                "cannot reach the collector at {url}: {reason} \
+                 (is mxscope-collector running? set --collector or MXSCOPE_COLLECTOR; \
+                 a collector with TLS needs https:// and --tls-cert, --tls-key, --ca-file)"
+            ),
             Failure::Unreachable { url, reason } => write!(
                 f,
                 "cannot reach the collector at {url}: {reason} \
@@ -73,6 +79,9 @@ pub struct Target {
     pub timeout: Duration,
     /// Extra CA (PEM) trusted for an `https://` collector.
     pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for an `https://` collector.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// A connected Query client that remembers where it points and how long calls may take.
@@ -100,6 +109,22 @@ impl Client {
                 })?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
             }
+            let (Some(cert), Some(key)) = (&target.tls_cert, &target.tls_key) else {
+                return Err(Failure::Usage(
+                    "an https:// collector requires a client certificate: pass --tls-cert and \
+                     --tls-key (or MXSCOPE_TLS_CERT and MXSCOPE_TLS_KEY) from 'mxscopectl admin-cert'"
+                        .to_string(),
+                ));
+            };
+            let read = |flag: &str, path: &PathBuf| {
+                std::fs::read(path).map_err(|e| {
+                    Failure::Usage(format!("cannot read {flag} {}: {e}", path.display()))
+                })
+            };
+            tls = tls.identity(Identity::from_pem(
+                read("--tls-cert", cert)?,
+                read("--tls-key", key)?,
+            ));
             endpoint = endpoint
                 .tls_config(tls)
                 .map_err(|e| unreachable(chain(&e)))?;
@@ -137,8 +162,11 @@ impl Client {
 
 /// A gRPC status as a failure: a lost connection is "unreachable", everything else the server's word.
 fn from_status(url: &str, status: &Status) -> Failure {
+    // A transport failure (not a status the server sent) carries its cause as the source: e.g.
+    // an HTTP/2 protocol error when talking plain text to a TLS collector.
+    let transport = status.code() == Code::Unknown && status.source().is_some();
     match status.code() {
-        Code::Unavailable => {
+        Code::Unavailable | Code::Unknown if status.code() == Code::Unavailable || transport => {
             let mut reason = status.message().to_string();
             if let Some(src) = status.source() {
                 reason = chain(src);
@@ -211,7 +239,8 @@ mod tests {
         assert_eq!(
             u.to_string(),
             "cannot reach the collector at http://127.0.0.1:1: connection refused \
-             (is mxscope-collector running? set --collector or MXSCOPE_COLLECTOR)"
+             (is mxscope-collector running? set --collector or MXSCOPE_COLLECTOR; \
+             a collector with TLS needs https:// and --tls-cert, --tls-key, --ca-file)"
         );
     }
 
@@ -249,6 +278,8 @@ mod tests {
             url: format!("http://127.0.0.1:{port}"),
             timeout: Duration::from_secs(5),
             ca_file: None,
+            tls_cert: None,
+            tls_key: None,
         };
         let err = Client::connect(&target)
             .await

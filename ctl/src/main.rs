@@ -3,11 +3,13 @@
 
 mod agents;
 mod args;
+mod bounce;
 mod cli;
 mod client;
 #[cfg(test)]
 mod fake;
 mod output;
+mod pki;
 mod results;
 mod status;
 mod target;
