@@ -1,0 +1,402 @@
+//! Issue 7, "How it is shown": the real collector with mTLS refuses agents without a valid
+//! certificate or claiming another region, cuts off revoked agents, enforces ctl roles, refuses
+//! plain text, and refuses and counts hostile messages while a well-behaved agent keeps flowing.
+
+use std::time::Duration;
+
+use mxscope_proto::pb;
+use mxscope_tests::tls::{
+    batch, ctl_as, hello, known_agents, raw_session, start_agent, stored_seqs, ClientCert, Pki,
+    TlsCollector,
+};
+use mxscope_tests::wait::{wait_for, wait_until};
+use mxscope_tests::Lab;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Waits until `agent` has at least `n` results stored; returns how many.
+fn wait_stored(url: &str, admin: &ClientCert, agent: &str, n: usize) -> usize {
+    wait_for(&format!("{n} results of {agent} stored"), WAIT, || {
+        let seqs = stored_seqs(url, admin, agent)?;
+        Ok((seqs.len() >= n).then_some(seqs.len()))
+    })
+    .expect("results stored")
+}
+
+#[test]
+fn agents_without_a_valid_certificate_or_claiming_another_region_are_refused() {
+    let lab = Lab::new("sec-refused").expect("lab dir");
+    let dir = lab.path();
+    let pki = Pki::init(dir, "ca").expect("ca init");
+    let other = Pki::init(dir, "other-ca").expect("second ca");
+    let admin = pki.admin(dir, "ops", false).expect("admin cert");
+    let good = pki.enroll(dir, "good", "eu-west", &[]).expect("good cert");
+    let foreign = other
+        .enroll(dir, "foreign", "eu-west", &[])
+        .expect("foreign cert");
+    // Issued 10 days ago, valid 2 days: expired 8 days ago.
+    let expired = pki
+        .enroll(
+            dir,
+            "expired",
+            "eu-west",
+            &["--days", "2", "--valid-from-days-ago", "10"],
+        )
+        .expect("expired cert");
+    let liar = pki.enroll(dir, "liar", "eu-west", &[]).expect("liar cert");
+    // The foreign CA's collector.pem is for the same names: trust our collector's CA though.
+    let foreign = ClientCert {
+        ca: pki.ca_pem(),
+        ..foreign
+    };
+    let collector = TlsCollector::start(dir, &pki, &[]).expect("tls collector");
+    let url = collector.url();
+
+    let mut agents = [
+        start_agent(dir, "agent-good", &url, "good", "eu-west", Some(&good)).expect("good"),
+        start_agent(
+            dir,
+            "agent-foreign",
+            &url,
+            "foreign",
+            "eu-west",
+            Some(&foreign),
+        )
+        .expect("foreign"),
+        start_agent(
+            dir,
+            "agent-expired",
+            &url,
+            "expired",
+            "eu-west",
+            Some(&expired),
+        )
+        .expect("expired"),
+        // Enrolled for eu-west, announces us-east.
+        start_agent(dir, "agent-liar", &url, "liar", "us-east", Some(&liar)).expect("liar"),
+    ];
+
+    // The setup works: the good agent's results arrive.
+    wait_stored(&url, &admin, "good", 3);
+    // Each bad agent has tried and been refused at least twice.
+    for a in agents.iter_mut().skip(1) {
+        let name = a.name().to_string();
+        wait_until(&format!("{name} refused twice"), WAIT, || {
+            a.log().matches("collector unreachable, retrying").count() >= 2
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", a.log_tail(20)));
+        assert!(a.is_running(), "{name} keeps running and retrying");
+    }
+    let liar_log = agents[3].log();
+    assert!(
+        liar_log.contains("the certificate is for agent 'liar' in region 'eu-west', but the hello claims agent 'liar' in region 'us-east'"),
+        "the refusal names both identities:\n{liar_log}"
+    );
+    let log = collector.log();
+    assert!(
+        log.contains("agent claims another identity")
+            && log.contains("cert.region=eu-west")
+            && log.contains("hello.region=us-east"),
+        "collector logs the mismatch:\n{log}"
+    );
+
+    // An agent with no certificate at all (a raw client) is refused.
+    let rt = runtime();
+    let bare = rt.block_on(raw_session(
+        &url,
+        Some(tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(std::fs::read(pki.ca_pem()).expect("ca")),
+        )),
+        vec![hello("bare", "eu-west"), batch("bare", 1..=3)],
+        3,
+        Duration::from_secs(10),
+    ));
+    assert!(bare.error.is_some(), "no certificate must fail: {bare:?}");
+    assert_eq!(bare.acked(), 0, "{bare:?}");
+
+    let ids = known_agents(&url, &admin).expect("agents");
+    assert!(ids.contains(&"good".to_string()), "{ids:?}");
+    for bad in ["foreign", "expired", "liar", "bare"] {
+        assert!(
+            !ids.contains(&bad.to_string()),
+            "{bad} must be unknown: {ids:?}"
+        );
+        assert_eq!(
+            stored_seqs(&url, &admin, bad).expect("results"),
+            Vec::<u64>::new(),
+            "nothing of {bad} is stored"
+        );
+    }
+}
+
+#[test]
+fn a_revoked_agent_is_cut_off_without_restart() {
+    let lab = Lab::new("sec-revoked").expect("lab dir");
+    let dir = lab.path();
+    let pki = Pki::init(dir, "ca").expect("ca init");
+    let admin = pki.admin(dir, "ops", false).expect("admin cert");
+    let doomed = pki.enroll(dir, "doomed", "eu-west", &[]).expect("cert");
+    let keeper = pki.enroll(dir, "keeper", "eu-west", &[]).expect("cert");
+    let revoked = dir.join("revoked.txt");
+    std::fs::write(&revoked, "# revoked agent ids\n").expect("revocation file");
+    let revoked_s = revoked.to_str().expect("utf-8 path");
+    let collector =
+        TlsCollector::start(dir, &pki, &["--revoked", revoked_s]).expect("tls collector");
+    let url = collector.url();
+    let mut doomed_agent = start_agent(
+        dir,
+        "agent-doomed",
+        &url,
+        "doomed",
+        "eu-west",
+        Some(&doomed),
+    )
+    .expect("agent");
+    let _keeper_agent = start_agent(
+        dir,
+        "agent-keeper",
+        &url,
+        "keeper",
+        "eu-west",
+        Some(&keeper),
+    )
+    .expect("agent");
+    wait_stored(&url, &admin, "doomed", 2);
+    wait_stored(&url, &admin, "keeper", 1);
+
+    std::fs::write(&revoked, "# revoked agent ids\ndoomed\n").expect("revoke");
+    // Its open session ends within ~2 s (polling 1 s); the deadline leaves room for a slow CI.
+    wait_until(
+        "collector closes the revoked session",
+        Duration::from_secs(5),
+        || {
+            collector
+                .log()
+                .contains("agent revoked, closing its session")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", collector.proc.log_tail(30)));
+    wait_until("agent sees its session end", Duration::from_secs(5), || {
+        doomed_agent.log().contains("was revoked")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", doomed_agent.log_tail(20)));
+    // It reconnects and is refused at hello.
+    wait_until("reconnect refused at hello", WAIT, || {
+        doomed_agent.log().contains("is revoked")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", doomed_agent.log_tail(20)));
+    let frozen = stored_seqs(&url, &admin, "doomed").expect("results");
+    assert!(!frozen.is_empty());
+
+    // The other agent keeps flowing; meanwhile nothing new of the revoked one is stored.
+    let before = stored_seqs(&url, &admin, "keeper").expect("results").len();
+    wait_stored(&url, &admin, "keeper", before + 3);
+    assert!(
+        doomed_agent.is_running(),
+        "the revoked agent keeps retrying"
+    );
+    assert_eq!(
+        stored_seqs(&url, &admin, "doomed").expect("results"),
+        frozen,
+        "no results of a revoked agent after revocation"
+    );
+}
+
+#[test]
+fn ctl_needs_a_credential_and_read_only_cannot_change_targets() {
+    let lab = Lab::new("sec-ctl").expect("lab dir");
+    let dir = lab.path();
+    let pki = Pki::init(dir, "ca").expect("ca init");
+    let admin = pki.admin(dir, "ops", false).expect("admin cert");
+    let reader = pki.admin(dir, "dash", true).expect("reader cert");
+    let agent = pki.enroll(dir, "a1", "eu-west", &[]).expect("agent cert");
+    let collector = TlsCollector::start(dir, &pki, &[]).expect("tls collector");
+    let url = collector.url();
+
+    // No credential: refused before any request, with the fix in the message.
+    let ca = pki.ca_pem();
+    let ca_s = ca.to_str().expect("utf-8");
+    let out = ctl_as(&url, None, &["--ca-file", ca_s, "status"]).expect("run ctl");
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("--tls-cert"), "{out:?}");
+
+    // The server itself refuses a TLS client without a certificate (not only ctl's check).
+    let rt = runtime();
+    let bare = rt.block_on(async {
+        let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(std::fs::read(&ca).expect("ca")),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .expect("url")
+            .tls_config(tls)
+            .expect("tls")
+            .connect()
+            .await;
+        match channel {
+            Err(e) => Err(format!("{e:?}")),
+            Ok(ch) => pb::query_client::QueryClient::new(ch)
+                .status(pb::StatusRequest::default())
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{s:?}")),
+        }
+    });
+    assert!(
+        bare.is_err(),
+        "a client without certificate must be refused"
+    );
+
+    // Read-only: status works, target add is refused with exit 1 and the reason.
+    let out = ctl_as(&url, Some(&reader), &["status", "--format", "json"]).expect("run");
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = ctl_as(
+        &url,
+        Some(&reader),
+        &["target", "add", "example.com", "--checks", "mx"],
+    )
+    .expect("run");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("read-only credential cannot change targets"),
+        "{out:?}"
+    );
+    // An agent certificate cannot query.
+    let out = ctl_as(&url, Some(&agent), &["status"]).expect("run");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("agent certificates cannot use the Query API"),
+        "{out:?}"
+    );
+
+    // Admin may change targets.
+    let out = ctl_as(
+        &url,
+        Some(&admin),
+        &["target", "add", "example.com", "--checks", "mx"],
+    )
+    .expect("run");
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = ctl_as(&url, Some(&reader), &["target", "list", "--format", "json"]).expect("run");
+    assert!(out.stdout.contains("example.com"), "{out:?}");
+}
+
+#[test]
+fn a_plain_text_client_against_the_tls_collector_fails_clearly() {
+    let lab = Lab::new("sec-plain").expect("lab dir");
+    let dir = lab.path();
+    let pki = Pki::init(dir, "ca").expect("ca init");
+    let collector = TlsCollector::start(dir, &pki, &[]).expect("tls collector");
+    let plain = format!("http://{}", collector.addr);
+
+    let out = ctl_as(&plain, None, &["status"]).expect("run ctl");
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.contains("cannot reach the collector") && out.stderr.contains("needs https://"),
+        "{out:?}"
+    );
+    let rt = runtime();
+    let raw = rt.block_on(raw_session(
+        &plain,
+        None,
+        vec![hello("plain", "eu-west"), batch("plain", 1..=2)],
+        2,
+        Duration::from_secs(10),
+    ));
+    assert!(raw.error.is_some() && raw.received.is_empty(), "{raw:?}");
+    assert!(collector.proc.log().contains("collector listening"));
+}
+
+#[test]
+fn hostile_messages_are_refused_and_counted_while_a_good_agent_flows() {
+    let lab = Lab::new("sec-hostile").expect("lab dir");
+    let dir = lab.path();
+    let pki = Pki::init(dir, "ca").expect("ca init");
+    let admin = pki.admin(dir, "ops", false).expect("admin cert");
+    let good = pki.enroll(dir, "good", "eu-west", &[]).expect("cert");
+    let evil = pki.enroll(dir, "evil", "eu-west", &[]).expect("cert");
+    let collector = TlsCollector::start(
+        dir,
+        &pki,
+        &["--max-message-bytes", "65536", "--max-batch", "100"],
+    )
+    .expect("tls collector");
+    let url = collector.url();
+    let _good_agent =
+        start_agent(dir, "agent-good", &url, "good", "eu-west", Some(&good)).expect("agent");
+    wait_stored(&url, &admin, "good", 2);
+    let tls = || evil.tonic().expect("evil tls");
+    let rt = runtime();
+
+    // 1. A message above the decode limit: the session is closed with ResourceExhausted.
+    let mut huge = batch("evil", 1..=1);
+    if let Some(pb::agent_message::Msg::Batch(b)) = &mut huge.msg {
+        b.results[0].message = "x".repeat(200_000);
+    }
+    let s = rt.block_on(raw_session(
+        &url,
+        Some(tls()),
+        vec![hello("evil", "eu-west"), huge],
+        1,
+        Duration::from_secs(10),
+    ));
+    let err = s.error.as_ref().expect("oversize message refused");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{s:?}");
+
+    // 2. A batch above --max-batch.
+    let s = rt.block_on(raw_session(
+        &url,
+        Some(tls()),
+        vec![hello("evil", "eu-west"), batch("evil", 1..=101)],
+        101,
+        Duration::from_secs(10),
+    ));
+    let err = s.error.as_ref().expect("oversize batch refused");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{s:?}");
+    assert!(err.message().contains("above the limit of 100"), "{s:?}");
+
+    // 3. Results with impossible values are skipped, and the ack still moves past them.
+    let mut mixed = batch("evil", 1..=4);
+    if let Some(pb::agent_message::Msg::Batch(b)) = &mut mixed.msg {
+        b.results[1].start_us += 3600 * 1_000_000; // an hour in the future
+        b.results[3].target = "t".repeat(300); // the last one: the ack must still reach 4
+    }
+    let s = rt.block_on(raw_session(
+        &url,
+        Some(tls()),
+        vec![hello("evil", "eu-west"), mixed],
+        4,
+        Duration::from_secs(10),
+    ));
+    assert_eq!(s.acked(), 4, "ack moves past rejected results: {s:?}");
+    assert_eq!(
+        stored_seqs(&url, &admin, "evil").expect("results"),
+        vec![1, 3],
+        "only the valid results are stored"
+    );
+
+    // Refused and counted (the counters are in the log lines), while the good agent flows on.
+    let log = collector.log();
+    assert!(
+        log.contains("oversize message refused") && log.contains("oversize_total=1"),
+        "{log}"
+    );
+    assert!(
+        log.contains("oversize batch refused") && log.contains("oversize_batches_total=1"),
+        "{log}"
+    );
+    assert!(
+        log.contains("reason=in_future") && log.contains("reason=string_too_long"),
+        "{log}"
+    );
+    let before = stored_seqs(&url, &admin, "good").expect("results").len();
+    wait_stored(&url, &admin, "good", before + 3);
+}
