@@ -763,6 +763,103 @@ fn find_addresses(line: &str) -> Vec<String> {
     out
 }
 
+// ---------------------------------------------------------------------------------------------
+// The `mxscopectl bounce FILE` command
+// ---------------------------------------------------------------------------------------------
+
+/// Arguments of `mxscopectl bounce`.
+#[derive(Debug, clap::Args)]
+pub struct BounceArgs {
+    /// The bounce message as saved from the mailbox (RFC 5322, with headers); `-` reads stdin.
+    pub file: std::path::PathBuf,
+}
+
+impl fmt::Display for Permanence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Permanence::Success => "success",
+            Permanence::Temporary => "temporary",
+            Permanence::Permanent => "permanent",
+        })
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Failed => "failed",
+            Action::Delayed => "delayed",
+            Action::Delivered => "delivered",
+            Action::Relayed => "relayed",
+            Action::Expanded => "expanded",
+            Action::Other(word) => word,
+        })
+    }
+}
+
+/// One row per recipient: action, status, its RFC 3463 meaning, temporary/permanent, the remote
+/// server and its reply.
+pub fn report(bounce: &BounceReport) -> crate::output::Report {
+    use crate::output::{Cell, Column, Report};
+    let mut r = Report::new(vec![
+        Column::text("recipient", "RECIPIENT"),
+        Column::text("action", "ACTION"),
+        Column::text("status", "STATUS"),
+        Column::text("meaning", "MEANING").cut(40),
+        Column::text("permanence", "KIND"),
+        Column::text("remote_mta", "REMOTE").cut(30),
+        Column::text("diagnostic", "REPLY").cut(70),
+        Column::hidden("original_recipient"),
+        Column::hidden("reporting_mta"),
+        Column::hidden("source"),
+    ]);
+    let source = match bounce.source {
+        Source::DeliveryStatus => "delivery_status",
+        Source::TextScan => "text_scan",
+        Source::FailedRecipientsHeader => "failed_recipients_header",
+    };
+    for rcpt in &bounce.recipients {
+        r.push(vec![
+            Cell::opt(rcpt.recipient().map(str::to_string)),
+            Cell::opt(rcpt.action.as_ref().map(ToString::to_string)),
+            Cell::opt(rcpt.status.map(|s| s.to_string())),
+            Cell::opt(rcpt.meaning.map(str::to_string)),
+            Cell::opt(rcpt.permanence.map(|p| p.to_string())),
+            Cell::opt(rcpt.remote_mta.clone()),
+            Cell::opt(rcpt.diagnostic.clone()),
+            Cell::opt(rcpt.original_recipient.clone()),
+            Cell::opt(bounce.reporting_mta.clone()),
+            Cell::new(source),
+        ]);
+    }
+    r
+}
+
+/// Reads the file (or stdin), parses it and prints one row per recipient in `format`.
+pub fn run(
+    args: &BounceArgs,
+    format: crate::output::Format,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::io::Read as _;
+    /// Bounces with attachments are small; anything larger is not a bounce worth reading whole.
+    const MAX_BYTES: u64 = 16 * 1024 * 1024;
+    let mut raw = Vec::new();
+    if args.file.as_os_str() == "-" {
+        std::io::stdin()
+            .take(MAX_BYTES)
+            .read_to_end(&mut raw)
+            .context("read the bounce from stdin")?;
+    } else {
+        std::fs::File::open(&args.file)
+            .and_then(|f| f.take(MAX_BYTES).read_to_end(&mut raw))
+            .with_context(|| format!("read {}", args.file.display()))?;
+    }
+    let bounce = parse(&raw).with_context(|| format!("{}", args.file.display()))?;
+    crate::cli::print(&report(&bounce), format, out, "no recipients in the bounce")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
