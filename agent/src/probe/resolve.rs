@@ -76,6 +76,11 @@ pub struct ResolverConfig {
 /// answers and the TTLs the servers send) and asks fully qualified names only (no search list).
 pub struct Resolver {
     inner: hickory_resolver::TokioResolver,
+    /// The same servers without hickory's RFC 6761 shortcuts (it answers every PTR under
+    /// `127.in-addr.arpa` with `localhost` itself); used for reverse lookups.
+    pool: hickory_resolver::name_server::NameServerPool<
+        hickory_resolver::name_server::TokioConnectionProvider,
+    >,
     /// Our own bound on one question, on top of hickory's per-attempt timeout.
     deadline: Duration,
 }
@@ -123,8 +128,15 @@ impl Resolver {
         opts.timeout = per_attempt;
         opts.attempts = 2;
         let deadline = per_attempt * 3;
+        let inner = builder.build();
+        let pool = hickory_resolver::name_server::NameServerPool::from_config(
+            inner.config().name_servers().to_vec().into(),
+            inner.options().clone(),
+            TokioConnectionProvider::default(),
+        );
         Ok(Resolver {
-            inner: builder.build(),
+            inner,
+            pool,
             deadline,
         })
     }
@@ -192,12 +204,17 @@ fn fqdn(name: &str) -> String {
 
 /// Classifies a hickory error by its kind and response code (never by its text).
 fn classify(err: &hickory_resolver::ResolveError) -> ErrorClass {
-    use hickory_resolver::proto::ProtoErrorKind;
     use hickory_resolver::ResolveErrorKind;
 
     let ResolveErrorKind::Proto(proto) = err.kind() else {
         return ErrorClass::DnsError;
     };
+    classify_proto(proto)
+}
+
+/// Classifies a hickory protocol error by its kind and response code.
+fn classify_proto(proto: &hickory_resolver::proto::ProtoError) -> ErrorClass {
+    use hickory_resolver::proto::ProtoErrorKind;
     match proto.kind() {
         ProtoErrorKind::NoRecordsFound { response_code, .. } => classify_rcode(*response_code),
         ProtoErrorKind::Timeout => ErrorClass::DnsTimeout,
@@ -290,12 +307,49 @@ impl Resolve for Resolver {
     }
 
     async fn reverse(&self, ip: IpAddr) -> Result<Answer<String>, DnsError> {
-        use hickory_resolver::proto::rr::{RData, RecordType};
-        self.records(&reverse_name(ip), RecordType::PTR, |d| match d {
-            RData::PTR(p) => Some(p.0.to_ascii().trim_end_matches('.').to_string()),
-            _ => None,
-        })
-        .await
+        use futures::StreamExt as _;
+        use hickory_resolver::proto::op::Query;
+        use hickory_resolver::proto::rr::{Name, RData, RecordType};
+        use hickory_resolver::proto::xfer::{DnsHandle as _, DnsRequestOptions};
+
+        let name = reverse_name(ip);
+        let err = |class: ErrorClass, detail: String| DnsError {
+            class,
+            name: name.clone(),
+            detail,
+        };
+        let qname = Name::from_ascii(fqdn(&name))
+            .map_err(|e| err(ErrorClass::DnsError, format!("bad query name: {e}")))?;
+        let mut opts = DnsRequestOptions::default();
+        opts.use_edns = true;
+        let mut responses = self.pool.lookup(Query::query(qname, RecordType::PTR), opts);
+        let response = match tokio::time::timeout(self.deadline, responses.next()).await {
+            Err(_) => {
+                return Err(err(
+                    ErrorClass::DnsTimeout,
+                    format!("no answer within {:?}", self.deadline),
+                ))
+            }
+            Ok(None) => return Err(err(ErrorClass::DnsError, "no response".to_string())),
+            Ok(Some(Err(e))) => return Err(err(classify_proto(&e), e.to_string())),
+            Ok(Some(Ok(r))) => r,
+        };
+        let code = response.response_code();
+        let mut ttl = u32::MAX;
+        let mut records = Vec::new();
+        for r in response.answers() {
+            if let RData::PTR(p) = r.data() {
+                ttl = ttl.min(r.ttl());
+                records.push(p.0.to_ascii().trim_end_matches('.').to_string());
+            }
+        }
+        if records.is_empty() {
+            return Err(err(
+                classify_rcode(code),
+                format!("no PTR records ({code})"),
+            ));
+        }
+        Ok(Answer { records, ttl })
     }
 
     async fn tlsa(&self, name: &str) -> Result<Answer<TlsaRecord>, DnsError> {
