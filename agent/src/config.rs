@@ -459,6 +459,7 @@ struct RawTarget {
     cert_fail_days: Option<Spanned<i64>>,
     dkim_selectors: Option<Vec<Spanned<String>>>,
     dnsbl_zones: Option<Vec<Spanned<String>>>,
+    queue_config_dir: Option<Spanned<String>>,
 }
 
 /// Reads and validates a targets file.
@@ -727,6 +728,16 @@ fn validate_target(
     };
     options.dkim_selectors = names(raw.dkim_selectors, "dkim_selectors", "DKIM selector")?;
     options.dnsbl_zones = names(raw.dnsbl_zones, "dnsbl_zones", "DNS zone name")?;
+    if let Some(dir) = raw.queue_config_dir {
+        if !dir.get_ref().starts_with('/') {
+            return Err(err(
+                dir.span().start,
+                "queue_config_dir",
+                format!("'{}' is not an absolute directory path", dir.get_ref()),
+            ));
+        }
+        options.postfix_config_dir = Some(dir.into_inner());
+    }
     for (check, list, key) in [
         (CheckKind::Dkim, &options.dkim_selectors, "dkim_selectors"),
         (CheckKind::Dnsbl, &options.dnsbl_zones, "dnsbl_zones"),

@@ -11,6 +11,7 @@ pub mod limits;
 mod mx;
 pub mod policy;
 mod pop3;
+mod queue;
 mod records;
 pub mod resolve;
 mod smtp;
@@ -66,6 +67,10 @@ pub struct CheckOptions {
     pub dkim_selectors: Vec<String>,
     /// DNS blocklist zones the `dnsbl` check asks about each MX address.
     pub dnsbl_zones: Vec<String>,
+    /// `queue`: Postfix configuration directory (`postqueue -c DIR`); `None` = the default.
+    pub postfix_config_dir: Option<String>,
+    /// `queue`: the `postqueue` program; `None` = `postqueue` from `PATH`.
+    pub postqueue: Option<String>,
 }
 
 impl Default for CheckOptions {
@@ -77,6 +82,8 @@ impl Default for CheckOptions {
             cert_fail_days: 3,
             dkim_selectors: Vec::new(),
             dnsbl_zones: Vec::new(),
+            postfix_config_dir: None,
+            postqueue: None,
         }
     }
 }
@@ -117,6 +124,7 @@ pub fn supported(check: CheckKind) -> bool {
             | CheckKind::Dkim
             | CheckKind::Tlsrpt
             | CheckKind::Dnsbl
+            | CheckKind::Queue
     )
 }
 
@@ -174,6 +182,7 @@ pub async fn run_check(spec: &CheckSpec, ctx: &ProbeContext) -> Vec<Observation>
         CheckKind::Dkim => vec![records::dkim_check(spec, resolver, start_us, deadline).await],
         CheckKind::Tlsrpt => vec![records::tlsrpt_check(spec, resolver, start_us, deadline).await],
         CheckKind::Dnsbl => vec![dnsbl::check(spec, resolver, start_us, deadline).await],
+        CheckKind::Queue => vec![queue::check(spec, start_us, deadline).await],
         check if check.per_address() && supported(check) => {
             per_address(spec, ctx, start_us, deadline).await
         }
