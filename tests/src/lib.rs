@@ -9,6 +9,7 @@ pub mod mxscope;
 pub mod net;
 pub mod nsd;
 pub mod postfix;
+pub mod probes;
 pub mod process;
 pub mod wait;
 

@@ -1,0 +1,240 @@
+//! Policy checks against a real nsd serving good and broken records of each kind: SPF (too many
+//! lookups, two records, +all), DMARC p=none, short/revoked DKIM keys, null MX, CNAME MX, PTR
+//! mismatch (a 127.in-addr.arpa zone) and a blocklist zone with a listed address.
+
+use mxscope_proto::{CheckKind, ErrorClass, FactValue, Observation, Outcome};
+use mxscope_tests::nsd::{MailZone, Nsd, Zone};
+use mxscope_tests::probes::{context, run_one, spec};
+use mxscope_tests::Lab;
+
+/// 2048-bit RSA key (split into TXT strings of at most 255 bytes).
+const DKIM_GOOD: &str = r#""v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAntnO0WqQfnLHzBbXwf+suwPRV6r2scOwTiffy5bhqA4g4H08G6od/BRIePcoklnau17EyVhPgxzUJhJpFv7ual+41+z1JuPsWmj+ZL19fSokuIIrjX9DHsPU1/dsFKWZGTTaow0koTBj/1Gdaltne9a6zdi7" "36XKMgO5ie3gesdyN7L/65ZhLA127DGGDoZFXHnHb+7m5sa5OIQY+Cg1IWtDw23OKNdTp/bl72IaLbQLXNOu9An/mOjrQg5s9pAUO+bC96dRFh9XUT1lX9r+DG3DWxkhHczPtAWjiGsnZBCghvWlyywmlitUCkOeVYGdQxTjFk+RFRub5pN1fvIblQIDAQAB""#;
+/// 512-bit RSA key: verifiers reject it.
+const DKIM_SHORT: &str = "MFwwDQYJKoZIhvcNAQEBBQADSwAwSAJBAK1TgHIhY3as5/sA758AgBFEHwTKwV0VRdEzUqF8qDu0hUjNIEuWNDjIuVmFFZfi9yjXfmbYyeOLHYfg4+UDFQcCAwEAAQ==";
+
+fn zones() -> Vec<Zone> {
+    let includes: Vec<String> = (0..11)
+        .map(|i| format!("include:i{i}.lookups.test"))
+        .collect();
+    let mut lookups = MailZone::new("lookups.test")
+        .mx(10, "mx", &["127.0.0.2".parse().unwrap()])
+        // Over 255 bytes: two character strings, which SPF joins without a space.
+        .record(&format!(
+            "@ IN TXT \"v=spf1 {} \" \"{} -all\"",
+            includes[..6].join(" "),
+            includes[6..].join(" ")
+        ));
+    for i in 0..11 {
+        lookups = lookups.record(&format!("i{i} IN TXT \"v=spf1 ip4:192.0.2.{i} -all\""));
+    }
+    vec![
+        MailZone::new("good.test")
+            .mx(10, "mx", &["127.0.0.2".parse().unwrap()])
+            .record("@ IN TXT \"v=spf1 mx -all\"")
+            .record("_dmarc IN TXT \"v=DMARC1; p=reject; rua=mailto:dmarc@good.test\"")
+            .record(&format!("s1._domainkey IN TXT {DKIM_GOOD}"))
+            .record("_smtp._tls IN TXT \"v=TLSRPTv1; rua=mailto:tls@good.test\"")
+            .build(),
+        MailZone::new("bad.test")
+            .mx(10, "mx", &["127.0.0.3".parse().unwrap()])
+            .record("@ IN TXT \"v=spf1 mx -all\"")
+            .record("@ IN TXT \"v=spf1 +all\"")
+            .record("elsewhere IN A 127.0.0.9")
+            .record("_dmarc IN TXT \"v=DMARC1; p=none\"")
+            .record(&format!(
+                "s1._domainkey IN TXT \"v=DKIM1; k=rsa; p={DKIM_SHORT}\""
+            ))
+            .record("old._domainkey IN TXT \"v=DKIM1; k=rsa; p=\"")
+            .build(),
+        MailZone::new("open.test")
+            .mx(10, "mx", &["127.0.0.2".parse().unwrap()])
+            .record("@ IN TXT \"v=spf1 +all\"")
+            .build(),
+        lookups.build(),
+        MailZone::new("null.test").record("@ IN MX 0 .").build(),
+        MailZone::new("alias.test")
+            .record("@ IN MX 10 mail.alias.test.")
+            .record("mail IN CNAME real.alias.test.")
+            .record("real IN A 127.0.0.2")
+            .build(),
+        MailZone::new("bl.test")
+            .record("2.0.0.127 IN A 127.0.0.2")
+            .record("2.0.0.127 IN TXT \"listed for testing, see https://bl.test/127.0.0.2\"")
+            .record("9.0.0.127 IN A 127.255.255.254")
+            .build(),
+        Zone {
+            name: "0.0.127.in-addr.arpa".to_string(),
+            text: "$ORIGIN 0.0.127.in-addr.arpa.\n$TTL 300\n\
+                   @ IN SOA ns1.good.test. hostmaster.good.test. 1 3600 600 86400 300\n\
+                   @ IN NS ns1.good.test.\n\
+                   2 IN PTR mx.good.test.\n\
+                   3 IN PTR elsewhere.bad.test.\n"
+                .to_string(),
+        },
+    ]
+}
+
+struct World {
+    _lab: Lab,
+    nsd: Nsd,
+}
+
+fn world(name: &str) -> World {
+    let lab = Lab::new(name).expect("lab");
+    let nsd = Nsd::start(&lab, &zones()).expect("nsd with the policy zones");
+    World { _lab: lab, nsd }
+}
+
+fn check(
+    w: &World,
+    target: &str,
+    kind: CheckKind,
+    f: impl FnOnce(&mut mxscope_agent::probe::CheckSpec),
+) -> Observation {
+    let ctx = context(w.nsd.addr(), None).expect("probe context");
+    let mut s = spec(target, kind);
+    f(&mut s);
+    run_one(&ctx, &s).expect("one observation")
+}
+
+fn text(o: &Observation, key: &str) -> String {
+    match o.fact_of(key) {
+        Some(FactValue::Text(t)) => t.clone(),
+        other => panic!("fact {key} is {other:?} in {:?}", o.facts),
+    }
+}
+
+fn int(o: &Observation, key: &str) -> i64 {
+    match o.fact_of(key) {
+        Some(FactValue::Int(i)) => *i,
+        other => panic!("fact {key} is {other:?} in {:?}", o.facts),
+    }
+}
+
+fn flag(o: &Observation, key: &str) -> bool {
+    match o.fact_of(key) {
+        Some(FactValue::Flag(b)) => *b,
+        other => panic!("fact {key} is {other:?} in {:?}", o.facts),
+    }
+}
+
+fn assert_problem(o: &Observation, outcome: Outcome, class: ErrorClass, needle: &str) {
+    assert_eq!(o.outcome, outcome, "{}: {:?}", o.message, o.facts);
+    assert_eq!(o.error_class, Some(class), "{}", o.message);
+    assert!(
+        o.message.contains(needle),
+        "message {:?} lacks {needle:?}",
+        o.message
+    );
+}
+
+#[test]
+fn spf_against_real_dns() {
+    let w = world("policy-spf");
+    let o = check(&w, "good.test", CheckKind::Spf, |_| {});
+    assert_eq!(o.outcome, Outcome::Ok, "{}", o.message);
+    assert_eq!(int(&o, "spf.records"), 1);
+    assert_eq!(int(&o, "spf.lookups"), 1);
+    assert_eq!(text(&o, "spf.mx.127.0.0.2"), "pass");
+    assert_eq!(int(&o, "spf.mx_unauthorised"), 0);
+
+    let o = check(&w, "bad.test", CheckKind::Spf, |_| {});
+    assert_problem(&o, Outcome::Fail, ErrorClass::Policy, "multiple");
+    assert_eq!(int(&o, "spf.records"), 2);
+
+    let o = check(&w, "lookups.test", CheckKind::Spf, |_| {});
+    assert_problem(&o, Outcome::Fail, ErrorClass::Policy, "11 DNS lookups");
+    assert_eq!(int(&o, "spf.lookups"), 11);
+    assert_eq!(text(&o, "spf.mx.127.0.0.2"), "permerror");
+
+    let o = check(&w, "open.test", CheckKind::Spf, |_| {});
+    assert_problem(&o, Outcome::Fail, ErrorClass::Policy, "+all");
+    assert!(flag(&o, "spf.plus_all"));
+
+    let o = check(&w, "missing.test", CheckKind::Spf, |_| {});
+    assert_eq!(o.outcome, Outcome::Fail, "{}", o.message);
+}
+
+#[test]
+fn dmarc_dkim_and_tlsrpt_against_real_dns() {
+    let w = world("policy-dmarc");
+    let o = check(&w, "good.test", CheckKind::Dmarc, |_| {});
+    assert_eq!(o.outcome, Outcome::Ok, "{}", o.message);
+    assert_eq!(text(&o, "dmarc.p"), "reject");
+    assert_eq!(int(&o, "dmarc.pct"), 100);
+    assert_eq!(int(&o, "dmarc.rua_count"), 1);
+
+    let o = check(&w, "bad.test", CheckKind::Dmarc, |_| {});
+    assert_problem(&o, Outcome::Warn, ErrorClass::Policy, "p=none");
+    assert_eq!(text(&o, "dmarc.p"), "none");
+
+    let o = check(&w, "null.test", CheckKind::Dmarc, |_| {});
+    assert_problem(&o, Outcome::Fail, ErrorClass::Policy, "no DMARC record");
+
+    let o = check(&w, "good.test", CheckKind::Dkim, |s| {
+        s.options.dkim_selectors = vec!["s1".into()]
+    });
+    assert_eq!(o.outcome, Outcome::Ok, "{}", o.message);
+    assert_eq!(int(&o, "dkim.s1.bits"), 2048);
+
+    let o = check(&w, "bad.test", CheckKind::Dkim, |s| {
+        s.options.dkim_selectors = vec!["s1".into(), "old".into()]
+    });
+    assert_problem(&o, Outcome::Fail, ErrorClass::Policy, "DKIM selector");
+    assert_eq!(int(&o, "dkim.s1.bits"), 512);
+    assert!(flag(&o, "dkim.old.revoked"));
+    assert!(text(&o, "dkim.s1.findings").contains("under 1024"));
+
+    let o = check(&w, "good.test", CheckKind::Tlsrpt, |_| {});
+    assert_eq!(o.outcome, Outcome::Ok, "{}", o.message);
+    assert_eq!(text(&o, "tlsrpt.rua"), "mailto:tls@good.test");
+    let o = check(&w, "bad.test", CheckKind::Tlsrpt, |_| {});
+    assert_eq!(o.outcome, Outcome::Fail, "{}", o.message);
+}
+
+#[test]
+fn mx_null_cname_and_reverse_dns_against_real_dns() {
+    let w = world("policy-mx");
+    let o = check(&w, "good.test", CheckKind::Mx, |_| {});
+    assert_eq!(o.outcome, Outcome::Ok, "{}", o.message);
+    assert!(flag(&o, "mx.0.fcrdns"));
+    assert_eq!(text(&o, "mx.0.ptr"), "127.0.0.2=mx.good.test");
+
+    let o = check(&w, "bad.test", CheckKind::Mx, |_| {});
+    assert_problem(&o, Outcome::Warn, ErrorClass::Policy, "forward-confirmed");
+    assert!(!flag(&o, "mx.0.fcrdns"));
+    assert_eq!(text(&o, "mx.0.ptr"), "127.0.0.3=elsewhere.bad.test");
+
+    let o = check(&w, "null.test", CheckKind::Mx, |_| {});
+    assert_problem(&o, Outcome::Fail, ErrorClass::Policy, "accepts no mail");
+    assert!(flag(&o, "mx.null"));
+
+    let o = check(&w, "alias.test", CheckKind::Mx, |_| {});
+    assert_problem(&o, Outcome::Warn, ErrorClass::Policy, "CNAME");
+    assert_eq!(text(&o, "mx.0.cname"), "real.alias.test");
+}
+
+#[test]
+fn dnsbl_against_a_real_blocklist_zone() {
+    let w = world("policy-dnsbl");
+    let o = check(&w, "good.test", CheckKind::Dnsbl, |s| {
+        s.options.dnsbl_zones = vec!["bl.test".into()]
+    });
+    assert_problem(
+        &o,
+        Outcome::Fail,
+        ErrorClass::Policy,
+        "127.0.0.2 is listed in bl.test",
+    );
+    assert_eq!(int(&o, "dnsbl.listed"), 1);
+    assert_eq!(text(&o, "dnsbl.bl.test.127.0.0.2"), "listed");
+    assert_eq!(text(&o, "dnsbl.bl.test.127.0.0.2.codes"), "127.0.0.2");
+    assert!(text(&o, "dnsbl.bl.test.127.0.0.2.reason").contains("listed for testing"));
+
+    let o = check(&w, "bad.test", CheckKind::Dnsbl, |s| {
+        s.options.dnsbl_zones = vec!["bl.test".into()]
+    });
+    assert_eq!(o.outcome, Outcome::Ok, "{}", o.message);
+    assert_eq!(int(&o, "dnsbl.addresses"), 1);
+    assert_eq!(text(&o, "dnsbl.bl.test.127.0.0.3"), "not_listed");
+}
