@@ -10,6 +10,7 @@ pub mod net;
 pub mod nsd;
 pub mod postfix;
 pub mod probes;
+pub mod smtp_send;
 pub mod process;
 pub mod wait;
 
