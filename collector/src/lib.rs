@@ -6,6 +6,7 @@
 
 pub mod analysis;
 pub mod error;
+pub mod http;
 pub mod ingest;
 pub mod query;
 pub mod store;
@@ -51,6 +52,12 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Writer batching and reader pool.
     pub store: StoreOptions,
+    /// How many failing regions make a (target, check) `down` in the matrix.
+    pub quorum: analysis::scope::Quorum,
+    /// Where `/metrics` is served (`None`: not served).
+    pub http: Option<SocketAddr>,
+    /// How often the retention job runs.
+    pub retention_every: Duration,
 }
 
 impl Config {
@@ -66,6 +73,9 @@ impl Config {
             hello_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             store: StoreOptions::default(),
+            quorum: analysis::scope::Quorum::Majority,
+            http: None,
+            retention_every: Duration::from_secs(60),
         }
     }
 }
@@ -82,6 +92,8 @@ pub enum RunError {
     InsecureNotLoopback(SocketAddr),
     #[error("cannot read the listener address")]
     Listener(#[source] std::io::Error),
+    #[error("cannot serve metrics on {0} (is another collector running? pick another --http)")]
+    Http(SocketAddr, #[source] std::io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("database task failed")]
@@ -150,6 +162,36 @@ pub async fn run(
         shutdown: token.clone(),
         tasks: tasks.clone(),
     });
+
+    // A taken metrics port must not keep the collector (and its agents' data) down: say it loudly.
+    let http_listener = match shared.config.http {
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(err) => {
+                let err = RunError::Http(addr, err);
+                tracing::error!(error = %error::chain(&err), "metrics disabled");
+                None
+            }
+        },
+        None => None,
+    };
+    if let Some(http_listener) = http_listener {
+        let bound = http_listener.local_addr().map_err(RunError::Listener)?;
+        // Security counters (limits.rs) plug in here with `.with_source(..)` (see http::MetricsSource).
+        let state = http::MetricsState::new(store.clone(), shared.config.stale_after);
+        let stop = token.clone();
+        tasks.spawn(async move {
+            if let Err(err) = http::serve(http_listener, state, stop).await {
+                warn!(error = %err, "metrics server failed");
+            }
+        });
+        info!(http = %bound, "serving /metrics");
+    }
+    tasks.spawn(store::retention_job(
+        store.clone(),
+        shared.config.retention_every,
+        token.clone(),
+    ));
 
     let ingest = IngestServer::new(ingest::IngestService::new(shared.clone()))
         .max_decoding_message_size(max_message);

@@ -35,9 +35,40 @@ struct Args {
     /// An agent or series silent longer than this is stale.
     #[arg(long, env = "MXSCOPE_STALE_AFTER", default_value = "2m", value_parser = humantime::parse_duration)]
     stale_after: Duration,
+    /// Consecutive failed results that turn a series `failing`.
+    #[arg(long, env = "MXSCOPE_FAIL_AFTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    fail_after: u32,
+    /// Consecutive successful results that bring a failing series back to `ok`.
+    #[arg(long, env = "MXSCOPE_RECOVER_AFTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    recover_after: u32,
+    /// Failing regions that make a (target, check) `down`: `majority` (of regions with fresh data) or a number.
+    #[arg(long, env = "MXSCOPE_QUORUM", default_value = "majority")]
+    quorum: mxscope_collector::analysis::scope::Quorum,
+    /// How long raw results (and minute rollups) are kept.
+    #[arg(long, env = "MXSCOPE_RETENTION", default_value = "14d", value_parser = humantime::parse_duration)]
+    retention: Duration,
+    /// How long hour and day rollups are kept.
+    #[arg(long, env = "MXSCOPE_ROLLUP_RETENTION", default_value = "400d", value_parser = humantime::parse_duration)]
+    rollup_retention: Duration,
+    /// Address to serve Prometheus metrics on (`/metrics`); `off` to disable.
+    #[arg(long, env = "MXSCOPE_HTTP", default_value = "127.0.0.1:9464", value_parser = parse_http)]
+    http: HttpAddr,
     /// Log output format.
     #[arg(long, env = "MXSCOPE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+/// `--http`: an address, or `off` (`None`).
+#[derive(Debug, Clone, Copy)]
+struct HttpAddr(Option<SocketAddr>);
+
+fn parse_http(s: &str) -> Result<HttpAddr, String> {
+    if s == "off" {
+        return Ok(HttpAddr(None));
+    }
+    s.parse()
+        .map(|a| HttpAddr(Some(a)))
+        .map_err(|e| format!("'{s}': {e} (expected ADDR:PORT or 'off')"))
 }
 
 fn main() -> ExitCode {
@@ -77,6 +108,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let mut config = Config::new(args.db);
     config.window = args.window;
     config.stale_after = args.stale_after;
+    config.store.policy = mxscope_collector::analysis::hysteresis::Policy {
+        fail_after: args.fail_after,
+        recover_after: args.recover_after,
+    };
+    config.store.retention = args.retention;
+    config.store.rollup_retention = args.rollup_retention.max(args.retention);
+    config.quorum = args.quorum;
+    config.http = args.http.0;
     run(config, listener, shutdown_signal()).await?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The `Query` service used by `mxscopectl`: status (see [`crate::analysis::status`] for the
-//! semantics), results, agents and target management. Cross-region views come later.
+//! semantics), results, agents, target management, and the cross-region views (matrix, latency,
+//! diagnose; see [`crate::analysis::cross`]) and the live stream of state changes (watch).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +10,10 @@ use mxscope_proto::pb::{self, query_server::Query};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use std::collections::BTreeSet;
+
+use crate::analysis::cross::{self, Metric};
+use crate::analysis::status::{status_rows_from_rollups, RAW_WINDOW_MAX_US};
 use crate::analysis::{status_rows, StatusParams};
 use crate::error::{unknown_target, ServiceError};
 use crate::store::{now_us, Filter, LOCAL_AGENT_LABEL};
@@ -21,6 +26,10 @@ pub const DEFAULT_RESULTS_LIMIT: u32 = 100;
 pub const MAX_RESULTS_LIMIT: u32 = 10_000;
 /// Span over which `results_per_min` of an agent is averaged.
 const RATE_SPAN: Duration = Duration::from_secs(5 * 60);
+/// Window of matrix and latency when a request sets none.
+pub const DEFAULT_SINCE: Duration = Duration::from_secs(3600);
+/// Label that marks a target as a canary (a reference mail server), with value `true`.
+pub const CANARY_LABEL: &str = "canary";
 
 /// gRPC `Query` implementation.
 pub struct QueryService {
@@ -50,8 +59,54 @@ fn lookup_name(name: &str) -> String {
     }
 }
 
-fn cross_region(what: &str) -> Status {
-    ServiceError::Unimplemented(format!("{what} comes with cross-region analysis")).into()
+impl QueryService {
+    fn status_params(&self, now: i64) -> StatusParams {
+        StatusParams {
+            now_us: now,
+            stale_after_us: micros(self.shared.config.stale_after),
+        }
+    }
+
+    /// Names of the targets (central or agent-local) labelled `canary=true`.
+    async fn canaries(&self) -> Result<BTreeSet<String>, ServiceError> {
+        let store = &self.shared.store;
+        let is_canary =
+            |t: &crate::store::TargetDef| t.labels.get(CANARY_LABEL).is_some_and(|v| v == "true");
+        let mut out: BTreeSet<String> = store
+            .central_targets()
+            .await?
+            .into_iter()
+            .filter(is_canary)
+            .map(|t| t.name)
+            .collect();
+        out.extend(
+            store
+                .local_targets()
+                .await?
+                .into_iter()
+                .filter(|(_, _, t)| is_canary(t))
+                .map(|(_, _, t)| t.name),
+        );
+        Ok(out)
+    }
+
+    /// Every series' analysis view (agent faults need all of them, whatever the request filters).
+    async fn views(
+        &self,
+        now: i64,
+    ) -> Result<Vec<crate::analysis::diagnosis::SeriesView>, ServiceError> {
+        let series = self.shared.store.series(Filter::default()).await?;
+        let canaries = self.canaries().await?;
+        Ok(cross::views(&series, &canaries, &self.status_params(now)))
+    }
+}
+
+fn since_of(since_ms: u64) -> Duration {
+    if since_ms == 0 {
+        DEFAULT_SINCE
+    } else {
+        Duration::from_millis(since_ms)
+    }
 }
 
 type Res<T> = Result<Response<T>, Status>;
@@ -74,17 +129,28 @@ impl Query for QueryService {
             region: req.region,
             agent_id: String::new(),
         };
-        let (series, samples) = self
-            .shared
-            .store
-            .status_input(filter, now.saturating_sub(micros(window)))
-            .await
-            .map_err(ServiceError::from)?;
-        let params = StatusParams {
-            now_us: now,
-            stale_after_us: micros(self.shared.config.stale_after),
+        let since = now.saturating_sub(micros(window));
+        let params = self.status_params(now);
+        let rows = if micros(window) <= RAW_WINDOW_MAX_US {
+            let (series, samples) = self
+                .shared
+                .store
+                .status_input(filter, since)
+                .await
+                .map_err(ServiceError::from)?;
+            status_rows(&series, &samples, &params)
+        } else {
+            let store = &self.shared.store;
+            let series = store
+                .series(filter.clone())
+                .await
+                .map_err(ServiceError::from)?;
+            let rollups = store
+                .rollups(filter, since, now, Some("total".into()))
+                .await
+                .map_err(ServiceError::from)?;
+            status_rows_from_rollups(&series, &rollups, &params)
         };
-        let rows = status_rows(&series, &samples, &params);
         Ok(Response::new(pb::StatusResponse {
             rows,
             window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
@@ -146,16 +212,68 @@ impl Query for QueryService {
         Ok(Response::new(pb::AgentsResponse { agents }))
     }
 
-    async fn matrix(&self, _request: Request<pb::MatrixRequest>) -> Res<pb::MatrixResponse> {
-        Err(cross_region("the matrix"))
+    /// Targets × regions over `since_ms` (default 1h) from rollups, with a scope per (target,
+    /// check) under the collector's `--quorum`; see [`cross::matrix`].
+    async fn matrix(&self, request: Request<pb::MatrixRequest>) -> Res<pb::MatrixResponse> {
+        let req = request.into_inner();
+        let metric: Metric = req.metric.parse().map_err(ServiceError::InvalidArgument)?;
+        let now = now_us();
+        let since = now.saturating_sub(micros(since_of(req.since_ms)));
+        let views = self.views(now).await?;
+        let filter = Filter {
+            check: req.check.clone(),
+            ..Filter::default()
+        };
+        let phase = None;
+        let rollups = self
+            .shared
+            .store
+            .rollups(filter, since, now, phase)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(cross::matrix(
+            &views,
+            &rollups,
+            metric,
+            self.shared.config.quorum,
+            &req.check,
+        )))
     }
 
-    async fn latency(&self, _request: Request<pb::LatencyRequest>) -> Res<pb::LatencyResponse> {
-        Err(cross_region("latency by region"))
+    /// p50/p95/p99 and count per region and phase of one target over `since_ms` (default 1h).
+    async fn latency(&self, request: Request<pb::LatencyRequest>) -> Res<pb::LatencyResponse> {
+        let req = request.into_inner();
+        if req.target.is_empty() {
+            return Err(ServiceError::InvalidArgument("latency needs a target".into()).into());
+        }
+        let now = now_us();
+        let since = now.saturating_sub(micros(since_of(req.since_ms)));
+        let filter = Filter {
+            target: lookup_name(&req.target),
+            check: req.check,
+            ..Filter::default()
+        };
+        let phase = Some(req.phase.clone()).filter(|p| !p.is_empty());
+        let rollups = self
+            .shared
+            .store
+            .rollups(filter, since, now, phase)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(pb::LatencyResponse {
+            rows: cross::latency(&rollups, &req.phase),
+        }))
     }
 
-    async fn diagnose(&self, _request: Request<pb::DiagnoseRequest>) -> Res<pb::DiagnoseResponse> {
-        Err(cross_region("diagnosis"))
+    /// The first failing layer of a target, where, and the evidence, from the latest state of
+    /// every series (`since_ms` is not used: the state already carries the hysteresis).
+    async fn diagnose(&self, request: Request<pb::DiagnoseRequest>) -> Res<pb::DiagnoseResponse> {
+        let target = lookup_name(&request.into_inner().target);
+        if target.is_empty() {
+            return Err(ServiceError::InvalidArgument("diagnose needs a target".into()).into());
+        }
+        let views = self.views(now_us()).await?;
+        Ok(Response::new(cross::diagnosis(&target, &views)))
     }
 
     /// Central targets (source `central`), then agent-local ones (source `local`, one entry per
@@ -238,8 +356,37 @@ impl Query for QueryService {
         Ok(Response::new(pb::RemoveTargetResponse {}))
     }
 
-    async fn watch(&self, _request: Request<pb::WatchRequest>) -> Res<Self::WatchStream> {
-        Err(cross_region("watch"))
+    /// State changes (ok ⇄ failing) as they commit, for one target or all; ends on shutdown.
+    /// A watcher too slow to keep up skips the changes it missed (logged).
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Res<Self::WatchStream> {
+        let target = lookup_name(&request.into_inner().target);
+        let rx = self.shared.store.subscribe();
+        let stop = self.shared.shutdown.clone();
+        let stream = futures::stream::unfold((rx, stop), move |(mut rx, stop)| {
+            let target = target.clone();
+            async move {
+                loop {
+                    let next = tokio::select! {
+                        () = stop.cancelled() => return None,
+                        next = rx.recv() => next,
+                    };
+                    match next {
+                        Ok(e) if target.is_empty() || e.target == target => {
+                            return Some((Ok(e), (rx, stop)));
+                        }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(
+                                skipped = n,
+                                "watch client too slow, state changes skipped"
+                            );
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

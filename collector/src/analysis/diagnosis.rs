@@ -45,6 +45,8 @@ pub struct SeriesView {
     pub message: String,
     /// The latest result's facts, as text.
     pub facts: BTreeMap<String, String>,
+    /// The target is a reference mail server (label `canary=true`) that should always work.
+    pub canary: bool,
 }
 
 /// One finding of a diagnosis.
@@ -83,7 +85,9 @@ pub fn layer_of(check: &str, error_class: &str, phase: Option<&str>) -> Layer {
 }
 
 /// (agent, check) pairs whose failures are the agent's own network: the agent fails the check on
-/// at least two targets and on most of its targets, while other agents succeed on most of those.
+/// at least two targets and on most of its targets, while other agents succeed on most of those;
+/// or the agent fails the check on a canary target (a reference server) that another agent
+/// reaches fine, which tells it early, from one target.
 pub fn agent_faults(rows: &[SeriesView]) -> BTreeSet<(String, String)> {
     /// Targets an agent probes with a check, and those failing.
     #[derive(Default)]
@@ -107,6 +111,17 @@ pub fn agent_faults(rows: &[SeriesView]) -> BTreeSet<(String, String)> {
         }
     }
     let mut faults = BTreeSet::new();
+    for r in rows
+        .iter()
+        .filter(|r| r.canary && r.state == RegionState::Failing)
+    {
+        let others_ok = ok_by
+            .get(&(r.target.as_str(), r.check.as_str()))
+            .is_some_and(|a| a.iter().any(|a| *a != r.agent_id));
+        if others_ok {
+            faults.insert((r.agent_id.clone(), r.check.clone()));
+        }
+    }
     for ((agent, check), Seen { probed, failing }) in per_agent {
         if failing.len() < 2 || failing.len() * 2 <= probed.len() {
             continue;
@@ -400,6 +415,7 @@ mod tests {
             phase: class.map(|_| "connect".to_string()),
             message: String::new(),
             facts: BTreeMap::new(),
+            canary: false,
         }
     }
 
@@ -475,6 +491,52 @@ mod tests {
             .cloned()
             .collect();
         assert!(agent_faults(&one).is_empty());
+    }
+
+    #[test]
+    fn failing_canary_blames_the_agent_from_one_target() {
+        let mut rows = Vec::new();
+        for region in ["eu-west", "us-east", "ap-south"] {
+            let state = if region == "ap-south" { Failing } else { Fine };
+            let mut c = row(
+                "canary.test",
+                "smtp",
+                region,
+                state,
+                (state == Failing).then_some("timeout"),
+            );
+            c.canary = true;
+            rows.push(c);
+        }
+        // The same agent fails one ordinary target too: not enough without the canary.
+        rows.push(row("a.test", "smtp", "ap-south", Failing, Some("timeout")));
+        rows.push(row("a.test", "smtp", "eu-west", Fine, None));
+        // ... while it reaches its other targets: no majority of failing targets.
+        for t in ["b.test", "c.test"] {
+            rows.push(row(t, "smtp", "ap-south", Fine, None));
+        }
+        let faults = agent_faults(&rows);
+        assert_eq!(
+            faults.into_iter().collect::<Vec<_>>(),
+            vec![("agent-ap-south".to_string(), "smtp".to_string())]
+        );
+        let f = diagnose("a.test", &rows, &agent_faults(&rows));
+        assert_eq!(f[0].scope, "agent");
+        // Without the canary label the single failing target is the target's problem.
+        for r in &mut rows {
+            r.canary = false;
+        }
+        assert!(agent_faults(&rows).is_empty());
+        // A canary failing everywhere is not any one agent's fault.
+        let everywhere: Vec<_> = ["eu-west", "us-east"]
+            .iter()
+            .map(|region| {
+                let mut c = row("canary.test", "smtp", region, Failing, Some("timeout"));
+                c.canary = true;
+                c
+            })
+            .collect();
+        assert!(agent_faults(&everywhere).is_empty());
     }
 
     #[test]

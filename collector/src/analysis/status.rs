@@ -9,7 +9,11 @@
 //!   results in the window whose outcome is not `fail` (and that carry a `total` timing); null if
 //!   there are none.
 //! - **state**: `stale` when the last result started more than max(3 × the check interval,
-//!   `--stale-after`) ago; else `failing` when the last outcome is `fail` (or unknown); else `ok`.
+//!   `--stale-after`) ago, or when the agent that sent it has been silent longer than
+//!   `--stale-after`; else `failing` when the series' hysteresis says so (`--fail-after`
+//!   consecutive failures, `--recover-after` successes to come back); else `ok`.
+//! - Windows longer than [`RAW_WINDOW_MAX_US`] come from rollups (counts exact, p50/p95 from the
+//!   `total` sketch within 1%, window start rounded down to the rollup bucket), never raw rows.
 //! - **last_error**: the error class of the latest result when it was not `ok` (null otherwise).
 //! - **last_seen_us**, **last_outcome**, **last_message**: of the latest result (by start time).
 
@@ -17,7 +21,11 @@ use std::collections::HashMap;
 
 use mxscope_proto::{outcome_from_wire, pb, Outcome};
 
-use crate::store::{Sample, SeriesRow};
+use crate::store::rollup::Agg;
+use crate::store::{Sample, SeriesId, SeriesRow};
+
+/// Longest status window computed from raw results (exact nearest-rank percentiles).
+pub const RAW_WINDOW_MAX_US: i64 = 3_600_000_000;
 
 /// Inputs of the status computation besides the rows.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +52,29 @@ struct Window {
     ok: u64,
     warn: u64,
     totals_ms: Vec<f64>,
+}
+
+/// Computes status rows, in the order of `series`, from the series and rollups of the window.
+pub fn status_rows_from_rollups(
+    series: &[SeriesRow],
+    rollups: &std::collections::BTreeMap<SeriesId, Agg>,
+    p: &StatusParams,
+) -> Vec<pb::StatusRow> {
+    series
+        .iter()
+        .map(|s| {
+            let id = SeriesId {
+                target: s.target.clone(),
+                check: s.check.clone(),
+                region: s.region.clone(),
+                endpoint: s.endpoint.clone(),
+            };
+            let a = rollups.get(&id).cloned().unwrap_or_default();
+            let total = a.phases.get("total");
+            let ms = |q: f64| total.and_then(|t| t.quantile(q)).map(|us| us / 1000.0);
+            row(s, a.count, a.ok, a.warn, ms(0.5), ms(0.95), p)
+        })
+        .collect()
 }
 
 /// Computes status rows, in the order of `series`, from the series and the results of the window.
@@ -86,47 +117,72 @@ pub fn status_rows(
             );
             let mut w = windows.remove(&key).unwrap_or_default();
             w.totals_ms.sort_by(f64::total_cmp);
-            let last = outcome_from_wire(s.last_outcome);
-            pb::StatusRow {
-                target: s.target.clone(),
-                endpoint: s.endpoint.clone(),
-                check: s.check.clone(),
-                region: s.region.clone(),
-                state: state(s, last, p).to_string(),
-                reachability: if w.count == 0 {
-                    0.0
-                } else {
-                    (w.ok + w.warn) as f64 / w.count as f64
-                },
-                p50_ms: percentile(&w.totals_ms, 50.0),
-                p95_ms: percentile(&w.totals_ms, 95.0),
-                last_error: match last {
-                    Some(Outcome::Ok) => None,
-                    _ if s.last_error.is_empty() => None,
-                    _ => Some(s.last_error.clone()),
-                },
-                last_seen_us: s.last_seen_us,
-                count: w.count,
-                ok_count: w.ok,
-                last_outcome: last.map_or("unknown", Outcome::name).to_string(),
-                last_message: s.last_message.clone(),
-            }
+            let (p50, p95) = (
+                percentile(&w.totals_ms, 50.0),
+                percentile(&w.totals_ms, 95.0),
+            );
+            row(s, w.count, w.ok, w.warn, p50, p95, p)
         })
         .collect()
 }
 
-/// `stale` | `failing` | `ok` (see the module docs).
-fn state(s: &SeriesRow, last: Option<Outcome>, p: &StatusParams) -> &'static str {
+fn row(
+    s: &SeriesRow,
+    count: u64,
+    ok: u64,
+    warn: u64,
+    p50_ms: Option<f64>,
+    p95_ms: Option<f64>,
+    p: &StatusParams,
+) -> pb::StatusRow {
+    let last = outcome_from_wire(s.last_outcome);
+    pb::StatusRow {
+        target: s.target.clone(),
+        endpoint: s.endpoint.clone(),
+        check: s.check.clone(),
+        region: s.region.clone(),
+        state: state(s, p).to_string(),
+        reachability: if count == 0 {
+            0.0
+        } else {
+            (ok + warn) as f64 / count as f64
+        },
+        p50_ms,
+        p95_ms,
+        last_error: match last {
+            Some(Outcome::Ok) => None,
+            _ if s.last_error.is_empty() => None,
+            _ => Some(s.last_error.clone()),
+        },
+        last_seen_us: s.last_seen_us,
+        count,
+        ok_count: ok,
+        last_outcome: last.map_or("unknown", Outcome::name).to_string(),
+        last_message: s.last_message.clone(),
+    }
+}
+
+/// Whether a series has no fresh data: its last result is older than max(3 × interval,
+/// `stale_after`), or its agent has been silent longer than `stale_after`.
+pub fn is_stale(s: &SeriesRow, p: &StatusParams) -> bool {
     let interval_us = i64::try_from(s.interval_ms)
         .unwrap_or(i64::MAX / 4000)
         .saturating_mul(1000);
     let fresh_for = interval_us.saturating_mul(3).max(p.stale_after_us);
-    if p.now_us.saturating_sub(s.last_seen_us) > fresh_for {
+    let agent_silent = s
+        .agent_last_seen_us
+        .is_some_and(|seen| p.now_us.saturating_sub(seen) > p.stale_after_us);
+    p.now_us.saturating_sub(s.last_seen_us) > fresh_for || agent_silent
+}
+
+/// `stale` | `failing` | `ok` (see the module docs).
+pub fn state(s: &SeriesRow, p: &StatusParams) -> &'static str {
+    if is_stale(s, p) {
         "stale"
-    } else if matches!(last, Some(Outcome::Ok | Outcome::Warn)) {
-        "ok"
-    } else {
+    } else if s.failing {
         "failing"
+    } else {
+        "ok"
     }
 }
 
@@ -162,6 +218,12 @@ mod tests {
             last_message: format!("last via {endpoint}"),
             last_seen_us: NOW - age_s * SEC,
             interval_ms,
+            failing: !matches!(last, pb::Outcome::Ok | pb::Outcome::Warn),
+            state_since_us: 0,
+            agent_id: format!("agent-{region}"),
+            agent_last_seen_us: Some(NOW - SEC),
+            last_phase: String::new(),
+            last_facts: Default::default(),
         }
     }
 
@@ -304,5 +366,54 @@ mod tests {
             ]
         );
         assert_eq!(rows[5].last_outcome, "unknown");
+    }
+
+    #[test]
+    fn hysteresis_and_silent_agents_decide_the_state() {
+        // One failure after successes: the hysteresis has not flipped yet, so still ok.
+        let mut pending = series("mx1", "eu-west", pb::Outcome::Fail, "timeout", 5, 60_000);
+        pending.failing = false;
+        // Recovering: the last result is ok but the series still needs more successes.
+        let mut recovering = series("mx1", "us-east", pb::Outcome::Ok, "", 5, 60_000);
+        recovering.failing = true;
+        // A fresh series whose agent has been silent past --stale-after is stale, not ok.
+        let mut silent = series("mx1", "ap-south", pb::Outcome::Ok, "", 60, 300_000);
+        silent.agent_last_seen_us = Some(NOW - 200 * SEC);
+        let rows = status_rows(&[pending, recovering, silent], &[], &params());
+        let states: Vec<&str> = rows.iter().map(|r| r.state.as_str()).collect();
+        assert_eq!(states, vec!["ok", "failing", "stale"]);
+        assert_eq!(rows[0].last_error.as_deref(), Some("timeout"));
+    }
+
+    #[test]
+    fn long_windows_come_from_rollups() {
+        let s = vec![series("mx1", "eu-west", pb::Outcome::Ok, "", 10, 60_000)];
+        let mut agg = Agg::default();
+        for ms in [10u64, 20, 30, 40] {
+            agg.add(&pb::ProbeResult {
+                outcome: pb::Outcome::Ok as i32,
+                timings: vec![pb::PhaseTiming {
+                    phase: "total".into(),
+                    micros: ms * 1000,
+                }],
+                ..Default::default()
+            });
+        }
+        agg.add(&pb::ProbeResult {
+            outcome: pb::Outcome::Fail as i32,
+            ..Default::default()
+        });
+        let id = SeriesId {
+            target: "example.test".into(),
+            check: "smtp".into(),
+            region: "eu-west".into(),
+            endpoint: "mx1".into(),
+        };
+        let rows = status_rows_from_rollups(&s, &[(id, agg)].into_iter().collect(), &params());
+        let r = &rows[0];
+        assert_eq!((r.count, r.ok_count), (5, 4));
+        assert!((r.reachability - 0.8).abs() < 1e-9);
+        let p50 = r.p50_ms.expect("p50");
+        assert!((p50 - 20.0).abs() <= 0.2 + 1e-9, "{p50}");
     }
 }

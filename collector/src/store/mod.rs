@@ -7,6 +7,7 @@
 //! Every write request is answered only after its COMMIT returned, and the ingest acks only then.
 
 mod read;
+pub mod rollup;
 pub(crate) mod schema;
 mod writer;
 
@@ -20,7 +21,10 @@ use std::time::Duration;
 use mxscope_proto::pb;
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
+
+use crate::analysis::hysteresis::Policy;
+use rollup::Agg;
 
 pub use schema::SCHEMA_VERSION;
 use writer::{Op, Reply, Request};
@@ -76,6 +80,14 @@ pub struct StoreOptions {
     pub linger: Duration,
     /// Idle read connections kept open.
     pub readers: usize,
+    /// Consecutive failures / successes that flip a series' state (`--fail-after`, `--recover-after`).
+    pub policy: Policy,
+    /// Raw results (and minute rollups) older than this are deleted (`--retention`).
+    pub retention: Duration,
+    /// Hour and day rollups older than this are deleted (`--rollup-retention`).
+    pub rollup_retention: Duration,
+    /// Most rows per table one prune round deletes (small, so ingest never waits long).
+    pub prune_batch: usize,
 }
 
 impl Default for StoreOptions {
@@ -84,16 +96,30 @@ impl Default for StoreOptions {
             batch_max: 512,
             linger: Duration::from_millis(2),
             readers: 4,
+            policy: Policy::default(),
+            retention: Duration::from_secs(14 * 86_400),
+            rollup_retention: Duration::from_secs(400 * 86_400),
+            prune_batch: 2000,
         }
     }
 }
 
-/// Counters of the writer, for tests and (later) metrics.
+/// Counters of the writer, for tests and `/metrics`.
 #[derive(Debug, Default)]
 pub struct WriterStats {
+    /// Committed (or failed) transactions: one per batch.
     pub transactions: AtomicU64,
     pub requests: AtomicU64,
+    /// Results inserted (committed).
+    pub results_stored: AtomicU64,
+    /// Results skipped as already stored (seq at or below the agent's high-water mark).
+    pub duplicates: AtomicU64,
+    /// Time spent applying and committing batches, in microseconds.
+    pub commit_micros: AtomicU64,
 }
+
+/// Capacity of the state-change broadcast; a slower watcher skips (and is told how many).
+const EVENTS_CAPACITY: usize = 1024;
 
 /// A central or agent-local target as stored (JSON in the `spec` column).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -194,6 +220,26 @@ pub struct SeriesRow {
     pub last_message: String,
     pub last_seen_us: i64,
     pub interval_ms: u64,
+    /// Hysteresis state: true once `fail_after` consecutive failures were seen.
+    pub failing: bool,
+    /// Since when the series is in its current state (0 = since it appeared).
+    pub state_since_us: i64,
+    /// Agent that sent the latest result, and when that agent was last heard of (`None` when
+    /// the agent is unknown).
+    pub agent_id: String,
+    pub agent_last_seen_us: Option<i64>,
+    /// Phase and facts (JSON text) of the latest result.
+    pub last_phase: String,
+    pub last_facts: BTreeMap<String, String>,
+}
+
+/// Identity of a series, as the rollups key it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeriesId {
+    pub target: String,
+    pub check: String,
+    pub region: String,
+    pub endpoint: String,
 }
 
 /// One result inside a status window (only what the status computation needs).
@@ -225,6 +271,8 @@ pub struct Store {
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     readers: Arc<read::Pool>,
     stats: Arc<WriterStats>,
+    events: broadcast::Sender<pb::WatchEvent>,
+    prune_batch: usize,
 }
 
 impl std::fmt::Debug for Store {
@@ -245,10 +293,13 @@ impl Store {
         schema::migrate_to(&mut conn, path, SCHEMA_VERSION)?;
         let stats = Arc::new(WriterStats::default());
         let (tx, rx) = std::sync::mpsc::channel();
+        let (events, _) = broadcast::channel(EVENTS_CAPACITY);
         let handle =
-            writer::spawn(conn, rx, opts.clone(), stats.clone()).map_err(|e| StoreError::Open {
-                path: path.to_path_buf(),
-                source: io_to_sqlite(e),
+            writer::spawn(conn, rx, opts.clone(), stats.clone(), events.clone()).map_err(|e| {
+                StoreError::Open {
+                    path: path.to_path_buf(),
+                    source: io_to_sqlite(e),
+                }
             })?;
         Ok(Store {
             path: path.to_path_buf(),
@@ -256,7 +307,58 @@ impl Store {
             writer: Arc::new(Mutex::new(Some(handle))),
             readers: Arc::new(read::Pool::new(path.to_path_buf(), opts.readers)),
             stats,
+            events,
+            prune_batch: opts.prune_batch,
         })
+    }
+
+    /// State changes of series (ok ⇄ failing), sent after their transaction committed.
+    pub fn subscribe(&self) -> broadcast::Receiver<pb::WatchEvent> {
+        self.events.subscribe()
+    }
+
+    /// One round of the retention job; resolves to the rows deleted (a full round deletes
+    /// `prune_batch` rows from some table: call again).
+    pub fn prune(&self, now_us: i64) -> Pending<u64> {
+        let fut = self.submit(Op::Prune { now_us });
+        Box::pin(async move {
+            match fut.await? {
+                Reply::Pruned(n) => Ok(n),
+                _ => Err(StoreError::OutOfRange("writer reply")),
+            }
+        })
+    }
+
+    /// Prunes in rounds until a round deletes less than a full batch per table, yielding between
+    /// rounds so ingest interleaves. Returns the rows deleted.
+    pub async fn prune_all(&self, now_us: i64, batch: usize) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let n = self.prune(now_us).await?;
+            total += n;
+            if n < batch.max(1) as u64 {
+                return Ok(total);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Every series with its hysteresis state, latest facts and its agent's last-seen time.
+    pub async fn series(&self, filter: Filter) -> Result<Vec<SeriesRow>, StoreError> {
+        self.read(move |c| read::series(c, &filter)).await
+    }
+
+    /// Rollups of the window starting at `since_us` (see [`rollup::plan`]) merged per series;
+    /// `phase` limits which sketches are decoded (`None`: all).
+    pub async fn rollups(
+        &self,
+        filter: Filter,
+        since_us: i64,
+        now_us: i64,
+        phase: Option<String>,
+    ) -> Result<BTreeMap<SeriesId, Agg>, StoreError> {
+        self.read(move |c| read::rollups(c, &filter, since_us, now_us, phase.as_deref()))
+            .await
     }
 
     /// Writer counters.
@@ -404,7 +506,7 @@ impl Reply {
     fn seq(self) -> Result<u64, StoreError> {
         match self {
             Reply::Seq(n) => Ok(n),
-            Reply::Done => Err(StoreError::OutOfRange("writer reply")),
+            Reply::Pruned(_) | Reply::Done => Err(StoreError::OutOfRange("writer reply")),
         }
     }
 }
@@ -436,6 +538,30 @@ fn open_write(path: &Path) -> Result<Connection, StoreError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The retention job: right away and then every `every`, prunes in small rounds until caught up
+/// (see [`Store::prune_all`]); stops when `stop` is cancelled or the store closed.
+pub async fn retention_job(
+    store: Store,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let batch = store.prune_batch;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.prune_all(now_us(), batch).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "retention: old results and rollups deleted"),
+            Err(StoreError::WriterClosed) => return,
+            Err(err) => tracing::warn!(error = %err, "retention round failed"),
+        }
+    }
 }
 
 /// Microseconds since the Unix epoch, by the wall clock.

@@ -10,7 +10,8 @@ use mxscope_proto::pb;
 use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, OpenFlags};
 
-use super::{AgentRow, Filter, Sample, SeriesRow, StoreError, TargetDef};
+use super::rollup::{plan, Agg};
+use super::{AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError, TargetDef};
 
 /// Idle read connections, reused; a new one is opened when none is idle.
 pub(crate) struct Pool {
@@ -158,27 +159,27 @@ fn conditions(f: &Filter, columns: &[(&str, &str)]) -> (String, Vec<Value>) {
     (sql, args)
 }
 
-pub(crate) fn status_input(
-    c: &Connection,
-    f: &Filter,
-    since_us: i64,
-) -> Result<(Vec<SeriesRow>, Vec<Sample>), StoreError> {
+/// Series matching the filter, with their agent's last-seen time, ordered for status.
+pub(crate) fn series(c: &Connection, f: &Filter) -> Result<Vec<SeriesRow>, StoreError> {
     let (cond, args) = conditions(
         f,
         &[
-            ("target", "target"),
-            ("check", "check_name"),
-            ("region", "region"),
+            ("target", "s.target"),
+            ("check", "s.check_name"),
+            ("region", "s.region"),
         ],
     );
     let sql = format!(
-        "SELECT target, endpoint, check_name, region, last_outcome, last_error, last_message, last_seen_us,
-             interval_ms FROM series WHERE 1 = 1{cond} ORDER BY target, check_name, endpoint, region"
+        "SELECT s.target, s.endpoint, s.check_name, s.region, s.last_outcome, s.last_error,
+             s.last_message, s.last_seen_us, s.interval_ms, s.failing, s.state_since_us, s.agent_id,
+             a.last_seen_us, s.last_phase, s.last_facts
+         FROM series s LEFT JOIN agents a ON a.id = s.agent_id
+         WHERE 1 = 1{cond} ORDER BY s.target, s.check_name, s.endpoint, s.region"
     );
-    let mut st = c.prepare(&sql)?;
-    let series = st
-        .query_map(params_from_iter(args), |r| {
-            Ok(SeriesRow {
+    let mut st = c.prepare_cached(&sql)?;
+    let rows = st.query_map(params_from_iter(args), |r| {
+        Ok((
+            SeriesRow {
                 target: r.get(0)?,
                 endpoint: r.get(1)?,
                 check: r.get(2)?,
@@ -188,9 +189,96 @@ pub(crate) fn status_input(
                 last_message: r.get(6)?,
                 last_seen_us: r.get(7)?,
                 interval_ms: unsigned(r.get(8)?),
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+                failing: r.get::<_, i64>(9)? != 0,
+                state_since_us: r.get(10)?,
+                agent_id: r.get(11)?,
+                agent_last_seen_us: r.get(12)?,
+                last_phase: r.get(13)?,
+                last_facts: BTreeMap::new(),
+            },
+            r.get::<_, String>(14)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (mut s, facts) = row?;
+        s.last_facts = facts_text(&facts)?;
+        out.push(s);
+    }
+    Ok(out)
+}
+
+/// Stored facts (`[[key, value], ...]`) as text: strings as they are, other values as JSON.
+fn facts_text(json: &str) -> Result<BTreeMap<String, String>, StoreError> {
+    let facts: Vec<(String, serde_json::Value)> = serde_json::from_str(json)?;
+    Ok(facts
+        .into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            (k, text)
+        })
+        .collect())
+}
+
+/// Merges the rollup rows of the planned level from its first bucket on, per series.
+pub(crate) fn rollups(
+    c: &Connection,
+    f: &Filter,
+    since_us: i64,
+    now_us: i64,
+    phase: Option<&str>,
+) -> Result<BTreeMap<SeriesId, Agg>, StoreError> {
+    let (level, from) = plan(since_us, now_us);
+    let (cond, mut args) = conditions(
+        f,
+        &[
+            ("target", "target"),
+            ("check", "check_name"),
+            ("region", "region"),
+        ],
+    );
+    args.push(Value::Integer(level.code()));
+    let lv = args.len();
+    args.push(Value::Integer(from));
+    let fr = args.len();
+    let sql = format!(
+        "SELECT target, check_name, region, endpoint, count, ok, warn, fail, sketches FROM rollups
+         WHERE level = ?{lv} AND bucket_us >= ?{fr}{cond}"
+    );
+    let mut st = c.prepare_cached(&sql)?;
+    let mut rows = st.query(params_from_iter(args))?;
+    let mut out: BTreeMap<SeriesId, Agg> = BTreeMap::new();
+    while let Some(r) = rows.next()? {
+        let id = SeriesId {
+            target: r.get(0)?,
+            check: r.get(1)?,
+            region: r.get(2)?,
+            endpoint: r.get(3)?,
+        };
+        let blob = r.get_ref(8)?.as_blob().map_err(rusqlite::Error::from)?;
+        let phases = Agg::sketches_from_bytes(blob, phase)
+            .ok_or(StoreError::OutOfRange("rollup sketch blob"))?;
+        let row = Agg {
+            count: unsigned(r.get(4)?),
+            ok: unsigned(r.get(5)?),
+            warn: unsigned(r.get(6)?),
+            fail: unsigned(r.get(7)?),
+            phases,
+        };
+        out.entry(id).or_default().merge(&row);
+    }
+    Ok(out)
+}
+
+pub(crate) fn status_input(
+    c: &Connection,
+    f: &Filter,
+    since_us: i64,
+) -> Result<(Vec<SeriesRow>, Vec<Sample>), StoreError> {
+    let series = series(c, f)?;
 
     // One indexed range scan per (target, check) of the listed series.
     let pairs: BTreeSet<(&str, &str)> = series

@@ -76,6 +76,37 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX results_target_check_start ON results (target, check_name, start_us);
     "#,
+    // 3 (security): results refused by the ingest limits, per agent; they are skipped, not stored.
+    r#"
+    ALTER TABLE agents ADD COLUMN rejected_total INTEGER NOT NULL DEFAULT 0;
+    "#,
+    // 4 (analysis): hysteresis state and the latest result's agent, phase and facts per series;
+    // rollups at three levels (minute, hour, day; see store::rollup) keyed bucket-first so a window
+    // over every target is one range scan, and retention deletes a prefix. Earlier results are
+    // not rolled up.
+    r#"
+    ALTER TABLE series ADD COLUMN failing INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE series ADD COLUMN streak INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE series ADD COLUMN state_since_us INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE series ADD COLUMN agent_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE series ADD COLUMN last_phase TEXT NOT NULL DEFAULT '';
+    ALTER TABLE series ADD COLUMN last_facts TEXT NOT NULL DEFAULT '[]';
+    UPDATE series SET failing = (last_outcome NOT IN (1, 2));
+    CREATE TABLE rollups (
+        level      INTEGER NOT NULL,
+        bucket_us  INTEGER NOT NULL,
+        target     TEXT NOT NULL,
+        check_name TEXT NOT NULL,
+        region     TEXT NOT NULL,
+        endpoint   TEXT NOT NULL,
+        count      INTEGER NOT NULL,
+        ok         INTEGER NOT NULL,
+        warn       INTEGER NOT NULL,
+        fail       INTEGER NOT NULL,
+        sketches   BLOB NOT NULL,
+        PRIMARY KEY (level, bucket_us, target, check_name, region, endpoint)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this code writes and reads.

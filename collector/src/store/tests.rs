@@ -11,6 +11,7 @@ fn opts(linger_ms: u64) -> StoreOptions {
         batch_max: 1000,
         linger: Duration::from_millis(linger_ms),
         readers: 2,
+        ..StoreOptions::default()
     }
 }
 
@@ -352,4 +353,229 @@ fn open_names_the_unwritable_path() {
         msg.contains("missing-dir") && msg.contains("writable"),
         "{msg}"
     );
+}
+
+fn outcome_result(agent: &str, seq: u64, ok: bool, start_us: i64) -> pb::ProbeResult {
+    let mut r = result(agent, seq);
+    r.start_us = start_us;
+    if !ok {
+        r.outcome = pb::Outcome::Fail as i32;
+        r.error_class = "refused".into();
+        r.phase = "connect".into();
+        r.facts = vec![pb::Fact {
+            key: "smtp.reply_code".into(),
+            value: Some(pb::fact::Value::Int(421)),
+        }];
+    }
+    r
+}
+
+#[tokio::test]
+async fn hysteresis_is_persisted_and_changes_are_broadcast_after_commit() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("t.db");
+    let store = open(&dir, 1);
+    let mut events = store.subscribe();
+    store.register_agent(hello("a1")).await.unwrap();
+    let t0 = now_us();
+    // ok, fail: one failure is not enough (fail_after = 2).
+    for (seq, ok) in [(1, true), (2, false)] {
+        store
+            .store_results(
+                "a1",
+                "eu-west",
+                vec![outcome_result("a1", seq, ok, t0 + seq as i64)],
+                t0,
+            )
+            .await
+            .unwrap();
+    }
+    let s = store.series(Filter::default()).await.unwrap();
+    assert_eq!(s.len(), 1);
+    assert!(!s[0].failing, "one failure does not flip the state");
+    assert_eq!(s[0].agent_id, "a1");
+    assert_eq!(s[0].last_phase, "connect");
+    assert_eq!(
+        s[0].last_facts.get("smtp.reply_code").map(String::as_str),
+        Some("421")
+    );
+    assert!(events.try_recv().is_err(), "no change yet");
+    store.close().await.unwrap();
+
+    // The streak survives a restart: one more failure flips it.
+    let store = open(&dir, 1);
+    let mut events = store.subscribe();
+    store
+        .store_results(
+            "a1",
+            "eu-west",
+            vec![outcome_result("a1", 3, false, t0 + 3)],
+            t0,
+        )
+        .await
+        .unwrap();
+    let e = events.try_recv().expect("a state change after the commit");
+    assert_eq!(
+        (e.old_state.as_str(), e.new_state.as_str()),
+        ("ok", "failing")
+    );
+    assert_eq!(
+        (e.target.as_str(), e.check.as_str(), e.region.as_str()),
+        ("example.test", "smtp", "eu-west")
+    );
+    assert_eq!(e.error_class, "refused");
+    assert_eq!(e.at_us, t0 + 3);
+    let c = Connection::open(&path).unwrap();
+    let (failing, since): (i64, i64) = c
+        .query_row("SELECT failing, state_since_us FROM series", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((failing, since), (1, t0 + 3));
+    // Two successes bring it back.
+    store
+        .store_results(
+            "a1",
+            "eu-west",
+            vec![
+                outcome_result("a1", 4, true, t0 + 4),
+                outcome_result("a1", 5, true, t0 + 5),
+            ],
+            t0,
+        )
+        .await
+        .unwrap();
+    let e = events.try_recv().expect("recovered");
+    assert_eq!(
+        (e.old_state.as_str(), e.new_state.as_str()),
+        ("failing", "ok")
+    );
+    assert!(events.try_recv().is_err(), "exactly one change per flip");
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn rollups_of_stored_results_merge_to_the_sketch_of_all_values() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir, 1);
+    store.register_agent(hello("a1")).await.unwrap();
+    let now = now_us();
+    let start = now - 50 * 60 * 1_000_000;
+    let mut raw = Vec::new();
+    let mut batch = Vec::new();
+    for seq in 1..=600u64 {
+        let mut r = outcome_result("a1", seq, seq % 10 != 0, start + seq as i64 * 5_000_000);
+        let us = 1_000 + (seq * 7919) % 90_000;
+        r.timings = vec![pb::PhaseTiming {
+            phase: "total".into(),
+            micros: us,
+        }];
+        if seq % 10 != 0 {
+            raw.push(us as f64);
+        }
+        batch.push(r);
+        if batch.len() == 50 {
+            store
+                .store_results("a1", "eu-west", std::mem::take(&mut batch), now)
+                .await
+                .unwrap();
+        }
+    }
+    let got = store
+        .rollups(Filter::default(), start, now, None)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    let agg = got.values().next().unwrap();
+    assert_eq!((agg.count, agg.ok, agg.fail), (600, 540, 60));
+    let mut want = crate::analysis::sketch::Sketch::new();
+    raw.iter().for_each(|v| want.add(*v));
+    assert_eq!(agg.phases["total"], want, "minute rows merge exactly");
+    raw.sort_by(f64::total_cmp);
+    for q in [0.5, 0.95, 0.99] {
+        let exact = raw[(q * (raw.len() - 1) as f64).floor() as usize];
+        let est = agg.phases["total"].quantile(q).unwrap();
+        assert!(
+            (est - exact).abs() <= crate::analysis::sketch::ALPHA * exact,
+            "q={q}"
+        );
+    }
+    // Hour and day rows hold the same totals.
+    let c = Connection::open(dir.path().join("t.db")).unwrap();
+    let per_level: Vec<(i64, i64)> = c
+        .prepare("SELECT level, sum(count) FROM rollups GROUP BY level ORDER BY level")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(per_level, vec![(60, 600), (3600, 600), (86_400, 600)]);
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn retention_deletes_old_raw_rows_and_rollups_in_small_rounds() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("t.db");
+    let store = Store::open(
+        &path,
+        StoreOptions {
+            retention: Duration::from_secs(3600),
+            rollup_retention: Duration::from_secs(10 * 86_400),
+            prune_batch: 7,
+            linger: Duration::from_millis(1),
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    store.register_agent(hello("a1")).await.unwrap();
+    let day = 86_400_000_000i64;
+    let now = now_us();
+    // 30 results stored 2 hours ago (past raw retention), started 20 days ago (past all), and
+    // 5 stored now.
+    let old: Vec<_> = (1..=30)
+        .map(|s| outcome_result("a1", s, true, now - 20 * day + s as i64))
+        .collect();
+    store
+        .store_results("a1", "eu-west", old, now - 2 * 3_600_000_000)
+        .await
+        .unwrap();
+    let new: Vec<_> = (31..=35)
+        .map(|s| outcome_result("a1", s, true, now - 1_000 + s as i64))
+        .collect();
+    store
+        .store_results("a1", "eu-west", new, now)
+        .await
+        .unwrap();
+    let count = |sql: &str| -> i64 {
+        Connection::open(&path)
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(count("SELECT count(*) FROM rollups WHERE level = 86400"), 2);
+    // One round deletes at most a batch of raw rows, and the one old row of each rollup level.
+    assert_eq!(store.prune(now).await.unwrap(), 7 + 3);
+    assert_eq!(count("SELECT count(*) FROM results"), 35 - 7);
+    assert_eq!(store.prune_all(now, 7).await.unwrap(), 23);
+    assert_eq!(
+        count("SELECT count(*) FROM results"),
+        5,
+        "the fresh rows stay"
+    );
+    assert_eq!(count("SELECT min(seq) FROM results"), 31);
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM rollups WHERE bucket_us < {}",
+            now - 10 * day
+        )),
+        0
+    );
+    assert_eq!(
+        count("SELECT count(DISTINCT level) FROM rollups"),
+        3,
+        "today's rows stay"
+    );
+    assert_eq!(store.prune_all(now, 7).await.unwrap(), 0, "caught up");
+    store.close().await.unwrap();
 }

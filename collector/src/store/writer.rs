@@ -10,7 +10,13 @@ use mxscope_proto::pb;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::oneshot;
 
+use std::collections::HashMap;
+
+use tokio::sync::broadcast;
+
+use super::rollup::{Agg, Level};
 use super::{bump, AgentHello, StoreError, StoreOptions, TargetDef, WriterStats};
+use crate::analysis::hysteresis::{Hysteresis, Policy};
 
 /// A write operation.
 pub(crate) enum Op {
@@ -35,12 +41,18 @@ pub(crate) enum Op {
     RemoveTarget {
         name: String,
     },
+    /// One small round of the retention job (see [`prune`]).
+    Prune {
+        now_us: i64,
+    },
 }
 
 /// What a committed operation returns.
 pub(crate) enum Reply {
     /// The agent's stored-up-to seq.
     Seq(u64),
+    /// Rows deleted by a prune round.
+    Pruned(u64),
     Done,
 }
 
@@ -60,94 +72,379 @@ pub(crate) fn spawn(
     rx: Receiver<Msg>,
     opts: StoreOptions,
     stats: Arc<WriterStats>,
+    events: broadcast::Sender<pb::WatchEvent>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("mxscope-db-writer".into())
-        .spawn(move || run(conn, rx, opts, &stats))
+        .spawn(move || {
+            let w = Writer {
+                conn,
+                opts,
+                stats,
+                events,
+                series: HashMap::new(),
+            };
+            w.run(rx);
+        })
 }
 
-fn run(mut conn: Connection, rx: Receiver<Msg>, opts: StoreOptions, stats: &WriterStats) {
-    let batch_max = opts.batch_max.max(1);
-    loop {
-        let first = match rx.recv() {
-            Ok(Msg::Write(r)) => r,
-            Ok(Msg::Close) | Err(_) => break,
-        };
-        let mut batch = vec![first];
-        let deadline = Instant::now() + opts.linger;
-        let mut closing = false;
-        while batch.len() < batch_max {
-            let next = match rx.try_recv() {
-                Ok(m) => Ok(m),
-                Err(TryRecvError::Disconnected) => Err(()),
-                Err(TryRecvError::Empty) => {
-                    let now = Instant::now();
-                    if now >= deadline {
+/// Identity of a series: (target, endpoint, check, region).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct SeriesKey {
+    pub target: String,
+    pub endpoint: String,
+    pub check: String,
+    pub region: String,
+}
+
+/// The writer's view of one `series` row: hysteresis plus the latest result's facts.
+#[derive(Debug, Clone, Default)]
+struct SeriesMem {
+    hyst: Hysteresis,
+    state_since_us: i64,
+    last_outcome: i32,
+    last_error: String,
+    last_message: String,
+    last_seen_us: i64,
+    interval_ms: i64,
+    agent_id: String,
+    last_phase: String,
+    last_facts: String,
+}
+
+/// Changes made by requests, applied to SQLite once per batch and to the writer's memory once
+/// committed.
+#[derive(Default)]
+struct Delta {
+    series: HashMap<SeriesKey, SeriesMem>,
+    rollups: HashMap<(Level, i64, SeriesKey), Agg>,
+    events: Vec<pb::WatchEvent>,
+    stored: u64,
+    duplicates: u64,
+}
+
+impl Delta {
+    fn absorb(&mut self, other: Delta) {
+        self.series.extend(other.series);
+        for (k, a) in other.rollups {
+            self.rollups.entry(k).or_default().merge(&a);
+        }
+        self.events.extend(other.events);
+        self.stored += other.stored;
+        self.duplicates += other.duplicates;
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    opts: StoreOptions,
+    stats: Arc<WriterStats>,
+    events: broadcast::Sender<pb::WatchEvent>,
+    /// Committed series state, loaded from `series` on first touch (the writer is its only writer).
+    series: HashMap<SeriesKey, SeriesMem>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Msg>) {
+        let batch_max = self.opts.batch_max.max(1);
+        loop {
+            let first = match rx.recv() {
+                Ok(Msg::Write(r)) => r,
+                Ok(Msg::Close) | Err(_) => break,
+            };
+            let mut batch = vec![first];
+            let deadline = Instant::now() + self.opts.linger;
+            let mut closing = false;
+            while batch.len() < batch_max {
+                let next = match rx.try_recv() {
+                    Ok(m) => Ok(m),
+                    Err(TryRecvError::Disconnected) => Err(()),
+                    Err(TryRecvError::Empty) => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            break;
+                        }
+                        match rx.recv_timeout(deadline - now) {
+                            Ok(m) => Ok(m),
+                            Err(RecvTimeoutError::Timeout) => break,
+                            Err(RecvTimeoutError::Disconnected) => Err(()),
+                        }
+                    }
+                };
+                match next {
+                    Ok(Msg::Write(r)) => batch.push(r),
+                    Ok(Msg::Close) | Err(()) => {
+                        closing = true;
                         break;
                     }
-                    match rx.recv_timeout(deadline - now) {
-                        Ok(m) => Ok(m),
-                        Err(RecvTimeoutError::Timeout) => break,
-                        Err(RecvTimeoutError::Disconnected) => Err(()),
-                    }
                 }
+            }
+            self.commit_batch(batch);
+            if closing {
+                break;
+            }
+        }
+        if let Err((_, err)) = self.conn.close() {
+            tracing::warn!(error = %err, "closing the database writer connection failed");
+        }
+        tracing::debug!("database writer stopped");
+    }
+
+    /// Applies each request inside its own savepoint (a failing request does not spoil the
+    /// others), writes the batch's series and rollup rows, commits once, then answers every
+    /// request and broadcasts the state changes.
+    fn commit_batch(&mut self, batch: Vec<Request>) {
+        let n = batch.len() as u64;
+        let started = Instant::now();
+        let mut answers: Vec<(oneshot::Sender<_>, Result<Reply, StoreError>)> =
+            Vec::with_capacity(batch.len());
+        let mut delta = Delta::default();
+        let policy = self.opts.policy;
+        let retention = Retention::of(&self.opts);
+        let committed = &self.series;
+        let outcome = (|| -> Result<(), StoreError> {
+            let mut tx = self.conn.transaction()?;
+            for Request { op, reply } in batch {
+                let mut mine = Delta::default();
+                let mut ctx = Ctx {
+                    committed,
+                    batch: &delta,
+                    req: &mut mine,
+                    policy,
+                    retention,
+                };
+                let res = apply_isolated(&mut tx, op, &mut ctx);
+                if res.is_ok() {
+                    delta.absorb(mine);
+                }
+                answers.push((reply, res));
+            }
+            flush(&tx, &delta)?;
+            tx.commit()?;
+            Ok(())
+        })();
+        bump(&self.stats.transactions, 1);
+        bump(&self.stats.requests, n);
+        bump(
+            &self.stats.commit_micros,
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        );
+        match outcome {
+            Ok(()) => {
+                bump(&self.stats.results_stored, delta.stored);
+                bump(&self.stats.duplicates, delta.duplicates);
+                self.series.extend(delta.series);
+                for e in delta.events {
+                    // No receiver (nobody watching) is fine.
+                    let _ = self.events.send(e);
+                }
+                for (reply, res) in answers {
+                    let _ = reply.send(res);
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, requests = n, "database transaction failed");
+                let err = Arc::new(match err {
+                    StoreError::Sqlite(e) => e,
+                    other => rusqlite::Error::ToSqlConversionFailure(Box::new(other)),
+                });
+                for (reply, res) in answers {
+                    // Requests that failed on their own keep their error; the rest were rolled back.
+                    let res = res.and(Err(StoreError::Commit(err.clone())));
+                    let _ = reply.send(res);
+                }
+            }
+        }
+    }
+}
+
+/// Cut-offs of the retention job, as durations in microseconds.
+#[derive(Debug, Clone, Copy)]
+struct Retention {
+    raw_us: i64,
+    rollup_us: i64,
+    batch: i64,
+}
+
+impl Retention {
+    fn of(o: &StoreOptions) -> Retention {
+        let us = |d: std::time::Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        Retention {
+            raw_us: us(o.retention),
+            rollup_us: us(o.rollup_retention),
+            batch: i64::try_from(o.prune_batch.max(1)).unwrap_or(1000),
+        }
+    }
+}
+
+/// What one request sees: committed state, the batch so far, and its own changes.
+struct Ctx<'a> {
+    committed: &'a HashMap<SeriesKey, SeriesMem>,
+    batch: &'a Delta,
+    req: &'a mut Delta,
+    policy: Policy,
+    retention: Retention,
+}
+
+impl Ctx<'_> {
+    /// The current state of a series (loading it from `series` on first touch).
+    fn series(&mut self, tx: &Connection, key: &SeriesKey) -> Result<&mut SeriesMem, StoreError> {
+        if !self.req.series.contains_key(key) {
+            let found = match self
+                .batch
+                .series
+                .get(key)
+                .or_else(|| self.committed.get(key))
+            {
+                Some(s) => s.clone(),
+                None => load_series(tx, key)?.unwrap_or_default(),
             };
-            match next {
-                Ok(Msg::Write(r)) => batch.push(r),
-                Ok(Msg::Close) | Err(()) => {
-                    closing = true;
-                    break;
-                }
-            }
+            self.req.series.insert(key.clone(), found);
         }
-        commit_batch(&mut conn, batch, stats);
-        if closing {
-            break;
-        }
-    }
-    if let Err((_, err)) = conn.close() {
-        tracing::warn!(error = %err, "closing the database writer connection failed");
-    }
-    tracing::debug!("database writer stopped");
-}
-
-/// Applies each request inside its own savepoint (a failing request does not spoil the others),
-/// commits once, then answers every request.
-fn commit_batch(conn: &mut Connection, batch: Vec<Request>, stats: &WriterStats) {
-    let n = batch.len() as u64;
-    let mut answers: Vec<(oneshot::Sender<_>, Result<Reply, StoreError>)> =
-        Vec::with_capacity(batch.len());
-    let outcome = (|| -> Result<(), rusqlite::Error> {
-        let mut tx = conn.transaction()?;
-        for Request { op, reply } in batch {
-            let res = apply_isolated(&mut tx, op);
-            answers.push((reply, res));
-        }
-        tx.commit()
-    })();
-    bump(&stats.transactions, 1);
-    bump(&stats.requests, n);
-    match outcome {
-        Ok(()) => {
-            for (reply, res) in answers {
-                let _ = reply.send(res);
-            }
-        }
-        Err(err) => {
-            tracing::error!(error = %err, requests = n, "database transaction failed");
-            let err = Arc::new(err);
-            for (reply, res) in answers {
-                // Requests that failed on their own keep their error; the rest were rolled back.
-                let res = res.and(Err(StoreError::Commit(err.clone())));
-                let _ = reply.send(res);
-            }
-        }
+        self.req
+            .series
+            .get_mut(key)
+            .ok_or(StoreError::OutOfRange("series cache"))
     }
 }
 
-fn apply_isolated(tx: &mut Transaction<'_>, op: Op) -> Result<Reply, StoreError> {
+fn load_series(tx: &Connection, k: &SeriesKey) -> Result<Option<SeriesMem>, StoreError> {
+    let mut st = tx.prepare_cached(
+        "SELECT last_outcome, last_error, last_message, last_seen_us, interval_ms, failing, streak,
+             state_since_us, agent_id, last_phase, last_facts
+         FROM series WHERE target = ?1 AND endpoint = ?2 AND check_name = ?3 AND region = ?4",
+    )?;
+    let row = st
+        .query_row(params![k.target, k.endpoint, k.check, k.region], |r| {
+            Ok(SeriesMem {
+                last_outcome: r.get(0)?,
+                last_error: r.get(1)?,
+                last_message: r.get(2)?,
+                last_seen_us: r.get(3)?,
+                interval_ms: r.get(4)?,
+                hyst: Hysteresis {
+                    failing: r.get::<_, i64>(5)? != 0,
+                    streak: u32::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
+                },
+                state_since_us: r.get(7)?,
+                agent_id: r.get(8)?,
+                last_phase: r.get(9)?,
+                last_facts: r.get(10)?,
+            })
+        })
+        .optional()?;
+    Ok(row)
+}
+
+/// Writes the batch's series rows and merges its rollups into the stored ones.
+fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
+    let mut series = tx.prepare_cached(
+        "INSERT INTO series (target, endpoint, check_name, region, last_outcome, last_error, last_message,
+             last_seen_us, interval_ms, failing, streak, state_since_us, agent_id, last_phase, last_facts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+         ON CONFLICT (target, endpoint, check_name, region) DO UPDATE SET
+             last_outcome = excluded.last_outcome, last_error = excluded.last_error,
+             last_message = excluded.last_message, last_seen_us = excluded.last_seen_us,
+             interval_ms = excluded.interval_ms, failing = excluded.failing, streak = excluded.streak,
+             state_since_us = excluded.state_since_us, agent_id = excluded.agent_id,
+             last_phase = excluded.last_phase, last_facts = excluded.last_facts",
+    )?;
+    for (k, s) in &d.series {
+        series.execute(params![
+            k.target,
+            k.endpoint,
+            k.check,
+            k.region,
+            s.last_outcome,
+            s.last_error,
+            s.last_message,
+            s.last_seen_us,
+            s.interval_ms,
+            i64::from(s.hyst.failing),
+            i64::from(s.hyst.streak),
+            s.state_since_us,
+            s.agent_id,
+            s.last_phase,
+            s.last_facts,
+        ])?;
+    }
+    let mut get = tx.prepare_cached(
+        "SELECT count, ok, warn, fail, sketches FROM rollups WHERE level = ?1 AND bucket_us = ?2
+             AND target = ?3 AND check_name = ?4 AND region = ?5 AND endpoint = ?6",
+    )?;
+    let mut put = tx.prepare_cached(
+        "INSERT OR REPLACE INTO rollups (level, bucket_us, target, check_name, region, endpoint,
+             count, ok, warn, fail, sketches) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?;
+    for ((level, bucket, k), add) in &d.rollups {
+        let stored = get
+            .query_row(
+                params![
+                    level.code(),
+                    bucket,
+                    k.target,
+                    k.check,
+                    k.region,
+                    k.endpoint
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, Vec<u8>>(4)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let mut agg = match stored {
+            Some((count, ok, warn, fail, blob)) => Agg {
+                count: unsigned(count),
+                ok: unsigned(ok),
+                warn: unsigned(warn),
+                fail: unsigned(fail),
+                // A damaged blob loses its old latency, not the new results.
+                phases: Agg::sketches_from_bytes(&blob, None).unwrap_or_else(|| {
+                    tracing::warn!(
+                        level = level.name(),
+                        bucket_us = bucket,
+                        "damaged rollup sketch replaced"
+                    );
+                    Default::default()
+                }),
+            },
+            None => Agg::default(),
+        };
+        agg.merge(add);
+        put.execute(params![
+            level.code(),
+            bucket,
+            k.target,
+            k.check,
+            k.region,
+            k.endpoint,
+            to_i64(agg.count)?,
+            to_i64(agg.ok)?,
+            to_i64(agg.warn)?,
+            to_i64(agg.fail)?,
+            agg.sketches_to_bytes(),
+        ])?;
+    }
+    Ok(())
+}
+
+fn unsigned(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn apply_isolated(
+    tx: &mut Transaction<'_>,
+    op: Op,
+    ctx: &mut Ctx<'_>,
+) -> Result<Reply, StoreError> {
     let mut sp = tx.savepoint()?;
-    match apply(&sp, op) {
+    match apply(&sp, op, ctx) {
         Ok(r) => {
             sp.commit()?;
             Ok(r)
@@ -159,7 +456,7 @@ fn apply_isolated(tx: &mut Transaction<'_>, op: Op) -> Result<Reply, StoreError>
     }
 }
 
-fn apply(tx: &Connection, op: Op) -> Result<Reply, StoreError> {
+fn apply(tx: &Connection, op: Op, ctx: &mut Ctx<'_>) -> Result<Reply, StoreError> {
     match op {
         Op::Hello(h) => hello(tx, &h).map(Reply::Seq),
         Op::Results {
@@ -167,7 +464,8 @@ fn apply(tx: &Connection, op: Op) -> Result<Reply, StoreError> {
             region,
             results,
             at_us,
-        } => store_results(tx, &agent_id, &region, &results, at_us).map(Reply::Seq),
+        } => store_results(tx, ctx, &agent_id, &region, &results, at_us).map(Reply::Seq),
+        Op::Prune { now_us } => prune(tx, ctx.retention, now_us).map(Reply::Pruned),
         Op::Heartbeat {
             agent_id,
             spool_depth,
@@ -248,9 +546,11 @@ fn hello(tx: &Connection, h: &AgentHello) -> Result<u64, StoreError> {
     Ok(u64::try_from(hwm).unwrap_or(0))
 }
 
-/// Inserts the results above the agent's high-water mark, upserts their series, raises the mark.
+/// Inserts the results above the agent's high-water mark, raises the mark, and adds each result
+/// to its series' hysteresis and to the in-memory rollups (no per-result SQL beyond the insert).
 fn store_results(
     tx: &Connection,
+    ctx: &mut Ctx<'_>,
     agent_id: &str,
     region: &str,
     results: &[pb::ProbeResult],
@@ -271,19 +571,11 @@ fn store_results(
              start_us, outcome, error_class, phase, total_us, timings, facts, message, interval_ms, stored_at_us)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
     )?;
-    let mut series = tx.prepare_cached(
-        "INSERT INTO series (target, endpoint, check_name, region, last_outcome, last_error, last_message,
-             last_seen_us, interval_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-         ON CONFLICT (target, endpoint, check_name, region) DO UPDATE SET
-             last_outcome = excluded.last_outcome, last_error = excluded.last_error,
-             last_message = excluded.last_message, last_seen_us = excluded.last_seen_us,
-             interval_ms = excluded.interval_ms
-         WHERE excluded.last_seen_us >= series.last_seen_us",
-    )?;
+    let policy = ctx.policy;
     for r in results {
         let seq = to_i64(r.seq)?;
         if seq <= hwm {
+            ctx.req.duplicates += 1;
             continue;
         }
         let row = Row::of(r);
@@ -310,17 +602,54 @@ fn store_results(
             interval,
             at_us,
         ])?;
-        series.execute(params![
-            r.target,
-            row.endpoint,
-            r.check,
-            region,
-            r.outcome,
-            r.error_class,
-            r.message,
-            r.start_us,
-            interval,
-        ])?;
+        let key = SeriesKey {
+            target: r.target.clone(),
+            endpoint: row.endpoint,
+            check: r.check.clone(),
+            region: region.to_string(),
+        };
+        for level in Level::ALL {
+            ctx.req
+                .rollups
+                .entry((level, level.bucket(r.start_us), key.clone()))
+                .or_default()
+                .add(r);
+        }
+        let s = ctx.series(tx, &key)?;
+        let ok = matches!(
+            pb::Outcome::try_from(r.outcome),
+            Ok(pb::Outcome::Ok | pb::Outcome::Warn)
+        );
+        let was = state_name(s.hyst.failing);
+        let changed = s.hyst.observe(ok, policy);
+        if changed {
+            s.state_since_us = r.start_us;
+        }
+        // A late result (older than the latest) feeds the state but does not replace the facts.
+        if r.start_us >= s.last_seen_us {
+            s.last_outcome = r.outcome;
+            s.last_error = r.error_class.clone();
+            s.last_message = r.message.clone();
+            s.last_seen_us = r.start_us;
+            s.interval_ms = interval;
+            s.agent_id = agent_id.to_string();
+            s.last_phase = r.phase.clone();
+            s.last_facts = row.facts;
+        }
+        if changed {
+            let now = state_name(s.hyst.failing);
+            ctx.req.events.push(pb::WatchEvent {
+                target: key.target,
+                endpoint: key.endpoint,
+                check: key.check,
+                region: key.region,
+                old_state: was.to_string(),
+                new_state: now.to_string(),
+                at_us: r.start_us,
+                error_class: r.error_class.clone(),
+            });
+        }
+        ctx.req.stored += 1;
         hwm = seq;
     }
     tx.execute(
@@ -328,6 +657,45 @@ fn store_results(
         params![hwm, at_us, agent_id],
     )?;
     Ok(u64::try_from(hwm).unwrap_or(0))
+}
+
+/// The persisted state names (`stale` is decided at read time from the clock).
+fn state_name(failing: bool) -> &'static str {
+    if failing {
+        "failing"
+    } else {
+        "ok"
+    }
+}
+
+/// One round of the retention job: deletes at most `batch` raw results stored before the raw
+/// retention (oldest rows first, by rowid, which follows storage time), and at most `batch`
+/// rollup rows per level older than their retention (minute rows: the raw retention; hour and
+/// day rows: the rollup retention). Returns the number of rows deleted.
+fn prune(tx: &Connection, ret: Retention, now_us: i64) -> Result<u64, StoreError> {
+    let mut deleted = tx.execute(
+        "DELETE FROM results WHERE id IN (SELECT id FROM results ORDER BY id LIMIT ?1)
+             AND stored_at_us < ?2",
+        params![ret.batch, now_us.saturating_sub(ret.raw_us)],
+    )?;
+    for level in Level::ALL {
+        let keep_us = if level == Level::Minute {
+            ret.raw_us
+        } else {
+            ret.rollup_us
+        };
+        deleted += tx.execute(
+            "DELETE FROM rollups WHERE (level, bucket_us, target, check_name, region, endpoint) IN
+                 (SELECT level, bucket_us, target, check_name, region, endpoint FROM rollups
+                  WHERE level = ?1 AND bucket_us < ?2 LIMIT ?3)",
+            params![
+                level.code(),
+                level.bucket(now_us.saturating_sub(keep_us)),
+                ret.batch
+            ],
+        )?;
+    }
+    Ok(deleted as u64)
 }
 
 /// The derived columns of a result row.
