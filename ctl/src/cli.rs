@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::client::{Client, Target};
 use crate::output::{Format, Report};
-use crate::{agents, args, bounce, pki, results, status, target};
+use crate::{agents, args, bounce, diagnose, latency, matrix, pki, results, status, target, watch};
 
 /// mxscopectl: query an mxscope collector and manage its targets.
 #[derive(Debug, Parser)]
@@ -61,6 +61,14 @@ pub enum Command {
     /// Manage the targets the collector hands to agents.
     #[command(subcommand)]
     Target(target::TargetCommand),
+    /// Targets × regions: a scope per (target, check) and reachability or latency per region.
+    Matrix(matrix::MatrixArgs),
+    /// Latency percentiles of a target per region and phase.
+    Latency(latency::LatencyArgs),
+    /// Name the first failing layer of a target, where it fails, and the evidence.
+    Diagnose(diagnose::DiagnoseArgs),
+    /// Print state changes (ok ⇄ failing) as they happen, until Ctrl-C.
+    Watch(watch::WatchArgs),
     /// Explain a bounce (RFC 3464 DSN) per recipient: action, status and its meaning, reply (offline).
     Bounce(bounce::BounceArgs),
     /// Certificate authority for mTLS (offline, on the CA directory).
@@ -99,6 +107,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Results(a) => results::run(&mut client, a, cli.format, out).await,
         Command::Status(a) => status::run(&mut client, a, cli.format, out).await,
         Command::Target(cmd) => target::run(&mut client, cmd, cli.format, out).await,
+        Command::Matrix(a) => matrix::run(&mut client, a, cli.format, out).await,
+        Command::Latency(a) => latency::run(&mut client, a, cli.format, out).await,
+        Command::Diagnose(a) => diagnose::run(&mut client, a, cli.format, out).await,
+        Command::Watch(a) => watch::run(&mut client, a, cli.format, out).await,
         Command::Bounce(a) => bounce::run(&a, cli.format, out),
         cmd @ (Command::Ca(_) | Command::Enroll(_) | Command::AdminCert(_)) => pki::run(cmd, out),
     }

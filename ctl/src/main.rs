@@ -6,13 +6,17 @@ mod args;
 mod bounce;
 mod cli;
 mod client;
+mod diagnose;
 #[cfg(test)]
 mod fake;
+mod latency;
+mod matrix;
 mod output;
 mod pki;
 mod results;
 mod status;
 mod target;
+mod watch;
 
 use std::io::Write;
 use std::process::ExitCode;

@@ -1,0 +1,264 @@
+//! `mxscopectl matrix`: targets × regions for one check or all, with a scope per (target, check)
+//! (`up`, `partial` naming the failing regions, `down`, `stale`) and the metric in each cell.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use mxscope_proto::pb;
+
+use crate::args;
+use crate::cli::print;
+use crate::client::Client;
+use crate::output::{Cell, Column, Format, Report};
+
+/// What each cell shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Metric {
+    /// Share of ok or warn results.
+    Reachability,
+    /// Median latency (ms) of the check's latency phase.
+    P50,
+    P95,
+    P99,
+}
+
+impl Metric {
+    fn wire(self) -> &'static str {
+        match self {
+            Metric::Reachability => "reachability",
+            Metric::P50 => "p50",
+            Metric::P95 => "p95",
+            Metric::P99 => "p99",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct MatrixArgs {
+    /// Only this check (mx, smtp, imaps, ...).
+    #[arg(long, value_parser = args::check)]
+    pub check: Option<String>,
+    /// What the cells show; latency uses connect for port checks, resolve for DNS checks, echo for
+    /// icmp, total otherwise.
+    #[arg(long, value_enum, default_value_t = Metric::Reachability)]
+    pub metric: Metric,
+    /// Window (default: 1h).
+    #[arg(long, value_parser = args::duration)]
+    pub since: Option<Duration>,
+}
+
+impl MatrixArgs {
+    fn request(&self) -> pb::MatrixRequest {
+        pb::MatrixRequest {
+            check: self.check.clone().unwrap_or_default(),
+            metric: self.metric.wire().to_string(),
+            since_ms: self
+                .since
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
+pub async fn run(
+    client: &mut Client,
+    a: MatrixArgs,
+    format: Format,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let req = a.request();
+    let resp = client.call(|c| c.matrix(req)).await?;
+    print(
+        &report(&resp),
+        format,
+        out,
+        "no rows yet (no series stored, or none for this check)",
+    )
+}
+
+/// Fixed fields of a row; then one field per region holding the metric (null without data).
+#[cfg(test)]
+pub const FIELDS: &[&str] = &[
+    "target",
+    "check",
+    "scope",
+    "failing_regions",
+    "phase",
+    "notes",
+];
+
+/// A region name as a column key. Column keys are `&'static str`; the handful of region names of
+/// one answer live until the command exits, so leaking them is the simple, bounded choice.
+fn key_of(region: &str) -> &'static str {
+    Box::leak(region.to_string().into_boxed_str())
+}
+
+/// Builds the report: rows in the collector's order, region columns in its `regions` order.
+pub fn report(m: &pb::MatrixResponse) -> Report {
+    let mut columns = vec![
+        Column::text("target", "TARGET"),
+        Column::text("check", "CHECK"),
+        Column::text("scope", "SCOPE"),
+        Column::text("failing_regions", "FAILING"),
+        Column::hidden("phase"),
+    ];
+    for r in &m.regions {
+        columns.push(Column::number(key_of(r), key_of(&r.to_uppercase())));
+    }
+    columns.push(Column::text("notes", "NOTES").cut(60));
+    let latency = m.metric != "reachability";
+    let mut rep = Report::new(columns);
+    for row in &m.rows {
+        let mut cells = vec![
+            Cell::new(row.target.as_str()),
+            Cell::new(row.check.as_str()),
+            Cell::new(row.scope.as_str()),
+            Cell::new(row.failing_regions.clone()),
+            Cell::opt(Some(row.phase.clone()).filter(|p| !p.is_empty())),
+        ];
+        for region in &m.regions {
+            let cell = row.cells.iter().find(|c| &c.region == region);
+            let value = cell.and_then(|c| c.value).filter(|v| v.is_finite());
+            let state = cell.map_or("", |c| c.state.as_str());
+            let text = match value {
+                Some(v) if latency => format!("{v:.1}"),
+                Some(v) => format!("{:.1}%", v * 100.0),
+                None => "-".to_string(),
+            };
+            let mark = match state {
+                "failing" => " !",
+                "agent" => " (agent)",
+                "stale" => " (stale)",
+                _ => "",
+            };
+            let c = match value {
+                Some(v) => Cell::float(v),
+                None => Cell::null(),
+            };
+            cells.push(c.shown_as(format!("{text}{mark}")));
+        }
+        cells.push(Cell::new(row.notes.clone()).shown_as(row.notes.join("; ")));
+        rep.push(cells);
+    }
+    rep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn sample(metric: &str) -> pb::MatrixResponse {
+        let cell = |region: &str, value: Option<f64>, state: &str| pb::MatrixCell {
+            region: region.into(),
+            value,
+            state: state.into(),
+        };
+        pb::MatrixResponse {
+            regions: vec!["ap-south".into(), "eu-west".into(), "us-east".into()],
+            metric: metric.into(),
+            rows: vec![
+                pb::MatrixRow {
+                    target: "lab.test".into(),
+                    check: "smtp".into(),
+                    scope: "partial".into(),
+                    failing_regions: vec!["ap-south".into()],
+                    cells: vec![
+                        cell("ap-south", Some(0.0), "failing"),
+                        cell("eu-west", Some(1.0), "ok"),
+                        cell("us-east", Some(0.995), "ok"),
+                    ],
+                    notes: vec![],
+                    phase: if metric == "reachability" {
+                        ""
+                    } else {
+                        "connect"
+                    }
+                    .into(),
+                },
+                pb::MatrixRow {
+                    target: "lab.test".into(),
+                    check: "submission".into(),
+                    scope: "up".into(),
+                    failing_regions: vec![],
+                    cells: vec![cell("eu-west", Some(1.0), "ok")],
+                    notes: vec!["smtp: addresses or regions present different certificates".into()],
+                    phase: String::new(),
+                },
+            ],
+        }
+    }
+
+    fn render(m: &pb::MatrixResponse, f: Format) -> String {
+        let mut out = Vec::new();
+        report(m).render(f, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn table_has_a_column_per_region_and_marks_failures() {
+        let text = render(&sample("reachability"), Format::Table);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        for h in [
+            "TARGET", "SCOPE", "FAILING", "AP-SOUTH", "EU-WEST", "US-EAST", "NOTES",
+        ] {
+            assert!(lines[0].contains(h), "{h} missing: {}", lines[0]);
+        }
+        assert!(lines[1].contains("partial"), "{}", lines[1]);
+        assert!(lines[1].contains("0.0% !"), "{}", lines[1]);
+        assert!(lines[1].contains("99.5%"), "{}", lines[1]);
+        assert!(lines[2].contains("different certificates"), "{}", lines[2]);
+        // us-east has no cell for submission.
+        assert!(lines[2].contains(" - "), "{}", lines[2]);
+    }
+
+    #[test]
+    fn json_has_fixed_fields_and_one_value_per_region() {
+        let v: Value = serde_json::from_str(&render(&sample("p95"), Format::Json)).unwrap();
+        let rows = v.as_array().unwrap();
+        assert_eq!(rows.len(), 2);
+        let keys: Vec<&str> = rows[0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        for f in FIELDS.iter().chain(&["ap-south", "eu-west", "us-east"]) {
+            assert!(keys.contains(f), "{f} missing in {keys:?}");
+        }
+        assert_eq!(rows[0]["failing_regions"], json!(["ap-south"]));
+        assert_eq!(rows[0]["phase"], json!("connect"));
+        assert_eq!(rows[0]["us-east"], json!(0.995));
+        assert!(rows[1]["us-east"].is_null());
+        let text = render(&sample("p95"), Format::Table);
+        assert!(
+            text.contains("1.0"),
+            "latency shown in ms, not percent: {text}"
+        );
+        assert!(!text.contains('%'), "{text}");
+    }
+
+    #[test]
+    fn csv_header_lists_regions() {
+        let text = render(&sample("reachability"), Format::Csv);
+        assert_eq!(
+            text.lines().next(),
+            Some("target,check,scope,failing_regions,phase,ap-south,eu-west,us-east,notes")
+        );
+    }
+
+    #[test]
+    fn request_carries_arguments() {
+        let a = MatrixArgs {
+            check: Some("smtp".into()),
+            metric: Metric::P99,
+            since: Some(Duration::from_secs(86_400)),
+        };
+        let r = a.request();
+        assert_eq!(
+            (r.check.as_str(), r.metric.as_str(), r.since_ms),
+            ("smtp", "p99", 86_400_000)
+        );
+    }
+}

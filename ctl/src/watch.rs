@@ -1,0 +1,168 @@
+//! `mxscopectl watch [TARGET]`: prints each state change (ok ⇄ failing) as the collector commits
+//! it, one line each (one JSON object per line with `--format json`), until Ctrl-C.
+
+use std::future::Future;
+use std::io::Write;
+
+use clap::Args;
+use mxscope_proto::pb;
+use serde_json::json;
+use tonic::Streaming;
+
+use crate::args;
+use crate::client::{Client, Failure};
+use crate::output::{self, Format};
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Only this target (default: all).
+    #[arg(value_parser = args::target_name)]
+    pub target: Option<String>,
+}
+
+pub async fn run(
+    client: &mut Client,
+    a: WatchArgs,
+    format: Format,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let req = pb::WatchRequest {
+        target: a.target.unwrap_or_default(),
+    };
+    let stream = client.call(|c| c.watch(req)).await?;
+    let stop = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    follow(stream, format, out, stop).await
+}
+
+/// Writes events until `stop` completes (Ok) or the collector ends the stream.
+pub async fn follow(
+    mut stream: Streaming<pb::WatchEvent>,
+    format: Format,
+    out: &mut dyn Write,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    if format == Format::Csv {
+        writeln!(
+            out,
+            "time,target,endpoint,check,region,old_state,new_state,error_class"
+        )?;
+    }
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let next = tokio::select! {
+            () = &mut stop => return Ok(()),
+            next = stream.message() => next,
+        };
+        match next {
+            Ok(Some(e)) => {
+                writeln!(out, "{}", line(&e, format))?;
+                out.flush()?;
+            }
+            Ok(None) => {
+                eprintln!("the collector ended the stream (shutting down?)");
+                return Ok(());
+            }
+            Err(status) => {
+                return Err(Failure::Server {
+                    code: status.code(),
+                    message: status.message().to_string(),
+                }
+                .into())
+            }
+        }
+    }
+}
+
+/// One event as a line of the format.
+pub fn line(e: &pb::WatchEvent, format: Format) -> String {
+    let time = output::timestamp_seconds(e.at_us).unwrap_or_else(|| "-".to_string());
+    match format {
+        Format::Table => {
+            let why = if e.error_class.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", e.error_class)
+            };
+            format!(
+                "{time}  {} {} {} {}  {} -> {}{why}",
+                e.target, e.check, e.region, e.endpoint, e.old_state, e.new_state
+            )
+        }
+        Format::Json => json!({
+            "time": time,
+            "target": e.target,
+            "endpoint": e.endpoint,
+            "check": e.check,
+            "region": e.region,
+            "old_state": e.old_state,
+            "new_state": e.new_state,
+            "error_class": Some(&e.error_class).filter(|c| !c.is_empty()),
+        })
+        .to_string(),
+        Format::Csv => [
+            time.as_str(),
+            &e.target,
+            &e.endpoint,
+            &e.check,
+            &e.region,
+            &e.old_state,
+            &e.new_state,
+            &e.error_class,
+        ]
+        .iter()
+        .map(|f| {
+            if f.contains([',', '"', '\n']) {
+                format!("\"{}\"", f.replace('"', "\"\""))
+            } else {
+                f.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(","),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn event() -> pb::WatchEvent {
+        pb::WatchEvent {
+            target: "lab.test".into(),
+            endpoint: "mx.lab.test[198.18.0.2]:25".into(),
+            check: "smtp".into(),
+            region: "ap-south".into(),
+            old_state: "ok".into(),
+            new_state: "failing".into(),
+            at_us: 1_700_000_000_000_000,
+            error_class: "timeout".into(),
+        }
+    }
+
+    #[test]
+    fn lines_in_each_format() {
+        assert_eq!(
+            line(&event(), Format::Table),
+            "2023-11-14T22:13:20Z  lab.test smtp ap-south mx.lab.test[198.18.0.2]:25  ok -> failing  (timeout)"
+        );
+        let v: Value = serde_json::from_str(&line(&event(), Format::Json)).unwrap();
+        assert_eq!(v["new_state"], "failing");
+        assert_eq!(v["error_class"], "timeout");
+        let mut back = event();
+        back.old_state = "failing".into();
+        back.new_state = "ok".into();
+        back.error_class.clear();
+        let v: Value = serde_json::from_str(&line(&back, Format::Json)).unwrap();
+        assert!(v["error_class"].is_null());
+        assert!(!line(&back, Format::Table).contains('('));
+        assert_eq!(
+            line(&event(), Format::Csv),
+            "2023-11-14T22:13:20Z,lab.test,mx.lab.test[198.18.0.2]:25,smtp,ap-south,ok,failing,timeout"
+        );
+    }
+}
