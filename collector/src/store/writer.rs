@@ -117,7 +117,8 @@ struct SeriesMem {
 #[derive(Default)]
 struct Delta {
     series: HashMap<SeriesKey, SeriesMem>,
-    rollups: HashMap<(Level, i64, SeriesKey), Agg>,
+    /// Minute bucket and series → aggregate of the batch's results.
+    rollups: HashMap<(i64, SeriesKey), Agg>,
     events: Vec<pb::WatchEvent>,
     stored: u64,
     duplicates: u64,
@@ -376,7 +377,17 @@ fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
         "INSERT OR REPLACE INTO rollups (level, bucket_us, target, check_name, region, endpoint,
              count, ok, warn, fail, sketches) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?;
-    for ((level, bucket, k), add) in &d.rollups {
+    // Every level from the batch's minute aggregates: a few merges per series, not per result.
+    let mut levels: HashMap<(Level, i64, &SeriesKey), Agg> = HashMap::new();
+    for ((minute, k), a) in &d.rollups {
+        for level in Level::ALL {
+            levels
+                .entry((level, level.bucket(*minute), k))
+                .or_default()
+                .merge(a);
+        }
+    }
+    for ((level, bucket, k), add) in &levels {
         let stored = get
             .query_row(
                 params![
@@ -608,13 +619,12 @@ fn store_results(
             check: r.check.clone(),
             region: region.to_string(),
         };
-        for level in Level::ALL {
-            ctx.req
-                .rollups
-                .entry((level, level.bucket(r.start_us), key.clone()))
-                .or_default()
-                .add(r);
-        }
+        // Minute aggregates only; hour and day rows are derived from them once per batch.
+        ctx.req
+            .rollups
+            .entry((Level::Minute.bucket(r.start_us), key.clone()))
+            .or_default()
+            .add(r);
         let s = ctx.series(tx, &key)?;
         let ok = matches!(
             pb::Outcome::try_from(r.outcome),
