@@ -224,7 +224,13 @@ impl Query for QueryService {
             check: req.check.clone(),
             ..Filter::default()
         };
-        let phase = None;
+        // Decode only the sketches the cells need: none for reachability (no phase is named ""),
+        // the check's latency phase when one check is asked for, else all.
+        let phase = match metric {
+            Metric::Reachability => Some(String::new()),
+            _ if !req.check.is_empty() => Some(cross::latency_phase(&req.check).to_string()),
+            _ => None,
+        };
         let rollups = self
             .shared
             .store

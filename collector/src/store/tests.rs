@@ -579,3 +579,50 @@ async fn retention_deletes_old_raw_rows_and_rollups_in_small_rounds() {
     assert_eq!(store.prune_all(now, 7).await.unwrap(), 0, "caught up");
     store.close().await.unwrap();
 }
+
+/// Rough ingest rate with rollups (run with `--ignored --nocapture`; debug builds are slow, the
+/// real numbers come from the benchmark harness).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn ingest_rate_with_rollups() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir, 2);
+    store.register_agent(hello("a1")).await.unwrap();
+    let now = now_us();
+    let (total, per_batch) = (200_000u64, 1000u64);
+    let started = std::time::Instant::now();
+    let mut pending = Vec::new();
+    for b in 0..total / per_batch {
+        let batch: Vec<_> = (0..per_batch)
+            .map(|i| {
+                let seq = b * per_batch + i + 1;
+                let mut r = outcome_result(
+                    "a1",
+                    seq,
+                    seq % 50 != 0,
+                    now - 600_000_000 + seq as i64 * 3_000,
+                );
+                r.target = format!("t{}.test", seq % 1000);
+                r.timings.push(pb::PhaseTiming {
+                    phase: "connect".into(),
+                    micros: 500 + seq % 7000,
+                });
+                r
+            })
+            .collect();
+        pending.push(store.store_results("a1", "eu-west", batch, now));
+        if pending.len() >= 8 {
+            pending.remove(0).await.unwrap();
+        }
+    }
+    for p in pending {
+        p.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{total} results in {secs:.2}s: {:.0} results/s",
+        total as f64 / secs
+    );
+    assert_eq!(store.stats().results_stored.load(Ordering::Relaxed), total);
+    store.close().await.unwrap();
+}
