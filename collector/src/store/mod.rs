@@ -349,7 +349,8 @@ impl Store {
     }
 
     /// Rollups of the window starting at `since_us` (see [`rollup::plan`]) merged per series;
-    /// `phase` limits which sketches are decoded (`None`: all).
+    /// `phase` limits which sketches are decoded (`None`: all; `Some("")`: none, and SQLite sums
+    /// the counts).
     pub async fn rollups(
         &self,
         filter: Filter,

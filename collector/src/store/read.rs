@@ -244,10 +244,20 @@ pub(crate) fn rollups(
     let lv = args.len();
     args.push(Value::Integer(from));
     let fr = args.len();
-    let sql = format!(
-        "SELECT target, check_name, region, endpoint, count, ok, warn, fail, sketches FROM rollups
-         WHERE level = ?{lv} AND bucket_us >= ?{fr}{cond}"
-    );
+    // Without sketches SQLite sums the rows itself: one row per series comes back.
+    let counts_only = phase == Some("");
+    let sql = if counts_only {
+        format!(
+            "SELECT target, check_name, region, endpoint, sum(count), sum(ok), sum(warn), sum(fail), NULL
+             FROM rollups WHERE level = ?{lv} AND bucket_us >= ?{fr}{cond}
+             GROUP BY target, check_name, region, endpoint"
+        )
+    } else {
+        format!(
+            "SELECT target, check_name, region, endpoint, count, ok, warn, fail, sketches FROM rollups
+             WHERE level = ?{lv} AND bucket_us >= ?{fr}{cond}"
+        )
+    };
     let mut st = c.prepare_cached(&sql)?;
     let mut rows = st.query(params_from_iter(args))?;
     let mut out: BTreeMap<SeriesId, Agg> = BTreeMap::new();
@@ -258,9 +268,13 @@ pub(crate) fn rollups(
             region: r.get(2)?,
             endpoint: r.get(3)?,
         };
-        let blob = r.get_ref(8)?.as_blob().map_err(rusqlite::Error::from)?;
-        let phases = Agg::sketches_from_bytes(blob, phase)
-            .ok_or(StoreError::OutOfRange("rollup sketch blob"))?;
+        let phases = if counts_only {
+            BTreeMap::new()
+        } else {
+            let blob = r.get_ref(8)?.as_blob().map_err(rusqlite::Error::from)?;
+            Agg::sketches_from_bytes(blob, phase)
+                .ok_or(StoreError::OutOfRange("rollup sketch blob"))?
+        };
         let row = Agg {
             count: unsigned(r.get(4)?),
             ok: unsigned(r.get(5)?),

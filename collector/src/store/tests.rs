@@ -626,3 +626,71 @@ async fn ingest_rate_with_rollups() {
     assert_eq!(store.stats().results_stored.load(Ordering::Relaxed), total);
     store.close().await.unwrap();
 }
+
+/// Rough time to merge 30 days of day rollups for 10,000 series (1,000 targets × 10 regions), as
+/// the matrix and long status windows do (run with `--ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn thirty_day_rollup_query_time() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("t.db");
+    Store::open(&path, opts(1)).unwrap().close().await.unwrap();
+    let now = now_us();
+    let day = 86_400_000_000i64;
+    let mut agg = super::rollup::Agg::default();
+    for ms in [10u64, 12, 15] {
+        agg.add(&pb::ProbeResult {
+            outcome: pb::Outcome::Ok as i32,
+            timings: vec![pb::PhaseTiming {
+                phase: "connect".into(),
+                micros: ms * 1000,
+            }],
+            ..Default::default()
+        });
+    }
+    let blob = agg.sketches_to_bytes();
+    {
+        let mut c = Connection::open(&path).unwrap();
+        let tx = c.transaction().unwrap();
+        {
+            let mut ins = tx
+                .prepare(
+                    "INSERT INTO rollups (level, bucket_us, target, check_name, region, endpoint,
+                         count, ok, warn, fail, sketches) VALUES (86400, ?1, ?2, 'smtp', ?3, ?4, 3, 3, 0, 0, ?5)",
+                )
+                .unwrap();
+            for d in 0..31 {
+                let bucket = (now - d * day).div_euclid(day) * day;
+                for t in 0..1000 {
+                    for r in 0..10 {
+                        let target = format!("t{t}.test");
+                        ins.execute(rusqlite::params![
+                            bucket,
+                            target,
+                            format!("region-{r}"),
+                            format!("mx.{target}[198.18.0.2]:25"),
+                            blob
+                        ])
+                        .unwrap();
+                    }
+                }
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let store = open(&dir, 1);
+    for (label, phase) in [
+        ("counts only", Some(String::new())),
+        ("with connect sketches", Some("connect".to_string())),
+    ] {
+        let started = std::time::Instant::now();
+        let got = store
+            .rollups(Filter::default(), now - 30 * day, now, phase)
+            .await
+            .unwrap();
+        eprintln!("{label}: {} series in {:?}", got.len(), started.elapsed());
+        assert_eq!(got.len(), 10_000);
+        assert_eq!(got.values().next().map(|a| a.count), Some(93));
+    }
+    store.close().await.unwrap();
+}
