@@ -12,17 +12,24 @@ use mxscope_proto::pb::agent_message::Msg as Up;
 use mxscope_proto::pb::collector_message::Msg as Down;
 use mxscope_proto::pb::{self, ingest_server::Ingest};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::auth::{Mode, Revoked};
 use crate::error::{chain, ServiceError};
+use crate::limits::Counters;
+use crate::pki::Identity;
 use crate::store::{now_us, AgentHello, StoreError, TargetDef};
 use crate::target::is_label;
 use crate::Shared;
 
 /// Most agent-local targets kept from one hello.
 const MAX_LOCAL_TARGETS: usize = 10_000;
+/// Most labels in one hello, and the longest label key or value and version string.
+const MAX_LABELS: usize = 64;
+const MAX_LABEL_LEN: usize = 256;
 
 /// gRPC `Ingest` implementation.
 pub struct IngestService {
@@ -49,6 +56,17 @@ pub fn validate_hello(h: &pb::Hello) -> Result<(), ServiceError> {
         return Err(ServiceError::InvalidArgument(format!(
             "region '{}' is invalid: use 1-63 lowercase letters, digits and '-'",
             h.region
+        )));
+    }
+    if h.labels.len() > MAX_LABELS
+        || h.version.len() > MAX_LABEL_LEN
+        || h.labels
+            .iter()
+            .any(|(k, v)| k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN)
+    {
+        return Err(ServiceError::ResourceExhausted(format!(
+            "hello labels or version above the limits ({MAX_LABELS} labels of at most \
+             {MAX_LABEL_LEN} bytes)"
         )));
     }
     if h.local_targets.len() > MAX_LOCAL_TARGETS {
@@ -105,6 +123,7 @@ impl Ingest for IngestService {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let cert = request.extensions().get::<Identity>().cloned();
         let mut inbound = request.into_inner();
         let shared = &self.shared;
         let first = match tokio::time::timeout(shared.config.hello_timeout, inbound.message()).await
@@ -114,7 +133,7 @@ impl Ingest for IngestService {
                     "no hello within the hello timeout",
                 ));
             }
-            Ok(res) => res?,
+            Ok(res) => res.map_err(|s| count_stream_error(&shared.counters, "-", s))?,
         };
         let Some(pb::AgentMessage {
             msg: Some(Up::Hello(hello)),
@@ -126,6 +145,15 @@ impl Ingest for IngestService {
             .into());
         };
         validate_hello(&hello)?;
+        check_identity(shared.mode, cert.as_ref(), &hello, &shared.counters)?;
+        if shared.revoked.borrow().contains(&hello.agent_id) {
+            Counters::bump(&shared.counters.revoked_refused);
+            warn!(agent.id = %hello.agent_id, "revoked agent refused");
+            return Err(Status::permission_denied(format!(
+                "agent '{}' is revoked; enrol it again with a new id",
+                hello.agent_id
+            )));
+        }
         let stored = shared
             .store
             .register_agent(AgentHello {
@@ -164,10 +192,63 @@ impl Ingest for IngestService {
             agent_id: hello.agent_id,
             region: hello.region,
             schedule: shared.schedule.subscribe(),
+            revoked: shared.revoked.clone(),
             out,
         };
         shared.tasks.spawn(session.run(inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// With certificates, the hello must name the certificate's agent id and region: results are
+/// attributed to the certificate, an agent claiming another identity is refused and logged.
+fn check_identity(
+    mode: Mode,
+    cert: Option<&Identity>,
+    hello: &pb::Hello,
+    counters: &Counters,
+) -> Result<(), Status> {
+    if mode == Mode::Open {
+        return Ok(());
+    }
+    let Some(Identity::Agent { id, region }) = cert else {
+        return Err(Status::unauthenticated(
+            "an agent certificate is required (mxscopectl enroll)",
+        ));
+    };
+    if *id != hello.agent_id || *region != hello.region {
+        Counters::bump(&counters.identity_mismatch);
+        warn!(cert.id = %id, cert.region = %region, hello.id = %hello.agent_id,
+            hello.region = %hello.region, "agent claims another identity");
+        return Err(Status::permission_denied(format!(
+            "the certificate is for agent '{id}' in region '{region}', but the hello claims \
+             agent '{}' in region '{}'",
+            hello.agent_id, hello.region
+        )));
+    }
+    Ok(())
+}
+
+/// Counts a failed read of the agent's stream (oversize or undecodable message) and returns the
+/// status to answer with.
+fn count_stream_error(counters: &Counters, agent: &str, status: Status) -> Status {
+    match status.code() {
+        // tonic: "decoded message length too large".
+        Code::OutOfRange | Code::ResourceExhausted => {
+            let n = Counters::bump(&counters.oversize_messages);
+            warn!(agent.id = %agent, error = %status.message(), oversize_total = n, "oversize message refused");
+            Status::resource_exhausted(format!(
+                "message refused: {} (send smaller batches)",
+                status.message()
+            ))
+        }
+        // tonic: "failed to decode Protobuf message".
+        Code::Internal => {
+            let n = Counters::bump(&counters.malformed_messages);
+            warn!(agent.id = %agent, error = %status.message(), malformed_total = n, "malformed message refused");
+            Status::invalid_argument(format!("malformed message: {}", status.message()))
+        }
+        _ => status,
     }
 }
 
@@ -214,6 +295,7 @@ struct Session {
     agent_id: String,
     region: String,
     schedule: watch::Receiver<u64>,
+    revoked: watch::Receiver<Revoked>,
     out: Out,
 }
 
@@ -224,6 +306,9 @@ impl Session {
         let mut reading = true;
         let mut failure: Option<Status> = None;
         let mut schedule_open = true;
+        let mut revoked_open = true;
+        // Set while the agent is above its result rate: no reading until then (backpressure).
+        let mut resume_at: Option<Instant> = None;
 
         if self.send_schedule().await.is_err() {
             return;
@@ -250,6 +335,21 @@ impl Session {
                     debug!(agent.id = %self.agent_id, in_flight = pending.len(), "draining session on shutdown");
                     reading = false;
                 }
+                changed = self.revoked.changed(), if revoked_open && reading => {
+                    if changed.is_err() {
+                        revoked_open = false;
+                    } else if self.revoked.borrow_and_update().contains(&self.agent_id) {
+                        let n = Counters::bump(&self.shared.counters.revoked_closed);
+                        warn!(agent.id = %self.agent_id, revoked_closed_total = n, "agent revoked, closing its session");
+                        failure = Some(Status::permission_denied(format!(
+                            "agent '{}' was revoked", self.agent_id
+                        )));
+                        reading = false;
+                    }
+                }
+                () = tokio::time::sleep_until(resume_at.unwrap_or_else(Instant::now)), if resume_at.is_some() => {
+                    resume_at = None;
+                }
                 changed = self.schedule.changed(), if schedule_open && reading => {
                     if changed.is_err() {
                         schedule_open = false;
@@ -257,9 +357,12 @@ impl Session {
                         break;
                     }
                 }
-                msg = inbound.message(), if reading && pending.len() < max_in_flight => match msg {
+                msg = inbound.message(), if reading && resume_at.is_none() && pending.len() < max_in_flight => match msg {
                     Ok(Some(m)) => match self.handle(m) {
-                        Ok(Some(commit)) => pending.push_back(commit),
+                        Ok(Some((commit, results))) => {
+                            pending.push_back(commit);
+                            resume_at = self.throttle(results);
+                        }
                         Ok(None) => {}
                         Err(err) => {
                             warn!(agent.id = %self.agent_id, error = %err, "closing session on bad input");
@@ -273,6 +376,10 @@ impl Session {
                     }
                     Err(status) => {
                         debug!(agent.id = %self.agent_id, error = %status, "agent stream failed");
+                        let answer = count_stream_error(&self.shared.counters, &self.agent_id, status);
+                        if answer.code() != Code::Unknown && answer.code() != Code::Cancelled {
+                            failure = Some(answer);
+                        }
                         reading = false;
                     }
                 },
@@ -285,22 +392,67 @@ impl Session {
         drop(self.connection);
     }
 
-    /// Handles one message; a batch yields the future of its commit.
-    fn handle(&self, m: pb::AgentMessage) -> Result<Option<Commit>, ServiceError> {
+    /// Takes `results` from the agent's rate bucket; when it is in debt, says until when to stop
+    /// reading from this session (the agent's window fills and it waits: backpressure).
+    fn throttle(&self, results: usize) -> Option<Instant> {
+        let wait = self.shared.limiter.reserve(&self.agent_id, results);
+        if wait.is_zero() {
+            return None;
+        }
+        let counters = &self.shared.counters;
+        let n = Counters::bump(&counters.rate_limited);
+        counters.rate_limited_ms.fetch_add(
+            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        debug!(agent.id = %self.agent_id, pause_ms = wait.as_millis() as u64, rate_limited_total = n,
+            "agent above its result rate, pausing reads");
+        Some(Instant::now() + wait)
+    }
+
+    /// Handles one message; a batch yields the future of its commit and its number of results.
+    fn handle(&self, m: pb::AgentMessage) -> Result<Option<(Commit, usize)>, ServiceError> {
         match m.msg {
             None => Ok(None),
             Some(Up::Hello(_)) => Err(ServiceError::InvalidArgument(
                 "hello was already sent on this session".into(),
             )),
             Some(Up::Batch(batch)) => {
-                validate_batch(&batch, &self.agent_id, self.shared.config.max_batch_results)?;
-                debug!(agent.id = %self.agent_id, results = batch.results.len(), "batch received");
-                Ok(Some(self.shared.store.store_results(
+                if let Err(err) =
+                    validate_batch(&batch, &self.agent_id, self.shared.config.max_batch_results)
+                {
+                    if matches!(err, ServiceError::ResourceExhausted(_)) {
+                        let n = Counters::bump(&self.shared.counters.oversize_batches);
+                        warn!(agent.id = %self.agent_id, results = batch.results.len(),
+                            oversize_batches_total = n, "oversize batch refused");
+                    }
+                    return Err(err);
+                }
+                let n = batch.results.len();
+                debug!(agent.id = %self.agent_id, results = n, "batch received");
+                let now = now_us();
+                let limits = &self.shared.config.limits;
+                let mut rejected = Vec::new();
+                let mut accepted = Vec::with_capacity(n);
+                for r in batch.results {
+                    match limits.check_result(&r, now) {
+                        Ok(()) => accepted.push(r),
+                        Err(why) => {
+                            self.shared.counters.reject(why.reason);
+                            warn!(agent.id = %self.agent_id, seq = r.seq, reason = %why.reason,
+                                detail = %why.detail, "result rejected");
+                            rejected.push(r.seq);
+                        }
+                    }
+                }
+                let commit = self.shared.store.store_checked_results(
                     &self.agent_id,
                     &self.region,
-                    batch.results,
-                    now_us(),
-                )))
+                    accepted,
+                    rejected,
+                    now,
+                );
+                Ok(Some((commit, n)))
             }
             Some(Up::Heartbeat(hb)) => {
                 let commit = self.shared.store.heartbeat(

@@ -5,9 +5,12 @@
 //! port 0 and stop the collector on demand.
 
 pub mod analysis;
+pub mod auth;
 pub mod error;
 pub mod http;
 pub mod ingest;
+pub mod limits;
+pub mod pki;
 pub mod query;
 pub mod store;
 pub mod target;
@@ -26,8 +29,11 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 use tracing::{info, warn};
 
+use crate::auth::{AuthLayer, Mode, Revoked, RevokedError};
+use crate::limits::{Counters, Limits, RateLimiter};
 use crate::store::{Store, StoreError, StoreOptions};
 
 /// Collector settings (the binary fills them from flags and `MXSCOPE_*` variables).
@@ -52,12 +58,28 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Writer batching and reader pool.
     pub store: StoreOptions,
+    /// mTLS files; `None` serves plain text (loopback only, no identities: everything allowed).
+    pub tls: Option<TlsFiles>,
+    /// Revoked agent ids, one per line, re-read on change.
+    pub revoked: Option<PathBuf>,
+    /// Per-result limits and the per-agent rate.
+    pub limits: Limits,
+    /// Refusal counters; clone the `Arc` before [`run`] to read them (e.g. for `/metrics`).
+    pub counters: Arc<Counters>,
     /// How many failing regions make a (target, check) `down` in the matrix.
     pub quorum: analysis::scope::Quorum,
     /// Where `/metrics` is served (`None`: not served).
     pub http: Option<SocketAddr>,
     /// How often the retention job runs.
     pub retention_every: Duration,
+}
+
+/// The collector's certificate and key, and the CA its clients' certificates must chain to.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 impl Config {
@@ -73,6 +95,10 @@ impl Config {
             hello_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             store: StoreOptions::default(),
+            tls: None,
+            revoked: None,
+            limits: Limits::default(),
+            counters: Arc::new(Counters::default()),
             quorum: analysis::scope::Quorum::Majority,
             http: None,
             retention_every: Duration::from_secs(60),
@@ -84,8 +110,14 @@ impl Config {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunError {
-    #[error("TLS not configured yet (mTLS comes in a later release); pass --insecure to serve plain text on loopback")]
+    #[error("TLS not configured: pass --tls-cert, --tls-key and --client-ca (see 'mxscopectl ca init'), or --insecure to serve plain text on loopback")]
     TlsNotConfigured,
+    #[error("{path}: {message}")]
+    TlsFile { path: PathBuf, message: String },
+    #[error("invalid TLS configuration (check --tls-cert, --tls-key and --client-ca)")]
+    Tls(#[source] tonic::transport::Error),
+    #[error(transparent)]
+    Revoked(#[from] RevokedError),
     #[error(
         "refusing to serve plain text on non-loopback address {0}; listen on 127.0.0.1 or ::1"
     )]
@@ -123,6 +155,14 @@ pub(crate) struct Shared {
     pub schedule: watch::Sender<u64>,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    /// Whether callers carry certificate identities.
+    pub mode: Mode,
+    /// Revoked agent ids (updated live).
+    pub revoked: watch::Receiver<Revoked>,
+    /// Per-agent result rate, shared by all connections of an agent.
+    pub limiter: RateLimiter,
+    /// Refusal counters (what `/metrics` exports); the same `Arc` as `config.counters`.
+    pub counters: Arc<Counters>,
 }
 
 impl Shared {
@@ -134,7 +174,33 @@ impl Shared {
     }
 }
 
-/// Serves plain-text gRPC (Ingest and Query) on `listener` until `shutdown` completes. Then it stops
+/// Reads one PEM file for the TLS setup, checking it holds what it should.
+fn read_pem(path: &std::path::Path, marker: &str, what: &str) -> Result<Vec<u8>, RunError> {
+    let pem = std::fs::read(path).map_err(|e| RunError::TlsFile {
+        path: path.to_path_buf(),
+        message: format!("cannot read {what}: {e}"),
+    })?;
+    if !String::from_utf8_lossy(&pem).contains(marker) {
+        return Err(RunError::TlsFile {
+            path: path.to_path_buf(),
+            message: format!("no {what} in this file (expected a PEM block with '{marker}')"),
+        });
+    }
+    Ok(pem)
+}
+
+/// The server side of mTLS: our certificate, and client certificates required from `client_ca`.
+pub fn server_tls(files: &TlsFiles) -> Result<ServerTlsConfig, RunError> {
+    let cert = read_pem(&files.cert, "CERTIFICATE", "certificate")?;
+    let key = read_pem(&files.key, "PRIVATE KEY", "private key")?;
+    let ca = read_pem(&files.client_ca, "CERTIFICATE", "CA certificate")?;
+    Ok(ServerTlsConfig::new()
+        .identity(TlsIdentity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(ca))
+        .client_auth_optional(false))
+}
+
+/// Serves gRPC (Ingest and Query) with mTLS when `config.tls` is set, else plain text on loopback, on `listener` until `shutdown` completes. Then it stops
 /// accepting, lets open sessions commit and ack their in-flight batches (up to
 /// `config.shutdown_grace`), closes the database writer and returns.
 pub async fn run(
@@ -143,7 +209,23 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let addr = listener.local_addr().map_err(RunError::Listener)?;
-    check_plaintext(true, addr)?;
+    let tls = match &config.tls {
+        Some(files) => Some(server_tls(files)?),
+        None => {
+            check_plaintext(true, addr)?;
+            warn!(listen = %addr, "serving plain text without client certificates: every caller may ingest, read and change targets (--insecure)");
+            None
+        }
+    };
+    let mode = if tls.is_some() {
+        Mode::Certificates
+    } else {
+        Mode::Open
+    };
+    let revoked_initial = match &config.revoked {
+        Some(path) => auth::load_revoked(path)?,
+        None => Default::default(),
+    };
 
     let path = config.db_path.clone();
     let opts = config.store.clone();
@@ -154,6 +236,12 @@ pub async fn run(
     let (schedule, _) = watch::channel(1u64);
     let grace = config.shutdown_grace;
     let max_message = config.max_message_bytes;
+    let (revoked_tx, revoked) = watch::channel(Arc::new(revoked_initial));
+    if let Some(path) = config.revoked.clone() {
+        tasks.spawn(auth::watch_revoked(path, revoked_tx, token.clone()));
+    }
+    let counters = config.counters.clone();
+    let limiter = RateLimiter::new(config.limits.rate_per_sec, config.limits.burst);
     let shared = Arc::new(Shared {
         store: store.clone(),
         config,
@@ -161,8 +249,13 @@ pub async fn run(
         schedule,
         shutdown: token.clone(),
         tasks: tasks.clone(),
+        mode,
+        revoked,
+        limiter,
+        counters: counters.clone(),
     });
 
+    // Metrics (when asked for) and the retention job run until shutdown.
     // A taken metrics port must not keep the collector (and its agents' data) down: say it loudly.
     let http_listener = match shared.config.http {
         Some(addr) => match TcpListener::bind(addr).await {
@@ -203,14 +296,21 @@ pub async fn run(
         info!("shutting down: no new connections, draining sessions");
         stop.cancel();
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        // mTLS: a client certificate chaining to --client-ca is required for every connection.
+        builder = builder.tls_config(tls).map_err(RunError::Tls)?;
+    }
+    let server = builder
         // HTTP/2 keepalive: notice dead agents behind silent NATs.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Roles: the certificate's identity against the method (auth.rs), the one place it is checked.
+        .layer(AuthLayer::new(mode, counters))
         .add_service(ingest)
         .add_service(query)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
-    info!(listen = %addr, db = %shared.config.db_path.display(), "collector listening");
+    info!(listen = %addr, db = %shared.config.db_path.display(), tls = (mode == Mode::Certificates), "collector listening");
 
     let mut server = std::pin::pin!(server);
     let served = tokio::select! {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use mxscope_collector::{check_plaintext, run, Config};
+use mxscope_collector::limits::{parse_rate, Limits};
+use mxscope_collector::{check_plaintext, run, Config, TlsFiles};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -26,9 +27,40 @@ struct Args {
     /// SQLite database file (created if missing).
     #[arg(long, env = "MXSCOPE_DB", default_value = "./mxscope.db")]
     db: PathBuf,
-    /// Serve plain-text gRPC (loopback only; required until mTLS is configured).
-    #[arg(long, env = "MXSCOPE_INSECURE")]
+    /// Serve plain-text gRPC without client certificates (loopback only; everyone may do anything).
+    #[arg(long, env = "MXSCOPE_INSECURE", conflicts_with_all = ["tls_cert", "tls_key", "client_ca"])]
     insecure: bool,
+    /// The collector's server certificate (PEM), e.g. collector.pem from `mxscopectl ca init`.
+    #[arg(long, env = "MXSCOPE_TLS_CERT", requires_all = ["tls_key", "client_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "MXSCOPE_TLS_KEY", requires_all = ["tls_cert", "client_ca"])]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that agent and mxscopectl certificates must chain to; client certificates are required.
+    #[arg(long, env = "MXSCOPE_CLIENT_CA", requires_all = ["tls_cert", "tls_key"])]
+    client_ca: Option<PathBuf>,
+    /// Revoked agent ids, one per line (`#` comments); re-read within a second of a change.
+    #[arg(long, env = "MXSCOPE_REVOKED")]
+    revoked: Option<PathBuf>,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "MXSCOPE_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    max_message_bytes: usize,
+    /// Most results in one batch; a larger batch closes the session (ResourceExhausted).
+    #[arg(long, env = "MXSCOPE_MAX_BATCH", default_value_t = 5000)]
+    max_batch: usize,
+    /// Results per agent id (over all its connections), e.g. 5000/s or 600/m; above it the
+    /// collector stops reading from the agent until its bucket refills.
+    #[arg(long, env = "MXSCOPE_MAX_RATE", default_value = "5000/s", value_parser = parse_rate)]
+    max_rate: f64,
+    /// Results an agent may send at once above --max-rate.
+    #[arg(long, env = "MXSCOPE_RATE_BURST", default_value_t = 10_000.0)]
+    rate_burst: f64,
+    /// Results whose start time is further ahead than this are rejected.
+    #[arg(long, env = "MXSCOPE_MAX_FUTURE", default_value = "10m", value_parser = humantime::parse_duration)]
+    max_future: Duration,
+    /// Results whose start time is older than this are rejected.
+    #[arg(long, env = "MXSCOPE_MAX_AGE", default_value = "14d", value_parser = humantime::parse_duration)]
+    max_age: Duration,
     /// Default status window.
     #[arg(long, env = "MXSCOPE_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
     window: Duration,
@@ -96,7 +128,17 @@ fn init_tracing(format: LogFormat) {
 
 #[tokio::main]
 async fn serve(args: Args) -> anyhow::Result<()> {
-    check_plaintext(args.insecure, args.listen)?;
+    let tls = match (args.tls_cert, args.tls_key, args.client_ca) {
+        (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca,
+        }),
+        _ => {
+            check_plaintext(args.insecure, args.listen)?;
+            None
+        }
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {
@@ -116,6 +158,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.store.rollup_retention = args.rollup_retention.max(args.retention);
     config.quorum = args.quorum;
     config.http = args.http.0;
+    config.tls = tls;
+    config.revoked = args.revoked;
+    config.max_message_bytes = args.max_message_bytes;
+    config.max_batch_results = args.max_batch;
+    let mut limits = Limits::default();
+    limits.rate_per_sec = args.max_rate;
+    limits.burst = args.rate_burst;
+    limits.max_future = args.max_future;
+    limits.max_age = args.max_age;
+    config.limits = limits;
     run(config, listener, shutdown_signal()).await?;
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod postfix;
 pub mod probes;
 pub mod smtp_send;
 pub mod process;
+pub mod tls;
 pub mod wait;
 
 pub use lab::Lab;

@@ -408,10 +408,24 @@ impl Store {
         results: Vec<pb::ProbeResult>,
         at_us: i64,
     ) -> Pending<u64> {
+        self.store_checked_results(agent_id, region, results, Vec::new(), at_us)
+    }
+
+    /// Like [`Store::store_results`], with the seqs of the batch that the ingest limits refused:
+    /// they are counted in `agents.rejected_total` and the high-water mark moves past them.
+    pub fn store_checked_results(
+        &self,
+        agent_id: &str,
+        region: &str,
+        results: Vec<pb::ProbeResult>,
+        rejected: Vec<u64>,
+        at_us: i64,
+    ) -> Pending<u64> {
         let fut = self.submit(Op::Results {
             agent_id: agent_id.to_string(),
             region: region.to_string(),
             results,
+            rejected,
             at_us,
         });
         Box::pin(async move { fut.await?.seq() })

@@ -25,6 +25,8 @@ pub(crate) enum Op {
         agent_id: String,
         region: String,
         results: Vec<pb::ProbeResult>,
+        /// Seqs of the same batch refused by the ingest limits: counted and acked, not stored.
+        rejected: Vec<u64>,
         at_us: i64,
     },
     Heartbeat {
@@ -474,8 +476,19 @@ fn apply(tx: &Connection, op: Op, ctx: &mut Ctx<'_>) -> Result<Reply, StoreError
             agent_id,
             region,
             results,
+            rejected,
             at_us,
-        } => store_results(tx, ctx, &agent_id, &region, &results, at_us).map(Reply::Seq),
+        } => {
+            let before: Option<i64> = tx
+                .query_row(
+                    "SELECT stored_up_to_seq FROM agents WHERE id = ?1",
+                    [&agent_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let seq = store_results(tx, ctx, &agent_id, &region, &results, at_us)?;
+            skip_rejected(tx, &agent_id, &rejected, before.unwrap_or(0), seq).map(Reply::Seq)
+        }
         Op::Prune { now_us } => prune(tx, ctx.retention, now_us).map(Reply::Pruned),
         Op::Heartbeat {
             agent_id,
@@ -526,6 +539,33 @@ fn apply(tx: &Connection, op: Op, ctx: &mut Ctx<'_>) -> Result<Reply, StoreError
             Ok(Reply::Done)
         }
     }
+}
+
+/// Counts refused seqs above the agent's high-water mark before the batch (`before`) and raises
+/// the mark (`hwm`, already past the batch's stored results) past them, so the spool moves on.
+fn skip_rejected(
+    tx: &Connection,
+    agent_id: &str,
+    rejected: &[u64],
+    before: i64,
+    hwm: u64,
+) -> Result<u64, StoreError> {
+    let Some(&last) = rejected.iter().max() else {
+        return Ok(hwm);
+    };
+    // Seqs at or below the mark before this batch were counted when first sent.
+    let first_time = rejected
+        .iter()
+        .filter(|s| i64::try_from(**s).is_ok_and(|s| s > before))
+        .count();
+    let fresh = i64::try_from(first_time).unwrap_or(i64::MAX);
+    let up_to = hwm.max(last);
+    tx.execute(
+        "UPDATE agents SET rejected_total = rejected_total + ?1, stored_up_to_seq = max(stored_up_to_seq, ?2)
+         WHERE id = ?3",
+        params![fresh, to_i64(up_to)?, agent_id],
+    )?;
+    Ok(up_to)
 }
 
 fn to_i64(v: u64) -> Result<i64, StoreError> {
