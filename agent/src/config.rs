@@ -227,8 +227,11 @@ impl Target {
             interval,
             timeout,
             require_tls: spec.require_tls,
+            options: CheckOptions {
+                service_ports: ports.clone(),
+                ..CheckOptions::default()
+            },
             ports,
-            options: CheckOptions::default(),
         };
         Ok((target, problems))
     }
@@ -281,6 +284,23 @@ impl AgentConfig {
             Some(path) => load_targets(path)?,
             None => Vec::new(),
         };
+        for t in &targets {
+            if let Some(name) = t.options.credentials.as_deref() {
+                if credentials.get(name).is_none() {
+                    return Err(ConfigError::Flag {
+                        flag: "credentials",
+                        message: format!(
+                            "target '{}' refers to login '{name}', which {}",
+                            t.name,
+                            match &flags.credentials {
+                                Some(p) => format!("is not a [section] of {}", p.display()),
+                                None => "needs --credentials FILE".to_string(),
+                            }
+                        ),
+                    });
+                }
+            }
+        }
         let spool_dir = flags
             .spool
             .clone()
@@ -460,6 +480,8 @@ struct RawTarget {
     dkim_selectors: Option<Vec<Spanned<String>>>,
     dnsbl_zones: Option<Vec<Spanned<String>>>,
     queue_config_dir: Option<Spanned<String>>,
+    credentials: Option<Spanned<String>>,
+    mta_sts_port: Option<Spanned<i64>>,
 }
 
 /// Reads and validates a targets file.
@@ -738,6 +760,45 @@ fn validate_target(
         }
         options.postfix_config_dir = Some(dir.into_inner());
     }
+    options.service_ports = ports.clone();
+    if let Some(name) = raw.credentials {
+        let ok = !name.get_ref().is_empty()
+            && name
+                .get_ref()
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !ok {
+            return Err(err(
+                name.span().start,
+                "credentials",
+                format!(
+                    "'{}' is not a login name (a [section] of the --credentials file)",
+                    name.get_ref()
+                ),
+            ));
+        }
+        options.credentials = Some(name.into_inner());
+    }
+    if checks.contains(&CheckKind::Delivery) && options.credentials.is_none() {
+        return Err(err(
+            table_start,
+            "credentials",
+            "required by the 'delivery' check (the name of a login in the --credentials file)"
+                .into(),
+        ));
+    }
+    if let Some(p) = raw.mta_sts_port {
+        options.mta_sts_port = u16::try_from(*p.get_ref())
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                err(
+                    p.span().start,
+                    "mta_sts_port",
+                    format!("port {} is out of range (1-65535)", p.get_ref()),
+                )
+            })?;
+    }
     for (check, list, key) in [
         (CheckKind::Dkim, &options.dkim_selectors, "dkim_selectors"),
         (CheckKind::Dnsbl, &options.dnsbl_zones, "dnsbl_zones"),
@@ -948,6 +1009,28 @@ checks = ["smtp"]
         );
         let e = err("[[target]]\nname = \"bad name\"\nchecks = [\"mx\"]\n");
         assert!(e.starts_with("targets.toml:2: target[0].name:"), "{e}");
+    }
+
+    #[test]
+    fn delivery_and_mta_sts_fields() {
+        let text = "[[target]]\nname = \"mail.example.test\"\nkind = \"host\"\nchecks = [\"delivery\", \"mta-sts\"]\ncredentials = \"probe\"\nports = { submission = 2587, imaps = 2993 }\nmta_sts_port = 8443\n";
+        let t = &parse_targets("targets.toml", text).unwrap()[0];
+        assert_eq!(t.options.credentials.as_deref(), Some("probe"));
+        assert_eq!(t.options.mta_sts_port, 8443);
+        let spec = &t.check_specs()[0];
+        assert_eq!(spec.service_port(CheckKind::Submission), 2587);
+        assert_eq!(spec.service_port(CheckKind::Imaps), 2993);
+        assert_eq!(spec.service_port(CheckKind::Smtp), 25);
+        let e = err("[[target]]\nname = \"a.example\"\nchecks = [\"delivery\"]\n");
+        assert!(
+            e.contains("target[0].credentials: required by the 'delivery' check"),
+            "{e}"
+        );
+        let e = err("[[target]]\nname = \"a.example\"\nchecks = [\"mx\"]\nmta_sts_port = 0\n");
+        assert!(
+            e.contains("target[0].mta_sts_port: port 0 is out of range"),
+            "{e}"
+        );
     }
 
     #[test]

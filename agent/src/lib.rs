@@ -36,7 +36,8 @@ pub enum AgentError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// The probe context for this agent: the resolver, probe TLS roots and `--per-host` limits.
+/// The probe context for this agent: the resolver, probe TLS roots, `--per-host` limits and the
+/// `--credentials` logins.
 pub fn probe_context(
     config: &AgentConfig,
     resolver: Arc<dyn Resolve>,
@@ -47,6 +48,7 @@ pub fn probe_context(
         tls_roots,
         host_limits: HostLimits::new(config.per_host),
         helo_name: config.helo_name.clone(),
+        credentials: Arc::new(config.credentials.clone()),
     }
 }
 

@@ -26,6 +26,7 @@ pub fn context(dns: SocketAddr, ca_file: Option<&Path>) -> Result<ProbeContext> 
         tls_roots: Arc::new(roots),
         host_limits: HostLimits::new(4),
         helo_name: "probe.mxscope.test".to_string(),
+        credentials: Default::default(),
     })
 }
 

@@ -73,7 +73,7 @@ fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 }
 
 /// The status word of a tagged or untagged response line (`OK`, `NO`, `BAD`, `BYE`, `PREAUTH`).
-fn status_of<'a>(line: &'a str, tag: &str) -> Option<&'a str> {
+pub(crate) fn status_of<'a>(line: &'a str, tag: &str) -> Option<&'a str> {
     line.strip_prefix(tag)?
         .strip_prefix(' ')?
         .split_ascii_whitespace()
@@ -81,7 +81,12 @@ fn status_of<'a>(line: &'a str, tag: &str) -> Option<&'a str> {
 }
 
 /// Records a non-OK status as a failure in `phase`; returns true for OK.
-fn check_status(obs: &mut Observation, phase: Phase, line: &str, status: Option<&str>) -> bool {
+pub(crate) fn check_status(
+    obs: &mut Observation,
+    phase: Phase,
+    line: &str,
+    status: Option<&str>,
+) -> bool {
     let status = status.map(str::to_ascii_uppercase);
     let class = match status.as_deref() {
         Some("OK") => return true,
@@ -98,8 +103,42 @@ fn check_status(obs: &mut Observation, phase: Phase, line: &str, status: Option<
     false
 }
 
+/// Sends a tagged command and returns every line up to and including its tagged completion.
+pub(crate) async fn tagged_lines(
+    d: &mut Dialogue,
+    obs: &mut Observation,
+    tag: &str,
+    cmd: &str,
+    deadline: Instant,
+) -> Result<Vec<String>, DialogueError> {
+    let prefix = format!("{tag} ");
+    let line = format!("{tag} {cmd}");
+    d.exchange(obs, None, Some(&line), deadline, |l| {
+        Ok(l.starts_with(&prefix))
+    })
+    .await
+}
+
+/// Quotes `s` as an IMAP quoted string (RFC 3501 §4.3); `None` when it holds CR, LF or NUL,
+/// which only a literal can carry.
+pub(crate) fn quoted(s: &str) -> Option<String> {
+    if s.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+        return None;
+    }
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        if matches!(c, '"' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    Some(out)
+}
+
 /// Sends a tagged command and reads to its tagged completion; collects any capability lists.
-async fn tagged(
+pub(crate) async fn tagged(
     d: &mut Dialogue,
     obs: &mut Observation,
     phase: Option<Phase>,
@@ -296,6 +335,8 @@ mod tests {
         assert_eq!(status_of("a1 OK done", "a1"), Some("OK"));
         assert_eq!(status_of("* BYE too many", "*"), Some("BYE"));
         assert_eq!(status_of("a10 OK", "a1"), None);
+        assert_eq!(quoted(r#"pa"ss\w"#).as_deref(), Some(r#""pa\"ss\\w""#));
+        assert_eq!(quoted("a\r\nb"), None);
     }
 
     proptest! {

@@ -2,6 +2,7 @@
 //! returns observations; it knows nothing of gRPC, the spool or the schedule. A problem the probe
 //! finds (NXDOMAIN, refused, expired certificate) is an observation, never an `Err`.
 
+mod delivery;
 mod dialogue;
 mod dnsbl;
 mod endpoints;
@@ -20,6 +21,7 @@ mod tcp;
 mod testing;
 mod tls;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,6 +73,13 @@ pub struct CheckOptions {
     pub postfix_config_dir: Option<String>,
     /// `queue`: the `postqueue` program; `None` = `postqueue` from `PATH`.
     pub postqueue: Option<String>,
+    /// `delivery`: name of the login in the agent's `--credentials` file (never the secret itself).
+    pub credentials: Option<String>,
+    /// The target's port overrides for the services a compound check talks to (`delivery`:
+    /// submission and imaps; `dane`: smtp).
+    pub service_ports: BTreeMap<CheckKind, u16>,
+    /// `mta-sts`: HTTPS port of the policy host (443 in the real world).
+    pub mta_sts_port: u16,
 }
 
 impl Default for CheckOptions {
@@ -84,6 +93,9 @@ impl Default for CheckOptions {
             dnsbl_zones: Vec::new(),
             postfix_config_dir: None,
             postqueue: None,
+            credentials: None,
+            service_ports: BTreeMap::new(),
+            mta_sts_port: 443,
         }
     }
 }
@@ -91,6 +103,27 @@ impl Default for CheckOptions {
 impl CheckSpec {
     pub fn port(&self) -> Option<u16> {
         self.port.or(self.check.default_port())
+    }
+
+    /// The port of another service of the same target (`ports = { submission = 2587 }`), else
+    /// that service's well-known port.
+    pub fn service_port(&self, service: CheckKind) -> u16 {
+        self.options
+            .service_ports
+            .get(&service)
+            .copied()
+            .or(service.default_port())
+            .unwrap_or(0)
+    }
+
+    /// This spec re-aimed at `service` (its port override, its own certificate strictness), for
+    /// compound checks that run another check's dialogue.
+    pub(crate) fn for_service(&self, service: CheckKind) -> CheckSpec {
+        CheckSpec {
+            check: service,
+            port: Some(self.service_port(service)),
+            ..self.clone()
+        }
     }
 }
 
@@ -104,6 +137,18 @@ pub struct ProbeContext {
     pub host_limits: HostLimits,
     /// Name sent in EHLO.
     pub helo_name: String,
+    /// Logins from `--credentials` that probes refer to by name (passwords print as `***`).
+    pub credentials: Arc<crate::credentials::Credentials>,
+}
+
+impl std::fmt::Debug for ProbeContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProbeContext")
+            .field("tls_roots", &self.tls_roots.len())
+            .field("helo_name", &self.helo_name)
+            .field("credentials", &self.credentials)
+            .finish_non_exhaustive()
+    }
 }
 
 /// True when this agent has a probe for `check` (config rejects the others with a clear message).
@@ -125,6 +170,7 @@ pub fn supported(check: CheckKind) -> bool {
             | CheckKind::Tlsrpt
             | CheckKind::Dnsbl
             | CheckKind::Queue
+            | CheckKind::Delivery
     )
 }
 
@@ -139,7 +185,7 @@ pub enum ProbeError {
 /// Longest wait for a TCP connect.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Extra time past the total deadline before a stuck probe is abandoned (a safety net only).
-const GRACE: Duration = Duration::from_millis(500);
+pub(crate) const GRACE: Duration = Duration::from_millis(500);
 
 /// One address of one check, as a per-address probe sees it.
 pub(crate) struct Target<'a> {
@@ -150,6 +196,8 @@ pub(crate) struct Target<'a> {
     pub addr: SocketAddr,
     /// End of the whole probe run.
     pub deadline: Instant,
+    /// When set, a TLS handshake stores the peer's certificate chain (leaf first, DER) here.
+    pub peer_chain: Option<&'a std::sync::Mutex<Vec<Vec<u8>>>>,
 }
 
 impl Target<'_> {
@@ -183,6 +231,7 @@ pub async fn run_check(spec: &CheckSpec, ctx: &ProbeContext) -> Vec<Observation>
         CheckKind::Tlsrpt => vec![records::tlsrpt_check(spec, resolver, start_us, deadline).await],
         CheckKind::Dnsbl => vec![dnsbl::check(spec, resolver, start_us, deadline).await],
         CheckKind::Queue => vec![queue::check(spec, start_us, deadline).await],
+        CheckKind::Delivery => vec![delivery::check(spec, ctx, start_us, deadline).await],
         check if check.per_address() && supported(check) => {
             per_address(spec, ctx, start_us, deadline).await
         }
@@ -255,6 +304,7 @@ async fn per_address(
             host: &a.host,
             addr: SocketAddr::new(a.ip, port),
             deadline,
+            peer_chain: None,
         };
         async move {
             let guarded = probe_address(&target, &mut obs);

@@ -85,125 +85,20 @@ impl Extensions {
     }
 }
 
+/// An SMTP session ready for `MAIL FROM`: greeting read, EHLO answered, TLS up where offered.
+pub(crate) struct Session {
+    pub d: Dialogue,
+    /// True when the session runs over TLS (implicit or after STARTTLS).
+    pub tls: bool,
+    /// The extensions of the last EHLO (the one after TLS when TLS is up).
+    pub ext: Extensions,
+}
+
 /// Runs the SMTP dialogue against one address.
 pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
-    let Some(stream) = tcp::connect(obs, t.addr, t.phase_deadline(CONNECT_TIMEOUT)).await else {
+    let Some(Session { mut d, .. }) = open(t, obs).await else {
         return;
     };
-    let implicit = t.spec.check == CheckKind::Smtps;
-    obs.fact("tls.implicit", implicit);
-    let mut io: Box<dyn Io> = Box::new(stream);
-    if implicit {
-        match tls::handshake(io, t, obs).await {
-            Some(tls) => io = tls,
-            None => return,
-        }
-    }
-    let mut d = Dialogue::new(io, Bounds::default());
-
-    // Never send a byte before the complete greeting (postscreen punishes early talkers).
-    let started = Instant::now();
-    let banner = d.read_reply(t.phase_deadline(REPLY_TIMEOUT)).await;
-    obs.timing(Phase::Banner, started.elapsed());
-    let banner = match banner {
-        Ok(r) => r,
-        Err(e) => return e.record(obs, Phase::Banner),
-    };
-    obs.fact("smtp.banner", truncate(&banner.text(), 512));
-    obs.fact("smtp.banner_code", banner.code);
-    if !banner.expect(220, obs, Phase::Banner) {
-        return finish(d, t, obs, &banner).await;
-    }
-
-    let ehlo_cmd = format!("EHLO {}", t.ctx.helo_name);
-    let ehlo = match d
-        .command(obs, Phase::Ehlo, &ehlo_cmd, t.phase_deadline(REPLY_TIMEOUT))
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => return e.record(obs, Phase::Ehlo),
-    };
-    if !ehlo.expect(250, obs, Phase::Ehlo) {
-        return finish(d, t, obs, &ehlo).await;
-    }
-    let ext = parse_ehlo(&ehlo.lines);
-    ext.record(obs, "smtp.");
-    let submission = t.spec.check == CheckKind::Submission;
-
-    if implicit {
-        obs.fact("smtp.auth_after_tls", !ext.auth.is_empty());
-    } else {
-        if submission {
-            let before = !ext.auth.is_empty();
-            obs.fact("smtp.auth_before_tls", before);
-            if before {
-                obs.problem(
-                    Outcome::Warn,
-                    ErrorClass::Policy,
-                    Phase::Ehlo,
-                    "AUTH is offered before TLS: passwords may cross the network in clear",
-                );
-            }
-        }
-        if !ext.starttls {
-            let outcome = if t.spec.require_tls {
-                Outcome::Fail
-            } else {
-                Outcome::Warn
-            };
-            obs.problem(
-                outcome,
-                ErrorClass::NoStarttls,
-                Phase::Ehlo,
-                "server does not offer STARTTLS",
-            );
-        } else {
-            let r = match d
-                .command(
-                    obs,
-                    Phase::Starttls,
-                    "STARTTLS",
-                    t.phase_deadline(REPLY_TIMEOUT),
-                )
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => return e.record(obs, Phase::Starttls),
-            };
-            if !r.expect(220, obs, Phase::Starttls) {
-                return finish(d, t, obs, &r).await;
-            }
-            d = match d.upgrade_tls(t, obs).await {
-                Some(d) => d,
-                None => return,
-            };
-            // EHLO again: the server forgets everything it learned before TLS (RFC 3207 §4.2).
-            let started = Instant::now();
-            let again = async {
-                d.send(&ehlo_cmd, t.phase_deadline(REPLY_TIMEOUT)).await?;
-                d.read_reply(t.phase_deadline(REPLY_TIMEOUT)).await
-            }
-            .await;
-            obs.fact(
-                "smtp.tls.ehlo_us",
-                i64::try_from(started.elapsed().as_micros()).unwrap_or(i64::MAX),
-            );
-            let again = match again {
-                Ok(r) => r,
-                Err(e) => return e.record(obs, Phase::Ehlo),
-            };
-            if !again.expect(250, obs, Phase::Ehlo) {
-                return finish(d, t, obs, &again).await;
-            }
-            let ext = parse_ehlo(&again.lines);
-            obs.fact("smtp.tls.extensions", ext.keywords.join(" "));
-            obs.fact("smtp.tls.auth", ext.auth.join(" "));
-            if submission {
-                obs.fact("smtp.auth_after_tls", !ext.auth.is_empty());
-            }
-        }
-    }
-
     if let Some(rcpt) = t.spec.options.rcpt_to.as_deref() {
         let from = t.spec.options.mail_from.as_deref().unwrap_or("");
         let steps = [
@@ -231,8 +126,138 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
     quit(d, t, obs).await;
 }
 
+/// Connect → (TLS) → greeting → EHLO → STARTTLS → TLS → EHLO, each phase timed and its facts
+/// recorded on `obs`. `None` when the dialogue ended early (the reason is recorded on `obs`).
+pub(crate) async fn open(t: &Target<'_>, obs: &mut Observation) -> Option<Session> {
+    let stream = tcp::connect(obs, t.addr, t.phase_deadline(CONNECT_TIMEOUT)).await?;
+    let implicit = t.spec.check == CheckKind::Smtps;
+    obs.fact("tls.implicit", implicit);
+    let mut io: Box<dyn Io> = Box::new(stream);
+    if implicit {
+        io = tls::handshake(io, t, obs).await?;
+    }
+    let mut d = Dialogue::new(io, Bounds::default());
+
+    // Never send a byte before the complete greeting (postscreen punishes early talkers).
+    let started = Instant::now();
+    let banner = d.read_reply(t.phase_deadline(REPLY_TIMEOUT)).await;
+    obs.timing(Phase::Banner, started.elapsed());
+    let banner = match banner {
+        Ok(r) => r,
+        Err(e) => {
+            e.record(obs, Phase::Banner);
+            return None;
+        }
+    };
+    obs.fact("smtp.banner", truncate(&banner.text(), 512));
+    obs.fact("smtp.banner_code", banner.code);
+    if !banner.expect(220, obs, Phase::Banner) {
+        finish(d, t, obs, &banner).await;
+        return None;
+    }
+
+    let ehlo_cmd = format!("EHLO {}", t.ctx.helo_name);
+    let ehlo = match d
+        .command(obs, Phase::Ehlo, &ehlo_cmd, t.phase_deadline(REPLY_TIMEOUT))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            e.record(obs, Phase::Ehlo);
+            return None;
+        }
+    };
+    if !ehlo.expect(250, obs, Phase::Ehlo) {
+        finish(d, t, obs, &ehlo).await;
+        return None;
+    }
+    let ext = parse_ehlo(&ehlo.lines);
+    ext.record(obs, "smtp.");
+    let submission = t.spec.check == CheckKind::Submission;
+
+    if implicit {
+        obs.fact("smtp.auth_after_tls", !ext.auth.is_empty());
+        return Some(Session { d, tls: true, ext });
+    }
+    if submission {
+        let before = !ext.auth.is_empty();
+        obs.fact("smtp.auth_before_tls", before);
+        if before {
+            obs.problem(
+                Outcome::Warn,
+                ErrorClass::Policy,
+                Phase::Ehlo,
+                "AUTH is offered before TLS: passwords may cross the network in clear",
+            );
+        }
+    }
+    if !ext.starttls {
+        let outcome = if t.spec.require_tls {
+            Outcome::Fail
+        } else {
+            Outcome::Warn
+        };
+        obs.problem(
+            outcome,
+            ErrorClass::NoStarttls,
+            Phase::Ehlo,
+            "server does not offer STARTTLS",
+        );
+        return Some(Session { d, tls: false, ext });
+    }
+    let r = match d
+        .command(
+            obs,
+            Phase::Starttls,
+            "STARTTLS",
+            t.phase_deadline(REPLY_TIMEOUT),
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            e.record(obs, Phase::Starttls);
+            return None;
+        }
+    };
+    if !r.expect(220, obs, Phase::Starttls) {
+        finish(d, t, obs, &r).await;
+        return None;
+    }
+    let mut d = d.upgrade_tls(t, obs).await?;
+    // EHLO again: the server forgets everything it learned before TLS (RFC 3207 §4.2).
+    let started = Instant::now();
+    let again = async {
+        d.send(&ehlo_cmd, t.phase_deadline(REPLY_TIMEOUT)).await?;
+        d.read_reply(t.phase_deadline(REPLY_TIMEOUT)).await
+    }
+    .await;
+    obs.fact(
+        "smtp.tls.ehlo_us",
+        i64::try_from(started.elapsed().as_micros()).unwrap_or(i64::MAX),
+    );
+    let again = match again {
+        Ok(r) => r,
+        Err(e) => {
+            e.record(obs, Phase::Ehlo);
+            return None;
+        }
+    };
+    if !again.expect(250, obs, Phase::Ehlo) {
+        finish(d, t, obs, &again).await;
+        return None;
+    }
+    let ext = parse_ehlo(&again.lines);
+    obs.fact("smtp.tls.extensions", ext.keywords.join(" "));
+    obs.fact("smtp.tls.auth", ext.auth.join(" "));
+    if submission {
+        obs.fact("smtp.auth_after_tls", !ext.auth.is_empty());
+    }
+    Some(Session { d, tls: true, ext })
+}
+
 /// Ends after a negative reply: a `421` means the server is closing, so just close; else QUIT.
-async fn finish(d: Dialogue, t: &Target<'_>, obs: &mut Observation, last: &Reply) {
+pub(crate) async fn finish(d: Dialogue, t: &Target<'_>, obs: &mut Observation, last: &Reply) {
     if last.code == 421 {
         d.close(t.phase_deadline(REPLY_TIMEOUT)).await;
     } else {
@@ -241,7 +266,7 @@ async fn finish(d: Dialogue, t: &Target<'_>, obs: &mut Observation, last: &Reply
 }
 
 /// Sends QUIT and reads the 221 (a server that just closes is fine too).
-async fn quit(mut d: Dialogue, t: &Target<'_>, obs: &mut Observation) {
+pub(crate) async fn quit(mut d: Dialogue, t: &Target<'_>, obs: &mut Observation) {
     match d
         .command(obs, Phase::Quit, "QUIT", t.phase_deadline(REPLY_TIMEOUT))
         .await

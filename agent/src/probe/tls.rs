@@ -1,5 +1,6 @@
 //! Probe TLS (rustls, ring): a verifier that records webpki's verdict and the leaf certificate but
 //! lets the handshake finish, so bad certificates are reported with their facts, not as a bare failure.
+//! The peer's chain can be handed back (DANE matches it against TLSA records).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -155,6 +156,10 @@ pub(crate) async fn handshake(
     match result {
         Ok(Ok(stream)) => {
             let (_, conn) = stream.get_ref();
+            if let (Some(sink), Some(chain)) = (target.peer_chain, conn.peer_certificates()) {
+                *sink.lock().unwrap_or_else(|e| e.into_inner()) =
+                    chain.iter().map(|c| c.as_ref().to_vec()).collect();
+            }
             if let Some(v) = conn.protocol_version() {
                 obs.fact("tls.version", version_name(v));
             }

@@ -31,6 +31,7 @@ fn context_with(roots: rustls::RootCertStore) -> ProbeContext {
         tls_roots: Arc::new(roots),
         host_limits: HostLimits::new(2),
         helo_name: "probe.mxscope.test".to_string(),
+        credentials: Default::default(),
     }
 }
 
@@ -40,6 +41,7 @@ fn context(resolver: FakeResolver) -> ProbeContext {
         tls_roots: Arc::new(rustls::RootCertStore::empty()),
         host_limits: HostLimits::new(2),
         helo_name: "probe.mxscope.test".to_string(),
+        credentials: Default::default(),
     }
 }
 
