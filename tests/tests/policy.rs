@@ -1,8 +1,12 @@
 //! Policy checks against a real nsd serving good and broken records of each kind: SPF (too many
 //! lookups, two records, +all), DMARC p=none, short/revoked DKIM keys, null MX, CNAME MX, PTR
-//! mismatch (a 127.in-addr.arpa zone) and a blocklist zone with a listed address.
+//! mismatch (a 127.in-addr.arpa zone), a blocklist zone with a listed address, MTA-STS policies
+//! served by a real nginx, and DANE TLSA records for a real Postfix's certificate.
 
 use mxscope_proto::{CheckKind, ErrorClass, FactValue, Observation, Outcome};
+use mxscope_tests::certs::TestCa;
+use mxscope_tests::net::unique_loopback;
+use mxscope_tests::nginx::{Nginx, Site};
 use mxscope_tests::nsd::{MailZone, Nsd, Zone};
 use mxscope_tests::probes::{context, run_one, spec};
 use mxscope_tests::Lab;
@@ -237,4 +241,89 @@ fn dnsbl_against_a_real_blocklist_zone() {
     assert_eq!(o.outcome, Outcome::Ok, "{}", o.message);
     assert_eq!(int(&o, "dnsbl.addresses"), 1);
     assert_eq!(text(&o, "dnsbl.bl.test.127.0.0.3"), "not_listed");
+}
+
+/// An MTA-STS policy for `mx` patterns in enforce mode.
+fn sts_policy(mx: &[&str]) -> String {
+    let mut p = "version: STSv1\r\nmode: enforce\r\n".to_string();
+    for m in mx {
+        p += &format!("mx: {m}\r\n");
+    }
+    p + "max_age: 604800\r\n"
+}
+
+#[test]
+fn mta_sts_policy_served_by_a_real_nginx() {
+    let lab = Lab::new("policy-mta-sts").expect("lab");
+    let ca = TestCa::new(lab.path()).expect("ca");
+    let web = unique_loopback();
+    let site = |domain: &str, mx: &[&str]| {
+        let host = format!("mta-sts.{domain}");
+        let cert = ca.valid_for(&host, &host).expect("policy host cert");
+        Site::new(&host, cert).file("/.well-known/mta-sts.txt", &sts_policy(mx))
+    };
+    let nginx = Nginx::start(
+        &lab,
+        "sts",
+        web,
+        &[
+            // mx2 is missing from this policy.
+            site("sts-bad.test", &["mx1.sts-bad.test"]),
+            site(
+                "sts-good.test",
+                &["mx1.sts-good.test", "*.backup.sts-good.test"],
+            ),
+        ],
+    )
+    .expect("nginx");
+    let zone = |domain: &str, second: &str| {
+        MailZone::new(domain)
+            .mx(10, "mx1", &["127.0.0.2".parse().unwrap()])
+            .mx(20, second, &["127.0.0.3".parse().unwrap()])
+            .record("_mta-sts IN TXT \"v=STSv1; id=20250301T000000\"")
+            .record(&format!("mta-sts IN A {web}"))
+            .build()
+    };
+    let nsd = Nsd::start(
+        &lab,
+        &[
+            zone("sts-bad.test", "mx2"),
+            zone("sts-good.test", "mx2.backup"),
+        ],
+    )
+    .expect("nsd");
+    let ctx = context(nsd.addr(), Some(ca.ca_file())).expect("probe context");
+    let run = |domain: &str| {
+        let mut s = spec(domain, CheckKind::MtaSts);
+        s.options.mta_sts_port = nginx.addr().port();
+        run_one(&ctx, &s).expect("one observation")
+    };
+
+    let o = run("sts-bad.test");
+    assert_problem(&o, Outcome::Fail, ErrorClass::Policy, "mx2.sts-bad.test");
+    assert!(o.message.contains("mode enforce"), "{}", o.message);
+    assert_eq!(text(&o, "mta_sts.mx_uncovered"), "mx2.sts-bad.test");
+    assert_eq!(text(&o, "mta_sts.mode"), "enforce");
+    assert_eq!(text(&o, "mta_sts.id"), "20250301T000000");
+    assert_eq!(int(&o, "mta_sts.max_age"), 604_800);
+    assert_eq!(int(&o, "mta_sts.http_status"), 200);
+    assert!(flag(&o, "cert.verified"));
+
+    let o = run("sts-good.test");
+    assert_eq!(o.outcome, Outcome::Ok, "{}: {:?}", o.message, o.facts);
+    assert_eq!(
+        text(&o, "mta_sts.mx"),
+        "mx1.sts-good.test,*.backup.sts-good.test"
+    );
+    assert_eq!(text(&o, "mta_sts.mx_uncovered"), "");
+    assert_eq!(text(&o, "mta_sts.content_type"), "text/plain");
+    assert_eq!(o.endpoint.ip, Some(std::net::IpAddr::V4(web)));
+
+    // Both policies really came from nginx.
+    let log = nginx.access_log();
+    assert_eq!(
+        log.matches("GET /.well-known/mta-sts.txt").count(),
+        2,
+        "{log}"
+    );
 }

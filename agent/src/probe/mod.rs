@@ -9,6 +9,7 @@ mod endpoints;
 mod icmp;
 mod imap;
 pub mod limits;
+mod mtasts;
 mod mx;
 pub mod policy;
 mod pop3;
@@ -171,6 +172,7 @@ pub fn supported(check: CheckKind) -> bool {
             | CheckKind::Dnsbl
             | CheckKind::Queue
             | CheckKind::Delivery
+            | CheckKind::MtaSts
     )
 }
 
@@ -232,6 +234,7 @@ pub async fn run_check(spec: &CheckSpec, ctx: &ProbeContext) -> Vec<Observation>
         CheckKind::Dnsbl => vec![dnsbl::check(spec, resolver, start_us, deadline).await],
         CheckKind::Queue => vec![queue::check(spec, start_us, deadline).await],
         CheckKind::Delivery => vec![delivery::check(spec, ctx, start_us, deadline).await],
+        CheckKind::MtaSts => vec![mtasts::check(spec, ctx, start_us, deadline).await],
         check if check.per_address() && supported(check) => {
             per_address(spec, ctx, start_us, deadline).await
         }

@@ -1,0 +1,373 @@
+//! The `mta-sts` check (RFC 8461): the `_mta-sts` TXT record, the policy fetched over HTTPS from
+//! `mta-sts.<domain>` (our resolver, probe TLS roots, HTTP 200 only, no redirects, 64 KiB at most)
+//! and its `mx` patterns against the domain's MX set.
+
+use std::net::SocketAddr;
+
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use mxscope_proto::{CheckKind, Endpoint, ErrorClass, FactValue, Observation, Outcome, Phase};
+use tokio::time::Instant;
+
+use super::endpoints::bounded;
+use super::policy::mtasts::{self as policy, Mode};
+use super::records::txt_or_empty;
+use super::{tcp, tls, CheckSpec, ProbeContext, Target, CONNECT_TIMEOUT, GRACE};
+
+/// Largest policy body read (RFC 8461 §3.3 lets senders stop at 64 KiB).
+pub(crate) const MAX_POLICY_BYTES: usize = 64 * 1024;
+/// Where the policy lives on the policy host.
+pub(crate) const POLICY_PATH: &str = "/.well-known/mta-sts.txt";
+/// A `max_age` below this is reported: senders would refetch the policy all the time.
+const SHORT_MAX_AGE: u32 = 86_400;
+
+/// Runs the `mta-sts` check; one observation.
+pub(crate) async fn check(
+    spec: &CheckSpec,
+    ctx: &ProbeContext,
+    start_us: i64,
+    deadline: Instant,
+) -> Observation {
+    let mut obs = Observation::new(
+        &spec.target,
+        Endpoint::host(&spec.target),
+        CheckKind::MtaSts,
+        start_us,
+    );
+    let finished =
+        tokio::time::timeout_at(deadline + GRACE, run(spec, ctx, deadline, &mut obs)).await;
+    if finished.is_err() {
+        obs.problem(
+            Outcome::Fail,
+            ErrorClass::Timeout,
+            Phase::Total,
+            "probe overran its deadline",
+        );
+    }
+    obs
+}
+
+async fn run(spec: &CheckSpec, ctx: &ProbeContext, deadline: Instant, obs: &mut Observation) {
+    let resolver = ctx.resolver.as_ref();
+    let domain = spec.target.trim_end_matches('.');
+    let started = Instant::now();
+    let name = format!("_mta-sts.{domain}");
+    let txt = txt_or_empty(resolver, &name, deadline).await;
+    let mx = bounded(domain, deadline, resolver.mx(domain)).await;
+    obs.timing(Phase::Resolve, started.elapsed());
+    let txt = match txt {
+        Ok(t) => t,
+        Err(e) => {
+            obs.problem(
+                Outcome::Fail,
+                e.class,
+                Phase::Resolve,
+                format!("MTA-STS record lookup: {e}"),
+            );
+            return;
+        }
+    };
+    let record = match policy::select_record(&txt) {
+        Ok(r) => r,
+        Err(e) => {
+            obs.problem(
+                Outcome::Fail,
+                ErrorClass::Policy,
+                Phase::Resolve,
+                format!("{name}: {e}"),
+            );
+            return;
+        }
+    };
+    obs.fact("mta_sts.id", record.id.as_str());
+    let mx_hosts: Vec<String> = match mx {
+        Ok(a) => a
+            .records
+            .into_iter()
+            .map(|r| r.exchange)
+            .filter(|h| !h.is_empty() && h != ".")
+            .collect(),
+        // RFC 5321 §5.1: without MX the domain itself receives mail.
+        Err(e) if e.class == ErrorClass::DnsNodata => vec![domain.to_string()],
+        Err(e) => {
+            obs.problem(
+                Outcome::Fail,
+                e.class,
+                Phase::Resolve,
+                format!("MX lookup for {domain}: {e}"),
+            );
+            return;
+        }
+    };
+    obs.fact("mta_sts.mx_hosts", mx_hosts.join(","));
+
+    let host = format!("mta-sts.{domain}");
+    let Some(body) = fetch(spec, ctx, &host, deadline, obs).await else {
+        return;
+    };
+    let parsed = match policy::parse_policy(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            obs.problem(
+                Outcome::Fail,
+                ErrorClass::Policy,
+                Phase::Total,
+                format!("MTA-STS policy of {domain} does not parse: {e}"),
+            );
+            return;
+        }
+    };
+    let mode = match parsed.mode {
+        Mode::Enforce => "enforce",
+        Mode::Testing => "testing",
+        Mode::None => "none",
+    };
+    obs.fact("mta_sts.mode", mode)
+        .fact("mta_sts.max_age", parsed.max_age)
+        .fact("mta_sts.mx", parsed.mx.join(","));
+    let uncovered = policy::check_mx_set(&parsed, &mx_hosts);
+    obs.fact("mta_sts.mx_uncovered", uncovered.join(","));
+    if !uncovered.is_empty() && parsed.mode != Mode::None {
+        let outcome = if parsed.mode == Mode::Enforce {
+            Outcome::Fail
+        } else {
+            Outcome::Warn
+        };
+        obs.problem(
+            outcome,
+            ErrorClass::Policy,
+            Phase::Total,
+            format!(
+                "MX host {} of {domain} not listed in its MTA-STS policy (mode {mode}): senders \
+                 that enforce the policy will not deliver there",
+                uncovered.join(", ")
+            ),
+        );
+    }
+    if parsed.max_age < SHORT_MAX_AGE {
+        obs.problem(
+            Outcome::Warn,
+            ErrorClass::Policy,
+            Phase::Total,
+            format!(
+                "MTA-STS max_age of {domain} is {}s, under a day",
+                parsed.max_age
+            ),
+        );
+    }
+}
+
+/// GETs the policy from `host` over HTTPS: address from our resolver, certificate checked strictly
+/// against the probe roots, one request, HTTP 200 only. `None` when anything failed (recorded).
+async fn fetch(
+    spec: &CheckSpec,
+    ctx: &ProbeContext,
+    host: &str,
+    deadline: Instant,
+    obs: &mut Observation,
+) -> Option<String> {
+    let started = Instant::now();
+    let ips = bounded(host, deadline, ctx.resolver.ips(host)).await;
+    obs.fact(
+        "mta_sts.policy_resolve_us",
+        i64::try_from(started.elapsed().as_micros()).unwrap_or(i64::MAX),
+    );
+    let ip = match ips.map(|a| a.records.first().copied()) {
+        Ok(Some(ip)) => ip,
+        Ok(None) => {
+            obs.problem(
+                Outcome::Fail,
+                ErrorClass::DnsNodata,
+                Phase::Resolve,
+                format!("policy host {host} has no address"),
+            );
+            return None;
+        }
+        Err(e) => {
+            obs.problem(
+                Outcome::Fail,
+                e.class,
+                Phase::Resolve,
+                format!("policy host {host}: {e}"),
+            );
+            return None;
+        }
+    };
+    let port = spec.options.mta_sts_port;
+    let addr = SocketAddr::new(ip, port);
+    obs.endpoint = Endpoint {
+        host: host.to_string(),
+        ip: Some(ip),
+        port,
+    };
+    // The policy host's certificate must be valid (RFC 8461 §3.3): judged strictly.
+    let https = CheckSpec {
+        require_tls: true,
+        port: Some(port),
+        ..spec.clone()
+    };
+    let t = Target {
+        spec: &https,
+        ctx,
+        host,
+        addr,
+        deadline,
+        peer_chain: None,
+    };
+    let stream = tcp::connect(obs, addr, t.phase_deadline(CONNECT_TIMEOUT)).await?;
+    let io = tls::handshake(Box::new(stream), &t, obs).await?;
+    if obs.outcome == Outcome::Fail {
+        // An untrusted, expired or misnamed certificate: the policy must not be used.
+        return None;
+    }
+    let authority = if port == 443 {
+        host.to_string()
+    } else {
+        format!("{host}:{port}")
+    };
+    match tokio::time::timeout_at(deadline, get(io, &authority)).await {
+        Ok(Ok(response)) => accept(obs, host, response),
+        Ok(Err(message)) => {
+            obs.problem(Outcome::Fail, ErrorClass::Protocol, Phase::Total, message);
+            None
+        }
+        Err(_) => {
+            obs.problem(
+                Outcome::Fail,
+                ErrorClass::Timeout,
+                Phase::Total,
+                format!("no complete policy from {host} before the deadline"),
+            );
+            None
+        }
+    }
+}
+
+/// What the policy host answered.
+struct Response {
+    status: u16,
+    location: Option<String>,
+    content_type: Option<String>,
+    /// `Err` when the body was longer than [`MAX_POLICY_BYTES`] or broke off.
+    body: Result<Bytes, String>,
+}
+
+/// One HTTP/1.1 GET of the policy path over `io` (hyper drives the connection).
+async fn get(io: Box<dyn super::dialogue::Io>, authority: &str) -> Result<Response, String> {
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .map_err(|e| format!("http handshake: {e}"))?;
+    let driver = tokio::spawn(conn);
+    let request = hyper::Request::get(POLICY_PATH)
+        .header(hyper::header::HOST, authority)
+        .header(hyper::header::USER_AGENT, "mxscope-agent")
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("http request: {e}"))?;
+    let result = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("http request: {e}"))?;
+        let header = |name: hyper::header::HeaderName| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        let status = response.status().as_u16();
+        let location = header(hyper::header::LOCATION);
+        let content_type = header(hyper::header::CONTENT_TYPE);
+        let body = match Limited::new(response.into_body(), MAX_POLICY_BYTES)
+            .collect()
+            .await
+        {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(format!(
+                "policy is larger than {} KiB",
+                MAX_POLICY_BYTES / 1024
+            )),
+            Err(e) => Err(format!("policy body: {e}")),
+        };
+        Ok(Response {
+            status,
+            location,
+            content_type,
+            body,
+        })
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+/// Judges the response: only a 200 with a small UTF-8 body is a policy.
+fn accept(obs: &mut Observation, host: &str, r: Response) -> Option<String> {
+    obs.fact("mta_sts.http_status", r.status);
+    if let Some(ct) = &r.content_type {
+        obs.fact("mta_sts.content_type", ct.as_str());
+    }
+    if (300..400).contains(&r.status) {
+        obs.problem(
+            Outcome::Fail,
+            ErrorClass::Policy,
+            Phase::Total,
+            format!(
+                "https://{host}{POLICY_PATH} answered HTTP {} (redirect to {}): RFC 8461 §3.3 \
+                 forbids following redirects",
+                r.status,
+                r.location.as_deref().unwrap_or("nowhere")
+            ),
+        );
+        return None;
+    }
+    if r.status != 200 {
+        obs.problem(
+            Outcome::Fail,
+            ErrorClass::Policy,
+            Phase::Total,
+            format!("https://{host}{POLICY_PATH} answered HTTP {}", r.status),
+        );
+        return None;
+    }
+    let body = match r.body {
+        Ok(b) => b,
+        Err(message) => {
+            obs.problem(
+                Outcome::Fail,
+                ErrorClass::Policy,
+                Phase::Total,
+                format!("https://{host}{POLICY_PATH}: {message}"),
+            );
+            return None;
+        }
+    };
+    obs.fact("mta_sts.policy_bytes", FactValue::from(body.len()));
+    let Ok(text) = String::from_utf8(body.to_vec()) else {
+        obs.problem(
+            Outcome::Fail,
+            ErrorClass::Policy,
+            Phase::Total,
+            format!("https://{host}{POLICY_PATH}: policy is not UTF-8 text"),
+        );
+        return None;
+    };
+    let plain = r.content_type.as_deref().is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/plain"))
+    });
+    if !plain {
+        obs.problem(
+            Outcome::Warn,
+            ErrorClass::Policy,
+            Phase::Total,
+            format!(
+                "https://{host}{POLICY_PATH} is served as {}, not text/plain",
+                r.content_type.as_deref().unwrap_or("no content type")
+            ),
+        );
+    }
+    Some(text)
+}
