@@ -13,10 +13,12 @@
 //! appends queued while it was busy into one write and one fsync. Every state change (ack, drop,
 //! seq floor, counted losses) is fsynced before the segments it makes obsolete are deleted.
 //!
-//! Damage found on open: a torn tail is truncated to the last good record (an incomplete record was
-//! never acknowledged to its caller, so its seq may be given again); a damaged record elsewhere is
-//! skipped by scanning for the next valid record, and the records lost are counted exactly from the
-//! seq gap, logged and added to `dropped_total` once (the state remembers the ranges it counted).
+//! Damage found on open: a torn or damaged tail is truncated to the last good record; if the cut
+//! record's header still names its seq, that result is counted as lost and its seq is never given
+//! again (bytes without a readable header name no result). A damaged record elsewhere is skipped
+//! by scanning for the next valid record, and the records lost are counted exactly from the seq
+//! gap. Every loss is logged and added to `dropped_total` once (the state remembers the ranges it
+//! counted), so the collector sees it in the next hello or heartbeat.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -390,16 +392,13 @@ impl Spool {
             }
             let mut bytes = buf.len() as u64;
             if let Some(at) = damaged_at {
-                // A complete record with a bad checksum at the very end was committed, then damaged:
-                // count it and never give its seq again. A short record is a torn, uncommitted write.
-                if let (Some(RECORD_MAGIC), Some(seq), Some(len)) = (
-                    le_u32(&buf, at),
-                    le_u64(&buf, at + 4),
-                    le_u32(&buf, at + 12),
-                ) {
-                    let complete = at + HEADER_LEN + len as usize == buf.len();
-                    if complete && seq == last_seen.max(covered) + 1 {
-                        warn!(path = %path.display(), seq, "last spool record damaged, dropped");
+                // A record whose header still names the next seq was given that seq for a finished
+                // probe: damaged after its commit or torn while being written, its result is gone.
+                // Count it and never give its seq again. Bytes without a readable header (zero
+                // fill, a torn header) name no result and are only cut off.
+                if let (Some(RECORD_MAGIC), Some(seq)) = (le_u32(&buf, at), le_u64(&buf, at + 4)) {
+                    if seq == last_seen.max(covered) + 1 {
+                        warn!(path = %path.display(), seq, "last spool record torn or damaged, dropped");
                         report.lost_records += new_state.count_lost(seq, seq);
                         last_seen = seq;
                     }
@@ -1063,25 +1062,48 @@ mod tests {
         drop(f);
         let (mut s, report) = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(report.truncated_bytes, 25);
-        assert_eq!(
-            report.lost_records, 0,
-            "an incomplete record was never committed"
-        );
+        assert_eq!(report.lost_records, 1, "record 4 was given a seq: counted");
+        assert_eq!(s.dropped_total(), 1);
         assert_eq!(fs::metadata(seg).unwrap().len(), last);
         assert!(last < len);
         assert_eq!(seqs(&s.read_from(0, 10).unwrap()), vec![1, 2, 3]);
-        assert_eq!(s.append("a1", obs(1)).unwrap(), vec![4]);
+        assert_eq!(
+            s.append("a1", obs(1)).unwrap(),
+            vec![5],
+            "seq 4 is not reused"
+        );
         drop(s);
         let (mut s, report) = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(
             report,
             OpenReport {
                 depth: 4,
-                highest_seq: 4,
+                highest_seq: 5,
                 ..Default::default()
             }
         );
-        assert_eq!(seqs(&s.read_from(0, 10).unwrap()), vec![1, 2, 3, 4]);
+        assert_eq!(s.dropped_total(), 1, "counted once");
+        assert_eq!(seqs(&s.read_from(0, 10).unwrap()), vec![1, 2, 3, 5]);
+    }
+
+    #[test]
+    fn torn_header_is_cut_without_counting() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Spool::open(dir.path(), 1 << 20).unwrap();
+            s.append("a1", obs(2)).unwrap();
+        }
+        let seg = &segment_files(dir.path())[0];
+        let end = fs::metadata(seg).unwrap().len();
+        // A write torn inside the first record's header: no seq can be read.
+        let f = OpenOptions::new().append(true).open(seg).unwrap();
+        (&f).write_all(&RECORD_MAGIC.to_le_bytes()[..3]).unwrap();
+        drop(f);
+        let (mut s, report) = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(report.truncated_bytes, 3);
+        assert_eq!(report.lost_records, 0);
+        assert_eq!(fs::metadata(seg).unwrap().len(), end);
+        assert_eq!(s.append("a1", obs(1)).unwrap(), vec![3]);
     }
 
     #[test]
