@@ -44,6 +44,10 @@ fn store_status(err: StoreError) -> Status {
         )),
         StoreError::TargetNotFound(name) => Status::not_found(unknown_target(&name)),
         StoreError::WriterClosed => Status::unavailable("collector is shutting down"),
+        // Retryable: the agent keeps its results in its spool and reconnects with backoff.
+        StoreError::DiskFull { .. } => Status::unavailable(
+            "collector storage is full (disk full): results not stored, keep them and retry later",
+        ),
         other => {
             tracing::error!(error = %chain(&other), "internal error");
             Status::internal("internal error (see the collector log)")

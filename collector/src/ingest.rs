@@ -170,7 +170,10 @@ impl Ingest for IngestService {
                 at_us: now_us(),
             })
             .await
-            .map_err(ServiceError::from)?;
+            .map_err(|err| {
+                warn!(agent.id = %hello.agent_id, error = %chain(&err), "registering the agent failed");
+                ServiceError::from(err)
+            })?;
         if hello.highest_seq < stored {
             warn!(agent.id = %hello.agent_id, highest_seq = hello.highest_seq, stored_up_to_seq = stored,
                 "agent reports a highest seq below what is stored; results up to the stored seq will be skipped");

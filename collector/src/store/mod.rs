@@ -65,6 +65,10 @@ pub enum StoreError {
     TargetExists(String),
     #[error("unknown target '{0}'")]
     TargetNotFound(String),
+    /// The disk holding the database is full (`SQLITE_FULL`): nothing was stored, so nothing may
+    /// be acked; the write can be retried once space is back.
+    #[error("database '{}' is on a full disk (SQLITE_FULL): nothing is stored until space is freed", path.display())]
+    DiskFull { path: PathBuf },
     #[error("database writer has stopped")]
     WriterClosed,
     #[error("database task failed")]
@@ -294,12 +298,10 @@ impl Store {
         let stats = Arc::new(WriterStats::default());
         let (tx, rx) = std::sync::mpsc::channel();
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
-        let handle =
-            writer::spawn(conn, rx, opts.clone(), stats.clone(), events.clone()).map_err(|e| {
-                StoreError::Open {
-                    path: path.to_path_buf(),
-                    source: io_to_sqlite(e),
-                }
+        let handle = writer::spawn(conn, path, rx, opts.clone(), stats.clone(), events.clone())
+            .map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                source: io_to_sqlite(e),
             })?;
         Ok(Store {
             path: path.to_path_buf(),
@@ -515,6 +517,24 @@ impl Store {
         self.read(move |c| read::results(c, &filter, since_us, limit))
             .await
     }
+}
+
+impl StoreError {
+    /// True when SQLite said the disk is full (`SQLITE_FULL`), judged by the error code.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::DiskFull { .. } => true,
+            StoreError::Sqlite(e) | StoreError::Open { source: e, .. } => is_sqlite_full(e),
+            StoreError::Migrate { source, .. } => is_sqlite_full(source),
+            StoreError::Commit(e) => is_sqlite_full(e),
+            _ => false,
+        }
+    }
+}
+
+/// `SQLITE_FULL` by its primary result code (never by message text).
+pub(crate) fn is_sqlite_full(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
 }
 
 impl Reply {

@@ -2,6 +2,7 @@
 //! applies up to `batch_max` of them (or what arrives within `linger`) in one transaction and
 //! answers each request only after COMMIT returned.
 
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -71,16 +72,20 @@ pub(crate) enum Msg {
 
 pub(crate) fn spawn(
     conn: Connection,
+    path: &Path,
     rx: Receiver<Msg>,
     opts: StoreOptions,
     stats: Arc<WriterStats>,
     events: broadcast::Sender<pb::WatchEvent>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let path = path.to_path_buf();
     std::thread::Builder::new()
         .name("mxscope-db-writer".into())
         .spawn(move || {
             let w = Writer {
                 conn,
+                path,
+                disk_full: false,
                 opts,
                 stats,
                 events,
@@ -140,6 +145,10 @@ impl Delta {
 
 struct Writer {
     conn: Connection,
+    /// The database file, named in disk-full reports.
+    path: PathBuf,
+    /// The last transaction failed on a full disk (logged once per episode).
+    disk_full: bool,
     opts: StoreOptions,
     stats: Arc<WriterStats>,
     events: broadcast::Sender<pb::WatchEvent>,
@@ -232,6 +241,16 @@ impl Writer {
             &self.stats.commit_micros,
             u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         );
+        // A full disk fails single statements (rolled back to their savepoint) or the COMMIT.
+        let full = outcome.as_ref().err().is_some_and(StoreError::is_disk_full)
+            || answers
+                .iter()
+                .any(|(_, res)| res.as_ref().err().is_some_and(StoreError::is_disk_full));
+        self.note_disk_full(full, outcome.is_ok());
+        let answers: Vec<_> = answers
+            .into_iter()
+            .map(|(reply, res)| (reply, res.map_err(|e| self.classify(e))))
+            .collect();
         match outcome {
             Ok(()) => {
                 bump(&self.stats.results_stored, delta.stored);
@@ -242,6 +261,15 @@ impl Writer {
                     let _ = self.events.send(e);
                 }
                 for (reply, res) in answers {
+                    let _ = reply.send(res);
+                }
+            }
+            Err(err) if full => {
+                tracing::debug!(error = %err, requests = n, "database transaction failed on a full disk");
+                for (reply, res) in answers {
+                    let res = res.and(Err(StoreError::DiskFull {
+                        path: self.path.clone(),
+                    }));
                     let _ = reply.send(res);
                 }
             }
@@ -257,6 +285,30 @@ impl Writer {
                     let _ = reply.send(res);
                 }
             }
+        }
+    }
+
+    /// A request error as the caller should see it: `SQLITE_FULL` becomes [`StoreError::DiskFull`].
+    fn classify(&self, err: StoreError) -> StoreError {
+        if err.is_disk_full() {
+            StoreError::DiskFull {
+                path: self.path.clone(),
+            }
+        } else {
+            err
+        }
+    }
+
+    /// Logs the start and the end of a disk-full episode once each (not once per batch).
+    fn note_disk_full(&mut self, full: bool, committed: bool) {
+        if full && !self.disk_full {
+            tracing::error!(db = %self.path.display(),
+                "database disk full (SQLITE_FULL): ingest paused, nothing is acked, agents keep \
+                 their results in their spools and retry; free space on the disk to resume");
+            self.disk_full = true;
+        } else if !full && committed && self.disk_full {
+            tracing::info!(db = %self.path.display(), "database disk has space again, ingest resumed");
+            self.disk_full = false;
         }
     }
 }
