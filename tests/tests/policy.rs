@@ -327,3 +327,112 @@ fn mta_sts_policy_served_by_a_real_nginx() {
         "{log}"
     );
 }
+
+/// The hex digest `openssl dgst -r` prints for a shell pipeline ending in it.
+fn openssl_hex(pipeline: &str) -> String {
+    let sh = mxscope_tests::binaries::system_tool("sh", "dash").expect("sh");
+    mxscope_tests::binaries::system_tool("openssl", "openssl").expect("openssl");
+    let out = mxscope_tests::process::run(&sh, &["-c", pipeline]).expect("openssl pipeline");
+    let hex = out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(hex.len(), 64, "not a SHA-256 digest: {out}");
+    hex
+}
+
+#[test]
+fn dane_tlsa_against_a_real_postfix_certificate() {
+    let lab = Lab::new("policy-dane").expect("lab");
+    let ca = TestCa::new(lab.path()).expect("ca");
+    let ip = unique_loopback();
+    let names = [
+        "mx.dane-ok.test",
+        "mx.dane-ta.test",
+        "mx.dane-bad.test",
+        "mx.dane-none.test",
+    ];
+    let leaf = ca
+        .issue("mx-dane", &names, mxscope_tests::certs::Validity::Valid)
+        .expect("mx cert");
+    // Postfix presents leaf + CA, so a DANE-TA record finds its anchor in the chain.
+    let mut served = leaf.clone();
+    served.cert = lab.path().join("mx-dane-chain.crt");
+    let chain = std::fs::read_to_string(&leaf.cert).expect("leaf pem")
+        + &std::fs::read_to_string(ca.ca_file()).expect("ca pem");
+    std::fs::write(&served.cert, chain).expect("write chain");
+    let pf = mxscope_tests::postfix::Postfix::start(
+        &lab,
+        "dane",
+        mxscope_tests::postfix::PostfixConfig::new(ip, "mx.dane-ok.test").cert(served),
+    )
+    .expect("postfix");
+
+    // Digests computed by openssl, independently of the probe's code.
+    let spki = openssl_hex(&format!(
+        "openssl x509 -in {} -noout -pubkey | openssl pkey -pubin -outform DER | openssl dgst -sha256 -r",
+        leaf.cert.display()
+    ));
+    let ca_cert = openssl_hex(&format!(
+        "openssl x509 -in {} -outform DER | openssl dgst -sha256 -r",
+        ca.ca_file().display()
+    ));
+    let zone = |domain: &str, tlsa: Option<String>| {
+        let z = MailZone::new(domain).mx(10, "mx", &[ip]);
+        match tlsa {
+            Some(t) => z.record(&format!("_25._tcp.mx IN TLSA {t}")),
+            None => z,
+        }
+        .build()
+    };
+    let nsd = Nsd::start(
+        &lab,
+        &[
+            zone("dane-ok.test", Some(format!("3 1 1 {spki}"))),
+            zone("dane-ta.test", Some(format!("2 0 1 {ca_cert}"))),
+            zone("dane-bad.test", Some(format!("3 1 1 {}", "00".repeat(32)))),
+            zone("dane-none.test", None),
+        ],
+    )
+    .expect("nsd");
+    // No CA for probe TLS: DANE-EE needs no public trust.
+    let ctx = context(nsd.addr(), None).expect("probe context");
+    let run = |domain: &str| {
+        let mut s = spec(domain, CheckKind::Dane);
+        s.options
+            .service_ports
+            .insert(CheckKind::Smtp, pf.ports().smtp);
+        run_one(&ctx, &s).expect("one observation")
+    };
+    let at = format!("dane.0.{ip}");
+
+    let o = run("dane-ok.test");
+    assert_eq!(o.outcome, Outcome::Ok, "{}: {:?}", o.message, o.facts);
+    assert!(flag(&o, "dane.present"));
+    assert!(flag(&o, &format!("{at}.match")), "{:?}", o.facts);
+    assert_eq!(text(&o, &format!("{at}.matched")), format!("3 1 1 {spki}"));
+    assert_eq!(text(&o, "dane.dnssec"), "unknown");
+    assert_eq!(text(&o, "dane.0.host"), "mx.dane-ok.test");
+
+    let o = run("dane-ta.test");
+    assert_eq!(o.outcome, Outcome::Ok, "{}: {:?}", o.message, o.facts);
+    assert_eq!(
+        text(&o, &format!("{at}.matched")),
+        format!("2 0 1 {ca_cert}")
+    );
+
+    let o = run("dane-bad.test");
+    assert_problem(
+        &o,
+        Outcome::Fail,
+        ErrorClass::Policy,
+        "no TLSA record at _25._tcp.mx.dane-bad.test matches",
+    );
+    assert!(!flag(&o, &format!("{at}.match")));
+
+    let o = run("dane-none.test");
+    assert_eq!(o.outcome, Outcome::Ok, "{}: {:?}", o.message, o.facts);
+    assert!(!flag(&o, "dane.present"));
+    assert!(!flag(&o, "dane.0.present"));
+}

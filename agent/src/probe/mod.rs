@@ -2,6 +2,7 @@
 //! returns observations; it knows nothing of gRPC, the spool or the schedule. A problem the probe
 //! finds (NXDOMAIN, refused, expired certificate) is an observation, never an `Err`.
 
+mod dane;
 mod delivery;
 mod dialogue;
 mod dnsbl;
@@ -173,6 +174,7 @@ pub fn supported(check: CheckKind) -> bool {
             | CheckKind::Queue
             | CheckKind::Delivery
             | CheckKind::MtaSts
+            | CheckKind::Dane
     )
 }
 
@@ -235,6 +237,7 @@ pub async fn run_check(spec: &CheckSpec, ctx: &ProbeContext) -> Vec<Observation>
         CheckKind::Queue => vec![queue::check(spec, start_us, deadline).await],
         CheckKind::Delivery => vec![delivery::check(spec, ctx, start_us, deadline).await],
         CheckKind::MtaSts => vec![mtasts::check(spec, ctx, start_us, deadline).await],
+        CheckKind::Dane => vec![dane::check(spec, ctx, start_us, deadline).await],
         check if check.per_address() && supported(check) => {
             per_address(spec, ctx, start_us, deadline).await
         }
