@@ -33,6 +33,11 @@ pub struct PostfixConfig {
     pub lmtp: Option<(String, PathBuf)>,
     /// Dovecot auth socket for SASL AUTH on submission/smtps (offered only after TLS).
     pub sasl_socket: Option<PathBuf>,
+    /// Submission offers AUTH before TLS too (`smtpd_tls_auth_only = no`): the lax setup a
+    /// probe warns about.
+    pub auth_before_tls: bool,
+    /// Extra `main.cf` lines, written last (so they win over the defaults above them).
+    pub extra_main_cf: Vec<String>,
 }
 
 impl PostfixConfig {
@@ -43,6 +48,8 @@ impl PostfixConfig {
             cert: None,
             lmtp: None,
             sasl_socket: None,
+            auth_before_tls: false,
+            extra_main_cf: Vec::new(),
         }
     }
 
@@ -267,6 +274,7 @@ fn main_cf(
             path_str(socket)?
         ));
     }
+    lines.extend(cfg.extra_main_cf.iter().cloned());
     Ok(lines.join("\n") + "\n")
 }
 
@@ -280,8 +288,9 @@ fn master_cf(cfg: &PostfixConfig, ports: &PostfixPorts) -> String {
         )
     });
     m += &format!(
-        "{ip}:{} inet n - n - - smtpd\n  -o syslog_name=postfix/submission\n  -o smtpd_tls_auth_only=yes\n{}",
+        "{ip}:{} inet n - n - - smtpd\n  -o syslog_name=postfix/submission\n  -o smtpd_tls_auth_only={}\n{}",
         ports.submission,
+        if cfg.auth_before_tls { "no" } else { "yes" },
         sasl.clone().unwrap_or_default()
     );
     if let Some(port) = ports.smtps {
