@@ -597,6 +597,59 @@ mod tests {
         );
     }
 
+    /// The global limit: of 200 slow probes due within 10 s, never more than `concurrency` run at
+    /// once.
+    #[tokio::test(start_paused = true)]
+    async fn global_concurrency_limit_holds() {
+        const LIMIT: usize = 8;
+        let interval = Duration::from_secs(10);
+        let local: Vec<Target> = (0..200)
+            .map(|i| target(&format!("g{i}.example"), &[CheckKind::Mx], interval))
+            .collect();
+        let prober = Arc::new(HostBoundProber {
+            // One host each and a generous host limit: only the global limit can bind.
+            limits: HostLimits::new(100),
+            hold: Duration::from_secs(2),
+            epoch: Instant::now(),
+            host_of: (0..200)
+                .map(|i| (format!("g{i}.example"), format!("mx{i}.example")))
+                .collect(),
+            starts: Mutex::default(),
+            connected: Mutex::default(),
+            max_connected: Mutex::default(),
+            waited: Mutex::default(),
+        });
+        let sink = Arc::new(MemorySink::default());
+        let (_tx, rx) = watch::channel(None);
+        let stop = CancellationToken::new();
+        let mut sched = scheduler(local, rx, prober.clone(), sink.clone());
+        sched.concurrency = LIMIT;
+        let task = tokio::spawn(sched.run(stop.clone()));
+        let mut peak = 0;
+        let until = Instant::now() + interval;
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let now: usize = prober.connected.lock().unwrap().values().sum();
+            peak = peak.max(now);
+        }
+        stop.cancel();
+        task.await.unwrap();
+
+        assert_eq!(peak, LIMIT, "the limit is reached and never exceeded");
+        // 200 runs of 2 s, 8 at a time, need 50 s: in 10 s about 40 start, the rest wait and
+        // give up on the stop; every run that started is stored.
+        let started = prober.starts.lock().unwrap().len();
+        assert!(
+            (LIMIT * 4..200).contains(&started),
+            "{started} probes started"
+        );
+        assert_eq!(
+            sink.0.lock().unwrap().len(),
+            started,
+            "every started run stored"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn offset_is_stable_and_within_interval() {
         let i = Duration::from_secs(60);
