@@ -160,6 +160,8 @@ fn assert_tls_facts(o: &Observation, host: &str, implicit: bool) {
     assert_eq!(text(o, "tls.version"), "TLSv1.3", "{o:#?}");
     let cipher = text(o, "tls.cipher");
     assert!(cipher.starts_with("TLS13_"), "cipher {cipher}");
+    // Mail servers negotiate no ALPN; the probe does not claim one.
+    assert!(o.fact_of("tls.alpn").is_none(), "{o:#?}");
     assert!(
         text(o, "cert.issuer").contains("CN=mxscope test CA"),
         "{o:#?}"
@@ -424,6 +426,40 @@ fn smtp_submission_and_smtps_with_a_valid_certificate() {
         !line.contains("data="),
         "the probe never sends DATA: {line}"
     );
+    // Polite: smtpd saw no command before its greeting or before a reply.
+    let log = std::fs::read_to_string(&maillog).expect("postfix maillog");
+    assert!(
+        !log.contains("improper command pipelining"),
+        "the probe talked out of turn:\n{log}"
+    );
+
+    // Greylisting at RCPT is recognised as such and is only a warning.
+    let rcpt = |to: &str| {
+        let to = to.to_string();
+        mx.probe_with(&ctx, CheckKind::Smtp, move |s| {
+            s.options.mail_from = Some("probe@mxscope.test".into());
+            s.options.rcpt_to = Some(to);
+        })
+    };
+    let o = rcpt("grey@valid.test");
+    assert_problem(&o, Outcome::Warn, ErrorClass::Greylisted, Phase::Rcpt);
+    assert_eq!(int(&o, "smtp.rcpt.code"), 450);
+    assert_eq!(text(&o, "smtp.rcpt.enhanced"), "4.7.1");
+    // Another temporary failure is a 4xx failure.
+    let o = rcpt("full@valid.test");
+    assert_problem(&o, Outcome::Fail, ErrorClass::Reply4xx, Phase::Rcpt);
+    assert_eq!(int(&o, "smtp.rcpt.code"), 450);
+    assert_eq!(text(&o, "smtp.rcpt.enhanced"), "4.2.2");
+
+    // Days-left thresholds are the target's: the same 89-day certificate warns, then fails.
+    let o = mx.probe_with(&ctx, CheckKind::Smtp, |s| s.options.cert_warn_days = 120);
+    assert_problem(&o, Outcome::Warn, ErrorClass::CertExpiring, Phase::Tls);
+    assert!(o.message.contains(&text(&o, "cert.not_after")), "{o:#?}");
+    let o = mx.probe_with(&ctx, CheckKind::Submission, |s| {
+        s.options.cert_warn_days = 200;
+        s.options.cert_fail_days = 120;
+    });
+    assert_problem(&o, Outcome::Fail, ErrorClass::CertExpiring, Phase::Tls);
 }
 
 #[test]
