@@ -48,8 +48,9 @@ pub fn is_label(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-/// A host or domain name: dot-separated labels of letters, digits and inner hyphens, at most 253
-/// characters, last label not all digits. One trailing dot is allowed.
+/// A host or domain name: dot-separated labels of letters, digits, inner hyphens and underscores
+/// (as in `_dmarc`-style names, which ctl and the agent accept too), at most 253 characters, last
+/// label not all digits. One trailing dot is allowed.
 pub fn is_domain_name(s: &str) -> bool {
     let s = s.strip_suffix('.').unwrap_or(s);
     if s.is_empty() || s.len() > 253 {
@@ -61,7 +62,7 @@ pub fn is_domain_name(s: &str) -> bool {
             && l.len() <= 63
             && !l.starts_with('-')
             && !l.ends_with('-')
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     labels.iter().all(label_ok)
         && labels
@@ -182,7 +183,7 @@ mod tests {
             "-a.test",
             "a-.test",
             "a..test",
-            "under_score.test",
+            "under score.test",
             "256.1.1.1",
             "a b",
             &"x".repeat(64),
@@ -190,6 +191,8 @@ mod tests {
             let err = validate(&spec(bad, &["mx"])).unwrap_err();
             assert!(matches!(err, TargetError::BadName(_)), "{bad}: {err}");
         }
+        // Underscores are accepted, as ctl and the agent's config accept them.
+        assert!(validate(&spec("_dmarc.under_score.test", &["mx"])).is_ok());
         let msg = validate(&spec("bad name", &["mx"]))
             .unwrap_err()
             .to_string();

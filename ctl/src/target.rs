@@ -162,9 +162,11 @@ fn validate(spec: &pb::TargetSpec) -> Result<(), Failure> {
     orphans.sort_unstable();
     if !orphans.is_empty() {
         return Err(Failure::Usage(format!(
-            "port override for {} but the target does not run that check (checks: {})",
+            "port override for {} but the target does not run that check (checks: {}); \
+             drop it with {}",
             orphans.join(", "),
-            spec.checks.join(",")
+            spec.checks.join(","),
+            orphans.iter().map(|c| format!("--port {c}=")).collect::<Vec<_>>().join(" ")
         )));
     }
     Ok(())
