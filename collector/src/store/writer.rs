@@ -216,7 +216,8 @@ impl Writer {
         let committed = &self.series;
         let outcome = (|| -> Result<(), StoreError> {
             let mut tx = self.conn.transaction()?;
-            for Request { op, reply } in batch {
+            let mut requests = batch.into_iter();
+            while let Some(Request { op, reply }) = requests.next() {
                 let mut mine = Delta::default();
                 let mut ctx = Ctx {
                     committed,
@@ -225,11 +226,21 @@ impl Writer {
                     policy,
                     retention,
                 };
-                let res = apply_isolated(&mut tx, op, &mut ctx);
+                let (res, intact) = apply_isolated(&mut tx, op, &mut ctx);
                 if res.is_ok() {
                     delta.absorb(mine);
                 }
                 answers.push((reply, res));
+                if !intact {
+                    // SQLite rolled the whole transaction back (it does on SQLITE_FULL) or the
+                    // savepoint could not be undone: nothing of this batch may commit. The
+                    // requests not applied get the batch's error below.
+                    answers.extend(requests.map(|r| (r.reply, Ok(Reply::Done))));
+                    return Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                        Some("transaction rolled back after a failed statement".into()),
+                    )));
+                }
             }
             flush(&tx, &delta)?;
             tx.commit()?;
@@ -246,7 +257,8 @@ impl Writer {
             || answers
                 .iter()
                 .any(|(_, res)| res.as_ref().err().is_some_and(StoreError::is_disk_full));
-        self.note_disk_full(full, outcome.is_ok());
+        // Only stored results prove there is space again (an empty prune round commits on a full disk).
+        self.note_disk_full(full, outcome.is_ok() && delta.stored > 0);
         let answers: Vec<_> = answers
             .into_iter()
             .map(|(reply, res)| (reply, res.map_err(|e| self.classify(e))))
@@ -300,13 +312,13 @@ impl Writer {
     }
 
     /// Logs the start and the end of a disk-full episode once each (not once per batch).
-    fn note_disk_full(&mut self, full: bool, committed: bool) {
+    fn note_disk_full(&mut self, full: bool, stored: bool) {
         if full && !self.disk_full {
             tracing::error!(db = %self.path.display(),
                 "database disk full (SQLITE_FULL): ingest paused, nothing is acked, agents keep \
                  their results in their spools and retry; free space on the disk to resume");
             self.disk_full = true;
-        } else if !full && committed && self.disk_full {
+        } else if !full && stored && self.disk_full {
             tracing::info!(db = %self.path.display(), "database disk has space again, ingest resumed");
             self.disk_full = false;
         }
@@ -503,20 +515,26 @@ fn unsigned(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// Applies one request inside a savepoint. The flag is false when the enclosing transaction
+/// can no longer be trusted (SQLite rolled it back, or the savepoint could not be undone); the
+/// error returned is always the request's own (e.g. `SQLITE_FULL`), not the follow-up one.
 fn apply_isolated(
     tx: &mut Transaction<'_>,
     op: Op,
     ctx: &mut Ctx<'_>,
-) -> Result<Reply, StoreError> {
-    let mut sp = tx.savepoint()?;
+) -> (Result<Reply, StoreError>, bool) {
+    let mut sp = match tx.savepoint() {
+        Ok(sp) => sp,
+        Err(e) => return (Err(e.into()), false),
+    };
     match apply(&sp, op, ctx) {
-        Ok(r) => {
-            sp.commit()?;
-            Ok(r)
-        }
+        Ok(r) => match sp.commit() {
+            Ok(()) => (Ok(r), true),
+            Err(e) => (Err(e.into()), false),
+        },
         Err(e) => {
-            sp.rollback()?;
-            Err(e)
+            let intact = sp.rollback().is_ok() && !sp.is_autocommit();
+            (Err(e), intact)
         }
     }
 }
@@ -850,5 +868,95 @@ impl Row {
             timings: serde_json::to_string(&timings).unwrap_or_else(|_| "[]".into()),
             facts: serde_json::to_string(&facts).unwrap_or_else(|_| "[]".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{open_write, schema, SCHEMA_VERSION};
+
+    fn request(tx: &std::sync::mpsc::Sender<Msg>, op: Op) -> Result<Reply, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        tx.send(Msg::Write(Request { op, reply }))
+            .expect("writer alive");
+        rx.blocking_recv().expect("answered")
+    }
+
+    fn results(from: u64, n: u64) -> Op {
+        Op::Results {
+            agent_id: "a1".into(),
+            region: "eu".into(),
+            results: (from..from + n)
+                .map(|seq| pb::ProbeResult {
+                    agent_id: "a1".into(),
+                    seq,
+                    target: "example.test".into(),
+                    check: "smtp".into(),
+                    start_us: 1_000_000,
+                    message: "x".repeat(500),
+                    ..Default::default()
+                })
+                .collect(),
+            rejected: Vec::new(),
+            at_us: 1,
+        }
+    }
+
+    /// SQLite's `max_page_count` answers `SQLITE_FULL` exactly like a full disk.
+    #[test]
+    fn a_full_database_is_disk_full_nothing_is_stored_and_it_is_retryable() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("full.db");
+        let mut conn = open_write(&path).expect("open");
+        schema::migrate_to(&mut conn, &path, SCHEMA_VERSION).expect("migrate");
+        let hello = Op::Hello(AgentHello {
+            id: "a1".into(),
+            region: "eu".into(),
+            ..Default::default()
+        });
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .expect("page count");
+        conn.pragma_update(None, "max_page_count", pages + 2)
+            .expect("cap the file");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (events, _) = broadcast::channel(16);
+        let handle = spawn(
+            conn,
+            &path,
+            rx,
+            StoreOptions::default(),
+            Arc::new(WriterStats::default()),
+            events,
+        )
+        .expect("writer");
+        assert!(matches!(request(&tx, hello), Ok(Reply::Seq(0))));
+        let err = match request(&tx, results(1, 200)) {
+            Err(e) => e,
+            Ok(_) => panic!("200 results of 500 bytes cannot fit in two pages"),
+        };
+        assert!(err.is_disk_full(), "{err:?}");
+        assert!(
+            matches!(&err, StoreError::DiskFull { path: p } if *p == path),
+            "{err:?}"
+        );
+        let status = tonic::Status::from(crate::error::ServiceError::from(err));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("disk full"), "{status:?}");
+        // Nothing of the failed batch is stored: the high-water mark did not move.
+        let hwm: i64 = Connection::open(&path)
+            .expect("reader")
+            .query_row(
+                "SELECT stored_up_to_seq FROM agents WHERE id = 'a1'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("agent row");
+        assert_eq!(hwm, 0);
+        // A batch that fits still commits: the writer keeps going.
+        assert!(matches!(request(&tx, results(1, 1)), Ok(Reply::Seq(1))));
+        drop(tx);
+        handle.join().expect("writer thread");
     }
 }
