@@ -40,6 +40,9 @@ impl Collector {
                 "--db",
                 &path_str(db)?,
                 "--insecure",
+                // A free metrics port, so collectors of tests running side by side never collide.
+                "--http",
+                "127.0.0.1:0",
             ])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
