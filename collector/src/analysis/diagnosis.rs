@@ -222,18 +222,31 @@ pub fn diagnose(
             .filter_map(|r| r.error_class.as_deref())
             .collect();
         let classes: Vec<&str> = classes.into_iter().collect();
+        // The other fresh regions are fine only if they do not fail this check some other way
+        // (e.g. still refused while one region already sees a new certificate).
+        let failing_otherwise: BTreeSet<&str> = mine
+            .iter()
+            .filter(|r| r.check == check && r.state == RegionState::Failing)
+            .map(|r| r.region.as_str())
+            .filter(|r| fresh.contains(r) && !regions.contains(r))
+            .collect();
         let where_ = if everywhere {
             "seen from every region".to_string()
         } else {
-            format!(
-                "only from {} (fine from {})",
-                regions.iter().copied().collect::<Vec<_>>().join(", "),
-                fresh
-                    .difference(&regions)
-                    .copied()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
+            let list = |set: &BTreeSet<&str>| set.iter().copied().collect::<Vec<_>>().join(", ");
+            let fine: BTreeSet<&str> = fresh
+                .difference(&regions)
+                .copied()
+                .filter(|r| !failing_otherwise.contains(r))
+                .collect();
+            let mut s = format!("only from {}", list(&regions));
+            if !fine.is_empty() {
+                s.push_str(&format!(" (fine from {})", list(&fine)));
+            }
+            if !failing_otherwise.is_empty() {
+                s.push_str(&format!(" ({} fail otherwise)", list(&failing_otherwise)));
+            }
+            s
         };
         findings.push(Finding {
             layer: Some(layer),
@@ -467,6 +480,40 @@ mod tests {
             f[1].evidence.iter().all(|e| e.contains("2026-10-01")),
             "{:?}",
             f[1].evidence
+        );
+    }
+
+    #[test]
+    fn regions_failing_another_way_are_not_called_fine() {
+        // Dovecot came back with an expired certificate: eu-west has probed it already, the
+        // others still see the refused connection from before.
+        let mut expired = row("t.test", "imaps", "eu-west", Failing, Some("cert_expired"));
+        expired.phase = Some("tls".into());
+        let rows = vec![
+            expired,
+            row("t.test", "imaps", "us-east", Failing, Some("refused")),
+            row("t.test", "imaps", "ap-south", Failing, Some("refused")),
+            row("t.test", "imaps", "sa-east", Fine, None),
+        ];
+        let f = diagnose("t.test", &rows, &BTreeSet::new());
+        let tls = f
+            .iter()
+            .find(|f| f.layer == Some(Layer::Tls))
+            .expect("tls finding");
+        assert_eq!(tls.scope, "regions");
+        assert_eq!(
+            tls.summary,
+            "imaps: tls cert_expired, only from eu-west (fine from sa-east) \
+             (ap-south, us-east fail otherwise)"
+        );
+        let net = f
+            .iter()
+            .find(|f| f.layer == Some(Layer::Network))
+            .expect("network finding");
+        assert_eq!(
+            net.summary,
+            "imaps: network refused, only from ap-south, us-east (fine from sa-east) \
+             (eu-west fail otherwise)"
         );
     }
 
