@@ -25,6 +25,11 @@ pub struct DovecotConfig {
     pub cert: Option<CertFiles>,
     /// Test users: (login, password). Login may be `user@domain`.
     pub users: Vec<(String, String)>,
+    /// Network namespace to run in (`ip netns exec`); `ip` is then an address of that namespace
+    /// and fixed [`DovecotConfig::ports`] are needed.
+    pub netns: Option<String>,
+    /// Fixed ports instead of free ones (e.g. the real 143 and 993 inside a lab namespace).
+    pub ports: Option<DovecotPorts>,
 }
 
 impl DovecotConfig {
@@ -33,7 +38,16 @@ impl DovecotConfig {
             ip,
             cert: None,
             users: vec![("alice@example.test".to_string(), "alice-secret".to_string())],
+            netns: None,
+            ports: None,
         }
+    }
+
+    /// Runs the instance inside network namespace `ns` on fixed `ports`.
+    pub fn in_netns(mut self, ns: &str, ports: DovecotPorts) -> Self {
+        self.netns = Some(ns.to_string());
+        self.ports = Some(ports);
+        self
     }
 
     pub fn cert(mut self, cert: CertFiles) -> Self {
@@ -71,11 +85,17 @@ impl Dovecot {
         let mail = lab.subdir(&format!("dovecot-{name}/mail"))?;
         chown_to_user(&mail, MAIL_USER)?;
         let (uid, gid) = user_ids(MAIL_USER)?;
-        let ports = DovecotPorts {
-            imap: free_port(cfg.ip)?,
-            pop3: free_port(cfg.ip)?,
-            imaps: cfg.cert.as_ref().map(|_| free_port(cfg.ip)).transpose()?,
-            pop3s: cfg.cert.as_ref().map(|_| free_port(cfg.ip)).transpose()?,
+        let ports = match cfg.ports {
+            Some(ports) => ports,
+            None if cfg.netns.is_some() => {
+                bail!("a dovecot in a network namespace needs fixed ports")
+            }
+            None => DovecotPorts {
+                imap: free_port(cfg.ip)?,
+                pop3: free_port(cfg.ip)?,
+                imaps: cfg.cert.as_ref().map(|_| free_port(cfg.ip)).transpose()?,
+                pop3s: cfg.cert.as_ref().map(|_| free_port(cfg.ip)).transpose()?,
+            },
         };
         let passwd = dir.join("passwd");
         let mut users = String::new();
@@ -92,7 +112,10 @@ impl Dovecot {
             &conf,
             render_config(&cfg, &ports, &dir, &base, &state, &passwd, lab.run_id())?,
         )?;
-        let spec = Spec::new("dovecot", &bin).args(["-F", "-c", &path_str(&conf)?]);
+        let mut spec = Spec::new("dovecot", &bin).args(["-F", "-c", &path_str(&conf)?]);
+        if let Some(ns) = &cfg.netns {
+            spec = spec.in_netns(ns.as_str());
+        }
         let proc = Proc::spawn(spec, &dir)?;
         let mut dv = Dovecot {
             proc,

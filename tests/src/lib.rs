@@ -7,6 +7,7 @@ pub mod dovecot;
 pub mod lab;
 pub mod mxscope;
 pub mod net;
+pub mod netlab;
 pub mod nginx;
 pub mod nsd;
 pub mod postfix;

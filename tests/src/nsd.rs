@@ -108,21 +108,35 @@ impl Nsd {
     /// Starts nsd in `<lab>/nsd` serving `zones` on 127.0.0.1 and a free port, and waits until
     /// every zone answers its SOA.
     pub fn start(lab: &Lab, zones: &[Zone]) -> Result<Nsd> {
+        let ip = Ipv4Addr::LOCALHOST;
+        let addr = SocketAddr::from((ip, free_port(ip)?));
+        Nsd::start_at(lab, zones, addr, None)
+    }
+
+    /// Starts nsd serving `zones` on `addr`, inside network namespace `netns` when given (the
+    /// lab's mail host: `198.18.0.2:53`). Readiness is checked with `dig` from this process, so
+    /// `addr` must be reachable from here.
+    pub fn start_at(
+        lab: &Lab,
+        zones: &[Zone],
+        addr: SocketAddr,
+        netns: Option<&str>,
+    ) -> Result<Nsd> {
         if zones.is_empty() {
             bail!("nsd needs at least one zone");
         }
         let nsd_bin = system_tool("nsd", "nsd")?;
         let dig = system_tool("dig", "bind9-dnsutils")?;
         let dir = lab.subdir("nsd")?;
-        let ip = Ipv4Addr::LOCALHOST;
-        let port = free_port(ip)?;
-        let addr = SocketAddr::from((ip, port));
         let conf = dir.join("nsd.conf");
         write_file(&conf, render_config(&dir, addr, zones))?;
         for z in zones {
             write_file(&dir.join(format!("{}.zone", z.name)), &z.text)?;
         }
-        let spec = Spec::new("nsd", &nsd_bin).args(["-d", "-c", &path_str(&conf)?]);
+        let mut spec = Spec::new("nsd", &nsd_bin).args(["-d", "-c", &path_str(&conf)?]);
+        if let Some(ns) = netns {
+            spec = spec.in_netns(ns);
+        }
         let mut proc = Proc::spawn(spec, &dir)?;
         let mut nsd_ready = |zone: &str| -> Result<Option<()>> {
             if !proc.is_running() {

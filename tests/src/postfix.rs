@@ -38,6 +38,12 @@ pub struct PostfixConfig {
     pub auth_before_tls: bool,
     /// Extra `main.cf` lines, written last (so they win over the defaults above them).
     pub extra_main_cf: Vec<String>,
+    /// Network namespace to start the instance in (`ip netns exec`); `ip` is then an address of
+    /// that namespace, and fixed [`PostfixConfig::ports`] are needed (free ports cannot be
+    /// picked from outside it).
+    pub netns: Option<String>,
+    /// Fixed ports instead of free ones (e.g. the real 25 and 587 inside a lab namespace).
+    pub ports: Option<PostfixPorts>,
 }
 
 impl PostfixConfig {
@@ -50,7 +56,16 @@ impl PostfixConfig {
             sasl_socket: None,
             auth_before_tls: false,
             extra_main_cf: Vec::new(),
+            netns: None,
+            ports: None,
         }
+    }
+
+    /// Starts the instance inside network namespace `ns` on fixed `ports`.
+    pub fn in_netns(mut self, ns: &str, ports: PostfixPorts) -> Self {
+        self.netns = Some(ns.to_string());
+        self.ports = Some(ports);
+        self
     }
 
     pub fn cert(mut self, cert: CertFiles) -> Self {
@@ -78,6 +93,7 @@ pub struct Postfix {
     config_dir: PathBuf,
     ip: Ipv4Addr,
     ports: PostfixPorts,
+    netns: Option<String>,
     stopped: bool,
 }
 
@@ -91,12 +107,18 @@ impl Postfix {
         let queue = lab.subdir(&format!("postfix-{name}/queue"))?;
         let data = lab.subdir(&format!("postfix-{name}/data"))?;
         chown_to_user(&data, "postfix")?;
-        let ports = PostfixPorts {
-            smtp: free_port(cfg.ip)?,
-            submission: free_port(cfg.ip)?,
-            smtps: match cfg.cert {
-                Some(_) => Some(free_port(cfg.ip)?),
-                None => None,
+        let ports = match cfg.ports {
+            Some(ports) => ports,
+            None if cfg.netns.is_some() => {
+                bail!("a postfix in a network namespace needs fixed ports")
+            }
+            None => PostfixPorts {
+                smtp: free_port(cfg.ip)?,
+                submission: free_port(cfg.ip)?,
+                smtps: match cfg.cert {
+                    Some(_) => Some(free_port(cfg.ip)?),
+                    None => None,
+                },
             },
         };
         write_file(
@@ -110,6 +132,7 @@ impl Postfix {
             config_dir,
             ip: cfg.ip,
             ports,
+            netns: cfg.netns.clone(),
             stopped: false,
         };
         pf.postfix_cmd("start")?;
@@ -141,7 +164,16 @@ impl Postfix {
     }
 
     fn postfix_cmd(&self, action: &str) -> Result<()> {
-        let out = std::process::Command::new(&self.postfix_bin)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new(system_tool("ip", "iproute2")?);
+                c.args(["netns", "exec", ns.as_str()])
+                    .arg(&self.postfix_bin);
+                c
+            }
+            None => std::process::Command::new(&self.postfix_bin),
+        };
+        let out = cmd
             .arg("-c")
             .arg(&self.config_dir)
             .arg(action)

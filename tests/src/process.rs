@@ -22,6 +22,9 @@ pub struct Spec {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub current_dir: Option<PathBuf>,
+    /// Network namespace to run in: started as `ip netns exec NS PROGRAM ARGS…`, which execs the
+    /// program in place, so the PID is still the program's own.
+    pub netns: Option<String>,
 }
 
 impl Spec {
@@ -32,7 +35,14 @@ impl Spec {
             args: Vec::new(),
             env: Vec::new(),
             current_dir: None,
+            netns: None,
         }
+    }
+
+    /// Runs the program inside network namespace `ns` (see [`Spec::netns`]).
+    pub fn in_netns(mut self, ns: impl Into<String>) -> Self {
+        self.netns = Some(ns.into());
+        self
     }
 
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
@@ -85,7 +95,15 @@ impl Proc {
             .append(true)
             .open(&self.log_path)
             .with_context(|| format!("open log file {}", self.log_path.display()))?;
-        let mut cmd = Command::new(&self.spec.program);
+        let mut cmd = match &self.spec.netns {
+            Some(ns) => {
+                let mut c = Command::new(crate::binaries::system_tool("ip", "iproute2")?);
+                c.args(["netns", "exec", ns.as_str()])
+                    .arg(&self.spec.program);
+                c
+            }
+            None => Command::new(&self.spec.program),
+        };
         cmd.args(&self.spec.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -1,0 +1,415 @@
+//! The multi-region lab of `deploy/lab/lab` as a test fixture: one lab per machine at a time (an
+//! flock on [`LOCK_PATH`]), `lab up` into a private state directory, `lab down` on drop, and the
+//! mxscope processes placed in it: the collector on 198.19.0.1 with mTLS, one agent per region.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::binaries::{mxscope_binary, system_tool, AGENT, COLLECTOR};
+use crate::lab::{path_str, write_file};
+use crate::net::{free_port, is_listening};
+use crate::process::{Proc, Spec};
+use crate::tls::{ctl_as, ctl_output, ClientCert, Pki};
+use crate::wait::wait_for;
+
+/// Held (flock, exclusive) while a lab is up, by the lab tests and the benchmark alike.
+pub const LOCK_PATH: &str = "/run/mxscope-lab.lock";
+
+/// The lab script, from the source tree.
+pub fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lab/lab")
+}
+
+/// Fails with what is missing when the lab cannot be built here: root, `ip`, `nft`, a TUN device.
+pub fn require_prerequisites() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the lab test needs root (network namespaces, TUN devices, routes); run it as root");
+    }
+    system_tool("ip", "iproute2")?;
+    system_tool("nft", "nftables")?;
+    if !Path::new("/dev/net/tun").exists() {
+        bail!("/dev/net/tun is missing: the lab's delay line needs TUN devices (modprobe tun)");
+    }
+    Ok(())
+}
+
+/// An exclusive flock on [`LOCK_PATH`], released when dropped (the file is closed).
+#[derive(Debug)]
+pub struct LabLock {
+    _file: File,
+}
+
+impl LabLock {
+    /// Waits up to `timeout` for the lock (another lab test or the benchmark may hold it).
+    pub fn acquire(timeout: Duration) -> Result<LabLock> {
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(LOCK_PATH)
+            .with_context(|| format!("open {LOCK_PATH}"))?;
+        wait_for(
+            &format!("the lab lock {LOCK_PATH} (another lab test or benchmark holds it)"),
+            timeout,
+            || {
+                // SAFETY: flock on a file descriptor we own.
+                let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+                if rc == 0 {
+                    return Ok(Some(()));
+                }
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                    Ok(None)
+                } else {
+                    Err(err).context("flock")
+                }
+            },
+        )?;
+        Ok(LabLock { _file: file })
+    }
+}
+
+/// One region namespace of the lab.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Region {
+    pub name: String,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    /// Injected round-trip time to the mail host, ms.
+    pub rtt_ms: f64,
+    /// TCP 25 from this region is dropped at the router.
+    pub block25: bool,
+}
+
+/// A lab that is up; `lab down` when dropped (then the lock is released).
+#[derive(Debug)]
+pub struct NetLab {
+    state: PathBuf,
+    env: BTreeMap<String, String>,
+    regions: Vec<Region>,
+    _lock: LabLock,
+}
+
+impl NetLab {
+    /// Takes the lab lock (waiting up to `lock_timeout`), then `lab up --state STATE
+    /// --delayline DELAYLINE` with the default regions.
+    pub fn up(state: &Path, delayline: &Path, lock_timeout: Duration) -> Result<NetLab> {
+        require_prerequisites()?;
+        let lock = LabLock::acquire(lock_timeout)?;
+        let out = std::process::Command::new(script())
+            .arg("up")
+            .arg("--state")
+            .arg(state)
+            .arg("--delayline")
+            .arg(delayline)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("run deploy/lab/lab up")?;
+        if !out.status.success() {
+            bail!(
+                "lab up failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // From here on, drop brings it down again.
+        let mut lab = NetLab {
+            state: state.to_path_buf(),
+            env: BTreeMap::new(),
+            regions: Vec::new(),
+            _lock: lock,
+        };
+        let text = std::fs::read_to_string(state.join("lab.env")).context("read lab.env")?;
+        lab.env = parse_env(&text);
+        lab.regions = regions_of(&lab.env)?;
+        Ok(lab)
+    }
+
+    pub fn state(&self) -> &Path {
+        &self.state
+    }
+
+    /// A value of `lab.env`.
+    pub fn env(&self, key: &str) -> Result<&str> {
+        self.env
+            .get(key)
+            .map(String::as_str)
+            .with_context(|| format!("lab.env has no {key}"))
+    }
+
+    pub fn mail_ns(&self) -> Result<&str> {
+        self.env("LAB_MAIL_NS")
+    }
+
+    pub fn mail_ip(&self) -> Result<Ipv4Addr> {
+        self.env("LAB_MAIL_IP")?.parse().context("LAB_MAIL_IP")
+    }
+
+    /// The root namespace's address towards the regions (where the collector listens).
+    pub fn collector_ip(&self) -> Result<Ipv4Addr> {
+        self.env("LAB_COLLECTOR_IP")?
+            .parse()
+            .context("LAB_COLLECTOR_IP")
+    }
+
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+}
+
+impl Drop for NetLab {
+    fn drop(&mut self) {
+        let out = std::process::Command::new(script())
+            .arg("down")
+            .arg("--state")
+            .arg(&self.state)
+            .stdin(std::process::Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "lab down failed ({}): {}{}",
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => eprintln!("lab down could not run: {e}"),
+        }
+    }
+}
+
+/// `KEY=value` / `KEY="a b"` lines of `lab.env`.
+pub fn parse_env(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
+}
+
+/// The regions `lab.env` lists, in its order.
+pub fn regions_of(env: &BTreeMap<String, String>) -> Result<Vec<Region>> {
+    let names = env
+        .get("LAB_REGIONS")
+        .context("lab.env has no LAB_REGIONS")?;
+    let mut out = Vec::new();
+    for name in names.split_whitespace() {
+        let key = name.replace('-', "_");
+        let get = |what: &str| {
+            env.get(&format!("LAB_{what}_{key}"))
+                .with_context(|| format!("lab.env has no LAB_{what}_{key}"))
+        };
+        out.push(Region {
+            name: name.to_string(),
+            ns: get("NS")?.clone(),
+            ip: get("IP")?
+                .parse()
+                .with_context(|| format!("LAB_IP_{key}"))?,
+            rtt_ms: get("RTT")?
+                .parse()
+                .with_context(|| format!("LAB_RTT_{key}"))?,
+            block25: env
+                .get(&format!("LAB_BLOCK25_{key}"))
+                .is_some_and(|v| v == "yes"),
+        });
+    }
+    if out.is_empty() {
+        bail!("lab.env lists no regions");
+    }
+    Ok(out)
+}
+
+/// `mxscopectl ca init DIR --server-name NAME`: a CA whose collector certificate names `server`.
+pub fn pki_for(dir: &Path, server: Ipv4Addr) -> Result<Pki> {
+    let out = ctl_output(&[
+        "ca",
+        "init",
+        &path_str(dir)?,
+        "--server-name",
+        &server.to_string(),
+    ])?;
+    if out.code != 0 {
+        bail!(
+            "mxscopectl ca init failed ({}): {}{}",
+            out.code,
+            out.stdout,
+            out.stderr
+        );
+    }
+    Ok(Pki {
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// A collector on the lab's root-namespace address with mTLS.
+#[derive(Debug)]
+pub struct LabCollector {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl LabCollector {
+    /// Starts `mxscope-collector --listen IP:<free port> --tls-cert … --client-ca … --http off`
+    /// with `extra` flags, its db and log in `dir`.
+    pub fn start(dir: &Path, ip: Ipv4Addr, pki: &Pki, extra: &[&str]) -> Result<LabCollector> {
+        let addr = SocketAddr::from((ip, free_port(ip)?));
+        let spec = Spec::new("collector", mxscope_binary(COLLECTOR)?)
+            .args([
+                "--listen".to_string(),
+                addr.to_string(),
+                "--db".to_string(),
+                path_str(&dir.join("mxscope.db"))?,
+                "--tls-cert".to_string(),
+                path_str(&pki.dir.join("collector.pem"))?,
+                "--tls-key".to_string(),
+                path_str(&pki.dir.join("collector.key"))?,
+                "--client-ca".to_string(),
+                path_str(&pki.ca_pem())?,
+                "--http".to_string(),
+                "off".to_string(),
+            ])
+            .args(extra.iter().copied())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
+        let mut proc = Proc::spawn(spec, dir)?;
+        wait_for(
+            &format!("collector listening on {addr}"),
+            Duration::from_secs(30),
+            || {
+                if !proc.is_running() {
+                    bail!(
+                        "collector exited during startup ({:?}):\n{}",
+                        proc.exit_status(),
+                        proc.log_tail(40)
+                    );
+                }
+                Ok(is_listening(addr).then_some(()))
+            },
+        )?;
+        Ok(LabCollector { proc, addr })
+    }
+
+    /// `https://IP:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Runs `mxscopectl --collector URL <admin identity> ARGS… --format json` and parses stdout.
+    pub fn ctl_json(&self, admin: &ClientCert, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend(["--format", "json"]);
+        let out = ctl_as(&self.url(), Some(admin), &all)?;
+        if out.code != 0 {
+            bail!(
+                "mxscopectl {} exited {}: {}{}",
+                all.join(" "),
+                out.code,
+                out.stdout,
+                out.stderr
+            );
+        }
+        serde_json::from_str(&out.stdout)
+            .with_context(|| format!("parse JSON of mxscopectl {}: {}", all.join(" "), out.stdout))
+    }
+}
+
+/// What an agent in a region runs.
+#[derive(Debug, Clone)]
+pub struct LabAgentOptions {
+    pub id: String,
+    pub region: Region,
+    pub collector_url: String,
+    pub cert: ClientCert,
+    /// DNS server for all probes (the lab's nsd).
+    pub resolver: SocketAddr,
+    /// CA the probes trust for the mail servers' TLS.
+    pub probe_ca: PathBuf,
+    /// The agent's targets file (TOML).
+    pub targets_toml: String,
+    /// More flags (e.g. `--per-host 4`).
+    pub extra: Vec<String>,
+}
+
+/// Starts `mxscope-agent` inside the region's namespace (`ip netns exec`), config, spool and
+/// log in `dir`. Stopped by PID when the returned guard drops.
+pub fn start_agent(dir: &Path, opts: &LabAgentOptions) -> Result<Proc> {
+    let config = dir.join(format!("agent-{}.toml", opts.id));
+    write_file(&config, &opts.targets_toml)?;
+    let spec = Spec::new(format!("agent-{}", opts.id), mxscope_binary(AGENT)?)
+        .in_netns(opts.region.ns.as_str())
+        .args([
+            "--collector".to_string(),
+            opts.collector_url.clone(),
+            "--tls-cert".into(),
+            path_str(&opts.cert.cert)?,
+            "--tls-key".into(),
+            path_str(&opts.cert.key)?,
+            "--collector-ca".into(),
+            path_str(&opts.cert.ca)?,
+            "--id".into(),
+            opts.id.clone(),
+            "--region".into(),
+            opts.region.name.clone(),
+            "--config".into(),
+            path_str(&config)?,
+            "--spool".into(),
+            path_str(&dir.join(format!("spool-{}", opts.id)))?,
+            "--resolver".into(),
+            opts.resolver.to_string(),
+            "--ca-file".into(),
+            path_str(&opts.probe_ca)?,
+        ])
+        .args(opts.extra.iter().cloned())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    Proc::spawn(spec, dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_come_from_lab_env_in_order() {
+        let env = parse_env(
+            "LAB_PREFIX=mxab12\nLAB_NS_eu_west=mxab12-r1\nLAB_IP_eu_west=198.18.1.2\n\
+             LAB_RTT_eu_west=10\nLAB_BLOCK25_eu_west=\nLAB_NS_ap_south=mxab12-r2\n\
+             LAB_IP_ap_south=198.18.2.2\nLAB_RTT_ap_south=150\nLAB_BLOCK25_ap_south=yes\n\
+             LAB_REGIONS=\"eu-west ap-south\"\n",
+        );
+        let regions = regions_of(&env).expect("regions");
+        assert_eq!(
+            regions,
+            vec![
+                Region {
+                    name: "eu-west".into(),
+                    ns: "mxab12-r1".into(),
+                    ip: Ipv4Addr::new(198, 18, 1, 2),
+                    rtt_ms: 10.0,
+                    block25: false,
+                },
+                Region {
+                    name: "ap-south".into(),
+                    ns: "mxab12-r2".into(),
+                    ip: Ipv4Addr::new(198, 18, 2, 2),
+                    rtt_ms: 150.0,
+                    block25: true,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_region_missing_its_rtt_is_an_error() {
+        let env =
+            parse_env("LAB_REGIONS=\"eu-west\"\nLAB_NS_eu_west=x\nLAB_IP_eu_west=198.18.1.2\n");
+        let err = regions_of(&env).expect_err("no rtt");
+        assert!(err.to_string().contains("LAB_RTT_eu_west"), "{err}");
+    }
+}
