@@ -4,6 +4,7 @@
 pub mod binaries;
 pub mod certs;
 pub mod dovecot;
+pub mod faults;
 pub mod lab;
 pub mod mxscope;
 pub mod net;
