@@ -150,8 +150,13 @@ impl Uplink {
                         "shutdown deadline reached with results not acked, they stay in the spool");
                     return;
                 }
-                Err(e) => {
+                // Only a failed connection is "unreachable": a collector that answers and refuses
+                // (full disk, limits, identity) must not be reported as a network problem.
+                Err(e @ UplinkError::Connect(_)) => {
                     warn!(collector = %self.identity.collector, error = %chain(&e), "collector unreachable, retrying")
+                }
+                Err(e) => {
+                    warn!(collector = %self.identity.collector, error = %chain(&e), "collector session failed, retrying")
                 }
             }
             if welcomed_at.is_some_and(|at: Instant| at.elapsed() >= HEALTHY_AFTER) {
