@@ -566,7 +566,12 @@ fn collector_disk_full_stops_acks_and_resumes_by_itself() {
         let frozen: Vec<u64> = agents.iter().map(|a| stored_up_to(&ctl, a.id())).collect();
         let told: Vec<usize> = agents
             .iter()
-            .map(|a| count_lines(&a.log(), &["collector session failed, retrying", "disk full"]))
+            .map(|a| {
+                count_lines(
+                    &a.log(),
+                    &["collector session failed, retrying", "disk full"],
+                )
+            })
             .collect();
         wait_for(
             "each agent to be refused twice more",
@@ -579,8 +584,10 @@ fn collector_disk_full_stops_acks_and_resumes_by_itself() {
                     .iter()
                     .zip(&told)
                     .all(|(a, &n)| {
-                        count_lines(&a.log(), &["collector session failed, retrying", "disk full"])
-                            >= n + 2
+                        count_lines(
+                            &a.log(),
+                            &["collector session failed, retrying", "disk full"],
+                        ) >= n + 2
                     })
                     .then_some(()))
             },
