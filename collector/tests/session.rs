@@ -448,7 +448,11 @@ async fn schedule_follows_target_changes_within_two_seconds() {
     );
 
     // No results yet: the matrix answers, empty (its content is tested in analysis*.rs).
-    let m = q.matrix(pb::MatrixRequest::default()).await.unwrap().into_inner();
+    let m = q
+        .matrix(pb::MatrixRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(m.metric, "reachability");
     assert!(m.rows.is_empty());
 

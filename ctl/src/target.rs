@@ -166,7 +166,11 @@ fn validate(spec: &pb::TargetSpec) -> Result<(), Failure> {
              drop it with {}",
             orphans.join(", "),
             spec.checks.join(","),
-            orphans.iter().map(|c| format!("--port {c}=")).collect::<Vec<_>>().join(" ")
+            orphans
+                .iter()
+                .map(|c| format!("--port {c}="))
+                .collect::<Vec<_>>()
+                .join(" ")
         )));
     }
     Ok(())

@@ -177,7 +177,11 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn host(host: impl Into<String>) -> Self {
-        Endpoint { host: host.into(), ip: None, port: 0 }
+        Endpoint {
+            host: host.into(),
+            ip: None,
+            port: 0,
+        }
     }
 
     /// Human form: `host`, `host[ip]`, `host[ip]:port` (IPv6 inside the brackets as is).
@@ -294,7 +298,8 @@ impl Observation {
         phase: Phase,
         message: impl Into<String>,
     ) -> &mut Self {
-        let worse = outcome > self.outcome || (self.error_class.is_none() && outcome != Outcome::Ok);
+        let worse =
+            outcome > self.outcome || (self.error_class.is_none() && outcome != Outcome::Ok);
         if worse {
             self.outcome = outcome;
             self.error_class = Some(class);
@@ -305,7 +310,10 @@ impl Observation {
     }
 
     pub fn timing_of(&self, phase: Phase) -> Option<Duration> {
-        self.timings.iter().find(|(p, _)| *p == phase).map(|(_, d)| *d)
+        self.timings
+            .iter()
+            .find(|(p, _)| *p == phase)
+            .map(|(_, d)| *d)
     }
 
     pub fn fact_of(&self, key: &str) -> Option<&FactValue> {
@@ -320,7 +328,11 @@ impl Observation {
             target: self.target,
             endpoint: Some(pb::Endpoint {
                 host: self.endpoint.host,
-                ip: self.endpoint.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                ip: self
+                    .endpoint
+                    .ip
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default(),
                 port: self.endpoint.port.into(),
                 family: match self.endpoint.ip {
                     None => pb::AddressFamily::Unspecified,
@@ -331,7 +343,10 @@ impl Observation {
             check: self.check.name().to_string(),
             start_us: self.start_us,
             outcome: pb::Outcome::from(self.outcome) as i32,
-            error_class: self.error_class.map(|c| c.name().to_string()).unwrap_or_default(),
+            error_class: self
+                .error_class
+                .map(|c| c.name().to_string())
+                .unwrap_or_default(),
             phase: self.phase.map(|p| p.name().to_string()).unwrap_or_default(),
             timings: self
                 .timings
@@ -344,7 +359,10 @@ impl Observation {
             facts: self
                 .facts
                 .into_iter()
-                .map(|(key, v)| pb::Fact { key, value: Some(v.into()) })
+                .map(|(key, v)| pb::Fact {
+                    key,
+                    value: Some(v.into()),
+                })
                 .collect(),
             message: self.message,
             interval_ms: u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX),
@@ -397,7 +415,12 @@ impl From<pb::fact::Value> for FactValue {
 /// Renders an endpoint from its wire form the same way [`Endpoint::label`] does.
 pub fn endpoint_label(e: &pb::Endpoint) -> String {
     let ip = e.ip.parse::<IpAddr>().ok();
-    Endpoint { host: e.host.clone(), ip, port: u16::try_from(e.port).unwrap_or(0) }.label()
+    Endpoint {
+        host: e.host.clone(),
+        ip,
+        port: u16::try_from(e.port).unwrap_or(0),
+    }
+    .label()
 }
 
 #[cfg(test)]
@@ -427,7 +450,12 @@ mod tests {
     #[test]
     fn worse_problem_wins() {
         let mut o = Observation::new("t", Endpoint::host("h"), CheckKind::Smtp, 0);
-        o.problem(Outcome::Warn, ErrorClass::NoStarttls, Phase::Ehlo, "no starttls");
+        o.problem(
+            Outcome::Warn,
+            ErrorClass::NoStarttls,
+            Phase::Ehlo,
+            "no starttls",
+        );
         o.problem(Outcome::Fail, ErrorClass::Timeout, Phase::Quit, "t/o");
         assert_eq!(o.outcome, Outcome::Fail);
         assert_eq!(o.error_class, Some(ErrorClass::Timeout));
@@ -438,7 +466,8 @@ mod tests {
     #[test]
     fn wire_conversion_keeps_numbers() {
         let mut o = Observation::new("t", Endpoint::host("h"), CheckKind::Mx, 5);
-        o.fact("ttl", 300i64).timing(Phase::Resolve, Duration::from_micros(1500));
+        o.fact("ttl", 300i64)
+            .timing(Phase::Resolve, Duration::from_micros(1500));
         let w = o.into_wire("a1", 7);
         assert_eq!(w.seq, 7);
         assert_eq!(w.facts[0].value, Some(pb::fact::Value::Int(300)));
