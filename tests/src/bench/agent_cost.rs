@@ -98,7 +98,13 @@ fn blackbox_probe(exporter: SocketAddr, target: SocketAddr) -> Result<bool> {
 }
 
 /// `count` probes through blackbox_exporter at `rate` per second; returns (CPU s, successes).
-async fn blackbox_batch(pid: u32, exporter: SocketAddr, target: SocketAddr, count: u64, rate: f64) -> Result<(f64, u64, f64)> {
+async fn blackbox_batch(
+    pid: u32,
+    exporter: SocketAddr,
+    target: SocketAddr,
+    count: u64,
+    rate: f64,
+) -> Result<(f64, u64, f64)> {
     let cpu0 = sys::cpu_seconds(pid)?;
     let start = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
@@ -113,22 +119,45 @@ async fn blackbox_batch(pid: u32, exporter: SocketAddr, target: SocketAddr, coun
             ok += 1;
         }
     }
-    Ok((sys::cpu_seconds(pid)? - cpu0, ok, start.elapsed().as_secs_f64()))
+    Ok((
+        sys::cpu_seconds(pid)? - cpu0,
+        ok,
+        start.elapsed().as_secs_f64(),
+    ))
 }
 
 async fn run_inner(ctx: &Ctx, cost: &mut Section, foot: &mut Section) -> Result<()> {
     let z = if ctx.mode.is_smoke() {
-        Sizes { targets: 20, interval_s: 2, probes: 20, windows: 1, idle_sample: Duration::from_secs(2) }
+        Sizes {
+            targets: 20,
+            interval_s: 2,
+            probes: 20,
+            windows: 1,
+            idle_sample: Duration::from_secs(2),
+        }
     } else {
-        Sizes { targets: 1000, interval_s: 30, probes: 1000, windows: 2, idle_sample: Duration::from_secs(10) }
+        Sizes {
+            targets: 1000,
+            interval_s: 30,
+            probes: 1000,
+            windows: 2,
+            idle_sample: Duration::from_secs(10),
+        }
     };
     let rate = z.targets as f64 / z.interval_s as f64;
-    let exporter_bin = system_tool("prometheus-blackbox-exporter", "prometheus-blackbox-exporter")?;
+    let exporter_bin = system_tool(
+        "prometheus-blackbox-exporter",
+        "prometheus-blackbox-exporter",
+    )?;
     let lab = Lab::new("bench-agent")?;
     let ca = TestCa::new(lab.path())?;
     let cert = ca.issue("mx", &["mx.bench.test", "*.bench.test"], Validity::Valid)?;
     let ip = unique_loopback();
-    let postfix = Postfix::start(&lab, "mx", PostfixConfig::new(ip, "mx.bench.test").cert(cert))?;
+    let postfix = Postfix::start(
+        &lab,
+        "mx",
+        PostfixConfig::new(ip, "mx.bench.test").cert(cert),
+    )?;
     let smtp = postfix.smtp_addr();
     let mut zone = MailZone::new("bench.test").record(&format!("mx IN A {ip}"));
     for i in 0..z.targets {
@@ -137,7 +166,12 @@ async fn run_inner(ctx: &Ctx, cost: &mut Section, foot: &mut Section) -> Result<
     let nsd = Nsd::start(&lab, &[zone.build()])?;
 
     let flags = limit_flags()?;
-    let c = BenchCollector::start(lab.path(), "collector-agent-cost", &lab.path().join("cost.db"), &flags)?;
+    let c = BenchCollector::start(
+        lab.path(),
+        "collector-agent-cost",
+        &lab.path().join("cost.db"),
+        &flags,
+    )?;
     let mut client = c.query().await?;
 
     let mut toml = String::new();
@@ -151,9 +185,26 @@ async fn run_inner(ctx: &Ctx, cost: &mut Section, foot: &mut Section) -> Result<
     let config = lab.path().join("agent-cost.toml");
     write_file(&config, toml)?;
     let spec = Spec::new("agent-cost", mxscope_binary(AGENT)?)
-        .args(["--collector", &c.url(), "--id", AGENT_ID, "--region", "eu-west"])
-        .args(["--config", &path_str(&config)?, "--spool", &path_str(&lab.path().join("spool-cost"))?])
-        .args(["--resolver", &nsd.addr().to_string(), "--ca-file", &path_str(ca.ca_file())?])
+        .args([
+            "--collector",
+            &c.url(),
+            "--id",
+            AGENT_ID,
+            "--region",
+            "eu-west",
+        ])
+        .args([
+            "--config",
+            &path_str(&config)?,
+            "--spool",
+            &path_str(&lab.path().join("spool-cost"))?,
+        ])
+        .args([
+            "--resolver",
+            &nsd.addr().to_string(),
+            "--ca-file",
+            &path_str(ca.ca_file())?,
+        ])
         .args(["--per-host", "8", "--helo-name", "bench.test"])
         .env("RUST_LOG", "warn")
         .env("NO_COLOR", "1");
@@ -171,7 +222,10 @@ async fn run_inner(ctx: &Ctx, cost: &mut Section, foot: &mut Section) -> Result<
             break;
         }
         if Instant::now() > round_deadline {
-            bail!("first round of {first} probes not stored in time:\n{}", agent.log_tail(30));
+            bail!(
+                "first round of {first} probes not stored in time:\n{}",
+                agent.log_tail(30)
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -194,15 +248,22 @@ async fn run_inner(ctx: &Ctx, cost: &mut Section, foot: &mut Section) -> Result<
             .arg(format!("--web.listen-address={bb_addr}")),
         lab.path(),
     )?;
-    wait_for("blackbox_exporter listening", Duration::from_secs(30), || {
-        if !bb.is_running() {
-            bail!("blackbox_exporter exited:\n{}", bb.log_tail(20));
-        }
-        Ok(is_listening(bb_addr).then_some(()))
-    })?;
+    wait_for(
+        "blackbox_exporter listening",
+        Duration::from_secs(30),
+        || {
+            if !bb.is_running() {
+                bail!("blackbox_exporter exited:\n{}", bb.log_tail(20));
+            }
+            Ok(is_listening(bb_addr).then_some(()))
+        },
+    )?;
     let bb_pid = bb.pid().context("blackbox pid")?;
     if !tokio::task::spawn_blocking(move || blackbox_probe(bb_addr, smtp)).await?? {
-        bail!("blackbox_exporter's STARTTLS probe does not succeed (see {})", bb.log_path().display());
+        bail!(
+            "blackbox_exporter's STARTTLS probe does not succeed (see {})",
+            bb.log_path().display()
+        );
     }
 
     let mut rows = Vec::new();
@@ -218,7 +279,11 @@ async fn run_inner(ctx: &Ctx, cost: &mut Section, foot: &mut Section) -> Result<
                 break s;
             }
             if Instant::now() > deadline || !agent.is_running() {
-                bail!("agent did not finish {} probes in time:\n{}", z.probes, agent.log_tail(30));
+                bail!(
+                    "agent did not finish {} probes in time:\n{}",
+                    z.probes,
+                    agent.log_tail(30)
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
@@ -250,7 +315,11 @@ async fn run_inner(ctx: &Ctx, cost: &mut Section, foot: &mut Section) -> Result<
         .results;
     let ok = recent
         .iter()
-        .filter(|r| r.result.as_ref().is_some_and(|r| r.outcome == pb::Outcome::Ok as i32))
+        .filter(|r| {
+            r.result
+                .as_ref()
+                .is_some_and(|r| r.outcome == pb::Outcome::Ok as i32)
+        })
         .count();
     let a_hwm = sys::peak_rss_mib(pid)?;
     let b_hwm = sys::peak_rss_mib(bb_pid)?;
@@ -268,19 +337,43 @@ async fn run_inner(ctx: &Ctx, cost: &mut Section, foot: &mut Section) -> Result<
     ));
     cost.line("");
     cost.table(
-        &["window", "agent probes", "agent CPU s / 1,000", "blackbox probes", "blackbox CPU s / 1,000", "agent / blackbox"],
+        &[
+            "window",
+            "agent probes",
+            "agent CPU s / 1,000",
+            "blackbox probes",
+            "blackbox CPU s / 1,000",
+            "agent / blackbox",
+        ],
         &rows,
     );
     cost.table(
         &["", "mxscope-agent", "blackbox_exporter", "ratio"],
         &[
-            vec!["CPU s per 1,000 probes (median)".into(), format!("{a_med:.3}"), format!("{b_med:.3}"), format!("{:.2}", a_med / b_med)],
-            vec!["peak RSS (VmHWM) MiB".into(), format!("{a_hwm:.1}"), format!("{b_hwm:.1}"), format!("{:.2}", a_hwm / b_hwm)],
+            vec![
+                "CPU s per 1,000 probes (median)".into(),
+                format!("{a_med:.3}"),
+                format!("{b_med:.3}"),
+                format!("{:.2}", a_med / b_med),
+            ],
+            vec![
+                "peak RSS (VmHWM) MiB".into(),
+                format!("{a_hwm:.1}"),
+                format!("{b_hwm:.1}"),
+                format!("{:.2}", a_hwm / b_hwm),
+            ],
         ],
     );
     cost.verdict(
         "CPU ≤ 0.5 × blackbox",
-        Verdict::judge(ctx.mode, a_med <= 0.5 * b_med, format!("{a_med:.3} vs {b_med:.3} CPU s per 1,000 probes = {:.2}×", a_med / b_med)),
+        Verdict::judge(
+            ctx.mode,
+            a_med <= 0.5 * b_med,
+            format!(
+                "{a_med:.3} vs {b_med:.3} CPU s per 1,000 probes = {:.2}×",
+                a_med / b_med
+            ),
+        ),
     );
     cost.verdict(
         "peak RSS ≤ 0.5 × blackbox",
@@ -295,13 +388,27 @@ async fn run_inner(ctx: &Ctx, cost: &mut Section, foot: &mut Section) -> Result<
     ));
     foot.line("");
     foot.table(
-        &["samples", "VmRSS median MiB", "VmRSS max MiB", "VmHWM (whole run) MiB"],
-        &[vec![rss.len().to_string(), fmt(rss_med, 1), fmt(rss_max, 1), format!("{a_hwm:.1}")]],
+        &[
+            "samples",
+            "VmRSS median MiB",
+            "VmRSS max MiB",
+            "VmHWM (whole run) MiB",
+        ],
+        &[vec![
+            rss.len().to_string(),
+            fmt(rss_med, 1),
+            fmt(rss_max, 1),
+            format!("{a_hwm:.1}"),
+        ]],
     );
     let m = rss_med.unwrap_or(f64::INFINITY);
     foot.verdict(
         "RSS < 30 MiB",
-        Verdict::judge(ctx.mode, m < 30.0, format!("median {m:.1} MiB, max {} MiB", fmt(rss_max, 1))),
+        Verdict::judge(
+            ctx.mode,
+            m < 30.0,
+            format!("median {m:.1} MiB, max {} MiB", fmt(rss_max, 1)),
+        ),
     );
     Ok(())
 }

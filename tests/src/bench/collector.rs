@@ -52,11 +52,22 @@ pub struct BenchCollector {
 impl BenchCollector {
     /// Starts `mxscope-collector --insecure` on a free 127.0.0.1 port with `db`, logging to
     /// `<log_dir>/<name>.log`, and waits until it accepts connections.
-    pub fn start(log_dir: &Path, name: &str, db: &Path, extra: &[(String, String)]) -> Result<Self> {
+    pub fn start(
+        log_dir: &Path,
+        name: &str,
+        db: &Path,
+        extra: &[(String, String)],
+    ) -> Result<Self> {
         let bin = mxscope_binary(COLLECTOR)?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)?));
         let mut spec = Spec::new(name, bin)
-            .args(["--listen", &addr.to_string(), "--db", &path_str(db)?, "--insecure"])
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--db",
+                &path_str(db)?,
+                "--insecure",
+            ])
             .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1");
         for (flag, value) in extra {
@@ -94,8 +105,10 @@ impl BenchCollector {
     /// A Query client (large responses allowed: 10,000-row status).
     pub async fn query(&self) -> Result<pb::query_client::QueryClient<Channel>> {
         let channel = Channel::from_shared(self.url())?.connect().await?;
-        Ok(pb::query_client::QueryClient::new(channel)
-            .max_decoding_message_size(256 * 1024 * 1024))
+        Ok(
+            pb::query_client::QueryClient::new(channel)
+                .max_decoding_message_size(256 * 1024 * 1024),
+        )
     }
 
     /// Stops it (SIGTERM, grace, SIGKILL): the database is closed cleanly.

@@ -86,7 +86,8 @@ impl Segments {
         }
         let secs = at.duration_since(self.last_at).as_secs_f64().max(1e-6);
         let rate = (crossed * self.segment) as f64 / secs;
-        self.rates.extend(std::iter::repeat_n(rate, crossed as usize));
+        self.rates
+            .extend(std::iter::repeat_n(rate, crossed as usize));
         self.last_at = at;
     }
 }
@@ -251,7 +252,10 @@ pub fn load_raw(db: &Path, shapes: &[Shape], segment: u64) -> Result<Run> {
     let sql = format!(
         "INSERT INTO results ({}) VALUES ({})",
         columns.join(", "),
-        (1..=columns.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
+        (1..=columns.len())
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let mut gens: Vec<Generator> = shapes.iter().cloned().map(Generator::new).collect();
     let total: u64 = shapes.iter().map(|s| s.total).sum();
@@ -331,9 +335,26 @@ fn region_of(shapes: &[Shape], agent: &str) -> usize {
 
 /// Columns the baseline knows how to fill like the collector's writer does.
 const KNOWN: &[&str] = &[
-    "agent_id", "seq", "region", "target", "endpoint", "host", "ip", "port", "family",
-    "check_name", "start_us", "outcome", "error_class", "phase", "total_us", "timings", "facts",
-    "message", "interval_ms", "stored_at_us",
+    "agent_id",
+    "seq",
+    "region",
+    "target",
+    "endpoint",
+    "host",
+    "ip",
+    "port",
+    "family",
+    "check_name",
+    "start_us",
+    "outcome",
+    "error_class",
+    "phase",
+    "total_us",
+    "timings",
+    "facts",
+    "message",
+    "interval_ms",
+    "stored_at_us",
 ];
 
 fn column_value(column: &str, r: &pb::ProbeResult, region: &str, at_us: i64) -> Value {
@@ -360,7 +381,11 @@ fn column_value(column: &str, r: &pb::ProbeResult, region: &str, at_us: i64) -> 
             .find(|t| t.phase == "total")
             .map_or(Value::Null, |t| Value::Integer(t.micros as i64)),
         "timings" => {
-            let t: Vec<(&str, u64)> = r.timings.iter().map(|t| (t.phase.as_str(), t.micros)).collect();
+            let t: Vec<(&str, u64)> = r
+                .timings
+                .iter()
+                .map(|t| (t.phase.as_str(), t.micros))
+                .collect();
             Value::Text(serde_json::to_string(&t).unwrap_or_else(|_| "[]".into()))
         }
         "facts" => {
@@ -403,20 +428,100 @@ async fn profile(pid: u32, secs: u64, out: &Path) -> Option<Vec<String>> {
         return None;
     }
     let report = tokio::process::Command::new(&perf)
-        .args(["report", "--stdio", "--no-children", "--sort", "symbol", "--percent-limit", "1.5", "-q", "-g", "none", "-i"])
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--sort",
+            "symbol",
+            "--percent-limit",
+            "1.5",
+            "-q",
+            "-g",
+            "none",
+            "-i",
+        ])
         .arg(out)
         .output()
         .await
         .ok()?;
     let text = String::from_utf8_lossy(&report.stdout);
-    let lines: Vec<String> = text
+    let mut lines: Vec<String> = text
         .lines()
-        .map(str::trim)
         .filter(|l| l.contains('%'))
-        .take(25)
-        .map(str::to_string)
+        .take(20)
+        .map(|l| {
+            // Drop perf's trailing empty columns ("-  -").
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let end = words.iter().rposition(|w| *w != "-").map_or(0, |i| i + 1);
+            words[..end].join(" ")
+        })
         .collect();
+    if let Ok(script) = tokio::process::Command::new(&perf)
+        .args(["script", "-i"])
+        .arg(out)
+        .output()
+        .await
+    {
+        let text = String::from_utf8_lossy(&script.stdout);
+        let samples = text.split("\n\n").filter(|s| !s.trim().is_empty());
+        let (mut all, mut writer) = (0u64, 0u64);
+        for sample in samples {
+            all += 1;
+            if sample.trim_start().starts_with("mxscope-db-writ") {
+                writer += 1;
+            }
+        }
+        lines.push(String::new());
+        lines.push(format!(
+            "{:.1}% of the samples are in the single `mxscope-db-writer` thread; by where the sample's stack was:",
+            100.0 * writer as f64 / all.max(1) as f64
+        ));
+        for (share, what) in categorize(&text) {
+            lines.push(format!("{share:5.1}%  {what}"));
+        }
+    }
     (!lines.is_empty()).then_some(lines)
+}
+
+/// Shares of `perf script` samples by where their stack was.
+fn categorize(script: &str) -> Vec<(f64, &'static str)> {
+    let mut counts: Vec<(&'static str, u64)> = Vec::new();
+    let mut total = 0u64;
+    for sample in script.split("\n\n").filter(|s| !s.trim().is_empty()) {
+        let leaf = sample.lines().nth(1).unwrap_or("");
+        let has = |x: &str| sample.contains(x);
+        let what = if has("readDbPage") || has("__libc_pread") {
+            "SQLite reading pages from the OS page cache (pread: its own page cache is too small)"
+        } else if has("pwrite") || has("walWriteToLog") || has("sqlite3WalFrames") {
+            "WAL writes (pwrite) and commit"
+        } else if has("fsync") || has("fdatasync") {
+            "fsync"
+        } else if ["malloc", "free", "unlink_chunk", "_int_", "realloc"]
+            .iter()
+            .any(|x| leaf.contains(x))
+        {
+            "allocator (malloc/free: per-result Strings, keys and maps)"
+        } else if leaf.contains("sip::Hasher") {
+            "SipHash (HashMap keys of four Strings per result)"
+        } else if has("Sketch") || has("rollup::Agg") {
+            "rollup sketches (Agg/Sketch add, merge, encode)"
+        } else if has("sqlite3") {
+            "SQLite VM and b-trees (other)"
+        } else {
+            "other (memmove, gRPC decode, tokio, ...)"
+        };
+        total += 1;
+        match counts.iter_mut().find(|(w, _)| *w == what) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((what, 1)),
+        }
+    }
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
+    counts
+        .into_iter()
+        .map(|(w, n)| (100.0 * n as f64 / total.max(1) as f64, w))
+        .collect()
 }
 
 /// Sizes of this run.
@@ -447,7 +552,13 @@ fn sizes(ctx: &Ctx) -> Sizes {
 
 /// Loads the 10-region, 1,000-target, 30-day fleet into a fresh collector db at `db` through the
 /// collector itself. Returns the run; the collector is stopped cleanly afterwards.
-pub async fn load_fleet(ctx: &Ctx, db: &Path, rows: u64, segment: u64, profile_to: Option<PathBuf>) -> Result<(Run, Vec<String>, Vec<String>)> {
+pub async fn load_fleet(
+    ctx: &Ctx,
+    db: &Path,
+    rows: u64,
+    segment: u64,
+    profile_to: Option<PathBuf>,
+) -> Result<(Run, Vec<String>, Vec<String>)> {
     let flags = limit_flags()?;
     let mut c = BenchCollector::start(&ctx.dir, "collector-fleet", db, &flags)?;
     let shapes = synth::fleet("fleet", synth::REGIONS.len(), TARGETS, rows, SPAN_US);
@@ -518,7 +629,8 @@ async fn run_inner(ctx: &Ctx, s: &mut Section) -> Result<PathBuf> {
         let db = ctx.dir.join(format!("ingest-{n}.db"));
         let mut c = BenchCollector::start(&ctx.dir, &format!("collector-ingest-{n}"), &db, &flags)?;
         let shapes = synth::fleet(&format!("n{n}"), n, TARGETS, z.short_rows, SPAN_US);
-        let run = load_collector(&c.url(), c.pid()?, &shapes, z.segment).await
+        let run = load_collector(&c.url(), c.pid()?, &shapes, z.segment)
+            .await
             .with_context(|| format!("collector log:\n{}", c.proc.log_tail(20)))?;
         c.stop()?;
         for f in ["", "-wal", "-shm"] {
@@ -556,7 +668,13 @@ async fn run_inner(ctx: &Ctx, s: &mut Section) -> Result<PathBuf> {
     s.line(format!("Raw limit: one rusqlite connection (WAL, synchronous=NORMAL), one prepared INSERT into `results` of the collector's own schema (its migrations, so the same indexes), {RAW_TX_ROWS} rows per transaction, same rows in the same interleaving; no series upsert, no high-water mark, no gRPC."));
     s.line("");
     s.table(
-        &["run", "rows", "results/s overall", "per-segment results/s (k, each segment = rows/segments)", "CPU s of the writer side per s"],
+        &[
+            "run",
+            "rows",
+            "results/s overall",
+            "per-segment results/s (k, each segment = rows/segments)",
+            "CPU s of the writer side per s",
+        ],
         &[
             vec![
                 "raw rusqlite".into(),
@@ -570,20 +688,39 @@ async fn run_inner(ctx: &Ctx, s: &mut Section) -> Result<PathBuf> {
                 long.rows.to_string(),
                 format!("{:.0}", long.rate()),
                 segs(&long.segments),
-                format!("{:.2} (+{:.2} synthetic agents)", long.server_cpu / long.secs, long.client_cpu / long.secs),
+                format!(
+                    "{:.2} (+{:.2} synthetic agents)",
+                    long.server_cpu / long.secs,
+                    long.client_cpu / long.secs
+                ),
             ],
         ],
     );
     s.line(format!(
         "Collector/raw per segment (same table size): {}. Overall ratio {:.2}.",
-        seg_ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" / "),
+        seg_ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(" / "),
         ratio
     ));
     s.line("");
-    s.line(format!("Stream count (fresh database each, {} rows, compared with the raw limit's first segment):", z.short_rows));
+    s.line(format!(
+        "Stream count (fresh database each, {} rows, compared with the raw limit's first segment):",
+        z.short_rows
+    ));
     s.line("");
     s.table(
-        &["streams", "rows", "results/s", "raw results/s (first segment)", "ratio", "collector CPU/s", "agents CPU/s"],
+        &[
+            "streams",
+            "rows",
+            "results/s",
+            "raw results/s (first segment)",
+            "ratio",
+            "collector CPU/s",
+            "agents CPU/s",
+        ],
         &short_rows,
     );
     if !top.is_empty() {

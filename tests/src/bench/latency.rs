@@ -10,9 +10,9 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use mxscope_agent::config::{parse_targets, AgentConfig, Flags};
 use mxscope_agent::probe::CheckSpec;
-use mxscope_tests::lab::path_str;
 use mxscope_agent::schedule::Prober;
 use mxscope_proto::{pb, CheckKind, Endpoint, Observation, Phase};
+use mxscope_tests::lab::path_str;
 use tokio_util::sync::CancellationToken;
 
 use super::collector::{limit_flags, stored_up_to, BenchCollector};
@@ -35,7 +35,9 @@ impl Prober for FakeProber {
                     &spec.target,
                     Endpoint {
                         host: format!("mx{k}.{}", spec.target),
-                        ip: format!("198.18.{}.{}", 200 + k / 250, 1 + k % 250).parse().ok(),
+                        ip: format!("198.18.{}.{}", 200 + k / 250, 1 + k % 250)
+                            .parse()
+                            .ok(),
                         port: 25,
                     },
                     CheckKind::Smtp,
@@ -71,9 +73,21 @@ pub async fn run(ctx: &Ctx) -> Section {
 
 async fn run_inner(ctx: &Ctx, s: &mut Section) -> Result<()> {
     let z = if ctx.mode.is_smoke() {
-        Sizes { targets: 50, per_probe: 2, run: Duration::from_secs(5), warmup: Duration::from_secs(2), tracked: 4 }
+        Sizes {
+            targets: 50,
+            per_probe: 2,
+            run: Duration::from_secs(5),
+            warmup: Duration::from_secs(2),
+            tracked: 4,
+        }
     } else {
-        Sizes { targets: 1000, per_probe: 10, run: Duration::from_secs(45), warmup: Duration::from_secs(5), tracked: 8 }
+        Sizes {
+            targets: 1000,
+            per_probe: 10,
+            run: Duration::from_secs(45),
+            warmup: Duration::from_secs(5),
+            tracked: 8,
+        }
     };
     let nominal = (z.targets * z.per_probe) as f64;
     let flags = limit_flags()?;
@@ -83,7 +97,9 @@ async fn run_inner(ctx: &Ctx, s: &mut Section) -> Result<()> {
     let agent_id = "bench-latency".to_string();
     let mut toml = String::new();
     for i in 0..z.targets {
-        toml += &format!("[[target]]\nname = \"l{i:04}.bench.test\"\nchecks = [\"smtp\"]\ninterval = \"1s\"\n\n");
+        toml += &format!(
+            "[[target]]\nname = \"l{i:04}.bench.test\"\nchecks = [\"smtp\"]\ninterval = \"1s\"\n\n"
+        );
     }
     let targets = parse_targets("bench-latency.toml", &toml)?;
     let spool = ctx.dir.join("spool-latency");
@@ -107,7 +123,9 @@ async fn run_inner(ctx: &Ctx, s: &mut Section) -> Result<()> {
     let stop = CancellationToken::new();
     let agent = tokio::spawn(mxscope_agent::run_with(
         config,
-        Arc::new(FakeProber { per_probe: z.per_probe }),
+        Arc::new(FakeProber {
+            per_probe: z.per_probe,
+        }),
         stop.clone(),
     ));
 
@@ -141,7 +159,13 @@ async fn run_inner(ctx: &Ctx, s: &mut Section) -> Result<()> {
                 let seen_at = sys::now_us();
                 polls += 1;
                 if let Ok(resp) = resp {
-                    let newest = resp.into_inner().rows.iter().map(|r| r.last_seen_us).max().unwrap_or(0);
+                    let newest = resp
+                        .into_inner()
+                        .rows
+                        .iter()
+                        .map(|r| r.last_seen_us)
+                        .max()
+                        .unwrap_or(0);
                     if newest > last_seen {
                         // The first observation only establishes where we are.
                         if last_seen != 0 {
@@ -188,7 +212,16 @@ async fn run_inner(ctx: &Ctx, s: &mut Section) -> Result<()> {
     ));
     s.line("");
     s.table(
-        &["results/s stored (achieved)", "samples", "polls", "p50 ms", "p99 ms", "max ms", "collector CPU/s", "agent + pollers CPU/s"],
+        &[
+            "results/s stored (achieved)",
+            "samples",
+            "polls",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "collector CPU/s",
+            "agent + pollers CPU/s",
+        ],
         &[vec![
             format!("{achieved:.0}"),
             samples.len().to_string(),
@@ -211,7 +244,11 @@ async fn run_inner(ctx: &Ctx, s: &mut Section) -> Result<()> {
                 "p50 {} ms, p99 {} ms at {achieved:.0} results/s achieved{}",
                 fmt(p50, 1),
                 fmt(p99, 1),
-                if rate_ok { String::new() } else { format!(" — below the {nominal:.0}/s asked for") }
+                if rate_ok {
+                    String::new()
+                } else {
+                    format!(" — below the {nominal:.0}/s asked for")
+                }
             ),
         ),
     );

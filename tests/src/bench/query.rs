@@ -73,7 +73,11 @@ pub async fn run(ctx: &Ctx, fleet_db: Option<PathBuf>) -> Section {
 }
 
 async fn run_inner(ctx: &Ctx, fleet_db: Option<PathBuf>, s: &mut Section) -> Result<()> {
-    let rows = if ctx.mode.is_smoke() { 20_000 } else { 10_000_000 };
+    let rows = if ctx.mode.is_smoke() {
+        20_000
+    } else {
+        10_000_000
+    };
     let db = match fleet_db {
         Some(db) => {
             s.line(format!("Data: the database benchmark 1 filled through the collector ({rows} results, 10 agents in 10 regions × 1,000 targets, timestamps spread over 30 days), served by a freshly started collector."));
@@ -152,7 +156,15 @@ async fn measure(ctx: &Ctx, db: &Path, s: &mut Section) -> Result<()> {
         ]);
     }
     s.table(
-        &["query (Query API over gRPC, loopback)", "runs", "median ms", "min ms", "max ms", "rows returned", "error"],
+        &[
+            "query (Query API over gRPC, loopback)",
+            "runs",
+            "median ms",
+            "min ms",
+            "max ms",
+            "rows returned",
+            "error",
+        ],
         &rows,
     );
     for t in timed.iter().take(3) {

@@ -6,8 +6,16 @@ use mxscope_proto::pb;
 
 /// Regions of the synthetic fleet (one agent per region in the 10M-row run).
 pub const REGIONS: [&str; 10] = [
-    "eu-west", "eu-central", "us-east", "us-west", "sa-east", "ap-south", "ap-east", "ap-north",
-    "af-south", "me-central",
+    "eu-west",
+    "eu-central",
+    "us-east",
+    "us-west",
+    "sa-east",
+    "ap-south",
+    "ap-east",
+    "ap-north",
+    "af-south",
+    "me-central",
 ];
 
 /// Name of synthetic target `i`.
@@ -91,7 +99,14 @@ impl Generator {
                 Vec::new(),
             )
         } else {
-            for (phase, n) in [("banner", 1), ("ehlo", 1), ("starttls", 1), ("tls", 2), ("ehlo_tls", 1), ("quit", 1)] {
+            for (phase, n) in [
+                ("banner", 1),
+                ("ehlo", 1),
+                ("starttls", 1),
+                ("tls", 2),
+                ("ehlo_tls", 1),
+                ("quit", 1),
+            ] {
                 timings.push(pb::PhaseTiming {
                     phase: phase.into(),
                     micros: rtt * n + h % 500,
@@ -115,7 +130,13 @@ impl Generator {
                     value: Some(pb::fact::Value::Flag(true)),
                 },
             ];
-            (pb::Outcome::Ok, String::new(), String::new(), "221 2.0.0 Bye".to_string(), facts)
+            (
+                pb::Outcome::Ok,
+                String::new(),
+                String::new(),
+                "221 2.0.0 Bye".to_string(),
+                facts,
+            )
         };
         Some(pb::ProbeResult {
             agent_id: self.shape.agent_id.clone(),
@@ -186,7 +207,9 @@ mod tests {
         let all = g.batch(1000);
         assert_eq!(all.len(), 50);
         assert!(all.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
-        assert!(all.iter().all(|r| r.start_us >= 1_000_000 && r.start_us < 1_005_000));
+        assert!(all
+            .iter()
+            .all(|r| r.start_us >= 1_000_000 && r.start_us < 1_005_000));
         let targets: std::collections::BTreeSet<_> = all.iter().map(|r| r.target.clone()).collect();
         assert_eq!(targets.len(), 7);
         assert!(g.next_result().is_none());

@@ -43,7 +43,11 @@ fn smtp_session(conn: TcpStream) -> Result<()> {
     out.write_all(b"220 mail.bench.test ESMTP bench\r\n")?;
     let mut lines = BufReader::new(conn).lines();
     while let Some(Ok(line)) = lines.next() {
-        let verb = line.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+        let verb = line
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
         match verb.as_str() {
             "EHLO" | "HELO" => out.write_all(b"250 mail.bench.test\r\n")?,
             "QUIT" => {
@@ -108,7 +112,14 @@ pub async fn run(ctx: &Ctx) -> Section {
             s.line(note);
             s.line("");
             s.table(
-                &["region", "injected RTT ms", "plain connect() median ms (n)", "agent connect median ms (n)", "agent − injected ms", "agent p10–p90 ms"],
+                &[
+                    "region",
+                    "injected RTT ms",
+                    "plain connect() median ms (n)",
+                    "agent connect median ms (n)",
+                    "agent − injected ms",
+                    "agent p10–p90 ms",
+                ],
                 &rows,
             );
             for (what, v) in verdicts {
@@ -128,18 +139,38 @@ fn run_blocking(ctx: &Ctx) -> Result<Outcome> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("needs root (network namespaces and TUN devices)");
     }
-    let regions: &[(&str, u32)] = if ctx.mode.is_smoke() { &[("b10", 10)] } else { &[("b10", 10), ("b60", 60)] };
-    let (baseline_n, probes) = if ctx.mode.is_smoke() { (5usize, 4usize) } else { (40, 40) };
+    let regions: &[(&str, u32)] = if ctx.mode.is_smoke() {
+        &[("b10", 10)]
+    } else {
+        &[("b10", 10), ("b60", 60)]
+    };
+    let (baseline_n, probes) = if ctx.mode.is_smoke() {
+        (5usize, 4usize)
+    } else {
+        (40, 40)
+    };
     let ip = system_tool("ip", "iproute2")?;
     let script = ctx.repo.join("deploy/lab/lab");
     let delayline = mxscope_binary("mxscope-delayline")?;
     let state = ctx.dir.join("lab-state");
     std::fs::create_dir_all(&state)?;
     let spec: Vec<String> = regions.iter().map(|(n, r)| format!("{n}:{r}")).collect();
-    let _guard = LabGuard { script: script.clone(), state: state.clone() };
-    run_cmd(&script, &[
-        "up", "--state", &path_str(&state)?, "--delayline", &path_str(&delayline)?, "--regions", &spec.join(" "),
-    ])?;
+    let _guard = LabGuard {
+        script: script.clone(),
+        state: state.clone(),
+    };
+    run_cmd(
+        &script,
+        &[
+            "up",
+            "--state",
+            &path_str(&state)?,
+            "--delayline",
+            &path_str(&delayline)?,
+            "--regions",
+            &spec.join(" "),
+        ],
+    )?;
     let env = lab_env(&state)?;
     let get = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
     let mail_ns = get("LAB_MAIL_NS").context("LAB_MAIL_NS in lab.env")?;
@@ -149,25 +180,52 @@ fn run_blocking(ctx: &Ctx) -> Result<Outcome> {
     std::fs::create_dir_all(&logs)?;
     let listen = format!("{MAIL_IP}:{SMTP_PORT}");
     let server = Proc::spawn(
-        Spec::new("lab-smtp", &ip_s).args(["netns", "exec", &mail_ns]).arg(path_str(&me)?).args(["--serve-smtp", &listen]),
+        Spec::new("lab-smtp", &ip_s)
+            .args(["netns", "exec", &mail_ns])
+            .arg(path_str(&me)?)
+            .args(["--serve-smtp", &listen]),
         &logs,
     )?;
-    wait_until("lab smtp responder", Duration::from_secs(10), || server.log().contains("listening"))?;
+    wait_until("lab smtp responder", Duration::from_secs(10), || {
+        server.log().contains("listening")
+    })?;
 
     let mut rows = Vec::new();
     let mut verdicts = Vec::new();
     for (name, rtt) in regions {
-        let ns = get(&format!("LAB_NS_{name}")).with_context(|| format!("LAB_NS_{name} in lab.env"))?;
+        let ns =
+            get(&format!("LAB_NS_{name}")).with_context(|| format!("LAB_NS_{name} in lab.env"))?;
         // Plain connect() from the region: the delay line's own figure.
-        let out = run_cmd(&ip, &["netns", "exec", &ns, &path_str(&me)?, "--connect-times", &listen, &baseline_n.to_string()])?;
-        let plain: Vec<f64> = out.lines().filter_map(|l| l.trim().parse::<f64>().ok()).map(|us| us / 1000.0).collect();
+        let out = run_cmd(
+            &ip,
+            &[
+                "netns",
+                "exec",
+                &ns,
+                &path_str(&me)?,
+                "--connect-times",
+                &listen,
+                &baseline_n.to_string(),
+            ],
+        )?;
+        let plain: Vec<f64> = out
+            .lines()
+            .filter_map(|l| l.trim().parse::<f64>().ok())
+            .map(|us| us / 1000.0)
+            .collect();
 
         let db = ctx.dir.join(format!("lab-{name}.db"));
         let _collector = Proc::spawn(
             Spec::new(format!("lab-collector-{name}"), &ip_s)
                 .args(["netns", "exec", &ns])
                 .arg(path_str(&mxscope_binary(COLLECTOR)?)?)
-                .args(["--listen", &format!("127.0.0.1:{COLLECTOR_PORT}"), "--db", &path_str(&db)?, "--insecure"])
+                .args([
+                    "--listen",
+                    &format!("127.0.0.1:{COLLECTOR_PORT}"),
+                    "--db",
+                    &path_str(&db)?,
+                    "--insecure",
+                ])
                 .env("RUST_LOG", "warn"),
             &logs,
         )?;
@@ -177,8 +235,22 @@ fn run_blocking(ctx: &Ctx) -> Result<Outcome> {
             Spec::new(format!("lab-agent-{name}"), &ip_s)
                 .args(["netns", "exec", &ns])
                 .arg(path_str(&mxscope_binary(AGENT)?)?)
-                .args(["--collector", &format!("http://127.0.0.1:{COLLECTOR_PORT}"), "--id", &format!("lab-{name}"), "--region", name])
-                .args(["--config", &path_str(&config)?, "--spool", &path_str(&logs.join(format!("spool-{name}")))?, "--helo-name", "bench.test"])
+                .args([
+                    "--collector",
+                    &format!("http://127.0.0.1:{COLLECTOR_PORT}"),
+                    "--id",
+                    &format!("lab-{name}"),
+                    "--region",
+                    name,
+                ])
+                .args([
+                    "--config",
+                    &path_str(&config)?,
+                    "--spool",
+                    &path_str(&logs.join(format!("spool-{name}")))?,
+                    "--helo-name",
+                    "bench.test",
+                ])
                 .env("RUST_LOG", "warn"),
             &logs,
         )?;
@@ -223,9 +295,11 @@ fn read_connects(db: &Path) -> Result<Vec<f64>> {
     if !db.exists() {
         return Ok(Vec::new());
     }
-    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(Duration::from_secs(2))?;
-    let mut st = conn.prepare("SELECT timings FROM results WHERE check_name = 'smtp' ORDER BY start_us")?;
+    let mut st =
+        conn.prepare("SELECT timings FROM results WHERE check_name = 'smtp' ORDER BY start_us")?;
     let rows = st.query_map([], |r| r.get::<_, String>(0))?;
     let mut out = Vec::new();
     for t in rows {

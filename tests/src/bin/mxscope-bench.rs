@@ -57,12 +57,16 @@ fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     // Helper modes, run inside lab namespaces by the timing benchmark.
     let helper = match argv.first().map(String::as_str) {
-        Some("--serve-smtp") => Some(bench::timing::serve_smtp(argv.get(1).map_or("", String::as_str))),
+        Some("--serve-smtp") => Some(bench::timing::serve_smtp(
+            argv.get(1).map_or("", String::as_str),
+        )),
         Some("--connect-times") => Some(
             argv.get(2)
                 .context("--connect-times ADDR N")
                 .and_then(|n| n.parse::<usize>().context("count"))
-                .and_then(|n| bench::timing::connect_times(argv.get(1).map_or("", String::as_str), n)),
+                .and_then(|n| {
+                    bench::timing::connect_times(argv.get(1).map_or("", String::as_str), n)
+                }),
         ),
         _ => None,
     };
@@ -137,7 +141,9 @@ async fn run(args: Args) -> Result<()> {
     }
     if wanted("query") {
         eprintln!("mxscope-bench: query");
-        report.sections.push(bench::query::run(&ctx, fleet_db.take()).await);
+        report
+            .sections
+            .push(bench::query::run(&ctx, fleet_db.take()).await);
     }
     if wanted("latency") {
         eprintln!("mxscope-bench: latency");
