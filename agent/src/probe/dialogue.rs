@@ -425,6 +425,33 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// Connects to `t.addr`, does the TLS handshake first when `implicit` (imaps, pop3s) and reads the
+/// one-line greeting: the opening IMAP and POP3 share. `None` when a phase failed (already recorded).
+pub(crate) async fn open_with_greeting(
+    t: &super::Target<'_>,
+    obs: &mut Observation,
+    implicit: bool,
+) -> Option<(Dialogue, String)> {
+    let stream = super::tcp::connect(obs, t.addr, t.phase_deadline(super::CONNECT_TIMEOUT)).await?;
+    obs.fact("tls.implicit", implicit);
+    let mut io: Box<dyn Io> = Box::new(stream);
+    if implicit {
+        io = super::tls::handshake(io, t, obs).await?;
+    }
+    let mut d = Dialogue::new(io, Bounds::default());
+    let deadline = t.phase_deadline(REPLY_TIMEOUT);
+    match d
+        .exchange(obs, Some(Phase::Greeting), None, deadline, |_| Ok(true))
+        .await
+    {
+        Ok(lines) => Some((d, lines.into_iter().next().unwrap_or_default())),
+        Err(e) => {
+            e.record(obs, Phase::Greeting);
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

@@ -4,8 +4,8 @@
 use mxscope_proto::{CheckKind, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
-use super::dialogue::{truncate, Bounds, Dialogue, DialogueError, Io, REPLY_TIMEOUT};
-use super::{tcp, tls, Target, CONNECT_TIMEOUT};
+use super::dialogue::{open_with_greeting, truncate, Dialogue, DialogueError, REPLY_TIMEOUT};
+use super::Target;
 
 /// IMAP capabilities a probe reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -160,32 +160,9 @@ pub(crate) async fn tagged(
 
 /// Runs the IMAP dialogue against one address.
 pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
-    let Some(stream) = tcp::connect(obs, t.addr, t.phase_deadline(CONNECT_TIMEOUT)).await else {
-        return;
-    };
     let implicit = t.spec.check == CheckKind::Imaps;
-    obs.fact("tls.implicit", implicit);
-    let mut io: Box<dyn Io> = Box::new(stream);
-    if implicit {
-        match tls::handshake(io, t, obs).await {
-            Some(tls) => io = tls,
-            None => return,
-        }
-    }
-    let mut d = Dialogue::new(io, Bounds::default());
-
-    let greeting = d
-        .exchange(
-            obs,
-            Some(Phase::Greeting),
-            None,
-            t.phase_deadline(REPLY_TIMEOUT),
-            |_| Ok(true),
-        )
-        .await;
-    let greeting = match greeting {
-        Ok(lines) => lines.into_iter().next().unwrap_or_default(),
-        Err(e) => return e.record(obs, Phase::Greeting),
+    let Some((mut d, greeting)) = open_with_greeting(t, obs, implicit).await else {
+        return;
     };
     obs.fact("imap.greeting", truncate(&greeting, 512));
     let status = status_of(&greeting, "*").map(str::to_ascii_uppercase);
