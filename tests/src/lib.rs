@@ -13,8 +13,8 @@ pub mod nginx;
 pub mod nsd;
 pub mod postfix;
 pub mod probes;
-pub mod smtp_send;
 pub mod process;
+pub mod smtp_send;
 pub mod tls;
 pub mod wait;
 
