@@ -270,8 +270,8 @@ pub async fn run(
     };
     if let Some(http_listener) = http_listener {
         let bound = http_listener.local_addr().map_err(RunError::Listener)?;
-        // Security counters (limits.rs) plug in here with `.with_source(..)` (see http::MetricsSource).
-        let state = http::MetricsState::new(store.clone(), shared.config.stale_after);
+        let state = http::MetricsState::new(store.clone(), shared.config.stale_after)
+            .with_source(shared.counters.clone());
         let stop = token.clone();
         tasks.spawn(async move {
             if let Err(err) = http::serve(http_listener, state, stop).await {

@@ -318,10 +318,113 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
     Ok(n / per)
 }
 
+/// `/metrics` exports every refusal counter (reasons are a closed set, so labels stay bounded).
+impl crate::http::MetricsSource for Counters {
+    fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        use prometheus_client::metrics::{counter::Counter, family::Family};
+        let rejected = Family::<Vec<(String, String)>, Counter>::default();
+        for reason in RejectReason::ALL {
+            rejected
+                .get_or_create(&vec![("reason".to_string(), reason.as_str().to_string())])
+                .inc_by(self.rejected(reason));
+        }
+        registry.register(
+            "mxscope_ingest_rejected_results",
+            "Results refused by the input limits (skipped and acked), by reason",
+            rejected,
+        );
+        let plain: [(&str, &str, &AtomicU64); 10] = [
+            (
+                "mxscope_ingest_oversize_messages",
+                "Messages above the gRPC size limit (session closed)",
+                &self.oversize_messages,
+            ),
+            (
+                "mxscope_ingest_oversize_batches",
+                "Batches above the result-count limit (session closed)",
+                &self.oversize_batches,
+            ),
+            (
+                "mxscope_ingest_malformed_messages",
+                "Messages that did not decode (session closed)",
+                &self.malformed_messages,
+            ),
+            (
+                "mxscope_ingest_rate_limited",
+                "Times an agent's session paused at its result rate",
+                &self.rate_limited,
+            ),
+            (
+                "mxscope_ingest_rate_limited_milliseconds",
+                "Time sessions spent paused by the rate limit",
+                &self.rate_limited_ms,
+            ),
+            (
+                "mxscope_auth_unauthenticated",
+                "Requests without a usable client certificate",
+                &self.unauthenticated,
+            ),
+            (
+                "mxscope_auth_permission_denied",
+                "Requests whose certificate has no right to the method",
+                &self.permission_denied,
+            ),
+            (
+                "mxscope_auth_identity_mismatch",
+                "Hellos claiming another id or region than the certificate",
+                &self.identity_mismatch,
+            ),
+            (
+                "mxscope_auth_revoked_refused",
+                "Hellos of revoked agents refused",
+                &self.revoked_refused,
+            ),
+            (
+                "mxscope_auth_revoked_closed",
+                "Open sessions closed because their agent was revoked",
+                &self.revoked_closed,
+            ),
+        ];
+        for (name, help, value) in plain {
+            let c = Counter::<u64>::default();
+            c.inc_by(value.load(Ordering::Relaxed));
+            registry.register(name, help, c);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn counters_are_exported_for_metrics() {
+        use crate::http::MetricsSource;
+        let c = Counters::default();
+        c.rejected[RejectReason::TooOld.index()].fetch_add(2, Ordering::Relaxed);
+        c.oversize_batches.fetch_add(1, Ordering::Relaxed);
+        let mut registry = prometheus_client::registry::Registry::default();
+        c.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("mxscope_ingest_rejected_results_total{reason=\"too_old\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mxscope_ingest_rejected_results_total{reason=\"in_future\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mxscope_ingest_oversize_batches_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mxscope_auth_revoked_closed_total 0"),
+            "{text}"
+        );
+    }
 
     const NOW: i64 = 1_700_000_000_000_000;
 
