@@ -423,9 +423,13 @@ impl Store {
         rejected: Vec<u64>,
         at_us: i64,
     ) -> Pending<u64> {
+        // Row encoding, series keys and rollup aggregation run here, in the caller's task, so
+        // the single writer thread only binds, steps and merges.
+        let prepared = writer::Prepared::of(region, &results);
         let fut = self.submit(Op::Results {
             agent_id: agent_id.to_string(),
             region: region.to_string(),
+            prepared,
             results,
             rejected,
             at_us,
@@ -564,7 +568,18 @@ fn open_write(path: &Path) -> Result<Connection, StoreError> {
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(journal_mode = %mode, "database is not in wal mode");
         }
+        // NORMAL in WAL mode: COMMIT returns once the transaction is in the WAL (fsync at
+        // checkpoints only), so it survives a process crash; acks are sent only after COMMIT
+        // returned, so an acked result is never lost to a collector crash (see the module docs).
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Ingest-sized caches: a 128 MiB page cache keeps the b-tree pages the inserts and rollup
+        // upserts touch (the 2 MiB default re-read them from the OS on every batch), reads of the
+        // main file go through a shared mapping, temp b-trees stay in memory, and the WAL is
+        // checkpointed every 32 MiB instead of every 4 MiB. None of these affects durability.
+        conn.pragma_update(None, "cache_size", -131_072)?;
+        let _: i64 = conn.query_row("PRAGMA mmap_size=1073741824", [], |r| r.get(0))?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        let _: i64 = conn.query_row("PRAGMA wal_autocheckpoint=8192", [], |r| r.get(0))?;
         // A write proves the file is writable now, not at the first batch.
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")?;
         Ok(conn)

@@ -58,6 +58,9 @@ impl Pool {
             source,
         })?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        // Long-window queries scan rollups: a larger cache and a shared mapping of the file.
+        conn.pragma_update(None, "cache_size", -32_768)?;
+        let _: i64 = conn.query_row("PRAGMA mmap_size=1073741824", [], |r| r.get(0))?;
         Ok(conn)
     }
 }

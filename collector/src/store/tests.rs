@@ -132,6 +132,18 @@ async fn resent_results_are_stored_once_and_hwm_allows_gaps() {
         7
     );
     assert_eq!(seqs(&path, "a1"), vec![1, 2, 3, 4, 7]);
+    // Rollups count the stored results only, at every level (duplicates are not aggregated).
+    let c = Connection::open(&path).expect("reader");
+    for level in rollup::Level::ALL {
+        let n: i64 = c
+            .query_row(
+                "SELECT coalesce(sum(count), 0) FROM rollups WHERE level = ?1",
+                [level.code()],
+                |r| r.get(0),
+            )
+            .expect("rollup count");
+        assert_eq!(n, 5, "{level:?}");
+    }
 
     // A reconnect learns the mark.
     assert_eq!(store.register_agent(hello("a1")).await.unwrap(), 7);
