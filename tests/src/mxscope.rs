@@ -58,22 +58,7 @@ impl Collector {
 
     /// Waits until the gRPC port accepts connections (or fails if the process died).
     pub fn wait_ready(&mut self) -> Result<()> {
-        let addr = self.addr;
-        let proc = &mut self.proc;
-        wait_for(
-            &format!("collector listening on {addr}"),
-            Duration::from_secs(30),
-            || {
-                if !proc.is_running() {
-                    bail!(
-                        "collector exited during startup ({:?}):\n{}",
-                        proc.exit_status(),
-                        proc.log_tail(40)
-                    );
-                }
-                Ok(is_listening(addr).then_some(()))
-            },
-        )
+        self.proc.wait_listening(self.addr, Duration::from_secs(30))
     }
 
     /// `http://127.0.0.1:PORT`, for `--collector`.

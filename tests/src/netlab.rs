@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::binaries::{mxscope_binary, system_tool, AGENT, COLLECTOR};
 use crate::lab::{path_str, write_file};
-use crate::net::{free_port, is_listening};
+use crate::net::free_port;
 use crate::process::{Proc, Spec};
 use crate::tls::{ctl_as, ctl_output, ClientCert, Pki};
 use crate::wait::wait_for;
@@ -278,20 +278,7 @@ impl LabCollector {
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
         let mut proc = Proc::spawn(spec, dir)?;
-        wait_for(
-            &format!("collector listening on {addr}"),
-            Duration::from_secs(30),
-            || {
-                if !proc.is_running() {
-                    bail!(
-                        "collector exited during startup ({:?}):\n{}",
-                        proc.exit_status(),
-                        proc.log_tail(40)
-                    );
-                }
-                Ok(is_listening(addr).then_some(()))
-            },
-        )?;
+        proc.wait_listening(addr, Duration::from_secs(30))?;
         Ok(LabCollector { proc, addr })
     }
 

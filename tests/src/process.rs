@@ -216,6 +216,22 @@ impl Proc {
         self.wait_exit(Duration::from_secs(10))
     }
 
+    /// Waits until `addr` accepts TCP connections, failing at once (with the log's tail) if the
+    /// process exits first.
+    pub fn wait_listening(&mut self, addr: std::net::SocketAddr, timeout: Duration) -> Result<()> {
+        let name = self.name().to_string();
+        wait_for(&format!("{name} listening on {addr}"), timeout, || {
+            if !self.is_running() {
+                bail!(
+                    "{name} exited during startup ({:?}):\n{}",
+                    self.exit_status(),
+                    self.log_tail(40)
+                );
+            }
+            Ok(crate::net::is_listening(addr).then_some(()))
+        })
+    }
+
     /// Starts the same command again; fails if it is still running.
     pub fn restart(&mut self) -> Result<()> {
         if self.is_running() {

@@ -14,9 +14,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use crate::binaries::{mxscope_binary, AGENT, COLLECTOR, CTL};
 use crate::lab::{path_str, write_file};
 use crate::mxscope::{agent_toml, TargetConfig};
-use crate::net::{free_port, is_listening};
+use crate::net::free_port;
 use crate::process::{Proc, Spec};
-use crate::wait::wait_for;
 
 /// A client certificate, its key and the CA that issued the collector's certificate.
 #[derive(Debug, Clone)]
@@ -142,20 +141,7 @@ impl TlsCollector {
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
         let mut proc = Proc::spawn(spec, dir)?;
-        wait_for(
-            &format!("tls collector listening on {addr}"),
-            Duration::from_secs(30),
-            || {
-                if !proc.is_running() {
-                    bail!(
-                        "collector exited during startup ({:?}):\n{}",
-                        proc.exit_status(),
-                        proc.log_tail(40)
-                    );
-                }
-                Ok(is_listening(addr).then_some(()))
-            },
-        )?;
+        proc.wait_listening(addr, Duration::from_secs(30))?;
         Ok(TlsCollector { proc, addr })
     }
 

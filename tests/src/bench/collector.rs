@@ -10,9 +10,8 @@ use anyhow::{bail, Result};
 use mxscope_proto::pb;
 use mxscope_tests::binaries::{mxscope_binary, COLLECTOR};
 use mxscope_tests::lab::path_str;
-use mxscope_tests::net::{free_port, is_listening};
+use mxscope_tests::net::free_port;
 use mxscope_tests::process::{Proc, Spec};
-use mxscope_tests::wait::wait_for;
 use tonic::transport::Channel;
 
 /// Limit flags the security work adds, and the value that lifts each for a benchmark.
@@ -74,20 +73,7 @@ impl BenchCollector {
             spec = spec.args([flag.as_str(), value.as_str()]);
         }
         let mut proc = Proc::spawn(spec, log_dir)?;
-        wait_for(
-            &format!("collector listening on {addr}"),
-            Duration::from_secs(120),
-            || {
-                if !proc.is_running() {
-                    bail!(
-                        "collector exited during startup ({:?}):\n{}",
-                        proc.exit_status(),
-                        proc.log_tail(30)
-                    );
-                }
-                Ok(is_listening(addr).then_some(()))
-            },
-        )?;
+        proc.wait_listening(addr, Duration::from_secs(120))?;
         Ok(BenchCollector { proc, addr })
     }
 
