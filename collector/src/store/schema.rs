@@ -107,7 +107,70 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (level, bucket_us, target, check_name, region, endpoint)
     ) WITHOUT ROWID;
     "#,
+    // 5 (performance): week rollups (level 604800) for windows over 21 days. No DDL: the rows
+    // go into `rollups`; [`fill_weeks`] derives them from the stored day rows in this step's
+    // transaction (sketches are merged in Rust, not in SQL).
+    r#"
+    -- week rollups: no DDL, rows written by fill_weeks
+    "#,
 ];
+
+/// The step after which [`fill_weeks`] runs.
+const WEEKS_STEP: i64 = 5;
+
+/// Writes the week rollups of every stored day rollup (schema step 5).
+fn fill_weeks(tx: &Connection) -> Result<(), rusqlite::Error> {
+    use super::rollup::{Agg, Level};
+    let mut weeks: std::collections::HashMap<(i64, String, String, String, String), Agg> =
+        std::collections::HashMap::new();
+    {
+        let mut st = tx.prepare(
+            "SELECT bucket_us, target, check_name, region, endpoint, count, ok, warn, fail, sketches
+             FROM rollups WHERE level = ?1",
+        )?;
+        let mut rows = st.query([Level::Day.code()])?;
+        while let Some(r) = rows.next()? {
+            let blob: Vec<u8> = r.get(9)?;
+            let day = Agg {
+                count: u64::try_from(r.get::<_, i64>(5)?).unwrap_or(0),
+                ok: u64::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
+                warn: u64::try_from(r.get::<_, i64>(7)?).unwrap_or(0),
+                fail: u64::try_from(r.get::<_, i64>(8)?).unwrap_or(0),
+                // A damaged day blob loses its latency in the week row, not its counts.
+                phases: Agg::sketches_from_bytes(&blob, None).unwrap_or_default(),
+            };
+            let key = (
+                Level::Week.bucket(r.get(0)?),
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+            );
+            weeks.entry(key).or_default().merge(&day);
+        }
+    }
+    let mut put = tx.prepare(
+        "INSERT OR REPLACE INTO rollups (level, bucket_us, target, check_name, region, endpoint,
+             count, ok, warn, fail, sketches) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?;
+    let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for ((bucket, target, check, region, endpoint), a) in &weeks {
+        put.execute(rusqlite::params![
+            Level::Week.code(),
+            bucket,
+            target,
+            check,
+            region,
+            endpoint,
+            int(a.count),
+            int(a.ok),
+            int(a.warn),
+            int(a.fail),
+            a.sketches_to_bytes(),
+        ])?;
+    }
+    Ok(())
+}
 
 /// The schema version this code writes and reads.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -139,6 +202,9 @@ pub(crate) fn migrate_to(
         let run = |conn: &mut Connection| -> Result<(), rusqlite::Error> {
             let tx = conn.transaction()?;
             tx.execute_batch(step)?;
+            if to == WEEKS_STEP {
+                fill_weeks(&tx)?;
+            }
             tx.pragma_update(None, "user_version", to)?;
             tx.commit()
         };

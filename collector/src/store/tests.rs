@@ -337,6 +337,64 @@ async fn migrates_an_old_database_and_keeps_its_data() {
     store.close().await.unwrap();
 }
 
+/// Step 5 derives week rollups from the day rollups a version-4 database holds.
+#[tokio::test]
+async fn migration_fills_week_rollups_from_day_rollups() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("v4.db");
+    let day = rollup::Level::Day.width_us();
+    let week0 = rollup::Level::Week.bucket(1_700_000_000_000_000);
+    {
+        let mut c = Connection::open(&path).unwrap();
+        schema::migrate_to(&mut c, &path, 4).unwrap();
+        let mut put = c
+            .prepare(
+                "INSERT INTO rollups (level, bucket_us, target, check_name, region, endpoint,
+                     count, ok, warn, fail, sketches) VALUES (?1, ?2, 't', 'smtp', 'eu', 'mx', ?3, ?3, 0, 0, ?4)",
+            )
+            .unwrap();
+        // Three days in one week, one in the next.
+        for (i, n) in [(0, 2), (1, 3), (6, 4), (7, 5)] {
+            let mut a = rollup::Agg::default();
+            for k in 0..n {
+                a.add(&pb::ProbeResult {
+                    outcome: pb::Outcome::Ok as i32,
+                    timings: vec![pb::PhaseTiming {
+                        phase: "total".into(),
+                        micros: 1000 + k,
+                    }],
+                    ..Default::default()
+                });
+            }
+            put.execute(rusqlite::params![
+                rollup::Level::Day.code(),
+                week0 + i * day,
+                n,
+                a.sketches_to_bytes()
+            ])
+            .unwrap();
+        }
+    }
+    let store = Store::open(&path, opts(0)).unwrap();
+    store.close().await.unwrap();
+    let c = Connection::open(&path).unwrap();
+    let mut st = c
+        .prepare("SELECT bucket_us, count, ok, sketches FROM rollups WHERE level = ?1 ORDER BY bucket_us")
+        .unwrap();
+    let weeks: Vec<(i64, i64, i64, Vec<u8>)> = st
+        .query_map([rollup::Level::Week.code()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(weeks.len(), 2);
+    assert_eq!((weeks[0].0, weeks[0].1, weeks[0].2), (week0, 9, 9));
+    assert_eq!((weeks[1].0, weeks[1].1), (week0 + 7 * day, 5));
+    let phases = rollup::Agg::sketches_from_bytes(&weeks[0].3, None).unwrap();
+    assert_eq!(phases["total"].count(), 9);
+}
+
 #[test]
 fn refuses_a_database_from_a_newer_version() {
     let dir = TempDir::new().unwrap();
@@ -512,7 +570,7 @@ async fn rollups_of_stored_results_merge_to_the_sketch_of_all_values() {
             "q={q}"
         );
     }
-    // Hour and day rows hold the same totals.
+    // Hour, day and week rows hold the same totals.
     let c = Connection::open(dir.path().join("t.db")).unwrap();
     let per_level: Vec<(i64, i64)> = c
         .prepare("SELECT level, sum(count) FROM rollups GROUP BY level ORDER BY level")
@@ -521,7 +579,10 @@ async fn rollups_of_stored_results_merge_to_the_sketch_of_all_values() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(per_level, vec![(60, 600), (3600, 600), (86_400, 600)]);
+    assert_eq!(
+        per_level,
+        vec![(60, 600), (3600, 600), (86_400, 600), (604_800, 600)]
+    );
     store.close().await.unwrap();
 }
 
@@ -567,7 +628,7 @@ async fn retention_deletes_old_raw_rows_and_rollups_in_small_rounds() {
     };
     assert_eq!(count("SELECT count(*) FROM rollups WHERE level = 86400"), 2);
     // One round deletes at most a batch of raw rows, and the one old row of each rollup level.
-    assert_eq!(store.prune(now).await.unwrap(), 7 + 3);
+    assert_eq!(store.prune(now).await.unwrap(), 7 + 4);
     assert_eq!(count("SELECT count(*) FROM results"), 35 - 7);
     assert_eq!(store.prune_all(now, 7).await.unwrap(), 23);
     assert_eq!(
@@ -585,7 +646,7 @@ async fn retention_deletes_old_raw_rows_and_rollups_in_small_rounds() {
     );
     assert_eq!(
         count("SELECT count(DISTINCT level) FROM rollups"),
-        3,
+        4,
         "today's rows stay"
     );
     assert_eq!(store.prune_all(now, 7).await.unwrap(), 0, "caught up");
