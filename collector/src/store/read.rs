@@ -10,7 +10,10 @@ use mxscope_proto::pb;
 use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, OpenFlags};
 
+use std::hash::{Hash, Hasher};
+
 use super::rollup::{plan, Agg};
+use super::writer::{FxHasher, FxMap};
 use super::{AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError, TargetDef};
 
 /// Idle read connections, reused; a new one is opened when none is idle.
@@ -263,13 +266,43 @@ pub(crate) fn rollups(
     };
     let mut st = c.prepare_cached(&sql)?;
     let mut rows = st.query(params_from_iter(args))?;
-    let mut out: BTreeMap<SeriesId, Agg> = BTreeMap::new();
+    // Grouped by a hash of the borrowed names (no String per row; a long window reads several
+    // rows per series), checked against the names on a hit.
+    let mut index: FxMap<u64, Vec<usize>> = FxMap::default();
+    let mut groups: Vec<(SeriesId, Agg)> = Vec::new();
     while let Some(r) = rows.next()? {
-        let id = SeriesId {
-            target: r.get(0)?,
-            check: r.get(1)?,
-            region: r.get(2)?,
-            endpoint: r.get(3)?,
+        let text = |i: usize| -> Result<&str, StoreError> {
+            Ok(r.get_ref(i)?.as_str().map_err(rusqlite::Error::from)?)
+        };
+        let (target, check, region, endpoint) = (text(0)?, text(1)?, text(2)?, text(3)?);
+        let hash = {
+            let mut h = FxHasher::default();
+            (target, check, region, endpoint).hash(&mut h);
+            h.finish()
+        };
+        let slot = index.entry(hash).or_default();
+        let found = slot.iter().copied().find(|&g| {
+            let id = &groups[g].0;
+            id.target == target
+                && id.check == check
+                && id.region == region
+                && id.endpoint == endpoint
+        });
+        let g = match found {
+            Some(g) => g,
+            None => {
+                groups.push((
+                    SeriesId {
+                        target: target.to_string(),
+                        check: check.to_string(),
+                        region: region.to_string(),
+                        endpoint: endpoint.to_string(),
+                    },
+                    Agg::default(),
+                ));
+                slot.push(groups.len() - 1);
+                groups.len() - 1
+            }
         };
         let phases = if counts_only {
             BTreeMap::new()
@@ -285,9 +318,14 @@ pub(crate) fn rollups(
             fail: unsigned(r.get(7)?),
             phases,
         };
-        out.entry(id).or_default().merge(&row);
+        let agg = &mut groups[g].1;
+        if agg.count == 0 && agg.phases.is_empty() {
+            *agg = row;
+        } else {
+            agg.merge(&row);
+        }
     }
-    Ok(out)
+    Ok(groups.into_iter().collect())
 }
 
 pub(crate) fn status_input(
