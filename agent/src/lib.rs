@@ -138,6 +138,10 @@ pub async fn run_with(
     {
         warn!("agent tasks did not stop in time");
     }
+    // The acks are kept in memory and written lazily: make them durable before exiting.
+    if let Err(e) = spool.sync().await {
+        warn!(error = %e, "spool state not written at shutdown");
+    }
     info!(
         unsent = spool.depth(),
         dropped_total = spool.dropped_total(),

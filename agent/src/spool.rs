@@ -6,12 +6,22 @@
 //!   `magic u32 = "MXSR" | seq u64 | len u32 | crc32(seq ‖ len ‖ payload) u32 | payload`,
 //!   the payload being a prost-encoded `pb::ProbeResult`;
 //! - `state`: acked seq, dropped total, dropped-through seq, seq floor, the seq ranges already
-//!   counted as lost, crc32; replaced atomically (write temp, fsync, rename, fsync directory).
+//!   counted as lost, crc32; replaced atomically (write temp, fsync, rename, fsync directory);
+//! - `acked`: `magic u32 = "MXSA" | acked seq u64 | crc32 u32`, a hint overwritten in place
+//!   without fsync; on open it raises the state's acked seq when valid and is ignored otherwise.
 //!
 //! Fsync policy (group commit): every `append` call writes all its records with one `write` and one
-//! `fsync` before it returns, so an assigned seq is durable; the [`SpoolHandle`] actor merges the
-//! appends queued while it was busy into one write and one fsync. Every state change (ack, drop,
-//! seq floor, counted losses) is fsynced before the segments it makes obsolete are deleted.
+//! `fsync` before it returns, so an assigned seq is durable before the uplink can send it; the
+//! [`SpoolHandle`] actor lingers up to [`APPEND_LINGER`] after an append to merge the appends
+//! arriving meanwhile into one write and one fsync. Every drop, seq floor and counted loss is
+//! fsynced (state file) at once. An ack is kept in memory and written lazily to the `acked` hint
+//! (at most every [`ACK_WRITE_INTERVAL`], no fsync): a crash may forget the last acks, and the
+//! results are then sent again and deduplicated by the collector, whose Welcome tells the agent
+//! what it stored. The acked seq is made durable in the state file before any segment it makes
+//! obsolete is deleted, before it moves the next seq ahead, and on [`SpoolHandle::sync`] (clean
+//! shutdown). The segment being appended to is kept when fully acked, so a trickle of acks deletes
+//! and creates no files. The next seq after a crash is above the acked seq, the last record and the
+//! floor, so it never goes backwards.
 //!
 //! Damage found on open: a torn or damaged tail is truncated to the last good record; if the cut
 //! record's header still names its seq, that result is counted as lost and its seq is never given
@@ -27,6 +37,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use mxscope_proto::{pb, Observation};
 use prost::Message;
@@ -47,6 +58,12 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 4 << 20;
 pub const READ_BATCH_BYTES: usize = 2 << 20;
 const STATE_FILE: &str = "state";
 const STATE_TMP: &str = "state.tmp";
+const ACKED_FILE: &str = "acked";
+const ACKED_MAGIC: u32 = u32::from_le_bytes(*b"MXSA");
+/// The `acked` hint is rewritten at most this often (a clean shutdown writes the state durably).
+pub const ACK_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+/// After an append, the spool thread waits this long for more appends to share its write and fsync.
+pub const APPEND_LINGER: Duration = Duration::from_millis(50);
 
 /// A spool failure: the operation did not happen (or, for append, its seqs are counted as dropped).
 #[derive(Debug, thiserror::Error)]
@@ -301,6 +318,14 @@ pub struct Spool {
     writer: Option<File>,
     state: State,
     next_seq: u64,
+    /// The acked seq in the state file (durable).
+    durable_acked: u64,
+    /// The acked seq in the `acked` hint (or in the state file, whichever is higher).
+    written_acked: u64,
+    /// When the hint was last written.
+    acked_written_at: Option<Instant>,
+    /// The `acked` hint, opened on first use.
+    acked_file: Option<File>,
 }
 
 impl Spool {
@@ -321,6 +346,16 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
             Err(e) => return Err(io_err(&state_path)(e)),
         };
+        let mut state = state;
+        if let Some(hint) = read_acked_hint(&dir.join(ACKED_FILE)) {
+            if hint > state.acked {
+                // Acks written lazily before a crash or shutdown: durable before anything relies
+                // on them (the scan below deletes segments they made obsolete).
+                state.acked = hint;
+                state.prune();
+                store_state(dir, &state)?;
+            }
+        }
         let mut names = Vec::new();
         for entry in fs::read_dir(dir).map_err(io_err(dir))? {
             let entry = entry.map_err(io_err(dir))?;
@@ -341,6 +376,10 @@ impl Spool {
             opts,
             segments: VecDeque::new(),
             writer: None,
+            durable_acked: state.acked,
+            written_acked: state.acked,
+            acked_written_at: None,
+            acked_file: None,
             state,
             next_seq: 1,
         };
@@ -629,21 +668,104 @@ impl Spool {
         if up_to_seq <= self.state.acked {
             return Ok(());
         }
-        let mut st = self.state.clone();
-        st.acked = up_to_seq;
-        self.write_state(st)?;
+        // Whole segments this ack makes obsolete; the one being appended to stays open.
+        let appending = usize::from(self.writer.is_some());
+        let obsolete = self
+            .segments
+            .iter()
+            .take(self.segments.len() - appending)
+            .take_while(|seg| seg.last_seq().is_none_or(|l| l <= up_to_seq))
+            .count();
+        if obsolete > 0 || up_to_seq >= self.next_seq {
+            // Durable before the records go, and before the collector's seq moves ours ahead.
+            let mut st = self.state.clone();
+            st.acked = up_to_seq;
+            self.write_state(st)?;
+        } else {
+            self.state.acked = up_to_seq;
+            self.write_acked_hint(false);
+        }
         // The collector knows this seq, so it must never be given again.
         self.next_seq = self.next_seq.max(up_to_seq + 1);
-        while let Some(seg) = self.segments.front() {
-            if seg.last_seq().is_some_and(|l| l > up_to_seq) {
+        for _ in 0..obsolete {
+            let Some(seg) = self.segments.front() else {
                 break;
-            }
+            };
             let path = seg.path.clone();
             if self.segments.len() == 1 {
                 self.writer = None;
             }
             fs::remove_file(&path).map_err(io_err(&path))?;
             self.segments.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Writes the in-memory acked seq to the `acked` hint (no fsync) if it changed and the last
+    /// write is at least [`ACK_WRITE_INTERVAL`] old, or now when `force`. A failure is only logged:
+    /// the hint saves resending, nothing depends on it.
+    fn write_acked_hint(&mut self, force: bool) {
+        if self.state.acked <= self.written_acked {
+            return;
+        }
+        if !force
+            && self
+                .acked_written_at
+                .is_some_and(|at| at.elapsed() < ACK_WRITE_INTERVAL)
+        {
+            return;
+        }
+        // Also after a failure: the next try is one interval later, not in a loop.
+        self.acked_written_at = Some(Instant::now());
+        let path = self.dir.join(ACKED_FILE);
+        if self.acked_file.is_none() {
+            match OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+            {
+                Ok(f) => self.acked_file = Some(f),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "spool acked hint not written");
+                    return;
+                }
+            }
+        }
+        let Some(file) = self.acked_file.as_ref() else {
+            return;
+        };
+        let mut b = Vec::with_capacity(16);
+        b.extend_from_slice(&ACKED_MAGIC.to_le_bytes());
+        b.extend_from_slice(&self.state.acked.to_le_bytes());
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        match file.write_all_at(&b, 0) {
+            Ok(()) => self.written_acked = self.state.acked,
+            Err(e) => {
+                self.acked_file = None;
+                warn!(path = %path.display(), error = %e, "spool acked hint not written");
+            }
+        }
+    }
+
+    /// When the lazily kept acked seq is due to be written to the `acked` hint, if it changed.
+    pub fn acked_hint_due(&self) -> Option<Instant> {
+        (self.state.acked > self.written_acked).then(|| {
+            self.acked_written_at
+                .map_or_else(Instant::now, |at| at + ACK_WRITE_INTERVAL)
+        })
+    }
+
+    /// Writes the acked seq to the `acked` hint now if it changed (no fsync).
+    pub fn flush_acked_hint(&mut self) {
+        self.write_acked_hint(true);
+    }
+
+    /// Makes the acked seq durable (state file, fsynced) if it changed since the last durable write.
+    pub fn sync(&mut self) -> Result<(), SpoolError> {
+        if self.state.acked > self.durable_acked {
+            self.write_state(self.state.clone())?;
         }
         Ok(())
     }
@@ -695,16 +817,41 @@ impl Spool {
 
     fn write_state(&mut self, mut st: State) -> Result<(), SpoolError> {
         st.prune();
-        let tmp = self.dir.join(STATE_TMP);
-        let path = self.dir.join(STATE_FILE);
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(&st.encode()).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        sync_dir(&self.dir)?;
+        store_state(&self.dir, &st)?;
+        self.durable_acked = st.acked;
+        self.written_acked = self.written_acked.max(st.acked);
         self.state = st;
         Ok(())
     }
+}
+
+impl Drop for Spool {
+    /// Best effort: the acks held in memory go to the `acked` hint (a clean shutdown calls
+    /// [`Spool::sync`] first, which makes them durable).
+    fn drop(&mut self) {
+        self.write_acked_hint(true);
+    }
+}
+
+/// Replaces the state file atomically and durably: write temp, fsync, rename, fsync directory.
+fn store_state(dir: &Path, st: &State) -> Result<(), SpoolError> {
+    let tmp = dir.join(STATE_TMP);
+    let path = dir.join(STATE_FILE);
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(&st.encode()).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    sync_dir(dir)
+}
+
+/// The acked seq in the `acked` hint, if the file is there and intact.
+fn read_acked_hint(path: &Path) -> Option<u64> {
+    let b = fs::read(path).ok()?;
+    if b.len() < 16 || le_u32(&b, 0)? != ACKED_MAGIC || crc32fast::hash(&b[..12]) != le_u32(&b, 12)?
+    {
+        return None;
+    }
+    le_u64(&b, 4)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -748,6 +895,9 @@ enum Command {
     },
     EnsureSeqAbove {
         n: u64,
+        reply: Reply<()>,
+    },
+    Sync {
         reply: Reply<()>,
     },
 }
@@ -818,6 +968,11 @@ impl SpoolHandle {
             .await
     }
 
+    /// Makes the acked seq durable (clean shutdown: the next start resends nothing acked).
+    pub async fn sync(&self) -> Result<(), SpoolError> {
+        self.call(|reply| Command::Sync { reply }).await
+    }
+
     pub fn stats(&self) -> &SpoolStats {
         &self.stats
     }
@@ -854,73 +1009,119 @@ fn actor(
     stats: Arc<SpoolStats>,
     committed: watch::Sender<u64>,
 ) {
-    let mut pending: Option<Command> = None;
+    // A clock for the append linger and the lazy ack write; nothing else runs on it.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            warn!(error = %e, "spool thread has no timer: appends are not lingered, acks written at once");
+            None
+        }
+    };
+    // The next command, or `None` when every handle is gone. Waits until `deadline` at most
+    // (`Err` = it passed).
+    let next = |rx: &mut mpsc::Receiver<Command>, deadline: Option<Instant>| match (deadline, &rt) {
+        (Some(at), Some(rt)) => rt.block_on(async {
+            tokio::time::timeout_at(tokio::time::Instant::from_std(at), rx.recv())
+                .await
+                .map_err(|_| ())
+        }),
+        (Some(_), None) => rx.try_recv().map(Some).map_err(|_| ()),
+        (None, _) => Ok(rx.blocking_recv()),
+    };
     loop {
-        let Some(cmd) = pending.take().or_else(|| rx.blocking_recv()) else {
-            break;
+        let cmd = match next(&mut rx, spool.acked_hint_due()) {
+            Ok(Some(cmd)) => cmd,
+            Ok(None) => break,
+            Err(()) => {
+                spool.flush_acked_hint();
+                continue;
+            }
         };
-        match cmd {
+        let (observations, reply) = match cmd {
             Command::Append {
                 observations,
                 reply,
-            } => {
-                let mut groups = vec![observations];
-                let mut replies = vec![reply];
-                while replies.len() < MAX_GROUP {
-                    match rx.try_recv() {
-                        Ok(Command::Append {
-                            observations,
-                            reply,
-                        }) => {
-                            groups.push(observations);
-                            replies.push(reply);
-                        }
-                        Ok(other) => {
-                            pending = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
+            } => (observations, reply),
+            other => {
+                handle(&mut spool, other, &stats, &committed);
+                continue;
+            }
+        };
+        // Group commit: whatever is appended within the linger shares one write and one fsync;
+        // other commands are served meanwhile (the lingering records have no seq yet).
+        let mut groups = vec![observations];
+        let mut replies = vec![reply];
+        let linger_until = Instant::now() + APPEND_LINGER;
+        let mut closed = false;
+        while replies.len() < MAX_GROUP {
+            match next(&mut rx, Some(linger_until)) {
+                Ok(Some(Command::Append {
+                    observations,
+                    reply,
+                })) => {
+                    groups.push(observations);
+                    replies.push(reply);
                 }
-                let result = spool.append_group(&agent_id, groups);
-                // Counters first, so a caller that got its reply never reads older ones.
-                publish(&spool, &stats, &committed);
-                match result {
-                    Ok(seqs) => {
-                        for (reply, seqs) in replies.into_iter().zip(seqs) {
-                            let _ = reply.send(Ok(seqs));
-                        }
-                    }
-                    Err(e) => {
-                        let msg = e.to_string();
-                        let mut first = Some(e);
-                        for reply in replies {
-                            let err = first.take().unwrap_or_else(|| SpoolError::Io {
-                                path: spool.dir.clone(),
-                                source: io::Error::other(msg.clone()),
-                            });
-                            let _ = reply.send(Err(err));
-                        }
-                    }
+                Ok(Some(other)) => handle(&mut spool, other, &stats, &committed),
+                Ok(None) => {
+                    closed = true;
+                    break;
                 }
-            }
-            Command::ReadFrom { after, max, reply } => {
-                let result = spool.read_from(after, max);
-                publish(&spool, &stats, &committed);
-                let _ = reply.send(result);
-            }
-            Command::Ack { up_to, reply } => {
-                let result = spool.ack(up_to);
-                publish(&spool, &stats, &committed);
-                let _ = reply.send(result);
-            }
-            Command::EnsureSeqAbove { n, reply } => {
-                let result = spool.ensure_seq_above(n);
-                publish(&spool, &stats, &committed);
-                let _ = reply.send(result);
+                Err(()) => break,
             }
         }
+        let result = spool.append_group(&agent_id, groups);
+        // Counters first, so a caller that got its reply never reads older ones.
+        publish(&spool, &stats, &committed);
+        match result {
+            Ok(seqs) => {
+                for (reply, seqs) in replies.into_iter().zip(seqs) {
+                    let _ = reply.send(Ok(seqs));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let mut first = Some(e);
+                for reply in replies {
+                    let err = first.take().unwrap_or_else(|| SpoolError::Io {
+                        path: spool.dir.clone(),
+                        source: io::Error::other(msg.clone()),
+                    });
+                    let _ = reply.send(Err(err));
+                }
+            }
+        }
+        if closed {
+            break;
+        }
     }
+    if let Err(e) = spool.sync() {
+        warn!(error = %e, "spool state not written at close");
+    }
+}
+
+/// Serves one command other than an append.
+fn handle(spool: &mut Spool, cmd: Command, stats: &SpoolStats, committed: &watch::Sender<u64>) {
+    let (result, reply) = match cmd {
+        Command::ReadFrom { after, max, reply } => {
+            let result = spool.read_from(after, max);
+            publish(spool, stats, committed);
+            let _ = reply.send(result);
+            return;
+        }
+        Command::Ack { up_to, reply } => (spool.ack(up_to), reply),
+        Command::EnsureSeqAbove { n, reply } => (spool.ensure_seq_above(n), reply),
+        Command::Sync { reply } => (spool.sync(), reply),
+        Command::Append { reply, .. } => {
+            let _ = reply.send(Err(SpoolError::Closed));
+            return;
+        }
+    };
+    publish(spool, stats, committed);
+    let _ = reply.send(result);
 }
 
 fn publish(spool: &Spool, stats: &SpoolStats, committed: &watch::Sender<u64>) {
@@ -1040,10 +1241,18 @@ mod tests {
         assert_eq!(s.depth(), 30);
         assert_eq!(seqs(&s.read_from(0, 1).unwrap()).first(), Some(&31));
         s.ack(60).unwrap();
-        assert!(segment_files(dir.path()).is_empty());
+        // The segment being appended to stays, fully acked, for the next appends.
+        assert_eq!(segment_files(dir.path()).len(), 1);
         assert_eq!(s.depth(), 0);
         assert!(s.read_from(0, 10).unwrap().is_empty());
         assert_eq!(s.append("a1", obs(1)).unwrap(), vec![61]);
+        drop(s);
+        // Reopened, the acked records are gone and appends start a new segment.
+        let (mut s, _) = Spool::open_with(dir.path(), small()).unwrap();
+        assert_eq!(seqs(&s.read_from(0, 10).unwrap()), vec![61]);
+        s.ack(61).unwrap();
+        s.append("a1", obs(1)).unwrap();
+        assert_eq!(segment_files(dir.path()).len(), 1, "the acked one removed");
     }
 
     #[test]
@@ -1212,10 +1421,13 @@ mod tests {
             let (mut s, _) = Spool::open_with(dir.path(), small()).unwrap();
             s.append("a1", obs(5)).unwrap();
             s.ack(5).unwrap();
-            assert!(segment_files(dir.path()).is_empty());
         }
         {
             let (mut s, _) = Spool::open_with(dir.path(), small()).unwrap();
+            assert!(
+                segment_files(dir.path()).is_empty(),
+                "acked segment removed"
+            );
             assert_eq!(s.highest_seq(), 5);
             assert_eq!(s.append("a1", obs(1)).unwrap(), vec![6]);
             s.ensure_seq_above(100).unwrap();
@@ -1234,6 +1446,55 @@ mod tests {
         // An ack above what we hold (our state was lost) also moves seq ahead.
         s.ack(500).unwrap();
         assert_eq!(s.append("a1", obs(1)).unwrap(), vec![501]);
+    }
+
+    #[test]
+    fn acks_are_written_lazily_and_made_durable_before_deleting() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Spool::open_with(dir.path(), small()).unwrap();
+            s.append("a1", obs(10)).unwrap();
+            s.ack(2).unwrap(); // first ack: hint written at once
+            s.ack(4).unwrap(); // within the interval: memory only
+            assert_eq!(s.acked_seq(), 4);
+            assert!(s.acked_hint_due().is_some());
+            // A crash: nothing runs on the way out.
+            std::mem::forget(s);
+        }
+        {
+            let (mut s, _) = Spool::open_with(dir.path(), small()).unwrap();
+            assert_eq!(s.acked_seq(), 2, "the hint, not the lost ack");
+            assert_eq!(s.highest_seq(), 10, "seq never goes backwards");
+            assert_eq!(
+                seqs(&s.read_from(0, 100).unwrap()),
+                (3..=10).collect::<Vec<_>>()
+            );
+            s.ack(7).unwrap();
+            s.flush_acked_hint();
+            assert!(s.acked_hint_due().is_none());
+            std::mem::forget(s);
+        }
+        {
+            let (mut s, _) = Spool::open_with(dir.path(), small()).unwrap();
+            assert_eq!(s.acked_seq(), 7, "flushed hint");
+            // A whole segment made obsolete: durable (state file) before it is deleted.
+            for _ in 0..10 {
+                s.append("a1", obs(3)).unwrap();
+            }
+            s.ack(25).unwrap();
+            std::mem::forget(s);
+        }
+        fs::remove_file(dir.path().join(ACKED_FILE)).unwrap();
+        let (mut s, report) = Spool::open_with(dir.path(), small()).unwrap();
+        assert_eq!(s.acked_seq(), 25, "from the state file alone");
+        assert_eq!(report.lost_records, 0);
+        assert_eq!(s.highest_seq(), 40);
+        s.ack(30).unwrap();
+        s.sync().unwrap();
+        std::mem::forget(s);
+        let _ = fs::remove_file(dir.path().join(ACKED_FILE));
+        let (s, _) = Spool::open_with(dir.path(), small()).unwrap();
+        assert_eq!(s.acked_seq(), 30, "sync made it durable");
     }
 
     #[tokio::test]
