@@ -1,6 +1,9 @@
 //! The one long-lived gRPC stream to the collector: hello, then spooled results in ascending seq
 //! with a bounded window of unacked batches; acks trim the spool, schedules go to the scheduler.
 //! Any failure reconnects with capped, jittered exponential backoff and resends from the last ack.
+//! When results trickle in, a batch waits up to [`LINGER`] for more (a full batch goes at once), so
+//! a fleet at tens of probes per second sends a few batches and gets a few acks per second, not one
+//! per result.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,6 +26,8 @@ use crate::spool::{SpoolError, SpoolHandle};
 pub const BATCH_RECORDS: usize = 500;
 /// Unacked batches in flight.
 pub const WINDOW: usize = 8;
+/// How long a partial batch waits for more results before it is sent.
+pub const LINGER: Duration = Duration::from_millis(100);
 /// Heartbeat period.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
@@ -234,12 +239,25 @@ impl Uplink {
         let mut in_flight: VecDeque<u64> = VecDeque::new();
         let mut committed = self.spool.committed();
         let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
+        // When the oldest unsent result may go in a partial batch; the backlog found at connect
+        // goes at once.
+        let mut send_after: Option<Instant> = Some(Instant::now());
         loop {
             if stop.is_cancelled() && self.spool.depth() == 0 {
                 info!("all results acked");
                 return Ok(());
             }
-            let can_send = in_flight.len() < WINDOW && self.spool.highest_seq() > sent;
+            let highest = self.spool.highest_seq();
+            if highest <= sent {
+                send_after = None;
+            } else if send_after.is_none() {
+                send_after = Some(Instant::now() + LINGER);
+            }
+            let lingering = highest - sent.min(highest) < BATCH_RECORDS as u64
+                && !stop.is_cancelled()
+                && send_after.is_some_and(|at| Instant::now() < at);
+            let can_send = in_flight.len() < WINDOW && highest > sent && !lingering;
+            let linger_until = send_after.filter(|_| lingering && in_flight.len() < WINDOW);
             tokio::select! {
                 biased;
                 msg = inbound.next() => match msg {
@@ -272,7 +290,10 @@ impl Uplink {
                             sent = last;
                         }
                     }
+                    // What is left (more than a batch, or appended meanwhile) lingers anew.
+                    send_after = None;
                 }
+                _ = tokio::time::sleep_until(linger_until.unwrap_or_else(Instant::now)), if linger_until.is_some() => {}
                 _ = heartbeat.tick() => {
                     let hb = pb::Heartbeat {
                         spool_depth: self.spool.depth(),
