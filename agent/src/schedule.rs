@@ -1,15 +1,18 @@
 //! Runs every (target, check) of the local targets plus the latest central schedule on its interval,
 //! at a stable per-agent offset, under a global concurrency limit, and appends the results.
 //! A run that outlives its interval is never started twice; a new central schedule replaces the old.
+//! One timer walks a heap of next slots and spawns a task per run, so an idle job costs its spec and
+//! a heap entry, not a task of its own.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mxscope_proto::{pb, CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinHandle;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -132,19 +135,33 @@ pub struct Scheduler {
     pub grace: Duration,
 }
 
+type JobKey = (String, CheckKind);
+
+/// One scheduled (target, check): its spec and the next slot on its grid.
 struct Job {
-    spec: CheckSpec,
-    cancel: CancellationToken,
-    handle: JoinHandle<()>,
+    key: JobKey,
+    spec: Arc<CheckSpec>,
+    /// The slot this job's heap entry is for.
+    next: Instant,
 }
 
-/// The scheduler's jobs by (target, check).
+/// A run in flight (waiting for a permit, probing or storing) of the (target, check) it is keyed
+/// by; a run of a stopped or changed job counts too, so no job of the same key starts beside it.
+struct Busy {
+    job: u64,
+    cancel: CancellationToken,
+    abort: AbortHandle,
+}
+
+/// The scheduler's jobs: one timer over a heap of next slots (no task per job while idle).
 #[derive(Default)]
 struct Jobs {
-    running: BTreeMap<(String, CheckKind), Job>,
-    /// Stopped jobs whose last run may still be in flight; a job started again for the same
-    /// (target, check), by this or a later schedule, waits for it.
-    stopping: BTreeMap<(String, CheckKind), JoinHandle<()>>,
+    by_id: HashMap<u64, Job>,
+    by_key: BTreeMap<JobKey, u64>,
+    /// (slot, job id), earliest first; entries of removed jobs are skipped when they come up.
+    due: BinaryHeap<Reverse<(Instant, u64)>>,
+    busy: HashMap<JobKey, Busy>,
+    next_id: u64,
 }
 
 impl Scheduler {
@@ -156,22 +173,38 @@ impl Scheduler {
         // The phase grid every job's offset is measured from, so restarted jobs keep their slot.
         let epoch = Instant::now();
         let mut jobs = Jobs::default();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(JobKey, u64)>();
         let mut central_open = true;
+        let mut apply = true;
         loop {
-            let schedule = self.central.borrow_and_update().clone();
-            let desired = desired_jobs(&self.local, schedule.as_ref(), &self.region);
-            self.apply(desired, &mut jobs, &tracker, &global, epoch, &shutdown);
+            if apply {
+                let schedule = self.central.borrow_and_update().clone();
+                let desired = desired_jobs(&self.local, schedule.as_ref(), &self.region);
+                self.apply(desired, &mut jobs, epoch);
+                apply = false;
+            }
+            let next_due = jobs.due.peek().map(|Reverse((at, _))| *at);
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
+                Some((key, id)) = done_rx.recv() => {
+                    if jobs.busy.get(&key).is_some_and(|b| b.job == id) {
+                        jobs.busy.remove(&key);
+                    }
+                }
                 changed = self.central.changed(), if central_open => {
                     if changed.is_err() {
                         central_open = false;
                     }
+                    apply = true;
+                }
+                _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {
+                    self.start_due(&mut jobs, &tracker, &global, &shutdown, &done_tx);
                 }
             }
         }
-        for job in jobs.running.values() {
-            job.cancel.cancel();
+        for busy in jobs.busy.values() {
+            busy.cancel.cancel();
         }
         tracker.close();
         let running = tracker.len();
@@ -180,135 +213,171 @@ impl Scheduler {
             .is_err()
         {
             warn!(grace = ?self.grace, "probes still running at the shutdown deadline, abandoning them");
-            let running = jobs.running.values().map(|j| &j.handle);
-            for handle in running.chain(jobs.stopping.values()) {
-                handle.abort();
+            for busy in jobs.busy.values() {
+                busy.abort.abort();
             }
         } else {
-            debug!(jobs = running, "scheduler stopped");
+            debug!(runs = running, "scheduler stopped");
         }
     }
 
-    fn apply(
+    /// Starts a run of every job whose slot has come, unless a run of its (target, check) is still
+    /// in flight (that slot is skipped: never two runs at once), and queues its next slot.
+    fn start_due(
         &self,
-        desired: BTreeMap<(String, CheckKind), CheckSpec>,
         jobs: &mut Jobs,
         tracker: &TaskTracker,
         global: &Arc<Semaphore>,
-        epoch: Instant,
         shutdown: &CancellationToken,
+        done: &mpsc::UnboundedSender<(JobKey, u64)>,
     ) {
-        let Jobs { running, stopping } = jobs;
-        let stale: Vec<(String, CheckKind)> = running
-            .iter()
-            .filter(|(key, job)| desired.get(*key) != Some(&job.spec))
-            .map(|(key, _)| key.clone())
-            .collect();
-        stopping.retain(|_, handle| !handle.is_finished());
-        let stopped = stale.len();
-        for key in stale {
-            if let Some(job) = running.remove(&key) {
-                job.cancel.cancel();
-                // A job only stops after the run it waited for, so its handle covers both.
-                stopping.insert(key, job.handle);
+        let now = Instant::now();
+        while let Some(&Reverse((at, id))) = jobs.due.peek() {
+            if at > now {
+                break;
             }
-        }
-        let mut started = 0usize;
-        for (key, spec) in desired {
-            if running.contains_key(&key) {
+            jobs.due.pop();
+            let Some(job) = jobs.by_id.get_mut(&id) else {
+                continue; // removed
+            };
+            if job.next != at {
+                continue;
+            }
+            job.next = next_slot(at, job.spec.interval, now);
+            jobs.due.push(Reverse((job.next, id)));
+            if jobs.busy.contains_key(&job.key) {
                 continue;
             }
             let cancel = shutdown.child_token();
-            let offset = stable_offset(&self.agent_id, &spec.target, spec.check, spec.interval);
-            let run = JobRun {
-                spec: spec.clone(),
-                offset,
-                epoch,
+            let run = Run {
+                spec: job.spec.clone(),
                 prober: self.prober.clone(),
                 sink: self.sink.clone(),
                 global: global.clone(),
                 cancel: cancel.clone(),
-                // A changed or re-added job waits for its old run to finish: never two runs of
-                // one check at once.
-                previous: stopping.remove(&key),
             };
-            let handle = tracker.spawn(run.run());
-            running.insert(
-                key,
-                Job {
-                    spec,
+            let (key, done) = (job.key.clone(), done.clone());
+            let handle = tracker.spawn(async move {
+                run.run().await;
+                let _ = done.send((key, id));
+            });
+            jobs.busy.insert(
+                job.key.clone(),
+                Busy {
+                    job: id,
                     cancel,
-                    handle,
+                    abort: handle.abort_handle(),
+                },
+            );
+        }
+    }
+
+    fn apply(&self, desired: BTreeMap<JobKey, CheckSpec>, jobs: &mut Jobs, epoch: Instant) {
+        let stale: Vec<JobKey> = jobs
+            .by_key
+            .iter()
+            .filter(|(key, id)| desired.get(*key) != jobs.by_id.get(*id).map(|j| j.spec.as_ref()))
+            .map(|(key, _)| key.clone())
+            .collect();
+        let stopped = stale.len();
+        for key in stale {
+            if let Some(id) = jobs.by_key.remove(&key) {
+                jobs.by_id.remove(&id);
+                // A run waiting for its permit gives up; a probe already started finishes and is
+                // stored, and the job's successor waits for it (the key stays busy until then).
+                if let Some(busy) = jobs.busy.get(&key).filter(|b| b.job == id) {
+                    busy.cancel.cancel();
+                }
+            }
+        }
+        let mut started = 0usize;
+        for (key, spec) in desired {
+            if jobs.by_key.contains_key(&key) {
+                continue;
+            }
+            let offset = stable_offset(&self.agent_id, &spec.target, spec.check, spec.interval);
+            let next = first_slot(epoch, offset, spec.interval, Instant::now());
+            let id = jobs.next_id;
+            jobs.next_id += 1;
+            jobs.due.push(Reverse((next, id)));
+            jobs.by_key.insert(key.clone(), id);
+            jobs.by_id.insert(
+                id,
+                Job {
+                    key,
+                    spec: Arc::new(spec),
+                    next,
                 },
             );
             started += 1;
         }
+        // Drop the heap entries of removed jobs when they pile up (frequent schedule changes).
+        if jobs.due.len() > 2 * jobs.by_id.len() + 64 {
+            jobs.due = jobs
+                .by_id
+                .iter()
+                .map(|(id, job)| Reverse((job.next, *id)))
+                .collect();
+        }
         if started > 0 || stopped > 0 {
-            info!(jobs = running.len(), started, stopped, "schedule applied");
+            info!(
+                jobs = jobs.by_id.len(),
+                started, stopped, "schedule applied"
+            );
         }
     }
 }
 
-struct JobRun {
-    spec: CheckSpec,
-    offset: Duration,
-    epoch: Instant,
+/// The first slot at or after `now` on a job's grid (`epoch + offset + k * interval`).
+fn first_slot(epoch: Instant, offset: Duration, interval: Duration, now: Instant) -> Instant {
+    let base = epoch + offset;
+    if now <= base {
+        return base;
+    }
+    let interval = interval.as_nanos().max(1);
+    let since = (now - base).as_nanos();
+    let k = since.div_ceil(interval);
+    let nanos = u64::try_from(k * interval).unwrap_or(u64::MAX);
+    base + Duration::from_nanos(nanos)
+}
+
+/// The first slot after `slot` on its grid that is later than `now` (missed slots are skipped).
+fn next_slot(slot: Instant, interval: Duration, now: Instant) -> Instant {
+    let next = slot + interval.max(Duration::from_nanos(1));
+    if next > now {
+        return next;
+    }
+    let step = interval.as_nanos().max(1);
+    let k = (now - slot).as_nanos() / step + 1;
+    slot + Duration::from_nanos(u64::try_from(k * step).unwrap_or(u64::MAX))
+}
+
+/// One run of a job: wait for a global permit (unless cancelled), probe, store.
+struct Run {
+    spec: Arc<CheckSpec>,
     prober: Arc<dyn Prober>,
     sink: Arc<dyn ResultSink>,
     global: Arc<Semaphore>,
     cancel: CancellationToken,
-    previous: Option<JoinHandle<()>>,
 }
 
-impl JobRun {
-    /// The first slot at or after now on this job's grid (`epoch + offset + k * interval`).
-    fn first_slot(&self) -> Instant {
-        let now = Instant::now();
-        let base = self.epoch + self.offset;
-        if now <= base {
-            return base;
+impl Run {
+    async fn run(self) {
+        let permit = tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => return,
+            permit = self.global.clone().acquire_owned() => permit,
+        };
+        let Ok(_permit) = permit else { return };
+        // Runs to the end even when cancelled: a started probe's result is kept.
+        let observations = self.probe_once().await;
+        drop(_permit);
+        if observations.is_empty() {
+            return;
         }
-        let interval = self.spec.interval.as_nanos().max(1);
-        let since = (now - base).as_nanos();
-        let k = since.div_ceil(interval);
-        let nanos = u64::try_from(k * interval).unwrap_or(u64::MAX);
-        base + Duration::from_nanos(nanos)
-    }
-
-    async fn run(mut self) {
-        if let Some(previous) = self.previous.take() {
-            // Waited for even when cancelled: whoever waits on this job's handle in turn must
-            // know that no earlier run is still in flight. The old job was cancelled, so this is
-            // at most its one probe in flight.
-            let _ = previous.await;
-            if self.cancel.is_cancelled() {
-                return;
-            }
-        }
-        let mut ticker = tokio::time::interval_at(self.first_slot(), self.spec.interval);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        loop {
-            tokio::select! {
-                biased;
-                _ = self.cancel.cancelled() => return,
-                _ = ticker.tick() => {}
-            }
-            let permit = tokio::select! {
-                biased;
-                _ = self.cancel.cancelled() => return,
-                permit = self.global.clone().acquire_owned() => permit,
-            };
-            let Ok(_permit) = permit else { return };
-            // Runs to the end even when cancelled: a started probe's result is kept.
-            let observations = self.probe_once().await;
-            drop(_permit);
-            if observations.is_empty() {
-                continue;
-            }
-            if let Err(e) = self.sink.store(observations).await {
-                warn!(target = %self.spec.target, check = %self.spec.check, error = %e,
-                    "results not stored");
-            }
+        if let Err(e) = self.sink.store(observations).await {
+            warn!(target = %self.spec.target, check = %self.spec.check, error = %e,
+                "results not stored");
         }
     }
 
