@@ -387,7 +387,10 @@ fn central_targets_reach_exactly_their_regions_and_follow_every_change() {
         "submission results from us-east and ap-south after the restart",
         CENTRAL,
         FEW_INTERVALS,
-        |rows| Ok(regions_with(rows, "submission", moved_at)? == moved),
+        // Both moved regions report; eu-west may still start a probe between the update and its
+        // reconnect (it cannot hear of the change while disconnected): that it stops once
+        // reconnected, and exactly these two regions go on, is asserted below.
+        |rows| Ok(moved.is_subset(&regions_with(rows, "submission", moved_at)?)),
     );
     // Once every agent has its session back, eu-west holds the new schedule too: nothing of
     // the target starts there later than the propagation bound (results it spooled while the
