@@ -23,6 +23,24 @@ pub struct Zone {
     pub text: String,
 }
 
+impl Zone {
+    /// The reverse zone of `ip`'s /24 with one PTR record to `host`, so forward-confirmed reverse
+    /// DNS of a lab mail server holds.
+    pub fn reverse_v4(ip: std::net::Ipv4Addr, host: &str) -> Zone {
+        let [a, b, c, d] = ip.octets();
+        let name = format!("{c}.{b}.{a}.in-addr.arpa");
+        Zone {
+            text: format!(
+                "$ORIGIN {name}.\n$TTL 300\n\
+                 @ IN SOA ns1.{host}. hostmaster.{host}. 1 3600 600 86400 300\n\
+                 @ IN NS ns1.{host}.\n\
+                 {d} IN PTR {host}.\n"
+            ),
+            name,
+        }
+    }
+}
+
 /// One MX host of a [`MailZone`].
 #[derive(Debug, Clone)]
 pub struct MxHost {

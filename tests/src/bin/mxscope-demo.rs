@@ -11,7 +11,7 @@ use mxscope_tests::certs::TestCa;
 use mxscope_tests::dovecot::{Dovecot, DovecotConfig};
 use mxscope_tests::mxscope::{Agent, AgentOptions, Collector, Ctl, TargetConfig};
 use mxscope_tests::net::{free_port, unique_loopback};
-use mxscope_tests::nsd::{MailZone, Nsd};
+use mxscope_tests::nsd::{MailZone, Nsd, Zone};
 use mxscope_tests::postfix::{Postfix, PostfixConfig};
 use mxscope_tests::wait::wait_for;
 use mxscope_tests::Lab;
@@ -91,7 +91,9 @@ fn start_local_mail() -> Result<LocalMail> {
     let postfix = Postfix::start(&lab, "mx1", pcfg)?;
     eprintln!("demo: starting private nsd serving {DEMO_DOMAIN}");
     let zone = MailZone::new(DEMO_DOMAIN).mx(10, "mx1", &[ip]).build();
-    let nsd = Nsd::start(&lab, &[zone])?;
+    // A PTR for the MX address too, so the `mx` check's reverse-DNS confirmation holds.
+    let reverse = Zone::reverse_v4(ip, &host);
+    let nsd = Nsd::start(&lab, &[zone, reverse])?;
     let ports = postfix.ports();
     let target = TargetConfig::new(DEMO_DOMAIN, &CHECKS)
         .interval("10s")
