@@ -569,11 +569,44 @@ fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
         "SELECT count, ok, warn, fail, sketches FROM rollups WHERE level = ?1 AND bucket_us = ?2
              AND target = ?3 AND check_name = ?4 AND region = ?5 AND endpoint = ?6",
     )?;
-    let mut put = tx.prepare_cached(
-        "INSERT OR REPLACE INTO rollups (level, bucket_us, target, check_name, region, endpoint,
-             count, ok, warn, fail, sketches) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    let mut ins = tx.prepare_cached(
+        "INSERT INTO rollups (level, bucket_us, target, check_name, region, endpoint,
+             count, ok, warn, fail, sketches) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+         ON CONFLICT DO NOTHING",
+    )?;
+    let mut upd = tx.prepare_cached(
+        "UPDATE rollups SET count = ?7, ok = ?8, warn = ?9, fail = ?10, sketches = ?11
+         WHERE level = ?1 AND bucket_us = ?2 AND target = ?3 AND check_name = ?4 AND region = ?5
+             AND endpoint = ?6",
     )?;
     for ((level, bucket, k), (add, encoded)) in &d.rollups {
+        // Minute and hour rows of a batch are mostly new (one 60 s probe per series-minute):
+        // insert first and read only on a conflict. Day and week rows mostly exist: read first.
+        // An existing row is updated in place (not deleted and re-inserted).
+        let insert_first = matches!(level, Level::Minute | Level::Hour);
+        let mut inserted = false;
+        if insert_first {
+            let bytes = match encoded {
+                Some(b) => std::borrow::Cow::Borrowed(b.as_slice()),
+                None => std::borrow::Cow::Owned(add.sketches_to_bytes()),
+            };
+            inserted = ins.execute(params![
+                level.code(),
+                bucket,
+                k.target,
+                k.check,
+                k.region,
+                k.endpoint,
+                to_i64(add.count)?,
+                to_i64(add.ok)?,
+                to_i64(add.warn)?,
+                to_i64(add.fail)?,
+                bytes.as_ref(),
+            ])? == 1;
+        }
+        if inserted {
+            continue;
+        }
         let stored = get
             .query_row(
                 params![
@@ -595,47 +628,48 @@ fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
                 },
             )
             .optional()?;
-        let mut agg = match stored {
-            None => {
-                // A new row: the batch's aggregate as it is (encoded by the ingest task if it
-                // came from one request).
-                let bytes = match encoded {
-                    Some(b) => std::borrow::Cow::Borrowed(b.as_slice()),
-                    None => std::borrow::Cow::Owned(add.sketches_to_bytes()),
-                };
-                put.execute(params![
-                    level.code(),
-                    bucket,
-                    k.target,
-                    k.check,
-                    k.region,
-                    k.endpoint,
-                    to_i64(add.count)?,
-                    to_i64(add.ok)?,
-                    to_i64(add.warn)?,
-                    to_i64(add.fail)?,
-                    bytes.as_ref(),
-                ])?;
-                continue;
+        let Some((count, ok, warn, fail, blob)) = stored else {
+            // A new row: the batch's aggregate as it is (encoded by the ingest task if it came
+            // from one request).
+            let bytes = match encoded {
+                Some(b) => std::borrow::Cow::Borrowed(b.as_slice()),
+                None => std::borrow::Cow::Owned(add.sketches_to_bytes()),
+            };
+            let n = ins.execute(params![
+                level.code(),
+                bucket,
+                k.target,
+                k.check,
+                k.region,
+                k.endpoint,
+                to_i64(add.count)?,
+                to_i64(add.ok)?,
+                to_i64(add.warn)?,
+                to_i64(add.fail)?,
+                bytes.as_ref(),
+            ])?;
+            if n != 1 {
+                return Err(StoreError::OutOfRange("rollup row vanished"));
             }
-            Some((count, ok, warn, fail, blob)) => Agg {
-                count: unsigned(count),
-                ok: unsigned(ok),
-                warn: unsigned(warn),
-                fail: unsigned(fail),
-                // A damaged blob loses its old latency, not the new results.
-                phases: Agg::sketches_from_bytes(&blob, None).unwrap_or_else(|| {
-                    tracing::warn!(
-                        level = level.name(),
-                        bucket_us = bucket,
-                        "damaged rollup sketch replaced"
-                    );
-                    Default::default()
-                }),
-            },
+            continue;
+        };
+        let mut agg = Agg {
+            count: unsigned(count),
+            ok: unsigned(ok),
+            warn: unsigned(warn),
+            fail: unsigned(fail),
+            // A damaged blob loses its old latency, not the new results.
+            phases: Agg::sketches_from_bytes(&blob, None).unwrap_or_else(|| {
+                tracing::warn!(
+                    level = level.name(),
+                    bucket_us = bucket,
+                    "damaged rollup sketch replaced"
+                );
+                Default::default()
+            }),
         };
         agg.merge(add);
-        put.execute(params![
+        upd.execute(params![
             level.code(),
             bucket,
             k.target,
