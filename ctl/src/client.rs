@@ -163,10 +163,12 @@ impl Client {
 /// A gRPC status as a failure: a lost connection is "unreachable", everything else the server's word.
 fn from_status(url: &str, status: &Status) -> Failure {
     // A transport failure (not a status the server sent) carries its cause as the source: e.g.
-    // an HTTP/2 protocol error when talking plain text to a TLS collector.
-    let transport = status.code() == Code::Unknown && status.source().is_some();
+    // an HTTP/2 protocol error when talking plain text to a TLS collector. tonic maps such errors
+    // to Unknown, Internal or Cancelled depending on which bytes arrived first, so the source, not
+    // the code, tells them apart; a status decoded from the server's trailers never has one.
+    let transport = status.source().is_some();
     match status.code() {
-        Code::Unavailable | Code::Unknown if status.code() == Code::Unavailable || transport => {
+        code if code == Code::Unavailable || transport => {
             let mut reason = status.message().to_string();
             if let Some(src) = status.source() {
                 reason = chain(src);
@@ -265,6 +267,16 @@ mod tests {
             f.to_string(),
             "the collector failed the request: Internal error"
         );
+        // A local transport failure mapped to Internal (an h2 PROTOCOL_ERROR from a TLS port
+        // spoken to in plain text) is unreachable, whatever its code.
+        let mut local = Status::internal("h2 protocol error: frame with invalid size");
+        local.set_source(std::sync::Arc::new(std::io::Error::other(
+            "frame with invalid size",
+        )));
+        let f = from_status("http://h:1", &local);
+        assert!(matches!(f, Failure::Unreachable { .. }), "{f:?}");
+        assert_eq!(f.exit_code(), 2);
+        assert!(f.to_string().contains("needs https://"), "{f}");
     }
 
     #[tokio::test]
