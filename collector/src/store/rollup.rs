@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use mxscope_proto::pb;
 
-use crate::analysis::sketch::Sketch;
+use crate::analysis::sketch::{get_varint, put_varint, Sketch};
 
 /// A rollup granularity; the number is its width in seconds and is stored in `rollups.level`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -167,27 +167,6 @@ impl Agg {
         }
         b.is_empty().then_some(out)
     }
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn get_varint(b: &mut &[u8]) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&byte, rest) = b.split_first()?;
-        *b = rest;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
 }
 
 #[cfg(test)]
