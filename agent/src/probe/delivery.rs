@@ -12,7 +12,7 @@ use super::dialogue::{truncate, Bounds, Dialogue, DialogueError, Reply, REPLY_TI
 use super::endpoints::expand;
 use super::imap::{check_status, quoted, status_of, tagged_lines};
 use super::smtp::{self, Session};
-use super::{tcp, tls, CheckSpec, ProbeContext, Target, CONNECT_TIMEOUT, GRACE};
+use super::{mark_overrun, overran, tcp, tls, CheckSpec, ProbeContext, Target, CONNECT_TIMEOUT};
 use crate::credentials::Credential;
 
 /// Pause between two mailbox searches.
@@ -35,18 +35,8 @@ pub(crate) async fn check(
         CheckKind::Delivery,
         start_us,
     );
-    let finished = tokio::time::timeout_at(
-        deadline + GRACE,
-        run(spec, ctx, start_us, deadline, &mut obs),
-    )
-    .await;
-    if finished.is_err() {
-        obs.problem(
-            Outcome::Fail,
-            ErrorClass::Timeout,
-            Phase::Total,
-            "probe overran its deadline",
-        );
+    if overran(deadline, run(spec, ctx, start_us, deadline, &mut obs)).await {
+        mark_overrun(&mut obs);
     }
     obs
 }

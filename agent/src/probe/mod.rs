@@ -313,17 +313,8 @@ async fn per_address(
             peer_chain: None,
         };
         async move {
-            let guarded = probe_address(&target, &mut obs);
-            if tokio::time::timeout_at(deadline + GRACE, guarded)
-                .await
-                .is_err()
-            {
-                obs.problem(
-                    Outcome::Fail,
-                    ErrorClass::Timeout,
-                    Phase::Total,
-                    "probe overran its deadline",
-                );
+            if overran(deadline, probe_address(&target, &mut obs)).await {
+                mark_overrun(&mut obs);
             }
             obs.timing(Phase::Total, started.elapsed());
             obs
@@ -331,6 +322,27 @@ async fn per_address(
     });
     out.extend(futures::future::join_all(probes).await);
     out
+}
+
+/// Awaits a probe's work until `deadline` plus [`GRACE`]; true when it had to be abandoned (its
+/// bounded phases normally end it long before).
+pub(crate) async fn overran(
+    deadline: Instant,
+    work: impl std::future::Future<Output = ()>,
+) -> bool {
+    tokio::time::timeout_at(deadline + GRACE, work)
+        .await
+        .is_err()
+}
+
+/// Marks an observation whose probe was abandoned by [`overran`].
+pub(crate) fn mark_overrun(obs: &mut Observation) {
+    obs.problem(
+        Outcome::Fail,
+        ErrorClass::Timeout,
+        Phase::Total,
+        "probe overran its deadline",
+    );
 }
 
 /// Probes one address under the per-host connection limit.
