@@ -63,6 +63,21 @@ fn observation(spec: &CheckSpec, check: CheckKind, start_us: i64) -> Observation
 }
 
 /// Records a DNS failure of the record lookup itself.
+/// The TXT records at `name`, timed as the `resolve` phase; `None` after recording a DNS problem
+/// with `what` (the record kind) in the observation.
+async fn timed_txt(
+    obs: &mut Observation,
+    resolver: &dyn Resolve,
+    name: &str,
+    deadline: Instant,
+    what: &str,
+) -> Option<Vec<String>> {
+    let started = Instant::now();
+    let txt = txt_or_empty(resolver, name, deadline).await;
+    obs.timing(Phase::Resolve, started.elapsed());
+    txt.map_err(|e| dns_problem(obs, what, &e)).ok()
+}
+
 fn dns_problem(obs: &mut Observation, what: &str, e: &DnsError) {
     obs.problem(
         Outcome::Fail,
@@ -251,15 +266,8 @@ pub(crate) async fn dmarc_check(
 ) -> Observation {
     let mut obs = observation(spec, CheckKind::Dmarc, start_us);
     let name = format!("_dmarc.{}", spec.target);
-    let started = Instant::now();
-    let txt = txt_or_empty(resolver, &name, deadline).await;
-    obs.timing(Phase::Resolve, started.elapsed());
-    let txt = match txt {
-        Ok(t) => t,
-        Err(e) => {
-            dns_problem(&mut obs, "DMARC", &e);
-            return obs;
-        }
+    let Some(txt) = timed_txt(&mut obs, resolver, &name, deadline, "DMARC").await else {
+        return obs;
     };
     let verdict = dmarc::evaluate(&txt);
     if let Some(r) = &verdict.record {
@@ -391,15 +399,8 @@ pub(crate) async fn tlsrpt_check(
 ) -> Observation {
     let mut obs = observation(spec, CheckKind::Tlsrpt, start_us);
     let name = format!("_smtp._tls.{}", spec.target);
-    let started = Instant::now();
-    let txt = txt_or_empty(resolver, &name, deadline).await;
-    obs.timing(Phase::Resolve, started.elapsed());
-    let txt = match txt {
-        Ok(t) => t,
-        Err(e) => {
-            dns_problem(&mut obs, "TLS-RPT", &e);
-            return obs;
-        }
+    let Some(txt) = timed_txt(&mut obs, resolver, &name, deadline, "TLS-RPT").await else {
+        return obs;
     };
     match tlsrpt::select(&txt) {
         Ok(r) => {

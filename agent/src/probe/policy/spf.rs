@@ -396,54 +396,40 @@ fn parse_mechanism(term: &str, name: &str, arg: &str) -> Result<Mechanism, SpfPa
             })
         }
         "ip4" => {
-            let body = arg
-                .strip_prefix(':')
-                .ok_or_else(|| SpfParseError::MissingDomain { term: t() })?;
-            let (addr, prefix) = match body.split_once('/') {
-                Some((a, p)) => (
-                    a,
-                    Some(
-                        parse_cidr(p, 32)
-                            .ok_or_else(|| SpfParseError::InvalidCidr { term: t() })?,
-                    ),
-                ),
-                None => (body, None),
-            };
-            let addr: Ipv4Addr = addr
-                .parse()
-                .map_err(|_| SpfParseError::InvalidAddress { term: t() })?;
-            Ok(Mechanism::Ip4 {
-                addr,
-                prefix: prefix.unwrap_or(32),
-            })
+            let (addr, prefix) = parse_ip_arg::<Ipv4Addr>(arg, 32, &t)?;
+            Ok(Mechanism::Ip4 { addr, prefix })
         }
         "ip6" => {
-            let body = arg
-                .strip_prefix(':')
-                .ok_or_else(|| SpfParseError::MissingDomain { term: t() })?;
-            let (addr, prefix) = match body.split_once('/') {
-                Some((a, p)) => (
-                    a,
-                    Some(
-                        parse_cidr(p, 128)
-                            .ok_or_else(|| SpfParseError::InvalidCidr { term: t() })?,
-                    ),
-                ),
-                None => (body, None),
-            };
-            let addr: Ipv6Addr = addr
-                .parse()
-                .map_err(|_| SpfParseError::InvalidAddress { term: t() })?;
-            Ok(Mechanism::Ip6 {
-                addr,
-                prefix: prefix.unwrap_or(128),
-            })
+            let (addr, prefix) = parse_ip_arg::<Ipv6Addr>(arg, 128, &t)?;
+            Ok(Mechanism::Ip6 { addr, prefix })
         }
         _ => Err(SpfParseError::UnknownMechanism { term: t() }),
     }
 }
 
 /// A cidr length: no leading zeros, at most `max`.
+/// The `:ADDR[/LEN]` argument of `ip4`/`ip6`: the address and its prefix length (`max` if absent).
+fn parse_ip_arg<A: std::str::FromStr>(
+    arg: &str,
+    max: u8,
+    t: &dyn Fn() -> String,
+) -> Result<(A, u8), SpfParseError> {
+    let body = arg
+        .strip_prefix(':')
+        .ok_or_else(|| SpfParseError::MissingDomain { term: t() })?;
+    let (addr, prefix) = match body.split_once('/') {
+        Some((a, p)) => (
+            a,
+            parse_cidr(p, max).ok_or_else(|| SpfParseError::InvalidCidr { term: t() })?,
+        ),
+        None => (body, max),
+    };
+    let addr = addr
+        .parse()
+        .map_err(|_| SpfParseError::InvalidAddress { term: t() })?;
+    Ok((addr, prefix))
+}
+
 fn parse_cidr(digits: &str, max: u8) -> Option<u8> {
     if digits.is_empty() || digits.len() > 3 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
