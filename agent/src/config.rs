@@ -494,7 +494,81 @@ pub fn load_targets(path: &Path) -> Result<Vec<Target>, ConfigError> {
 }
 
 /// Validates the text of a targets file; `file` is used in error messages.
+///
+/// A file of plain `[[target]]` tables is read one table at a time, so the TOML document of a
+/// thousand targets never exists whole (it costs a few MiB of small allocations that the allocator
+/// keeps after they are freed). Any problem, and any file that is not that simple, goes through
+/// [`parse_whole`], so errors are the same whichever way the file was read.
 pub fn parse_targets(file: &str, text: &str) -> Result<Vec<Target>, ConfigError> {
+    match target_tables(text) {
+        Some(tables) => parse_tables(text, &tables).or_else(|()| parse_whole(file, text)),
+        None => parse_whole(file, text),
+    }
+}
+
+/// Where each `[[target]]` table starts, when the file can be split there without changing its
+/// meaning: nothing but blank and comment lines before the first header, and no multi-line string
+/// (in which a `[[target]]` line would be text). Headers written another way (`[["target"]]`) are
+/// not split at and simply stay in the table before them.
+fn target_tables(text: &str) -> Option<Vec<usize>> {
+    if text.contains("\"\"\"") || text.contains("'''") {
+        return None;
+    }
+    let mut starts = Vec::new();
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        if is_target_header(line) {
+            starts.push(at);
+        } else if starts.is_empty() {
+            let l = line.trim();
+            if !(l.is_empty() || l.starts_with('#')) {
+                return None;
+            }
+        }
+        at += line.len();
+    }
+    Some(starts)
+}
+
+/// `[[target]]` alone on its line, with optional spaces and a trailing comment.
+fn is_target_header(line: &str) -> bool {
+    let Some(rest) = line.trim().strip_prefix("[[") else {
+        return false;
+    };
+    let Some(rest) = rest.trim_start().strip_prefix("target") else {
+        return false;
+    };
+    let Some(rest) = rest.trim_start().strip_prefix("]]") else {
+        return false;
+    };
+    let rest = rest.trim_start();
+    rest.is_empty() || rest.starts_with('#')
+}
+
+/// Reads the tables starting at `starts` one by one; `Err(())` on any problem (the caller then
+/// reads the whole file for the error message).
+fn parse_tables(text: &str, starts: &[usize]) -> Result<Vec<Target>, ()> {
+    let mut targets = Vec::with_capacity(starts.len());
+    let mut seen = HashSet::with_capacity(starts.len());
+    for (n, &start) in starts.iter().enumerate() {
+        let end = starts.get(n + 1).copied().unwrap_or(text.len());
+        let table = &text[start..end];
+        let raw: RawFile = toml::from_str(table).map_err(drop)?;
+        for t in raw.target {
+            let span = t.span();
+            let i = targets.len();
+            let target = validate_target("", table, i, span.start, t.into_inner()).map_err(drop)?;
+            if !seen.insert(target.name.clone()) {
+                return Err(());
+            }
+            targets.push(target);
+        }
+    }
+    Ok(targets)
+}
+
+/// Reads the whole file as one TOML document.
+fn parse_whole(file: &str, text: &str) -> Result<Vec<Target>, ConfigError> {
     let raw: RawFile = toml::from_str(text).map_err(|e| {
         let at = e.span().map_or(0, |s| s.start);
         let index = target_index_at(text, at);
@@ -1029,6 +1103,100 @@ checks = ["smtp"]
         let e = err("[[target]]\nname = \"a.example\"\nchecks = [\"mx\"]\nmta_sts_port = 0\n");
         assert!(
             e.contains("target[0].mta_sts_port: port 0 is out of range"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tables_are_split_only_at_plain_headers() {
+        let text = "# targets\n\n[[target]]\nname = \"a.example\"\nchecks = [\"mx\"]\n[ [ target ] ]\n  [[ target ]]  # second\nname = \"b.example\"\n[[target.x]]\n[[targets]]\n[[\"target\"]]\n";
+        let starts = target_tables(text).expect("splittable");
+        let lines: Vec<&str> = starts
+            .iter()
+            .map(|&s| text[s..].lines().next().unwrap())
+            .collect();
+        assert_eq!(lines, vec!["[[target]]", "  [[ target ]]  # second"]);
+        assert_eq!(target_tables("[[target]]\nname = \"a\"\n"), Some(vec![0]));
+        assert_eq!(target_tables("# only a comment\n"), Some(vec![]));
+        // Anything but comments before the first header, or a multi-line string: read whole.
+        assert_eq!(target_tables("target = []\n[[target]]\n"), None);
+        assert_eq!(target_tables("\u{feff}[[target]]\n"), None);
+        assert_eq!(
+            target_tables("[[target]]\nname = \"\"\"\n[[target]]\n\"\"\"\n"),
+            None
+        );
+        assert_eq!(target_tables("[[target]]\nname = '''x'''\n"), None);
+    }
+
+    #[test]
+    fn table_by_table_reads_the_same_as_whole() {
+        let text = r#"
+# two targets, written in different ways
+[[target]]
+name = "Example.COM."
+checks = ["mx", "smtp", "imaps"]
+interval = "30s"
+timeout = "5s"
+require_tls = true
+ports = { smtp = 2525 }
+mail_from = "probe@example.net"
+rcpt_to = "postmaster@example.com"
+cert_warn_days = 20
+cert_fail_days = 5
+
+[[target]] # a host
+name = "mail.example.test"
+kind = "host"
+checks = ["delivery", "mta-sts", "dkim", "dnsbl"]
+credentials = "probe"
+mta_sts_port = 8443
+dkim_selectors = ["s1", "S2."]
+dnsbl_zones = ["zen.example"]
+queue_config_dir = "/etc/postfix"
+[target.ports]
+submission = 2587
+imaps = 2993
+
+[["target"]]
+name = "192.0.2.1"
+checks = ["smtp"]
+"#;
+        let starts = target_tables(text).expect("splittable");
+        assert_eq!(
+            starts.len(),
+            2,
+            "the quoted header stays in the table before it"
+        );
+        let tables = parse_tables(text, &starts).expect("every table reads");
+        let whole = parse_whole("targets.toml", text).unwrap();
+        assert_eq!(whole.len(), 3);
+        assert_eq!(tables, whole);
+        assert_eq!(parse_targets("targets.toml", text).unwrap(), whole);
+        assert_eq!(whole[1].ports.get(&CheckKind::Submission), Some(&2587));
+        assert_eq!(whole[1].options.dkim_selectors, vec!["s1", "s2"]);
+        assert_eq!(whole[2].kind, TargetKind::Host);
+
+        // The inline-array form is not split and reads the same.
+        let inline = "target = [{ name = \"a.example\", checks = [\"mx\"] }]\n";
+        assert_eq!(
+            parse_targets("t.toml", inline).unwrap()[0].name,
+            "a.example"
+        );
+    }
+
+    #[test]
+    fn errors_found_table_by_table_are_reported_as_for_the_whole_file() {
+        // A bad check in the first table and a syntax error in the third: reading the whole file
+        // stops at the syntax error first, and so must the table-by-table read.
+        let text = "[[target]]\nname = \"a.example\"\nchecks = [\"smpt\"]\n\n[[target]]\nname = \"b.example\"\nchecks = [\"mx\"]\n\n[[target]]\nname = c.example\n";
+        assert!(target_tables(text).is_some());
+        let e = err(text);
+        assert!(e.starts_with("targets.toml:10: target[2]: "), "{e}");
+        // A duplicate across tables keeps its place and index.
+        let dup = "[[target]]\nname = \"a.example\"\nchecks = [\"mx\"]\n\n[[target]]\nname = \"A.example.\"\nchecks = [\"mx\"]\n";
+        let e = err(dup);
+        assert!(
+            e.starts_with("targets.toml:5: target[1].name: duplicate target 'a.example'"),
             "{e}"
         );
     }
