@@ -273,7 +273,7 @@ pub fn latency(rollups: &BTreeMap<SeriesId, Agg>, phase: &str) -> Vec<pb::Latenc
             rows.push(pb::LatencyRow {
                 region: region.to_string(),
                 check: check.to_string(),
-                phase: p.clone(),
+                phase: p.to_string(),
                 p50_ms: ms(0.5),
                 p95_ms: ms(0.95),
                 p99_ms: ms(0.99),

@@ -2,8 +2,6 @@
 //! Merging two sketches is adding bucket counts, so per-minute rollups merge into any window exactly
 //! as if all values had been added to one sketch; a quantile is within 1% of a true sample value.
 
-use std::collections::BTreeMap;
-
 /// Relative accuracy: every quantile estimate q̂ of a true value q satisfies |q̂ - q| <= ALPHA * q.
 pub const ALPHA: f64 = 0.01;
 /// Values below this (microseconds) are counted in the zero bucket.
@@ -13,7 +11,9 @@ const MAGIC: u8 = 0xD1;
 /// A DDSketch over non-negative values (microseconds).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sketch {
-    bins: BTreeMap<i32, u64>,
+    /// (bin index, count), ascending by index: a rollup row holds a few bins, so a sorted vector
+    /// is one allocation where a tree map was one per node.
+    bins: Vec<(i32, u64)>,
     zero: u64,
     count: u64,
     min: f64,
@@ -23,7 +23,7 @@ pub struct Sketch {
 impl Default for Sketch {
     fn default() -> Self {
         Sketch {
-            bins: BTreeMap::new(),
+            bins: Vec::new(),
             zero: 0,
             count: 0,
             min: f64::INFINITY,
@@ -36,8 +36,11 @@ fn gamma() -> f64 {
     (1.0 + ALPHA) / (1.0 - ALPHA)
 }
 
+/// `gamma().ln()`, spelled out because `ln` is not a `const fn` (checked by a test).
+const LN_GAMMA: f64 = 0.020000666706669435;
+
 fn index_of(v: f64) -> i32 {
-    (v.ln() / gamma().ln()).ceil() as i32
+    (v.ln() / LN_GAMMA).ceil() as i32
 }
 
 fn value_of(i: i32) -> f64 {
@@ -69,14 +72,49 @@ impl Sketch {
         if v < MIN_VALUE {
             self.zero += 1;
         } else {
-            *self.bins.entry(index_of(v)).or_insert(0) += 1;
+            self.add_bin(index_of(v), 1);
+        }
+    }
+
+    fn add_bin(&mut self, i: i32, c: u64) {
+        match self.bins.binary_search_by_key(&i, |b| b.0) {
+            Ok(at) => self.bins[at].1 += c,
+            Err(at) => self.bins.insert(at, (i, c)),
         }
     }
 
     /// Adds every value of `other`: the result equals one sketch fed both value streams.
     pub fn merge(&mut self, other: &Sketch) {
-        for (i, c) in &other.bins {
-            *self.bins.entry(*i).or_insert(0) += c;
+        if self.bins.is_empty() {
+            self.bins.clone_from(&other.bins);
+        } else if other.bins.len() <= 4 {
+            for &(i, c) in &other.bins {
+                self.add_bin(i, c);
+            }
+        } else {
+            let mut out = Vec::with_capacity(self.bins.len() + other.bins.len());
+            let (x, y) = (&self.bins, &other.bins);
+            let (mut i, mut j) = (0, 0);
+            while i < x.len() && j < y.len() {
+                match x[i].0.cmp(&y[j].0) {
+                    std::cmp::Ordering::Less => {
+                        out.push(x[i]);
+                        i += 1;
+                    }
+                    std::cmp::Ordering::Greater => {
+                        out.push(y[j]);
+                        j += 1;
+                    }
+                    std::cmp::Ordering::Equal => {
+                        out.push((x[i].0, x[i].1 + y[j].1));
+                        i += 1;
+                        j += 1;
+                    }
+                }
+            }
+            out.extend_from_slice(&x[i..]);
+            out.extend_from_slice(&y[j..]);
+            self.bins = out;
         }
         self.zero += other.zero;
         self.count += other.count;
@@ -100,7 +138,7 @@ impl Sketch {
         }
         let mut seen = self.zero;
         for (i, c) in &self.bins {
-            seen += c;
+            seen += *c;
             if seen > rank {
                 // Clamping to the exact extremes keeps p0/p100 exact and never worsens the bound.
                 return Some(value_of(*i).clamp(self.min, self.max));
@@ -111,20 +149,26 @@ impl Sketch {
 
     /// Compact bytes for a rollup row: magic, varint count fields, then (index delta, count) pairs.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + self.bins.len() * 3);
+        let mut out = Vec::with_capacity(20 + self.bins.len() * 3);
+        self.write_to(&mut out);
+        out
+    }
+
+    /// Appends [`Sketch::to_bytes`] to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        let out = &mut *out;
         out.push(MAGIC);
-        put_varint(&mut out, self.zero);
+        put_varint(out, self.zero);
         out.extend_from_slice(&(if self.count == 0 { 0.0 } else { self.min }).to_le_bytes());
         out.extend_from_slice(&self.max.to_le_bytes());
-        put_varint(&mut out, self.bins.len() as u64);
+        put_varint(out, self.bins.len() as u64);
         let mut prev = 0i64;
         for (i, c) in &self.bins {
             let i = i64::from(*i);
-            put_varint(&mut out, zigzag(i - prev));
-            put_varint(&mut out, *c);
+            put_varint(out, zigzag(i - prev));
+            put_varint(out, *c);
             prev = i;
         }
-        out
     }
 
     /// Reads [`Sketch::to_bytes`]; `None` for anything malformed (never panics).
@@ -138,13 +182,17 @@ impl Sketch {
         let max = f64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
         b = &b[16..];
         let n = get_varint(&mut b)?;
-        let mut bins = BTreeMap::new();
+        let mut bins = Vec::with_capacity(usize::try_from(n.min(64)).ok()?);
         let mut count = zero;
         let mut prev = 0i64;
-        for _ in 0..n {
+        for k in 0..n {
             let i = prev.checked_add(unzigzag(get_varint(&mut b)?))?;
+            // Written ascending; anything else is not a sketch of ours.
+            if k > 0 && i <= prev {
+                return None;
+            }
             let c = get_varint(&mut b)?;
-            bins.insert(i32::try_from(i).ok()?, c);
+            bins.push((i32::try_from(i).ok()?, c));
             count = count.checked_add(c)?;
             prev = i;
         }
@@ -266,6 +314,11 @@ mod tests {
             assert_eq!(Sketch::from_bytes(&b[..cut]), None, "truncated at {cut}");
         }
         assert_eq!(Sketch::from_bytes(&[0xD1, 0xff, 0xff]), None);
+    }
+
+    #[test]
+    fn ln_gamma_is_the_log_of_gamma() {
+        assert!((LN_GAMMA - gamma().ln()).abs() < 1e-15);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 mod read;
 pub mod rollup;
+pub mod row;
 pub(crate) mod schema;
 mod writer;
 
@@ -428,7 +429,6 @@ impl Store {
         let prepared = writer::Prepared::of(region, &results);
         let fut = self.submit(Op::Results {
             agent_id: agent_id.to_string(),
-            region: region.to_string(),
             prepared,
             results,
             rejected,

@@ -1,7 +1,7 @@
 //! Read side: a small pool of read-only connections (WAL lets them read while the writer commits)
 //! and the queries behind status, results, agents and targets.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -10,10 +10,9 @@ use mxscope_proto::pb;
 use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, OpenFlags};
 
-use std::hash::{Hash, Hasher};
-
 use super::rollup::{plan, Agg};
-use super::writer::{FxHasher, FxMap};
+use super::row::decode_body;
+use super::writer::FxMap;
 use super::{AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError, TargetDef};
 
 /// Idle read connections, reused; a new one is opened when none is idle.
@@ -130,19 +129,28 @@ pub(crate) fn agents(c: &Connection) -> Result<Vec<AgentRow>, StoreError> {
     Ok(out)
 }
 
-/// Scans the results of the span (no agent index, to keep ingest cheap); fine for minutes, to be
-/// replaced by per-minute rollups.
+/// Results per agent that started at or after `since_us` (a range of the time index).
 pub(crate) fn results_per_agent(
     c: &Connection,
     since_us: i64,
 ) -> Result<BTreeMap<String, u64>, StoreError> {
+    let mut names: FxMap<i64, String> = FxMap::default();
+    let mut st = c.prepare_cached("SELECT num, id FROM agents")?;
+    let mut rows = st.query([])?;
+    while let Some(r) = rows.next()? {
+        names.insert(r.get::<_, Option<i64>>(0)?.unwrap_or(0), r.get(1)?);
+    }
     let mut st = c.prepare_cached(
-        "SELECT agent_id, count(*) FROM results WHERE start_us >= ?1 GROUP BY agent_id",
+        "SELECT agent_num, count(*) FROM results WHERE start_us >= ?1 GROUP BY agent_num",
     )?;
-    let rows = st.query_map([since_us], |r| {
-        Ok((r.get::<_, String>(0)?, unsigned(r.get(1)?)))
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let mut rows = st.query([since_us])?;
+    let mut out = BTreeMap::new();
+    while let Some(r) = rows.next()? {
+        if let Some(name) = names.get(&r.get::<_, i64>(0)?) {
+            out.insert(name.clone(), unsigned(r.get(1)?));
+        }
+    }
+    Ok(out)
 }
 
 /// SQL `WHERE` fragments for the non-empty fields of a filter.
@@ -167,6 +175,11 @@ fn conditions(f: &Filter, columns: &[(&str, &str)]) -> (String, Vec<Value>) {
 
 /// Series matching the filter, with their agent's last-seen time, ordered for status.
 pub(crate) fn series(c: &Connection, f: &Filter) -> Result<Vec<SeriesRow>, StoreError> {
+    Ok(series_with_ids(c, f)?.into_iter().map(|(_, s)| s).collect())
+}
+
+/// [`series`] with each series' id.
+fn series_with_ids(c: &Connection, f: &Filter) -> Result<Vec<(i64, SeriesRow)>, StoreError> {
     let (cond, args) = conditions(
         f,
         &[
@@ -178,7 +191,7 @@ pub(crate) fn series(c: &Connection, f: &Filter) -> Result<Vec<SeriesRow>, Store
     let sql = format!(
         "SELECT s.target, s.endpoint, s.check_name, s.region, s.last_outcome, s.last_error,
              s.last_message, s.last_seen_us, s.interval_ms, s.failing, s.state_since_us, s.agent_id,
-             a.last_seen_us, s.last_phase, s.last_facts
+             a.last_seen_us, s.last_phase, s.last_facts, s.id
          FROM series s LEFT JOIN agents a ON a.id = s.agent_id
          WHERE 1 = 1{cond} ORDER BY s.target, s.check_name, s.endpoint, s.region"
     );
@@ -203,15 +216,38 @@ pub(crate) fn series(c: &Connection, f: &Filter) -> Result<Vec<SeriesRow>, Store
                 last_facts: BTreeMap::new(),
             },
             r.get::<_, String>(14)?,
+            r.get::<_, i64>(15)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (mut s, facts) = row?;
+        let (mut s, facts, id) = row?;
         s.last_facts = facts_text(&facts)?;
-        out.push(s);
+        out.push((id, s));
     }
     Ok(out)
+}
+
+/// Facts as stored in `series.last_facts`: `[[key, value], ...]` in compact JSON.
+pub(crate) fn facts_to_json(facts: &[pb::Fact]) -> String {
+    let facts: Vec<(&str, serde_json::Value)> = facts
+        .iter()
+        .map(|f| (f.key.as_str(), fact_to_json(f.value.as_ref())))
+        .collect();
+    // Serializing strings and numbers into a Vec cannot fail; fall back to an empty array.
+    serde_json::to_string(&facts).unwrap_or_else(|_| "[]".into())
+}
+
+/// Reads [`facts_to_json`] back.
+pub(crate) fn facts_from_json(json: &str) -> Result<Vec<pb::Fact>, StoreError> {
+    let facts: Vec<(String, serde_json::Value)> = serde_json::from_str(json)?;
+    Ok(facts
+        .into_iter()
+        .map(|(key, v)| pb::Fact {
+            key,
+            value: fact_from_json(v),
+        })
+        .collect())
 }
 
 /// Stored facts (`[[key, value], ...]`) as text: strings as they are, other values as JSON.
@@ -237,8 +273,9 @@ pub(crate) fn rollups(
     now_us: i64,
     phase: Option<&str>,
 ) -> Result<BTreeMap<SeriesId, Agg>, StoreError> {
-    let (level, from) = plan(since_us, now_us);
-    let (cond, mut args) = conditions(
+    let source = plan(since_us, now_us);
+    // The series of the filter, by id; rollup rows of other series are skipped.
+    let (cond, args) = conditions(
         f,
         &[
             ("target", "target"),
@@ -246,86 +283,115 @@ pub(crate) fn rollups(
             ("region", "region"),
         ],
     );
-    args.push(Value::Integer(level.code()));
-    let lv = args.len();
-    args.push(Value::Integer(from));
-    let fr = args.len();
+    let sql =
+        format!("SELECT id, target, check_name, region, endpoint FROM series WHERE 1 = 1{cond}");
+    let mut groups: Vec<(SeriesId, Agg)> = Vec::new();
+    let mut slot: FxMap<i64, usize> = FxMap::default();
+    {
+        let mut st = c.prepare_cached(&sql)?;
+        let mut rows = st.query(params_from_iter(args))?;
+        while let Some(r) = rows.next()? {
+            slot.insert(r.get(0)?, groups.len());
+            groups.push((
+                SeriesId {
+                    target: r.get(1)?,
+                    check: r.get(2)?,
+                    region: r.get(3)?,
+                    endpoint: r.get(4)?,
+                },
+                Agg::default(),
+            ));
+        }
+    }
+    let mut seen = vec![false; groups.len()];
     // Without sketches SQLite sums the rows itself: one row per series comes back.
     let counts_only = phase == Some("");
-    let sql = if counts_only {
-        format!(
-            "SELECT target, check_name, region, endpoint, sum(count), sum(ok), sum(warn), sum(fail), NULL
-             FROM rollups WHERE level = ?{lv} AND bucket_us >= ?{fr}{cond}
-             GROUP BY target, check_name, region, endpoint"
-        )
-    } else {
-        format!(
-            "SELECT target, check_name, region, endpoint, count, ok, warn, fail, sketches FROM rollups
-             WHERE level = ?{lv} AND bucket_us >= ?{fr}{cond}"
-        )
+    let Some((level, from)) = source else {
+        raw_window(c, since_us, phase, &slot, &mut groups, &mut seen)?;
+        return Ok(collect_seen(groups, seen));
     };
-    let mut st = c.prepare_cached(&sql)?;
-    let mut rows = st.query(params_from_iter(args))?;
-    // Grouped by a hash of the borrowed names (no String per row; a long window reads several
-    // rows per series), checked against the names on a hit.
-    let mut index: FxMap<u64, Vec<usize>> = FxMap::default();
-    let mut groups: Vec<(SeriesId, Agg)> = Vec::new();
+    let sql = if counts_only {
+        "SELECT series_id, sum(count), sum(ok), sum(warn), sum(fail), NULL FROM rollups
+         WHERE level = ?1 AND bucket_us >= ?2 GROUP BY series_id"
+    } else {
+        "SELECT series_id, count, ok, warn, fail, sketches FROM rollups
+         WHERE level = ?1 AND bucket_us >= ?2"
+    };
+    let mut st = c.prepare_cached(sql)?;
+    let mut rows = st.query(rusqlite::params![level.code(), from])?;
     while let Some(r) = rows.next()? {
-        let text = |i: usize| -> Result<&str, StoreError> {
-            Ok(r.get_ref(i)?.as_str().map_err(rusqlite::Error::from)?)
-        };
-        let (target, check, region, endpoint) = (text(0)?, text(1)?, text(2)?, text(3)?);
-        let hash = {
-            let mut h = FxHasher::default();
-            (target, check, region, endpoint).hash(&mut h);
-            h.finish()
-        };
-        let slot = index.entry(hash).or_default();
-        let found = slot.iter().copied().find(|&g| {
-            let id = &groups[g].0;
-            id.target == target
-                && id.check == check
-                && id.region == region
-                && id.endpoint == endpoint
-        });
-        let g = match found {
-            Some(g) => g,
-            None => {
-                groups.push((
-                    SeriesId {
-                        target: target.to_string(),
-                        check: check.to_string(),
-                        region: region.to_string(),
-                        endpoint: endpoint.to_string(),
-                    },
-                    Agg::default(),
-                ));
-                slot.push(groups.len() - 1);
-                groups.len() - 1
-            }
+        let Some(&g) = slot.get(&r.get::<_, i64>(0)?) else {
+            continue;
         };
         let phases = if counts_only {
             BTreeMap::new()
         } else {
-            let blob = r.get_ref(8)?.as_blob().map_err(rusqlite::Error::from)?;
+            let blob = r.get_ref(5)?.as_blob().map_err(rusqlite::Error::from)?;
             Agg::sketches_from_bytes(blob, phase)
                 .ok_or(StoreError::OutOfRange("rollup sketch blob"))?
         };
         let row = Agg {
-            count: unsigned(r.get(4)?),
-            ok: unsigned(r.get(5)?),
-            warn: unsigned(r.get(6)?),
-            fail: unsigned(r.get(7)?),
+            count: unsigned(r.get(1)?),
+            ok: unsigned(r.get(2)?),
+            warn: unsigned(r.get(3)?),
+            fail: unsigned(r.get(4)?),
             phases,
         };
-        let agg = &mut groups[g].1;
-        if agg.count == 0 && agg.phases.is_empty() {
-            *agg = row;
+        if seen[g] {
+            groups[g].1.merge(&row);
         } else {
-            agg.merge(&row);
+            groups[g].1 = row;
+            seen[g] = true;
         }
     }
-    Ok(groups.into_iter().collect())
+    Ok(collect_seen(groups, seen))
+}
+
+/// The groups that got at least one row.
+fn collect_seen(groups: Vec<(SeriesId, Agg)>, seen: Vec<bool>) -> BTreeMap<SeriesId, Agg> {
+    groups
+        .into_iter()
+        .zip(seen)
+        .filter_map(|(g, seen)| seen.then_some(g))
+        .collect()
+}
+
+/// Aggregates the raw results from `since_us` on into `groups` (short windows: exact, no
+/// rollup). Counts only come from the time index alone; sketches need each result's body.
+fn raw_window(
+    c: &Connection,
+    since_us: i64,
+    phase: Option<&str>,
+    slot: &FxMap<i64, usize>,
+    groups: &mut [(SeriesId, Agg)],
+    seen: &mut [bool],
+) -> Result<(), StoreError> {
+    let counts_only = phase == Some("");
+    let sql = if counts_only {
+        "SELECT series_id, outcome, NULL FROM results WHERE start_us >= ?1"
+    } else {
+        "SELECT series_id, outcome, body FROM results WHERE start_us >= ?1"
+    };
+    let mut st = c.prepare_cached(sql)?;
+    let mut rows = st.query([since_us])?;
+    while let Some(r) = rows.next()? {
+        let Some(&g) = slot.get(&r.get::<_, i64>(0)?) else {
+            continue;
+        };
+        let mut result = if counts_only {
+            pb::ProbeResult::default()
+        } else {
+            let body = r.get_ref(2)?.as_blob().map_err(rusqlite::Error::from)?;
+            decode_body(body).ok_or(StoreError::OutOfRange("stored result body"))?
+        };
+        if let Some(p) = phase {
+            result.timings.retain(|t| t.phase == p);
+        }
+        result.outcome = r.get(1)?;
+        groups[g].1.add(&result);
+        seen[g] = true;
+    }
+    Ok(())
 }
 
 pub(crate) fn status_input(
@@ -333,37 +399,32 @@ pub(crate) fn status_input(
     f: &Filter,
     since_us: i64,
 ) -> Result<(Vec<SeriesRow>, Vec<Sample>), StoreError> {
-    let series = series(c, f)?;
-
-    // One indexed range scan per (target, check) of the listed series.
-    let pairs: BTreeSet<(&str, &str)> = series
+    let series = series_with_ids(c, f)?;
+    let slot: FxMap<i64, usize> = series
         .iter()
-        .map(|s| (s.target.as_str(), s.check.as_str()))
+        .enumerate()
+        .map(|(i, (id, _))| (*id, i))
         .collect();
+    // One range of the time index, which holds every column needed here.
+    let mut st =
+        c.prepare_cached("SELECT series_id, outcome, total_us FROM results WHERE start_us >= ?1")?;
+    let mut rows = st.query([since_us])?;
     let mut samples = Vec::new();
-    let mut st = c.prepare_cached(
-        "SELECT endpoint, region, outcome, total_us FROM results
-         WHERE target = ?1 AND check_name = ?2 AND start_us >= ?3",
-    )?;
-    for (target, check) in pairs {
-        let rows = st.query_map(rusqlite::params![target, check, since_us], |r| {
-            Ok(Sample {
-                target: target.to_string(),
-                endpoint: r.get(0)?,
-                check: check.to_string(),
-                region: r.get(1)?,
-                outcome: r.get(2)?,
-                total_us: r.get(3)?,
-            })
-        })?;
-        for s in rows {
-            let s = s?;
-            if f.region.is_empty() || s.region == f.region {
-                samples.push(s);
-            }
-        }
+    while let Some(r) = rows.next()? {
+        let Some(&i) = slot.get(&r.get::<_, i64>(0)?) else {
+            continue;
+        };
+        let s = &series[i].1;
+        samples.push(Sample {
+            target: s.target.clone(),
+            endpoint: s.endpoint.clone(),
+            check: s.check.clone(),
+            region: s.region.clone(),
+            outcome: r.get(1)?,
+            total_us: r.get(2)?,
+        });
     }
-    Ok((series, samples))
+    Ok((series.into_iter().map(|(_, s)| s).collect(), samples))
 }
 
 pub(crate) fn results(
@@ -375,74 +436,48 @@ pub(crate) fn results(
     let (cond, mut args) = conditions(
         f,
         &[
-            ("target", "target"),
-            ("check", "check_name"),
-            ("region", "region"),
-            ("agent_id", "agent_id"),
+            ("target", "s.target"),
+            ("check", "s.check_name"),
+            ("region", "s.region"),
+            ("agent_id", "a.id"),
         ],
     );
     args.push(Value::Integer(since_us));
     let since = args.len();
     args.push(Value::Integer(i64::from(limit)));
     let lim = args.len();
+    // CROSS JOIN keeps `results` the outer loop: newest first along the time index, each row's
+    // series and agent looked up by id (no index on results.series_id goes the other way).
     let sql = format!(
-        "SELECT agent_id, seq, region, target, host, ip, port, family, check_name, start_us, outcome,
-             error_class, phase, timings, facts, message, interval_ms, stored_at_us
-         FROM results WHERE start_us >= ?{since}{cond} ORDER BY start_us DESC, id DESC LIMIT ?{lim}"
+        "SELECT coalesce(a.id, ''), r.seq, s.region, s.target, s.host, s.ip, s.port, s.family,
+             s.check_name, r.start_us, r.outcome, r.body, r.stored_at_us
+         FROM results r CROSS JOIN series s ON s.id = r.series_id
+             LEFT JOIN agents a ON a.num = r.agent_num
+         WHERE r.start_us >= ?{since}{cond} ORDER BY r.start_us DESC, r.id DESC LIMIT ?{lim}"
     );
     let mut st = c.prepare(&sql)?;
-    let rows = st.query_map(params_from_iter(args), |r| {
-        let port: i64 = r.get(6)?;
-        let timings: String = r.get(13)?;
-        let facts: String = r.get(14)?;
-        let result = pb::ProbeResult {
-            agent_id: r.get(0)?,
-            seq: unsigned(r.get(1)?),
-            target: r.get(3)?,
-            endpoint: Some(pb::Endpoint {
-                host: r.get(4)?,
-                ip: r.get(5)?,
-                port: u32::try_from(port).unwrap_or(0),
-                family: r.get(7)?,
-            }),
-            check: r.get(8)?,
-            start_us: r.get(9)?,
-            outcome: r.get(10)?,
-            error_class: r.get(11)?,
-            phase: r.get(12)?,
-            timings: Vec::new(),
-            facts: Vec::new(),
-            message: r.get(15)?,
-            interval_ms: unsigned(r.get(16)?),
-        };
-        Ok((
-            result,
-            r.get::<_, String>(2)?,
-            r.get::<_, i64>(17)?,
-            timings,
-            facts,
-        ))
-    })?;
+    let mut rows = st.query(params_from_iter(args))?;
     let mut out = Vec::new();
-    for row in rows {
-        let (mut result, region, stored_at_us, timings, facts) = row?;
-        let timings: Vec<(String, u64)> = serde_json::from_str(&timings)?;
-        result.timings = timings
-            .into_iter()
-            .map(|(phase, micros)| pb::PhaseTiming { phase, micros })
-            .collect();
-        let facts: Vec<(String, serde_json::Value)> = serde_json::from_str(&facts)?;
-        result.facts = facts
-            .into_iter()
-            .map(|(key, v)| pb::Fact {
-                key,
-                value: fact_from_json(v),
-            })
-            .collect();
+    while let Some(r) = rows.next()? {
+        let body = r.get_ref(11)?.as_blob().map_err(rusqlite::Error::from)?;
+        let mut result = decode_body(body).ok_or(StoreError::OutOfRange("stored result body"))?;
+        let port: i64 = r.get(6)?;
+        result.agent_id = r.get(0)?;
+        result.seq = unsigned(r.get(1)?);
+        result.target = r.get(3)?;
+        result.endpoint = Some(pb::Endpoint {
+            host: r.get(4)?,
+            ip: r.get(5)?,
+            port: u32::try_from(port).unwrap_or(0),
+            family: r.get(7)?,
+        });
+        result.check = r.get(8)?;
+        result.start_us = r.get(9)?;
+        result.outcome = r.get(10)?;
         out.push(pb::StoredResult {
             result: Some(result),
-            region,
-            stored_at_us,
+            region: r.get(2)?,
+            stored_at_us: r.get(12)?,
         });
     }
     Ok(out)
@@ -463,7 +498,7 @@ pub(crate) fn fact_to_json(v: Option<&pb::fact::Value>) -> serde_json::Value {
     }
 }
 
-fn fact_from_json(v: serde_json::Value) -> Option<pb::fact::Value> {
+pub(crate) fn fact_from_json(v: serde_json::Value) -> Option<pb::fact::Value> {
     match v {
         serde_json::Value::String(s) => Some(pb::fact::Value::Text(s)),
         serde_json::Value::Bool(b) => Some(pb::fact::Value::Flag(b)),

@@ -1,13 +1,14 @@
-//! Rollups: per (level, bucket, target, check, region, endpoint) counts and one DDSketch per phase,
-//! aggregated in memory by the writer and upserted once per batch; queries merge them per window.
+//! Rollups: per (level, bucket, series) counts and one DDSketch per phase, aggregated in memory
+//! (the batch's part by the ingest task) and upserted once per batch; queries merge them per window.
 //!
-//! Levels and why: `minute` rows answer short windows exactly to the minute; `hour` and `day` rows
-//! are written at the same time (three upserts per touched series per batch, none per result) so a
-//! 30-day query merges about 31 rows per series instead of 43,200. `week` rows (schema step 5,
-//! filled from the day rows then) serve windows over 21 days: 5 or 6 rows per series for 30 days,
-//! so a 30-day `status` or `matrix` over 10,000 series reads about 55k rows instead of 310k.
-//! [`plan`] picks the level.
+//! Levels and why: `hour`, `day` and `week` rows are written together (three upserts per touched
+//! series per batch, none per result), so a 30-day query merges 5 or 6 week rows per series
+//! instead of 43,200 results. There is no minute level (schema step 7 dropped it): with probes
+//! every 60 s or slower a minute row holds one result, so it doubled the writes and the disk of
+//! the raw row without making a read cheaper; windows up to 3 hours read the raw results, exactly.
+//! [`plan`] picks the source.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use mxscope_proto::pb;
@@ -17,7 +18,6 @@ use crate::analysis::sketch::{get_varint, put_varint, Sketch};
 /// A rollup granularity; the number is its width in seconds and is stored in `rollups.level`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Level {
-    Minute = 60,
     Hour = 3600,
     Day = 86_400,
     /// Buckets aligned to the Unix epoch (they start on Thursdays, 00:00 UTC).
@@ -25,7 +25,7 @@ pub enum Level {
 }
 
 impl Level {
-    pub const ALL: [Level; 4] = [Level::Minute, Level::Hour, Level::Day, Level::Week];
+    pub const ALL: [Level; 3] = [Level::Hour, Level::Day, Level::Week];
 
     pub fn width_us(self) -> i64 {
         self as i64 * 1_000_000
@@ -42,7 +42,6 @@ impl Level {
 
     pub fn name(self) -> &'static str {
         match self {
-            Level::Minute => "minute",
             Level::Hour => "hour",
             Level::Day => "day",
             Level::Week => "week",
@@ -50,16 +49,16 @@ impl Level {
     }
 }
 
-/// Which level covers the window `[since_us, now_us]`, and the first bucket to read.
+/// Where a window `[since_us, now_us]` is read from: `None` for raw results from `since_us` on
+/// (windows up to 3 hours), else the rollup level and its first bucket.
 ///
-/// Windows up to 3 hours use minute rows, up to 3 days hour rows, up to 21 days day rows, longer
-/// ones week rows: at most about 180 rows per series, and the first bucket may start up to one
-/// bucket width (a minute, an hour, a day, a week: at most about 1/180 to 1/3 of the window)
-/// before `since`.
-pub fn plan(since_us: i64, now_us: i64) -> (Level, i64) {
+/// Windows up to 3 days use hour rows, up to 21 days day rows, longer ones week rows: at most
+/// about 72 rows per series, and the first bucket may start up to one bucket width (an hour, a
+/// day, a week: at most about 1/3 of the window) before `since`.
+pub fn plan(since_us: i64, now_us: i64) -> Option<(Level, i64)> {
     let span = now_us.saturating_sub(since_us);
     let level = if span <= 3 * Level::Hour.width_us() {
-        Level::Minute
+        return None;
     } else if span <= 3 * Level::Day.width_us() {
         Level::Hour
     } else if span <= 3 * Level::Week.width_us() {
@@ -67,7 +66,40 @@ pub fn plan(since_us: i64, now_us: i64) -> (Level, i64) {
     } else {
         Level::Week
     };
-    (level, level.bucket(since_us))
+    Some((level, level.bucket(since_us)))
+}
+
+/// A phase name: the probes' own names are borrowed from a static list, so aggregating a result
+/// allocates no string.
+pub type PhaseName = Cow<'static, str>;
+
+/// Phase names the probes report (`mxscope_proto::Phase`, plus `ehlo_tls`), shared instead of
+/// copied per aggregate.
+const KNOWN_PHASES: &[&str] = &[
+    "auth",
+    "banner",
+    "capability",
+    "connect",
+    "delivery",
+    "echo",
+    "ehlo",
+    "ehlo_tls",
+    "greeting",
+    "mail",
+    "quit",
+    "rcpt",
+    "resolve",
+    "starttls",
+    "tls",
+    "total",
+];
+
+/// `name` as a [`PhaseName`], borrowed when it is a known phase.
+pub fn phase_name(name: &str) -> PhaseName {
+    match KNOWN_PHASES.binary_search(&name) {
+        Ok(i) => Cow::Borrowed(KNOWN_PHASES[i]),
+        Err(_) => Cow::Owned(name.to_string()),
+    }
 }
 
 /// Counts and latency sketches of some results.
@@ -78,7 +110,7 @@ pub struct Agg {
     pub warn: u64,
     pub fail: u64,
     /// Phase name → sketch of its durations in microseconds.
-    pub phases: BTreeMap<String, Sketch>,
+    pub phases: BTreeMap<PhaseName, Sketch>,
 }
 
 impl Agg {
@@ -105,10 +137,11 @@ impl Agg {
             if failed && (t.phase == r.phase || t.phase == "total") {
                 continue;
             }
-            self.phases
-                .entry(t.phase.clone())
-                .or_default()
-                .add(t.micros as f64);
+            let v = t.micros as f64;
+            match self.phases.get_mut(t.phase.as_str()) {
+                Some(s) => s.add(v),
+                None => self.phases.entry(phase_name(&t.phase)).or_default().add(v),
+            }
         }
     }
 
@@ -119,7 +152,12 @@ impl Agg {
         self.warn += other.warn;
         self.fail += other.fail;
         for (p, s) in &other.phases {
-            self.phases.entry(p.clone()).or_default().merge(s);
+            match self.phases.get_mut(p.as_ref()) {
+                Some(have) => have.merge(s),
+                None => {
+                    self.phases.insert(p.clone(), s.clone());
+                }
+            }
         }
     }
 
@@ -130,14 +168,17 @@ impl Agg {
 
     /// Sketches as one blob: version byte, phase count, then (name, sketch) with varint lengths.
     pub fn sketches_to_bytes(&self) -> Vec<u8> {
-        let mut out = vec![1u8];
+        let mut out = Vec::with_capacity(4 + 40 * self.phases.len());
+        out.push(1u8);
         put_varint(&mut out, self.phases.len() as u64);
+        let mut sketch = Vec::with_capacity(64);
         for (name, s) in &self.phases {
             put_varint(&mut out, name.len() as u64);
             out.extend_from_slice(name.as_bytes());
-            let b = s.to_bytes();
-            put_varint(&mut out, b.len() as u64);
-            out.extend_from_slice(&b);
+            sketch.clear();
+            s.write_to(&mut sketch);
+            put_varint(&mut out, sketch.len() as u64);
+            out.extend_from_slice(&sketch);
         }
         out
     }
@@ -147,7 +188,7 @@ impl Agg {
     pub fn sketches_from_bytes(
         mut b: &[u8],
         wanted: Option<&str>,
-    ) -> Option<BTreeMap<String, Sketch>> {
+    ) -> Option<BTreeMap<PhaseName, Sketch>> {
         if b.first() != Some(&1) {
             return None;
         }
@@ -156,13 +197,13 @@ impl Agg {
         let mut out = BTreeMap::new();
         for _ in 0..n {
             let len = usize::try_from(get_varint(&mut b)?).ok()?;
-            let name = std::str::from_utf8(b.get(..len)?).ok()?.to_string();
+            let name = std::str::from_utf8(b.get(..len)?).ok()?;
             b = &b[len..];
             let len = usize::try_from(get_varint(&mut b)?).ok()?;
             let sk = b.get(..len)?;
             b = &b[len..];
             if wanted.is_none_or(|w| w == name) {
-                out.insert(name, Sketch::from_bytes(sk)?);
+                out.insert(phase_name(name), Sketch::from_bytes(sk)?);
             }
         }
         b.is_empty().then_some(out)
@@ -216,6 +257,13 @@ mod tests {
     }
 
     #[test]
+    fn known_phases_are_sorted_and_borrowed() {
+        assert!(KNOWN_PHASES.windows(2).all(|w| w[0] < w[1]));
+        assert!(matches!(phase_name("total"), Cow::Borrowed("total")));
+        assert!(matches!(phase_name("x-custom"), Cow::Owned(ref s) if s == "x-custom"));
+    }
+
+    #[test]
     fn blob_round_trip_and_selective_decode() {
         let mut a = Agg::default();
         a.add(&result(
@@ -247,7 +295,7 @@ mod tests {
             let us = 500 + (x >> 40) % 200_000;
             let r = result(pb::Outcome::Ok, "", &[("connect", us)]);
             let t = 1_700_000_000_000_000 + i * 1_500_000;
-            minutes.entry(Level::Minute.bucket(t)).or_default().add(&r);
+            minutes.entry(t.div_euclid(60_000_000)).or_default().add(&r);
             all.add(&r);
             raw.push(us as f64);
         }
@@ -272,14 +320,14 @@ mod tests {
     fn plan_picks_levels_by_span() {
         let now = 1_700_000_000_000_000;
         let h = 3_600_000_000;
-        assert_eq!(plan(now - h, now).0, Level::Minute);
-        assert_eq!(plan(now - 3 * h, now).0, Level::Minute);
-        assert_eq!(plan(now - 24 * h, now).0, Level::Hour);
-        let (level, from) = plan(now - 7 * 24 * h, now);
+        assert_eq!(plan(now - h, now), None, "raw results");
+        assert_eq!(plan(now - 3 * h, now), None);
+        assert_eq!(plan(now - 24 * h, now).unwrap().0, Level::Hour);
+        let (level, from) = plan(now - 7 * 24 * h, now).unwrap();
         assert_eq!(level, Level::Day);
         assert!(from <= now - 7 * 24 * h && from > now - 8 * 24 * h);
-        assert_eq!(plan(now - 21 * 24 * h, now).0, Level::Day);
-        let (level, from) = plan(now - 30 * 24 * h, now);
+        assert_eq!(plan(now - 21 * 24 * h, now).unwrap().0, Level::Day);
+        let (level, from) = plan(now - 30 * 24 * h, now).unwrap();
         assert_eq!(level, Level::Week);
         assert!(from <= now - 30 * 24 * h && from > now - 37 * 24 * h);
         assert_eq!(
@@ -287,6 +335,6 @@ mod tests {
             Level::Week.bucket(now)
         );
         assert_eq!(Level::Hour.bucket(7_300_000_000), 7_200_000_000);
-        assert_eq!(Level::Minute.bucket(-1), -60_000_000);
+        assert_eq!(Level::Hour.bucket(-1), -3_600_000_000);
     }
 }

@@ -113,7 +113,171 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     -- week rollups: no DDL, rows written by fill_weeks
     "#,
+    // 6 (performance): integer ids and time-ordered keys, so ingest appends instead of seeking.
+    // `series` gets an integer id (its names keep a unique index) and the endpoint's parts;
+    // `results` rows become a few integer columns plus a protobuf body (store::row), keyed by
+    // series and agent number, with one index that starts with the probe's time; `rollups` are
+    // keyed by (level, bucket, series id). [`compact_results`] copies the rows in this step's
+    // transaction, then the old tables are dropped.
+    r#"
+    ALTER TABLE agents ADD COLUMN num INTEGER;
+    UPDATE agents SET num = rowid;
+    CREATE UNIQUE INDEX agents_num ON agents (num);
+    CREATE TABLE series_v6 (
+        id             INTEGER PRIMARY KEY,
+        target         TEXT NOT NULL,
+        endpoint       TEXT NOT NULL,
+        check_name     TEXT NOT NULL,
+        region         TEXT NOT NULL,
+        host           TEXT NOT NULL DEFAULT '',
+        ip             TEXT NOT NULL DEFAULT '',
+        port           INTEGER NOT NULL DEFAULT 0,
+        family         INTEGER NOT NULL DEFAULT 0,
+        last_outcome   INTEGER NOT NULL DEFAULT 0,
+        last_error     TEXT NOT NULL DEFAULT '',
+        last_message   TEXT NOT NULL DEFAULT '',
+        last_seen_us   INTEGER NOT NULL DEFAULT 0,
+        interval_ms    INTEGER NOT NULL DEFAULT 0,
+        failing        INTEGER NOT NULL DEFAULT 0,
+        streak         INTEGER NOT NULL DEFAULT 0,
+        state_since_us INTEGER NOT NULL DEFAULT 0,
+        agent_id       TEXT NOT NULL DEFAULT '',
+        last_phase     TEXT NOT NULL DEFAULT '',
+        last_facts     TEXT NOT NULL DEFAULT '[]'
+    );
+    CREATE UNIQUE INDEX series_names ON series_v6 (target, endpoint, check_name, region);
+    INSERT INTO series_v6 (target, endpoint, check_name, region, last_outcome, last_error,
+        last_message, last_seen_us, interval_ms, failing, streak, state_since_us, agent_id,
+        last_phase, last_facts)
+    SELECT target, endpoint, check_name, region, last_outcome, last_error, last_message,
+        last_seen_us, interval_ms, failing, streak, state_since_us, agent_id, last_phase, last_facts
+    FROM series ORDER BY target, check_name, endpoint, region;
+    INSERT OR IGNORE INTO series_v6 (target, endpoint, check_name, region)
+        SELECT DISTINCT target, endpoint, check_name, region FROM results;
+    INSERT OR IGNORE INTO series_v6 (target, endpoint, check_name, region)
+        SELECT DISTINCT target, endpoint, check_name, region FROM rollups;
+    CREATE TABLE results_v6 (
+        id           INTEGER PRIMARY KEY,
+        series_id    INTEGER NOT NULL,
+        agent_num    INTEGER NOT NULL,
+        seq          INTEGER NOT NULL,
+        start_us     INTEGER NOT NULL,
+        outcome      INTEGER NOT NULL,
+        total_us     INTEGER,
+        stored_at_us INTEGER NOT NULL,
+        body         BLOB NOT NULL
+    );
+    CREATE TABLE rollups_v6 (
+        level     INTEGER NOT NULL,
+        bucket_us INTEGER NOT NULL,
+        series_id INTEGER NOT NULL,
+        count     INTEGER NOT NULL,
+        ok        INTEGER NOT NULL,
+        warn      INTEGER NOT NULL,
+        fail      INTEGER NOT NULL,
+        sketches  BLOB NOT NULL,
+        PRIMARY KEY (level, bucket_us, series_id)
+    ) WITHOUT ROWID;
+    INSERT INTO rollups_v6 (level, bucket_us, series_id, count, ok, warn, fail, sketches)
+    SELECT r.level, r.bucket_us, s.id, r.count, r.ok, r.warn, r.fail, r.sketches
+    FROM rollups r JOIN series_v6 s ON s.target = r.target AND s.endpoint = r.endpoint
+        AND s.check_name = r.check_name AND s.region = r.region;
+    "#,
+    // 7 (performance): no minute rollups (store::rollup says why); windows up to 3 hours read
+    // the raw results.
+    r#"
+    DELETE FROM rollups WHERE level = 60;
+    "#,
 ];
+
+/// The step after which [`compact_results`] runs.
+const COMPACT_STEP: i64 = 6;
+
+/// Schema step 6: copies every result into the compact table (body encoded in Rust), notes each
+/// series' endpoint parts, then swaps the new tables in.
+fn compact_results(tx: &Connection) -> Result<(), rusqlite::Error> {
+    use mxscope_proto::pb;
+    {
+        let mut read = tx.prepare(
+            "SELECT r.id, s.id, coalesce(a.num, 0), r.seq, r.start_us, r.outcome, r.stored_at_us,
+                 r.error_class, r.phase, r.timings, r.facts, r.message, r.interval_ms,
+                 r.host, r.ip, r.port, r.family
+             FROM results r
+             JOIN series_v6 s ON s.target = r.target AND s.endpoint = r.endpoint
+                 AND s.check_name = r.check_name AND s.region = r.region
+             LEFT JOIN agents a ON a.id = r.agent_id
+             ORDER BY r.id",
+        )?;
+        let mut put = tx.prepare(
+            "INSERT INTO results_v6 (id, series_id, agent_num, seq, start_us, outcome, total_us,
+                 stored_at_us, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        let mut endpoint = tx.prepare(
+            "UPDATE series_v6 SET host = ?2, ip = ?3, port = ?4, family = ?5 WHERE id = ?1",
+        )?;
+        let mut seen = std::collections::HashSet::new();
+        let mut rows = read.query([])?;
+        while let Some(r) = rows.next()? {
+            let series: i64 = r.get(1)?;
+            // Unreadable JSON keeps the row with no timings or facts rather than failing the step.
+            let timings: Vec<(String, u64)> =
+                serde_json::from_str(&r.get::<_, String>(9)?).unwrap_or_default();
+            let facts: Vec<(String, serde_json::Value)> =
+                serde_json::from_str(&r.get::<_, String>(10)?).unwrap_or_default();
+            let result = pb::ProbeResult {
+                seq: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+                start_us: r.get(4)?,
+                outcome: r.get(5)?,
+                error_class: r.get(7)?,
+                phase: r.get(8)?,
+                timings: timings
+                    .into_iter()
+                    .map(|(phase, micros)| pb::PhaseTiming { phase, micros })
+                    .collect(),
+                facts: facts
+                    .into_iter()
+                    .map(|(key, v)| pb::Fact {
+                        key,
+                        value: super::read::fact_from_json(v),
+                    })
+                    .collect(),
+                message: r.get(11)?,
+                interval_ms: u64::try_from(r.get::<_, i64>(12)?).unwrap_or(0),
+                ..Default::default()
+            };
+            let row = super::row::ResultRow::of(&result);
+            put.execute(rusqlite::params![
+                r.get::<_, i64>(0)?,
+                series,
+                r.get::<_, i64>(2)?,
+                row.seq,
+                row.start_us,
+                row.outcome,
+                row.total_us,
+                r.get::<_, i64>(6)?,
+                row.body,
+            ])?;
+            if seen.insert(series) {
+                endpoint.execute(rusqlite::params![
+                    series,
+                    r.get::<_, String>(13)?,
+                    r.get::<_, String>(14)?,
+                    r.get::<_, i64>(15)?,
+                    r.get::<_, i64>(16)?,
+                ])?;
+            }
+        }
+    }
+    tx.execute_batch(
+        "DROP TABLE results;
+         DROP TABLE series;
+         DROP TABLE rollups;
+         ALTER TABLE results_v6 RENAME TO results;
+         ALTER TABLE series_v6 RENAME TO series;
+         ALTER TABLE rollups_v6 RENAME TO rollups;
+         CREATE INDEX results_time ON results (start_us, series_id, outcome, total_us);",
+    )
+}
 
 /// The step after which [`fill_weeks`] runs.
 const WEEKS_STEP: i64 = 5;
@@ -204,6 +368,9 @@ pub(crate) fn migrate_to(
             tx.execute_batch(step)?;
             if to == WEEKS_STEP {
                 fill_weeks(&tx)?;
+            }
+            if to == COMPACT_STEP {
+                compact_results(&tx)?;
             }
             tx.pragma_update(None, "user_version", to)?;
             tx.commit()

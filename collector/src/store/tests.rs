@@ -55,7 +55,10 @@ fn result(agent: &str, seq: u64) -> pb::ProbeResult {
 fn seqs(path: &std::path::Path, agent: &str) -> Vec<i64> {
     let c = Connection::open(path).expect("reader");
     let mut st = c
-        .prepare("SELECT seq FROM results WHERE agent_id = ?1 ORDER BY seq")
+        .prepare(
+            "SELECT r.seq FROM results r JOIN agents a ON a.num = r.agent_num WHERE a.id = ?1
+             ORDER BY r.seq",
+        )
         .expect("prepare");
     st.query_map([agent], |r| r.get(0))
         .expect("query")
@@ -560,7 +563,23 @@ async fn rollups_of_stored_results_merge_to_the_sketch_of_all_values() {
     assert_eq!((agg.count, agg.ok, agg.fail), (600, 540, 60));
     let mut want = crate::analysis::sketch::Sketch::new();
     raw.iter().for_each(|v| want.add(*v));
-    assert_eq!(agg.phases["total"], want, "minute rows merge exactly");
+    assert_eq!(agg.phases["total"], want, "the raw window is exact");
+    // A day's window reads hour rows: the same counts and the same sketch.
+    let hours = store
+        .rollups(Filter::default(), now - 86_400_000_000, now, None)
+        .await
+        .unwrap();
+    let hour_agg = hours.values().next().unwrap();
+    assert_eq!((hour_agg.count, hour_agg.ok, hour_agg.fail), (600, 540, 60));
+    assert_eq!(hour_agg.phases["total"], want, "hour rows merge exactly");
+    // Counts only come from the time index.
+    let counts = store
+        .rollups(Filter::default(), start, now, Some(String::new()))
+        .await
+        .unwrap();
+    let c_agg = counts.values().next().unwrap();
+    assert_eq!((c_agg.count, c_agg.ok, c_agg.fail), (600, 540, 60));
+    assert!(c_agg.phases.is_empty());
     raw.sort_by(f64::total_cmp);
     for q in [0.5, 0.95, 0.99] {
         let exact = raw[(q * (raw.len() - 1) as f64).floor() as usize];
@@ -579,10 +598,7 @@ async fn rollups_of_stored_results_merge_to_the_sketch_of_all_values() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(
-        per_level,
-        vec![(60, 600), (3600, 600), (86_400, 600), (604_800, 600)]
-    );
+    assert_eq!(per_level, vec![(3600, 600), (86_400, 600), (604_800, 600)]);
     store.close().await.unwrap();
 }
 
@@ -628,7 +644,7 @@ async fn retention_deletes_old_raw_rows_and_rollups_in_small_rounds() {
     };
     assert_eq!(count("SELECT count(*) FROM rollups WHERE level = 86400"), 2);
     // One round deletes at most a batch of raw rows, and the one old row of each rollup level.
-    assert_eq!(store.prune(now).await.unwrap(), 7 + 4);
+    assert_eq!(store.prune(now).await.unwrap(), 7 + 3);
     assert_eq!(count("SELECT count(*) FROM results"), 35 - 7);
     assert_eq!(store.prune_all(now, 7).await.unwrap(), 23);
     assert_eq!(
@@ -646,9 +662,118 @@ async fn retention_deletes_old_raw_rows_and_rollups_in_small_rounds() {
     );
     assert_eq!(
         count("SELECT count(DISTINCT level) FROM rollups"),
-        4,
+        3,
         "today's rows stay"
     );
     assert_eq!(store.prune_all(now, 7).await.unwrap(), 0, "caught up");
     store.close().await.unwrap();
+}
+
+/// Step 6 moves a version-5 database's results, series and rollups to integer ids and compact
+/// rows: everything reads back as before, and new results join the migrated series.
+#[tokio::test]
+async fn migration_compacts_results_series_and_rollups() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("v5.db");
+    let t0 = 1_700_000_000_000_000i64;
+    let label = "mx1.example.test[127.0.0.1]:25";
+    {
+        let mut c = Connection::open(&path).unwrap();
+        schema::migrate_to(&mut c, &path, 5).unwrap();
+        c.execute(
+            "INSERT INTO agents (id, region, version, labels, first_seen_us, last_seen_us, stored_up_to_seq)
+             VALUES ('a1', 'eu-west', '0.0.1', '{}', 1, 2, 2)",
+            [],
+        )
+        .unwrap();
+        for seq in 1..=2i64 {
+            c.execute(
+                "INSERT INTO results (agent_id, seq, region, target, endpoint, host, ip, port, family,
+                     check_name, start_us, outcome, error_class, phase, total_us, timings, facts,
+                     message, interval_ms, stored_at_us)
+                 VALUES ('a1', ?1, 'eu-west', 'example.test', ?2, 'mx1.example.test', '127.0.0.1', 25, 1,
+                     'smtp', ?3, 3, 'timeout', 'banner', 9000, '[[\"connect\",700],[\"total\",9000]]',
+                     '[[\"tls_version\",\"TLSv1.3\"],[\"cert_days_left\",40]]', 'no banner', 60000, 5)",
+                rusqlite::params![seq, label, t0 + seq * 60_000_000],
+            )
+            .unwrap();
+        }
+        c.execute(
+            "INSERT INTO series (target, endpoint, check_name, region, last_outcome, last_error,
+                 last_message, last_seen_us, interval_ms, failing, streak, state_since_us, agent_id,
+                 last_phase, last_facts)
+             VALUES ('example.test', ?1, 'smtp', 'eu-west', 3, 'timeout', 'no banner', ?2, 60000, 0, 2,
+                 0, 'a1', 'banner', '[[\"tls_version\",\"TLSv1.3\"]]')",
+            rusqlite::params![label, t0 + 120_000_000],
+        )
+        .unwrap();
+        let mut a = rollup::Agg::default();
+        a.add(&pb::ProbeResult {
+            outcome: pb::Outcome::Ok as i32,
+            timings: vec![pb::PhaseTiming {
+                phase: "total".into(),
+                micros: 1234,
+            }],
+            ..Default::default()
+        });
+        c.execute(
+            "INSERT INTO rollups (level, bucket_us, target, check_name, region, endpoint,
+                 count, ok, warn, fail, sketches) VALUES (3600, ?1, 'example.test', 'smtp', 'eu-west', ?2, 1, 1, 0, 0, ?3)",
+            rusqlite::params![rollup::Level::Hour.bucket(t0), label, a.sketches_to_bytes()],
+        )
+        .unwrap();
+    }
+    let store = Store::open(&path, opts(0)).unwrap();
+    let results = store.results(Filter::default(), 0, 10).await.unwrap();
+    assert_eq!(results.len(), 2);
+    let r = results[0].result.as_ref().unwrap();
+    assert_eq!((r.agent_id.as_str(), r.seq), ("a1", 2));
+    assert_eq!(results[0].region, "eu-west");
+    assert_eq!(results[0].stored_at_us, 5);
+    assert_eq!(r.start_us, t0 + 120_000_000);
+    assert_eq!(
+        (r.error_class.as_str(), r.phase.as_str(), r.message.as_str()),
+        ("timeout", "banner", "no banner")
+    );
+    assert_eq!(r.timings.len(), 2);
+    assert_eq!(r.timings[0].micros, 700);
+    assert_eq!(
+        r.facts[1].value,
+        Some(pb::fact::Value::Int(40)),
+        "numbers stay numbers"
+    );
+    let e = r.endpoint.as_ref().unwrap();
+    assert_eq!(
+        (e.host.as_str(), e.ip.as_str(), e.port),
+        ("mx1.example.test", "127.0.0.1", 25)
+    );
+    let series = store.series(Filter::default()).await.unwrap();
+    assert_eq!(series.len(), 1);
+    assert_eq!(series[0].endpoint, label);
+    assert_eq!(series[0].last_facts["tls_version"], "TLSv1.3");
+    let roll = store
+        .rollups(Filter::default(), t0, t0 + 86_400_000_000, None)
+        .await
+        .unwrap();
+    assert_eq!(roll.len(), 1);
+    let (id, agg) = roll.iter().next().unwrap();
+    assert_eq!((id.endpoint.as_str(), agg.count), (label, 1));
+    assert_eq!(agg.phases["total"].count(), 1);
+    // A new result of the same series joins the migrated row.
+    store.register_agent(hello("a1")).await.unwrap();
+    let mut next = result("a1", 3);
+    next.target = "example.test".into();
+    assert_eq!(
+        store
+            .store_results("a1", "eu-west", vec![next], now_us())
+            .await
+            .unwrap(),
+        3
+    );
+    store.close().await.unwrap();
+    let c = Connection::open(&path).unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM series", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
 }

@@ -17,6 +17,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use tokio::sync::broadcast;
 
 use super::rollup::{Agg, Level};
+use super::row::ResultRow;
 use super::{bump, AgentHello, StoreError, StoreOptions, TargetDef, WriterStats};
 use crate::analysis::hysteresis::{Hysteresis, Policy};
 
@@ -25,7 +26,6 @@ pub(crate) enum Op {
     Hello(AgentHello),
     Results {
         agent_id: String,
-        region: String,
         results: Vec<pb::ProbeResult>,
         /// The per-result work on `results`, done by the caller before the writer sees them.
         prepared: Prepared,
@@ -92,6 +92,7 @@ pub(crate) fn spawn(
                 opts,
                 stats,
                 events,
+                ids: FxMap::default(),
                 series: FxMap::default(),
             };
             w.run(rx);
@@ -153,60 +154,113 @@ impl Hasher for FxHasher {
 
 pub(crate) type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
-/// A rollup row's key: level, bucket start, series.
-type LevelKey = (Level, i64, SeriesKey);
+/// A rollup row's key: level, bucket start, series id.
+type LevelKey = (Level, i64, i64);
 
-/// The per-result work on a batch of results that needs no database: row encoding (endpoint
-/// label, timings and facts JSON), series keys, and the batch's aggregate at every rollup level.
-/// Built by [`Prepared::of`] in the ingest session's task (on a tokio worker, beside the writer's
-/// thread), so the writer only binds, steps and merges.
+/// A batch's rollup aggregate before series ids are known: level, bucket, index into
+/// [`Prepared::series`], the aggregate and its encoded sketches.
+type Pending = (Level, i64, u32, Agg, Vec<u8>);
+
+/// The per-result work on a batch of results that needs no database: row encoding (store::row),
+/// the batch's distinct series, and its aggregate at every rollup level. Built by
+/// [`Prepared::of`] in the ingest session's task (on a tokio worker, beside the writer's thread),
+/// so the writer only resolves series ids, binds, steps and merges.
 pub(crate) struct Prepared {
-    rows: Vec<Row>,
-    keys: Vec<SeriesKey>,
-    /// Every level's aggregate of all `results`, with its encoded sketches; the writer uses it
-    /// when every result of the batch is stored (no duplicate), else it aggregates what it stored.
-    levels: Vec<(LevelKey, Agg, Vec<u8>)>,
+    /// Distinct series of the batch, with the endpoint parts a new `series` row records.
+    series: Vec<(SeriesKey, EndpointParts)>,
+    /// Per result: its index into `series` and its row.
+    rows: Vec<(u32, ResultRow)>,
+    /// Every level's aggregate of all results; the writer uses it when every result of the batch
+    /// is stored (no duplicate), else it aggregates what it stored.
+    levels: Vec<Pending>,
     /// Seqs strictly ascending: then "the first seq is above the mark" means "no duplicate".
     ascending: bool,
 }
 
 impl Prepared {
     pub(crate) fn of(region: &str, results: &[pb::ProbeResult]) -> Prepared {
+        // The label is a function of host, ip and port: with target and check they name the
+        // series (the region is the batch's), so the label is made once per series, not per result.
+        type Ident<'a> = (&'a str, &'a str, &'a str, &'a str, u32);
+        let mut index: FxMap<Ident<'_>, u32> = FxMap::default();
+        let mut series: Vec<(SeriesKey, EndpointParts)> = Vec::new();
         let mut rows = Vec::with_capacity(results.len());
-        let mut keys = Vec::with_capacity(results.len());
-        let mut levels: FxMap<LevelKey, Agg> = FxMap::default();
+        let mut levels: FxMap<(Level, i64, u32), Agg> = FxMap::default();
         for r in results {
-            let row = Row::of(r);
-            let key = SeriesKey {
-                target: r.target.clone(),
-                endpoint: row.endpoint.clone(),
-                check: r.check.clone(),
-                region: region.to_string(),
-            };
-            let mut one = Agg::default();
-            one.add(r);
+            let e = r.endpoint.as_ref();
+            let ident = (
+                r.target.as_str(),
+                r.check.as_str(),
+                e.map_or(r.target.as_str(), |e| e.host.as_str()),
+                e.map_or("", |e| e.ip.as_str()),
+                e.map_or(0, |e| e.port),
+            );
+            let k = *index.entry(ident).or_insert_with(|| {
+                let parts = EndpointParts::of(r);
+                let key = SeriesKey {
+                    target: r.target.clone(),
+                    endpoint: parts.label(r),
+                    check: r.check.clone(),
+                    region: region.to_string(),
+                };
+                series.push((key, parts));
+                (series.len() - 1) as u32
+            });
             for level in Level::ALL {
                 levels
-                    .entry((level, level.bucket(r.start_us), key.clone()))
+                    .entry((level, level.bucket(r.start_us), k))
                     .or_default()
-                    .merge(&one);
+                    .add(r);
             }
-            rows.push(row);
-            keys.push(key);
+            rows.push((k, ResultRow::of(r)));
         }
         let ascending = results.windows(2).all(|w| w[0].seq < w[1].seq);
         let levels = levels
             .into_iter()
-            .map(|(k, a)| {
+            .map(|((level, bucket, k), a)| {
                 let bytes = a.sketches_to_bytes();
-                (k, a, bytes)
+                (level, bucket, k, a, bytes)
             })
             .collect();
         Prepared {
+            series,
             rows,
-            keys,
             levels,
             ascending,
+        }
+    }
+}
+
+/// The parts of a result's endpoint, kept once per series.
+#[derive(Debug, Clone, Default)]
+struct EndpointParts {
+    host: String,
+    ip: String,
+    port: i64,
+    family: i32,
+}
+
+impl EndpointParts {
+    fn of(r: &pb::ProbeResult) -> EndpointParts {
+        match &r.endpoint {
+            Some(e) => EndpointParts {
+                host: e.host.clone(),
+                ip: e.ip.clone(),
+                port: i64::from(e.port),
+                family: e.family,
+            },
+            None => EndpointParts {
+                host: r.target.clone(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The series' endpoint label (the target's name when the result has no endpoint).
+    fn label(&self, r: &pb::ProbeResult) -> String {
+        match &r.endpoint {
+            Some(e) => mxscope_proto::endpoint_label(e),
+            None => r.target.clone(),
         }
     }
 }
@@ -232,14 +286,17 @@ struct SeriesMem {
     interval_ms: i64,
     agent_id: String,
     last_phase: String,
-    last_facts: String,
+    /// The latest result's facts; written as JSON once per batch.
+    last_facts: Vec<pb::Fact>,
 }
 
 /// Changes made by requests, applied to SQLite once per batch and to the writer's memory once
 /// committed.
 #[derive(Default)]
 struct Delta {
-    series: FxMap<SeriesKey, SeriesMem>,
+    /// Series ids learned (looked up or inserted) by these requests.
+    ids: FxMap<SeriesKey, i64>,
+    series: FxMap<i64, SeriesMem>,
     /// Rollup row → aggregate of the batch's results, with its encoded sketches while it holds
     /// one request's aggregate only (then a new row needs no encoding in the writer).
     rollups: FxMap<LevelKey, (Agg, Option<Vec<u8>>)>,
@@ -263,6 +320,7 @@ impl Delta {
     }
 
     fn absorb(&mut self, other: Delta) {
+        self.ids.extend(other.ids);
         self.series.extend(other.series);
         for (k, (a, bytes)) in other.rollups {
             self.add_rollup(k, a, bytes);
@@ -272,7 +330,6 @@ impl Delta {
         self.duplicates += other.duplicates;
     }
 }
-
 struct Writer {
     conn: Connection,
     /// The database file, named in disk-full reports.
@@ -282,8 +339,10 @@ struct Writer {
     opts: StoreOptions,
     stats: Arc<WriterStats>,
     events: broadcast::Sender<pb::WatchEvent>,
-    /// Committed series state, loaded from `series` on first touch (the writer is its only writer).
-    series: FxMap<SeriesKey, SeriesMem>,
+    /// Committed series ids and state, loaded from `series` on first touch (the writer is its
+    /// only writer).
+    ids: FxMap<SeriesKey, i64>,
+    series: FxMap<i64, SeriesMem>,
 }
 
 impl Writer {
@@ -343,7 +402,7 @@ impl Writer {
         let mut delta = Delta::default();
         let policy = self.opts.policy;
         let retention = Retention::of(&self.opts);
-        let committed = &self.series;
+        let committed = (&self.ids, &self.series);
         let outcome = (|| -> Result<(), StoreError> {
             let mut tx = self.conn.transaction()?;
             let mut requests = batch.into_iter();
@@ -397,6 +456,7 @@ impl Writer {
             Ok(()) => {
                 bump(&self.stats.results_stored, delta.stored);
                 bump(&self.stats.duplicates, delta.duplicates);
+                self.ids.extend(delta.ids);
                 self.series.extend(delta.series);
                 for e in delta.events {
                     // No receiver (nobody watching) is fine.
@@ -476,7 +536,7 @@ impl Retention {
 
 /// What one request sees: committed state, the batch so far, and its own changes.
 struct Ctx<'a> {
-    committed: &'a FxMap<SeriesKey, SeriesMem>,
+    committed: (&'a FxMap<SeriesKey, i64>, &'a FxMap<i64, SeriesMem>),
     batch: &'a Delta,
     req: &'a mut Delta,
     policy: Policy,
@@ -484,74 +544,125 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The id of a series: known, looked up in `series`, or a new row with the endpoint's parts.
+    fn series_id(
+        &mut self,
+        tx: &Connection,
+        key: &SeriesKey,
+        parts: &EndpointParts,
+    ) -> Result<i64, StoreError> {
+        if let Some(&id) = self
+            .req
+            .ids
+            .get(key)
+            .or_else(|| self.batch.ids.get(key))
+            .or_else(|| self.committed.0.get(key))
+        {
+            return Ok(id);
+        }
+        let found: Option<i64> = tx
+            .prepare_cached(
+                "SELECT id FROM series WHERE target = ?1 AND endpoint = ?2 AND check_name = ?3
+                     AND region = ?4",
+            )?
+            .query_row(
+                params![key.target, key.endpoint, key.check, key.region],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let id = match found {
+            Some(id) => id,
+            None => {
+                tx.prepare_cached(
+                    "INSERT INTO series (target, endpoint, check_name, region, host, ip, port, family)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?
+                .execute(params![
+                    key.target,
+                    key.endpoint,
+                    key.check,
+                    key.region,
+                    parts.host,
+                    parts.ip,
+                    parts.port,
+                    parts.family
+                ])?;
+                let id = tx.last_insert_rowid();
+                self.req.series.insert(id, SeriesMem::default());
+                id
+            }
+        };
+        self.req.ids.insert(key.clone(), id);
+        Ok(id)
+    }
+
     /// The current state of a series (loading it from `series` on first touch).
-    fn series(&mut self, tx: &Connection, key: &SeriesKey) -> Result<&mut SeriesMem, StoreError> {
-        if !self.req.series.contains_key(key) {
+    fn series(&mut self, tx: &Connection, id: i64) -> Result<&mut SeriesMem, StoreError> {
+        if !self.req.series.contains_key(&id) {
             let found = match self
                 .batch
                 .series
-                .get(key)
-                .or_else(|| self.committed.get(key))
+                .get(&id)
+                .or_else(|| self.committed.1.get(&id))
             {
                 Some(s) => s.clone(),
-                None => load_series(tx, key)?.unwrap_or_default(),
+                None => load_series(tx, id)?.unwrap_or_default(),
             };
-            self.req.series.insert(key.clone(), found);
+            self.req.series.insert(id, found);
         }
         self.req
             .series
-            .get_mut(key)
+            .get_mut(&id)
             .ok_or(StoreError::OutOfRange("series cache"))
     }
 }
 
-fn load_series(tx: &Connection, k: &SeriesKey) -> Result<Option<SeriesMem>, StoreError> {
+fn load_series(tx: &Connection, id: i64) -> Result<Option<SeriesMem>, StoreError> {
     let mut st = tx.prepare_cached(
         "SELECT last_outcome, last_error, last_message, last_seen_us, interval_ms, failing, streak,
              state_since_us, agent_id, last_phase, last_facts
-         FROM series WHERE target = ?1 AND endpoint = ?2 AND check_name = ?3 AND region = ?4",
+         FROM series WHERE id = ?1",
     )?;
     let row = st
-        .query_row(params![k.target, k.endpoint, k.check, k.region], |r| {
-            Ok(SeriesMem {
-                last_outcome: r.get(0)?,
-                last_error: r.get(1)?,
-                last_message: r.get(2)?,
-                last_seen_us: r.get(3)?,
-                interval_ms: r.get(4)?,
-                hyst: Hysteresis {
-                    failing: r.get::<_, i64>(5)? != 0,
-                    streak: u32::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
+        .query_row([id], |r| {
+            Ok((
+                SeriesMem {
+                    last_outcome: r.get(0)?,
+                    last_error: r.get(1)?,
+                    last_message: r.get(2)?,
+                    last_seen_us: r.get(3)?,
+                    interval_ms: r.get(4)?,
+                    hyst: Hysteresis {
+                        failing: r.get::<_, i64>(5)? != 0,
+                        streak: u32::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
+                    },
+                    state_since_us: r.get(7)?,
+                    agent_id: r.get(8)?,
+                    last_phase: r.get(9)?,
+                    last_facts: Vec::new(),
                 },
-                state_since_us: r.get(7)?,
-                agent_id: r.get(8)?,
-                last_phase: r.get(9)?,
-                last_facts: r.get(10)?,
-            })
+                r.get::<_, String>(10)?,
+            ))
         })
         .optional()?;
-    Ok(row)
+    let Some((mut s, facts)) = row else {
+        return Ok(None);
+    };
+    s.last_facts = super::read::facts_from_json(&facts)?;
+    Ok(Some(s))
 }
 
 /// Writes the batch's series rows and merges its rollups into the stored ones.
 fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
     let mut series = tx.prepare_cached(
-        "INSERT INTO series (target, endpoint, check_name, region, last_outcome, last_error, last_message,
-             last_seen_us, interval_ms, failing, streak, state_since_us, agent_id, last_phase, last_facts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
-         ON CONFLICT (target, endpoint, check_name, region) DO UPDATE SET
-             last_outcome = excluded.last_outcome, last_error = excluded.last_error,
-             last_message = excluded.last_message, last_seen_us = excluded.last_seen_us,
-             interval_ms = excluded.interval_ms, failing = excluded.failing, streak = excluded.streak,
-             state_since_us = excluded.state_since_us, agent_id = excluded.agent_id,
-             last_phase = excluded.last_phase, last_facts = excluded.last_facts",
+        "UPDATE series SET last_outcome = ?2, last_error = ?3, last_message = ?4, last_seen_us = ?5,
+             interval_ms = ?6, failing = ?7, streak = ?8, state_since_us = ?9, agent_id = ?10,
+             last_phase = ?11, last_facts = ?12
+         WHERE id = ?1",
     )?;
-    for (k, s) in &d.series {
+    for (id, s) in &d.series {
         series.execute(params![
-            k.target,
-            k.endpoint,
-            k.check,
-            k.region,
+            id,
             s.last_outcome,
             s.last_error,
             s.last_message,
@@ -562,93 +673,60 @@ fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
             s.state_since_us,
             s.agent_id,
             s.last_phase,
-            s.last_facts,
+            super::read::facts_to_json(&s.last_facts),
         ])?;
     }
     let mut get = tx.prepare_cached(
-        "SELECT count, ok, warn, fail, sketches FROM rollups WHERE level = ?1 AND bucket_us = ?2
-             AND target = ?3 AND check_name = ?4 AND region = ?5 AND endpoint = ?6",
+        "SELECT count, ok, warn, fail, sketches FROM rollups
+         WHERE level = ?1 AND bucket_us = ?2 AND series_id = ?3",
     )?;
     let mut ins = tx.prepare_cached(
-        "INSERT INTO rollups (level, bucket_us, target, check_name, region, endpoint,
-             count, ok, warn, fail, sketches) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+        "INSERT INTO rollups (level, bucket_us, series_id, count, ok, warn, fail, sketches)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT DO NOTHING",
     )?;
     let mut upd = tx.prepare_cached(
-        "UPDATE rollups SET count = ?7, ok = ?8, warn = ?9, fail = ?10, sketches = ?11
-         WHERE level = ?1 AND bucket_us = ?2 AND target = ?3 AND check_name = ?4 AND region = ?5
-             AND endpoint = ?6",
+        "UPDATE rollups SET count = ?4, ok = ?5, warn = ?6, fail = ?7, sketches = ?8
+         WHERE level = ?1 AND bucket_us = ?2 AND series_id = ?3",
     )?;
-    for ((level, bucket, k), (add, encoded)) in &d.rollups {
-        // Minute and hour rows of a batch are mostly new (one 60 s probe per series-minute):
-        // insert first and read only on a conflict. Day and week rows mostly exist: read first.
+    for ((level, bucket, id), (add, encoded)) in &d.rollups {
+        // Hour rows of a batch are often new: insert first and read only on a conflict. Day and
+        // week rows mostly exist: read first.
         // An existing row is updated in place (not deleted and re-inserted).
-        let insert_first = matches!(level, Level::Minute | Level::Hour);
-        let mut inserted = false;
-        if insert_first {
-            let bytes = match encoded {
-                Some(b) => std::borrow::Cow::Borrowed(b.as_slice()),
-                None => std::borrow::Cow::Owned(add.sketches_to_bytes()),
-            };
-            inserted = ins.execute(params![
+        let encoded = || match encoded {
+            Some(b) => std::borrow::Cow::Borrowed(b.as_slice()),
+            None => std::borrow::Cow::Owned(add.sketches_to_bytes()),
+        };
+        let insert = |ins: &mut rusqlite::CachedStatement<'_>| -> Result<bool, StoreError> {
+            Ok(ins.execute(params![
                 level.code(),
                 bucket,
-                k.target,
-                k.check,
-                k.region,
-                k.endpoint,
+                id,
                 to_i64(add.count)?,
                 to_i64(add.ok)?,
                 to_i64(add.warn)?,
                 to_i64(add.fail)?,
-                bytes.as_ref(),
-            ])? == 1;
-        }
-        if inserted {
+                encoded().as_ref(),
+            ])? == 1)
+        };
+        if *level == Level::Hour && insert(&mut ins)? {
             continue;
         }
         let stored = get
-            .query_row(
-                params![
-                    level.code(),
-                    bucket,
-                    k.target,
-                    k.check,
-                    k.region,
-                    k.endpoint
-                ],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, Vec<u8>>(4)?,
-                    ))
-                },
-            )
+            .query_row(params![level.code(), bucket, id], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                ))
+            })
             .optional()?;
         let Some((count, ok, warn, fail, blob)) = stored else {
             // A new row: the batch's aggregate as it is (encoded by the ingest task if it came
             // from one request).
-            let bytes = match encoded {
-                Some(b) => std::borrow::Cow::Borrowed(b.as_slice()),
-                None => std::borrow::Cow::Owned(add.sketches_to_bytes()),
-            };
-            let n = ins.execute(params![
-                level.code(),
-                bucket,
-                k.target,
-                k.check,
-                k.region,
-                k.endpoint,
-                to_i64(add.count)?,
-                to_i64(add.ok)?,
-                to_i64(add.warn)?,
-                to_i64(add.fail)?,
-                bytes.as_ref(),
-            ])?;
-            if n != 1 {
+            if !insert(&mut ins)? {
                 return Err(StoreError::OutOfRange("rollup row vanished"));
             }
             continue;
@@ -672,10 +750,7 @@ fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
         upd.execute(params![
             level.code(),
             bucket,
-            k.target,
-            k.check,
-            k.region,
-            k.endpoint,
+            id,
             to_i64(agg.count)?,
             to_i64(agg.ok)?,
             to_i64(agg.warn)?,
@@ -719,7 +794,6 @@ fn apply(tx: &Connection, op: Op, ctx: &mut Ctx<'_>) -> Result<Reply, StoreError
         Op::Hello(h) => hello(tx, &h).map(Reply::Seq),
         Op::Results {
             agent_id,
-            region,
             results,
             prepared,
             rejected,
@@ -732,7 +806,7 @@ fn apply(tx: &Connection, op: Op, ctx: &mut Ctx<'_>) -> Result<Reply, StoreError
                     |r| r.get(0),
                 )
                 .optional()?;
-            let seq = store_results(tx, ctx, &agent_id, &region, &results, prepared, at_us)?;
+            let seq = store_results(tx, ctx, &agent_id, results, prepared, at_us)?;
             skip_rejected(tx, &agent_id, &rejected, before.unwrap_or(0), seq).map(Reply::Seq)
         }
         Op::Prune { now_us } => prune(tx, ctx.retention, now_us).map(Reply::Pruned),
@@ -821,8 +895,8 @@ fn to_i64(v: u64) -> Result<i64, StoreError> {
 fn hello(tx: &Connection, h: &AgentHello) -> Result<u64, StoreError> {
     let labels = serde_json::to_string(&h.labels)?;
     tx.execute(
-        "INSERT INTO agents (id, region, version, labels, first_seen_us, last_seen_us, dropped_total)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)
+        "INSERT INTO agents (id, region, version, labels, first_seen_us, last_seen_us, dropped_total, num)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, (SELECT coalesce(max(num), 0) + 1 FROM agents))
          ON CONFLICT (id) DO UPDATE SET region = excluded.region, version = excluded.version,
              labels = excluded.labels, last_seen_us = max(last_seen_us, excluded.last_seen_us),
              dropped_total = excluded.dropped_total",
@@ -849,34 +923,25 @@ fn store_results(
     tx: &Connection,
     ctx: &mut Ctx<'_>,
     agent_id: &str,
-    region: &str,
-    results: &[pb::ProbeResult],
+    results: Vec<pb::ProbeResult>,
     prepared: Prepared,
     at_us: i64,
 ) -> Result<u64, StoreError> {
-    let hwm: Option<i64> = tx
-        .query_row(
-            "SELECT stored_up_to_seq FROM agents WHERE id = ?1",
-            [agent_id],
-            |r| r.get(0),
-        )
+    let agent: Option<(i64, i64)> = tx
+        .prepare_cached("SELECT stored_up_to_seq, num FROM agents WHERE id = ?1")?
+        .query_row([agent_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    let Some(mut hwm) = hwm else {
+    let Some((mut hwm, agent_num)) = agent else {
         return Err(StoreError::UnknownAgent(agent_id.to_string()));
     };
-    let mut insert = tx.prepare_cached(
-        "INSERT INTO results (agent_id, seq, region, target, endpoint, host, ip, port, family, check_name,
-             start_us, outcome, error_class, phase, total_us, timings, facts, message, interval_ms, stored_at_us)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
-    )?;
     let policy = ctx.policy;
     let Prepared {
+        series,
         rows,
-        keys,
         levels,
         ascending,
     } = prepared;
-    if rows.len() != results.len() || keys.len() != results.len() {
+    if rows.len() != results.len() {
         return Err(StoreError::OutOfRange("prepared results"));
     }
     // No duplicate in the batch: its aggregates, made by the ingest task, are exactly what is
@@ -885,52 +950,45 @@ fn store_results(
         && results
             .first()
             .is_none_or(|r| i64::try_from(r.seq).is_ok_and(|s| s > hwm));
+    let mut ids = Vec::with_capacity(series.len());
+    for (key, parts) in &series {
+        ids.push(ctx.series_id(tx, key, parts)?);
+    }
     if all_new {
-        for (k, a, bytes) in levels {
-            ctx.req.add_rollup(k, a, Some(bytes));
+        for (level, bucket, k, a, bytes) in levels {
+            ctx.req
+                .add_rollup((level, bucket, ids[k as usize]), a, Some(bytes));
         }
     }
-    for ((r, row), key) in results.iter().zip(rows).zip(keys) {
-        let seq = to_i64(r.seq)?;
-        if seq <= hwm {
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO results (series_id, agent_num, seq, start_us, outcome, total_us, stored_at_us, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    for (r, (k, row)) in results.into_iter().zip(rows) {
+        if row.seq <= hwm {
             ctx.req.duplicates += 1;
             continue;
         }
-        let interval = to_i64(r.interval_ms)?;
+        let id = ids[k as usize];
         insert.execute(params![
-            agent_id,
-            seq,
-            region,
-            r.target,
-            row.endpoint,
-            row.host,
-            row.ip,
-            row.port,
-            row.family,
-            r.check,
-            r.start_us,
-            r.outcome,
-            r.error_class,
-            r.phase,
+            id,
+            agent_num,
+            row.seq,
+            row.start_us,
+            row.outcome,
             row.total_us,
-            row.timings,
-            row.facts,
-            r.message,
-            interval,
             at_us,
+            row.body,
         ])?;
         if !all_new {
             let mut one = Agg::default();
-            one.add(r);
+            one.add(&r);
             for level in Level::ALL {
-                ctx.req.add_rollup(
-                    (level, level.bucket(r.start_us), key.clone()),
-                    one.clone(),
-                    None,
-                );
+                ctx.req
+                    .add_rollup((level, level.bucket(r.start_us), id), one.clone(), None);
             }
         }
-        let s = ctx.series(tx, &key)?;
+        let s = ctx.series(tx, id)?;
         let ok = matches!(
             pb::Outcome::try_from(r.outcome),
             Ok(pb::Outcome::Ok | pb::Outcome::Warn)
@@ -940,37 +998,41 @@ fn store_results(
         if changed {
             s.state_since_us = r.start_us;
         }
+        let event = changed.then(|| pb::WatchEvent {
+            old_state: was.to_string(),
+            new_state: state_name(s.hyst.failing).to_string(),
+            at_us: r.start_us,
+            error_class: r.error_class.clone(),
+            ..Default::default()
+        });
         // A late result (older than the latest) feeds the state but does not replace the facts.
         if r.start_us >= s.last_seen_us {
             s.last_outcome = r.outcome;
-            s.last_error = r.error_class.clone();
-            s.last_message = r.message.clone();
             s.last_seen_us = r.start_us;
-            s.interval_ms = interval;
-            s.agent_id = agent_id.to_string();
-            s.last_phase = r.phase.clone();
-            s.last_facts = row.facts;
+            s.interval_ms = to_i64(r.interval_ms)?;
+            if s.agent_id != agent_id {
+                s.agent_id = agent_id.to_string();
+            }
+            s.last_error = r.error_class;
+            s.last_message = r.message;
+            s.last_phase = r.phase;
+            s.last_facts = r.facts;
         }
-        if changed {
-            let now = state_name(s.hyst.failing);
-            ctx.req.events.push(pb::WatchEvent {
-                target: key.target,
-                endpoint: key.endpoint,
-                check: key.check,
-                region: key.region,
-                old_state: was.to_string(),
-                new_state: now.to_string(),
-                at_us: r.start_us,
-                error_class: r.error_class.clone(),
-            });
+        if let Some(mut e) = event {
+            let key = &series[k as usize].0;
+            e.target = key.target.clone();
+            e.endpoint = key.endpoint.clone();
+            e.check = key.check.clone();
+            e.region = key.region.clone();
+            ctx.req.events.push(e);
         }
         ctx.req.stored += 1;
-        hwm = seq;
+        hwm = row.seq;
     }
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE agents SET stored_up_to_seq = ?1, last_seen_us = max(last_seen_us, ?2) WHERE id = ?3",
-        params![hwm, at_us, agent_id],
-    )?;
+    )?
+    .execute(params![hwm, at_us, agent_id])?;
     Ok(u64::try_from(hwm).unwrap_or(0))
 }
 
@@ -985,8 +1047,7 @@ fn state_name(failing: bool) -> &'static str {
 
 /// One round of the retention job: deletes at most `batch` raw results stored before the raw
 /// retention (oldest rows first, by rowid, which follows storage time), and at most `batch`
-/// rollup rows per level older than their retention (minute rows: the raw retention; hour and
-/// day rows: the rollup retention). Returns the number of rows deleted.
+/// rollup rows per level older than the rollup retention. Returns the number of rows deleted.
 fn prune(tx: &Connection, ret: Retention, now_us: i64) -> Result<u64, StoreError> {
     let mut deleted = tx.execute(
         "DELETE FROM results WHERE id IN (SELECT id FROM results ORDER BY id LIMIT ?1)
@@ -994,76 +1055,18 @@ fn prune(tx: &Connection, ret: Retention, now_us: i64) -> Result<u64, StoreError
         params![ret.batch, now_us.saturating_sub(ret.raw_us)],
     )?;
     for level in Level::ALL {
-        let keep_us = if level == Level::Minute {
-            ret.raw_us
-        } else {
-            ret.rollup_us
-        };
         deleted += tx.execute(
-            "DELETE FROM rollups WHERE (level, bucket_us, target, check_name, region, endpoint) IN
-                 (SELECT level, bucket_us, target, check_name, region, endpoint FROM rollups
+            "DELETE FROM rollups WHERE (level, bucket_us, series_id) IN
+                 (SELECT level, bucket_us, series_id FROM rollups
                   WHERE level = ?1 AND bucket_us < ?2 LIMIT ?3)",
             params![
                 level.code(),
-                level.bucket(now_us.saturating_sub(keep_us)),
+                level.bucket(now_us.saturating_sub(ret.rollup_us)),
                 ret.batch
             ],
         )?;
     }
     Ok(deleted as u64)
-}
-
-/// The derived columns of a result row.
-struct Row {
-    endpoint: String,
-    host: String,
-    ip: String,
-    port: i64,
-    family: i32,
-    total_us: Option<i64>,
-    timings: String,
-    facts: String,
-}
-
-impl Row {
-    fn of(r: &pb::ProbeResult) -> Row {
-        let (endpoint, host, ip, port, family) = match &r.endpoint {
-            Some(e) => (
-                mxscope_proto::endpoint_label(e),
-                e.host.clone(),
-                e.ip.clone(),
-                i64::from(e.port),
-                e.family,
-            ),
-            None => (r.target.clone(), r.target.clone(), String::new(), 0, 0),
-        };
-        let total_us = r
-            .timings
-            .iter()
-            .find(|t| t.phase == "total")
-            .map(|t| i64::try_from(t.micros).unwrap_or(i64::MAX));
-        let timings: Vec<(&str, u64)> = r
-            .timings
-            .iter()
-            .map(|t| (t.phase.as_str(), t.micros))
-            .collect();
-        let facts: Vec<(&str, serde_json::Value)> = r
-            .facts
-            .iter()
-            .map(|f| (f.key.as_str(), super::read::fact_to_json(f.value.as_ref())))
-            .collect();
-        Row {
-            endpoint,
-            host,
-            ip,
-            port,
-            family,
-            total_us,
-            // Serializing strings and numbers into a Vec cannot fail; fall back to an empty array.
-            timings: serde_json::to_string(&timings).unwrap_or_else(|_| "[]".into()),
-            facts: serde_json::to_string(&facts).unwrap_or_else(|_| "[]".into()),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1092,7 +1095,6 @@ mod tests {
             .collect();
         Op::Results {
             agent_id: "a1".into(),
-            region: "eu".into(),
             prepared: Prepared::of("eu", &results),
             results,
             rejected: Vec::new(),

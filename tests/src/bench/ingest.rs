@@ -13,7 +13,6 @@ use anyhow::{bail, Context, Result};
 use mxscope_proto::pb;
 use pb::agent_message::Msg as Up;
 use pb::collector_message::Msg as Down;
-use rusqlite::types::Value;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -218,66 +217,45 @@ pub async fn create_schema(db: &Path) -> Result<()> {
 }
 
 /// The raw limit: the same rows inserted into `results` of the collector's schema by one
-/// prepared statement, [`RAW_TX_ROWS`] per transaction, WAL and `synchronous=NORMAL` like the
-/// collector. Rows of the agents are interleaved a batch at a time, as they arrive at the collector.
+/// prepared statement, [`RAW_TX_ROWS`] per transaction, WAL, `synchronous=NORMAL` and the page
+/// cache of the collector's writer. Each row is encoded by the collector's own
+/// [`ResultRow::of`](mxscope_collector::store::row::ResultRow::of); series and agent ids come from
+/// a map in memory, as a plain program would keep them. Rows of the agents are interleaved a batch
+/// at a time, as they arrive at the collector.
 pub fn load_raw(db: &Path, shapes: &[Shape], segment: u64) -> Result<Run> {
+    use mxscope_collector::store::row::ResultRow;
     let mut conn = rusqlite::Connection::open(db)?;
     let _mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // Columns of `results` as the current migrations define them; unknown NOT NULL columns get 0.
-    let mut columns = Vec::new();
-    {
-        let mut st = conn.prepare("PRAGMA table_info(results)")?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(3)? != 0,
-                r.get::<_, Option<String>>(4)?.is_some(),
-                r.get::<_, i64>(5)? != 0,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
-        for row in rows {
-            let (name, notnull, has_default, pk, ty) = row?;
-            let integer_pk = pk && ty.eq_ignore_ascii_case("INTEGER");
-            if integer_pk || (!notnull || has_default) && !KNOWN.contains(&name.as_str()) {
-                continue;
-            }
-            columns.push(name);
-        }
-    }
-    if columns.is_empty() {
-        bail!("the collector schema has no results table");
-    }
-    let sql = format!(
-        "INSERT INTO results ({}) VALUES ({})",
-        columns.join(", "),
-        (1..=columns.len())
-            .map(|i| format!("?{i}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    conn.pragma_update(None, "cache_size", -131_072)?;
+    let _: i64 = conn.query_row("PRAGMA mmap_size=1073741824", [], |r| r.get(0))?;
+    let _: i64 = conn.query_row("PRAGMA wal_autocheckpoint=8192", [], |r| r.get(0))?;
+    let sql = "INSERT INTO results (series_id, agent_num, seq, start_us, outcome, total_us,
+                   stored_at_us, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
     let mut gens: Vec<Generator> = shapes.iter().cloned().map(Generator::new).collect();
     let total: u64 = shapes.iter().map(|s| s.total).sum();
+    let mut series: std::collections::HashMap<(usize, String), i64> =
+        std::collections::HashMap::new();
     let tid = current_thread_cpu;
     let cpu0 = tid();
     let start = Instant::now();
     let mut segments = Segments::new(segment, start);
     let mut rows = 0u64;
     let mut pending: Vec<pb::ProbeResult> = Vec::new();
+    let mut agent = 0usize;
     let mut next_agent = 0usize;
     while rows < total {
         let tx = conn.transaction()?;
         {
-            let mut st = tx.prepare_cached(&sql)?;
+            let mut st = tx.prepare_cached(sql)?;
             let mut in_tx = 0usize;
             while in_tx < RAW_TX_ROWS && rows < total {
                 if pending.is_empty() {
                     // Next agent's next batch, round robin.
                     for _ in 0..gens.len() {
-                        let i = next_agent % gens.len();
+                        agent = next_agent % gens.len();
                         next_agent += 1;
-                        pending = gens[i].batch(BATCH);
+                        pending = gens[agent].batch(BATCH);
                         if !pending.is_empty() {
                             break;
                         }
@@ -288,13 +266,21 @@ pub fn load_raw(db: &Path, shapes: &[Shape], segment: u64) -> Result<Run> {
                     pending.reverse();
                 }
                 let Some(r) = pending.pop() else { break };
-                let region = synth::REGIONS[region_of(shapes, &r.agent_id)];
-                let now = sys::now_us();
-                let values: Vec<Value> = columns
-                    .iter()
-                    .map(|c| column_value(c, &r, region, now))
-                    .collect();
-                st.execute(rusqlite::params_from_iter(values))?;
+                let next_id = series.len() as i64 + 1;
+                let id = *series
+                    .entry((shapes[agent].region_index, r.target.clone()))
+                    .or_insert(next_id);
+                let row = ResultRow::of(&r);
+                st.execute(rusqlite::params![
+                    id,
+                    agent as i64 + 1,
+                    row.seq,
+                    row.start_us,
+                    row.outcome,
+                    row.total_us,
+                    sys::now_us(),
+                    row.body,
+                ])?;
                 in_tx += 1;
                 rows += 1;
             }
@@ -324,92 +310,6 @@ fn current_thread_cpu() -> f64 {
         return 0.0;
     }
     ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
-}
-
-fn region_of(shapes: &[Shape], agent: &str) -> usize {
-    shapes
-        .iter()
-        .find(|s| s.agent_id == agent)
-        .map_or(0, |s| s.region_index % synth::REGIONS.len())
-}
-
-/// Columns the baseline knows how to fill like the collector's writer does.
-const KNOWN: &[&str] = &[
-    "agent_id",
-    "seq",
-    "region",
-    "target",
-    "endpoint",
-    "host",
-    "ip",
-    "port",
-    "family",
-    "check_name",
-    "start_us",
-    "outcome",
-    "error_class",
-    "phase",
-    "total_us",
-    "timings",
-    "facts",
-    "message",
-    "interval_ms",
-    "stored_at_us",
-];
-
-fn column_value(column: &str, r: &pb::ProbeResult, region: &str, at_us: i64) -> Value {
-    let e = r.endpoint.clone().unwrap_or_default();
-    let text = |s: &str| Value::Text(s.to_string());
-    match column {
-        "agent_id" => text(&r.agent_id),
-        "seq" => Value::Integer(r.seq as i64),
-        "region" => text(region),
-        "target" => text(&r.target),
-        "endpoint" => Value::Text(mxscope_proto::endpoint_label(&e)),
-        "host" => text(&e.host),
-        "ip" => text(&e.ip),
-        "port" => Value::Integer(i64::from(e.port)),
-        "family" => Value::Integer(i64::from(e.family)),
-        "check_name" => text(&r.check),
-        "start_us" => Value::Integer(r.start_us),
-        "outcome" => Value::Integer(i64::from(r.outcome)),
-        "error_class" => text(&r.error_class),
-        "phase" => text(&r.phase),
-        "total_us" => r
-            .timings
-            .iter()
-            .find(|t| t.phase == "total")
-            .map_or(Value::Null, |t| Value::Integer(t.micros as i64)),
-        "timings" => {
-            let t: Vec<(&str, u64)> = r
-                .timings
-                .iter()
-                .map(|t| (t.phase.as_str(), t.micros))
-                .collect();
-            Value::Text(serde_json::to_string(&t).unwrap_or_else(|_| "[]".into()))
-        }
-        "facts" => {
-            let f: Vec<(&str, serde_json::Value)> = r
-                .facts
-                .iter()
-                .map(|f| {
-                    let v = match &f.value {
-                        Some(pb::fact::Value::Text(s)) => serde_json::Value::from(s.as_str()),
-                        Some(pb::fact::Value::Int(i)) => serde_json::Value::from(*i),
-                        Some(pb::fact::Value::Float(x)) => serde_json::Value::from(*x),
-                        Some(pb::fact::Value::Flag(b)) => serde_json::Value::from(*b),
-                        None => serde_json::Value::Null,
-                    };
-                    (f.key.as_str(), v)
-                })
-                .collect();
-            Value::Text(serde_json::to_string(&f).unwrap_or_else(|_| "[]".into()))
-        }
-        "message" => text(&r.message),
-        "interval_ms" => Value::Integer(r.interval_ms as i64),
-        "stored_at_us" => Value::Integer(at_us),
-        _ => Value::Integer(0),
-    }
 }
 
 /// Samples the collector with `perf record` for `secs` and returns the top symbols, if perf works.

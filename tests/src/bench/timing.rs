@@ -298,14 +298,18 @@ fn read_connects(db: &Path) -> Result<Vec<f64>> {
     let conn =
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(Duration::from_secs(2))?;
-    let mut st =
-        conn.prepare("SELECT timings FROM results WHERE check_name = 'smtp' ORDER BY start_us")?;
-    let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+    let mut st = conn.prepare(
+        "SELECT r.body FROM results r JOIN series s ON s.id = r.series_id
+         WHERE s.check_name = 'smtp' ORDER BY r.start_us",
+    )?;
+    let rows = st.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
     let mut out = Vec::new();
-    for t in rows {
-        let timings: Vec<(String, u64)> = serde_json::from_str(&t?).unwrap_or_default();
-        if let Some((_, us)) = timings.iter().find(|(p, _)| p == "connect") {
-            out.push(*us as f64 / 1000.0);
+    for body in rows {
+        let Some(r) = mxscope_collector::store::row::decode_body(&body?) else {
+            continue;
+        };
+        if let Some(t) = r.timings.iter().find(|t| t.phase == "connect") {
+            out.push(t.micros as f64 / 1000.0);
         }
     }
     Ok(out)

@@ -1,0 +1,122 @@
+//! The stored form of one result: a few integer columns that queries filter and aggregate on, and
+//! the rest (phase timings, facts, error class, phase, message, interval) as one protobuf `body`
+//! blob, decoded only when a result is shown. The series (target, endpoint, check, region) and
+//! the agent are integer ids into `series` and `agents`.
+
+use mxscope_proto::pb;
+use prost::Message;
+
+/// The columns of a `results` row that do not depend on the database (no ids).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultRow {
+    pub seq: i64,
+    pub start_us: i64,
+    pub outcome: i32,
+    /// The `total` phase timing, if the result has one.
+    pub total_us: Option<i64>,
+    pub body: Vec<u8>,
+}
+
+impl ResultRow {
+    /// Encodes a result; fields kept elsewhere (agent, seq, target, endpoint, check, start,
+    /// outcome) are left out of the body.
+    pub fn of(r: &pb::ProbeResult) -> ResultRow {
+        let total_us = r
+            .timings
+            .iter()
+            .find(|t| t.phase == "total")
+            .map(|t| i64::try_from(t.micros).unwrap_or(i64::MAX));
+        ResultRow {
+            seq: i64::try_from(r.seq).unwrap_or(i64::MAX),
+            start_us: r.start_us,
+            outcome: r.outcome,
+            total_us,
+            body: encode_body(r),
+        }
+    }
+}
+
+/// The body: a `ProbeResult` holding only error class, phase, timings, facts, message and interval
+/// (field numbers as on the wire, so [`decode_body`] is plain protobuf decoding).
+pub fn encode_body(r: &pb::ProbeResult) -> Vec<u8> {
+    use prost::encoding::{message, string, uint64};
+    let mut out =
+        Vec::with_capacity(16 + r.message.len() + 16 * r.timings.len() + 24 * r.facts.len());
+    if !r.error_class.is_empty() {
+        string::encode(8, &r.error_class, &mut out);
+    }
+    if !r.phase.is_empty() {
+        string::encode(9, &r.phase, &mut out);
+    }
+    for t in &r.timings {
+        message::encode(10, t, &mut out);
+    }
+    for f in &r.facts {
+        message::encode(11, f, &mut out);
+    }
+    if !r.message.is_empty() {
+        string::encode(12, &r.message, &mut out);
+    }
+    if r.interval_ms != 0 {
+        uint64::encode(13, &r.interval_ms, &mut out);
+    }
+    out
+}
+
+/// Reads a body back; `None` when it is not valid protobuf.
+pub fn decode_body(b: &[u8]) -> Option<pb::ProbeResult> {
+    pb::ProbeResult::decode(b).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_round_trips_the_fields_it_keeps() {
+        let r = pb::ProbeResult {
+            agent_id: "a".into(),
+            seq: 7,
+            target: "example.test".into(),
+            check: "smtp".into(),
+            start_us: 5,
+            outcome: pb::Outcome::Fail as i32,
+            error_class: "timeout".into(),
+            phase: "banner".into(),
+            timings: vec![
+                pb::PhaseTiming {
+                    phase: "connect".into(),
+                    micros: 1200,
+                },
+                pb::PhaseTiming {
+                    phase: "total".into(),
+                    micros: 10_000_000,
+                },
+            ],
+            facts: vec![pb::Fact {
+                key: "tls_version".into(),
+                value: Some(pb::fact::Value::Text("TLSv1.3".into())),
+            }],
+            message: "no banner within 10s".into(),
+            interval_ms: 60_000,
+            ..Default::default()
+        };
+        let row = ResultRow::of(&r);
+        assert_eq!(row.total_us, Some(10_000_000));
+        assert_eq!((row.seq, row.start_us), (7, 5));
+        let back = decode_body(&row.body).expect("decodes");
+        assert_eq!(
+            back,
+            pb::ProbeResult {
+                agent_id: String::new(),
+                seq: 0,
+                target: String::new(),
+                check: String::new(),
+                start_us: 0,
+                outcome: 0,
+                ..r
+            }
+        );
+        assert_eq!(decode_body(&[0xff, 0xff]), None);
+    }
+}
