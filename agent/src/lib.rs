@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Target};
 use crate::probe::{HostLimits, ProbeContext, Resolve};
 use crate::schedule::{LiveProber, Prober, Scheduler};
 use crate::spool::{Spool, SpoolError, SpoolHandle, SpoolOptions};
@@ -65,7 +65,7 @@ pub async fn run(
 /// finish (grace: the longest probe timeout plus a margin) and are spooled, then the uplink tries for
 /// [`DRAIN`] to get the rest acked. An unreachable collector is never fatal.
 pub async fn run_with(
-    config: AgentConfig,
+    mut config: AgentConfig,
     prober: Arc<dyn Prober>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
@@ -90,8 +90,9 @@ pub async fn run_with(
     let probes_stop = shutdown.child_token();
     let uplink_stop = CancellationToken::new();
 
-    let grace = config
-        .targets
+    // One copy of the local targets, shared by the scheduler and the uplink's Hello.
+    let targets: Arc<[Target]> = std::mem::take(&mut config.targets).into();
+    let grace = targets
         .iter()
         .map(|t| t.timeout)
         .max()
@@ -100,7 +101,7 @@ pub async fn run_with(
     let scheduler = Scheduler {
         agent_id: config.id.clone(),
         region: config.region.clone(),
-        local: config.targets.clone(),
+        local: targets.clone(),
         central: schedule_rx,
         prober,
         sink: Arc::new(spool.clone()),
@@ -115,7 +116,7 @@ pub async fn run_with(
             agent_id: config.id.clone(),
             region: config.region.clone(),
             labels: config.labels.clone(),
-            local_targets: config.targets.iter().map(|t| t.to_local_spec()).collect(),
+            local_targets: targets,
             tls: config.collector_tls.clone(),
         },
         spool: spool.clone(),

@@ -124,7 +124,8 @@ pub fn desired_jobs(
 pub struct Scheduler {
     pub agent_id: String,
     pub region: String,
-    pub local: Vec<Target>,
+    /// The local targets (shared with the uplink, which lists them in Hello).
+    pub local: Arc<[Target]>,
     /// Latest central schedule (`None` until the collector sent one).
     pub central: watch::Receiver<Option<pb::Schedule>>,
     pub prober: Arc<dyn Prober>,
@@ -531,7 +532,7 @@ mod tests {
         Scheduler {
             agent_id: "eu-1".into(),
             region: "eu-west".into(),
-            local,
+            local: local.into(),
             central,
             prober,
             sink,

@@ -6,6 +6,7 @@
 //! per result.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mxscope_proto::pb;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
+use crate::config::Target;
 use crate::spool::{SpoolError, SpoolHandle};
 
 /// Results per batch.
@@ -60,7 +62,8 @@ pub struct Identity {
     pub agent_id: String,
     pub region: String,
     pub labels: BTreeMap<String, String>,
-    pub local_targets: Vec<pb::TargetSpec>,
+    /// The local targets, sent as `source = "local"` specs (built per Hello, not kept).
+    pub local_targets: Arc<[Target]>,
     /// mTLS to an `https://` collector.
     pub tls: Option<crate::trust::CollectorTls>,
 }
@@ -190,7 +193,12 @@ impl Uplink {
                 highest_seq: self.spool.highest_seq(),
                 labels: self.identity.labels.clone().into_iter().collect(),
                 dropped_total: self.spool.dropped_total(),
-                local_targets: self.identity.local_targets.clone(),
+                local_targets: self
+                    .identity
+                    .local_targets
+                    .iter()
+                    .map(Target::to_local_spec)
+                    .collect(),
             })),
         }
     }

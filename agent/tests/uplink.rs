@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mxscope_agent::config::{AgentConfig, LogFormat, Target};
+use mxscope_agent::config::{parse_targets, AgentConfig, LogFormat, Target};
 use mxscope_agent::probe::{CheckOptions, CheckSpec, TargetKind};
 use mxscope_agent::schedule::Prober;
 use mxscope_agent::spool::{Spool, SpoolHandle};
@@ -178,11 +178,12 @@ fn uplink(
             labels: [("net".to_string(), "dsl".to_string())]
                 .into_iter()
                 .collect(),
-            local_targets: vec![pb::TargetSpec {
-                name: "a.example".into(),
-                source: "local".into(),
-                ..Default::default()
-            }],
+            local_targets: parse_targets(
+                "targets.toml",
+                "[[target]]\nname = \"a.example\"\nchecks = [\"smtp\"]\nports = { smtp = 2525 }\n",
+            )
+            .unwrap()
+            .into(),
             tls: None,
         },
         spool: spool.clone(),
@@ -229,7 +230,14 @@ async fn streams_spool_in_order_and_acks_trim_it() {
         assert_eq!(hello.highest_seq, 1234);
         assert_eq!(hello.version, env!("CARGO_PKG_VERSION"));
         assert_eq!(hello.labels.get("net").map(String::as_str), Some("dsl"));
-        assert_eq!(hello.local_targets[0].source, "local");
+        assert_eq!(hello.local_targets.len(), 1);
+        let local = &hello.local_targets[0];
+        assert_eq!(
+            (local.name.as_str(), local.source.as_str()),
+            ("a.example", "local")
+        );
+        assert_eq!(local.checks, vec!["smtp"]);
+        assert_eq!(local.ports.get("smtp"), Some(&2525));
         assert_eq!(seen.stored[&7].agent_id, "eu-1");
     }
     // New results flow on the same session.
