@@ -11,6 +11,11 @@ use mxscope_collector::limits::{parse_rate, Limits};
 use mxscope_collector::{check_plaintext, run, Config, TlsFiles};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc: per-thread free lists, so the ingest tasks, the writer and its dropper thread
+/// allocate and free without contending on glibc's arenas.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,

@@ -443,9 +443,9 @@ fn sizes(ctx: &Ctx) -> Sizes {
     } else {
         Sizes {
             streams: vec![4, 8, 16],
-            short_rows: 1_000_000,
-            long_rows: 10_000_000,
-            segment: 1_000_000,
+            short_rows: ctx.rows.map_or(1_000_000, |n| n / 10),
+            long_rows: ctx.rows.unwrap_or(10_000_000),
+            segment: ctx.rows.map_or(1_000_000, |n| n / 10),
         }
     }
 }

@@ -42,13 +42,17 @@ pub struct Ctx {
     pub dir: PathBuf,
     /// Repository root (for `deploy/lab/lab`).
     pub repo: PathBuf,
+    /// `--rows N`: rows of the long ingest run and of the query database instead of 10,000,000
+    /// (and a tenth of it for the stream-count runs); for quick comparisons, not for the report.
+    pub rows: Option<u64>,
 }
 
 impl Ctx {
     /// The command that reproduces one benchmark.
     pub fn command(&self, name: &str) -> String {
+        let rows = self.rows.map(|n| format!(" --rows {n}")).unwrap_or_default();
         format!(
-            "cargo build --release --workspace && cargo run --release -p mxscope-tests --bin mxscope-bench --{} --only {name}",
+            "cargo build --release --workspace && cargo run --release -p mxscope-tests --bin mxscope-bench --{}{rows} --only {name}",
             self.mode.flag()
         )
     }

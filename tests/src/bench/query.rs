@@ -76,7 +76,7 @@ async fn run_inner(ctx: &Ctx, fleet_db: Option<PathBuf>, s: &mut Section) -> Res
     let rows = if ctx.mode.is_smoke() {
         20_000
     } else {
-        10_000_000
+        ctx.rows.unwrap_or(10_000_000)
     };
     let db = match fleet_db {
         Some(db) => {

@@ -19,6 +19,7 @@ struct Args {
     mode: Mode,
     only: Option<String>,
     out: PathBuf,
+    rows: Option<u64>,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args> {
@@ -26,6 +27,7 @@ fn parse_args(argv: &[String]) -> Result<Args> {
         mode: Mode::Full,
         only: None,
         out: PathBuf::from("BENCHMARKS.md"),
+        rows: None,
     };
     let mut it = argv.iter();
     while let Some(a) = it.next() {
@@ -38,10 +40,14 @@ fn parse_args(argv: &[String]) -> Result<Args> {
                 }
                 args.only = Some(name.clone());
             }
+            "--rows" => {
+                let n = it.next().context("--rows needs a number")?;
+                args.rows = Some(n.parse().with_context(|| format!("--rows {n}: not a number"))?);
+            }
             "--out" => args.out = PathBuf::from(it.next().context("--out needs a file")?),
             "-h" | "--help" => {
                 println!(
-                    "usage: mxscope-bench [--smoke] [--only {}] [--out BENCHMARKS.md]\n\
+                    "usage: mxscope-bench [--smoke] [--rows N] [--only {}] [--out BENCHMARKS.md]\n\
                      Build the release binaries first: cargo build --release --workspace",
                     NAMES.join("|")
                 );
@@ -127,6 +133,7 @@ async fn run(args: Args) -> Result<()> {
         mode: args.mode,
         dir: scratch.path().to_path_buf(),
         repo: repo.clone(),
+        rows: args.rows,
     };
     let wanted = |name: &str| args.only.as_deref().is_none_or(|o| o == name);
     let mut report = Report::new(args.mode, &git_commit(&repo));
