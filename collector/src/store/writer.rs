@@ -164,7 +164,7 @@ type LevelKey = (Level, i64, i64);
 
 /// A batch's rollup aggregate before series ids are known: level, bucket, index into
 /// [`Prepared::series`], the aggregate and its encoded sketches.
-type Pending = (Level, i64, u32, Agg, Vec<u8>);
+type Pending = (Level, i64, u32, Agg, Option<Vec<u8>>);
 
 /// The per-result work on a batch of results that needs no database: row encoding (store::row),
 /// the batch's distinct series, and its aggregate at every rollup level. Built by
@@ -223,7 +223,9 @@ impl Prepared {
         let levels = levels
             .into_iter()
             .map(|((level, bucket, k), a)| {
-                let bytes = a.sketches_to_bytes();
+                // Hour rows are usually new and inserted as they are; day and week rows usually
+                // exist and are merged and encoded by the writer, so encoding them here is waste.
+                let bytes = (level == Level::Hour).then(|| a.sketches_to_bytes());
                 (level, bucket, k, a, bytes)
             })
             .collect();
@@ -992,7 +994,7 @@ fn store_results(
     if all_new {
         for (level, bucket, k, a, bytes) in levels {
             ctx.req
-                .add_rollup((level, bucket, ids[k as usize]), a, Some(bytes));
+                .add_rollup((level, bucket, ids[k as usize]), a, bytes);
         }
     }
     let mut insert = tx.prepare_cached(
