@@ -8,12 +8,14 @@ pub const ALPHA: f64 = 0.01;
 const MIN_VALUE: f64 = 1.0;
 const MAGIC: u8 = 0xD1;
 
+use smallvec::SmallVec;
+
 /// A DDSketch over non-negative values (microseconds).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sketch {
     /// (bin index, count), ascending by index: a rollup row holds a few bins, so a sorted vector
-    /// is one allocation where a tree map was one per node.
-    bins: Vec<(i32, u64)>,
+    /// (inline up to two bins: one result's sketch allocates nothing) beats a tree map.
+    bins: SmallVec<[(i32, u64); 2]>,
     zero: u64,
     count: u64,
     min: f64,
@@ -23,7 +25,7 @@ pub struct Sketch {
 impl Default for Sketch {
     fn default() -> Self {
         Sketch {
-            bins: Vec::new(),
+            bins: SmallVec::new(),
             zero: 0,
             count: 0,
             min: f64::INFINITY,
@@ -92,7 +94,7 @@ impl Sketch {
                 self.add_bin(i, c);
             }
         } else {
-            let mut out = Vec::with_capacity(self.bins.len() + other.bins.len());
+            let mut out = SmallVec::with_capacity(self.bins.len() + other.bins.len());
             let (x, y) = (&self.bins, &other.bins);
             let (mut i, mut j) = (0, 0);
             while i < x.len() && j < y.len() {
@@ -182,7 +184,7 @@ impl Sketch {
         let max = f64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
         b = &b[16..];
         let n = get_varint(&mut b)?;
-        let mut bins = Vec::with_capacity(usize::try_from(n.min(64)).ok()?);
+        let mut bins = SmallVec::with_capacity(usize::try_from(n.min(64)).ok()?);
         let mut count = zero;
         let mut prev = 0i64;
         for k in 0..n {
