@@ -6,7 +6,13 @@
 pub const ALPHA: f64 = 0.01;
 /// Values below this (microseconds) are counted in the zero bucket.
 const MIN_VALUE: f64 = 1.0;
+/// Format 1: min and max as f64 (any value).
 const MAGIC: u8 = 0xD1;
+/// Format 2: min and max as varints, written when both are whole numbers below 2^53 (latencies
+/// in microseconds always are); 14 bytes shorter per sketch.
+const MAGIC_INT: u8 = 0xD2;
+/// Largest integer an f64 holds exactly.
+const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
 
 use smallvec::SmallVec;
 
@@ -159,10 +165,19 @@ impl Sketch {
     /// Appends [`Sketch::to_bytes`] to `out`.
     pub fn write_to(&self, out: &mut Vec<u8>) {
         let out = &mut *out;
-        out.push(MAGIC);
-        put_varint(out, self.zero);
-        out.extend_from_slice(&(if self.count == 0 { 0.0 } else { self.min }).to_le_bytes());
-        out.extend_from_slice(&self.max.to_le_bytes());
+        let min = if self.count == 0 { 0.0 } else { self.min };
+        let whole = |v: f64| v.fract() == 0.0 && (0.0..MAX_EXACT).contains(&v);
+        if whole(min) && whole(self.max) {
+            out.push(MAGIC_INT);
+            put_varint(out, self.zero);
+            put_varint(out, min as u64);
+            put_varint(out, self.max as u64);
+        } else {
+            out.push(MAGIC);
+            put_varint(out, self.zero);
+            out.extend_from_slice(&min.to_le_bytes());
+            out.extend_from_slice(&self.max.to_le_bytes());
+        }
         put_varint(out, self.bins.len() as u64);
         let mut prev = 0i64;
         for (i, c) in &self.bins {
@@ -175,14 +190,19 @@ impl Sketch {
 
     /// Reads [`Sketch::to_bytes`]; `None` for anything malformed (never panics).
     pub fn from_bytes(mut b: &[u8]) -> Option<Sketch> {
-        if b.first() != Some(&MAGIC) {
-            return None;
-        }
-        b = &b[1..];
+        let (&magic, rest) = b.split_first()?;
+        b = rest;
         let zero = get_varint(&mut b)?;
-        let min = f64::from_le_bytes(b.get(..8)?.try_into().ok()?);
-        let max = f64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
-        b = &b[16..];
+        let (min, max) = match magic {
+            MAGIC => {
+                let min = f64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+                let max = f64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
+                b = &b[16..];
+                (min, max)
+            }
+            MAGIC_INT => (get_varint(&mut b)? as f64, get_varint(&mut b)? as f64),
+            _ => return None,
+        };
         let n = get_varint(&mut b)?;
         let mut bins = SmallVec::with_capacity(usize::try_from(n.min(64)).ok()?);
         let mut count = zero;
@@ -316,6 +336,22 @@ mod tests {
             assert_eq!(Sketch::from_bytes(&b[..cut]), None, "truncated at {cut}");
         }
         assert_eq!(Sketch::from_bytes(&[0xD1, 0xff, 0xff]), None);
+        // Whole microseconds take the short form; both forms read back.
+        let mut whole = Sketch::new();
+        [3.0, 1500.0, 2_000_000.0]
+            .iter()
+            .for_each(|x| whole.add(*x));
+        let short = whole.to_bytes();
+        assert_eq!(short[0], MAGIC_INT);
+        assert_eq!(Sketch::from_bytes(&short), Some(whole.clone()));
+        for cut in 0..short.len() {
+            assert_eq!(
+                Sketch::from_bytes(&short[..cut]),
+                None,
+                "truncated at {cut}"
+            );
+        }
+        assert_eq!(b[0], MAGIC, "0.5 is not whole");
     }
 
     #[test]

@@ -74,31 +74,40 @@ pub fn plan(since_us: i64, now_us: i64) -> Option<(Level, i64)> {
 pub type PhaseName = Cow<'static, str>;
 
 /// Phase names the probes report (`mxscope_proto::Phase`, plus `ehlo_tls`), shared instead of
-/// copied per aggregate.
+/// copied per aggregate. A name's position + 1 is its code in rollup blobs (format 2), so this
+/// list is append-only: never reorder or remove a name.
 const KNOWN_PHASES: &[&str] = &[
-    "auth",
-    "banner",
-    "capability",
-    "connect",
-    "delivery",
-    "echo",
-    "ehlo",
-    "ehlo_tls",
-    "greeting",
-    "mail",
-    "quit",
-    "rcpt",
     "resolve",
+    "connect",
+    "banner",
+    "greeting",
+    "ehlo",
+    "capability",
     "starttls",
     "tls",
+    "auth",
+    "mail",
+    "rcpt",
+    "quit",
+    "echo",
+    "delivery",
     "total",
+    "ehlo_tls",
 ];
+
+/// Code of a known phase in format-2 blobs (0: not known, the name follows).
+fn phase_code(name: &str) -> u8 {
+    KNOWN_PHASES
+        .iter()
+        .position(|p| *p == name)
+        .map_or(0, |i| i as u8 + 1)
+}
 
 /// `name` as a [`PhaseName`], borrowed when it is a known phase.
 pub fn phase_name(name: &str) -> PhaseName {
-    match KNOWN_PHASES.binary_search(&name) {
-        Ok(i) => Cow::Borrowed(KNOWN_PHASES[i]),
-        Err(_) => Cow::Owned(name.to_string()),
+    match phase_code(name) {
+        0 => Cow::Owned(name.to_string()),
+        c => Cow::Borrowed(KNOWN_PHASES[usize::from(c) - 1]),
     }
 }
 
@@ -166,15 +175,21 @@ impl Agg {
         (self.count > 0).then(|| (self.ok + self.warn) as f64 / self.count as f64)
     }
 
-    /// Sketches as one blob: version byte, phase count, then (name, sketch) with varint lengths.
+    /// Sketches as one blob: format byte (2), phase count, then per phase its code (a known
+    /// phase) or 0 and the name with a varint length, and the sketch with a varint length.
+    /// Format 1 (names always spelled out) is still read.
     pub fn sketches_to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + 40 * self.phases.len());
-        out.push(1u8);
+        let mut out = Vec::with_capacity(4 + 24 * self.phases.len());
+        out.push(2u8);
         put_varint(&mut out, self.phases.len() as u64);
         let mut sketch = Vec::with_capacity(64);
         for (name, s) in &self.phases {
-            put_varint(&mut out, name.len() as u64);
-            out.extend_from_slice(name.as_bytes());
+            let code = phase_code(name);
+            out.push(code);
+            if code == 0 {
+                put_varint(&mut out, name.len() as u64);
+                out.extend_from_slice(name.as_bytes());
+            }
             sketch.clear();
             s.write_to(&mut sketch);
             put_varint(&mut out, sketch.len() as u64);
@@ -189,16 +204,29 @@ impl Agg {
         mut b: &[u8],
         wanted: Option<&str>,
     ) -> Option<BTreeMap<PhaseName, Sketch>> {
-        if b.first() != Some(&1) {
+        let (&format, rest) = b.split_first()?;
+        if format != 1 && format != 2 {
             return None;
         }
-        b = &b[1..];
+        b = rest;
         let n = get_varint(&mut b)?;
         let mut out = BTreeMap::new();
         for _ in 0..n {
-            let len = usize::try_from(get_varint(&mut b)?).ok()?;
-            let name = std::str::from_utf8(b.get(..len)?).ok()?;
-            b = &b[len..];
+            let code = if format == 2 {
+                let (&c, rest) = b.split_first()?;
+                b = rest;
+                c
+            } else {
+                0
+            };
+            let name = if code == 0 {
+                let len = usize::try_from(get_varint(&mut b)?).ok()?;
+                let name = std::str::from_utf8(b.get(..len)?).ok()?;
+                b = &b[len..];
+                name
+            } else {
+                KNOWN_PHASES.get(usize::from(code) - 1)?
+            };
             let len = usize::try_from(get_varint(&mut b)?).ok()?;
             let sk = b.get(..len)?;
             b = &b[len..];
@@ -258,9 +286,40 @@ mod tests {
 
     #[test]
     fn known_phases_are_sorted_and_borrowed() {
-        assert!(KNOWN_PHASES.windows(2).all(|w| w[0] < w[1]));
+        assert!(KNOWN_PHASES.len() < 255);
         assert!(matches!(phase_name("total"), Cow::Borrowed("total")));
         assert!(matches!(phase_name("x-custom"), Cow::Owned(ref s) if s == "x-custom"));
+    }
+
+    #[test]
+    fn format_1_blobs_still_read() {
+        let mut s = Sketch::new();
+        s.add(1500.0);
+        let sk = s.to_bytes();
+        let mut v1 = vec![1u8, 2];
+        for name in ["total", "x-custom"] {
+            v1.push(name.len() as u8);
+            v1.extend_from_slice(name.as_bytes());
+            v1.push(sk.len() as u8);
+            v1.extend_from_slice(&sk);
+        }
+        let phases = Agg::sketches_from_bytes(&v1, None).unwrap();
+        assert_eq!(phases["total"], s);
+        assert_eq!(phases["x-custom"], s);
+        // Written back as format 2: a known phase is one byte, an unknown one spelled out.
+        let a = Agg {
+            phases,
+            ..Default::default()
+        };
+        let v2 = a.sketches_to_bytes();
+        assert_eq!(v2[0], 2);
+        assert!(v2.len() < v1.len());
+        assert_eq!(Agg::sketches_from_bytes(&v2, None), Some(a.phases.clone()));
+        assert_eq!(
+            Agg::sketches_from_bytes(&[2, 1, 200, 0], None),
+            None,
+            "unknown code"
+        );
     }
 
     #[test]
