@@ -6,7 +6,7 @@
 //! - `mxscope_probe_success{target,check,region}`: 1 when the series' hysteresis state is ok on
 //!   every endpoint, 0 when one is failing; absent while all its endpoints are stale.
 //! - `mxscope_probe_duration_seconds{target,check,region,quantile}`: p50 and p95 of the `total`
-//!   phase over the last 5 minutes (minute rollups, 1% relative error).
+//!   phase over the last 5 minutes (from the raw results, 1% relative error).
 //! - `mxscope_agent_up{agent,region}` (0 once silent past `--stale-after`),
 //!   `mxscope_agent_last_seen_seconds{agent,region}` (Unix time).
 //! - `mxscope_ingest_results_stored_total`, `mxscope_ingest_duplicates_total`,

@@ -81,10 +81,10 @@ struct Args {
     /// Failing regions that make a (target, check) `down`: `majority` (of regions with fresh data) or a number.
     #[arg(long, env = "MXSCOPE_QUORUM", default_value = "majority")]
     quorum: mxscope_collector::analysis::scope::Quorum,
-    /// How long raw results (and minute rollups) are kept.
+    /// How long raw results are kept.
     #[arg(long, env = "MXSCOPE_RETENTION", default_value = "14d", value_parser = humantime::parse_duration)]
     retention: Duration,
-    /// How long hour and day rollups are kept.
+    /// How long hour, day and week rollups are kept.
     #[arg(long, env = "MXSCOPE_ROLLUP_RETENTION", default_value = "400d", value_parser = humantime::parse_duration)]
     rollup_retention: Duration,
     /// Address to serve Prometheus metrics on (`/metrics`); `off` to disable.

@@ -1,5 +1,5 @@
 //! A mergeable latency sketch (DDSketch, Masson et al., VLDB 2019) with 1% relative accuracy.
-//! Merging two sketches is adding bucket counts, so per-minute rollups merge into any window exactly
+//! Merging two sketches is adding bucket counts, so hourly rollups merge into any window exactly
 //! as if all values had been added to one sketch; a quantile is within 1% of a true sample value.
 
 /// Relative accuracy: every quantile estimate q̂ of a true value q satisfies |q̂ - q| <= ALPHA * q.

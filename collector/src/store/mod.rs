@@ -87,9 +87,9 @@ pub struct StoreOptions {
     pub readers: usize,
     /// Consecutive failures / successes that flip a series' state (`--fail-after`, `--recover-after`).
     pub policy: Policy,
-    /// Raw results (and minute rollups) older than this are deleted (`--retention`).
+    /// Raw results older than this are deleted (`--retention`).
     pub retention: Duration,
-    /// Hour and day rollups older than this are deleted (`--rollup-retention`).
+    /// Rollups older than this are deleted (`--rollup-retention`).
     pub rollup_retention: Duration,
     /// Most rows per table one prune round deletes (small, so ingest never waits long).
     pub prune_batch: usize,

@@ -561,11 +561,11 @@ async fn run_inner(ctx: &Ctx, s: &mut Section) -> Result<PathBuf> {
     let worst_seg = long.segments.iter().copied().fold(f64::INFINITY, f64::min);
     let ratio = long.rate() / raw.rate();
     s.line(format!(
-        "Synthetic `smtp` results (7 phase timings, 3 facts, ~350 bytes as stored) for {TARGETS} targets, timestamps spread over the last 30 days, sent by agent streams over plain gRPC to the release `mxscope-collector` on 127.0.0.1 in batches of {BATCH} with {WINDOW} batches in flight per stream; a result counts once its ack (sent after COMMIT) arrived. Collector limit flags passed: {}.",
+        "Synthetic `smtp` results (8 phase timings, 3 facts; ≈ 100 bytes of row plus its time-index entry as stored, and an hour, a day and a week rollup row to maintain) for {TARGETS} targets, timestamps spread over the last 30 days, sent by agent streams over plain gRPC to the release `mxscope-collector` on 127.0.0.1 in batches of {BATCH} with {WINDOW} batches in flight per stream; a result counts once its ack (sent after COMMIT) arrived. Collector limit flags passed: {}.",
         if flag_list.is_empty() { "none — the collector has no per-agent rate or timestamp-age flag yet (looked for --max-rate, --max-age and similar in --help)".to_string() } else { flag_list.join(", ") }
     ));
     s.line("");
-    s.line(format!("Raw limit: one rusqlite connection (WAL, synchronous=NORMAL), one prepared INSERT into `results` of the collector's own schema (its migrations, so the same indexes), {RAW_TX_ROWS} rows per transaction, same rows in the same interleaving; no series upsert, no high-water mark, no gRPC."));
+    s.line(format!("Raw limit: one rusqlite connection (WAL, synchronous=NORMAL, the collector's page cache), one prepared INSERT into `results` of the collector's own schema (its migrations, so the same index and page size), {RAW_TX_ROWS} rows per transaction, each row encoded by the collector's own `ResultRow::of`, same rows in the same interleaving; no rollups, no series state, no high-water mark, no gRPC. The loop also generates the synthetic results, as the collector's benchmark agents do, so the raw figure is a slight underestimate of SQLite alone."));
     s.line("");
     s.table(
         &[

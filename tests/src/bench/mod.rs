@@ -50,7 +50,10 @@ pub struct Ctx {
 impl Ctx {
     /// The command that reproduces one benchmark.
     pub fn command(&self, name: &str) -> String {
-        let rows = self.rows.map(|n| format!(" --rows {n}")).unwrap_or_default();
+        let rows = self
+            .rows
+            .map(|n| format!(" --rows {n}"))
+            .unwrap_or_default();
         format!(
             "cargo build --release --workspace && cargo run --release -p mxscope-tests --bin mxscope-bench --{}{rows} --only {name}",
             self.mode.flag()
@@ -85,24 +88,17 @@ pub fn proposals(report: &report::Report) -> Vec<String> {
 /// recorded in BENCHMARKS.md (collector: `perf record` during the 10M-row load, quoted in section
 /// 1; agent: `perf record -p` of the agent during section 4's windows).
 const PROPOSALS: &[(&str, &str)] = &[
-    ("ingest", "the collector is bound by its single writer thread (≈ 98 % of its samples, ≈ 1 core busy while the second idles). \
-        (1) Move per-result work off the writer: `Row::of` (timings/facts JSON, endpoint label), the `SeriesKey` of four owned Strings and the \
-        minute-rollup `Agg::add` can run in the session task per batch on the tokio workers, leaving the writer to bind and step; allocator + \
-        SipHash + sketch work was ≈ 33 % of writer time, so up to ≈ 1.5×. \
-        (2) `PRAGMA cache_size=-131072` (128 MiB) and `mmap_size` on the write connection: ≈ 11 % of writer time was `pread` of pages the \
-        default 2 MiB page cache had dropped. \
-        (3) Intern series as an INTEGER id (one small `series` lookup table) and store `series_id` in `results` instead of target, endpoint, \
-        host, ip, port, family, check_name and region text: rows shrink from ≈ 350 to ≈ 150 bytes, so the WAL writes (≈ 21 %) and the \
-        (series_id, start_us) index shrink with them; replace SipHash with FxHash/ahash for in-writer maps (≈ 5 %). \
-        (4) Minute rollups do not compress 60 s probes (one result per series-minute, so minute rows ≈ result rows) and doubled the row \
-        writes; start rollups at the hour (raw rows, kept 14 days, serve sub-hour windows). \
-        (5) Even the raw limit with today's results index falls from ≈ 100k to ≈ 70k rows/s by 10M rows, below the 100k target on its own: \
-        cluster `results` on (series_id, start_us) WITHOUT ROWID or drop the secondary index and read per-series history from rollups."),
-    ("query", "(query path not profiled in this run) a 30-day `status` or `matrix` over 10,000 series reads at least 300k day rollup rows \
-        (7.2M if hour rows) and decodes sketches; 1 s for 300k rows is ≈ 3.5 µs per row, so row count, not per-row cost, is what to cut. To fit 100 ms the query must read ≤ ≈ 30k rows: keep one running 30-day summary row \
-        per series (counts plus one merged `total` sketch), rebuilt once per day from day rollups and topped up from today's hour rows; \
-        `matrix` then reads 10,000 rows and decodes one sketch per cell. A response cache keyed by (check, metric, window) and invalidated \
-        by the writer's commit counter helps dashboards that poll."),
+    ("ingest", "the store was rebuilt for ingest (integer series ids, ≈ 100-byte result rows on one index that starts with \
+        the probe's time, so inserts append; no minute rollups; compact rollup blobs; 16 KiB pages; per-result work in the ingest \
+        tasks; frees on a dropper thread; mimalloc), which took it from ≈ 16k to ≈ 90–100k results/s on this 2-core machine. \
+        What is left is CPU: ≈ 13–14 µs per result over the whole collector (the writer thread ≈ 7 µs of it: the result's row \
+        and index entry, an hour rollup row, a share of the day/week rollup and series rows, and the sketch merges for them; \
+        the ingest tasks ≈ 5 µs: gRPC decoding, row encoding and the batch's rollup aggregates). The raw limit inserts only \
+        the result row (≈ 2.4 µs), so 0.5 of it would leave under 3 µs for the rollups, the series state and gRPC: not reachable \
+        while every result is rolled up at ingest. Next steps: keep the current day/week rollup rows decoded in the writer \
+        (no read and decode per batch), bind blobs without SQLite's copy, and share the agent id per batch."),
+    ("query", "the 30-day queries read week rollup rows keyed by (level, bucket, series id): ≈ 55k rows for 10,000 series. If \
+        they creep over 100 ms, keep one running 30-day summary per series, or cache answers keyed by the writer's commit count."),
     ("agent-cost", "about a third of the agent's CPU is its spool, not probing: at 33 probes/s the uplink sends a batch as soon as one result \
         is spooled, each ack rewrites the state file (create tmp, write, fsync, rename, fsync dir: 2 fsyncs and a new inode per ack) and \
         each append fsyncs on its own. The acked seq need not be durable (the collector dedupes by its high-water mark and says \
