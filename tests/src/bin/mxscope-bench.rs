@@ -42,7 +42,10 @@ fn parse_args(argv: &[String]) -> Result<Args> {
             }
             "--rows" => {
                 let n = it.next().context("--rows needs a number")?;
-                args.rows = Some(n.parse().with_context(|| format!("--rows {n}: not a number"))?);
+                args.rows = Some(
+                    n.parse()
+                        .with_context(|| format!("--rows {n}: not a number"))?,
+                );
             }
             "--out" => args.out = PathBuf::from(it.next().context("--out needs a file")?),
             "-h" | "--help" => {
