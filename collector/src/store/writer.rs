@@ -187,10 +187,12 @@ impl Prepared {
         // The label is a function of host, ip and port: with target and check they name the
         // series (the region is the batch's), so the label is made once per series, not per result.
         type Ident<'a> = (&'a str, &'a str, &'a str, &'a str, u32);
-        let mut index: FxMap<Ident<'_>, u32> = FxMap::default();
+        let mut index: FxMap<Ident<'_>, u32> =
+            FxMap::with_capacity_and_hasher(results.len(), Default::default());
         let mut series: Vec<(SeriesKey, EndpointParts)> = Vec::new();
         let mut rows = Vec::with_capacity(results.len());
-        let mut levels: FxMap<(Level, i64, u32), Agg> = FxMap::default();
+        let mut levels: FxMap<(Level, i64, u32), Agg> =
+            FxMap::with_capacity_and_hasher(3 * results.len(), Default::default());
         for r in results {
             let e = r.endpoint.as_ref();
             let ident = (
@@ -296,7 +298,7 @@ struct SeriesMem {
 /// The text of a series' latest result.
 #[derive(Debug, Default)]
 struct Latest {
-    agent_id: String,
+    agent_id: Arc<str>,
     error: String,
     message: String,
     phase: String,
@@ -671,7 +673,7 @@ fn load_series(tx: &Connection, id: i64) -> Result<Option<SeriesMem>, StoreError
                     latest: Arc::new(Latest {
                         error: r.get(1)?,
                         message: r.get(2)?,
-                        agent_id: r.get(8)?,
+                        agent_id: Arc::from(r.get::<_, String>(8)?),
                         phase: r.get(9)?,
                         facts: Vec::new(),
                     }),
@@ -708,7 +710,7 @@ fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
             i64::from(s.hyst.failing),
             i64::from(s.hyst.streak),
             s.state_since_us,
-            s.latest.agent_id,
+            &*s.latest.agent_id,
             s.latest.phase,
             super::read::facts_to_json(&s.latest.facts),
         ])?;
@@ -971,6 +973,8 @@ fn store_results(
     let Some((mut hwm, agent_num)) = agent else {
         return Err(StoreError::UnknownAgent(agent_id.to_string()));
     };
+    // One copy of the agent's id for every series this batch updates.
+    let agent: Arc<str> = Arc::from(agent_id);
     let policy = ctx.policy;
     let Prepared {
         series,
@@ -1051,7 +1055,7 @@ fn store_results(
             let old = std::mem::replace(
                 &mut s.latest,
                 Arc::new(Latest {
-                    agent_id: agent_id.to_string(),
+                    agent_id: agent.clone(),
                     error: std::mem::take(&mut r.error_class),
                     message: std::mem::take(&mut r.message),
                     phase: std::mem::take(&mut r.phase),
