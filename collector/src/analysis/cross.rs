@@ -223,30 +223,12 @@ pub fn matrix(
     }
 }
 
-/// Order phases are listed in: as a probe walks them.
-const PHASE_ORDER: &[&str] = &[
-    "resolve",
-    "connect",
-    "banner",
-    "greeting",
-    "ehlo",
-    "capability",
-    "starttls",
-    "tls",
-    "auth",
-    "mail",
-    "rcpt",
-    "quit",
-    "echo",
-    "delivery",
-    "total",
-];
-
+/// Where a phase is listed: as a probe walks them (the order of `Phase`), unknown names last.
 fn phase_rank(p: &str) -> usize {
-    PHASE_ORDER
+    mxscope_proto::Phase::ALL
         .iter()
-        .position(|x| *x == p)
-        .unwrap_or(PHASE_ORDER.len())
+        .position(|x| x.name() == p)
+        .unwrap_or(mxscope_proto::Phase::ALL.len())
 }
 
 /// Latency per (check, phase, region) of one target's rollups, merged over endpoints; `phase`

@@ -73,9 +73,9 @@ pub fn plan(since_us: i64, now_us: i64) -> Option<(Level, i64)> {
 /// allocates no string.
 pub type PhaseName = Cow<'static, str>;
 
-/// Phase names the probes report (`mxscope_proto::Phase`, plus `ehlo_tls`), shared instead of
-/// copied per aggregate. A name's position + 1 is its code in rollup blobs (format 2), so this
-/// list is append-only: never reorder or remove a name.
+/// Phase names the probes report (`mxscope_proto::Phase` when this was written), shared instead
+/// of copied per aggregate. A name's position + 1 is its code in rollup blobs (format 2), so this
+/// list is the storage format's own and append-only: never reorder or remove a name.
 const KNOWN_PHASES: &[&str] = &[
     "resolve",
     "connect",
@@ -92,7 +92,6 @@ const KNOWN_PHASES: &[&str] = &[
     "echo",
     "delivery",
     "total",
-    "ehlo_tls",
 ];
 
 /// Code of a known phase in format-2 blobs (0: not known, the name follows).
