@@ -135,19 +135,21 @@ pub struct Target {
 impl Target {
     /// One probe spec per check.
     pub fn check_specs(&self) -> Vec<CheckSpec> {
-        self.checks
-            .iter()
-            .map(|&check| CheckSpec {
-                target: self.name.clone(),
-                kind: self.kind,
-                check,
-                port: self.ports.get(&check).copied(),
-                timeout: self.timeout,
-                interval: self.interval,
-                require_tls: self.require_tls,
-                options: self.options.clone(),
-            })
-            .collect()
+        self.checks.iter().map(|&c| self.check_spec(c)).collect()
+    }
+
+    /// The probe spec of one check of this target.
+    pub fn check_spec(&self, check: CheckKind) -> CheckSpec {
+        CheckSpec {
+            target: self.name.clone(),
+            kind: self.kind,
+            check,
+            port: self.ports.get(&check).copied(),
+            timeout: self.timeout,
+            interval: self.interval,
+            require_tls: self.require_tls,
+            options: self.options.clone(),
+        }
     }
 
     /// Wire form with `source = "local"` (credentials and MAIL FROM stay on the agent).

@@ -1,8 +1,8 @@
 //! Runs every (target, check) of the local targets plus the latest central schedule on its interval,
 //! at a stable per-agent offset, under a global concurrency limit, and appends the results.
 //! A run that outlives its interval is never started twice; a new central schedule replaces the old.
-//! One timer walks a heap of next slots and spawns a task per run, so an idle job costs its spec and
-//! a heap entry, not a task of its own.
+//! One timer walks a heap of next slots and spawns a task per run; an idle job is a reference to its
+//! target and a heap entry, and its probe spec is built when it runs.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -85,14 +85,60 @@ pub fn stable_offset(
     Duration::from_micros(h % micros)
 }
 
+/// One (target, check) to run: the target stays in the list it came from (the local targets or
+/// one central schedule), shared by all its jobs; the probe spec is built when a run starts.
+#[derive(Clone)]
+pub struct JobDef {
+    targets: Arc<[Target]>,
+    index: usize,
+    check: CheckKind,
+}
+
+impl JobDef {
+    pub fn target(&self) -> &Target {
+        &self.targets[self.index]
+    }
+
+    pub fn check(&self) -> CheckKind {
+        self.check
+    }
+
+    /// The probe spec of this job, as [`Target::check_specs`] makes it.
+    pub fn spec(&self) -> CheckSpec {
+        self.target().check_spec(self.check)
+    }
+}
+
+impl std::fmt::Debug for JobDef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobDef")
+            .field("target", &self.target().name)
+            .field("check", &self.check)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The (target, check) pairs to run: local targets win over central ones of the same name.
 pub fn desired_jobs(
-    local: &[Target],
+    local: &Arc<[Target]>,
     central: Option<&pb::Schedule>,
     region: &str,
-) -> BTreeMap<(String, CheckKind), CheckSpec> {
+) -> BTreeMap<(String, CheckKind), JobDef> {
     let mut jobs = BTreeMap::new();
+    let mut add = |targets: &Arc<[Target]>| {
+        for (index, target) in targets.iter().enumerate() {
+            for &check in &target.checks {
+                let def = JobDef {
+                    targets: targets.clone(),
+                    index,
+                    check,
+                };
+                jobs.insert((target.name.clone(), check), def);
+            }
+        }
+    };
     if let Some(schedule) = central {
+        let mut targets = Vec::new();
         for spec in &schedule.targets {
             if !spec.regions.is_empty() && !spec.regions.iter().any(|r| r == region) {
                 continue;
@@ -102,21 +148,16 @@ pub fn desired_jobs(
                     for problem in problems {
                         warn!(target = %target.name, problem = %problem, "central target check skipped");
                     }
-                    for s in target.check_specs() {
-                        jobs.insert((s.target.clone(), s.check), s);
-                    }
+                    targets.push(target);
                 }
                 Err(problem) => {
                     warn!(target = %spec.name, problem = %problem, "central target skipped")
                 }
             }
         }
+        add(&targets.into());
     }
-    for target in local {
-        for s in target.check_specs() {
-            jobs.insert((s.target.clone(), s.check), s);
-        }
-    }
+    add(local);
     jobs
 }
 
@@ -138,10 +179,9 @@ pub struct Scheduler {
 
 type JobKey = (String, CheckKind);
 
-/// One scheduled (target, check): its spec and the next slot on its grid.
+/// One scheduled (target, check) and the next slot on its grid.
 struct Job {
-    key: JobKey,
-    spec: Arc<CheckSpec>,
+    def: JobDef,
     /// The slot this job's heap entry is for.
     next: Instant,
 }
@@ -244,26 +284,28 @@ impl Scheduler {
             if job.next != at {
                 continue;
             }
-            job.next = next_slot(at, job.spec.interval, now);
+            let target = job.def.target();
+            job.next = next_slot(at, target.interval, now);
             jobs.due.push(Reverse((job.next, id)));
-            if jobs.busy.contains_key(&job.key) {
+            let key = (target.name.clone(), job.def.check);
+            if jobs.busy.contains_key(&key) {
                 continue;
             }
             let cancel = shutdown.child_token();
             let run = Run {
-                spec: job.spec.clone(),
+                spec: job.def.spec(),
                 prober: self.prober.clone(),
                 sink: self.sink.clone(),
                 global: global.clone(),
                 cancel: cancel.clone(),
             };
-            let (key, done) = (job.key.clone(), done.clone());
+            let (busy_key, done) = (key.clone(), done.clone());
             let handle = tracker.spawn(async move {
                 run.run().await;
-                let _ = done.send((key, id));
+                let _ = done.send((busy_key, id));
             });
             jobs.busy.insert(
-                job.key.clone(),
+                key,
                 Busy {
                     job: id,
                     cancel,
@@ -273,13 +315,19 @@ impl Scheduler {
         }
     }
 
-    fn apply(&self, desired: BTreeMap<JobKey, CheckSpec>, jobs: &mut Jobs, epoch: Instant) {
-        let stale: Vec<JobKey> = jobs
-            .by_key
-            .iter()
-            .filter(|(key, id)| desired.get(*key) != jobs.by_id.get(*id).map(|j| j.spec.as_ref()))
-            .map(|(key, _)| key.clone())
-            .collect();
+    fn apply(&self, desired: BTreeMap<JobKey, JobDef>, jobs: &mut Jobs, epoch: Instant) {
+        let mut stale: Vec<JobKey> = Vec::new();
+        for (key, id) in &jobs.by_key {
+            let Some(job) = jobs.by_id.get_mut(id) else {
+                continue;
+            };
+            match desired.get(key) {
+                // Same spec: keep the job (and its slot), pointing at the new target list so the
+                // old one can go.
+                Some(def) if def.spec() == job.def.spec() => job.def = def.clone(),
+                _ => stale.push(key.clone()),
+            }
+        }
         let stopped = stale.len();
         for key in stale {
             if let Some(id) = jobs.by_key.remove(&key) {
@@ -292,24 +340,18 @@ impl Scheduler {
             }
         }
         let mut started = 0usize;
-        for (key, spec) in desired {
+        for (key, def) in desired {
             if jobs.by_key.contains_key(&key) {
                 continue;
             }
-            let offset = stable_offset(&self.agent_id, &spec.target, spec.check, spec.interval);
-            let next = first_slot(epoch, offset, spec.interval, Instant::now());
+            let interval = def.target().interval;
+            let offset = stable_offset(&self.agent_id, &key.0, key.1, interval);
+            let next = first_slot(epoch, offset, interval, Instant::now());
             let id = jobs.next_id;
             jobs.next_id += 1;
             jobs.due.push(Reverse((next, id)));
-            jobs.by_key.insert(key.clone(), id);
-            jobs.by_id.insert(
-                id,
-                Job {
-                    key,
-                    spec: Arc::new(spec),
-                    next,
-                },
-            );
+            jobs.by_key.insert(key, id);
+            jobs.by_id.insert(id, Job { def, next });
             started += 1;
         }
         // Drop the heap entries of removed jobs when they pile up (frequent schedule changes).
@@ -355,7 +397,7 @@ fn next_slot(slot: Instant, interval: Duration, now: Instant) -> Instant {
 
 /// One run of a job: wait for a global permit (unless cancelled), probe, store.
 struct Run {
-    spec: Arc<CheckSpec>,
+    spec: CheckSpec,
     prober: Arc<dyn Prober>,
     sink: Arc<dyn ResultSink>,
     global: Arc<Semaphore>,
@@ -893,6 +935,75 @@ mod tests {
         );
     }
 
+    /// A new central schedule keeps the jobs whose spec did not change (same id, same slot) and
+    /// moves them to the new target list, so the old list is freed.
+    #[tokio::test(start_paused = true)]
+    async fn unchanged_jobs_survive_a_new_schedule_and_drop_the_old_list() {
+        let (_tx, rx) = watch::channel(None);
+        let s = scheduler(
+            vec![target(
+                "local.example",
+                &[CheckKind::Mx],
+                Duration::from_secs(30),
+            )],
+            rx,
+            Arc::new(FakeProber::default()),
+            Arc::new(MemorySink::default()),
+        );
+        let epoch = Instant::now();
+        let mut jobs = Jobs::default();
+        let v1 = central(1, &[("a.example", &["mx", "smtp"]), ("b.example", &["mx"])]);
+        s.apply(
+            desired_jobs(&s.local, Some(&v1), &s.region),
+            &mut jobs,
+            epoch,
+        );
+        assert_eq!(jobs.by_id.len(), 4);
+        let id_of = |jobs: &Jobs, name: &str, check| jobs.by_key[&(name.to_string(), check)];
+        let a_mx = id_of(&jobs, "a.example", CheckKind::Mx);
+        let b_mx = id_of(&jobs, "b.example", CheckKind::Mx);
+        let old_list = jobs.by_id[&a_mx].def.targets.clone();
+
+        // b.example gets a new interval; a.example is the same.
+        let mut v2 = central(2, &[("a.example", &["mx", "smtp"]), ("b.example", &["mx"])]);
+        v2.targets[1].interval_ms = 20_000;
+        s.apply(
+            desired_jobs(&s.local, Some(&v2), &s.region),
+            &mut jobs,
+            epoch,
+        );
+        assert_eq!(jobs.by_id.len(), 4);
+        assert_eq!(
+            id_of(&jobs, "a.example", CheckKind::Mx),
+            a_mx,
+            "unchanged job kept"
+        );
+        assert_ne!(
+            id_of(&jobs, "b.example", CheckKind::Mx),
+            b_mx,
+            "changed job replaced"
+        );
+        let b = &jobs.by_id[&id_of(&jobs, "b.example", CheckKind::Mx)];
+        assert_eq!(b.def.spec().interval, Duration::from_secs(20));
+        let central_jobs: Vec<&Job> = jobs
+            .by_id
+            .values()
+            .filter(|j| j.def.target().name != "local.example")
+            .collect();
+        assert_eq!(central_jobs.len(), 3);
+        assert!(
+            central_jobs
+                .iter()
+                .all(|j| !Arc::ptr_eq(&j.def.targets, &old_list)),
+            "no job refers to the first schedule's targets"
+        );
+        assert_eq!(
+            Arc::strong_count(&old_list),
+            1,
+            "the first list is only ours now"
+        );
+    }
+
     #[test]
     fn local_wins_and_regions_filter() {
         let mut schedule = central(1, &[("a.example", &["mx"]), ("b.example", &["mx"])]);
@@ -902,9 +1013,9 @@ mod tests {
             &[CheckKind::Mx],
             Duration::from_secs(30),
         )];
-        let jobs = desired_jobs(&local, Some(&schedule), "eu-west");
+        let jobs = desired_jobs(&local.into(), Some(&schedule), "eu-west");
         assert_eq!(jobs.len(), 1, "{jobs:?}");
-        let spec = &jobs[&("a.example".to_string(), CheckKind::Mx)];
+        let spec = jobs[&("a.example".to_string(), CheckKind::Mx)].spec();
         assert_eq!(
             spec.interval,
             Duration::from_secs(30),
