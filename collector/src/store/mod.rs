@@ -352,8 +352,7 @@ impl Store {
     }
 
     /// Rollups of the window starting at `since_us` (see [`rollup::plan`]) merged per series;
-    /// `phase` limits which sketches are decoded (`None`: all; `Some("")`: none, and SQLite sums
-    /// the counts).
+    /// `phase` limits which sketches are decoded (`None`: all; `Some("")`: none, counts only).
     pub async fn rollups(
         &self,
         filter: Filter,
