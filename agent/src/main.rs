@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use mxscope_agent::config::{AgentConfig, Flags, LogFormat};
+use mxscope_agent::config::{log_filter, AgentConfig, Flags, LogFormat};
 use mxscope_agent::probe::resolve::ResolverConfig;
 use mxscope_agent::probe::Resolver;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Runtime worker threads at most: probes are mostly waiting on the network, and every thread costs
 /// memory (stack, malloc arena); two cores' worth of TLS handshakes is thousands of probes a second.
@@ -104,12 +105,16 @@ async fn on_signal(shutdown: CancellationToken) {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let (filter, problem) = log_filter(rust_log.as_deref());
+    let registry = tracing_subscriber::registry().with(filter);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(layer).init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
+    }
+    if let Some(error) = problem {
+        tracing::warn!(rust_log = rust_log.as_deref().unwrap_or_default(), error = %error,
+            "RUST_LOG not understood, logging at info");
     }
 }
