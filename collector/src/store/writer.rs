@@ -732,21 +732,12 @@ fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
         // Hour rows of a batch are often new: insert first and read only on a conflict. Day and
         // week rows mostly exist: read first.
         // An existing row is updated in place (not deleted and re-inserted).
-        let encoded = || match encoded {
-            Some(b) => std::borrow::Cow::Borrowed(b.as_slice()),
-            None => std::borrow::Cow::Owned(add.sketches_to_bytes()),
-        };
         let insert = |ins: &mut rusqlite::CachedStatement<'_>| -> Result<bool, StoreError> {
-            Ok(ins.execute(params![
-                level.code(),
-                bucket,
-                id,
-                to_i64(add.count)?,
-                to_i64(add.ok)?,
-                to_i64(add.warn)?,
-                to_i64(add.fail)?,
-                encoded().as_ref(),
-            ])? == 1)
+            let bytes = match encoded {
+                Some(b) => std::borrow::Cow::Borrowed(b.as_slice()),
+                None => std::borrow::Cow::Owned(add.sketches_to_bytes()),
+            };
+            Ok(put_rollup(ins, (*level, *bucket, *id), add, &bytes)? == 1)
         };
         if *level == Level::Hour && insert(&mut ins)? {
             continue;
@@ -786,18 +777,34 @@ fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
             }),
         };
         agg.merge(add);
-        upd.execute(params![
-            level.code(),
-            bucket,
-            id,
-            to_i64(agg.count)?,
-            to_i64(agg.ok)?,
-            to_i64(agg.warn)?,
-            to_i64(agg.fail)?,
-            agg.sketches_to_bytes(),
-        ])?;
+        put_rollup(
+            &mut upd,
+            (*level, *bucket, *id),
+            &agg,
+            &agg.sketches_to_bytes(),
+        )?;
     }
     Ok(())
+}
+
+/// Runs the rollup INSERT or UPDATE, whose parameters are both (level, bucket, series, counts,
+/// sketches); returns the rows changed.
+fn put_rollup(
+    st: &mut rusqlite::CachedStatement<'_>,
+    (level, bucket, id): LevelKey,
+    a: &Agg,
+    sketches: &[u8],
+) -> Result<usize, StoreError> {
+    Ok(st.execute(params![
+        level.code(),
+        bucket,
+        id,
+        to_i64(a.count)?,
+        to_i64(a.ok)?,
+        to_i64(a.warn)?,
+        to_i64(a.fail)?,
+        sketches,
+    ])?)
 }
 
 fn unsigned(v: i64) -> u64 {
@@ -962,7 +969,7 @@ fn store_results(
     tx: &Connection,
     ctx: &mut Ctx<'_>,
     agent_id: &str,
-    results: Vec<pb::ProbeResult>,
+    mut results: Vec<pb::ProbeResult>,
     prepared: Prepared,
     at_us: i64,
 ) -> Result<u64, StoreError> {
@@ -1005,7 +1012,6 @@ fn store_results(
         "INSERT INTO results (series_id, agent_num, seq, start_us, outcome, total_us, stored_at_us, body)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
-    let mut results = results;
     for (r, (k, row)) in results.iter_mut().zip(&rows) {
         if row.seq <= hwm {
             ctx.req.duplicates += 1;
