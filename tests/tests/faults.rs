@@ -109,6 +109,29 @@ fn stop_and_check_exactly_once(ctl: &Ctl, agents: &mut [FaultAgent]) -> Result<V
     Ok(highest)
 }
 
+/// Every stored result is in the rollups exactly once, at every level, although each SIGKILL
+/// lost the rollups the collector still buffered: a 24-hour matrix (read from hour rollups) makes
+/// the collector write its buffer, then the rows are summed in the database.
+fn check_rollups_cover_every_result(ctl: &Ctl, db: &Path) -> Result<()> {
+    ctl.run(&["matrix", "--since", "24h"])?;
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let results: i64 = c.query_row("SELECT count(*) FROM results", [], |r| r.get(0))?;
+    ensure!(results > 0, "no results stored");
+    for level in [3600, 86_400, 604_800] {
+        let rolled: i64 = c.query_row(
+            "SELECT coalesce(sum(count), 0) FROM rollups WHERE level = ?1",
+            [level],
+            |r| r.get(0),
+        )?;
+        ensure!(
+            rolled == results,
+            "level {level}: rollups count {rolled} results, {results} are stored"
+        );
+    }
+    eprintln!("rollups at every level count all {results} stored results");
+    Ok(())
+}
+
 fn fail_with_logs(e: anyhow::Error, collector: &Collector, agents: &[FaultAgent]) -> ! {
     let mut msg = format!("{e:#}\ncollector log:\n{}", collector.log_tail(30));
     for a in agents {
@@ -177,7 +200,9 @@ fn three_agents_survive_six_collector_sigkills_at_random_moments() {
             &floors,
             Duration::from_secs(90),
         )?;
-        Ok((crashes, stop_and_check_exactly_once(&ctl, &mut agents)?))
+        let highest = stop_and_check_exactly_once(&ctl, &mut agents)?;
+        check_rollups_cover_every_result(&ctl, collector.db())?;
+        Ok((crashes, highest))
     })();
     match outcome {
         Ok((crashes, highest)) => {

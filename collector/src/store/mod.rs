@@ -72,6 +72,8 @@ pub enum StoreError {
     DiskFull { path: PathBuf },
     #[error("database writer has stopped")]
     WriterClosed,
+    #[error("writing the buffered rollups failed (the collector log says why)")]
+    RollupWrite,
     #[error("database task failed")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -93,6 +95,11 @@ pub struct StoreOptions {
     pub rollup_retention: Duration,
     /// Most rows per table one prune round deletes (small, so ingest never waits long).
     pub prune_batch: usize,
+    /// How long committed results' rollups may wait in the writer's buffer before they are
+    /// written (reads of rollups write them first, so no reader sees them missing).
+    pub rollup_flush: Duration,
+    /// Most hour aggregates buffered before they are written regardless of `rollup_flush`.
+    pub rollup_buffer: usize,
 }
 
 impl Default for StoreOptions {
@@ -105,6 +112,8 @@ impl Default for StoreOptions {
             retention: Duration::from_secs(14 * 86_400),
             rollup_retention: Duration::from_secs(400 * 86_400),
             prune_batch: 2000,
+            rollup_flush: Duration::from_secs(2),
+            rollup_buffer: 50_000,
         }
     }
 }
@@ -121,6 +130,10 @@ pub struct WriterStats {
     pub duplicates: AtomicU64,
     /// Time spent applying and committing batches, in microseconds.
     pub commit_micros: AtomicU64,
+    /// Transactions that wrote the buffered rollups.
+    pub rollup_flushes: AtomicU64,
+    /// Hour aggregates buffered in the writer, not yet in `rollups`.
+    pub rollups_buffered: AtomicU64,
 }
 
 /// Capacity of the state-change broadcast; a slower watcher skips (and is told how many).
@@ -299,11 +312,7 @@ impl Store {
         let stats = Arc::new(WriterStats::default());
         let (tx, rx) = std::sync::mpsc::channel();
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
-        let handle = writer::spawn(conn, path, rx, opts.clone(), stats.clone(), events.clone())
-            .map_err(|e| StoreError::Open {
-                path: path.to_path_buf(),
-                source: io_to_sqlite(e),
-            })?;
+        let handle = writer::spawn(conn, path, rx, opts.clone(), stats.clone(), events.clone())?;
         Ok(Store {
             path: path.to_path_buf(),
             tx,
@@ -360,8 +369,23 @@ impl Store {
         now_us: i64,
         phase: Option<String>,
     ) -> Result<BTreeMap<SeriesId, Agg>, StoreError> {
+        if rollup::plan(since_us, now_us).is_some() {
+            self.sync_rollups().await?;
+        }
         self.read(move |c| read::rollups(c, &filter, since_us, now_us, phase.as_deref()))
             .await
+    }
+
+    /// Writes the rollups of every committed result that the writer still buffers (no-op when
+    /// it buffers none). [`Store::rollups`] does this itself.
+    pub async fn sync_rollups(&self) -> Result<(), StoreError> {
+        if self.stats.rollups_buffered.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        match self.submit(Op::SyncRollups).await? {
+            Reply::Done => Ok(()),
+            _ => Err(StoreError::OutOfRange("writer reply")),
+        }
     }
 
     /// Writer counters.

@@ -179,22 +179,28 @@ impl Agg {
     /// Format 1 (names always spelled out) is still read.
     pub fn sketches_to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(4 + 24 * self.phases.len());
+        self.sketches_into(&mut out);
+        out
+    }
+
+    /// [`Agg::sketches_to_bytes`] into `out` (cleared first), reusing its allocation.
+    pub fn sketches_into(&self, out: &mut Vec<u8>) {
+        out.clear();
         out.push(2u8);
-        put_varint(&mut out, self.phases.len() as u64);
+        put_varint(out, self.phases.len() as u64);
         let mut sketch = Vec::with_capacity(64);
         for (name, s) in &self.phases {
             let code = phase_code(name);
             out.push(code);
             if code == 0 {
-                put_varint(&mut out, name.len() as u64);
+                put_varint(out, name.len() as u64);
                 out.extend_from_slice(name.as_bytes());
             }
             sketch.clear();
             s.write_to(&mut sketch);
-            put_varint(&mut out, sketch.len() as u64);
+            put_varint(out, sketch.len() as u64);
             out.extend_from_slice(&sketch);
         }
-        out
     }
 
     /// Reads [`Agg::sketches_to_bytes`] into `phases`; `wanted` limits which phases are decoded.

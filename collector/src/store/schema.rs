@@ -188,6 +188,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     DELETE FROM rollups WHERE level = 60;
     "#,
+    // 8 (performance): rollups are buffered in the writer and written every few seconds (see
+    // store::writer); this row says up to which result (`results.id`) they are complete, so a
+    // writer that stopped uncleanly rolls up the results after it when it starts. Every stored
+    // result is rolled up at this step.
+    r#"
+    CREATE TABLE rollup_mark (
+        one        INTEGER PRIMARY KEY CHECK (one = 1),
+        through_id INTEGER NOT NULL
+    );
+    INSERT INTO rollup_mark (one, through_id) SELECT 1, coalesce(max(id), 0) FROM results;
+    "#,
 ];
 
 /// The step after which [`compact_results`] runs.

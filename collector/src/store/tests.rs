@@ -136,6 +136,7 @@ async fn resent_results_are_stored_once_and_hwm_allows_gaps() {
     );
     assert_eq!(seqs(&path, "a1"), vec![1, 2, 3, 4, 7]);
     // Rollups count the stored results only, at every level (duplicates are not aggregated).
+    store.sync_rollups().await.unwrap();
     let c = Connection::open(&path).expect("reader");
     for level in rollup::Level::ALL {
         let n: i64 = c
@@ -590,16 +591,109 @@ async fn rollups_of_stored_results_merge_to_the_sketch_of_all_values() {
         );
     }
     // Hour, day and week rows hold the same totals.
-    let c = Connection::open(dir.path().join("t.db")).unwrap();
-    let per_level: Vec<(i64, i64)> = c
+    assert_eq!(
+        rollup_counts(&dir.path().join("t.db")),
+        vec![(3600, 600), (86_400, 600), (604_800, 600)]
+    );
+    store.close().await.unwrap();
+}
+
+/// Sum of `count` per rollup level in the database at `path` (hour, day, week).
+fn rollup_counts(path: &std::path::Path) -> Vec<(i64, i64)> {
+    let c = Connection::open(path).unwrap();
+    let mut st = c
         .prepare("SELECT level, sum(count) FROM rollups GROUP BY level ORDER BY level")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()
         .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Rollups wait in the writer's buffer, a rollup read writes them first, and results committed
+/// but not rolled up when the process died (a copy of the files taken then) are rolled up when
+/// the store opens again.
+#[tokio::test]
+async fn buffered_rollups_are_written_before_reads_and_after_an_unclean_stop() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("t.db");
+    let store = Store::open(
+        &path,
+        StoreOptions {
+            rollup_flush: Duration::from_secs(3600),
+            ..opts(1)
+        },
+    )
+    .unwrap();
+    store.register_agent(hello("a1")).await.unwrap();
+    let now = now_us();
+    let hour = 3_600_000_000i64;
+    let batch = |seqs: std::ops::RangeInclusive<u64>| -> Vec<pb::ProbeResult> {
+        seqs.map(|s| outcome_result("a1", s, s % 5 != 0, now - 20 * hour + s as i64 * hour / 4))
+            .collect()
+    };
+    store
+        .store_results("a1", "eu-west", batch(1..=40), now)
+        .await
         .unwrap();
-    assert_eq!(per_level, vec![(3600, 600), (86_400, 600), (604_800, 600)]);
+    assert_eq!(rollup_counts(&path), vec![], "buffered, not written yet");
+    assert!(store.stats().rollups_buffered.load(Ordering::Relaxed) > 0);
+    let day = store
+        .rollups(Filter::default(), now - 24 * hour, now, None)
+        .await
+        .unwrap();
+    let agg = day.values().next().unwrap();
+    assert_eq!((agg.count, agg.ok, agg.fail), (40, 32, 8));
+    assert_eq!(
+        rollup_counts(&path),
+        vec![(3600, 40), (86_400, 40), (604_800, 40)]
+    );
+    assert_eq!(store.stats().rollups_buffered.load(Ordering::Relaxed), 0);
+
+    // 40 more, committed and acked but only buffered; the files as a crash would leave them.
+    store
+        .store_results("a1", "eu-west", batch(41..=80), now)
+        .await
+        .unwrap();
+    let crashed = dir.path().join("crashed.db");
+    for ext in ["", "-wal"] {
+        std::fs::copy(
+            format!("{}{ext}", path.display()),
+            format!("{}{ext}", crashed.display()),
+        )
+        .unwrap();
+    }
+    assert_eq!(rollup_counts(&crashed)[0], (3600, 40));
     store.close().await.unwrap();
+    assert_eq!(
+        rollup_counts(&path),
+        vec![(3600, 80), (86_400, 80), (604_800, 80)],
+        "close writes the buffer"
+    );
+
+    let reopened = Store::open(&crashed, opts(1)).unwrap();
+    assert_eq!(
+        rollup_counts(&crashed),
+        vec![(3600, 80), (86_400, 80), (604_800, 80)],
+        "the results after the mark are rolled up at open"
+    );
+    let week = reopened
+        .rollups(
+            Filter::default(),
+            now - 24 * hour,
+            now,
+            Some("total".into()),
+        )
+        .await
+        .unwrap();
+    let mut want = Agg::default();
+    batch(1..=80).iter().for_each(|r| want.add(r));
+    assert_eq!(week.values().next().unwrap(), &want);
+    reopened.close().await.unwrap();
+    // Reopening again finds nothing to roll up: nothing is counted twice.
+    let again = Store::open(&crashed, opts(1)).unwrap();
+    again.close().await.unwrap();
+    assert_eq!(rollup_counts(&crashed)[0], (3600, 80));
 }
 
 #[tokio::test]
@@ -642,6 +736,7 @@ async fn retention_deletes_old_raw_rows_and_rollups_in_small_rounds() {
             .query_row(sql, [], |r| r.get(0))
             .unwrap()
     };
+    store.sync_rollups().await.unwrap();
     assert_eq!(count("SELECT count(*) FROM rollups WHERE level = 86400"), 2);
     // One round deletes at most a batch of raw rows, and the one old row of each rollup level.
     assert_eq!(store.prune(now).await.unwrap(), 7 + 3);

@@ -1,8 +1,14 @@
 //! The single writer: a thread that owns the write connection, takes requests from a channel,
 //! applies up to `batch_max` of them (or what arrives within `linger`) in one transaction and
 //! answers each request only after COMMIT returned.
+//!
+//! Rollups are buffered: committed results' hour aggregates collect in memory and are written
+//! (with the day and week rows derived from them) every `rollup_flush`, when the buffer is full,
+//! before a rollup read and at close. `rollup_mark` records which results they cover; a writer
+//! that starts after an unclean stop rolls up the results stored after the mark.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -47,6 +53,8 @@ pub(crate) enum Op {
     RemoveTarget {
         name: String,
     },
+    /// Write the buffered rollups now (answered after their COMMIT): readers of rollups ask first.
+    SyncRollups,
     /// One small round of the retention job (see [`prune`]).
     Prune {
         now_us: i64,
@@ -73,6 +81,8 @@ pub(crate) enum Msg {
     Close,
 }
 
+/// Starts the writer on `conn`, first rolling up any results a previous writer stored but did
+/// not roll up (an unclean stop).
 pub(crate) fn spawn(
     conn: Connection,
     path: &Path,
@@ -80,28 +90,34 @@ pub(crate) fn spawn(
     opts: StoreOptions,
     stats: Arc<WriterStats>,
     events: broadcast::Sender<pb::WatchEvent>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+) -> Result<std::thread::JoinHandle<()>, StoreError> {
     let path = path.to_path_buf();
+    let thread_failed = |e: std::io::Error| StoreError::Open {
+        path: path.clone(),
+        source: super::io_to_sqlite(e),
+    };
     let (dropper, garbage) = std::sync::mpsc::channel::<Garbage>();
     std::thread::Builder::new()
         .name("mxscope-db-dropper".into())
-        .spawn(move || garbage.into_iter().for_each(drop))?;
+        .spawn(move || garbage.into_iter().for_each(drop))
+        .map_err(thread_failed)?;
+    let mut w = Writer {
+        conn,
+        path: path.clone(),
+        disk_full: false,
+        opts,
+        stats,
+        events,
+        ids: FxMap::default(),
+        series: FxMap::default(),
+        rollups: Buffer::default(),
+        dropper,
+    };
+    w.recover_rollups()?;
     std::thread::Builder::new()
         .name("mxscope-db-writer".into())
-        .spawn(move || {
-            let w = Writer {
-                conn,
-                path,
-                disk_full: false,
-                opts,
-                stats,
-                events,
-                ids: FxMap::default(),
-                series: FxMap::default(),
-                dropper,
-            };
-            w.run(rx);
-        })
+        .spawn(move || w.run(rx))
+        .map_err(thread_failed)
 }
 
 /// The Fx hash (rustc's): a multiply and a rotate per word. The writer's maps are keyed by
@@ -162,22 +178,21 @@ pub(crate) type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 /// A rollup row's key: level, bucket start, series id.
 type LevelKey = (Level, i64, i64);
 
-/// A batch's rollup aggregate before series ids are known: level, bucket, index into
-/// [`Prepared::series`], the aggregate and its encoded sketches.
-type Pending = (Level, i64, u32, Agg, Option<Vec<u8>>);
+/// An hour rollup's key: bucket start, series id.
+type HourKey = (i64, i64);
 
 /// The per-result work on a batch of results that needs no database: row encoding (store::row),
-/// the batch's distinct series, and its aggregate at every rollup level. Built by
-/// [`Prepared::of`] in the ingest session's task (on a tokio worker, beside the writer's thread),
-/// so the writer only resolves series ids, binds, steps and merges.
+/// the batch's distinct series, and its hour aggregates. Built by [`Prepared::of`] in the ingest
+/// session's task (on a tokio worker, beside the writer's thread), so the writer only resolves
+/// series ids, binds, steps and merges.
 pub(crate) struct Prepared {
     /// Distinct series of the batch, with the endpoint parts a new `series` row records.
     series: Vec<(SeriesKey, EndpointParts)>,
     /// Per result: its index into `series` and its row.
     rows: Vec<(u32, ResultRow)>,
-    /// Every level's aggregate of all results; the writer uses it when every result of the batch
-    /// is stored (no duplicate), else it aggregates what it stored.
-    levels: Vec<Pending>,
+    /// Hour aggregates of all results by (bucket, index into `series`); the writer uses them
+    /// when every result of the batch is stored (no duplicate), else it aggregates what it stored.
+    hours: Vec<(i64, u32, Agg)>,
     /// Seqs strictly ascending: then "the first seq is above the mark" means "no duplicate".
     ascending: bool,
 }
@@ -191,8 +206,8 @@ impl Prepared {
             FxMap::with_capacity_and_hasher(results.len(), Default::default());
         let mut series: Vec<(SeriesKey, EndpointParts)> = Vec::new();
         let mut rows = Vec::with_capacity(results.len());
-        let mut levels: FxMap<(Level, i64, u32), Agg> =
-            FxMap::with_capacity_and_hasher(3 * results.len(), Default::default());
+        let mut hours: FxMap<(i64, u32), Agg> =
+            FxMap::with_capacity_and_hasher(results.len(), Default::default());
         for r in results {
             let e = r.endpoint.as_ref();
             let ident = (
@@ -213,28 +228,17 @@ impl Prepared {
                 series.push((key, parts));
                 (series.len() - 1) as u32
             });
-            for level in Level::ALL {
-                levels
-                    .entry((level, level.bucket(r.start_us), k))
-                    .or_default()
-                    .add(r);
-            }
+            hours
+                .entry((Level::Hour.bucket(r.start_us), k))
+                .or_default()
+                .add(r);
             rows.push((k, ResultRow::of(r)));
         }
         let ascending = results.windows(2).all(|w| w[0].seq < w[1].seq);
-        let levels = levels
-            .into_iter()
-            .map(|((level, bucket, k), a)| {
-                // Hour rows are usually new and inserted as they are; day and week rows usually
-                // exist and are merged and encoded by the writer, so encoding them here is waste.
-                let bytes = (level == Level::Hour).then(|| a.sketches_to_bytes());
-                (level, bucket, k, a, bytes)
-            })
-            .collect();
         Prepared {
             series,
             rows,
-            levels,
+            hours: hours.into_iter().map(|((b, k), a)| (b, k, a)).collect(),
             ascending,
         }
     }
@@ -313,9 +317,10 @@ struct Delta {
     /// Series ids learned (looked up or inserted) by these requests.
     ids: FxMap<SeriesKey, i64>,
     series: FxMap<i64, SeriesMem>,
-    /// Rollup row → aggregate of the batch's results, with its encoded sketches while it holds
-    /// one request's aggregate only (then a new row needs no encoding in the writer).
-    rollups: FxMap<LevelKey, (Agg, Option<Vec<u8>>)>,
+    /// Hour aggregates of the stored results, added to the writer's buffer once committed.
+    hours: FxMap<HourKey, Agg>,
+    /// `results.id` of the last result stored.
+    last_id: i64,
     events: Vec<pb::WatchEvent>,
     stored: u64,
     duplicates: u64,
@@ -327,26 +332,28 @@ struct Delta {
 /// Anything the writer hands to the dropper thread.
 type Garbage = Box<dyn std::any::Any + Send>;
 
-impl Delta {
-    fn add_rollup(&mut self, k: LevelKey, a: Agg, bytes: Option<Vec<u8>>) {
-        match self.rollups.entry(k) {
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert((a, bytes));
-            }
-            std::collections::hash_map::Entry::Occupied(mut o) => {
-                let (have, enc) = o.get_mut();
-                have.merge(&a);
-                *enc = None;
-            }
+/// Merges `a` into `map[k]` (moved in when `k` is new).
+fn merge_into<K: std::hash::Hash + Eq>(map: &mut FxMap<K, Agg>, k: K, a: Agg) {
+    match map.entry(k) {
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(a);
         }
+        std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().merge(&a),
     }
+}
 
+impl Delta {
     fn absorb(&mut self, other: Delta) {
         self.ids.extend(other.ids);
         self.series.extend(other.series);
-        for (k, (a, bytes)) in other.rollups {
-            self.add_rollup(k, a, bytes);
+        if self.hours.is_empty() {
+            self.hours = other.hours;
+        } else {
+            for (k, a) in other.hours {
+                merge_into(&mut self.hours, k, a);
+            }
         }
+        self.last_id = self.last_id.max(other.last_id);
         self.events.extend(other.events);
         self.stored += other.stored;
         self.duplicates += other.duplicates;
@@ -366,17 +373,62 @@ struct Writer {
     /// only writer).
     ids: FxMap<SeriesKey, i64>,
     series: FxMap<i64, SeriesMem>,
+    /// Hour aggregates of committed results not yet written to `rollups`.
+    rollups: Buffer,
     /// To the thread that drops what a batch leaves behind.
     dropper: std::sync::mpsc::Sender<Garbage>,
+}
+
+/// Committed results' hour aggregates waiting to be written to `rollups`.
+#[derive(Default)]
+struct Buffer {
+    hours: FxMap<HourKey, Agg>,
+    /// `results.id` of the last result whose aggregate is in `hours` (or already written).
+    through_id: i64,
+    /// When the oldest aggregate in `hours` was added.
+    since: Option<Instant>,
+}
+
+impl Buffer {
+    /// Adds committed results' hour aggregates; `last_id` is the last of those results.
+    fn add(&mut self, hours: FxMap<HourKey, Agg>, last_id: i64) {
+        if hours.is_empty() {
+            return;
+        }
+        if self.hours.is_empty() {
+            self.hours = hours;
+        } else {
+            for (k, a) in hours {
+                merge_into(&mut self.hours, k, a);
+            }
+        }
+        self.through_id = self.through_id.max(last_id);
+        self.since.get_or_insert_with(Instant::now);
+    }
 }
 
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>) {
         let batch_max = self.opts.batch_max.max(1);
         loop {
-            let first = match rx.recv() {
+            // Idle with rollups buffered: write them when they are due.
+            let next = match self.rollups.since {
+                Some(since) => {
+                    let due = since + self.opts.rollup_flush;
+                    match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                        Ok(m) => Ok(m),
+                        Err(RecvTimeoutError::Timeout) => {
+                            let _ = self.flush_rollups();
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => Err(()),
+                    }
+                }
+                None => rx.recv().map_err(|_| ()),
+            };
+            let first = match next {
                 Ok(Msg::Write(r)) => r,
-                Ok(Msg::Close) | Err(_) => break,
+                Ok(Msg::Close) | Err(()) => break,
             };
             let mut batch = vec![first];
             let deadline = Instant::now() + self.opts.linger;
@@ -410,6 +462,11 @@ impl Writer {
                 break;
             }
         }
+        if self.flush_rollups().is_err() {
+            tracing::error!(db = %self.path.display(),
+                "rollups buffered at close could not be written; the next start rolls up the \
+                 results after the last written mark again");
+        }
         if let Err((_, err)) = self.conn.close() {
             tracing::warn!(error = %err, "closing the database writer connection failed");
         }
@@ -424,6 +481,7 @@ impl Writer {
         let started = Instant::now();
         let mut answers: Vec<(oneshot::Sender<_>, Result<Reply, StoreError>)> =
             Vec::with_capacity(batch.len());
+        let mut syncs = Vec::new();
         let mut delta = Delta::default();
         let policy = self.opts.policy;
         let retention = Retention::of(&self.opts);
@@ -432,6 +490,10 @@ impl Writer {
             let mut tx = self.conn.transaction()?;
             let mut requests = batch.into_iter();
             while let Some(Request { op, reply }) = requests.next() {
+                if matches!(op, Op::SyncRollups) {
+                    syncs.push(reply);
+                    continue;
+                }
                 let mut mine = Delta::default();
                 let mut ctx = Ctx {
                     committed,
@@ -487,6 +549,12 @@ impl Writer {
                         delta.garbage.push(Box::new(old));
                     }
                 }
+                // Counted before the acks go out: a reader that saw the ack writes them first.
+                self.rollups
+                    .add(std::mem::take(&mut delta.hours), delta.last_id);
+                self.stats
+                    .rollups_buffered
+                    .store(self.rollups.hours.len() as u64, Ordering::Relaxed);
                 for e in std::mem::take(&mut delta.events) {
                     // No receiver (nobody watching) is fine.
                     let _ = self.events.send(e);
@@ -522,6 +590,107 @@ impl Writer {
         if let Err(back) = self.dropper.send(Box::new(delta)) {
             drop(back);
         }
+        let due = self.rollups.hours.len() >= self.opts.rollup_buffer
+            || self
+                .rollups
+                .since
+                .is_some_and(|t| t.elapsed() >= self.opts.rollup_flush);
+        if due || !syncs.is_empty() {
+            let res = self.flush_rollups();
+            for reply in syncs {
+                let _ = reply.send(match &res {
+                    Ok(()) => Ok(Reply::Done),
+                    Err(e) if e.is_disk_full() => Err(StoreError::DiskFull {
+                        path: self.path.clone(),
+                    }),
+                    Err(_) => Err(StoreError::RollupWrite),
+                });
+            }
+        }
+    }
+
+    /// Writes the buffered hour aggregates, with the day and week rows derived from them, and
+    /// the mark of the results they cover, in one transaction. On failure the buffer is kept
+    /// (and retried after the next interval) and the error is logged.
+    fn flush_rollups(&mut self) -> Result<(), StoreError> {
+        if self.rollups.since.is_none() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let through = self.rollups.through_id;
+        let outcome = (|| -> Result<(), StoreError> {
+            let tx = self.conn.transaction()?;
+            write_rollups(&tx, &self.rollups.hours)?;
+            tx.execute("UPDATE rollup_mark SET through_id = ?1", [through])?;
+            tx.commit()?;
+            Ok(())
+        })();
+        bump(
+            &self.stats.commit_micros,
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        );
+        match outcome {
+            Ok(()) => {
+                bump(&self.stats.rollup_flushes, 1);
+                let hours = std::mem::take(&mut self.rollups.hours);
+                self.rollups.since = None;
+                self.stats.rollups_buffered.store(0, Ordering::Relaxed);
+                let _ = self.dropper.send(Box::new(hours));
+                Ok(())
+            }
+            Err(err) => {
+                let full = err.is_disk_full();
+                self.note_disk_full(full, false);
+                if !full {
+                    tracing::error!(error = %err, buffered = self.rollups.hours.len(),
+                        "writing the buffered rollups failed; kept in memory and retried");
+                }
+                // Not retried before the next interval.
+                self.rollups.since = Some(Instant::now());
+                Err(err)
+            }
+        }
+    }
+
+    /// Rolls up the results stored after `rollup_mark` (a writer that stopped without writing
+    /// its buffer) and writes them, before the writer takes requests.
+    fn recover_rollups(&mut self) -> Result<(), StoreError> {
+        let mark: i64 = self
+            .conn
+            .query_row("SELECT through_id FROM rollup_mark", [], |r| r.get(0))?;
+        let mut hours: FxMap<HourKey, Agg> = FxMap::default();
+        let mut through = mark;
+        {
+            let mut st = self.conn.prepare(
+                "SELECT id, series_id, start_us, outcome, body FROM results WHERE id > ?1 ORDER BY id",
+            )?;
+            let mut rows = st.query([mark])?;
+            while let Some(r) = rows.next()? {
+                let body = r.get_ref(4)?.as_blob().map_err(rusqlite::Error::from)?;
+                let Some(mut result) = super::row::decode_body(body) else {
+                    tracing::warn!(
+                        id = r.get::<_, i64>(0)?,
+                        "unreadable stored result skipped by the rollup recovery"
+                    );
+                    continue;
+                };
+                result.outcome = r.get(3)?;
+                hours
+                    .entry((Level::Hour.bucket(r.get(2)?), r.get(1)?))
+                    .or_default()
+                    .add(&result);
+                through = r.get(0)?;
+            }
+        }
+        if through == mark {
+            return Ok(());
+        }
+        tracing::info!(
+            results = through - mark,
+            "rolling up the results stored after the last rollup write (the collector did not stop cleanly)"
+        );
+        self.rollups.add(hours, through);
+        self.flush_rollups()
     }
 
     /// A request error as the caller should see it: `SQLITE_FULL` becomes [`StoreError::DiskFull`].
@@ -691,7 +860,7 @@ fn load_series(tx: &Connection, id: i64) -> Result<Option<SeriesMem>, StoreError
     Ok(Some(s))
 }
 
-/// Writes the batch's series rows and merges its rollups into the stored ones.
+/// Writes the batch's series rows.
 fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
     let mut series = tx.prepare_cached(
         "UPDATE series SET last_outcome = ?2, last_error = ?3, last_message = ?4, last_seen_us = ?5,
@@ -715,6 +884,28 @@ fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
             super::read::facts_to_json(&s.latest.facts),
         ])?;
     }
+    Ok(())
+}
+
+/// Writes hour aggregates into `rollups` and merges them into their day and week rows: a new
+/// row is inserted, an existing one read, merged and updated in place. Rows are written in key
+/// order, so the b-tree is walked forward once.
+fn write_rollups(tx: &Connection, hours: &FxMap<HourKey, Agg>) -> Result<(), StoreError> {
+    let mut upper: FxMap<LevelKey, Agg> = FxMap::default();
+    for (&(bucket, id), a) in hours {
+        for level in [Level::Day, Level::Week] {
+            upper
+                .entry((level, level.bucket(bucket), id))
+                .or_default()
+                .merge(a);
+        }
+    }
+    let mut rows: Vec<(LevelKey, &Agg)> = hours
+        .iter()
+        .map(|(&(bucket, id), a)| ((Level::Hour, bucket, id), a))
+        .chain(upper.iter().map(|(&k, a)| (k, a)))
+        .collect();
+    rows.sort_unstable_by_key(|(k, _)| (k.0.code(), k.1, k.2));
     let mut get = tx.prepare_cached(
         "SELECT count, ok, warn, fail, sketches FROM rollups
          WHERE level = ?1 AND bucket_us = ?2 AND series_id = ?3",
@@ -728,19 +919,15 @@ fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
         "UPDATE rollups SET count = ?4, ok = ?5, warn = ?6, fail = ?7, sketches = ?8
          WHERE level = ?1 AND bucket_us = ?2 AND series_id = ?3",
     )?;
-    for ((level, bucket, id), (add, encoded)) in &d.rollups {
-        // Hour rows of a batch are often new: insert first and read only on a conflict. Day and
-        // week rows mostly exist: read first.
-        // An existing row is updated in place (not deleted and re-inserted).
-        let insert = |ins: &mut rusqlite::CachedStatement<'_>| -> Result<bool, StoreError> {
-            let bytes = match encoded {
-                Some(b) => std::borrow::Cow::Borrowed(b.as_slice()),
-                None => std::borrow::Cow::Owned(add.sketches_to_bytes()),
-            };
-            Ok(put_rollup(ins, (*level, *bucket, *id), add, &bytes)? == 1)
-        };
-        if *level == Level::Hour && insert(&mut ins)? {
-            continue;
+    let mut bytes = Vec::with_capacity(256);
+    for ((level, bucket, id), add) in rows {
+        // Hour rows are usually new: insert first, read only on a conflict. Day and week rows
+        // usually exist: read first.
+        if level == Level::Hour {
+            add.sketches_into(&mut bytes);
+            if put_rollup(&mut ins, (level, bucket, id), add, &bytes)? == 1 {
+                continue;
+            }
         }
         let stored = get
             .query_row(params![level.code(), bucket, id], |r| {
@@ -754,9 +941,8 @@ fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
             })
             .optional()?;
         let Some((count, ok, warn, fail, blob)) = stored else {
-            // A new row: the batch's aggregate as it is (encoded by the ingest task if it came
-            // from one request).
-            if !insert(&mut ins)? {
+            add.sketches_into(&mut bytes);
+            if put_rollup(&mut ins, (level, bucket, id), add, &bytes)? != 1 {
                 return Err(StoreError::OutOfRange("rollup row vanished"));
             }
             continue;
@@ -777,12 +963,8 @@ fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
             }),
         };
         agg.merge(add);
-        put_rollup(
-            &mut upd,
-            (*level, *bucket, *id),
-            &agg,
-            &agg.sketches_to_bytes(),
-        )?;
+        agg.sketches_into(&mut bytes);
+        put_rollup(&mut upd, (level, bucket, id), &agg, &bytes)?;
     }
     Ok(())
 }
@@ -904,6 +1086,8 @@ fn apply(tx: &Connection, op: Op, ctx: &mut Ctx<'_>) -> Result<Reply, StoreError
             }
             Ok(Reply::Done)
         }
+        // Taken out of the batch by `commit_batch`, answered after the rollup write.
+        Op::SyncRollups => Ok(Reply::Done),
     }
 }
 
@@ -986,7 +1170,7 @@ fn store_results(
     let Prepared {
         series,
         rows,
-        levels,
+        hours,
         ascending,
     } = prepared;
     if rows.len() != results.len() {
@@ -1003,9 +1187,9 @@ fn store_results(
         ids.push(ctx.series_id(tx, key, parts)?);
     }
     if all_new {
-        for (level, bucket, k, a, bytes) in levels {
-            ctx.req
-                .add_rollup((level, bucket, ids[k as usize]), a, bytes);
+        ctx.req.hours.reserve(hours.len());
+        for (bucket, k, a) in hours {
+            merge_into(&mut ctx.req.hours, (bucket, ids[k as usize]), a);
         }
     }
     let mut insert = tx.prepare_cached(
@@ -1028,13 +1212,13 @@ fn store_results(
             at_us,
             row.body,
         ])?;
+        ctx.req.last_id = tx.last_insert_rowid();
         if !all_new {
-            let mut one = Agg::default();
-            one.add(r);
-            for level in Level::ALL {
-                ctx.req
-                    .add_rollup((level, level.bucket(r.start_us), id), one.clone(), None);
-            }
+            ctx.req
+                .hours
+                .entry((Level::Hour.bucket(r.start_us), id))
+                .or_default()
+                .add(r);
         }
         let s = ctx.series(tx, id)?;
         let ok = matches!(
