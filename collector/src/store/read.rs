@@ -326,7 +326,7 @@ pub(crate) fn rollups(
             continue;
         };
         let phases = if counts_only {
-            BTreeMap::new()
+            Default::default()
         } else {
             let blob = r.get_ref(5)?.as_blob().map_err(rusqlite::Error::from)?;
             Agg::sketches_from_bytes(blob, phase)

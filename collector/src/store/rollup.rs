@@ -8,9 +8,6 @@
 //! the raw row without making a read cheaper; windows up to 3 hours read the raw results, exactly.
 //! [`plan`] picks the source.
 
-use std::borrow::Cow;
-use std::collections::BTreeMap;
-
 use mxscope_proto::pb;
 
 use crate::analysis::sketch::{get_varint, put_varint, Sketch};
@@ -69,13 +66,9 @@ pub fn plan(since_us: i64, now_us: i64) -> Option<(Level, i64)> {
     Some((level, level.bucket(since_us)))
 }
 
-/// A phase name: the probes' own names are borrowed from a static list, so aggregating a result
-/// allocates no string.
-pub type PhaseName = Cow<'static, str>;
-
-/// Phase names the probes report (`mxscope_proto::Phase` when this was written), shared instead
-/// of copied per aggregate. A name's position + 1 is its code in rollup blobs (format 2), so this
-/// list is the storage format's own and append-only: never reorder or remove a name.
+/// Phase names the probes report (`mxscope_proto::Phase` when this was written). A name's
+/// position + 1 is its code in rollup blobs (format 2) and in [`Phases`], so this list is the
+/// storage format's own and append-only: never reorder or remove a name.
 const KNOWN_PHASES: &[&str] = &[
     "resolve",
     "connect",
@@ -94,19 +87,129 @@ const KNOWN_PHASES: &[&str] = &[
     "total",
 ];
 
-/// Code of a known phase in format-2 blobs (0: not known, the name follows).
+/// Code of a known phase (0: not known, the name is spelled out).
 fn phase_code(name: &str) -> u8 {
-    KNOWN_PHASES
-        .iter()
-        .position(|p| *p == name)
-        .map_or(0, |i| i as u8 + 1)
+    // A match compiles to length checks and one comparison, cheaper than a scan of the list.
+    match name {
+        "resolve" => 1,
+        "connect" => 2,
+        "banner" => 3,
+        "greeting" => 4,
+        "ehlo" => 5,
+        "capability" => 6,
+        "starttls" => 7,
+        "tls" => 8,
+        "auth" => 9,
+        "mail" => 10,
+        "rcpt" => 11,
+        "quit" => 12,
+        "echo" => 13,
+        "delivery" => 14,
+        "total" => 15,
+        _ => 0,
+    }
 }
 
-/// `name` as a [`PhaseName`], borrowed when it is a known phase.
-pub fn phase_name(name: &str) -> PhaseName {
-    match phase_code(name) {
-        0 => Cow::Owned(name.to_string()),
-        c => Cow::Borrowed(KNOWN_PHASES[usize::from(c) - 1]),
+/// A phase in [`Phases`]: a known phase by code, any other by name. Known phases sort first,
+/// in probe order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum PhaseKey {
+    Known(u8),
+    Other(Box<str>),
+}
+
+impl PhaseKey {
+    fn of(name: &str) -> PhaseKey {
+        match phase_code(name) {
+            0 => PhaseKey::Other(name.into()),
+            c => PhaseKey::Known(c),
+        }
+    }
+
+    fn is(&self, code: u8, name: &str) -> bool {
+        match self {
+            PhaseKey::Known(c) => *c == code,
+            PhaseKey::Other(n) => code == 0 && **n == *name,
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            PhaseKey::Known(c) => KNOWN_PHASES[usize::from(*c) - 1],
+            PhaseKey::Other(n) => n,
+        }
+    }
+}
+
+/// One latency sketch per phase, in a short vector sorted by phase (an aggregate holds a few
+/// phases: a vector with one-byte keys merges and looks up faster than a map of names, and is
+/// one allocation).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Phases(Vec<(PhaseKey, Sketch)>);
+
+impl Phases {
+    pub fn get(&self, name: &str) -> Option<&Sketch> {
+        let code = phase_code(name);
+        self.0.iter().find(|(k, _)| k.is(code, name)).map(|(_, s)| s)
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// (phase, sketch), known phases first in probe order, then the others by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Sketch)> {
+        self.0.iter().map(|(k, s)| (k.name(), s))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(k, _)| k.name())
+    }
+
+    /// The sketch of `name`, inserted empty when missing.
+    fn sketch_mut(&mut self, name: &str) -> &mut Sketch {
+        let code = phase_code(name);
+        let at = match self.0.iter().position(|(k, _)| k.is(code, name)) {
+            Some(at) => at,
+            None => self.insert(PhaseKey::of(name), Sketch::new()),
+        };
+        &mut self.0[at].1
+    }
+
+    /// Inserts `key` at its sorted place; returns the index.
+    fn insert(&mut self, key: PhaseKey, s: Sketch) -> usize {
+        let at = self.0.partition_point(|(k, _)| *k < key);
+        self.0.insert(at, (key, s));
+        at
+    }
+
+    /// Adds `s` to the sketch of `key`.
+    fn merge_one(&mut self, key: &PhaseKey, s: &Sketch) {
+        match self.0.iter_mut().find(|(k, _)| k == key) {
+            Some((_, have)) => have.merge(s),
+            None => {
+                self.insert(key.clone(), s.clone());
+            }
+        }
+    }
+}
+
+impl std::ops::Index<&str> for Phases {
+    type Output = Sketch;
+
+    fn index(&self, name: &str) -> &Sketch {
+        match self.get(name) {
+            Some(s) => s,
+            None => panic!("no sketch for phase '{name}'"),
+        }
     }
 }
 
@@ -117,8 +220,8 @@ pub struct Agg {
     pub ok: u64,
     pub warn: u64,
     pub fail: u64,
-    /// Phase name → sketch of its durations in microseconds.
-    pub phases: BTreeMap<PhaseName, Sketch>,
+    /// Sketch of each phase's durations in microseconds.
+    pub phases: Phases,
 }
 
 impl Agg {
@@ -145,11 +248,7 @@ impl Agg {
             if failed && (t.phase == r.phase || t.phase == "total") {
                 continue;
             }
-            let v = t.micros as f64;
-            match self.phases.get_mut(t.phase.as_str()) {
-                Some(s) => s.add(v),
-                None => self.phases.entry(phase_name(&t.phase)).or_default().add(v),
-            }
+            self.phases.sketch_mut(&t.phase).add(t.micros as f64);
         }
     }
 
@@ -159,13 +258,12 @@ impl Agg {
         self.ok += other.ok;
         self.warn += other.warn;
         self.fail += other.fail;
-        for (p, s) in &other.phases {
-            match self.phases.get_mut(p.as_ref()) {
-                Some(have) => have.merge(s),
-                None => {
-                    self.phases.insert(p.clone(), s.clone());
-                }
-            }
+        if self.phases.is_empty() {
+            self.phases.clone_from(&other.phases);
+            return;
+        }
+        for (k, s) in &other.phases.0 {
+            self.phases.merge_one(k, s);
         }
     }
 
@@ -188,34 +286,41 @@ impl Agg {
         out.clear();
         out.push(2u8);
         put_varint(out, self.phases.len() as u64);
-        let mut sketch = Vec::with_capacity(64);
-        for (name, s) in &self.phases {
-            let code = phase_code(name);
-            out.push(code);
-            if code == 0 {
-                put_varint(out, name.len() as u64);
-                out.extend_from_slice(name.as_bytes());
+        for (key, s) in &self.phases.0 {
+            match key {
+                PhaseKey::Known(code) => out.push(*code),
+                PhaseKey::Other(name) => {
+                    out.push(0);
+                    put_varint(out, name.len() as u64);
+                    out.extend_from_slice(name.as_bytes());
+                }
             }
-            sketch.clear();
-            s.write_to(&mut sketch);
-            put_varint(out, sketch.len() as u64);
-            out.extend_from_slice(&sketch);
+            // The sketch's length prefix is one byte for any sketch under 128 bytes: write the
+            // sketch after a one-byte hole and widen the hole only when it is longer.
+            let at = out.len();
+            out.push(0);
+            s.write_to(out);
+            let len = out.len() - at - 1;
+            if len < 0x80 {
+                out[at] = len as u8;
+            } else {
+                let mut prefix = Vec::with_capacity(3);
+                put_varint(&mut prefix, len as u64);
+                out.splice(at..at + 1, prefix);
+            }
         }
     }
 
-    /// Reads [`Agg::sketches_to_bytes`] into `phases`; `wanted` limits which phases are decoded.
-    /// `None` when the blob is malformed.
-    pub fn sketches_from_bytes(
-        mut b: &[u8],
-        wanted: Option<&str>,
-    ) -> Option<BTreeMap<PhaseName, Sketch>> {
+    /// Reads [`Agg::sketches_to_bytes`]; `wanted` limits which phases are decoded. `None` when
+    /// the blob is malformed.
+    pub fn sketches_from_bytes(mut b: &[u8], wanted: Option<&str>) -> Option<Phases> {
         let (&format, rest) = b.split_first()?;
         if format != 1 && format != 2 {
             return None;
         }
         b = rest;
         let n = get_varint(&mut b)?;
-        let mut out = BTreeMap::new();
+        let mut out = Phases::default();
         for _ in 0..n {
             let code = if format == 2 {
                 let (&c, rest) = b.split_first()?;
@@ -224,19 +329,20 @@ impl Agg {
             } else {
                 0
             };
-            let name = if code == 0 {
+            let key = if code == 0 {
                 let len = usize::try_from(get_varint(&mut b)?).ok()?;
                 let name = std::str::from_utf8(b.get(..len)?).ok()?;
                 b = &b[len..];
-                name
+                PhaseKey::of(name)
             } else {
-                KNOWN_PHASES.get(usize::from(code) - 1)?
+                KNOWN_PHASES.get(usize::from(code) - 1)?;
+                PhaseKey::Known(code)
             };
             let len = usize::try_from(get_varint(&mut b)?).ok()?;
             let sk = b.get(..len)?;
             b = &b[len..];
-            if wanted.is_none_or(|w| w == name) {
-                out.insert(phase_name(name), Sketch::from_bytes(sk)?);
+            if wanted.is_none_or(|w| w == key.name()) {
+                out.merge_one(&key, &Sketch::from_bytes(sk)?);
             }
         }
         b.is_empty().then_some(out)
@@ -290,10 +396,36 @@ mod tests {
     }
 
     #[test]
-    fn known_phases_are_sorted_and_borrowed() {
+    fn phase_codes_follow_the_known_list() {
         assert!(KNOWN_PHASES.len() < 255);
-        assert!(matches!(phase_name("total"), Cow::Borrowed("total")));
-        assert!(matches!(phase_name("x-custom"), Cow::Owned(ref s) if s == "x-custom"));
+        for (i, name) in KNOWN_PHASES.iter().enumerate() {
+            assert_eq!(usize::from(phase_code(name)), i + 1, "{name}");
+        }
+        assert_eq!(phase_code("x-custom"), 0);
+        // Known phases first in probe order, then the others by name; lookups by name.
+        let mut a = Agg::default();
+        a.add(&result(
+            pb::Outcome::Ok,
+            "",
+            &[("x-b", 1), ("total", 2), ("x-a", 3), ("connect", 4)],
+        ));
+        assert_eq!(
+            a.phases.keys().collect::<Vec<_>>(),
+            vec!["connect", "total", "x-a", "x-b"]
+        );
+        assert_eq!(a.phases["x-a"].count(), 1);
+        assert!(a.phases.get("tls").is_none());
+    }
+
+    #[test]
+    fn long_sketches_get_a_longer_length_prefix() {
+        let mut a = Agg::default();
+        for i in 0..200u64 {
+            a.add(&result(pb::Outcome::Ok, "", &[("total", 1000 + i * 37)]));
+        }
+        let b = a.sketches_to_bytes();
+        assert!(b.len() > 140, "a sketch of over 127 bytes: {}", b.len());
+        assert_eq!(Agg::sketches_from_bytes(&b, None), Some(a.phases.clone()));
     }
 
     #[test]
@@ -309,6 +441,7 @@ mod tests {
             v1.extend_from_slice(&sk);
         }
         let phases = Agg::sketches_from_bytes(&v1, None).unwrap();
+        assert_eq!(phases.len(), 2);
         assert_eq!(phases["total"], s);
         assert_eq!(phases["x-custom"], s);
         // Written back as format 2: a known phase is one byte, an unknown one spelled out.
@@ -348,7 +481,7 @@ mod tests {
     /// quantiles are within the sketch's relative error of the exact ones.
     #[test]
     fn merged_minutes_equal_the_sketch_of_all_values() {
-        let mut minutes: BTreeMap<i64, Agg> = BTreeMap::new();
+        let mut minutes: std::collections::BTreeMap<i64, Agg> = Default::default();
         let mut all = Agg::default();
         let mut raw = Vec::new();
         let mut x: u64 = 7;
