@@ -1,6 +1,6 @@
 //! The single writer: a thread that owns the write connection, takes requests from a channel,
-//! applies up to `batch_max` of them (or what arrives within `linger`) in one transaction and
-//! answers each request only after COMMIT returned.
+//! applies up to `batch_max` of them (and what arrives within `linger` while the batch is small)
+//! in one transaction and answers each request only after COMMIT returned.
 //!
 //! Rollups are buffered: committed results' hour aggregates collect in memory and are written
 //! (with the day and week rows derived from them) every `rollup_flush`, when the buffer is full,
@@ -59,6 +59,19 @@ pub(crate) enum Op {
     Prune {
         now_us: i64,
     },
+}
+
+/// A batch holding this many result rows is committed without waiting `linger` for more.
+const LINGER_BELOW_ROWS: usize = 500;
+
+impl Op {
+    /// Rows the operation writes, roughly (its results, else one).
+    fn rows(&self) -> usize {
+        match self {
+            Op::Results { results, .. } => results.len().max(1),
+            _ => 1,
+        }
+    }
 }
 
 /// What a committed operation returns.
@@ -430,6 +443,7 @@ impl Writer {
                 Ok(Msg::Write(r)) => r,
                 Ok(Msg::Close) | Err(()) => break,
             };
+            let mut rows = first.op.rows();
             let mut batch = vec![first];
             let deadline = Instant::now() + self.opts.linger;
             let mut closing = false;
@@ -438,8 +452,10 @@ impl Writer {
                     Ok(m) => Ok(m),
                     Err(TryRecvError::Disconnected) => Err(()),
                     Err(TryRecvError::Empty) => {
+                        // Waiting for more only pays while the batch is small: a big one is
+                        // committed at once (the writer idled through every linger otherwise).
                         let now = Instant::now();
-                        if now >= deadline {
+                        if now >= deadline || rows >= LINGER_BELOW_ROWS {
                             break;
                         }
                         match rx.recv_timeout(deadline - now) {
@@ -450,7 +466,10 @@ impl Writer {
                     }
                 };
                 match next {
-                    Ok(Msg::Write(r)) => batch.push(r),
+                    Ok(Msg::Write(r)) => {
+                        rows += r.op.rows();
+                        batch.push(r);
+                    }
                     Ok(Msg::Close) | Err(()) => {
                         closing = true;
                         break;
