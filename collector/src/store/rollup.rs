@@ -150,7 +150,10 @@ pub struct Phases(Vec<(PhaseKey, Sketch)>);
 impl Phases {
     pub fn get(&self, name: &str) -> Option<&Sketch> {
         let code = phase_code(name);
-        self.0.iter().find(|(k, _)| k.is(code, name)).map(|(_, s)| s)
+        self.0
+            .iter()
+            .find(|(k, _)| k.is(code, name))
+            .map(|(_, s)| s)
     }
 
     pub fn contains_key(&self, name: &str) -> bool {
@@ -244,6 +247,10 @@ impl Agg {
                 true
             }
         };
+        if self.phases.0.capacity() == 0 {
+            // One allocation for the phases a probe reports (grown one by one it was four).
+            self.phases.0.reserve_exact(r.timings.len());
+        }
         for t in &r.timings {
             if failed && (t.phase == r.phase || t.phase == "total") {
                 continue;
