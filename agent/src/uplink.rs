@@ -27,7 +27,7 @@ use crate::spool::{SpoolError, SpoolHandle};
 /// Results per batch.
 pub const BATCH_RECORDS: usize = 500;
 /// Unacked batches in flight.
-pub const WINDOW: usize = 8;
+pub const WINDOW: usize = 16;
 /// How long a partial batch waits for more results before it is sent.
 pub const LINGER: Duration = Duration::from_millis(100);
 /// Heartbeat period.

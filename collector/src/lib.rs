@@ -91,7 +91,7 @@ impl Config {
             stale_after: Duration::from_secs(2 * 60),
             max_message_bytes: 4 * 1024 * 1024,
             max_batch_results: 5000,
-            max_in_flight_batches: 8,
+            max_in_flight_batches: 16,
             hello_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             store: StoreOptions::default(),

@@ -25,8 +25,8 @@ use super::Ctx;
 
 /// Results per batch an agent sends.
 pub const BATCH: usize = 1000;
-/// Unacked batches per stream (the collector commits up to 8 of one agent at once).
-pub const WINDOW: usize = 8;
+/// Unacked batches per stream, as the agent's uplink keeps (the collector takes up to 16 of one agent at once).
+pub const WINDOW: usize = 16;
 /// Rows per transaction in the raw baseline.
 const RAW_TX_ROWS: usize = 10_000;
 /// Synthetic history spans 30 days.
