@@ -291,6 +291,8 @@ pub struct Store {
     stats: Arc<WriterStats>,
     events: broadcast::Sender<pb::WatchEvent>,
     prune_batch: usize,
+    /// Series ids the writer committed, for [`writer::Prepared::of`].
+    series_dir: Arc<std::sync::RwLock<writer::SeriesDir>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -312,7 +314,16 @@ impl Store {
         let stats = Arc::new(WriterStats::default());
         let (tx, rx) = std::sync::mpsc::channel();
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
-        let handle = writer::spawn(conn, path, rx, opts.clone(), stats.clone(), events.clone())?;
+        let series_dir = Arc::new(std::sync::RwLock::new(writer::SeriesDir::default()));
+        let handle = writer::spawn(
+            conn,
+            path,
+            rx,
+            opts.clone(),
+            stats.clone(),
+            events.clone(),
+            series_dir.clone(),
+        )?;
         Ok(Store {
             path: path.to_path_buf(),
             tx,
@@ -321,6 +332,7 @@ impl Store {
             stats,
             events,
             prune_batch: opts.prune_batch,
+            series_dir,
         })
     }
 
@@ -449,7 +461,13 @@ impl Store {
     ) -> Pending<u64> {
         // Row encoding, series keys and rollup aggregation run here, in the caller's task, so
         // the single writer thread only binds, steps and merges.
-        let prepared = writer::Prepared::of(region, &results);
+        let prepared = {
+            let dir = self
+                .series_dir
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            writer::Prepared::of(region, &results, &dir)
+        };
         let fut = self.submit(Op::Results {
             agent_id: agent_id.to_string(),
             prepared,

@@ -103,6 +103,7 @@ pub(crate) fn spawn(
     opts: StoreOptions,
     stats: Arc<WriterStats>,
     events: broadcast::Sender<pb::WatchEvent>,
+    dir: Arc<std::sync::RwLock<SeriesDir>>,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
     let path = path.to_path_buf();
     let thread_failed = |e: std::io::Error| StoreError::Open {
@@ -121,7 +122,7 @@ pub(crate) fn spawn(
         opts,
         stats,
         events,
-        ids: FxMap::default(),
+        dir,
         series: FxMap::default(),
         rollups: Buffer::default(),
         dropper,
@@ -199,8 +200,11 @@ type HourKey = (i64, i64);
 /// session's task (on a tokio worker, beside the writer's thread), so the writer only resolves
 /// series ids, binds, steps and merges.
 pub(crate) struct Prepared {
-    /// Distinct series of the batch, with the endpoint parts a new `series` row records.
-    series: Vec<(SeriesKey, EndpointParts)>,
+    /// The batch's region (the agent's).
+    region: String,
+    /// Distinct series of the batch: its id when the directory knows it, else its key and the
+    /// endpoint parts a new `series` row records.
+    series: Vec<SeriesRef>,
     /// Per result: its index into `series` and its row.
     rows: Vec<(u32, ResultRow)>,
     /// Hour aggregates of all results by (bucket, index into `series`); the writer uses them
@@ -210,14 +214,21 @@ pub(crate) struct Prepared {
     ascending: bool,
 }
 
+/// A series of a batch: known by id, or to be looked up (and maybe created) by the writer.
+enum SeriesRef {
+    Known(i64),
+    New(SeriesKey, EndpointParts),
+}
+
 impl Prepared {
-    pub(crate) fn of(region: &str, results: &[pb::ProbeResult]) -> Prepared {
+    /// `dir` gives the ids of the series the writer committed already: those need no key.
+    pub(crate) fn of(region: &str, results: &[pb::ProbeResult], dir: &SeriesDir) -> Prepared {
         // The label is a function of host, ip and port: with target and check they name the
         // series (the region is the batch's), so the label is made once per series, not per result.
         type Ident<'a> = (&'a str, &'a str, &'a str, &'a str, u32);
         let mut index: FxMap<Ident<'_>, u32> =
             FxMap::with_capacity_and_hasher(results.len(), Default::default());
-        let mut series: Vec<(SeriesKey, EndpointParts)> = Vec::new();
+        let mut series: Vec<SeriesRef> = Vec::new();
         let mut rows = Vec::with_capacity(results.len());
         let mut hours: FxMap<(i64, u32), Agg> =
             FxMap::with_capacity_and_hasher(results.len(), Default::default());
@@ -231,14 +242,20 @@ impl Prepared {
                 e.map_or(0, |e| e.port),
             );
             let k = *index.entry(ident).or_insert_with(|| {
-                let parts = EndpointParts::of(r);
-                let key = SeriesKey {
-                    target: r.target.clone(),
-                    endpoint: parts.label(r),
-                    check: r.check.clone(),
-                    region: region.to_string(),
-                };
-                series.push((key, parts));
+                let (target, check, host, ip, port) = ident;
+                series.push(match dir.get((region, target, check, host, ip, port)) {
+                    Some(id) => SeriesRef::Known(id),
+                    None => {
+                        let parts = EndpointParts::of(r);
+                        let key = SeriesKey {
+                            target: r.target.clone(),
+                            endpoint: parts.label(r),
+                            check: r.check.clone(),
+                            region: region.to_string(),
+                        };
+                        SeriesRef::New(key, parts)
+                    }
+                });
                 (series.len() - 1) as u32
             });
             hours
@@ -249,6 +266,7 @@ impl Prepared {
         }
         let ascending = results.windows(2).all(|w| w[0].seq < w[1].seq);
         Prepared {
+            region: region.to_string(),
             series,
             rows,
             hours: hours.into_iter().map(|((b, k), a)| (b, k, a)).collect(),
@@ -300,6 +318,73 @@ pub(crate) struct SeriesKey {
     pub region: String,
 }
 
+/// What a result names of its series: region, target, check, endpoint host, ip and port.
+pub(crate) type Ident<'a> = (&'a str, &'a str, &'a str, &'a str, &'a str, u32);
+
+/// Series ids by [`Ident`], shared by the writer, which adds the series of each commit, and the
+/// ingest tasks, which look ids up (by borrowed names: no allocation) so that a batch of known
+/// series carries no keys. Series rows are never deleted, so an id once here stays right.
+#[derive(Default)]
+pub(crate) struct SeriesDir {
+    /// By hash of the ident; a bucket holds every ident of that hash.
+    map: FxMap<u64, Vec<(OwnedIdent, i64)>>,
+}
+
+type OwnedIdent = (Box<str>, Box<str>, Box<str>, Box<str>, Box<str>, u32);
+
+impl SeriesDir {
+    fn hash(i: Ident<'_>) -> u64 {
+        let mut h = FxHasher::default();
+        for s in [i.0, i.1, i.2, i.3, i.4] {
+            h.write(s.as_bytes());
+            h.write_u8(0xff);
+        }
+        h.write_u64(u64::from(i.5));
+        h.finish()
+    }
+
+    pub(crate) fn get(&self, i: Ident<'_>) -> Option<i64> {
+        self.map.get(&Self::hash(i))?.iter().find_map(|(o, id)| {
+            (*o.0 == *i.0
+                && *o.1 == *i.1
+                && *o.2 == *i.2
+                && *o.3 == *i.3
+                && *o.4 == *i.4
+                && o.5 == i.5)
+                .then_some(*id)
+        })
+    }
+
+    fn insert(&mut self, i: Ident<'_>, id: i64) {
+        if self.get(i).is_some() {
+            return;
+        }
+        self.map.entry(Self::hash(i)).or_default().push((
+            (
+                i.0.into(),
+                i.1.into(),
+                i.2.into(),
+                i.3.into(),
+                i.4.into(),
+                i.5,
+            ),
+            id,
+        ));
+    }
+}
+
+/// The ident of a series the writer resolves by key.
+fn ident_of<'a>(key: &'a SeriesKey, parts: &'a EndpointParts) -> Ident<'a> {
+    (
+        &key.region,
+        &key.target,
+        &key.check,
+        &parts.host,
+        &parts.ip,
+        u32::try_from(parts.port).unwrap_or(0),
+    )
+}
+
 /// The writer's view of one `series` row: hysteresis plus the latest result's facts.
 #[derive(Debug, Clone, Default)]
 struct SeriesMem {
@@ -327,8 +412,9 @@ struct Latest {
 /// committed.
 #[derive(Default)]
 struct Delta {
-    /// Series ids learned (looked up or inserted) by these requests.
+    /// Series ids learned (looked up or inserted) by these requests, by key and by ident.
     ids: FxMap<SeriesKey, i64>,
+    learned: Vec<(OwnedIdent, i64)>,
     series: FxMap<i64, SeriesMem>,
     /// Hour aggregates of the stored results, added to the writer's buffer once committed.
     hours: FxMap<HourKey, Agg>,
@@ -358,6 +444,7 @@ fn merge_into<K: std::hash::Hash + Eq>(map: &mut FxMap<K, Agg>, k: K, a: Agg) {
 impl Delta {
     fn absorb(&mut self, other: Delta) {
         self.ids.extend(other.ids);
+        self.learned.extend(other.learned);
         self.series.extend(other.series);
         if self.hours.is_empty() {
             self.hours = other.hours;
@@ -382,9 +469,9 @@ struct Writer {
     opts: StoreOptions,
     stats: Arc<WriterStats>,
     events: broadcast::Sender<pb::WatchEvent>,
-    /// Committed series ids and state, loaded from `series` on first touch (the writer is its
-    /// only writer).
-    ids: FxMap<SeriesKey, i64>,
+    /// Committed series ids (shared with the ingest tasks) and state, loaded from `series` on
+    /// first touch (the writer is its only writer).
+    dir: Arc<std::sync::RwLock<SeriesDir>>,
     series: FxMap<i64, SeriesMem>,
     /// Hour aggregates of committed results not yet written to `rollups`.
     rollups: Buffer,
@@ -504,7 +591,11 @@ impl Writer {
         let mut delta = Delta::default();
         let policy = self.opts.policy;
         let retention = Retention::of(&self.opts);
-        let committed = (&self.ids, &self.series);
+        let dir_lock = self.dir.clone();
+        let dir = dir_lock
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let committed = (&*dir, &self.series);
         let outcome = (|| -> Result<(), StoreError> {
             let mut tx = self.conn.transaction()?;
             let mut requests = batch.into_iter();
@@ -541,6 +632,7 @@ impl Writer {
             tx.commit()?;
             Ok(())
         })();
+        drop(dir);
         bump(&self.stats.transactions, 1);
         bump(&self.stats.requests, n);
         bump(
@@ -562,7 +654,17 @@ impl Writer {
             Ok(()) => {
                 bump(&self.stats.results_stored, delta.stored);
                 bump(&self.stats.duplicates, delta.duplicates);
-                self.ids.extend(std::mem::take(&mut delta.ids));
+                let learned = std::mem::take(&mut delta.learned);
+                if !learned.is_empty() {
+                    let mut dir = self
+                        .dir
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for (i, id) in &learned {
+                        dir.insert((&i.0, &i.1, &i.2, &i.3, &i.4, i.5), *id);
+                    }
+                }
+                delta.garbage.push(Box::new(learned));
                 for (id, s) in std::mem::take(&mut delta.series) {
                     if let Some(old) = self.series.insert(id, s) {
                         delta.garbage.push(Box::new(old));
@@ -758,7 +860,7 @@ impl Retention {
 
 /// What one request sees: committed state, the batch so far, and its own changes.
 struct Ctx<'a> {
-    committed: (&'a FxMap<SeriesKey, i64>, &'a FxMap<i64, SeriesMem>),
+    committed: (&'a SeriesDir, &'a FxMap<i64, SeriesMem>),
     batch: &'a Delta,
     req: &'a mut Delta,
     policy: Policy,
@@ -773,12 +875,13 @@ impl Ctx<'_> {
         key: &SeriesKey,
         parts: &EndpointParts,
     ) -> Result<i64, StoreError> {
-        if let Some(&id) = self
+        if let Some(id) = self
             .req
             .ids
             .get(key)
             .or_else(|| self.batch.ids.get(key))
-            .or_else(|| self.committed.0.get(key))
+            .copied()
+            .or_else(|| self.committed.0.get(ident_of(key, parts)))
         {
             return Ok(id);
         }
@@ -815,6 +918,18 @@ impl Ctx<'_> {
             }
         };
         self.req.ids.insert(key.clone(), id);
+        let i = ident_of(key, parts);
+        self.req.learned.push((
+            (
+                i.0.into(),
+                i.1.into(),
+                i.2.into(),
+                i.3.into(),
+                i.4.into(),
+                i.5,
+            ),
+            id,
+        ));
         Ok(id)
     }
 
@@ -1187,6 +1302,7 @@ fn store_results(
     let agent: Arc<str> = Arc::from(agent_id);
     let policy = ctx.policy;
     let Prepared {
+        region,
         series,
         rows,
         hours,
@@ -1202,8 +1318,11 @@ fn store_results(
             .first()
             .is_none_or(|r| i64::try_from(r.seq).is_ok_and(|s| s > hwm));
     let mut ids = Vec::with_capacity(series.len());
-    for (key, parts) in &series {
-        ids.push(ctx.series_id(tx, key, parts)?);
+    for s in &series {
+        ids.push(match s {
+            SeriesRef::Known(id) => *id,
+            SeriesRef::New(key, parts) => ctx.series_id(tx, key, parts)?,
+        });
     }
     if all_new {
         ctx.req.hours.reserve(hours.len());
@@ -1274,11 +1393,10 @@ fn store_results(
             ctx.req.garbage.push(Box::new(old));
         }
         if let Some(mut e) = event {
-            let key = &series[*k as usize].0;
-            e.target = key.target.clone();
-            e.endpoint = key.endpoint.clone();
-            e.check = key.check.clone();
-            e.region = key.region.clone();
+            e.target = r.target.clone();
+            e.endpoint = EndpointParts::of(r).label(r);
+            e.check = r.check.clone();
+            e.region = region.clone();
             ctx.req.events.push(e);
         }
         ctx.req.stored += 1;
@@ -1351,11 +1469,35 @@ mod tests {
             .collect();
         Op::Results {
             agent_id: "a1".into(),
-            prepared: Prepared::of("eu", &results),
+            prepared: Prepared::of("eu", &results, &SeriesDir::default()),
             results,
             rejected: Vec::new(),
             at_us: 1,
         }
+    }
+
+    #[test]
+    fn series_dir_finds_exactly_the_ident_it_was_given() {
+        let mut dir = SeriesDir::default();
+        dir.insert(("eu", "a", "smtp", "mx1", "198.18.0.1", 25), 7);
+        dir.insert(("eu", "a", "smtp", "mx1", "198.18.0.1", 587), 8);
+        assert_eq!(
+            dir.get(("eu", "a", "smtp", "mx1", "198.18.0.1", 25)),
+            Some(7)
+        );
+        assert_eq!(
+            dir.get(("eu", "a", "smtp", "mx1", "198.18.0.1", 587)),
+            Some(8)
+        );
+        // The same bytes split differently are another series.
+        assert_eq!(dir.get(("eu", "as", "mtp", "mx1", "198.18.0.1", 25)), None);
+        assert_eq!(dir.get(("us", "a", "smtp", "mx1", "198.18.0.1", 25)), None);
+        // A known ident keeps its first id.
+        dir.insert(("eu", "a", "smtp", "mx1", "198.18.0.1", 25), 9);
+        assert_eq!(
+            dir.get(("eu", "a", "smtp", "mx1", "198.18.0.1", 25)),
+            Some(7)
+        );
     }
 
     /// SQLite's `max_page_count` answers `SQLITE_FULL` exactly like a full disk.
@@ -1384,6 +1526,7 @@ mod tests {
             StoreOptions::default(),
             Arc::new(WriterStats::default()),
             events,
+            Default::default(),
         )
         .expect("writer");
         assert!(matches!(request(&tx, hello), Ok(Reply::Seq(0))));
