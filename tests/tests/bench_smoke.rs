@@ -32,6 +32,13 @@ fn bench_smoke_writes_a_report_with_every_section() {
     }
     // Every benchmark measured something: no section says it did not run.
     assert!(!report.contains("did not run"), "{report}");
-    assert!(report.contains("| raw rusqlite |"), "{report}");
+    assert!(
+        report.contains("30-day history: raw rusqlite |"),
+        "{report}"
+    );
+    assert!(
+        report.contains("live, every series every 60 s: collector"),
+        "{report}"
+    );
     assert!(report.contains("blackbox_exporter"), "{report}");
 }

@@ -372,6 +372,10 @@ async fn profile(pid: u32, secs: u64, out: &Path) -> Option<Vec<String>> {
                 writer += 1;
             }
         }
+        if all == 0 {
+            // perf wrote no sample (the load ended first): no profile rather than an empty one.
+            return (!lines.is_empty()).then_some(lines);
+        }
         lines.push(String::new());
         lines.push(format!(
             "{:.1}% of the samples are in the single `mxscope-db-writer` thread; by where the sample's stack was:",
@@ -404,7 +408,7 @@ fn categorize(script: &str) -> Vec<(f64, &'static str)> {
             "allocator (malloc/free: per-result Strings, keys and maps)"
         } else if leaf.contains("sip::Hasher") {
             "SipHash (HashMap keys of four Strings per result)"
-        } else if has("Sketch") || has("rollup::Agg") {
+        } else if has("Sketch") || has("rollup::Agg") || has("rollup::Phases") {
             "rollup sketches (Agg/Sketch add, merge, encode)"
         } else if has("sqlite3") {
             "SQLite VM and b-trees (other)"
@@ -466,9 +470,9 @@ pub async fn load_fleet(
     let url = c.url();
     let prof = profile_to.map(|p| {
         tokio::spawn(async move {
-            // Well into the load, when the table is large.
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            profile(pid, 15, &p).await
+            // Well into the load (a 10M-row load takes about a minute now).
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            profile(pid, 10, &p).await
         })
     });
     let run = load_collector(&url, pid, &shapes, segment).await;
@@ -636,9 +640,13 @@ async fn run_inner(ctx: &Ctx, s: &mut Section) -> Result<PathBuf> {
     ));
     s.line("");
     s.line(format!(
-        "Two time shapes of the same {} results: **30-day history** (timestamps spread over the last 30 days, one result per series every ≈ 43 min: about 1.4 results per hour rollup row, so nearly every result starts a new rollup row; this database then serves benchmark 3) and **live** (every series every 60 s, as the results' own interval says: {:.1} hours of probing, 60 results per hour rollup row — what a collector sees from agents that are keeping up).",
+        "Two time shapes of the same {} results: **30-day history** (timestamps spread over the last 30 days, one result per series every ≈ 43 min: about 1.4 results per hour rollup row, so nearly every result starts a new rollup row; this database then serves benchmark 3) and **live** (every series every 60 s, as the results' own interval says: {} of probing, 60 results per hour rollup row — what a collector sees from agents that are keeping up).",
         z.long_rows,
-        live_span as f64 / 3.6e9
+        if live_span >= 7_200_000_000 {
+            format!("{:.1} hours", live_span as f64 / 3.6e9)
+        } else {
+            format!("{} minutes", live_span / 60_000_000)
+        }
     ));
     s.line("");
     s.line(format!("Raw limit (one per shape, same rows, measured in this run): one rusqlite connection (WAL, synchronous=NORMAL, the collector's page cache), one prepared INSERT into `results` of the collector's own schema (its migrations, so the same index and page size), {RAW_TX_ROWS} rows per transaction, each row encoded by the collector's own `ResultRow::of`, the same rows in the same interleaving; no rollups, no series state, no high-water mark, no gRPC. The loop also generates the synthetic results, as the collector's benchmark agents do."));
@@ -706,7 +714,7 @@ async fn run_inner(ctx: &Ctx, s: &mut Section) -> Result<PathBuf> {
         &short_rows,
     );
     if !top.is_empty() {
-        s.line("Profile of the collector during the 30-day run (`perf record -F 499 -g -p PID` for 15 s about 60 s in; self time by symbol, ≥ 1.5 %):");
+        s.line("Profile of the collector during the 30-day run (`perf record -F 499 -g -p PID` for 10 s from 20 s in; self time by symbol, ≥ 1.5 %):");
         s.line("");
         s.line("```");
         for l in &top {
