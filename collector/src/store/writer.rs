@@ -356,22 +356,28 @@ impl SeriesDir {
         })
     }
 
-    fn insert(&mut self, i: Ident<'_>, id: i64) {
+    fn insert(&mut self, o: OwnedIdent, id: i64) {
+        let i = borrowed(&o);
         if self.get(i).is_some() {
             return;
         }
-        self.map.entry(Self::hash(i)).or_default().push((
-            (
-                i.0.into(),
-                i.1.into(),
-                i.2.into(),
-                i.3.into(),
-                i.4.into(),
-                i.5,
-            ),
-            id,
-        ));
+        self.map.entry(Self::hash(i)).or_default().push((o, id));
     }
+}
+
+fn owned(i: Ident<'_>) -> OwnedIdent {
+    (
+        i.0.into(),
+        i.1.into(),
+        i.2.into(),
+        i.3.into(),
+        i.4.into(),
+        i.5,
+    )
+}
+
+fn borrowed(o: &OwnedIdent) -> Ident<'_> {
+    (&o.0, &o.1, &o.2, &o.3, &o.4, o.5)
 }
 
 /// The ident of a series the writer resolves by key.
@@ -432,6 +438,17 @@ struct Delta {
 /// Anything the writer hands to the dropper thread.
 type Garbage = Box<dyn std::any::Any + Send>;
 
+/// Merges every aggregate of `from` into `into` (taking the map whole when `into` is empty).
+fn merge_all(into: &mut FxMap<HourKey, Agg>, from: FxMap<HourKey, Agg>) {
+    if into.is_empty() {
+        *into = from;
+    } else {
+        for (k, a) in from {
+            merge_into(into, k, a);
+        }
+    }
+}
+
 /// Merges `a` into `map[k]` (moved in when `k` is new).
 fn merge_into<K: std::hash::Hash + Eq>(map: &mut FxMap<K, Agg>, k: K, a: Agg) {
     match map.entry(k) {
@@ -447,13 +464,7 @@ impl Delta {
         self.ids.extend(other.ids);
         self.learned.extend(other.learned);
         self.series.extend(other.series);
-        if self.hours.is_empty() {
-            self.hours = other.hours;
-        } else {
-            for (k, a) in other.hours {
-                merge_into(&mut self.hours, k, a);
-            }
-        }
+        merge_all(&mut self.hours, other.hours);
         self.last_id = self.last_id.max(other.last_id);
         self.events.extend(other.events);
         self.stored += other.stored;
@@ -498,13 +509,7 @@ impl Buffer {
         if hours.is_empty() {
             return;
         }
-        if self.hours.is_empty() {
-            self.hours = hours;
-        } else {
-            for (k, a) in hours {
-                merge_into(&mut self.hours, k, a);
-            }
-        }
+        merge_all(&mut self.hours, hours);
         self.through_id = self.through_id.max(last_id);
         self.since.get_or_insert_with(Instant::now);
     }
@@ -670,11 +675,10 @@ impl Writer {
                         .dir
                         .write()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    for (i, id) in &learned {
-                        dir.insert((&i.0, &i.1, &i.2, &i.3, &i.4, i.5), *id);
+                    for (i, id) in learned {
+                        dir.insert(i, id);
                     }
                 }
-                delta.garbage.push(Box::new(learned));
                 for (id, s) in std::mem::take(&mut delta.series) {
                     if let Some(old) = self.series.insert(id, s) {
                         delta.garbage.push(Box::new(old));
@@ -989,18 +993,7 @@ impl Ctx<'_> {
             }
         };
         self.req.ids.insert(key.clone(), id);
-        let i = ident_of(key, parts);
-        self.req.learned.push((
-            (
-                i.0.into(),
-                i.1.into(),
-                i.2.into(),
-                i.3.into(),
-                i.4.into(),
-                i.5,
-            ),
-            id,
-        ));
+        self.req.learned.push((owned(ident_of(key, parts)), id));
         Ok(id)
     }
 
@@ -1550,8 +1543,8 @@ mod tests {
     #[test]
     fn series_dir_finds_exactly_the_ident_it_was_given() {
         let mut dir = SeriesDir::default();
-        dir.insert(("eu", "a", "smtp", "mx1", "198.18.0.1", 25), 7);
-        dir.insert(("eu", "a", "smtp", "mx1", "198.18.0.1", 587), 8);
+        dir.insert(owned(("eu", "a", "smtp", "mx1", "198.18.0.1", 25)), 7);
+        dir.insert(owned(("eu", "a", "smtp", "mx1", "198.18.0.1", 587)), 8);
         assert_eq!(
             dir.get(("eu", "a", "smtp", "mx1", "198.18.0.1", 25)),
             Some(7)
@@ -1564,7 +1557,7 @@ mod tests {
         assert_eq!(dir.get(("eu", "as", "mtp", "mx1", "198.18.0.1", 25)), None);
         assert_eq!(dir.get(("us", "a", "smtp", "mx1", "198.18.0.1", 25)), None);
         // A known ident keeps its first id.
-        dir.insert(("eu", "a", "smtp", "mx1", "198.18.0.1", 25), 9);
+        dir.insert(owned(("eu", "a", "smtp", "mx1", "198.18.0.1", 25)), 9);
         assert_eq!(
             dir.get(("eu", "a", "smtp", "mx1", "198.18.0.1", 25)),
             Some(7)
