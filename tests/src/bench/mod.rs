@@ -92,9 +92,9 @@ const PROPOSALS: &[(&str, &str)] = &[
         the buffer is written), a series directory shared with the ingest tasks, and WAL checkpoints on their own thread, the \
         live shape (every series every 60 s) is over 0.5 of the raw limit; the 30-day history shape is not, because there \
         nearly every result opens its own hour rollup row (≈ 1.4 results per row), so the writer inserts ≈ 1.7 rows per \
-        result where the raw loop inserts one, and merges each hour into its day and week. Next steps: derive the day and \
-        week deltas and encode the rows of a buffer write on another thread while the writer goes on, and decode results \
-        without an allocation per string (a quarter of the collector's CPU is malloc/free of decoded protobuf strings)."),
+        result where the raw loop inserts one, and merges each hour into its day and week. Next steps: decode results \
+        without an allocation per string (a quarter of the collector's CPU is malloc/free of decoded protobuf strings) \
+        and keep an aggregate's sketches in one block (encoding rollup writes on another thread was tried: worse on two cores)."),
     ("query", "the 30-day queries read week rollup rows keyed by (level, bucket, series id): ≈ 55k rows for 10,000 series. If \
         they creep over 100 ms, keep one running 30-day summary per series, or cache answers keyed by the writer's commit count."),
     ("agent-cost", "about a third of the agent's CPU is its spool, not probing: at 33 probes/s the uplink sends a batch as soon as one result \
