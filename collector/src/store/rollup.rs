@@ -89,25 +89,10 @@ const KNOWN_PHASES: &[&str] = &[
 
 /// Code of a known phase (0: not known, the name is spelled out).
 fn phase_code(name: &str) -> u8 {
-    // A match compiles to length checks and one comparison, cheaper than a scan of the list.
-    match name {
-        "resolve" => 1,
-        "connect" => 2,
-        "banner" => 3,
-        "greeting" => 4,
-        "ehlo" => 5,
-        "capability" => 6,
-        "starttls" => 7,
-        "tls" => 8,
-        "auth" => 9,
-        "mail" => 10,
-        "rcpt" => 11,
-        "quit" => 12,
-        "echo" => 13,
-        "delivery" => 14,
-        "total" => 15,
-        _ => 0,
-    }
+    KNOWN_PHASES
+        .iter()
+        .position(|p| *p == name)
+        .map_or(0, |i| i as u8 + 1)
 }
 
 /// A phase in [`Phases`]: a known phase by code, any other by name. Known phases sort first,
@@ -194,12 +179,12 @@ impl Phases {
         at
     }
 
-    /// Adds `s` to the sketch of `key`.
-    fn merge_one(&mut self, key: &PhaseKey, s: &Sketch) {
+    /// Adds `s` to the sketch of `key` (taken as it is when `key` is new).
+    fn merge_one(&mut self, key: &PhaseKey, s: std::borrow::Cow<'_, Sketch>) {
         match self.0.iter_mut().find(|(k, _)| k == key) {
-            Some((_, have)) => have.merge(s),
+            Some((_, have)) => have.merge(&s),
             None => {
-                self.insert(key.clone(), s.clone());
+                self.insert(key.clone(), s.into_owned());
             }
         }
     }
@@ -270,7 +255,7 @@ impl Agg {
             return;
         }
         for (k, s) in &other.phases.0 {
-            self.phases.merge_one(k, s);
+            self.phases.merge_one(k, std::borrow::Cow::Borrowed(s));
         }
     }
 
@@ -293,6 +278,7 @@ impl Agg {
         out.clear();
         out.push(2u8);
         put_varint(out, self.phases.len() as u64);
+        let mut sketch = Vec::with_capacity(64);
         for (key, s) in &self.phases.0 {
             match key {
                 PhaseKey::Known(code) => out.push(*code),
@@ -302,19 +288,10 @@ impl Agg {
                     out.extend_from_slice(name.as_bytes());
                 }
             }
-            // The sketch's length prefix is one byte for any sketch under 128 bytes: write the
-            // sketch after a one-byte hole and widen the hole only when it is longer.
-            let at = out.len();
-            out.push(0);
-            s.write_to(out);
-            let len = out.len() - at - 1;
-            if len < 0x80 {
-                out[at] = len as u8;
-            } else {
-                let mut prefix = Vec::with_capacity(3);
-                put_varint(&mut prefix, len as u64);
-                out.splice(at..at + 1, prefix);
-            }
+            sketch.clear();
+            s.write_to(&mut sketch);
+            put_varint(out, sketch.len() as u64);
+            out.extend_from_slice(&sketch);
         }
     }
 
@@ -349,7 +326,7 @@ impl Agg {
             let sk = b.get(..len)?;
             b = &b[len..];
             if wanted.is_none_or(|w| w == key.name()) {
-                out.merge_one(&key, &Sketch::from_bytes(sk)?);
+                out.merge_one(&key, std::borrow::Cow::Owned(Sketch::from_bytes(sk)?));
             }
         }
         b.is_empty().then_some(out)

@@ -126,7 +126,7 @@ pub(crate) fn spawn(
         series: FxMap::default(),
         rollups: Buffer::default(),
         dropper,
-        checkpointer: Some(Checkpointer::spawn(&path)?),
+        checkpointer: Checkpointer::spawn(&path)?,
     };
     w.recover_rollups()?;
     std::thread::Builder::new()
@@ -226,7 +226,6 @@ impl Prepared {
     pub(crate) fn of(region: &str, results: &[pb::ProbeResult], dir: &SeriesDir) -> Prepared {
         // The label is a function of host, ip and port: with target and check they name the
         // series (the region is the batch's), so the label is made once per series, not per result.
-        type Ident<'a> = (&'a str, &'a str, &'a str, &'a str, u32);
         let mut index: FxMap<Ident<'_>, u32> =
             FxMap::with_capacity_and_hasher(results.len(), Default::default());
         let mut series: Vec<SeriesRef> = Vec::new();
@@ -235,7 +234,8 @@ impl Prepared {
             FxMap::with_capacity_and_hasher(results.len(), Default::default());
         for r in results {
             let e = r.endpoint.as_ref();
-            let ident = (
+            let ident: Ident<'_> = (
+                region,
                 r.target.as_str(),
                 r.check.as_str(),
                 e.map_or(r.target.as_str(), |e| e.host.as_str()),
@@ -243,8 +243,7 @@ impl Prepared {
                 e.map_or(0, |e| e.port),
             );
             let k = *index.entry(ident).or_insert_with(|| {
-                let (target, check, host, ip, port) = ident;
-                series.push(match dir.get((region, target, check, host, ip, port)) {
+                series.push(match dir.get(ident) {
                     Some(id) => SeriesRef::Known(id),
                     None => {
                         let parts = EndpointParts::of(r);
@@ -356,6 +355,21 @@ impl SeriesDir {
         })
     }
 
+    fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Adds every ident of `other` this one does not hold.
+    fn absorb(&mut self, other: SeriesDir) {
+        if self.is_empty() {
+            *self = other;
+            return;
+        }
+        for (ident, id) in other.map.into_values().flatten() {
+            self.insert(ident, id);
+        }
+    }
+
     fn insert(&mut self, o: OwnedIdent, id: i64) {
         let i = borrowed(&o);
         if self.get(i).is_some() {
@@ -419,9 +433,8 @@ struct Latest {
 /// committed.
 #[derive(Default)]
 struct Delta {
-    /// Series ids learned (looked up or inserted) by these requests, by key and by ident.
-    ids: FxMap<SeriesKey, i64>,
-    learned: Vec<(OwnedIdent, i64)>,
+    /// Series ids learned (looked up or inserted) by these requests.
+    ids: SeriesDir,
     series: FxMap<i64, SeriesMem>,
     /// Hour aggregates of the stored results, added to the writer's buffer once committed.
     hours: FxMap<HourKey, Agg>,
@@ -461,8 +474,7 @@ fn merge_into<K: std::hash::Hash + Eq>(map: &mut FxMap<K, Agg>, k: K, a: Agg) {
 
 impl Delta {
     fn absorb(&mut self, other: Delta) {
-        self.ids.extend(other.ids);
-        self.learned.extend(other.learned);
+        self.ids.absorb(other.ids);
         self.series.extend(other.series);
         merge_all(&mut self.hours, other.hours);
         self.last_id = self.last_id.max(other.last_id);
@@ -489,8 +501,8 @@ struct Writer {
     rollups: Buffer,
     /// To the thread that drops what a batch leaves behind.
     dropper: std::sync::mpsc::Sender<Garbage>,
-    /// Copies the WAL into the database beside the writer (`None` once stopped).
-    checkpointer: Option<Checkpointer>,
+    /// Copies the WAL into the database beside the writer.
+    checkpointer: Checkpointer,
 }
 
 /// Committed results' hour aggregates waiting to be written to `rollups`.
@@ -582,9 +594,7 @@ impl Writer {
                  results after the last written mark again");
         }
         // Its connection closes first, so the writer's close checkpoints and removes the WAL.
-        if let Some(c) = self.checkpointer.take() {
-            c.stop();
-        }
+        self.checkpointer.stop();
         if let Err((_, err)) = self.conn.close() {
             tracing::warn!(error = %err, "closing the database writer connection failed");
         }
@@ -647,9 +657,7 @@ impl Writer {
         drop(dir);
         bump(&self.stats.transactions, 1);
         bump(&self.stats.requests, n);
-        if let Some(c) = &mut self.checkpointer {
-            c.nudge();
-        }
+        self.checkpointer.nudge();
         bump(
             &self.stats.commit_micros,
             u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -669,15 +677,12 @@ impl Writer {
             Ok(()) => {
                 bump(&self.stats.results_stored, delta.stored);
                 bump(&self.stats.duplicates, delta.duplicates);
-                let learned = std::mem::take(&mut delta.learned);
+                let learned = std::mem::take(&mut delta.ids);
                 if !learned.is_empty() {
-                    let mut dir = self
-                        .dir
+                    self.dir
                         .write()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    for (i, id) in learned {
-                        dir.insert(i, id);
-                    }
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .absorb(learned);
                 }
                 for (id, s) in std::mem::take(&mut delta.series) {
                     if let Some(old) = self.series.insert(id, s) {
@@ -950,13 +955,13 @@ impl Ctx<'_> {
         key: &SeriesKey,
         parts: &EndpointParts,
     ) -> Result<i64, StoreError> {
+        let ident = ident_of(key, parts);
         if let Some(id) = self
             .req
             .ids
-            .get(key)
-            .or_else(|| self.batch.ids.get(key))
-            .copied()
-            .or_else(|| self.committed.0.get(ident_of(key, parts)))
+            .get(ident)
+            .or_else(|| self.batch.ids.get(ident))
+            .or_else(|| self.committed.0.get(ident))
         {
             return Ok(id);
         }
@@ -992,8 +997,7 @@ impl Ctx<'_> {
                 id
             }
         };
-        self.req.ids.insert(key.clone(), id);
-        self.req.learned.push((owned(ident_of(key, parts)), id));
+        self.req.ids.insert(owned(ident), id);
         Ok(id)
     }
 
