@@ -98,7 +98,7 @@ pub struct StoreOptions {
     /// How long committed results' rollups may wait in the writer's buffer before they are
     /// written (reads of rollups write them first, so no reader sees them missing).
     pub rollup_flush: Duration,
-    /// Most hour aggregates buffered before they are written regardless of `rollup_flush`.
+    /// Most hour and day aggregates buffered before they are written regardless of `rollup_flush`.
     pub rollup_buffer: usize,
 }
 

@@ -1,12 +1,12 @@
 //! Rollups: per (level, bucket, series) counts and one DDSketch per phase, aggregated in memory
-//! (the batch's part by the ingest task) and upserted once per batch; queries merge them per window.
+//! (a batch's hours by the ingest task, buffered and written by the store writer); queries merge
+//! them per window.
 //!
-//! Levels and why: `hour`, `day` and `week` rows are written together (three upserts per touched
-//! series per batch, none per result), so a 30-day query merges 5 or 6 week rows per series
-//! instead of 43,200 results. There is no minute level (schema step 7 dropped it): with probes
-//! every 60 s or slower a minute row holds one result, so it doubled the writes and the disk of
-//! the raw row without making a read cheaper; windows up to 3 hours read the raw results, exactly.
-//! [`plan`] picks the source.
+//! Levels and why: `hour`, `day` and `week` rows, so a 30-day query merges 5 or 6 week rows per
+//! series instead of 43,200 results. There is no minute level (schema step 7 dropped it): with
+//! probes every 60 s or slower a minute row holds one result, so it doubled the writes and the
+//! disk of the raw row without making a read cheaper; windows up to 3 hours read the raw results,
+//! exactly. [`plan`] picks the source; [`Level::keep_from`] says how long a level is worth keeping.
 
 use mxscope_proto::pb;
 
@@ -46,6 +46,11 @@ impl Level {
     }
 }
 
+/// Longest window read from hour rows; longer windows read day rows (see [`plan`]).
+const HOUR_WINDOWS_UP_TO_US: i64 = 3 * 86_400_000_000;
+/// Longest window read from day rows; longer windows read week rows.
+const DAY_WINDOWS_UP_TO_US: i64 = 3 * 604_800_000_000;
+
 /// Where a window `[since_us, now_us]` is read from: `None` for raw results from `since_us` on
 /// (windows up to 3 hours), else the rollup level and its first bucket.
 ///
@@ -56,14 +61,33 @@ pub fn plan(since_us: i64, now_us: i64) -> Option<(Level, i64)> {
     let span = now_us.saturating_sub(since_us);
     let level = if span <= 3 * Level::Hour.width_us() {
         return None;
-    } else if span <= 3 * Level::Day.width_us() {
+    } else if span <= HOUR_WINDOWS_UP_TO_US {
         Level::Hour
-    } else if span <= 3 * Level::Week.width_us() {
+    } else if span <= DAY_WINDOWS_UP_TO_US {
         Level::Day
     } else {
         Level::Week
     };
     Some((level, level.bucket(since_us)))
+}
+
+impl Level {
+    /// The oldest bucket of this level worth keeping at `now_us`: no window ending at `now_us`
+    /// or later reads an older one ([`plan`] reads hour rows for windows up to 3 days and day
+    /// rows up to 21 days), with one bucket of slack for a clock that steps back. `None` for
+    /// week rows, which every longer window reads (they are kept for the rollup retention).
+    ///
+    /// So hour rows live about 3 days and day rows about 3 weeks, as coarser rows outlive finer
+    /// ones in any round-robin store; results stored late (an agent's spool after an outage, a
+    /// backfill) skip the hour and day rows no window will read.
+    pub fn keep_from(self, now_us: i64) -> Option<i64> {
+        let span = match self {
+            Level::Hour => HOUR_WINDOWS_UP_TO_US,
+            Level::Day => DAY_WINDOWS_UP_TO_US,
+            Level::Week => return None,
+        };
+        Some(self.bucket(now_us.saturating_sub(span)) - self.width_us())
+    }
 }
 
 /// Phase names the probes report (`mxscope_proto::Phase` when this was written). A name's
@@ -517,5 +541,34 @@ mod tests {
         );
         assert_eq!(Level::Hour.bucket(7_300_000_000), 7_200_000_000);
         assert_eq!(Level::Hour.bucket(-1), -3_600_000_000);
+    }
+
+    /// Every row a window reads, now or later, is at or after its level's `keep_from` of now.
+    #[test]
+    fn no_window_reads_a_row_older_than_keep_from() {
+        let h = 3_600_000_000i64;
+        let now = 1_764_000_000_000_000i64 + 1_234_567;
+        assert_eq!(Level::Week.keep_from(now), None);
+        let mut hour_from_seen = i64::MAX;
+        for later in [0, 1, h / 2, h, 5 * h, 3 * 24 * h] {
+            for span in (1..=40 * 24).map(|k| k * h - 1) {
+                let t = now + later;
+                let Some((level, from)) = plan(t - span, t) else {
+                    continue;
+                };
+                let keep = level.keep_from(now).unwrap_or(i64::MIN);
+                assert!(from >= keep, "{level:?} span {span} later {later}");
+                if level == Level::Hour && later == 0 {
+                    hour_from_seen = hour_from_seen.min(from);
+                }
+            }
+        }
+        // Kept no more than a bucket of slack beyond the oldest row a window reads.
+        let keep = Level::Hour.keep_from(now).unwrap();
+        assert!(hour_from_seen - keep <= 2 * h, "{}", hour_from_seen - keep);
+        assert!(keep >= now - 3 * 24 * h - 3 * h);
+        let day = 24 * h;
+        let keep = Level::Day.keep_from(now).unwrap();
+        assert!(keep >= now - 21 * day - 3 * day && keep <= now - 21 * day);
     }
 }

@@ -99,7 +99,13 @@ async fn resent_results_are_stored_once_and_hwm_allows_gaps() {
     let path = dir.path().join("t.db");
     let store = open(&dir, 0);
     assert_eq!(store.register_agent(hello("a1")).await.unwrap(), 0);
-    let batch = |s: &[u64]| s.iter().map(|&q| result("a1", q)).collect::<Vec<_>>();
+    // Recent results: every rollup level keeps their rows.
+    let t0 = now_us() - 3_600_000_000;
+    let batch = |s: &[u64]| {
+        s.iter()
+            .map(|&q| outcome_result("a1", q, true, t0 + q as i64))
+            .collect::<Vec<_>>()
+    };
 
     assert_eq!(
         store
@@ -714,8 +720,8 @@ async fn retention_deletes_old_raw_rows_and_rollups_in_small_rounds() {
     store.register_agent(hello("a1")).await.unwrap();
     let day = 86_400_000_000i64;
     let now = now_us();
-    // 30 results stored 2 hours ago (past raw retention), started 20 days ago (past all), and
-    // 5 stored now.
+    // 30 results stored 2 hours ago (past raw retention), started 20 days ago (past all; too
+    // old for an hour row, which no window would read), and 5 stored now.
     let old: Vec<_> = (1..=30)
         .map(|s| outcome_result("a1", s, true, now - 20 * day + s as i64))
         .collect();
@@ -738,8 +744,9 @@ async fn retention_deletes_old_raw_rows_and_rollups_in_small_rounds() {
     };
     store.sync_rollups().await.unwrap();
     assert_eq!(count("SELECT count(*) FROM rollups WHERE level = 86400"), 2);
-    // One round deletes at most a batch of raw rows, and the one old row of each rollup level.
-    assert_eq!(store.prune(now).await.unwrap(), 7 + 3);
+    assert_eq!(count("SELECT count(*) FROM rollups WHERE level = 3600"), 1);
+    // One round deletes at most a batch of raw rows, and the one old day and week row.
+    assert_eq!(store.prune(now).await.unwrap(), 7 + 2);
     assert_eq!(count("SELECT count(*) FROM results"), 35 - 7);
     assert_eq!(store.prune_all(now, 7).await.unwrap(), 23);
     assert_eq!(
@@ -761,6 +768,49 @@ async fn retention_deletes_old_raw_rows_and_rollups_in_small_rounds() {
         "today's rows stay"
     );
     assert_eq!(store.prune_all(now, 7).await.unwrap(), 0, "caught up");
+    store.close().await.unwrap();
+}
+
+/// Hour rows are kept about 3 days and day rows about 3 weeks, as long as a window reads them:
+/// results that arrive older skip those rows yet every window counts them, and the retention
+/// job deletes the rows that aged past their level's windows.
+#[tokio::test]
+async fn late_results_skip_the_rollup_rows_no_window_reads() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("t.db");
+    let store = open(&dir, 1);
+    store.register_agent(hello("a1")).await.unwrap();
+    let (hour, day) = (3_600_000_000i64, 86_400_000_000i64);
+    let now = now_us();
+    let ages = [30 * day, 10 * day, 2 * day, hour];
+    let results = ages
+        .iter()
+        .zip(1u64..)
+        .map(|(age, seq)| outcome_result("a1", seq, true, now - age))
+        .collect();
+    store
+        .store_results("a1", "eu-west", results, now)
+        .await
+        .unwrap();
+    store.sync_rollups().await.unwrap();
+    assert_eq!(
+        rollup_counts(&path),
+        vec![(3600, 2), (86_400, 3), (604_800, 4)],
+        "hour rows for the last 3 days, day rows for the last 3 weeks, week rows for all"
+    );
+    for (since, want) in [(now - 31 * day, 4), (now - 21 * day, 3), (now - 3 * day, 2)] {
+        let got = store
+            .rollups(Filter::default(), since, now, None)
+            .await
+            .unwrap();
+        assert_eq!(got.values().next().unwrap().count, want, "since {since}");
+    }
+    // Two days on, the hour row of the result then 4 days old is past every window.
+    assert_eq!(store.prune(now + 2 * day).await.unwrap(), 1);
+    assert_eq!(
+        rollup_counts(&path),
+        vec![(3600, 1), (86_400, 3), (604_800, 4)]
+    );
     store.close().await.unwrap();
 }
 

@@ -2,9 +2,9 @@
 //! applies up to `batch_max` of them (and what arrives within `linger` while the batch is small)
 //! in one transaction and answers each request only after COMMIT returned.
 //!
-//! Rollups are buffered: committed results' hour aggregates collect in memory and are written
-//! (with the day and week rows derived from them) every `rollup_flush`, when the buffer is full,
-//! before a rollup read and at close. `rollup_mark` records which results they cover; a writer
+//! Rollups are buffered: committed results' hour and day aggregates collect in memory and are
+//! written (with the week rows derived from the days) every `rollup_flush`, when the buffer is
+//! full, before a rollup read and at close. `rollup_mark` records which results they cover; a writer
 //! that starts after an unclean stop rolls up the results stored after the mark.
 
 use std::path::{Path, PathBuf};
@@ -457,18 +457,23 @@ fn merge_all(into: &mut FxMap<HourKey, Agg>, from: FxMap<HourKey, Agg>) {
         *into = from;
     } else {
         for (k, a) in from {
-            merge_into(into, k, a);
+            drop(merge_into(into, k, a));
         }
     }
 }
 
-/// Merges `a` into `map[k]` (moved in when `k` is new).
-fn merge_into<K: std::hash::Hash + Eq>(map: &mut FxMap<K, Agg>, k: K, a: Agg) {
+/// Merges `a` into `map[k]`: moved in when `k` is new, else merged and handed back to be dropped.
+#[must_use]
+fn merge_into<K: std::hash::Hash + Eq>(map: &mut FxMap<K, Agg>, k: K, a: Agg) -> Option<Agg> {
     match map.entry(k) {
         std::collections::hash_map::Entry::Vacant(v) => {
             v.insert(a);
+            None
         }
-        std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().merge(&a),
+        std::collections::hash_map::Entry::Occupied(mut o) => {
+            o.get_mut().merge(&a);
+            Some(a)
+        }
     }
 }
 
@@ -505,23 +510,38 @@ struct Writer {
     checkpointer: Checkpointer,
 }
 
-/// Committed results' hour aggregates waiting to be written to `rollups`.
+/// Committed results' aggregates waiting to be written to `rollups`: hour and day rows (a day
+/// row holds all of its hours), the week rows are derived when written.
 #[derive(Default)]
 struct Buffer {
-    hours: FxMap<HourKey, Agg>,
-    /// `results.id` of the last result whose aggregate is in `hours` (or already written).
+    rows: FxMap<LevelKey, Agg>,
+    /// Aggregates merged into `rows`, left for the dropper thread.
+    spent: Vec<Agg>,
+    /// `results.id` of the last result whose aggregate is in `rows` (or already written).
     through_id: i64,
-    /// When the oldest aggregate in `hours` was added.
+    /// When the oldest aggregate in `rows` was added.
     since: Option<Instant>,
 }
 
 impl Buffer {
-    /// Adds committed results' hour aggregates; `last_id` is the last of those results.
-    fn add(&mut self, hours: FxMap<HourKey, Agg>, last_id: i64) {
+    /// Adds committed results' hour aggregates; `last_id` is the last of those results. An hour
+    /// no window reads any more (see [`Level::keep_from`]) goes into its day row only.
+    fn add(&mut self, hours: FxMap<HourKey, Agg>, last_id: i64, now_us: i64) {
         if hours.is_empty() {
             return;
         }
-        merge_all(&mut self.hours, hours);
+        let keep = Level::Hour.keep_from(now_us).unwrap_or(i64::MIN);
+        self.rows.reserve(hours.len());
+        for ((bucket, id), a) in hours {
+            let day = (Level::Day, Level::Day.bucket(bucket), id);
+            if bucket >= keep {
+                self.rows.entry(day).or_default().merge(&a);
+                self.spent
+                    .extend(merge_into(&mut self.rows, (Level::Hour, bucket, id), a));
+            } else {
+                self.spent.extend(merge_into(&mut self.rows, day, a));
+            }
+        }
         self.through_id = self.through_id.max(last_id);
         self.since.get_or_insert_with(Instant::now);
     }
@@ -690,11 +710,14 @@ impl Writer {
                     }
                 }
                 // Counted before the acks go out: a reader that saw the ack writes them first.
-                self.rollups
-                    .add(std::mem::take(&mut delta.hours), delta.last_id);
+                self.rollups.add(
+                    std::mem::take(&mut delta.hours),
+                    delta.last_id,
+                    super::now_us(),
+                );
                 self.stats
                     .rollups_buffered
-                    .store(self.rollups.hours.len() as u64, Ordering::Relaxed);
+                    .store(self.rollups.rows.len() as u64, Ordering::Relaxed);
                 for e in std::mem::take(&mut delta.events) {
                     // No receiver (nobody watching) is fine.
                     let _ = self.events.send(e);
@@ -730,7 +753,7 @@ impl Writer {
         if let Err(back) = self.dropper.send(Box::new(delta)) {
             drop(back);
         }
-        let due = self.rollups.hours.len() >= self.opts.rollup_buffer
+        let due = self.rollups.rows.len() >= self.opts.rollup_buffer
             || self
                 .rollups
                 .since
@@ -760,7 +783,7 @@ impl Writer {
         let through = self.rollups.through_id;
         let outcome = (|| -> Result<(), StoreError> {
             let tx = self.conn.transaction()?;
-            write_rollups(&tx, &self.rollups.hours)?;
+            write_rollups(&tx, &self.rollups.rows, super::now_us())?;
             tx.execute("UPDATE rollup_mark SET through_id = ?1", [through])?;
             tx.commit()?;
             Ok(())
@@ -772,17 +795,18 @@ impl Writer {
         match outcome {
             Ok(()) => {
                 bump(&self.stats.rollup_flushes, 1);
-                let hours = std::mem::take(&mut self.rollups.hours);
+                let rows = std::mem::take(&mut self.rollups.rows);
+                let spent = std::mem::take(&mut self.rollups.spent);
                 self.rollups.since = None;
                 self.stats.rollups_buffered.store(0, Ordering::Relaxed);
-                let _ = self.dropper.send(Box::new(hours));
+                let _ = self.dropper.send(Box::new((rows, spent)));
                 Ok(())
             }
             Err(err) => {
                 let full = err.is_disk_full();
                 self.note_disk_full(full, false);
                 if !full {
-                    tracing::error!(error = %err, buffered = self.rollups.hours.len(),
+                    tracing::error!(error = %err, buffered = self.rollups.rows.len(),
                         "writing the buffered rollups failed; kept in memory and retried");
                 }
                 // Not retried before the next interval.
@@ -829,7 +853,7 @@ impl Writer {
             results = through - mark,
             "rolling up the results stored after the last rollup write (the collector did not stop cleanly)"
         );
-        self.rollups.add(hours, through);
+        self.rollups.add(hours, through, super::now_us());
         self.flush_rollups()
     }
 
@@ -1089,23 +1113,31 @@ fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Writes hour aggregates into `rollups` and merges them into their day and week rows: a new
-/// row is inserted, an existing one read, merged and updated in place. Rows are written in key
-/// order, so the b-tree is walked forward once.
-fn write_rollups(tx: &Connection, hours: &FxMap<HourKey, Agg>) -> Result<(), StoreError> {
-    let mut upper: FxMap<LevelKey, Agg> = FxMap::default();
-    for (&(bucket, id), a) in hours {
-        for level in [Level::Day, Level::Week] {
-            upper
-                .entry((level, level.bucket(bucket), id))
+/// Writes buffered hour and day aggregates into `rollups`, with the week rows merged from the
+/// days: a new row is inserted, an existing one read, merged and updated in place. Rows no window
+/// reads any more (results that arrived late) are not written. Rows are written in key order, so
+/// the b-tree is walked forward once.
+fn write_rollups(
+    tx: &Connection,
+    buffered: &FxMap<LevelKey, Agg>,
+    now_us: i64,
+) -> Result<(), StoreError> {
+    let mut weeks: FxMap<LevelKey, Agg> = FxMap::default();
+    for (&(level, bucket, id), a) in buffered {
+        if level == Level::Day {
+            weeks
+                .entry((Level::Week, Level::Week.bucket(bucket), id))
                 .or_default()
                 .merge(a);
         }
     }
-    let mut rows: Vec<(LevelKey, &Agg)> = hours
+    let kept =
+        |level: Level, bucket: i64| level.keep_from(now_us).is_none_or(|from| bucket >= from);
+    let mut rows: Vec<(LevelKey, &Agg)> = buffered
         .iter()
-        .map(|(&(bucket, id), a)| ((Level::Hour, bucket, id), a))
-        .chain(upper.iter().map(|(&k, a)| (k, a)))
+        .chain(weeks.iter())
+        .map(|(&k, a)| (k, a))
+        .filter(|((level, bucket, _), _)| kept(*level, *bucket))
         .collect();
     rows.sort_unstable_by_key(|(k, _)| (k.0.code(), k.1, k.2));
     let mut get = tx.prepare_cached(
@@ -1395,7 +1427,7 @@ fn store_results(
     if all_new {
         ctx.req.hours.reserve(hours.len());
         for (bucket, k, a) in hours {
-            merge_into(&mut ctx.req.hours, (bucket, ids[k as usize]), a);
+            drop(merge_into(&mut ctx.req.hours, (bucket, ids[k as usize]), a));
         }
     }
     let mut insert = tx.prepare_cached(
@@ -1489,7 +1521,8 @@ fn state_name(failing: bool) -> &'static str {
 
 /// One round of the retention job: deletes at most `batch` raw results stored before the raw
 /// retention (oldest rows first, by rowid, which follows storage time), and at most `batch`
-/// rollup rows per level older than the rollup retention. Returns the number of rows deleted.
+/// rollup rows per level older than the rollup retention or than the level is read for
+/// ([`Level::keep_from`]). Returns the number of rows deleted.
 fn prune(tx: &Connection, ret: Retention, now_us: i64) -> Result<u64, StoreError> {
     let mut deleted = tx.execute(
         "DELETE FROM results WHERE id IN (SELECT id FROM results ORDER BY id LIMIT ?1)
@@ -1503,7 +1536,9 @@ fn prune(tx: &Connection, ret: Retention, now_us: i64) -> Result<u64, StoreError
                   WHERE level = ?1 AND bucket_us < ?2 LIMIT ?3)",
             params![
                 level.code(),
-                level.bucket(now_us.saturating_sub(ret.rollup_us)),
+                level
+                    .bucket(now_us.saturating_sub(ret.rollup_us))
+                    .max(level.keep_from(now_us).unwrap_or(i64::MIN)),
                 ret.batch
             ],
         )?;
