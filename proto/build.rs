@@ -1,7 +1,11 @@
-//! Compiles `mxscope/v1/*.proto` with the pure-Rust `protox` compiler, so no system `protoc` is needed.
+//! Compiles `mxscope/v1/*.proto` with the pure-Rust `protox` compiler, so no system `protoc` is
+//! needed, and generates the collector's Ingest server over `mxscope.v1.raw` (results kept as
+//! bytes; see `src/raw.rs`).
+
+use tonic_build::manual::{Builder, Method, Service};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["mxscope/v1/mxscope.proto"];
+    let files = ["mxscope/v1/mxscope.proto", "mxscope/v1/raw.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -9,6 +13,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .bytes(".mxscope.v1.raw")
         .compile_fds(fds)?;
+    // The same route as `mxscope.v1.Ingest/Session`, reading `raw::AgentMessage`.
+    let ingest = Service::builder()
+        .name("Ingest")
+        .package("mxscope.v1")
+        .method(
+            Method::builder()
+                .name("session")
+                .route_name("Session")
+                .input_type("crate::pb::raw::AgentMessage")
+                .output_type("crate::pb::CollectorMessage")
+                .codec_path("tonic_prost::ProstCodec")
+                .client_streaming()
+                .server_streaming()
+                .build(),
+        )
+        .build();
+    Builder::new()
+        .build_client(false)
+        .build_server(true)
+        .compile(&[ingest]);
     Ok(())
 }

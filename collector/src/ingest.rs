@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use futures::stream::FuturesOrdered;
 use futures::{Future, StreamExt};
-use mxscope_proto::pb::agent_message::Msg as Up;
 use mxscope_proto::pb::collector_message::Msg as Down;
-use mxscope_proto::pb::{self, ingest_server::Ingest};
+use mxscope_proto::pb::raw::agent_message::Msg as Up;
+use mxscope_proto::pb::{self, raw::ingest_server::Ingest};
+use mxscope_proto::raw::ResultView;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -78,20 +79,40 @@ pub fn validate_hello(h: &pb::Hello) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// Refuses a batch of more than `max` results.
+fn check_batch_size(n: usize, max: usize) -> Result<(), ServiceError> {
+    if n > max {
+        return Err(ServiceError::ResourceExhausted(format!(
+            "batch of {n} results is above the limit of {max}; send smaller batches"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads each result of a batch in place; names the first that is not a valid `ProbeResult`.
+pub fn read_batch(raw: &[bytes::Bytes]) -> Result<Vec<ResultView<'_>>, ServiceError> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, b)| {
+            ResultView::parse(b).map_err(|e| {
+                ServiceError::InvalidArgument(format!(
+                    "result {} of the batch is not a valid ProbeResult: {e}",
+                    i + 1
+                ))
+            })
+        })
+        .collect()
+}
+
 /// Checks a batch against the stream's agent: size limit, agent id, seq >= 1 and strictly ascending.
 pub fn validate_batch(
-    batch: &pb::ResultBatch,
+    results: &[ResultView<'_>],
     agent_id: &str,
     max: usize,
 ) -> Result<(), ServiceError> {
-    if batch.results.len() > max {
-        return Err(ServiceError::ResourceExhausted(format!(
-            "batch of {} results is above the limit of {max}; send smaller batches",
-            batch.results.len()
-        )));
-    }
+    check_batch_size(results.len(), max)?;
     let mut prev = 0u64;
-    for r in &batch.results {
+    for r in results {
         if r.agent_id != agent_id {
             return Err(ServiceError::InvalidArgument(format!(
                 "result seq {} names agent '{}', but this stream belongs to agent '{agent_id}'",
@@ -121,7 +142,7 @@ impl Ingest for IngestService {
 
     async fn session(
         &self,
-        request: Request<Streaming<pb::AgentMessage>>,
+        request: Request<Streaming<pb::raw::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let cert = request.extensions().get::<Identity>().cloned();
         let mut inbound = request.into_inner();
@@ -135,7 +156,7 @@ impl Ingest for IngestService {
             }
             Ok(res) => res.map_err(|s| count_stream_error(&shared.counters, "-", s))?,
         };
-        let Some(pb::AgentMessage {
+        let Some(pb::raw::AgentMessage {
             msg: Some(Up::Hello(hello)),
         }) = first
         else {
@@ -303,7 +324,7 @@ struct Session {
 }
 
 impl Session {
-    async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>) {
+    async fn run(mut self, mut inbound: Streaming<pb::raw::AgentMessage>) {
         let max_in_flight = self.shared.config.max_in_flight_batches.max(1);
         let mut pending: FuturesOrdered<Commit> = FuturesOrdered::new();
         let mut reading = true;
@@ -414,47 +435,67 @@ impl Session {
     }
 
     /// Handles one message; a batch yields the future of its commit and its number of results.
-    fn handle(&self, m: pb::AgentMessage) -> Result<Option<(Commit, usize)>, ServiceError> {
+    fn handle(&self, m: pb::raw::AgentMessage) -> Result<Option<(Commit, usize)>, ServiceError> {
         match m.msg {
             None => Ok(None),
             Some(Up::Hello(_)) => Err(ServiceError::InvalidArgument(
                 "hello was already sent on this session".into(),
             )),
             Some(Up::Batch(batch)) => {
-                if let Err(err) =
-                    validate_batch(&batch, &self.agent_id, self.shared.config.max_batch_results)
-                {
-                    if matches!(err, ServiceError::ResourceExhausted(_)) {
-                        let n = Counters::bump(&self.shared.counters.oversize_batches);
-                        warn!(agent.id = %self.agent_id, results = batch.results.len(),
-                            oversize_batches_total = n, "oversize batch refused");
+                let raw = batch.results;
+                let max = self.shared.config.max_batch_results;
+                let views = check_batch_size(raw.len(), max)
+                    .and_then(|()| read_batch(&raw))
+                    .and_then(|views| validate_batch(&views, &self.agent_id, max).map(|()| views));
+                let views = match views {
+                    Ok(views) => views,
+                    Err(err) => {
+                        if matches!(err, ServiceError::ResourceExhausted(_)) {
+                            let n = Counters::bump(&self.shared.counters.oversize_batches);
+                            warn!(agent.id = %self.agent_id, results = raw.len(),
+                                oversize_batches_total = n, "oversize batch refused");
+                        }
+                        return Err(err);
                     }
-                    return Err(err);
-                }
-                let n = batch.results.len();
+                };
+                let n = views.len();
                 debug!(agent.id = %self.agent_id, results = n, "batch received");
                 let now = now_us();
                 let limits = &self.shared.config.limits;
                 let mut rejected = Vec::new();
-                let mut accepted = Vec::with_capacity(n);
-                for r in batch.results {
-                    match limits.check_result(&r, now) {
-                        Ok(()) => accepted.push(r),
-                        Err(why) => {
-                            self.shared.counters.reject(why.reason);
-                            warn!(agent.id = %self.agent_id, seq = r.seq, reason = %why.reason,
-                                detail = %why.detail, "result rejected");
-                            rejected.push(r.seq);
-                        }
+                for r in &views {
+                    if let Err(why) = limits.check_result(r, now) {
+                        self.shared.counters.reject(why.reason);
+                        warn!(agent.id = %self.agent_id, seq = r.seq, reason = %why.reason,
+                            detail = %why.detail, "result rejected");
+                        rejected.push(r.seq);
                     }
                 }
-                let commit = self.shared.store.store_checked_results(
-                    &self.agent_id,
-                    &self.region,
-                    accepted,
-                    rejected,
-                    now,
-                );
+                let store = &self.shared.store;
+                let commit = if rejected.is_empty() {
+                    store.store_checked_results(
+                        &self.agent_id,
+                        &self.region,
+                        &views,
+                        raw.clone(),
+                        rejected,
+                        now,
+                    )
+                } else {
+                    let (views, raw): (Vec<_>, Vec<_>) = views
+                        .into_iter()
+                        .zip(raw.iter().cloned())
+                        .filter(|(v, _)| !rejected.contains(&v.seq))
+                        .unzip();
+                    store.store_checked_results(
+                        &self.agent_id,
+                        &self.region,
+                        &views,
+                        raw,
+                        rejected,
+                        now,
+                    )
+                };
                 Ok(Some((commit, n)))
             }
             Some(Up::Heartbeat(hb)) => {
@@ -532,36 +573,38 @@ mod tests {
         assert!(msg.contains("region '' is invalid"), "{msg}");
     }
 
+    /// `results` as the collector reads them off the wire, checked.
+    fn validate(results: &[pb::ProbeResult], agent: &str, max: usize) -> Result<(), ServiceError> {
+        let raw: Vec<bytes::Bytes> = results
+            .iter()
+            .map(|r| prost::Message::encode_to_vec(r).into())
+            .collect();
+        let views = read_batch(&raw)?;
+        validate_batch(&views, agent, max)
+    }
+
     #[test]
     fn batch_validation() {
-        let ok = pb::ResultBatch {
-            results: vec![result("a", 1), result("a", 5)],
-        };
-        assert!(validate_batch(&ok, "a", 10).is_ok());
-        let other = pb::ResultBatch {
-            results: vec![result("b", 1)],
-        };
-        assert!(validate_batch(&other, "a", 10)
+        assert!(validate(&[result("a", 1), result("a", 5)], "a", 10).is_ok());
+        assert!(validate(&[result("b", 1)], "a", 10)
             .unwrap_err()
             .to_string()
             .contains("names agent 'b'"));
-        let desc = pb::ResultBatch {
-            results: vec![result("a", 2), result("a", 2)],
-        };
-        assert!(validate_batch(&desc, "a", 10)
+        assert!(validate(&[result("a", 2), result("a", 2)], "a", 10)
             .unwrap_err()
             .to_string()
             .contains("ascending"));
-        let zero = pb::ResultBatch {
-            results: vec![result("a", 0)],
-        };
-        assert!(validate_batch(&zero, "a", 10).is_err());
-        let big = pb::ResultBatch {
-            results: (1..=11).map(|s| result("a", s)).collect(),
-        };
+        assert!(validate(&[result("a", 0)], "a", 10).is_err());
+        let big: Vec<_> = (1..=11).map(|s| result("a", s)).collect();
         assert!(matches!(
-            validate_batch(&big, "a", 10),
+            validate(&big, "a", 10),
             Err(ServiceError::ResourceExhausted(_))
         ));
+        // A result that is not a ProbeResult is named.
+        let garbage = [bytes::Bytes::from_static(&[0xff, 0xff])];
+        assert!(read_batch(&garbage)
+            .unwrap_err()
+            .to_string()
+            .contains("result 1 of the batch is not a valid ProbeResult"));
     }
 }

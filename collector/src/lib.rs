@@ -22,8 +22,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mxscope_proto::pb::ingest_server::IngestServer;
 use mxscope_proto::pb::query_server::QueryServer;
+use mxscope_proto::pb::raw::ingest_server::IngestServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;

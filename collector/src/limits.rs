@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use mxscope_proto::pb;
+use mxscope_proto::raw::{FactValue, ResultView};
 use tokio::time::Instant;
 
 /// Limits applied to every result and to each agent's result rate.
@@ -118,7 +119,7 @@ fn too_long(field: &str, len: usize, max: usize) -> Rejected {
 
 impl Limits {
     /// Checks one result against the limits; `now_us` is the collector's clock.
-    pub fn check_result(&self, r: &pb::ProbeResult, now_us: i64) -> Result<(), Rejected> {
+    pub fn check_result(&self, r: &ResultView<'_>, now_us: i64) -> Result<(), Rejected> {
         let len = |field: &str, s: &str, max: usize| {
             if s.len() > max {
                 Err(too_long(field, s.len(), max))
@@ -126,14 +127,14 @@ impl Limits {
                 Ok(())
             }
         };
-        len("target", &r.target, self.max_name_len)?;
-        len("message", &r.message, self.max_message_len)?;
-        len("check", &r.check, self.max_short_len)?;
-        len("error_class", &r.error_class, self.max_short_len)?;
-        len("phase", &r.phase, self.max_short_len)?;
+        len("target", r.target, self.max_name_len)?;
+        len("message", r.message, self.max_message_len)?;
+        len("check", r.check, self.max_short_len)?;
+        len("error_class", r.error_class, self.max_short_len)?;
+        len("phase", r.phase, self.max_short_len)?;
         if let Some(e) = &r.endpoint {
-            len("endpoint.host", &e.host, self.max_name_len)?;
-            len("endpoint.ip", &e.ip, self.max_short_len)?;
+            len("endpoint.host", e.host, self.max_name_len)?;
+            len("endpoint.ip", e.ip, self.max_short_len)?;
             if pb::AddressFamily::try_from(e.family).is_err() {
                 return Err(Rejected {
                     reason: RejectReason::UnknownEnum,
@@ -164,13 +165,13 @@ impl Limits {
             });
         }
         for f in &r.facts {
-            len("fact key", &f.key, self.max_fact_key_len)?;
-            if let Some(pb::fact::Value::Text(t)) = &f.value {
+            len("fact key", f.key, self.max_fact_key_len)?;
+            if let Some(FactValue::Text(t)) = f.value {
                 len("fact text", t, self.max_fact_text_len)?;
             }
         }
-        for t in &r.timings {
-            len("timing phase", &t.phase, self.max_fact_key_len)?;
+        for (phase, _) in &r.timings {
+            len("timing phase", phase, self.max_fact_key_len)?;
         }
         let future = micros(self.max_future);
         let age = micros(self.max_age);
@@ -428,6 +429,13 @@ mod tests {
 
     const NOW: i64 = 1_700_000_000_000_000;
 
+    /// [`Limits::check_result`] of `r` as the collector reads it off the wire.
+    fn check(l: &Limits, r: &pb::ProbeResult, now: i64) -> Result<(), Rejected> {
+        let bytes = prost::Message::encode_to_vec(r);
+        let view = ResultView::parse(&bytes).expect("parses");
+        l.check_result(&view, now)
+    }
+
     fn ok_result() -> pb::ProbeResult {
         pb::ProbeResult {
             agent_id: "a".into(),
@@ -443,7 +451,7 @@ mod tests {
     #[test]
     fn each_limit_rejects_with_its_reason() {
         let l = Limits::default();
-        assert_eq!(l.check_result(&ok_result(), NOW), Ok(()));
+        assert_eq!(check(&l, &ok_result(), NOW), Ok(()));
         let cases: Vec<(pb::ProbeResult, RejectReason)> = vec![
             (
                 pb::ProbeResult {
@@ -507,7 +515,7 @@ mod tests {
         ];
         assert!(!cases.is_empty());
         for (r, reason) in cases {
-            let got = l.check_result(&r, NOW).expect_err("must be rejected");
+            let got = check(&l, &r, NOW).expect_err("must be rejected");
             assert_eq!(got.reason, reason, "{got}");
         }
         // Exactly at the limits is accepted.
@@ -517,7 +525,7 @@ mod tests {
             start_us: NOW + 10 * 60 * 1_000_000,
             ..ok_result()
         };
-        assert_eq!(l.check_result(&edge, NOW), Ok(()));
+        assert_eq!(check(&l, &edge, NOW), Ok(()));
     }
 
     #[test]
@@ -560,15 +568,16 @@ mod tests {
         fn arbitrary_bytes_never_panic_decode_or_validation(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             use prost::Message;
             let limits = Limits::default();
-            if let Ok(msg) = pb::AgentMessage::decode(bytes.as_slice()) {
-                if let Some(pb::agent_message::Msg::Batch(b)) = msg.msg {
-                    for r in &b.results {
+            if let Ok(msg) = pb::raw::AgentMessage::decode(bytes.as_slice()) {
+                if let Some(pb::raw::agent_message::Msg::Batch(b)) = msg.msg {
+                    let views: Vec<_> = b.results.iter().filter_map(|r| ResultView::parse(r).ok()).collect();
+                    for r in &views {
                         let _ = limits.check_result(r, NOW);
                     }
-                    let _ = crate::ingest::validate_batch(&b, "a", 5000);
+                    let _ = crate::ingest::validate_batch(&views, "a", 5000);
                 }
             }
-            if let Ok(r) = pb::ProbeResult::decode(bytes.as_slice()) {
+            if let Ok(r) = ResultView::parse(&bytes) {
                 let _ = limits.check_result(&r, NOW);
                 let _ = limits.check_result(&r, i64::MIN);
                 let _ = limits.check_result(&r, i64::MAX);
@@ -589,7 +598,7 @@ mod tests {
                 facts: vec![pb::Fact::default(); nfacts],
                 ..Default::default()
             };
-            let _ = Limits::default().check_result(&r, NOW);
+            let _ = check(&Limits::default(), &r, NOW);
         }
     }
 }

@@ -7,6 +7,15 @@ pub mod model;
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("mxscope.v1");
+
+    /// The collector's reading of the Ingest stream (`raw.proto`) and its Ingest server, which
+    /// reads batches as `raw::AgentMessage`.
+    pub mod raw {
+        tonic::include_proto!("mxscope.v1.raw");
+        include!(concat!(env!("OUT_DIR"), "/mxscope.v1.Ingest.rs"));
+    }
 }
+
+pub mod raw;
 
 pub use model::*;

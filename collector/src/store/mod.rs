@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use mxscope_proto::pb;
+use mxscope_proto::raw::ResultView;
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
@@ -446,16 +448,32 @@ impl Store {
         results: Vec<pb::ProbeResult>,
         at_us: i64,
     ) -> Pending<u64> {
-        self.store_checked_results(agent_id, region, results, Vec::new(), at_us)
+        let raw: Vec<Bytes> = results
+            .iter()
+            .map(|r| Bytes::from(prost::Message::encode_to_vec(r)))
+            .collect();
+        let views = raw
+            .iter()
+            .map(|b| ResultView::parse(b))
+            .collect::<Result<Vec<_>, _>>();
+        match views {
+            Ok(views) => {
+                self.store_checked_results(agent_id, region, &views, raw.clone(), Vec::new(), at_us)
+            }
+            Err(_) => Box::pin(async { Err(StoreError::OutOfRange("encoded result")) }),
+        }
     }
 
-    /// Like [`Store::store_results`], with the seqs of the batch that the ingest limits refused:
-    /// they are counted in `agents.rejected_total` and the high-water mark moves past them.
+    /// Like [`Store::store_results`], for results as received: `raw` the encoded results,
+    /// `results` the same read in place. `rejected` are the seqs of the batch that the ingest
+    /// limits refused: they are counted in `agents.rejected_total` and the high-water mark moves
+    /// past them.
     pub fn store_checked_results(
         &self,
         agent_id: &str,
         region: &str,
-        results: Vec<pb::ProbeResult>,
+        results: &[ResultView<'_>],
+        raw: Vec<Bytes>,
         rejected: Vec<u64>,
         at_us: i64,
     ) -> Pending<u64> {
@@ -466,12 +484,12 @@ impl Store {
                 .series_dir
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            writer::Prepared::of(region, &results, &dir)
+            writer::Prepared::of(region, results, &dir)
         };
         let fut = self.submit(Op::Results {
             agent_id: agent_id.to_string(),
             prepared,
-            results,
+            results: raw,
             rejected,
             at_us,
         });

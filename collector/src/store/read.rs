@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use mxscope_proto::pb;
+use mxscope_proto::raw::{FactValue, FactView};
 use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, OpenFlags};
 
@@ -228,11 +229,21 @@ fn series_with_ids(c: &Connection, f: &Filter) -> Result<Vec<(i64, SeriesRow)>, 
     Ok(out)
 }
 
-/// Facts as stored in `series.last_facts`: `[[key, value], ...]` in compact JSON.
-pub(crate) fn facts_to_json(facts: &[pb::Fact]) -> String {
+/// Facts as stored in `series.last_facts`: `[[key, value], ...]` in compact JSON (text as
+/// string, numbers as numbers, flags as booleans).
+pub(crate) fn facts_to_json(facts: &[FactView<'_>]) -> String {
     let facts: Vec<(&str, serde_json::Value)> = facts
         .iter()
-        .map(|f| (f.key.as_str(), fact_to_json(f.value.as_ref())))
+        .map(|f| {
+            let v = match f.value {
+                None => serde_json::Value::Null,
+                Some(FactValue::Text(s)) => serde_json::Value::from(s),
+                Some(FactValue::Int(i)) => serde_json::Value::from(i),
+                Some(FactValue::Float(x)) => serde_json::Value::from(x),
+                Some(FactValue::Flag(b)) => serde_json::Value::from(b),
+            };
+            (f.key, v)
+        })
         .collect();
     // Serializing strings and numbers into a Vec cannot fail; fall back to an empty array.
     serde_json::to_string(&facts).unwrap_or_else(|_| "[]".into())
@@ -487,17 +498,6 @@ pub(crate) fn results(
 
 fn unsigned(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
-}
-
-/// A fact value as compact JSON: text as string, numbers as numbers, flags as booleans.
-pub(crate) fn fact_to_json(v: Option<&pb::fact::Value>) -> serde_json::Value {
-    match v {
-        None => serde_json::Value::Null,
-        Some(pb::fact::Value::Text(s)) => serde_json::Value::from(s.as_str()),
-        Some(pb::fact::Value::Int(i)) => serde_json::Value::from(*i),
-        Some(pb::fact::Value::Float(f)) => serde_json::Value::from(*f),
-        Some(pb::fact::Value::Flag(b)) => serde_json::Value::from(*b),
-    }
 }
 
 pub(crate) fn fact_from_json(v: serde_json::Value) -> Option<pb::fact::Value> {

@@ -9,6 +9,7 @@
 //! exactly. [`plan`] picks the source; [`Level::keep_from`] says how long a level is worth keeping.
 
 use mxscope_proto::pb;
+use mxscope_proto::raw::ResultView;
 
 use crate::analysis::sketch::{get_varint, put_varint, Sketch};
 
@@ -241,8 +242,26 @@ impl Agg {
     /// only the phases that completed (not the failing phase, and not `total`, which then measures
     /// how long it took to fail, e.g. a timeout).
     pub fn add(&mut self, r: &pb::ProbeResult) {
+        self.add_parts(
+            r.outcome,
+            &r.phase,
+            r.timings.iter().map(|t| (t.phase.as_str(), t.micros)),
+        );
+    }
+
+    /// [`Agg::add`] of a result read in place.
+    pub fn add_view(&mut self, r: &ResultView<'_>) {
+        self.add_parts(r.outcome, r.phase, r.timings.iter().copied());
+    }
+
+    fn add_parts<'a>(
+        &mut self,
+        outcome: i32,
+        failed_phase: &str,
+        timings: impl ExactSizeIterator<Item = (&'a str, u64)>,
+    ) {
         self.count += 1;
-        let failed = match pb::Outcome::try_from(r.outcome) {
+        let failed = match pb::Outcome::try_from(outcome) {
             Ok(pb::Outcome::Ok) => {
                 self.ok += 1;
                 false
@@ -258,13 +277,13 @@ impl Agg {
         };
         if self.phases.0.capacity() == 0 {
             // One allocation for the phases a probe reports (grown one by one it was four).
-            self.phases.0.reserve_exact(r.timings.len());
+            self.phases.0.reserve_exact(timings.len());
         }
-        for t in &r.timings {
-            if failed && (t.phase == r.phase || t.phase == "total") {
+        for (phase, micros) in timings {
+            if failed && (phase == failed_phase || phase == "total") {
                 continue;
             }
-            self.phases.sketch_mut(&t.phase).add(t.micros as f64);
+            self.phases.sketch_mut(phase).add(micros as f64);
         }
     }
 

@@ -3,7 +3,9 @@
 //! blob, decoded only when a result is shown. The series (target, endpoint, check, region) and
 //! the agent are integer ids into `series` and `agents`.
 
+use bytes::Bytes;
 use mxscope_proto::pb;
+use mxscope_proto::raw::ResultView;
 use prost::Message;
 
 /// The columns of a `results` row that do not depend on the database (no ids).
@@ -14,24 +16,46 @@ pub struct ResultRow {
     pub outcome: i32,
     /// The `total` phase timing, if the result has one.
     pub total_us: Option<i64>,
-    pub body: Vec<u8>,
+    /// Shared with the series' latest result (see the store writer).
+    pub body: Bytes,
 }
 
 impl ResultRow {
     /// Encodes a result; fields kept elsewhere (agent, seq, target, endpoint, check, start,
     /// outcome) are left out of the body.
     pub fn of(r: &pb::ProbeResult) -> ResultRow {
-        let total_us = r
-            .timings
-            .iter()
-            .find(|t| t.phase == "total")
-            .map(|t| i64::try_from(t.micros).unwrap_or(i64::MAX));
+        let total = r.timings.iter().find(|t| t.phase == "total");
+        ResultRow::with_body(
+            r.seq,
+            r.start_us,
+            r.outcome,
+            total.map(|t| t.micros),
+            encode_body(r),
+        )
+    }
+
+    /// The row of a result read in place: its body is the result's own encoding of the body
+    /// fields, copied as received (what [`encode_body`] makes of the decoded result).
+    pub fn of_view(r: &ResultView<'_>) -> ResultRow {
+        let total = r.timings.iter().find(|t| t.0 == "total");
+        let mut body = Vec::with_capacity(r.body_len());
+        r.body(&mut body);
+        ResultRow::with_body(r.seq, r.start_us, r.outcome, total.map(|t| t.1), body)
+    }
+
+    fn with_body(
+        seq: u64,
+        start_us: i64,
+        outcome: i32,
+        total: Option<u64>,
+        body: Vec<u8>,
+    ) -> ResultRow {
         ResultRow {
-            seq: i64::try_from(r.seq).unwrap_or(i64::MAX),
-            start_us: r.start_us,
-            outcome: r.outcome,
-            total_us,
-            body: encode_body(r),
+            seq: i64::try_from(seq).unwrap_or(i64::MAX),
+            start_us,
+            outcome,
+            total_us: total.map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
+            body: Bytes::from(body),
         }
     }
 }
@@ -102,6 +126,12 @@ mod tests {
             ..Default::default()
         };
         let row = ResultRow::of(&r);
+        let bytes = r.encode_to_vec();
+        assert_eq!(
+            ResultRow::of_view(&ResultView::parse(&bytes).unwrap()),
+            row,
+            "read in place, the same row"
+        );
         assert_eq!(row.total_us, Some(10_000_000));
         assert_eq!((row.seq, row.start_us), (7, 5));
         let back = decode_body(&row.body).expect("decodes");

@@ -266,7 +266,7 @@ fn compact_results(tx: &Connection) -> Result<(), rusqlite::Error> {
                 row.outcome,
                 row.total_us,
                 r.get::<_, i64>(6)?,
-                row.body,
+                &row.body[..],
             ])?;
             if seen.insert(series) {
                 endpoint.execute(rusqlite::params![

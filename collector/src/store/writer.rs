@@ -26,13 +26,17 @@ use super::rollup::{Agg, Level};
 use super::row::ResultRow;
 use super::{bump, AgentHello, StoreError, StoreOptions, TargetDef, WriterStats};
 use crate::analysis::hysteresis::{Hysteresis, Policy};
+use bytes::Bytes;
+use mxscope_proto::raw::ResultView;
 
 /// A write operation.
 pub(crate) enum Op {
     Hello(AgentHello),
     Results {
         agent_id: String,
-        results: Vec<pb::ProbeResult>,
+        /// The results as received (each an encoded `ProbeResult`), read again only for a state
+        /// change's event and for a batch with duplicates.
+        results: Vec<Bytes>,
         /// The per-result work on `results`, done by the caller before the writer sees them.
         prepared: Prepared,
         /// Seqs of the same batch refused by the ingest limits: counted and acked, not stored.
@@ -206,8 +210,8 @@ pub(crate) struct Prepared {
     /// Distinct series of the batch: its id when the directory knows it, else its key and the
     /// endpoint parts a new `series` row records.
     series: Vec<SeriesRef>,
-    /// Per result: its index into `series` and its row.
-    rows: Vec<(u32, ResultRow)>,
+    /// Per result: its index into `series`, its row and its interval.
+    rows: Vec<(u32, ResultRow, u64)>,
     /// Hour aggregates of all results by (bucket, index into `series`); the writer uses them
     /// when every result of the batch is stored (no duplicate), else it aggregates what it stored.
     hours: Vec<(i64, u32, Agg)>,
@@ -223,7 +227,7 @@ enum SeriesRef {
 
 impl Prepared {
     /// `dir` gives the ids of the series the writer committed already: those need no key.
-    pub(crate) fn of(region: &str, results: &[pb::ProbeResult], dir: &SeriesDir) -> Prepared {
+    pub(crate) fn of(region: &str, results: &[ResultView<'_>], dir: &SeriesDir) -> Prepared {
         // The label is a function of host, ip and port: with target and check they name the
         // series (the region is the batch's), so the label is made once per series, not per result.
         let mut index: FxMap<Ident<'_>, u32> =
@@ -236,10 +240,10 @@ impl Prepared {
             let e = r.endpoint.as_ref();
             let ident: Ident<'_> = (
                 region,
-                r.target.as_str(),
-                r.check.as_str(),
-                e.map_or(r.target.as_str(), |e| e.host.as_str()),
-                e.map_or("", |e| e.ip.as_str()),
+                r.target,
+                r.check,
+                e.map_or(r.target, |e| e.host),
+                e.map_or("", |e| e.ip),
                 e.map_or(0, |e| e.port),
             );
             let k = *index.entry(ident).or_insert_with(|| {
@@ -248,9 +252,9 @@ impl Prepared {
                     None => {
                         let parts = EndpointParts::of(r);
                         let key = SeriesKey {
-                            target: r.target.clone(),
+                            target: r.target.to_string(),
                             endpoint: parts.label(r),
-                            check: r.check.clone(),
+                            check: r.check.to_string(),
                             region: region.to_string(),
                         };
                         SeriesRef::New(key, parts)
@@ -261,8 +265,8 @@ impl Prepared {
             hours
                 .entry((Level::Hour.bucket(r.start_us), k))
                 .or_default()
-                .add(r);
-            rows.push((k, ResultRow::of(r)));
+                .add_view(r);
+            rows.push((k, ResultRow::of_view(r), r.interval_ms));
         }
         let ascending = results.windows(2).all(|w| w[0].seq < w[1].seq);
         Prepared {
@@ -285,26 +289,31 @@ struct EndpointParts {
 }
 
 impl EndpointParts {
-    fn of(r: &pb::ProbeResult) -> EndpointParts {
+    fn of(r: &ResultView<'_>) -> EndpointParts {
         match &r.endpoint {
             Some(e) => EndpointParts {
-                host: e.host.clone(),
-                ip: e.ip.clone(),
+                host: e.host.to_string(),
+                ip: e.ip.to_string(),
                 port: i64::from(e.port),
                 family: e.family,
             },
             None => EndpointParts {
-                host: r.target.clone(),
+                host: r.target.to_string(),
                 ..Default::default()
             },
         }
     }
 
     /// The series' endpoint label (the target's name when the result has no endpoint).
-    fn label(&self, r: &pb::ProbeResult) -> String {
+    fn label(&self, r: &ResultView<'_>) -> String {
         match &r.endpoint {
-            Some(e) => mxscope_proto::endpoint_label(e),
-            None => r.target.clone(),
+            Some(e) => mxscope_proto::endpoint_label(&pb::Endpoint {
+                host: e.host.to_string(),
+                ip: e.ip.to_string(),
+                port: e.port,
+                family: e.family,
+            }),
+            None => r.target.to_string(),
         }
     }
 }
@@ -418,15 +427,12 @@ struct SeriesMem {
     latest: Arc<Latest>,
 }
 
-/// The text of a series' latest result.
+/// A series' latest result: its agent and its stored body (error class, phase, facts, message;
+/// the row's own bytes, shared), read when the series row is written.
 #[derive(Debug, Default)]
 struct Latest {
     agent_id: Arc<str>,
-    error: String,
-    message: String,
-    phase: String,
-    /// Written as JSON once per batch.
-    facts: Vec<pb::Fact>,
+    body: Bytes,
 }
 
 /// Changes made by requests, applied to SQLite once per batch and to the writer's memory once
@@ -1066,22 +1072,26 @@ fn load_series(tx: &Connection, id: i64) -> Result<Option<SeriesMem>, StoreError
                     },
                     state_since_us: r.get(7)?,
                     latest: Arc::new(Latest {
-                        error: r.get(1)?,
-                        message: r.get(2)?,
                         agent_id: Arc::from(r.get::<_, String>(8)?),
-                        phase: r.get(9)?,
-                        facts: Vec::new(),
+                        body: Bytes::new(),
                     }),
+                },
+                pb::ProbeResult {
+                    error_class: r.get(1)?,
+                    message: r.get(2)?,
+                    phase: r.get(9)?,
+                    ..Default::default()
                 },
                 r.get::<_, String>(10)?,
             ))
         })
         .optional()?;
-    let Some((mut s, facts)) = row else {
+    let Some((mut s, mut latest, facts)) = row else {
         return Ok(None);
     };
-    if let Some(latest) = Arc::get_mut(&mut s.latest) {
-        latest.facts = super::read::facts_from_json(&facts)?;
+    latest.facts = super::read::facts_from_json(&facts)?;
+    if let Some(l) = Arc::get_mut(&mut s.latest) {
+        l.body = Bytes::from(super::row::encode_body(&latest));
     }
     Ok(Some(s))
 }
@@ -1095,19 +1105,21 @@ fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
          WHERE id = ?1",
     )?;
     for (id, s) in &d.series {
+        // The body was read when it was stored: it reads again.
+        let latest = ResultView::parse(&s.latest.body).unwrap_or_default();
         series.execute(params![
             id,
             s.last_outcome,
-            s.latest.error,
-            s.latest.message,
+            latest.error_class,
+            latest.message,
             s.last_seen_us,
             s.interval_ms,
             i64::from(s.hyst.failing),
             i64::from(s.hyst.streak),
             s.state_since_us,
             &*s.latest.agent_id,
-            s.latest.phase,
-            super::read::facts_to_json(&s.latest.facts),
+            latest.phase,
+            super::read::facts_to_json(&latest.facts),
         ])?;
     }
     Ok(())
@@ -1387,7 +1399,7 @@ fn store_results(
     tx: &Connection,
     ctx: &mut Ctx<'_>,
     agent_id: &str,
-    mut results: Vec<pb::ProbeResult>,
+    results: Vec<Bytes>,
     prepared: Prepared,
     at_us: i64,
 ) -> Result<u64, StoreError> {
@@ -1411,12 +1423,13 @@ fn store_results(
     if rows.len() != results.len() {
         return Err(StoreError::OutOfRange("prepared results"));
     }
+    // A result as sent, read again (it was read when the batch arrived).
+    let view = |i: usize| {
+        ResultView::parse(&results[i]).map_err(|_| StoreError::OutOfRange("stored result"))
+    };
     // No duplicate in the batch: its aggregates, made by the ingest task, are exactly what is
     // stored. Otherwise only the stored results are aggregated, here.
-    let all_new = ascending
-        && results
-            .first()
-            .is_none_or(|r| i64::try_from(r.seq).is_ok_and(|s| s > hwm));
+    let all_new = ascending && rows.first().is_none_or(|(_, row, _)| row.seq > hwm);
     let mut ids = Vec::with_capacity(series.len());
     for s in &series {
         ids.push(match s {
@@ -1434,7 +1447,7 @@ fn store_results(
         "INSERT INTO results (series_id, agent_num, seq, start_us, outcome, total_us, stored_at_us, body)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
-    for (r, (k, row)) in results.iter_mut().zip(&rows) {
+    for (i, (k, row, interval_ms)) in rows.iter().enumerate() {
         if row.seq <= hwm {
             ctx.req.duplicates += 1;
             continue;
@@ -1448,56 +1461,53 @@ fn store_results(
             row.outcome,
             row.total_us,
             at_us,
-            row.body,
+            &row.body[..],
         ])?;
         ctx.req.last_id = tx.last_insert_rowid();
         if !all_new {
             ctx.req
                 .hours
-                .entry((Level::Hour.bucket(r.start_us), id))
+                .entry((Level::Hour.bucket(row.start_us), id))
                 .or_default()
-                .add(r);
+                .add_view(&view(i)?);
         }
         let s = ctx.series(tx, id)?;
         let ok = matches!(
-            pb::Outcome::try_from(r.outcome),
+            pb::Outcome::try_from(row.outcome),
             Ok(pb::Outcome::Ok | pb::Outcome::Warn)
         );
         let was = state_name(s.hyst.failing);
         let changed = s.hyst.observe(ok, policy);
+        let now = state_name(s.hyst.failing);
         if changed {
-            s.state_since_us = r.start_us;
+            s.state_since_us = row.start_us;
         }
-        let event = changed.then(|| pb::WatchEvent {
-            old_state: was.to_string(),
-            new_state: state_name(s.hyst.failing).to_string(),
-            at_us: r.start_us,
-            error_class: r.error_class.clone(),
-            ..Default::default()
-        });
         // A late result (older than the latest) feeds the state but does not replace the facts.
-        if r.start_us >= s.last_seen_us {
-            s.last_outcome = r.outcome;
-            s.last_seen_us = r.start_us;
-            s.interval_ms = to_i64(r.interval_ms)?;
+        if row.start_us >= s.last_seen_us {
+            s.last_outcome = row.outcome;
+            s.last_seen_us = row.start_us;
+            s.interval_ms = to_i64(*interval_ms)?;
             let old = std::mem::replace(
                 &mut s.latest,
                 Arc::new(Latest {
                     agent_id: agent.clone(),
-                    error: std::mem::take(&mut r.error_class),
-                    message: std::mem::take(&mut r.message),
-                    phase: std::mem::take(&mut r.phase),
-                    facts: std::mem::take(&mut r.facts),
+                    body: row.body.clone(),
                 }),
             );
             ctx.req.garbage.push(Box::new(old));
         }
-        if let Some(mut e) = event {
-            e.target = r.target.clone();
-            e.endpoint = EndpointParts::of(r).label(r);
-            e.check = r.check.clone();
-            e.region = region.clone();
-            ctx.req.events.push(e);
+        if changed {
+            let r = view(i)?;
+            ctx.req.events.push(pb::WatchEvent {
+                target: r.target.to_string(),
+                endpoint: EndpointParts::of(&r).label(&r),
+                check: r.check.to_string(),
+                region: region.clone(),
+                old_state: was.to_string(),
+                new_state: now.to_string(),
+                at_us: r.start_us,
+                error_class: r.error_class.to_string(),
+            });
         }
         ctx.req.stored += 1;
         hwm = row.seq;
@@ -1570,10 +1580,15 @@ mod tests {
                 ..Default::default()
             })
             .collect();
+        let raw: Vec<Bytes> = results
+            .iter()
+            .map(|r| prost::Message::encode_to_vec(r).into())
+            .collect();
+        let views: Vec<_> = raw.iter().map(|b| ResultView::parse(b).unwrap()).collect();
         Op::Results {
             agent_id: "a1".into(),
-            prepared: Prepared::of("eu", &results, &SeriesDir::default()),
-            results,
+            prepared: Prepared::of("eu", &views, &SeriesDir::default()),
+            results: raw.clone(),
             rejected: Vec::new(),
             at_us: 1,
         }

@@ -279,7 +279,7 @@ pub fn load_raw(db: &Path, shapes: &[Shape], segment: u64) -> Result<Run> {
                     row.outcome,
                     row.total_us,
                     sys::now_us(),
-                    row.body,
+                    &row.body[..],
                 ])?;
                 in_tx += 1;
                 rows += 1;
