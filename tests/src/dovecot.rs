@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use crate::binaries::system_tool;
 use crate::certs::CertFiles;
 use crate::lab::{chown_to_user, path_str, read_tail, user_ids, write_file, Lab};
-use crate::net::{free_port, is_listening, read_greeting};
+use crate::net::{free_ports, is_listening, read_greeting};
 use crate::process::{Proc, Spec};
 use crate::wait::wait_for;
 
@@ -90,12 +90,16 @@ impl Dovecot {
             None if cfg.netns.is_some() => {
                 bail!("a dovecot in a network namespace needs fixed ports")
             }
-            None => DovecotPorts {
-                imap: free_port(cfg.ip)?,
-                pop3: free_port(cfg.ip)?,
-                imaps: cfg.cert.as_ref().map(|_| free_port(cfg.ip)).transpose()?,
-                pop3s: cfg.cert.as_ref().map(|_| free_port(cfg.ip)).transpose()?,
-            },
+            None => {
+                let [imap, pop3, imaps, pop3s] = free_ports::<4>(cfg.ip)?;
+                let tls = cfg.cert.is_some();
+                DovecotPorts {
+                    imap,
+                    pop3,
+                    imaps: tls.then_some(imaps),
+                    pop3s: tls.then_some(pop3s),
+                }
+            }
         };
         let passwd = dir.join("passwd");
         let mut users = String::new();

@@ -23,9 +23,21 @@ pub fn unique_loopback() -> Ipv4Addr {
 
 /// A port that is free on `ip` right now (the kernel picks it; the listener is closed again).
 pub fn free_port(ip: Ipv4Addr) -> Result<u16> {
-    let listener =
-        TcpListener::bind((ip, 0)).with_context(|| format!("bind {ip}:0 to pick a free port"))?;
-    Ok(listener.local_addr()?.port())
+    Ok(free_ports::<1>(ip)?[0])
+}
+
+/// `N` distinct free ports on `ip`: each is held until all are picked (ports picked one by one
+/// may repeat, and a server given the same port twice refuses to start).
+pub fn free_ports<const N: usize>(ip: Ipv4Addr) -> Result<[u16; N]> {
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0u16; N];
+    for port in &mut ports {
+        let listener = TcpListener::bind((ip, 0))
+            .with_context(|| format!("bind {ip}:0 to pick a free port"))?;
+        *port = listener.local_addr()?.port();
+        held.push(listener);
+    }
+    Ok(ports)
 }
 
 /// Connects to `addr` and returns the first line the server sends (a greeting), if any arrives
@@ -65,5 +77,8 @@ mod tests {
         let port = free_port(ip).expect("pick a port");
         assert_ne!(port, 0);
         TcpListener::bind((ip, port)).expect("port still free");
+        let four = free_ports::<4>(ip).expect("pick four ports");
+        let distinct: std::collections::BTreeSet<u16> = four.iter().copied().collect();
+        assert_eq!(distinct.len(), 4, "{four:?}");
     }
 }

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use crate::binaries::system_tool;
 use crate::certs::CertFiles;
 use crate::lab::{chown_to_user, path_str, read_tail, write_file, Lab};
-use crate::net::{free_port, read_greeting};
+use crate::net::{free_ports, read_greeting};
 use crate::process::{pid_alive, send_signal};
 use crate::wait::{wait_for, wait_until};
 
@@ -112,14 +112,14 @@ impl Postfix {
             None if cfg.netns.is_some() => {
                 bail!("a postfix in a network namespace needs fixed ports")
             }
-            None => PostfixPorts {
-                smtp: free_port(cfg.ip)?,
-                submission: free_port(cfg.ip)?,
-                smtps: match cfg.cert {
-                    Some(_) => Some(free_port(cfg.ip)?),
-                    None => None,
-                },
-            },
+            None => {
+                let [smtp, submission, smtps] = free_ports::<3>(cfg.ip)?;
+                PostfixPorts {
+                    smtp,
+                    submission,
+                    smtps: cfg.cert.is_some().then_some(smtps),
+                }
+            }
         };
         write_file(
             &config_dir.join("main.cf"),

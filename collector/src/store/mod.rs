@@ -97,11 +97,11 @@ pub struct StoreOptions {
     pub rollup_retention: Duration,
     /// Most rows per table one prune round deletes (small, so ingest never waits long).
     pub prune_batch: usize,
-    /// How long committed results' rollups may wait in the writer's buffer before they are
-    /// written (reads of rollups write them first, so no reader sees them missing).
-    pub rollup_flush: Duration,
-    /// Most hour and day aggregates buffered before they are written regardless of `rollup_flush`.
-    pub rollup_buffer: usize,
+    /// How long committed results' rollups and series state may wait in the writer's buffer
+    /// before they are written (reads of either write them first, so no reader misses them).
+    pub buffer_flush: Duration,
+    /// Most rollup and series rows buffered before they are written regardless of `buffer_flush`.
+    pub buffer_max: usize,
 }
 
 impl Default for StoreOptions {
@@ -114,8 +114,8 @@ impl Default for StoreOptions {
             retention: Duration::from_secs(14 * 86_400),
             rollup_retention: Duration::from_secs(400 * 86_400),
             prune_batch: 2000,
-            rollup_flush: Duration::from_secs(2),
-            rollup_buffer: 50_000,
+            buffer_flush: Duration::from_secs(2),
+            buffer_max: 50_000,
         }
     }
 }
@@ -132,10 +132,10 @@ pub struct WriterStats {
     pub duplicates: AtomicU64,
     /// Time spent applying and committing batches, in microseconds.
     pub commit_micros: AtomicU64,
-    /// Transactions that wrote the buffered rollups.
-    pub rollup_flushes: AtomicU64,
-    /// Hour aggregates buffered in the writer, not yet in `rollups`.
-    pub rollups_buffered: AtomicU64,
+    /// Transactions that wrote the writer's buffer (rollups and series rows).
+    pub buffer_flushes: AtomicU64,
+    /// Rollup rows and series rows the writer holds, not yet written.
+    pub buffered: AtomicU64,
 }
 
 /// Capacity of the state-change broadcast; a slower watcher skips (and is told how many).
@@ -371,6 +371,7 @@ impl Store {
 
     /// Every series with its hysteresis state, latest facts and its agent's last-seen time.
     pub async fn series(&self, filter: Filter) -> Result<Vec<SeriesRow>, StoreError> {
+        self.sync().await?;
         self.read(move |c| read::series(c, &filter)).await
     }
 
@@ -384,19 +385,19 @@ impl Store {
         phase: Option<String>,
     ) -> Result<BTreeMap<SeriesId, Agg>, StoreError> {
         if rollup::plan(since_us, now_us).is_some() {
-            self.sync_rollups().await?;
+            self.sync().await?;
         }
         self.read(move |c| read::rollups(c, &filter, since_us, now_us, phase.as_deref()))
             .await
     }
 
-    /// Writes the rollups of every committed result that the writer still buffers (no-op when
-    /// it buffers none). [`Store::rollups`] does this itself.
-    pub async fn sync_rollups(&self) -> Result<(), StoreError> {
-        if self.stats.rollups_buffered.load(Ordering::Relaxed) == 0 {
+    /// Writes the rollups and series state of every committed result that the writer still
+    /// buffers (no-op when it buffers none). The reads of either do this themselves.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        if self.stats.buffered.load(Ordering::Relaxed) == 0 {
             return Ok(());
         }
-        match self.submit(Op::SyncRollups).await? {
+        match self.submit(Op::Sync).await? {
             Reply::Done => Ok(()),
             _ => Err(StoreError::OutOfRange("writer reply")),
         }
@@ -566,6 +567,7 @@ impl Store {
         filter: Filter,
         since_us: i64,
     ) -> Result<(Vec<SeriesRow>, Vec<Sample>), StoreError> {
+        self.sync().await?;
         self.read(move |c| read::status_input(c, &filter, since_us))
             .await
     }

@@ -142,7 +142,7 @@ async fn resent_results_are_stored_once_and_hwm_allows_gaps() {
     );
     assert_eq!(seqs(&path, "a1"), vec![1, 2, 3, 4, 7]);
     // Rollups count the stored results only, at every level (duplicates are not aggregated).
-    store.sync_rollups().await.unwrap();
+    store.sync().await.unwrap();
     let c = Connection::open(&path).expect("reader");
     for level in rollup::Level::ALL {
         let n: i64 = c
@@ -505,6 +505,8 @@ async fn hysteresis_is_persisted_and_changes_are_broadcast_after_commit() {
     );
     assert_eq!(e.error_class, "refused");
     assert_eq!(e.at_us, t0 + 3);
+    // The series row is written with the writer's buffer (reads through the store sync first).
+    store.sync().await.unwrap();
     let c = Connection::open(&path).unwrap();
     let (failing, since): (i64, i64) = c
         .query_row("SELECT failing, state_since_us FROM series", [], |r| {
@@ -604,6 +606,21 @@ async fn rollups_of_stored_results_merge_to_the_sketch_of_all_values() {
     store.close().await.unwrap();
 }
 
+/// Every column of every `series` row in the database at `path`, as text.
+fn series_rows(path: &std::path::Path) -> Vec<Vec<String>> {
+    let c = Connection::open(path).unwrap();
+    let mut st = c.prepare("SELECT * FROM series ORDER BY id").unwrap();
+    let n = st.column_count();
+    st.query_map([], |r| {
+        (0..n)
+            .map(|i| Ok(format!("{:?}", r.get_ref(i)?)))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
 /// Sum of `count` per rollup level in the database at `path` (hour, day, week).
 fn rollup_counts(path: &std::path::Path) -> Vec<(i64, i64)> {
     let c = Connection::open(path).unwrap();
@@ -626,7 +643,7 @@ async fn buffered_rollups_are_written_before_reads_and_after_an_unclean_stop() {
     let store = Store::open(
         &path,
         StoreOptions {
-            rollup_flush: Duration::from_secs(3600),
+            buffer_flush: Duration::from_secs(3600),
             ..opts(1)
         },
     )
@@ -643,7 +660,7 @@ async fn buffered_rollups_are_written_before_reads_and_after_an_unclean_stop() {
         .await
         .unwrap();
     assert_eq!(rollup_counts(&path), vec![], "buffered, not written yet");
-    assert!(store.stats().rollups_buffered.load(Ordering::Relaxed) > 0);
+    assert!(store.stats().buffered.load(Ordering::Relaxed) > 0);
     let day = store
         .rollups(Filter::default(), now - 24 * hour, now, None)
         .await
@@ -654,7 +671,7 @@ async fn buffered_rollups_are_written_before_reads_and_after_an_unclean_stop() {
         rollup_counts(&path),
         vec![(3600, 40), (86_400, 40), (604_800, 40)]
     );
-    assert_eq!(store.stats().rollups_buffered.load(Ordering::Relaxed), 0);
+    assert_eq!(store.stats().buffered.load(Ordering::Relaxed), 0);
 
     // 40 more, committed and acked but only buffered; the files as a crash would leave them.
     store
@@ -676,6 +693,11 @@ async fn buffered_rollups_are_written_before_reads_and_after_an_unclean_stop() {
         vec![(3600, 80), (86_400, 80), (604_800, 80)],
         "close writes the buffer"
     );
+    assert_ne!(
+        series_rows(&crashed),
+        series_rows(&path),
+        "the copy's series row is behind"
+    );
 
     let reopened = Store::open(&crashed, opts(1)).unwrap();
     assert_eq!(
@@ -683,6 +705,11 @@ async fn buffered_rollups_are_written_before_reads_and_after_an_unclean_stop() {
         vec![(3600, 80), (86_400, 80), (604_800, 80)],
         "the results after the mark are rolled up at open"
     );
+    // The series state (hysteresis, latest result) is replayed too: the same row as the store
+    // that stopped cleanly wrote.
+    assert_eq!(series_rows(&crashed), series_rows(&path));
+    let series = reopened.series(Filter::default()).await.unwrap();
+    assert_eq!(series[0].last_seen_us, now - 20 * hour + 80 * hour / 4);
     let week = reopened
         .rollups(
             Filter::default(),
@@ -742,7 +769,7 @@ async fn retention_deletes_old_raw_rows_and_rollups_in_small_rounds() {
             .query_row(sql, [], |r| r.get(0))
             .unwrap()
     };
-    store.sync_rollups().await.unwrap();
+    store.sync().await.unwrap();
     assert_eq!(count("SELECT count(*) FROM rollups WHERE level = 86400"), 2);
     assert_eq!(count("SELECT count(*) FROM rollups WHERE level = 3600"), 1);
     // One round deletes at most a batch of raw rows, and the one old day and week row.
@@ -792,7 +819,7 @@ async fn late_results_skip_the_rollup_rows_no_window_reads() {
         .store_results("a1", "eu-west", results, now)
         .await
         .unwrap();
-    store.sync_rollups().await.unwrap();
+    store.sync().await.unwrap();
     assert_eq!(
         rollup_counts(&path),
         vec![(3600, 2), (86_400, 3), (604_800, 4)],

@@ -2,10 +2,11 @@
 //! applies up to `batch_max` of them (and what arrives within `linger` while the batch is small)
 //! in one transaction and answers each request only after COMMIT returned.
 //!
-//! Rollups are buffered: committed results' hour and day aggregates collect in memory and are
-//! written (with the week rows derived from the days) every `rollup_flush`, when the buffer is
-//! full, before a rollup read and at close. `rollup_mark` records which results they cover; a writer
-//! that starts after an unclean stop rolls up the results stored after the mark.
+//! What results change beside their own rows is buffered: their hour and day rollups and their
+//! series' state (hysteresis, latest result) collect in memory and are written (with the week
+//! rows derived from the days) every `buffer_flush`, when the buffer is full, before a read of
+//! rollups or series and at close. `rollup_mark` records which results they cover; a writer
+//! that starts after an unclean stop replays the results stored after the mark.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -57,8 +58,9 @@ pub(crate) enum Op {
     RemoveTarget {
         name: String,
     },
-    /// Write the buffered rollups now (answered after their COMMIT): readers of rollups ask first.
-    SyncRollups,
+    /// Write the buffer now (answered after its COMMIT): readers of rollups and series state
+    /// ask first.
+    Sync,
     /// One small round of the retention job (see [`prune`]).
     Prune {
         now_us: i64,
@@ -128,11 +130,11 @@ pub(crate) fn spawn(
         events,
         dir,
         series: FxMap::default(),
-        rollups: Buffer::default(),
+        buffer: Buffer::default(),
         dropper,
         checkpointer: Checkpointer::spawn(&path)?,
     };
-    w.recover_rollups()?;
+    w.recover_buffer()?;
     std::thread::Builder::new()
         .name("mxscope-db-writer".into())
         .spawn(move || w.run(rx))
@@ -193,6 +195,7 @@ impl Hasher for FxHasher {
 }
 
 pub(crate) type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+type FxSet<K> = std::collections::HashSet<K, BuildHasherDefault<FxHasher>>;
 
 /// A rollup row's key: level, bucket start, series id.
 type LevelKey = (Level, i64, i64);
@@ -427,6 +430,45 @@ struct SeriesMem {
     latest: Arc<Latest>,
 }
 
+impl SeriesMem {
+    /// Feeds one stored result to the series, in store order: its hysteresis, and its latest
+    /// result unless this one is older. Returns whether the state changed and the latest result
+    /// it replaced.
+    fn observe(
+        &mut self,
+        start_us: i64,
+        outcome: i32,
+        interval_ms: i64,
+        body: &Bytes,
+        agent: &Arc<str>,
+        policy: Policy,
+    ) -> (bool, Option<Arc<Latest>>) {
+        let ok = matches!(
+            pb::Outcome::try_from(outcome),
+            Ok(pb::Outcome::Ok | pb::Outcome::Warn)
+        );
+        let changed = self.hyst.observe(ok, policy);
+        if changed {
+            self.state_since_us = start_us;
+        }
+        // A late result (older than the latest) feeds the state but does not replace the facts.
+        if start_us < self.last_seen_us {
+            return (changed, None);
+        }
+        self.last_outcome = outcome;
+        self.last_seen_us = start_us;
+        self.interval_ms = interval_ms;
+        let latest = Latest {
+            agent_id: agent.clone(),
+            body: body.clone(),
+        };
+        (
+            changed,
+            Some(std::mem::replace(&mut self.latest, Arc::new(latest))),
+        )
+    }
+}
+
 /// A series' latest result: its agent and its stored body (error class, phase, facts, message;
 /// the row's own bytes, shared), read when the series row is written.
 #[derive(Debug, Default)]
@@ -442,8 +484,9 @@ struct Delta {
     /// Series ids learned (looked up or inserted) by these requests.
     ids: SeriesDir,
     series: FxMap<i64, SeriesMem>,
-    /// Hour aggregates of the stored results, added to the writer's buffer once committed.
-    hours: FxMap<HourKey, Agg>,
+    /// Hour aggregates of the stored results (a key may repeat), merged into the writer's
+    /// buffer once committed.
+    hours: Vec<(HourKey, Agg)>,
     /// `results.id` of the last result stored.
     last_id: i64,
     events: Vec<pb::WatchEvent>,
@@ -456,17 +499,6 @@ struct Delta {
 
 /// Anything the writer hands to the dropper thread.
 type Garbage = Box<dyn std::any::Any + Send>;
-
-/// Merges every aggregate of `from` into `into` (taking the map whole when `into` is empty).
-fn merge_all(into: &mut FxMap<HourKey, Agg>, from: FxMap<HourKey, Agg>) {
-    if into.is_empty() {
-        *into = from;
-    } else {
-        for (k, a) in from {
-            drop(merge_into(into, k, a));
-        }
-    }
-}
 
 /// Merges `a` into `map[k]`: moved in when `k` is new, else merged and handed back to be dropped.
 #[must_use]
@@ -487,7 +519,11 @@ impl Delta {
     fn absorb(&mut self, other: Delta) {
         self.ids.absorb(other.ids);
         self.series.extend(other.series);
-        merge_all(&mut self.hours, other.hours);
+        if self.hours.is_empty() {
+            self.hours = other.hours;
+        } else {
+            self.hours.extend(other.hours);
+        }
         self.last_id = self.last_id.max(other.last_id);
         self.events.extend(other.events);
         self.stored += other.stored;
@@ -508,33 +544,45 @@ struct Writer {
     /// first touch (the writer is its only writer).
     dir: Arc<std::sync::RwLock<SeriesDir>>,
     series: FxMap<i64, SeriesMem>,
-    /// Hour aggregates of committed results not yet written to `rollups`.
-    rollups: Buffer,
+    /// What committed results changed that is not written yet (rollups, series rows).
+    buffer: Buffer,
     /// To the thread that drops what a batch leaves behind.
     dropper: std::sync::mpsc::Sender<Garbage>,
     /// Copies the WAL into the database beside the writer.
     checkpointer: Checkpointer,
 }
 
-/// Committed results' aggregates waiting to be written to `rollups`: hour and day rows (a day
-/// row holds all of its hours), the week rows are derived when written.
+/// What committed results changed and the writer has not written yet: their rollups (hour and
+/// day rows, a day row holding all of its hours; the week rows are derived when written) and
+/// the series whose state they changed (the state itself is in `Writer::series`).
 #[derive(Default)]
 struct Buffer {
     rows: FxMap<LevelKey, Agg>,
     /// Aggregates merged into `rows`, left for the dropper thread.
     spent: Vec<Agg>,
-    /// `results.id` of the last result whose aggregate is in `rows` (or already written).
+    /// Series whose row in `series` is behind their state in memory.
+    series: FxSet<i64>,
+    /// `results.id` of the last result whose changes are here (or already written).
     through_id: i64,
-    /// When the oldest aggregate in `rows` was added.
+    /// When the oldest change here was made.
     since: Option<Instant>,
 }
 
 impl Buffer {
-    /// Adds committed results' hour aggregates; `last_id` is the last of those results. An hour
-    /// no window reads any more (see [`Level::keep_from`]) goes into its day row only.
-    fn add(&mut self, hours: FxMap<HourKey, Agg>, last_id: i64, now_us: i64) {
-        if hours.is_empty() {
-            return;
+    /// Adds committed results' hour aggregates and the series they changed; `last_id` is the
+    /// last of those results. An hour no window reads any more (see [`Level::keep_from`]) goes
+    /// into its day row only.
+    fn add(
+        &mut self,
+        hours: Vec<(HourKey, Agg)>,
+        series: impl IntoIterator<Item = i64>,
+        last_id: i64,
+        now_us: i64,
+    ) {
+        self.series.extend(series);
+        if last_id > self.through_id {
+            self.through_id = last_id;
+            self.since.get_or_insert_with(Instant::now);
         }
         let keep = Level::Hour.keep_from(now_us).unwrap_or(i64::MIN);
         self.rows.reserve(hours.len());
@@ -548,8 +596,11 @@ impl Buffer {
                 self.spent.extend(merge_into(&mut self.rows, day, a));
             }
         }
-        self.through_id = self.through_id.max(last_id);
-        self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Rollup rows and series rows waiting.
+    fn len(&self) -> usize {
+        self.rows.len() + self.series.len()
     }
 }
 
@@ -558,13 +609,13 @@ impl Writer {
         let batch_max = self.opts.batch_max.max(1);
         loop {
             // Idle with rollups buffered: write them when they are due.
-            let next = match self.rollups.since {
+            let next = match self.buffer.since {
                 Some(since) => {
-                    let due = since + self.opts.rollup_flush;
+                    let due = since + self.opts.buffer_flush;
                     match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
                         Ok(m) => Ok(m),
                         Err(RecvTimeoutError::Timeout) => {
-                            let _ = self.flush_rollups();
+                            let _ = self.flush_buffer();
                             continue;
                         }
                         Err(RecvTimeoutError::Disconnected) => Err(()),
@@ -614,7 +665,7 @@ impl Writer {
                 break;
             }
         }
-        if self.flush_rollups().is_err() {
+        if self.flush_buffer().is_err() {
             tracing::error!(db = %self.path.display(),
                 "rollups buffered at close could not be written; the next start rolls up the \
                  results after the last written mark again");
@@ -648,7 +699,7 @@ impl Writer {
             let mut tx = self.conn.transaction()?;
             let mut requests = batch.into_iter();
             while let Some(Request { op, reply }) = requests.next() {
-                if matches!(op, Op::SyncRollups) {
+                if matches!(op, Op::Sync) {
                     syncs.push(reply);
                     continue;
                 }
@@ -676,7 +727,6 @@ impl Writer {
                     )));
                 }
             }
-            flush(&tx, &delta)?;
             tx.commit()?;
             Ok(())
         })();
@@ -710,20 +760,23 @@ impl Writer {
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .absorb(learned);
                 }
+                let mut touched = Vec::with_capacity(delta.series.len());
                 for (id, s) in std::mem::take(&mut delta.series) {
+                    touched.push(id);
                     if let Some(old) = self.series.insert(id, s) {
                         delta.garbage.push(Box::new(old));
                     }
                 }
                 // Counted before the acks go out: a reader that saw the ack writes them first.
-                self.rollups.add(
+                self.buffer.add(
                     std::mem::take(&mut delta.hours),
+                    touched,
                     delta.last_id,
                     super::now_us(),
                 );
                 self.stats
-                    .rollups_buffered
-                    .store(self.rollups.rows.len() as u64, Ordering::Relaxed);
+                    .buffered
+                    .store(self.buffer.len() as u64, Ordering::Relaxed);
                 for e in std::mem::take(&mut delta.events) {
                     // No receiver (nobody watching) is fine.
                     let _ = self.events.send(e);
@@ -759,13 +812,13 @@ impl Writer {
         if let Err(back) = self.dropper.send(Box::new(delta)) {
             drop(back);
         }
-        let due = self.rollups.rows.len() >= self.opts.rollup_buffer
+        let due = self.buffer.len() >= self.opts.buffer_max
             || self
-                .rollups
+                .buffer
                 .since
-                .is_some_and(|t| t.elapsed() >= self.opts.rollup_flush);
+                .is_some_and(|t| t.elapsed() >= self.opts.buffer_flush);
         if due || !syncs.is_empty() {
-            let res = self.flush_rollups();
+            let res = self.flush_buffer();
             for reply in syncs {
                 let _ = reply.send(match &res {
                     Ok(()) => Ok(Reply::Done),
@@ -778,18 +831,20 @@ impl Writer {
         }
     }
 
-    /// Writes the buffered hour aggregates, with the day and week rows derived from them, and
-    /// the mark of the results they cover, in one transaction. On failure the buffer is kept
-    /// (and retried after the next interval) and the error is logged.
-    fn flush_rollups(&mut self) -> Result<(), StoreError> {
-        if self.rollups.since.is_none() {
+    /// Writes the buffer: its hour and day rollups with the week rows derived from them, the
+    /// series rows behind their state in memory, and the mark of the results they cover, in one
+    /// transaction. On failure the buffer is kept (and retried after the next interval) and the
+    /// error is logged.
+    fn flush_buffer(&mut self) -> Result<(), StoreError> {
+        if self.buffer.since.is_none() {
             return Ok(());
         }
         let started = Instant::now();
-        let through = self.rollups.through_id;
+        let through = self.buffer.through_id;
         let outcome = (|| -> Result<(), StoreError> {
             let tx = self.conn.transaction()?;
-            write_rollups(&tx, &self.rollups.rows, super::now_us())?;
+            write_rollups(&tx, &self.buffer.rows, super::now_us())?;
+            write_series(&tx, &self.buffer.series, &self.series)?;
             tx.execute("UPDATE rollup_mark SET through_id = ?1", [through])?;
             tx.commit()?;
             Ok(())
@@ -800,11 +855,12 @@ impl Writer {
         );
         match outcome {
             Ok(()) => {
-                bump(&self.stats.rollup_flushes, 1);
-                let rows = std::mem::take(&mut self.rollups.rows);
-                let spent = std::mem::take(&mut self.rollups.spent);
-                self.rollups.since = None;
-                self.stats.rollups_buffered.store(0, Ordering::Relaxed);
+                bump(&self.stats.buffer_flushes, 1);
+                let rows = std::mem::take(&mut self.buffer.rows);
+                let spent = std::mem::take(&mut self.buffer.spent);
+                self.buffer.series.clear();
+                self.buffer.since = None;
+                self.stats.buffered.store(0, Ordering::Relaxed);
                 let _ = self.dropper.send(Box::new((rows, spent)));
                 Ok(())
             }
@@ -812,43 +868,68 @@ impl Writer {
                 let full = err.is_disk_full();
                 self.note_disk_full(full, false);
                 if !full {
-                    tracing::error!(error = %err, buffered = self.rollups.rows.len(),
-                        "writing the buffered rollups failed; kept in memory and retried");
+                    tracing::error!(error = %err, buffered = self.buffer.len(),
+                        "writing the buffered rollups and series state failed; kept in memory and retried");
                 }
                 // Not retried before the next interval.
-                self.rollups.since = Some(Instant::now());
+                self.buffer.since = Some(Instant::now());
                 Err(err)
             }
         }
     }
 
-    /// Rolls up the results stored after `rollup_mark` (a writer that stopped without writing
-    /// its buffer) and writes them, before the writer takes requests.
-    fn recover_rollups(&mut self) -> Result<(), StoreError> {
+    /// Replays the results stored after `rollup_mark` (a writer that stopped without writing
+    /// its buffer) into rollups and series state, and writes them, before the writer takes
+    /// requests: as if the results had arrived again, in store order.
+    fn recover_buffer(&mut self) -> Result<(), StoreError> {
         let mark: i64 = self
             .conn
             .query_row("SELECT through_id FROM rollup_mark", [], |r| r.get(0))?;
         let mut hours: FxMap<HourKey, Agg> = FxMap::default();
+        let mut touched: FxSet<i64> = FxSet::default();
         let mut through = mark;
+        let policy = self.opts.policy;
         {
+            let mut agents: FxMap<i64, Arc<str>> = FxMap::default();
+            let mut st = self.conn.prepare("SELECT num, id FROM agents")?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                agents.insert(r.get(0)?, Arc::from(r.get::<_, String>(1)?));
+            }
             let mut st = self.conn.prepare(
-                "SELECT id, series_id, start_us, outcome, body FROM results WHERE id > ?1 ORDER BY id",
+                "SELECT id, series_id, start_us, outcome, body, agent_num FROM results
+                 WHERE id > ?1 ORDER BY id",
             )?;
             let mut rows = st.query([mark])?;
             while let Some(r) = rows.next()? {
-                let body = r.get_ref(4)?.as_blob().map_err(rusqlite::Error::from)?;
-                let Some(mut result) = super::row::decode_body(body) else {
+                let body =
+                    Bytes::copy_from_slice(r.get_ref(4)?.as_blob().map_err(rusqlite::Error::from)?);
+                let Ok(mut result) = ResultView::parse(&body) else {
                     tracing::warn!(
                         id = r.get::<_, i64>(0)?,
-                        "unreadable stored result skipped by the rollup recovery"
+                        "unreadable stored result skipped by the recovery"
                     );
                     continue;
                 };
-                result.outcome = r.get(3)?;
+                let (series, start_us, outcome) = (r.get(1)?, r.get(2)?, r.get(3)?);
+                (result.start_us, result.outcome) = (start_us, outcome);
                 hours
-                    .entry((Level::Hour.bucket(r.get(2)?), r.get(1)?))
+                    .entry((Level::Hour.bucket(start_us), series))
                     .or_default()
-                    .add(&result);
+                    .add_view(&result);
+                let s = match self.series.entry(series) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(load_series(&self.conn, series)?.unwrap_or_default())
+                    }
+                };
+                let agent = agents
+                    .get(&r.get::<_, i64>(5)?)
+                    .cloned()
+                    .unwrap_or_default();
+                let interval = to_i64(result.interval_ms)?;
+                s.observe(start_us, outcome, interval, &body, &agent, policy);
+                touched.insert(series);
                 through = r.get(0)?;
             }
         }
@@ -859,8 +940,13 @@ impl Writer {
             results = through - mark,
             "rolling up the results stored after the last rollup write (the collector did not stop cleanly)"
         );
-        self.rollups.add(hours, through, super::now_us());
-        self.flush_rollups()
+        self.buffer.add(
+            hours.into_iter().collect(),
+            touched,
+            through,
+            super::now_us(),
+        );
+        self.flush_buffer()
     }
 
     /// A request error as the caller should see it: `SQLITE_FULL` becomes [`StoreError::DiskFull`].
@@ -1096,18 +1182,27 @@ fn load_series(tx: &Connection, id: i64) -> Result<Option<SeriesMem>, StoreError
     Ok(Some(s))
 }
 
-/// Writes the batch's series rows.
-fn flush(tx: &Connection, d: &Delta) -> Result<(), StoreError> {
-    let mut series = tx.prepare_cached(
+/// Writes the rows of the series `ids` from their state in memory, in id order.
+fn write_series(
+    tx: &Connection,
+    ids: &FxSet<i64>,
+    state: &FxMap<i64, SeriesMem>,
+) -> Result<(), StoreError> {
+    let mut st = tx.prepare_cached(
         "UPDATE series SET last_outcome = ?2, last_error = ?3, last_message = ?4, last_seen_us = ?5,
              interval_ms = ?6, failing = ?7, streak = ?8, state_since_us = ?9, agent_id = ?10,
              last_phase = ?11, last_facts = ?12
          WHERE id = ?1",
     )?;
-    for (id, s) in &d.series {
+    let mut ids: Vec<i64> = ids.iter().copied().collect();
+    ids.sort_unstable();
+    for id in ids {
+        let Some(s) = state.get(&id) else {
+            continue;
+        };
         // The body was read when it was stored: it reads again.
         let latest = ResultView::parse(&s.latest.body).unwrap_or_default();
-        series.execute(params![
+        st.execute(params![
             id,
             s.last_outcome,
             latest.error_class,
@@ -1333,7 +1428,7 @@ fn apply(tx: &Connection, op: Op, ctx: &mut Ctx<'_>) -> Result<Reply, StoreError
             Ok(Reply::Done)
         }
         // Taken out of the batch by `commit_batch`, answered after the rollup write.
-        Op::SyncRollups => Ok(Reply::Done),
+        Op::Sync => Ok(Reply::Done),
     }
 }
 
@@ -1438,10 +1533,11 @@ fn store_results(
         });
     }
     if all_new {
-        ctx.req.hours.reserve(hours.len());
-        for (bucket, k, a) in hours {
-            drop(merge_into(&mut ctx.req.hours, (bucket, ids[k as usize]), a));
-        }
+        ctx.req.hours.extend(
+            hours
+                .into_iter()
+                .map(|(bucket, k, a)| ((bucket, ids[k as usize]), a)),
+        );
     }
     let mut insert = tx.prepare_cached(
         "INSERT INTO results (series_id, agent_num, seq, start_us, outcome, total_us, stored_at_us, body)
@@ -1465,35 +1561,25 @@ fn store_results(
         ])?;
         ctx.req.last_id = tx.last_insert_rowid();
         if !all_new {
+            let mut a = Agg::default();
+            a.add_view(&view(i)?);
             ctx.req
                 .hours
-                .entry((Level::Hour.bucket(row.start_us), id))
-                .or_default()
-                .add_view(&view(i)?);
+                .push(((Level::Hour.bucket(row.start_us), id), a));
         }
+        let interval = to_i64(*interval_ms)?;
         let s = ctx.series(tx, id)?;
-        let ok = matches!(
-            pb::Outcome::try_from(row.outcome),
-            Ok(pb::Outcome::Ok | pb::Outcome::Warn)
-        );
         let was = state_name(s.hyst.failing);
-        let changed = s.hyst.observe(ok, policy);
+        let (changed, replaced) = s.observe(
+            row.start_us,
+            row.outcome,
+            interval,
+            &row.body,
+            &agent,
+            policy,
+        );
         let now = state_name(s.hyst.failing);
-        if changed {
-            s.state_since_us = row.start_us;
-        }
-        // A late result (older than the latest) feeds the state but does not replace the facts.
-        if row.start_us >= s.last_seen_us {
-            s.last_outcome = row.outcome;
-            s.last_seen_us = row.start_us;
-            s.interval_ms = to_i64(*interval_ms)?;
-            let old = std::mem::replace(
-                &mut s.latest,
-                Arc::new(Latest {
-                    agent_id: agent.clone(),
-                    body: row.body.clone(),
-                }),
-            );
+        if let Some(old) = replaced {
             ctx.req.garbage.push(Box::new(old));
         }
         if changed {
