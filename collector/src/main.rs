@@ -84,7 +84,8 @@ struct Args {
     /// How long raw results are kept.
     #[arg(long, env = "MXSCOPE_RETENTION", default_value = "14d", value_parser = humantime::parse_duration)]
     retention: Duration,
-    /// How long hour, day and week rollups are kept.
+    /// How long week rollups are kept (hour rows live about 3 days and day rows about 3 weeks: as
+    /// long as a window reads them).
     #[arg(long, env = "MXSCOPE_ROLLUP_RETENTION", default_value = "400d", value_parser = humantime::parse_duration)]
     rollup_retention: Duration,
     /// Address to serve Prometheus metrics on (`/metrics`); `off` to disable.

@@ -10,6 +10,7 @@ use mxscope_tests::nginx::{Nginx, Site};
 use mxscope_tests::nsd::{MailZone, Nsd, Zone};
 use mxscope_tests::probes::{context, run_one, spec};
 use mxscope_tests::Lab;
+use std::time::Duration;
 
 /// 2048-bit RSA key (split into TXT strings of at most 255 bytes).
 const DKIM_GOOD: &str = r#""v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAntnO0WqQfnLHzBbXwf+suwPRV6r2scOwTiffy5bhqA4g4H08G6od/BRIePcoklnau17EyVhPgxzUJhJpFv7ual+41+z1JuPsWmj+ZL19fSokuIIrjX9DHsPU1/dsFKWZGTTaow0koTBj/1Gdaltne9a6zdi7" "36XKMgO5ie3gesdyN7L/65ZhLA127DGGDoZFXHnHb+7m5sa5OIQY+Cg1IWtDw23OKNdTp/bl72IaLbQLXNOu9An/mOjrQg5s9pAUO+bC96dRFh9XUT1lX9r+DG3DWxkhHczPtAWjiGsnZBCghvWlyywmlitUCkOeVYGdQxTjFk+RFRub5pN1fvIblQIDAQAB""#;
@@ -319,13 +320,16 @@ fn mta_sts_policy_served_by_a_real_nginx() {
     assert_eq!(text(&o, "mta_sts.content_type"), "text/plain");
     assert_eq!(o.endpoint.ip, Some(std::net::IpAddr::V4(web)));
 
-    // Both policies really came from nginx.
-    let log = nginx.access_log();
-    assert_eq!(
-        log.matches("GET /.well-known/mta-sts.txt").count(),
-        2,
-        "{log}"
+    // Both policies really came from nginx (which logs a request after answering it).
+    let fetched = |log: &str| log.matches("GET /.well-known/mta-sts.txt").count();
+    let logged = mxscope_tests::wait::wait_until(
+        "nginx logs both policy fetches",
+        Duration::from_secs(5),
+        || fetched(&nginx.access_log()) >= 2,
     );
+    let log = nginx.access_log();
+    assert!(logged.is_ok(), "{log}");
+    assert_eq!(fetched(&log), 2, "{log}");
 }
 
 /// The hex digest `openssl dgst -r` prints for a shell pipeline ending in it.

@@ -635,12 +635,12 @@ async fn run_inner(ctx: &Ctx, s: &mut Section) -> Result<PathBuf> {
     let pairs = [&history, &live];
 
     s.line(format!(
-        "Synthetic `smtp` results (8 phase timings, 3 facts; ≈ 100 bytes of row plus its time-index entry as stored; each result also updates its series row and its hour, day and week rollups) for {TARGETS} targets from 10 regions, sent by agent streams over plain gRPC to the release `mxscope-collector` on 127.0.0.1 in batches of {BATCH} with {WINDOW} batches in flight per stream; a result counts once its ack (sent after COMMIT) arrived. Collector limit flags passed: {}.",
+        "Synthetic `smtp` results (8 phase timings, 3 facts; ≈ 100 bytes of row plus its time-index entry as stored; each result also updates its series' state and its day and week rollups, and its hour rollup while the hour is within the 3 days that hour rows are read for; series and rollup rows are written by the writer every 2 s and before reads) for {TARGETS} targets from 10 regions, sent by agent streams over plain gRPC to the release `mxscope-collector` on 127.0.0.1 in batches of {BATCH} with {WINDOW} batches in flight per stream; a result counts once its ack (sent after COMMIT) arrived. Collector limit flags passed: {}.",
         if flag_list.is_empty() { "none".to_string() } else { flag_list.join(", ") }
     ));
     s.line("");
     s.line(format!(
-        "Two time shapes of the same {} results: **30-day history** (timestamps spread over the last 30 days, one result per series every ≈ 43 min: about 1.4 results per hour rollup row, so nearly every result starts a new rollup row; this database then serves benchmark 3) and **live** (every series every 60 s, as the results' own interval says: {} of probing, 60 results per hour rollup row — what a collector sees from agents that are keeping up).",
+        "Two time shapes of the same {} results: **30-day history** (timestamps spread over the last 30 days, one result per series every ≈ 43 min: about 1.4 results per hour and 33 per day rollup row; this database then serves benchmark 3) and **live** (every series every 60 s, as the results' own interval says: {} of probing, 60 results per hour rollup row — what a collector sees from agents that are keeping up).",
         z.long_rows,
         if live_span >= 7_200_000_000 {
             format!("{:.1} hours", live_span as f64 / 3.6e9)

@@ -88,13 +88,11 @@ pub fn proposals(report: &report::Report) -> Vec<String> {
 /// recorded in BENCHMARKS.md (collector: `perf record` during the 10M-row load, quoted in section
 /// 1; agent: `perf record -p` of the agent during section 4's windows).
 const PROPOSALS: &[(&str, &str)] = &[
-    ("ingest", "with rollups buffered in the writer (hour aggregates only at ingest, day and week rows derived when \
-        the buffer is written), a series directory shared with the ingest tasks, and WAL checkpoints on their own thread, the \
-        live shape (every series every 60 s) is over 0.5 of the raw limit; the 30-day history shape is not, because there \
-        nearly every result opens its own hour rollup row (≈ 1.4 results per row), so the writer inserts ≈ 1.7 rows per \
-        result where the raw loop inserts one, and merges each hour into its day and week. Next steps: decode results \
-        without an allocation per string (a quarter of the collector's CPU is malloc/free of decoded protobuf strings) \
-        and keep an aggregate's sketches in one block (encoding rollup writes on another thread was tried: worse on two cores)."),
+    ("ingest", "the writer thread is the limit: per result it inserts the row (about what the raw loop does), feeds the \
+        series' hysteresis and merges the result's hour aggregate into its day (and, for the last 3 days, hour) rollup; \
+        series rows and rollup rows are written every 2 s, not per commit. Next steps: aggregate a batch's results per \
+        (day, series) in the ingest task so the writer merges fewer, smaller aggregates; keep an aggregate's sketches in \
+        one block (one allocation, one free); bind rollup blobs without SQLite's copy."),
     ("query", "the 30-day queries read week rollup rows keyed by (level, bucket, series id): ≈ 55k rows for 10,000 series. If \
         they creep over 100 ms, keep one running 30-day summary per series, or cache answers keyed by the writer's commit count."),
     ("agent-cost", "about a third of the agent's CPU is its spool, not probing: at 33 probes/s the uplink sends a batch as soon as one result \
