@@ -558,8 +558,6 @@ struct Writer {
 #[derive(Default)]
 struct Buffer {
     rows: FxMap<LevelKey, Agg>,
-    /// Aggregates merged into `rows`, left for the dropper thread.
-    spent: Vec<Agg>,
     /// Series whose row in `series` is behind their state in memory.
     series: FxSet<i64>,
     /// `results.id` of the last result whose changes are here (or already written).
@@ -571,14 +569,15 @@ struct Buffer {
 impl Buffer {
     /// Adds committed results' hour aggregates and the series they changed; `last_id` is the
     /// last of those results. An hour no window reads any more (see [`Level::keep_from`]) goes
-    /// into its day row only.
+    /// into its day row only. Returns the aggregates merged into others, to be dropped.
+    #[must_use]
     fn add(
         &mut self,
         hours: Vec<(HourKey, Agg)>,
         series: impl IntoIterator<Item = i64>,
         last_id: i64,
         now_us: i64,
-    ) {
+    ) -> Vec<Agg> {
         self.series.extend(series);
         if last_id > self.through_id {
             self.through_id = last_id;
@@ -586,16 +585,17 @@ impl Buffer {
         }
         let keep = Level::Hour.keep_from(now_us).unwrap_or(i64::MIN);
         self.rows.reserve(hours.len());
+        let mut spent = Vec::with_capacity(hours.len());
         for ((bucket, id), a) in hours {
             let day = (Level::Day, Level::Day.bucket(bucket), id);
             if bucket >= keep {
                 self.rows.entry(day).or_default().merge(&a);
-                self.spent
-                    .extend(merge_into(&mut self.rows, (Level::Hour, bucket, id), a));
+                spent.extend(merge_into(&mut self.rows, (Level::Hour, bucket, id), a));
             } else {
-                self.spent.extend(merge_into(&mut self.rows, day, a));
+                spent.extend(merge_into(&mut self.rows, day, a));
             }
         }
+        spent
     }
 
     /// Rollup rows and series rows waiting.
@@ -768,12 +768,13 @@ impl Writer {
                     }
                 }
                 // Counted before the acks go out: a reader that saw the ack writes them first.
-                self.buffer.add(
+                let spent = self.buffer.add(
                     std::mem::take(&mut delta.hours),
                     touched,
                     delta.last_id,
                     super::now_us(),
                 );
+                delta.garbage.push(Box::new(spent));
                 self.stats
                     .buffered
                     .store(self.buffer.len() as u64, Ordering::Relaxed);
@@ -857,11 +858,10 @@ impl Writer {
             Ok(()) => {
                 bump(&self.stats.buffer_flushes, 1);
                 let rows = std::mem::take(&mut self.buffer.rows);
-                let spent = std::mem::take(&mut self.buffer.spent);
                 self.buffer.series.clear();
                 self.buffer.since = None;
                 self.stats.buffered.store(0, Ordering::Relaxed);
-                let _ = self.dropper.send(Box::new((rows, spent)));
+                let _ = self.dropper.send(Box::new(rows));
                 Ok(())
             }
             Err(err) => {
@@ -940,12 +940,12 @@ impl Writer {
             results = through - mark,
             "rolling up the results stored after the last rollup write (the collector did not stop cleanly)"
         );
-        self.buffer.add(
+        drop(self.buffer.add(
             hours.into_iter().collect(),
             touched,
             through,
             super::now_us(),
-        );
+        ));
         self.flush_buffer()
     }
 
