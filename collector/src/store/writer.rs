@@ -608,7 +608,7 @@ impl Writer {
     fn run(mut self, rx: Receiver<Msg>) {
         let batch_max = self.opts.batch_max.max(1);
         loop {
-            // Idle with rollups buffered: write them when they are due.
+            // Idle with a buffer: write it when it is due.
             let next = match self.buffer.since {
                 Some(since) => {
                     let due = since + self.opts.buffer_flush;
@@ -667,8 +667,8 @@ impl Writer {
         }
         if self.flush_buffer().is_err() {
             tracing::error!(db = %self.path.display(),
-                "rollups buffered at close could not be written; the next start rolls up the \
-                 results after the last written mark again");
+                "rollups and series state buffered at close could not be written; the next start \
+                 replays the results after the last written mark");
         }
         // Its connection closes first, so the writer's close checkpoints and removes the WAL.
         self.checkpointer.stop();
@@ -938,7 +938,7 @@ impl Writer {
         }
         tracing::info!(
             results = through - mark,
-            "rolling up the results stored after the last rollup write (the collector did not stop cleanly)"
+            "replaying the results stored after the last buffer write into rollups and series state (the collector did not stop cleanly)"
         );
         drop(self.buffer.add(
             hours.into_iter().collect(),
