@@ -485,7 +485,8 @@ impl Session {
                     let (views, raw): (Vec<_>, Vec<_>) = views
                         .into_iter()
                         .zip(raw.iter().cloned())
-                        .filter(|(v, _)| !rejected.contains(&v.seq))
+                        // Both in ascending seq order (checked above).
+                        .filter(|(v, _)| rejected.binary_search(&v.seq).is_err())
                         .unzip();
                     store.store_checked_results(
                         &self.agent_id,
