@@ -471,32 +471,24 @@ impl Session {
                         rejected.push(r.seq);
                     }
                 }
-                let store = &self.shared.store;
-                let commit = if rejected.is_empty() {
-                    store.store_checked_results(
-                        &self.agent_id,
-                        &self.region,
-                        &views,
-                        raw.clone(),
-                        rejected,
-                        now,
-                    )
+                let (views, kept): (Vec<_>, Vec<_>) = if rejected.is_empty() {
+                    (views, raw.clone())
                 } else {
-                    let (views, raw): (Vec<_>, Vec<_>) = views
+                    views
                         .into_iter()
                         .zip(raw.iter().cloned())
                         // Both in ascending seq order (checked above).
                         .filter(|(v, _)| rejected.binary_search(&v.seq).is_err())
-                        .unzip();
-                    store.store_checked_results(
-                        &self.agent_id,
-                        &self.region,
-                        &views,
-                        raw,
-                        rejected,
-                        now,
-                    )
+                        .unzip()
                 };
+                let commit = self.shared.store.store_checked_results(
+                    &self.agent_id,
+                    &self.region,
+                    &views,
+                    kept,
+                    rejected,
+                    now,
+                );
                 Ok(Some((commit, n)))
             }
             Some(Up::Heartbeat(hb)) => {

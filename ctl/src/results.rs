@@ -108,7 +108,7 @@ pub fn report(results: &[pb::StoredResult]) -> Report {
         let endpoint = res
             .endpoint
             .as_ref()
-            .map(mxscope_proto::endpoint_label)
+            .map(|e| mxscope_proto::endpoint_label(&e.host, &e.ip, e.port))
             .unwrap_or_default();
         let outcome = mxscope_proto::outcome_from_wire(res.outcome).map(|o| o.name().to_string());
         let total = res

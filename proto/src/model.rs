@@ -412,13 +412,12 @@ impl From<pb::fact::Value> for FactValue {
     }
 }
 
-/// Renders an endpoint from its wire form the same way [`Endpoint::label`] does.
-pub fn endpoint_label(e: &pb::Endpoint) -> String {
-    let ip = e.ip.parse::<IpAddr>().ok();
+/// Renders an endpoint from its wire fields (host, ip, port) the same way [`Endpoint::label`] does.
+pub fn endpoint_label(host: &str, ip: &str, port: u32) -> String {
     Endpoint {
-        host: e.host.clone(),
-        ip,
-        port: u16::try_from(e.port).unwrap_or(0),
+        host: host.to_string(),
+        ip: ip.parse::<IpAddr>().ok(),
+        port: u16::try_from(port).unwrap_or(0),
     }
     .label()
 }

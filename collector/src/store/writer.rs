@@ -256,7 +256,7 @@ impl Prepared {
                         let parts = EndpointParts::of(r);
                         let key = SeriesKey {
                             target: r.target.to_string(),
-                            endpoint: parts.label(r),
+                            endpoint: endpoint_label(r),
                             check: r.check.to_string(),
                             region: region.to_string(),
                         };
@@ -282,6 +282,14 @@ impl Prepared {
     }
 }
 
+/// The series' endpoint label of a result (the target's name when it has no endpoint).
+fn endpoint_label(r: &ResultView<'_>) -> String {
+    match &r.endpoint {
+        Some(e) => mxscope_proto::endpoint_label(e.host, e.ip, e.port),
+        None => r.target.to_string(),
+    }
+}
+
 /// The parts of a result's endpoint, kept once per series.
 #[derive(Debug, Clone, Default)]
 struct EndpointParts {
@@ -304,19 +312,6 @@ impl EndpointParts {
                 host: r.target.to_string(),
                 ..Default::default()
             },
-        }
-    }
-
-    /// The series' endpoint label (the target's name when the result has no endpoint).
-    fn label(&self, r: &ResultView<'_>) -> String {
-        match &r.endpoint {
-            Some(e) => mxscope_proto::endpoint_label(&pb::Endpoint {
-                host: e.host.to_string(),
-                ip: e.ip.to_string(),
-                port: e.port,
-                family: e.family,
-            }),
-            None => r.target.to_string(),
         }
     }
 }
@@ -1586,7 +1581,7 @@ fn store_results(
             let r = view(i)?;
             ctx.req.events.push(pb::WatchEvent {
                 target: r.target.to_string(),
-                endpoint: EndpointParts::of(&r).label(&r),
+                endpoint: endpoint_label(&r),
                 check: r.check.to_string(),
                 region: region.clone(),
                 old_state: was.to_string(),
