@@ -18,7 +18,7 @@ use tonic::Status;
 use tracing::{info, warn};
 
 use crate::limits::Counters;
-use crate::pki::{identity_of, Identity};
+use mxscope_pki::{identity_of, Identity};
 
 const INGEST: &str = "/mxscope.v1.Ingest/";
 const QUERY: &str = "/mxscope.v1.Query/";

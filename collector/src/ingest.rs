@@ -21,10 +21,10 @@ use tracing::{debug, info, warn};
 use crate::auth::{Mode, Revoked};
 use crate::error::{chain, ServiceError};
 use crate::limits::Counters;
-use crate::pki::Identity;
 use crate::store::{now_us, AgentHello, StoreError, TargetDef};
 use crate::target::is_label;
 use crate::Shared;
+use mxscope_pki::Identity;
 
 /// Most agent-local targets kept from one hello.
 const MAX_LOCAL_TARGETS: usize = 10_000;

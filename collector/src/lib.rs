@@ -10,7 +10,6 @@ pub mod error;
 pub mod http;
 pub mod ingest;
 pub mod limits;
-pub mod pki;
 pub mod query;
 pub mod store;
 pub mod target;

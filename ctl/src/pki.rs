@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use mxscope_collector::pki::{write_private, Ca, Identity, Issued, Validity};
+use mxscope_pki::{write_private, Ca, Identity, Issued, Validity};
 
 use crate::cli::Command;
 
@@ -259,7 +259,7 @@ mod tests {
         let pem = std::fs::read_to_string(agent.join("agent.pem")).unwrap();
         let der = rustls_pemfile_der(&pem);
         assert_eq!(
-            mxscope_collector::pki::identity_of(&der),
+            mxscope_pki::identity_of(&der),
             Some(Identity::Agent {
                 id: "ag-1".into(),
                 region: "eu-west".into()
@@ -286,7 +286,7 @@ mod tests {
         .unwrap();
         let pem = std::fs::read_to_string(reader.join("admin.pem")).unwrap();
         assert_eq!(
-            mxscope_collector::pki::identity_of(&rustls_pemfile_der(&pem)),
+            mxscope_pki::identity_of(&rustls_pemfile_der(&pem)),
             Some(Identity::Reader {
                 name: "dash".into()
             })

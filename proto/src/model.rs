@@ -1,51 +1,10 @@
 //! Domain types shared by agent, collector and ctl: the stable names users type and read (check
 //! kinds, outcomes, error classes, phases) and a probe's observation before it gets a seq.
 
-use std::fmt;
 use std::net::IpAddr;
-use std::str::FromStr;
 use std::time::Duration;
 
 use crate::pb;
-
-/// Declares a closed, string-named enum with `name()`, `ALL`, `Display` and `FromStr`.
-macro_rules! named_enum {
-    ($(#[$m:meta])* $vis:vis enum $ty:ident ($what:literal) { $($var:ident => $name:literal),+ $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        $vis enum $ty { $($var),+ }
-
-        impl $ty {
-            /// Every value, in declaration order.
-            pub const ALL: &'static [$ty] = &[$($ty::$var),+];
-
-            /// The stable name users type and read.
-            pub fn name(self) -> &'static str {
-                match self { $($ty::$var => $name),+ }
-            }
-        }
-
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.name())
-            }
-        }
-
-        impl FromStr for $ty {
-            type Err = UnknownName;
-            fn from_str(s: &str) -> Result<Self, UnknownName> {
-                match s {
-                    $($name => Ok($ty::$var),)+
-                    _ => Err(UnknownName {
-                        what: $what,
-                        given: s.to_string(),
-                        valid: vec![$($name),+],
-                    }),
-                }
-            }
-        }
-    };
-}
 
 /// A name that is not one of a closed set; the message lists the valid ones.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -141,6 +100,54 @@ named_enum! {
         Policy => "policy",
         Io => "io",
         NotPermitted => "not_permitted",
+    }
+}
+
+named_enum! {
+    /// What a matrix cell or a latency query shows.
+    pub enum Metric ("metric") {
+        Reachability => "reachability",
+        P50 => "p50",
+        P95 => "p95",
+        P99 => "p99",
+    }
+}
+
+impl Metric {
+    /// The latency quantile the metric reads; `None` for reachability.
+    pub fn quantile(self) -> Option<f64> {
+        match self {
+            Metric::Reachability => None,
+            Metric::P50 => Some(0.5),
+            Metric::P95 => Some(0.95),
+            Metric::P99 => Some(0.99),
+        }
+    }
+}
+
+named_enum! {
+    /// How far a problem reaches across regions.
+    pub enum Scope ("scope") {
+        /// Every region with fresh data sees the target working.
+        Up => "up",
+        /// Some regions fail, fewer than the quorum.
+        Partial => "partial",
+        /// At least the quorum of regions fail.
+        Down => "down",
+        /// No region has fresh data.
+        Stale => "stale",
+    }
+}
+
+named_enum! {
+    /// One region's view of a series after hysteresis.
+    pub enum RegionState ("region state") {
+        Ok => "ok",
+        Failing => "failing",
+        /// No fresh data (old results or a silent agent).
+        Stale => "stale",
+        /// The agent's own network is at fault: not counted against the target.
+        AgentFault => "agent",
     }
 }
 

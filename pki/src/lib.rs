@@ -7,6 +7,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use mxscope_proto::names::{is_label, LABEL_RULE};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
@@ -90,16 +91,6 @@ impl fmt::Display for Identity {
     }
 }
 
-/// DNS-label style: what agent ids, regions and admin names may be.
-pub fn is_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 fn check_label(what: &'static str, value: &str) -> Result<(), PkiError> {
     if is_label(value) {
         Ok(())
@@ -107,7 +98,7 @@ fn check_label(what: &'static str, value: &str) -> Result<(), PkiError> {
         Err(PkiError::Invalid {
             what,
             value: value.into(),
-            why: "use 1-63 lowercase letters, digits and inner hyphens",
+            why: LABEL_RULE,
         })
     }
 }
