@@ -1,4 +1,4 @@
-//! Issue 6, "How it is shown": no result lost, none stored twice, under faults. Real collector and
+//! No result lost, none stored twice, under faults. Real collector and
 //! agent binaries probe a private Postfix and closed loopback ports every second; the collector
 //! and the agents are SIGKILLed at seeded random moments, the collector is stopped, spools are torn,
 //! damaged and overfilled, and the collector's disk fills up. At the end, what each agent produced

@@ -1,4 +1,4 @@
-//! Issue 4 shown on the multi-region lab (`deploy/lab/lab`): real Postfix, Dovecot and nsd in the
+//! Cross-region analysis on the multi-region lab (`deploy/lab/lab`): real Postfix, Dovecot and nsd in the
 //! mail namespace, one agent per region namespace, the collector on 198.19.0.1 with mTLS. The
 //! latency matrix follows the injected RTTs, the port-25 block is diagnosed as `network` in exactly
 //! its region, a stopped Dovecot is `down` everywhere and an expired certificate is `tls` with its date.

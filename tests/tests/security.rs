@@ -1,4 +1,4 @@
-//! Issue 7, "How it is shown": the real collector with mTLS refuses agents without a valid
+//! Identities and limits: the real collector with mTLS refuses agents without a valid
 //! certificate or claiming another region, cuts off revoked agents, enforces ctl roles, refuses
 //! plain text, and refuses and counts hostile messages while a well-behaved agent keeps flowing.
 

@@ -1,4 +1,4 @@
-//! Issue 2, "How it is shown": real Postfix + nsd on loopback, a collector and three agents in
+//! The first end-to-end path: real Postfix + nsd on loopback, a collector and three agents in
 //! three regions; status shows ok/refused correctly, and a collector crash loses and duplicates nothing.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,4 +1,4 @@
-//! Issue 5, "How it is shown": central targets. A collector and three agents (eu-west, us-east,
+//! Central targets. A collector and three agents (eu-west, us-east,
 //! ap-south) against a private Postfix and nsd; `mxscopectl target add` for two regions reaches
 //! exactly those agents, `target update` swaps a check, a collector restart keeps the target and
 //! reconnected agents hold the current schedule, `target rm` stops the probes while the history
@@ -21,7 +21,7 @@ const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
 const CENTRAL: &str = "example.test";
 /// ap-south's agent-local target (from its TOML file).
 const LOCAL: &str = "local.test";
-/// How long a change may take to reach connected agents (issue 5).
+/// How long a change may take to reach connected agents.
 const PROPAGATION: Duration = Duration::from_secs(2);
 /// The central target's interval; results are awaited for a few of these.
 const EVERY: Duration = Duration::from_secs(1);

@@ -1,4 +1,4 @@
-//! mxscope-bench: the six benchmarks of issue 9, each measured side by side with its baseline in
+//! mxscope-bench: six benchmarks, each measured side by side with its baseline in
 //! the same run, and the `BENCHMARKS.md` report they produce.
 
 pub mod agent_cost;

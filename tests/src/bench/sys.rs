@@ -1,8 +1,6 @@
 //! Process and machine facts from `/proc` (CPU seconds, peak and current RSS, cores, memory) and
 //! the small statistics every benchmark reports (median, percentiles).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use anyhow::{Context, Result};
 
 /// Clock ticks per second for `/proc/PID/stat` times.
@@ -99,13 +97,7 @@ pub fn load_avg() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// Microseconds since the Unix epoch.
-pub fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use mxscope_proto::time::now_us;
 
 /// The `q` quantile (0..=1, nearest rank) of `values`; `None` when empty.
 pub fn quantile(values: &[f64], q: f64) -> Option<f64> {
