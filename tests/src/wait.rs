@@ -23,6 +23,8 @@ pub fn wait_for<T>(
         if Instant::now() >= deadline {
             bail!("timed out after {timeout:?} waiting for {what}");
         }
+        // The poller itself: a synchronous test thread waiting between checks.
+        #[allow(clippy::disallowed_methods)]
         std::thread::sleep(POLL_INTERVAL);
     }
 }
