@@ -158,6 +158,16 @@ pub struct Ca {
     key: KeyPair,
 }
 
+impl fmt::Debug for Ca {
+    /// Never prints the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ca")
+            .field("cert_der_len", &self.cert.der().len())
+            .field("key", &"***")
+            .finish()
+    }
+}
+
 impl Ca {
     /// A new CA (ECDSA P-256), valid ten years.
     pub fn create(name: &str) -> Result<Ca, PkiError> {

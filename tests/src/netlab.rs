@@ -27,6 +27,7 @@ pub fn script() -> PathBuf {
 }
 
 /// Fails with what is missing when the lab cannot be built here: root, `ip`, `nft`, a TUN device.
+#[allow(unsafe_code)] // geteuid: no safe wrapper in std
 pub fn require_prerequisites() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -48,6 +49,7 @@ pub struct LabLock {
 
 impl LabLock {
     /// Waits up to `timeout` for the lock (another lab test or the benchmark may hold it).
+    #[allow(unsafe_code)] // flock(2): no safe wrapper in std
     pub fn acquire(timeout: Duration) -> Result<LabLock> {
         let file = File::options()
             .create(true)

@@ -253,6 +253,7 @@ impl Drop for Proc {
 }
 
 /// Sends `signal` to `pid`. Only ever called with PIDs of processes the harness started.
+#[allow(unsafe_code)] // kill(2): std has no signal API
 pub fn send_signal(pid: u32, signal: i32) -> Result<()> {
     let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
     if pid <= 1 {
@@ -270,6 +271,7 @@ pub fn send_signal(pid: u32, signal: i32) -> Result<()> {
 }
 
 /// True while a process with `pid` exists.
+#[allow(unsafe_code)] // kill(pid, 0): std has no signal API
 pub fn pid_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;

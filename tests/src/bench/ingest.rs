@@ -299,6 +299,7 @@ pub fn load_raw(db: &Path, shapes: &[Shape], segment: u64) -> Result<Run> {
 }
 
 /// CPU seconds of the calling thread.
+#[allow(unsafe_code)] // clock_gettime(CLOCK_THREAD_CPUTIME_ID): no std API
 fn current_thread_cpu() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 
 /// Clock ticks per second for `/proc/PID/stat` times.
+#[allow(unsafe_code)] // sysconf: no std API
 fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

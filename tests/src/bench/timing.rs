@@ -136,6 +136,7 @@ pub async fn run(ctx: &Ctx) -> Section {
 
 type Outcome = (Vec<Vec<String>>, Vec<(String, Verdict)>, String);
 
+#[allow(unsafe_code)] // geteuid: no std API
 fn run_blocking(ctx: &Ctx) -> Result<Outcome> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

@@ -5,6 +5,10 @@
 //! Usage: `mxscope-delayline --a NETNS:DEV --b NETNS:DEV --rtt-ms N [--ready-file PATH]`
 //! The devices exist while the process runs; configure their addresses with `ip -n NETNS …`.
 
+// TUN devices, setns and raw fd reads and writes are libc calls without a safe std wrapper; each
+// block has its SAFETY note.
+#![allow(unsafe_code)]
+
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

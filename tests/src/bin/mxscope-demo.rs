@@ -248,6 +248,7 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+#[allow(unsafe_code)] // signal(2) for SIGINT/SIGTERM: no std API
 fn main() {
     let handler: extern "C" fn(libc::c_int) = on_signal;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
