@@ -151,7 +151,10 @@ fn modules(src: &Path) -> Vec<(String, PathBuf, String)> {
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).expect("read src dir") {
             let path = entry.expect("dir entry").path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             if path.is_dir() {
                 if name != "tests" {
                     stack.push(path);
@@ -170,7 +173,11 @@ fn modules(src: &Path) -> Vec<(String, PathBuf, String)> {
                 .trim_end_matches(".rs")
                 .to_string();
             let text = std::fs::read_to_string(&path).expect("read source");
-            let code = text.split("#[cfg(test)]").next().unwrap_or_default().to_string();
+            let code = text
+                .split("#[cfg(test)]")
+                .next()
+                .unwrap_or_default()
+                .to_string();
             out.push((top, path, code));
         }
     }
