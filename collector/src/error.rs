@@ -4,7 +4,7 @@
 use tonic::Status;
 
 use crate::store::StoreError;
-use crate::target::TargetError;
+use mxscope_proto::target::TargetError;
 
 /// What a gRPC handler can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -30,7 +30,8 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::analysis::status::{is_stale, StatusParams};
-use crate::store::{now_us, Filter, Store, StoreError};
+use crate::store::{Filter, Store, StoreError};
+use mxscope_proto::time::now_us;
 
 /// Window of the latency gauges.
 const LATENCY_WINDOW: Duration = Duration::from_secs(5 * 60);

@@ -21,10 +21,11 @@ use tracing::{debug, info, warn};
 use crate::auth::{Mode, Revoked};
 use crate::error::{chain, ServiceError};
 use crate::limits::Counters;
-use crate::store::{now_us, AgentHello, StoreError, TargetDef};
-use crate::target::is_label;
+use crate::store::{AgentHello, StoreError, TargetDef};
 use crate::Shared;
 use mxscope_pki::Identity;
+use mxscope_proto::names::is_label;
+use mxscope_proto::time::now_us;
 
 /// Most agent-local targets kept from one hello.
 const MAX_LOCAL_TARGETS: usize = 10_000;

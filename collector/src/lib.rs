@@ -12,7 +12,6 @@ pub mod ingest;
 pub mod limits;
 pub mod query;
 pub mod store;
-pub mod target;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -16,9 +16,11 @@ use crate::analysis::cross::{self, Metric};
 use crate::analysis::status::{status_rows_from_rollups, RAW_WINDOW_MAX_US};
 use crate::analysis::{status_rows, StatusParams};
 use crate::error::{unknown_target, ServiceError};
-use crate::store::{now_us, Filter, LOCAL_AGENT_LABEL};
-use crate::target::validate;
+use crate::store::{Filter, TargetDef, LOCAL_AGENT_LABEL};
 use crate::Shared;
+use mxscope_proto::names::{self, TargetName};
+use mxscope_proto::target::validate;
+use mxscope_proto::time::now_us;
 
 /// Results returned when a request sets no limit.
 pub const DEFAULT_RESULTS_LIMIT: u32 = 100;
@@ -48,14 +50,9 @@ fn micros(d: Duration) -> i64 {
 
 /// Normalizes a target name for lookups the way [`validate`] stores it.
 fn lookup_name(name: &str) -> String {
-    let n = name.trim();
-    let inner = n
-        .strip_prefix('[')
-        .and_then(|s| s.strip_suffix(']'))
-        .unwrap_or(n);
-    match inner.parse::<std::net::IpAddr>() {
-        Ok(ip) => ip.to_string(),
-        Err(_) => n.trim_end_matches('.').to_ascii_lowercase(),
+    match TargetName::parse(name) {
+        Some(t) => t.canonical(),
+        None => names::normalize_domain(name),
     }
 }
 
@@ -336,7 +333,7 @@ impl Query for QueryService {
         let Some(spec) = req.target else {
             return Err(ServiceError::InvalidArgument("put target needs a target".into()).into());
         };
-        let def = validate(&spec).map_err(ServiceError::from)?;
+        let def = TargetDef::from_target(&validate(&spec).map_err(ServiceError::from)?);
         self.shared
             .store
             .put_target(def.clone(), req.update, now_us())
@@ -405,5 +402,43 @@ mod tests {
         assert_eq!(lookup_name(" Example.TEST. "), "example.test");
         assert_eq!(lookup_name("[::1]"), "::1");
         assert_eq!(lookup_name("127.0.0.1"), "127.0.0.1");
+    }
+
+    /// The rules are proto's (`mxscope_proto::target`, tested there); this checks the stored form
+    /// a validated target becomes.
+    #[test]
+    fn validated_targets_are_stored_in_canonical_form() {
+        let spec = |name: &str, checks: &[&str]| pb::TargetSpec {
+            name: name.into(),
+            checks: checks.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        };
+        let d = TargetDef::from_target(
+            &validate(&spec("Example.TEST.", &["smtp", "mx", "smtp"])).unwrap(),
+        );
+        assert_eq!(d.name, "example.test");
+        assert_eq!(d.kind, "domain");
+        assert_eq!(d.checks, vec!["smtp", "mx"]);
+        assert_eq!((d.interval_ms, d.timeout_ms), (60_000, 10_000));
+        assert_eq!(lookup_name(" Example.TEST. "), d.name);
+
+        let v6 = TargetDef::from_target(&validate(&spec("[::1]", &["smtp"])).unwrap());
+        assert_eq!((v6.name.as_str(), v6.kind.as_str()), ("::1", "host"));
+
+        let mut s = spec("example.test", &["smtp"]);
+        s.interval_ms = 1_000;
+        s.timeout_ms = 2_000;
+        s.ports.insert("smtp".into(), 2525);
+        s.regions = vec!["eu-west".into(), "eu-west".into()];
+        s.labels.insert("team".into(), "mail".into());
+        s.require_tls = true;
+        let d = TargetDef::from_target(&validate(&s).unwrap());
+        assert_eq!((d.interval_ms, d.timeout_ms), (1_000, 2_000));
+        assert_eq!(d.ports.get("smtp"), Some(&2525));
+        assert_eq!(d.regions, vec!["eu-west"]);
+        assert_eq!(d.labels.get("team").map(String::as_str), Some("mail"));
+        assert!(d.require_tls);
+        let back = validate(&d.to_wire("central")).unwrap();
+        assert_eq!(TargetDef::from_target(&back), d);
     }
 }

@@ -8,6 +8,7 @@ use mxscope_collector::{run, Config, RunError};
 use mxscope_proto::pb::{
     self, agent_message, collector_message, ingest_client::IngestClient, query_client::QueryClient,
 };
+use mxscope_proto::time::now_us;
 use tempfile::TempDir;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -77,13 +78,6 @@ struct Agent {
 
 fn up(msg: agent_message::Msg) -> pb::AgentMessage {
     pb::AgentMessage { msg: Some(msg) }
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 impl Agent {

@@ -22,6 +22,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use mxscope_proto::pb;
 use mxscope_proto::raw::ResultView;
+use mxscope_proto::target::Target;
+use mxscope_proto::time::{millis, now_us};
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
@@ -157,6 +159,26 @@ pub struct TargetDef {
 }
 
 impl TargetDef {
+    /// The stored form of a target [`validate`](mxscope_proto::target::validate)d into canonical
+    /// form (names as the wire spells them).
+    pub fn from_target(t: &Target) -> Self {
+        TargetDef {
+            name: t.name.clone(),
+            checks: t.checks.iter().map(|c| c.name().to_string()).collect(),
+            interval_ms: millis(t.interval),
+            timeout_ms: millis(t.timeout),
+            regions: t.regions.clone(),
+            labels: t.labels.clone(),
+            ports: t
+                .ports
+                .iter()
+                .map(|(c, p)| (c.name().to_string(), u32::from(*p)))
+                .collect(),
+            require_tls: t.require_tls,
+            kind: t.kind.name().to_string(),
+        }
+    }
+
     /// Reads the wire form (the `source` field is not stored).
     pub fn from_wire(t: &pb::TargetSpec) -> Self {
         TargetDef {
@@ -677,14 +699,6 @@ pub async fn retention_job(
             Err(err) => tracing::warn!(error = %err, "retention round failed"),
         }
     }
-}
-
-/// Microseconds since the Unix epoch, by the wall clock.
-pub fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// Adds to a counter (relaxed: statistics only).
