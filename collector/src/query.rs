@@ -48,6 +48,16 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
+/// The metric a request names; none means reachability.
+fn metric_of(name: &str) -> Result<Metric, ServiceError> {
+    match name {
+        "" => Ok(Metric::Reachability),
+        m => m
+            .parse()
+            .map_err(|e: mxscope_proto::UnknownName| ServiceError::InvalidArgument(e.to_string())),
+    }
+}
+
 /// Normalizes a target name for lookups the way [`validate`] stores it.
 fn lookup_name(name: &str) -> String {
     match TargetName::parse(name) {
@@ -213,7 +223,7 @@ impl Query for QueryService {
     /// check) under the collector's `--quorum`; see [`cross::matrix`].
     async fn matrix(&self, request: Request<pb::MatrixRequest>) -> Res<pb::MatrixResponse> {
         let req = request.into_inner();
-        let metric: Metric = req.metric.parse().map_err(ServiceError::InvalidArgument)?;
+        let metric = metric_of(&req.metric)?;
         let now = now_us();
         let since = now.saturating_sub(micros(since_of(req.since_ms)));
         let views = self.views(now).await?;
@@ -396,6 +406,14 @@ impl Query for QueryService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metric_names() {
+        assert_eq!(metric_of("p95").unwrap(), Metric::P95);
+        assert_eq!(metric_of("").unwrap(), Metric::Reachability);
+        let msg = metric_of("p42").unwrap_err().to_string();
+        assert!(msg.contains("p42") && msg.contains("p99"), "{msg}");
+    }
 
     #[test]
     fn lookup_names_match_validated_names() {

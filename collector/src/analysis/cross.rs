@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use mxscope_proto::pb;
+pub use mxscope_proto::Metric;
 
 use super::diagnosis::{agent_faults, consistency, diagnose, Finding, SeriesView};
 use super::scope::{scope, Quorum, RegionState};
@@ -20,50 +21,6 @@ pub fn latency_phase(check: &str) -> &'static str {
         "icmp" => "echo",
         "mx" | "spf" | "dmarc" | "dkim" | "tlsrpt" | "dane" | "dnsbl" => "resolve",
         _ => "total",
-    }
-}
-
-/// What a matrix cell shows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Metric {
-    Reachability,
-    P50,
-    P95,
-    P99,
-}
-
-impl Metric {
-    pub fn name(self) -> &'static str {
-        match self {
-            Metric::Reachability => "reachability",
-            Metric::P50 => "p50",
-            Metric::P95 => "p95",
-            Metric::P99 => "p99",
-        }
-    }
-
-    fn quantile(self) -> Option<f64> {
-        match self {
-            Metric::Reachability => None,
-            Metric::P50 => Some(0.5),
-            Metric::P95 => Some(0.95),
-            Metric::P99 => Some(0.99),
-        }
-    }
-}
-
-impl std::str::FromStr for Metric {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "" | "reachability" => Ok(Metric::Reachability),
-            "p50" => Ok(Metric::P50),
-            "p95" => Ok(Metric::P95),
-            "p99" => Ok(Metric::P99),
-            other => Err(format!(
-                "metric '{other}': expected reachability, p50, p95 or p99"
-            )),
-        }
     }
 }
 
@@ -188,13 +145,7 @@ pub fn matrix(
             cells.push(pb::MatrixCell {
                 region: region.to_string(),
                 value,
-                state: match state {
-                    RegionState::Ok => "ok",
-                    RegionState::Failing => "failing",
-                    RegionState::Stale => "stale",
-                    RegionState::AgentFault => "agent",
-                }
-                .to_string(),
+                state: state.name().to_string(),
             });
         }
         let sc = scope(&states, quorum);
@@ -205,8 +156,8 @@ pub fn matrix(
         rows.push(pb::MatrixRow {
             target: target.to_string(),
             check: chk.to_string(),
-            scope: sc.name().to_string(),
-            failing_regions: sc.failing().to_vec(),
+            scope: sc.scope.name().to_string(),
+            failing_regions: sc.failing,
             cells,
             notes,
             phase: if metric == Metric::Reachability {
@@ -516,8 +467,12 @@ mod tests {
             series("t.test", "smtp", "eu-west", false, ""),
             series("t.test", "smtp", "us-east", false, ""),
         ];
-        rows[0].last_facts.insert("cert.sha256".into(), "aa".into());
-        rows[1].last_facts.insert("cert.sha256".into(), "bb".into());
+        rows[0]
+            .last_facts
+            .insert(mxscope_proto::facts::cert::SHA256.into(), "aa".into());
+        rows[1]
+            .last_facts
+            .insert(mxscope_proto::facts::cert::SHA256.into(), "bb".into());
         let v = views(&rows, &BTreeSet::new(), &params());
         let m = matrix(
             &v,
@@ -600,8 +555,5 @@ mod tests {
         assert_eq!(latency_phase("mx"), "resolve");
         assert_eq!(latency_phase("icmp"), "echo");
         assert_eq!(latency_phase("delivery"), "total");
-        assert_eq!("p95".parse::<Metric>(), Ok(Metric::P95));
-        assert_eq!("".parse::<Metric>(), Ok(Metric::Reachability));
-        assert!("p42".parse::<Metric>().is_err());
     }
 }

@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use mxscope_proto::facts;
+
 use super::scope::RegionState;
 
 /// The layers in the order a mail operator checks them.
@@ -155,17 +157,21 @@ fn evidence_of(r: &SeriesView) -> String {
     if !r.message.is_empty() {
         s.push_str(&format!(": {}", r.message));
     }
-    if let Some(code) = r
-        .facts
-        .get("smtp.reply_code")
-        .or_else(|| r.facts.get("reply.code"))
-    {
+    // The last SMTP reply the dialogue got: RCPT TO, else MAIL FROM, else the banner.
+    let code = [
+        facts::smtp::step(facts::smtp::RCPT, "code"),
+        facts::smtp::step(facts::smtp::MAIL, "code"),
+        facts::smtp::BANNER_CODE.to_string(),
+    ]
+    .iter()
+    .find_map(|k| r.facts.get(k));
+    if let Some(code) = code {
         s.push_str(&format!(" (reply {code})"));
     }
-    if let Some(na) = r.facts.get("cert.not_after") {
+    if let Some(na) = r.facts.get(facts::cert::NOT_AFTER) {
         let days = r
             .facts
-            .get("cert.days_left")
+            .get(facts::cert::DAYS_LEFT)
             .map(|d| format!(", {d} days left"))
             .unwrap_or_default();
         s.push_str(&format!(" [certificate not after {na}{days}]"));
@@ -297,17 +303,17 @@ pub fn diagnose(
 
 /// The MX set an `mx` result saw, from its `mx.N.preference`/`mx.N.host`/`mx.N.addrs` facts:
 /// `10 mx1.example.test (198.18.0.2); 20 mx2.example.test (198.18.0.3)`.
-pub fn mx_set(facts: &BTreeMap<String, String>) -> Option<String> {
+pub fn mx_set(seen: &BTreeMap<String, String>) -> Option<String> {
     let mut entries = Vec::new();
     for i in 0.. {
-        let Some(host) = facts.get(&format!("mx.{i}.host")) else {
+        let Some(host) = seen.get(&facts::mx::nth(i, facts::mx::field::HOST)) else {
             break;
         };
-        let pref = facts
-            .get(&format!("mx.{i}.preference"))
+        let pref = seen
+            .get(&facts::mx::nth(i, facts::mx::field::PREFERENCE))
             .map_or("?", |p| p.as_str());
-        let addrs = facts
-            .get(&format!("mx.{i}.addrs"))
+        let addrs = seen
+            .get(&facts::mx::nth(i, facts::mx::field::ADDRS))
             .map_or("", |a| a.as_str());
         let mut addrs: Vec<&str> = addrs.split(',').filter(|a| !a.is_empty()).collect();
         addrs.sort_unstable();
@@ -357,11 +363,13 @@ pub fn consistency(rows: &[&SeriesView]) -> Vec<Finding> {
     // check -> certificate identity -> where seen
     let mut certs: BTreeMap<&str, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.state != RegionState::Stale) {
-        let id = r.facts.get("cert.sha256").cloned().or_else(|| {
-            let na = r.facts.get("cert.not_after")?;
+        let id = r.facts.get(facts::cert::SHA256).cloned().or_else(|| {
+            let na = r.facts.get(facts::cert::NOT_AFTER)?;
             Some(format!(
                 "{} until {na}",
-                r.facts.get("cert.subject").map_or("?", |s| s.as_str())
+                r.facts
+                    .get(facts::cert::SUBJECT)
+                    .map_or("?", |s| s.as_str())
             ))
         });
         if let Some(id) = id {
@@ -457,12 +465,40 @@ mod tests {
     }
 
     #[test]
+    fn evidence_names_the_last_smtp_reply_the_agent_recorded() {
+        let mut r = row("t.test", "smtp", "eu-west", Failing, Some("reply_5xx"));
+        r.facts
+            .insert(facts::smtp::BANNER_CODE.into(), "220".into());
+        assert!(
+            evidence_of(&r).ends_with("(reply 220)"),
+            "{}",
+            evidence_of(&r)
+        );
+        r.facts
+            .insert(facts::smtp::step(facts::smtp::MAIL, "code"), "250".into());
+        assert!(
+            evidence_of(&r).ends_with("(reply 250)"),
+            "{}",
+            evidence_of(&r)
+        );
+        r.facts
+            .insert(facts::smtp::step(facts::smtp::RCPT, "code"), "550".into());
+        assert!(
+            evidence_of(&r).ends_with("(reply 550)"),
+            "{}",
+            evidence_of(&r)
+        );
+        let plain = row("t.test", "smtp", "eu-west", Failing, Some("timeout"));
+        assert!(!evidence_of(&plain).contains("reply"));
+    }
+
+    #[test]
     fn first_failing_layer_comes_first_and_everywhere_is_said() {
         let mut expired = row("t.test", "imaps", "eu-west", Failing, Some("cert_expired"));
         expired.phase = Some("tls".into());
         expired
             .facts
-            .insert("cert.not_after".into(), "2026-10-01T00:00:00Z".into());
+            .insert(facts::cert::NOT_AFTER.into(), "2026-10-01T00:00:00Z".into());
         let mut expired2 = expired.clone();
         expired2.region = "us-east".into();
         expired2.agent_id = "agent-us-east".into();
@@ -589,10 +625,16 @@ mod tests {
     #[test]
     fn differing_mx_sets_and_certificates_are_reported() {
         let mut a = row("t.test", "mx", "eu-west", Fine, None);
-        a.facts.insert("mx.0.host".into(), "mx1.t.test".into());
-        a.facts.insert("mx.0.preference".into(), "10".into());
+        a.facts.insert(
+            facts::mx::nth(0, facts::mx::field::HOST),
+            "mx1.t.test".into(),
+        );
         a.facts
-            .insert("mx.0.addrs".into(), "198.18.0.3,198.18.0.2".into());
+            .insert(facts::mx::nth(0, facts::mx::field::PREFERENCE), "10".into());
+        a.facts.insert(
+            facts::mx::nth(0, facts::mx::field::ADDRS),
+            "198.18.0.3,198.18.0.2".into(),
+        );
         let mut b = a.clone();
         b.region = "us-east".into();
         b.agent_id = "agent-us-east".into();
@@ -601,11 +643,14 @@ mod tests {
             Some("10 mx1.t.test (198.18.0.2, 198.18.0.3)")
         );
         assert!(diagnose("t.test", &[a.clone(), b.clone()], &BTreeSet::new())[0].scope == "none");
-        b.facts.insert("mx.0.addrs".into(), "198.18.0.9".into());
+        b.facts.insert(
+            facts::mx::nth(0, facts::mx::field::ADDRS),
+            "198.18.0.9".into(),
+        );
         let mut c = row("t.test", "smtp", "eu-west", Fine, None);
-        c.facts.insert("cert.sha256".into(), "aa".into());
+        c.facts.insert(facts::cert::SHA256.into(), "aa".into());
         let mut d = row("t.test", "smtp", "us-east", Fine, None);
-        d.facts.insert("cert.sha256".into(), "bb".into());
+        d.facts.insert(facts::cert::SHA256.into(), "bb".into());
         let f = diagnose("t.test", &[a, b, c, d], &BTreeSet::new());
         assert_eq!(f.len(), 2, "{f:?}");
         assert!(f

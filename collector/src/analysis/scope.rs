@@ -1,17 +1,7 @@
 //! Cross-region scope of one (target, check): `up`, `partial` (naming the failing regions),
 //! `down` (at least a quorum of regions agree) or `stale` (no fresh data anywhere).
 
-use std::fmt;
-
-/// The state of one region's view of a (target, check).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum RegionState {
-    Ok,
-    Failing,
-    Stale,
-    /// The agent's own network is at fault (see `agent_faults`): not counted against the target.
-    AgentFault,
-}
+pub use mxscope_proto::{RegionState, Scope};
 
 /// How many failing regions make a target `down`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -47,46 +37,30 @@ impl std::str::FromStr for Quorum {
     }
 }
 
+/// A (target, check)'s [`Scope`] with the regions that fail (empty for `up` and `stale`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Scope {
-    Up,
-    Partial { failing: Vec<String> },
-    Down { failing: Vec<String> },
-    Stale,
+pub struct ScopeView {
+    pub scope: Scope,
+    pub failing: Vec<String>,
 }
 
-impl Scope {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Scope::Up => "up",
-            Scope::Partial { .. } => "partial",
-            Scope::Down { .. } => "down",
-            Scope::Stale => "stale",
+impl ScopeView {
+    fn new(scope: Scope) -> Self {
+        ScopeView {
+            scope,
+            failing: Vec::new(),
         }
-    }
-
-    pub fn failing(&self) -> &[String] {
-        match self {
-            Scope::Partial { failing } | Scope::Down { failing } => failing,
-            _ => &[],
-        }
-    }
-}
-
-impl fmt::Display for Scope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
     }
 }
 
 /// Combines the regions' views (region name, state) into one scope.
-pub fn scope(regions: &[(String, RegionState)], quorum: Quorum) -> Scope {
+pub fn scope(regions: &[(String, RegionState)], quorum: Quorum) -> ScopeView {
     let fresh: Vec<_> = regions
         .iter()
         .filter(|(_, s)| matches!(s, RegionState::Ok | RegionState::Failing))
         .collect();
     if fresh.is_empty() {
-        return Scope::Stale;
+        return ScopeView::new(Scope::Stale);
     }
     let mut failing: Vec<String> = fresh
         .iter()
@@ -95,19 +69,27 @@ pub fn scope(regions: &[(String, RegionState)], quorum: Quorum) -> Scope {
         .collect();
     failing.sort();
     failing.dedup();
-    if failing.is_empty() {
+    let scope = if failing.is_empty() {
         Scope::Up
     } else if failing.len() >= quorum.needed(fresh.len()) {
-        Scope::Down { failing }
+        Scope::Down
     } else {
-        Scope::Partial { failing }
-    }
+        Scope::Partial
+    };
+    ScopeView { scope, failing }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use RegionState::*;
+
+    fn view(scope: Scope, failing: &[&str]) -> ScopeView {
+        ScopeView {
+            scope,
+            failing: failing.iter().map(|r| r.to_string()).collect(),
+        }
+    }
 
     fn regions(states: &[(&str, RegionState)]) -> Vec<(String, RegionState)> {
         states.iter().map(|(r, s)| (r.to_string(), *s)).collect()
@@ -118,25 +100,21 @@ mod tests {
         let q = Quorum::Majority;
         assert_eq!(
             scope(&regions(&[("a", Ok), ("b", Ok), ("c", Ok)]), q),
-            Scope::Up
+            view(Scope::Up, &[])
         );
         assert_eq!(
             scope(&regions(&[("a", Ok), ("b", Ok), ("c", Failing)]), q),
-            Scope::Partial {
-                failing: vec!["c".into()]
-            }
+            view(Scope::Partial, &["c"])
         );
         assert_eq!(
             scope(&regions(&[("a", Failing), ("b", Ok), ("c", Failing)]), q),
-            Scope::Down {
-                failing: vec!["a".into(), "c".into()]
-            }
+            view(Scope::Down, &["a", "c"])
         );
         assert_eq!(
             scope(&regions(&[("a", Stale), ("b", Stale)]), q),
-            Scope::Stale
+            view(Scope::Stale, &[])
         );
-        assert_eq!(scope(&[], q), Scope::Stale);
+        assert_eq!(scope(&[], q), view(Scope::Stale, &[]));
     }
 
     #[test]
@@ -148,24 +126,25 @@ mod tests {
                 &regions(&[("a", Stale), ("b", Failing), ("c", AgentFault)]),
                 q
             ),
-            Scope::Down {
-                failing: vec!["b".into()]
-            }
+            view(Scope::Down, &["b"])
         );
         assert_eq!(
             scope(&regions(&[("a", Ok), ("c", AgentFault)]), q),
-            Scope::Up
+            view(Scope::Up, &[])
         );
     }
 
     #[test]
     fn configured_quorum() {
         let all_but_one = regions(&[("a", Failing), ("b", Failing), ("c", Failing), ("d", Ok)]);
-        assert_eq!(scope(&all_but_one, Quorum::AtLeast(4)).name(), "partial");
-        assert_eq!(scope(&all_but_one, Quorum::AtLeast(3)).name(), "down");
         assert_eq!(
-            scope(&regions(&[("a", Failing)]), Quorum::AtLeast(5)).name(),
-            "down"
+            scope(&all_but_one, Quorum::AtLeast(4)).scope,
+            Scope::Partial
+        );
+        assert_eq!(scope(&all_but_one, Quorum::AtLeast(3)).scope, Scope::Down);
+        assert_eq!(
+            scope(&regions(&[("a", Failing)]), Quorum::AtLeast(5)).scope,
+            Scope::Down
         );
         assert_eq!(
             "majority".parse(),

@@ -443,7 +443,7 @@ fn outcome_result(agent: &str, seq: u64, ok: bool, start_us: i64) -> pb::ProbeRe
         r.error_class = "refused".into();
         r.phase = "connect".into();
         r.facts = vec![pb::Fact {
-            key: "smtp.reply_code".into(),
+            key: mxscope_proto::facts::smtp::BANNER_CODE.into(),
             value: Some(pb::fact::Value::Int(421)),
         }];
     }
@@ -476,7 +476,9 @@ async fn hysteresis_is_persisted_and_changes_are_broadcast_after_commit() {
     assert_eq!(s[0].agent_id, "a1");
     assert_eq!(s[0].last_phase, "connect");
     assert_eq!(
-        s[0].last_facts.get("smtp.reply_code").map(String::as_str),
+        s[0].last_facts
+            .get(mxscope_proto::facts::smtp::BANNER_CODE)
+            .map(String::as_str),
         Some("421")
     );
     assert!(events.try_recv().is_err(), "no change yet");

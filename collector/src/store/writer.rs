@@ -29,6 +29,7 @@ use super::{bump, AgentHello, StoreError, StoreOptions, TargetDef, WriterStats};
 use crate::analysis::hysteresis::{Hysteresis, Policy};
 use bytes::Bytes;
 use mxscope_proto::raw::ResultView;
+use mxscope_proto::RegionState;
 
 /// A write operation.
 pub(crate) enum Op {
@@ -1604,9 +1605,9 @@ fn store_results(
 /// The persisted state names (`stale` is decided at read time from the clock).
 fn state_name(failing: bool) -> &'static str {
     if failing {
-        "failing"
+        RegionState::Failing.name()
     } else {
-        "ok"
+        RegionState::Ok.name()
     }
 }
 
