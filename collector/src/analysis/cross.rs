@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use mxscope_proto::pb;
 pub use mxscope_proto::Metric;
 
+use super::aggregate::Agg;
 use super::diagnosis::{agent_faults, consistency, diagnose, Finding, SeriesView};
 use super::scope::{scope, Quorum, RegionState};
+use super::series::{SeriesId, SeriesRow};
 use super::status::{is_stale, StatusParams};
-use crate::store::rollup::Agg;
-use crate::store::{SeriesId, SeriesRow};
 
 /// The phase latency metrics of a check use: how long it takes to reach the service.
 /// Port checks: `connect` (the TCP handshake, one round trip: what a path problem changes);

@@ -21,8 +21,8 @@ use std::collections::HashMap;
 
 use mxscope_proto::{outcome_from_wire, pb, Outcome};
 
-use crate::store::rollup::Agg;
-use crate::store::{Sample, SeriesId, SeriesRow};
+use super::aggregate::Agg;
+use super::series::{Sample, SeriesId, SeriesRow};
 
 /// Longest status window computed from raw results (exact nearest-rank percentiles).
 pub const RAW_WINDOW_MAX_US: i64 = 3_600_000_000;

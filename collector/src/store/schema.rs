@@ -295,7 +295,8 @@ const WEEKS_STEP: i64 = 5;
 
 /// Writes the week rollups of every stored day rollup (schema step 5).
 fn fill_weeks(tx: &Connection) -> Result<(), rusqlite::Error> {
-    use super::rollup::{Agg, Level};
+    use super::rollup::Level;
+    use crate::analysis::aggregate::Agg;
     let mut weeks: std::collections::HashMap<(i64, String, String, String, String), Agg> =
         std::collections::HashMap::new();
     {

@@ -365,7 +365,7 @@ async fn migration_fills_week_rollups_from_day_rollups() {
             .unwrap();
         // Three days in one week, one in the next.
         for (i, n) in [(0, 2), (1, 3), (6, 4), (7, 5)] {
-            let mut a = rollup::Agg::default();
+            let mut a = crate::analysis::aggregate::Agg::default();
             for k in 0..n {
                 a.add(&pb::ProbeResult {
                     outcome: pb::Outcome::Ok as i32,
@@ -401,7 +401,7 @@ async fn migration_fills_week_rollups_from_day_rollups() {
     assert_eq!(weeks.len(), 2);
     assert_eq!((weeks[0].0, weeks[0].1, weeks[0].2), (week0, 9, 9));
     assert_eq!((weeks[1].0, weeks[1].1), (week0 + 7 * day, 5));
-    let phases = rollup::Agg::sketches_from_bytes(&weeks[0].3, None).unwrap();
+    let phases = crate::analysis::aggregate::Agg::sketches_from_bytes(&weeks[0].3, None).unwrap();
     assert_eq!(phases["total"].count(), 9);
 }
 
@@ -881,7 +881,7 @@ async fn migration_compacts_results_series_and_rollups() {
             rusqlite::params![label, t0 + 120_000_000],
         )
         .unwrap();
-        let mut a = rollup::Agg::default();
+        let mut a = crate::analysis::aggregate::Agg::default();
         a.add(&pb::ProbeResult {
             outcome: pb::Outcome::Ok as i32,
             timings: vec![pb::PhaseTiming {

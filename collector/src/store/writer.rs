@@ -23,9 +23,10 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use tokio::sync::broadcast;
 
-use super::rollup::{Agg, Level};
+use super::rollup::Level;
 use super::row::ResultRow;
 use super::{bump, AgentHello, StoreError, StoreOptions, TargetDef, WriterStats};
+use crate::analysis::aggregate::Agg;
 use crate::analysis::hysteresis::{Hysteresis, Policy};
 use bytes::Bytes;
 use mxscope_proto::raw::ResultView;

@@ -409,7 +409,7 @@ fn categorize(script: &str) -> Vec<(f64, &'static str)> {
             "allocator (malloc/free: per-result Strings, keys and maps)"
         } else if leaf.contains("sip::Hasher") {
             "SipHash (HashMap keys of four Strings per result)"
-        } else if has("Sketch") || has("rollup::Agg") || has("rollup::Phases") {
+        } else if has("Sketch") || has("aggregate::Agg") || has("aggregate::Phases") {
             "rollup sketches (Agg/Sketch add, merge, encode)"
         } else if has("sqlite3") {
             "SQLite VM and b-trees (other)"
