@@ -59,8 +59,20 @@ pub enum StoreError {
     },
     #[error("database error")]
     Sqlite(#[from] rusqlite::Error),
+    /// The batch's transaction failed to begin or to COMMIT; nothing of the batch is stored.
     #[error("database commit failed")]
     Commit(#[source] Arc<rusqlite::Error>),
+    /// SQLite rolled the batch's transaction back after a failed statement (it does on
+    /// `SQLITE_FULL`), or a savepoint could not be undone: nothing of the batch is stored.
+    #[error("database transaction rolled back after a failed statement")]
+    RolledBack,
+    /// The store's own threads (writer, checkpointer, dropper) could not be started.
+    #[error("cannot start the database thread '{name}'")]
+    Thread {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("stored json is malformed")]
     Json(#[from] serde_json::Error),
     #[error("value out of range: {0}")]
@@ -584,10 +596,6 @@ impl Reply {
             Reply::Pruned(_) | Reply::Done => Err(StoreError::OutOfRange("writer reply")),
         }
     }
-}
-
-fn io_to_sqlite(e: std::io::Error) -> rusqlite::Error {
-    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
 }
 
 /// Opens the write connection: WAL, `synchronous=NORMAL` (see the module docs), busy timeout.

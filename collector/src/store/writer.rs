@@ -114,15 +114,14 @@ pub(crate) fn spawn(
     dir: Arc<std::sync::RwLock<SeriesDir>>,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
     let path = path.to_path_buf();
-    let thread_failed = |e: std::io::Error| StoreError::Open {
-        path: path.clone(),
-        source: super::io_to_sqlite(e),
-    };
     let (dropper, garbage) = std::sync::mpsc::channel::<Garbage>();
     std::thread::Builder::new()
         .name("mxscope-db-dropper".into())
         .spawn(move || garbage.into_iter().for_each(drop))
-        .map_err(thread_failed)?;
+        .map_err(|source| StoreError::Thread {
+            name: "mxscope-db-dropper",
+            source,
+        })?;
     let mut w = Writer {
         conn,
         path: path.clone(),
@@ -140,7 +139,10 @@ pub(crate) fn spawn(
     std::thread::Builder::new()
         .name("mxscope-db-writer".into())
         .spawn(move || w.run(rx))
-        .map_err(thread_failed)
+        .map_err(|source| StoreError::Thread {
+            name: "mxscope-db-writer",
+            source,
+        })
 }
 
 /// The Fx hash (rustc's): a multiply and a rotate per word. The writer's maps are keyed by
@@ -692,7 +694,7 @@ impl Writer {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let committed = (&*dir, &self.series);
-        let outcome = (|| -> Result<(), StoreError> {
+        let outcome = (|| -> Result<(), BatchError> {
             let mut tx = self.conn.transaction()?;
             let mut requests = batch.into_iter();
             while let Some(Request { op, reply }) = requests.next() {
@@ -718,10 +720,7 @@ impl Writer {
                     // savepoint could not be undone: nothing of this batch may commit. The
                     // requests not applied get the batch's error below.
                     answers.extend(requests.map(|r| (r.reply, Ok(Reply::Done))));
-                    return Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(
-                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
-                        Some("transaction rolled back after a failed statement".into()),
-                    )));
+                    return Err(BatchError::RolledBack);
                 }
             }
             tx.commit()?;
@@ -736,7 +735,7 @@ impl Writer {
             u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         );
         // A full disk fails single statements (rolled back to their savepoint) or the COMMIT.
-        let full = outcome.as_ref().err().is_some_and(StoreError::is_disk_full)
+        let full = outcome.as_ref().err().is_some_and(BatchError::is_disk_full)
             || answers
                 .iter()
                 .any(|(_, res)| res.as_ref().err().is_some_and(StoreError::is_disk_full));
@@ -794,13 +793,16 @@ impl Writer {
             }
             Err(err) => {
                 tracing::error!(error = %err, requests = n, "database transaction failed");
-                let err = Arc::new(match err {
-                    StoreError::Sqlite(e) => e,
-                    other => rusqlite::Error::ToSqlConversionFailure(Box::new(other)),
-                });
+                let err = match err {
+                    BatchError::Sqlite(e) => Some(Arc::new(e)),
+                    BatchError::RolledBack => None,
+                };
                 for (reply, res) in answers {
                     // Requests that failed on their own keep their error; the rest were rolled back.
-                    let res = res.and(Err(StoreError::Commit(err.clone())));
+                    let res = res.and(Err(match &err {
+                        Some(e) => StoreError::Commit(e.clone()),
+                        None => StoreError::RolledBack,
+                    }));
                     let _ = reply.send(res);
                 }
             }
@@ -982,6 +984,23 @@ struct Checkpointer {
     last: Instant,
 }
 
+/// Why a batch's transaction stored nothing.
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    /// BEGIN or COMMIT failed.
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// A failed statement rolled the whole transaction back.
+    #[error("transaction rolled back after a failed statement")]
+    RolledBack,
+}
+
+impl BatchError {
+    fn is_disk_full(&self) -> bool {
+        matches!(self, BatchError::Sqlite(e) if super::is_sqlite_full(e))
+    }
+}
+
 /// Least time between two nudges of the checkpointer.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -1008,7 +1027,10 @@ impl Checkpointer {
                     }
                 }
             })
-            .map_err(|e| open_failed(super::io_to_sqlite(e)))?;
+            .map_err(|source| StoreError::Thread {
+                name: "mxscope-db-checkpoint",
+                source,
+            })?;
         Ok(Checkpointer {
             wake,
             handle,
