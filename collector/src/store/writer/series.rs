@@ -1,0 +1,160 @@
+//! The series directory: series identity to id, shared with the ingest tasks, and the writer's
+//! in-memory state of each series (hysteresis, latest result).
+
+use super::*;
+
+/// Identity of a series: (target, endpoint, check, region).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct SeriesKey {
+    pub target: String,
+    pub endpoint: String,
+    pub check: String,
+    pub region: String,
+}
+
+/// What a result names of its series: region, target, check, endpoint host, ip and port.
+pub(crate) type Ident<'a> = (&'a str, &'a str, &'a str, &'a str, &'a str, u32);
+
+/// Series ids by [`Ident`], shared by the writer, which adds the series of each commit, and the
+/// ingest tasks, which look ids up (by borrowed names: no allocation) so that a batch of known
+/// series carries no keys. Series rows are never deleted, so an id once here stays right.
+#[derive(Default)]
+pub(crate) struct SeriesDir {
+    /// By hash of the ident; a bucket holds every ident of that hash.
+    pub(super) map: FxMap<u64, Vec<(OwnedIdent, i64)>>,
+}
+
+pub(super) type OwnedIdent = (Box<str>, Box<str>, Box<str>, Box<str>, Box<str>, u32);
+
+impl SeriesDir {
+    pub(super) fn hash(i: Ident<'_>) -> u64 {
+        let mut h = FxHasher::default();
+        for s in [i.0, i.1, i.2, i.3, i.4] {
+            h.write(s.as_bytes());
+            h.write_u8(0xff);
+        }
+        h.write_u64(u64::from(i.5));
+        h.finish()
+    }
+
+    pub(crate) fn get(&self, i: Ident<'_>) -> Option<i64> {
+        self.map.get(&Self::hash(i))?.iter().find_map(|(o, id)| {
+            (*o.0 == *i.0
+                && *o.1 == *i.1
+                && *o.2 == *i.2
+                && *o.3 == *i.3
+                && *o.4 == *i.4
+                && o.5 == i.5)
+                .then_some(*id)
+        })
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Adds every ident of `other` this one does not hold.
+    pub(super) fn absorb(&mut self, other: SeriesDir) {
+        if self.is_empty() {
+            *self = other;
+            return;
+        }
+        for (ident, id) in other.map.into_values().flatten() {
+            self.insert(ident, id);
+        }
+    }
+
+    pub(super) fn insert(&mut self, o: OwnedIdent, id: i64) {
+        let i = borrowed(&o);
+        if self.get(i).is_some() {
+            return;
+        }
+        self.map.entry(Self::hash(i)).or_default().push((o, id));
+    }
+}
+
+pub(super) fn owned(i: Ident<'_>) -> OwnedIdent {
+    (
+        i.0.into(),
+        i.1.into(),
+        i.2.into(),
+        i.3.into(),
+        i.4.into(),
+        i.5,
+    )
+}
+
+pub(super) fn borrowed(o: &OwnedIdent) -> Ident<'_> {
+    (&o.0, &o.1, &o.2, &o.3, &o.4, o.5)
+}
+
+/// The ident of a series the writer resolves by key.
+pub(super) fn ident_of<'a>(key: &'a SeriesKey, parts: &'a EndpointParts) -> Ident<'a> {
+    (
+        &key.region,
+        &key.target,
+        &key.check,
+        &parts.host,
+        &parts.ip,
+        u32::try_from(parts.port).unwrap_or(0),
+    )
+}
+
+/// The writer's view of one `series` row: hysteresis plus the latest result's facts.
+#[derive(Debug, Clone, Default)]
+pub(super) struct SeriesMem {
+    pub(super) hyst: Hysteresis,
+    pub(super) state_since_us: i64,
+    pub(super) last_outcome: i32,
+    pub(super) last_seen_us: i64,
+    pub(super) interval_ms: i64,
+    /// Shared, so a request's copy of a series costs no string copies.
+    pub(super) latest: Arc<Latest>,
+}
+
+impl SeriesMem {
+    /// Feeds one stored result to the series, in store order: its hysteresis, and its latest
+    /// result unless this one is older. Returns whether the state changed and the latest result
+    /// it replaced.
+    pub(super) fn observe(
+        &mut self,
+        start_us: i64,
+        outcome: i32,
+        interval_ms: i64,
+        body: &Bytes,
+        agent: &Arc<str>,
+        policy: Policy,
+    ) -> (bool, Option<Arc<Latest>>) {
+        let ok = matches!(
+            pb::Outcome::try_from(outcome),
+            Ok(pb::Outcome::Ok | pb::Outcome::Warn)
+        );
+        let changed = self.hyst.observe(ok, policy);
+        if changed {
+            self.state_since_us = start_us;
+        }
+        // A late result (older than the latest) feeds the state but does not replace the facts.
+        if start_us < self.last_seen_us {
+            return (changed, None);
+        }
+        self.last_outcome = outcome;
+        self.last_seen_us = start_us;
+        self.interval_ms = interval_ms;
+        let latest = Latest {
+            agent_id: agent.clone(),
+            body: body.clone(),
+        };
+        (
+            changed,
+            Some(std::mem::replace(&mut self.latest, Arc::new(latest))),
+        )
+    }
+}
+
+/// A series' latest result: its agent and its stored body (error class, phase, facts, message;
+/// the row's own bytes, shared), read when the series row is written.
+#[derive(Debug, Default)]
+pub(super) struct Latest {
+    pub(super) agent_id: Arc<str>,
+    pub(super) body: Bytes,
+}
