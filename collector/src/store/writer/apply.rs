@@ -39,7 +39,7 @@ impl Ctx<'_> {
         key: &SeriesKey,
         parts: &EndpointParts,
     ) -> Result<i64, StoreError> {
-        let ident = ident_of(key, parts);
+        let ident = Ident::of(key, parts);
         if let Some(id) = self
             .req
             .ids
@@ -81,7 +81,7 @@ impl Ctx<'_> {
                 id
             }
         };
-        self.req.ids.insert(owned(ident), id);
+        self.req.ids.insert(ident.to_owned_ident(), id);
         Ok(id)
     }
 

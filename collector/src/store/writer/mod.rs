@@ -611,26 +611,59 @@ mod tests {
         }
     }
 
+    fn id<'a>(
+        region: &'a str,
+        target: &'a str,
+        check: &'a str,
+        host: &'a str,
+        ip: &'a str,
+        port: u32,
+    ) -> Ident<'a> {
+        Ident {
+            region,
+            target,
+            check,
+            host,
+            ip,
+            port,
+        }
+    }
+
     #[test]
     fn series_dir_finds_exactly_the_ident_it_was_given() {
         let mut dir = SeriesDir::default();
-        dir.insert(owned(("eu", "a", "smtp", "mx1", "198.18.0.1", 25)), 7);
-        dir.insert(owned(("eu", "a", "smtp", "mx1", "198.18.0.1", 587)), 8);
+        dir.insert(
+            id("eu", "a", "smtp", "mx1", "198.18.0.1", 25).to_owned_ident(),
+            7,
+        );
+        dir.insert(
+            id("eu", "a", "smtp", "mx1", "198.18.0.1", 587).to_owned_ident(),
+            8,
+        );
         assert_eq!(
-            dir.get(("eu", "a", "smtp", "mx1", "198.18.0.1", 25)),
+            dir.get(id("eu", "a", "smtp", "mx1", "198.18.0.1", 25)),
             Some(7)
         );
         assert_eq!(
-            dir.get(("eu", "a", "smtp", "mx1", "198.18.0.1", 587)),
+            dir.get(id("eu", "a", "smtp", "mx1", "198.18.0.1", 587)),
             Some(8)
         );
         // The same bytes split differently are another series.
-        assert_eq!(dir.get(("eu", "as", "mtp", "mx1", "198.18.0.1", 25)), None);
-        assert_eq!(dir.get(("us", "a", "smtp", "mx1", "198.18.0.1", 25)), None);
-        // A known ident keeps its first id.
-        dir.insert(owned(("eu", "a", "smtp", "mx1", "198.18.0.1", 25)), 9);
         assert_eq!(
-            dir.get(("eu", "a", "smtp", "mx1", "198.18.0.1", 25)),
+            dir.get(id("eu", "as", "mtp", "mx1", "198.18.0.1", 25)),
+            None
+        );
+        assert_eq!(
+            dir.get(id("us", "a", "smtp", "mx1", "198.18.0.1", 25)),
+            None
+        );
+        // A known ident keeps its first id.
+        dir.insert(
+            id("eu", "a", "smtp", "mx1", "198.18.0.1", 25).to_owned_ident(),
+            9,
+        );
+        assert_eq!(
+            dir.get(id("eu", "a", "smtp", "mx1", "198.18.0.1", 25)),
             Some(7)
         );
     }

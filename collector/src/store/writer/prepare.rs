@@ -41,14 +41,14 @@ impl Prepared {
             FxMap::with_capacity_and_hasher(results.len(), Default::default());
         for r in results {
             let e = r.endpoint.as_ref();
-            let ident: Ident<'_> = (
+            let ident = Ident {
                 region,
-                r.target,
-                r.check,
-                e.map_or(r.target, |e| e.host),
-                e.map_or("", |e| e.ip),
-                e.map_or(0, |e| e.port),
-            );
+                target: r.target,
+                check: r.check,
+                host: e.map_or(r.target, |e| e.host),
+                ip: e.map_or("", |e| e.ip),
+                port: e.map_or(0, |e| e.port),
+            };
             let k = *index.entry(ident).or_insert_with(|| {
                 series.push(match dir.get(ident) {
                     Some(id) => SeriesRef::Known(id),

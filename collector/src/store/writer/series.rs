@@ -12,8 +12,66 @@ pub(crate) struct SeriesKey {
     pub region: String,
 }
 
-/// What a result names of its series: region, target, check, endpoint host, ip and port.
-pub(crate) type Ident<'a> = (&'a str, &'a str, &'a str, &'a str, &'a str, u32);
+/// What a result names of its series, borrowed from the result: the batch's region, target,
+/// check and the endpoint's host, ip and port. The directory's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Ident<'a> {
+    pub(crate) region: &'a str,
+    pub(crate) target: &'a str,
+    pub(crate) check: &'a str,
+    pub(crate) host: &'a str,
+    pub(crate) ip: &'a str,
+    pub(crate) port: u32,
+}
+
+/// An [`Ident`] the directory keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct OwnedIdent {
+    region: Box<str>,
+    target: Box<str>,
+    check: Box<str>,
+    host: Box<str>,
+    ip: Box<str>,
+    port: u32,
+}
+
+impl Ident<'_> {
+    pub(super) fn to_owned_ident(self) -> OwnedIdent {
+        OwnedIdent {
+            region: self.region.into(),
+            target: self.target.into(),
+            check: self.check.into(),
+            host: self.host.into(),
+            ip: self.ip.into(),
+            port: self.port,
+        }
+    }
+
+    /// The ident of a series the writer resolves by key.
+    pub(super) fn of<'a>(key: &'a SeriesKey, parts: &'a EndpointParts) -> Ident<'a> {
+        Ident {
+            region: &key.region,
+            target: &key.target,
+            check: &key.check,
+            host: &parts.host,
+            ip: &parts.ip,
+            port: u32::try_from(parts.port).unwrap_or(0),
+        }
+    }
+}
+
+impl OwnedIdent {
+    pub(super) fn borrow(&self) -> Ident<'_> {
+        Ident {
+            region: &self.region,
+            target: &self.target,
+            check: &self.check,
+            host: &self.host,
+            ip: &self.ip,
+            port: self.port,
+        }
+    }
+}
 
 /// Series ids by [`Ident`], shared by the writer, which adds the series of each commit, and the
 /// ingest tasks, which look ids up (by borrowed names: no allocation) so that a batch of known
@@ -24,29 +82,22 @@ pub(crate) struct SeriesDir {
     pub(super) map: FxMap<u64, Vec<(OwnedIdent, i64)>>,
 }
 
-pub(super) type OwnedIdent = (Box<str>, Box<str>, Box<str>, Box<str>, Box<str>, u32);
-
 impl SeriesDir {
     pub(super) fn hash(i: Ident<'_>) -> u64 {
         let mut h = FxHasher::default();
-        for s in [i.0, i.1, i.2, i.3, i.4] {
+        for s in [i.region, i.target, i.check, i.host, i.ip] {
             h.write(s.as_bytes());
             h.write_u8(0xff);
         }
-        h.write_u64(u64::from(i.5));
+        h.write_u64(u64::from(i.port));
         h.finish()
     }
 
     pub(crate) fn get(&self, i: Ident<'_>) -> Option<i64> {
-        self.map.get(&Self::hash(i))?.iter().find_map(|(o, id)| {
-            (*o.0 == *i.0
-                && *o.1 == *i.1
-                && *o.2 == *i.2
-                && *o.3 == *i.3
-                && *o.4 == *i.4
-                && o.5 == i.5)
-                .then_some(*id)
-        })
+        self.map
+            .get(&Self::hash(i))?
+            .iter()
+            .find_map(|(o, id)| (o.borrow() == i).then_some(*id))
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -65,39 +116,12 @@ impl SeriesDir {
     }
 
     pub(super) fn insert(&mut self, o: OwnedIdent, id: i64) {
-        let i = borrowed(&o);
+        let i = o.borrow();
         if self.get(i).is_some() {
             return;
         }
         self.map.entry(Self::hash(i)).or_default().push((o, id));
     }
-}
-
-pub(super) fn owned(i: Ident<'_>) -> OwnedIdent {
-    (
-        i.0.into(),
-        i.1.into(),
-        i.2.into(),
-        i.3.into(),
-        i.4.into(),
-        i.5,
-    )
-}
-
-pub(super) fn borrowed(o: &OwnedIdent) -> Ident<'_> {
-    (&o.0, &o.1, &o.2, &o.3, &o.4, o.5)
-}
-
-/// The ident of a series the writer resolves by key.
-pub(super) fn ident_of<'a>(key: &'a SeriesKey, parts: &'a EndpointParts) -> Ident<'a> {
-    (
-        &key.region,
-        &key.target,
-        &key.check,
-        &parts.host,
-        &parts.ip,
-        u32::try_from(parts.port).unwrap_or(0),
-    )
 }
 
 /// The writer's view of one `series` row: hysteresis plus the latest result's facts.
