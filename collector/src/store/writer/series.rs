@@ -1,6 +1,8 @@
 //! The series directory: series identity to id, shared with the ingest tasks, and the writer's
 //! in-memory state of each series (hysteresis, latest result).
 
+use std::hash::Hasher;
+
 use super::*;
 
 /// Identity of a series: (target, endpoint, check, region).
