@@ -13,7 +13,7 @@ use crate::output::{self, Cell, Column, Format, Report};
 pub async fn run(client: &mut Client, format: Format, out: &mut dyn Write) -> anyhow::Result<()> {
     let resp = client.call(|c| c.agents(pb::AgentsRequest {})).await?;
     print(
-        &report(&resp.agents, output::now_us()),
+        &report(&resp.agents, mxscope_proto::time::now_us()),
         format,
         out,
         "no agents have connected yet",

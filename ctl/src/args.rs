@@ -2,10 +2,11 @@
 //! durations, target names and the collector URL. Each returns a message clap prints as a usage error.
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
 use std::time::Duration;
 
-use mxscope_proto::CheckKind;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use mxscope_proto::names::{self, TargetName};
+use mxscope_proto::{target, CheckKind, Metric, TargetKind};
 use tonic::transport::Uri;
 
 /// A list of checks given as one comma-separated argument.
@@ -93,7 +94,7 @@ pub fn regions(s: &str) -> Result<Regions, String> {
 
 /// A region or agent name: a DNS-label style word (`eu-west`, `dc1`).
 pub fn region(s: &str) -> Result<String, String> {
-    if is_dns_label(s) {
+    if names::is_label(s) {
         Ok(s.to_string())
     } else {
         Err(format!(
@@ -104,7 +105,7 @@ pub fn region(s: &str) -> Result<String, String> {
 
 /// An agent id: a DNS label, like the agent requires.
 pub fn agent_id(s: &str) -> Result<String, String> {
-    if is_dns_label(s) {
+    if names::is_label(s) {
         Ok(s.to_string())
     } else {
         Err(format!(
@@ -113,26 +114,13 @@ pub fn agent_id(s: &str) -> Result<String, String> {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 /// `--label key=value`; the value may be empty (in `target update` that removes the label).
 pub fn label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("invalid label '{s}': expected key=value"))?;
     let k = k.trim();
-    let valid_key = !k.is_empty()
-        && k.len() <= 63
-        && k.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
-    if !valid_key {
+    if !target::is_label_key(k) {
         return Err(format!(
             "invalid label key '{k}': use letters, digits, '-', '_', '.', '/' (at most 63 characters)"
         ));
@@ -181,47 +169,28 @@ pub fn duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// A target name: a domain or host name (letters, digits, '-', dots) or an IP address. Names are
-/// lowercased and a trailing dot is dropped, so `Example.COM.` and `example.com` are one target.
+/// A target name: a domain or host name (letters, digits, '-', '_', dots) or an IP address. Names
+/// are lowercased and a trailing dot is dropped, so `Example.COM.` and `example.com` are one target.
 pub fn target_name(s: &str) -> Result<String, String> {
-    let s = s.trim();
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(ip.to_string());
-    }
-    let name = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
-    let fail = |why: &str| {
-        Err(format!(
-            "invalid target name '{s}': {why} (expected a domain, a host name or an IP address)"
-        ))
-    };
-    if name.is_empty() {
-        return fail("empty");
-    }
-    if name.len() > 253 {
-        return fail("longer than 253 characters");
-    }
-    for label in name.split('.') {
-        if label.is_empty() {
-            return fail("empty label");
-        }
-        // Like the agent, '_' is tolerated (it appears in some real host names).
-        let chars_ok = label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-        if label.len() > 63 || !chars_ok || label.starts_with('-') || label.ends_with('-') {
-            return fail(
-                "labels are letters, digits, '-' and '_', at most 63 characters, not starting or ending with '-'",
-            );
-        }
-    }
-    if name
-        .split('.')
-        .next_back()
-        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
-    {
-        return fail("looks like a malformed IP address");
-    }
-    Ok(name)
+    TargetName::parse(s)
+        .map(|name| name.canonical())
+        .ok_or_else(|| {
+            format!(
+                "invalid target name '{}' (expected a domain, a host name or an IP address)",
+                s.trim()
+            )
+        })
+}
+
+/// `--kind domain|host`, listing the valid values in help and errors.
+pub fn target_kind() -> impl TypedValueParser<Value = TargetKind> {
+    PossibleValuesParser::new(TargetKind::ALL.iter().map(|k| k.name()))
+        .try_map(|s| s.parse::<TargetKind>())
+}
+
+/// `--metric reachability|p50|p95|p99`, listing the valid values in help and errors.
+pub fn metric() -> impl TypedValueParser<Value = Metric> {
+    PossibleValuesParser::new(Metric::ALL.iter().map(|m| m.name())).try_map(|s| s.parse::<Metric>())
 }
 
 /// `--collector URL`: `http://host:port` or `https://host:port`.

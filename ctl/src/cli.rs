@@ -368,7 +368,7 @@ mod tests {
                 .expect("results request seen");
             assert_eq!(req.limit, 7);
             assert_eq!(req.check, "imaps");
-            let age_us = crate::output::now_us() - req.since_us;
+            let age_us = mxscope_proto::time::now_us() - req.since_us;
             assert!(
                 (299_000_000..=310_000_000).contains(&age_us),
                 "since is 5m ago, got {age_us}us"

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use mxscope_proto::pb;
+use mxscope_proto::time::millis;
 
 use crate::args;
 use crate::cli::print;
@@ -43,9 +44,7 @@ impl LatencyArgs {
             target: self.target.clone(),
             check: self.check.clone().unwrap_or_default(),
             phase: self.phase.clone().unwrap_or_default(),
-            since_ms: self
-                .since
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            since_ms: self.since.map_or(0, millis),
         }
     }
 }

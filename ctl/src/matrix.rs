@@ -4,44 +4,24 @@
 use std::io::Write;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
-use mxscope_proto::pb;
+use clap::Args;
+use mxscope_proto::time::millis;
+use mxscope_proto::{pb, Metric};
 
 use crate::args;
 use crate::cli::print;
 use crate::client::Client;
 use crate::output::{Cell, Column, Format, Report};
 
-/// What each cell shows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Metric {
-    /// Share of ok or warn results.
-    Reachability,
-    /// Median latency (ms) of the check's latency phase.
-    P50,
-    P95,
-    P99,
-}
-
-impl Metric {
-    fn wire(self) -> &'static str {
-        match self {
-            Metric::Reachability => "reachability",
-            Metric::P50 => "p50",
-            Metric::P95 => "p95",
-            Metric::P99 => "p99",
-        }
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct MatrixArgs {
     /// Only this check (mx, smtp, imaps, ...).
     #[arg(long, value_parser = args::check)]
     pub check: Option<String>,
-    /// What the cells show; latency uses connect for port checks, resolve for DNS checks, echo for
-    /// icmp, total otherwise.
-    #[arg(long, value_enum, default_value_t = Metric::Reachability)]
+    /// What the cells show: reachability (share of ok or warn results) or a latency percentile
+    /// (p50, p95, p99 in ms); latency uses connect for port checks, resolve for DNS checks, echo
+    /// for icmp, total otherwise.
+    #[arg(long, value_parser = args::metric(), default_value = "reachability")]
     pub metric: Metric,
     /// Window (default: 1h).
     #[arg(long, value_parser = args::duration)]
@@ -52,10 +32,8 @@ impl MatrixArgs {
     fn request(&self) -> pb::MatrixRequest {
         pb::MatrixRequest {
             check: self.check.clone().unwrap_or_default(),
-            metric: self.metric.wire().to_string(),
-            since_ms: self
-                .since
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            metric: self.metric.name().to_string(),
+            since_ms: self.since.map_or(0, millis),
         }
     }
 }

@@ -416,14 +416,6 @@ pub fn duration_text(ms: u64) -> String {
         .replace(' ', "")
 }
 
-/// Now in microseconds since the epoch.
-pub fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -58,7 +58,7 @@ pub async fn run(
     format: Format,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let req = a.request(output::now_us());
+    let req = a.request(mxscope_proto::time::now_us());
     let resp = client.call(|c| c.results(req)).await?;
     print(&report(&resp.results), format, out, "no results match")
 }

@@ -31,9 +31,7 @@ pub struct StatusArgs {
 impl StatusArgs {
     fn request(&self) -> pb::StatusRequest {
         pb::StatusRequest {
-            window_ms: self
-                .window
-                .map_or(0, |w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
+            window_ms: self.window.map_or(0, mxscope_proto::time::millis),
             target: self.target.clone().unwrap_or_default(),
             check: self.check.clone().unwrap_or_default(),
             region: self.region.clone().unwrap_or_default(),
@@ -49,7 +47,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let req = a.request();
     let resp = client.call(|c| c.status(req)).await?;
-    let report = report(&resp.rows, output::now_us());
+    let report = report(&resp.rows, mxscope_proto::time::now_us());
     print(
         &report,
         format,

@@ -3,22 +3,19 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::IpAddr;
 use std::time::Duration;
 
-use clap::{Args, Subcommand, ValueEnum};
-use mxscope_proto::{pb, CheckKind};
+use clap::{Args, Subcommand};
+use mxscope_proto::names::parse_ip_literal;
+use mxscope_proto::target::{self, TargetError, DEFAULT_INTERVAL, DEFAULT_TIMEOUT};
+use mxscope_proto::time::millis;
+use mxscope_proto::{pb, CheckKind, TargetKind};
 use serde_json::{Map, Value};
 
 use crate::args::{self, CheckList, Regions};
 use crate::cli::print;
 use crate::client::{Client, Failure};
 use crate::output::{self, Cell, Column, Format, Report};
-
-/// Probe interval when `target add` gets no `--every`.
-pub const DEFAULT_EVERY: Duration = Duration::from_secs(60);
-/// Probe timeout when `target add` gets no `--timeout`.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Subcommand)]
 pub enum TargetCommand {
@@ -40,24 +37,6 @@ pub enum TargetCommand {
         #[arg(value_parser = args::target_name)]
         name: String,
     },
-}
-
-/// How the agent treats the name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Kind {
-    /// A mail domain: expanded to its MX hosts, each to its A/AAAA addresses.
-    Domain,
-    /// A single host (name or IP), probed directly.
-    Host,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Domain => "domain",
-            Kind::Host => "host",
-        }
-    }
 }
 
 #[derive(Debug, Args)]
@@ -103,8 +82,8 @@ pub struct SpecArgs {
     #[arg(long = "port", value_name = "CHECK=PORT", value_parser = args::port)]
     pub ports: Vec<(CheckKind, Option<u16>)>,
     /// domain (expand MX hosts) or host (probe the name directly) [add default: domain, host for IPs].
-    #[arg(long, value_enum)]
-    pub kind: Option<Kind>,
+    #[arg(long, value_parser = args::target_kind())]
+    pub kind: Option<TargetKind>,
     /// Fail when STARTTLS is missing on 25/587/143/110 (--require-tls=false turns it off).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub require_tls: Option<bool>,
@@ -129,7 +108,7 @@ impl TargetCommand {
                 validate(&spec)
             }
             TargetCommand::Update(u) => {
-                if u.name.parse::<IpAddr>().is_ok() && u.spec.kind == Some(Kind::Domain) {
+                if parse_ip_literal(&u.name).is_some() && u.spec.kind == Some(TargetKind::Domain) {
                     return Err(ip_domain(&u.name));
                 }
                 Ok(())
@@ -145,52 +124,54 @@ fn ip_domain(name: &str) -> Failure {
     ))
 }
 
-/// Rules for a complete spec, applied to `add` and to the merged result of `update`.
+/// Rules for a complete spec, applied to `add` and to the merged result of `update`: the one
+/// target validator of `mxscope_proto::target`, with ctl's hints for the mistakes users make with
+/// flags (a port override for a check the target does not run lists every such override).
 fn validate(spec: &pb::TargetSpec) -> Result<(), Failure> {
-    if spec.name.parse::<IpAddr>().is_ok() && spec.kind == Kind::Domain.name() {
-        return Err(ip_domain(&spec.name));
-    }
-    if spec.checks.is_empty() {
-        return Err(Failure::Usage("a target needs at least one check".into()));
-    }
-    let mut orphans: Vec<&str> = spec
-        .ports
-        .keys()
-        .filter(|c| !spec.checks.contains(c))
-        .map(String::as_str)
-        .collect();
-    orphans.sort_unstable();
-    if !orphans.is_empty() {
-        return Err(Failure::Usage(format!(
-            "port override for {} but the target does not run that check (checks: {}); \
-             drop it with {}",
-            orphans.join(", "),
-            spec.checks.join(","),
-            orphans
-                .iter()
-                .map(|c| format!("--port {c}="))
-                .collect::<Vec<_>>()
-                .join(" ")
-        )));
-    }
-    Ok(())
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    let err = match target::validate(spec) {
+        Ok(_) => return Ok(()),
+        Err(err) => err,
+    };
+    Err(match err {
+        TargetError::IpAsDomain(_) => ip_domain(&spec.name),
+        TargetError::NoChecks(_) => Failure::Usage("a target needs at least one check".into()),
+        TargetError::PortForAbsentCheck(_) => {
+            let mut orphans: Vec<&str> = spec
+                .ports
+                .keys()
+                .filter(|c| !spec.checks.contains(c))
+                .map(String::as_str)
+                .collect();
+            orphans.sort_unstable();
+            Failure::Usage(format!(
+                "port override for {} but the target does not run that check (checks: {}); \
+                 drop it with {}",
+                orphans.join(", "),
+                spec.checks.join(","),
+                orphans
+                    .iter()
+                    .map(|c| format!("--port {c}="))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ))
+        }
+        other => Failure::Usage(other.to_string()),
+    })
 }
 
 /// The spec `target add` sends.
 fn new_spec(a: &AddArgs) -> pb::TargetSpec {
     let s = &a.spec;
-    let is_ip = a.name.parse::<IpAddr>().is_ok();
-    let kind = s
-        .kind
-        .unwrap_or(if is_ip { Kind::Host } else { Kind::Domain });
+    let is_ip = parse_ip_literal(&a.name).is_some();
+    let kind = s.kind.unwrap_or(if is_ip {
+        TargetKind::Host
+    } else {
+        TargetKind::Domain
+    });
     pb::TargetSpec {
         name: a.name.clone(),
         checks: a.checks.names(),
-        interval_ms: millis(s.every.unwrap_or(DEFAULT_EVERY)),
+        interval_ms: millis(s.every.unwrap_or(DEFAULT_INTERVAL)),
         timeout_ms: millis(s.timeout.unwrap_or(DEFAULT_TIMEOUT)),
         regions: s.regions.clone().unwrap_or(Regions::All).into_wire(),
         labels: s.labels.iter().cloned().collect(),
@@ -348,7 +329,7 @@ pub fn report(specs: &[pb::TargetSpec]) -> Report {
             Cell::new(s.name.as_str()),
             Cell::opt(Some(s.source.clone()).filter(|v| !v.is_empty())),
             Cell::new(if s.kind.is_empty() {
-                Kind::Domain.name()
+                TargetKind::Domain.name()
             } else {
                 s.kind.as_str()
             }),
