@@ -17,6 +17,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::Status;
 use tracing::{info, warn};
 
+use crate::error::ServiceError;
 use crate::limits::Counters;
 use mxscope_pki::{identity_of, Identity};
 
@@ -27,34 +28,35 @@ const WRITE_METHODS: [&str; 2] = ["PutTarget", "RemoveTarget"];
 /// Decides whether `who` may call the gRPC method at `path`.
 pub fn authorize(path: &str, who: Option<&Identity>) -> Result<(), Status> {
     let Some(who) = who else {
-        return Err(Status::unauthenticated(
+        return Err(Status::from(ServiceError::Unauthenticated(
             "no mxscope client certificate: agents need one from 'mxscopectl enroll', \
-             mxscopectl one from 'mxscopectl admin-cert' (pass --tls-cert and --tls-key)",
-        ));
+             mxscopectl one from 'mxscopectl admin-cert' (pass --tls-cert and --tls-key)"
+                .into(),
+        )));
     };
     if path.starts_with(INGEST) {
         return match who {
             Identity::Agent { .. } => Ok(()),
-            other => Err(Status::permission_denied(format!(
+            other => Err(Status::from(ServiceError::PermissionDenied(format!(
                 "only agent certificates may stream results; this is the certificate of {other}"
-            ))),
+            )))),
         };
     }
     if let Some(method) = path.strip_prefix(QUERY) {
         return match who {
             Identity::Admin { .. } => Ok(()),
             Identity::Reader { .. } if WRITE_METHODS.contains(&method) => Err(
-                Status::permission_denied("read-only credential cannot change targets"),
+                Status::from(ServiceError::PermissionDenied("read-only credential cannot change targets".into())),
             ),
             Identity::Reader { .. } => Ok(()),
-            Identity::Agent { .. } => Err(Status::permission_denied(
-                "agent certificates cannot use the Query API; use an admin or read-only certificate",
-            )),
+            Identity::Agent { .. } => Err(Status::from(ServiceError::PermissionDenied(
+                "agent certificates cannot use the Query API; use an admin or read-only certificate".into(),
+            ))),
         };
     }
-    Err(Status::permission_denied(format!(
+    Err(Status::from(ServiceError::PermissionDenied(format!(
         "no role grants access to {path}"
-    )))
+    ))))
 }
 
 /// The mxscope identity of the connection's client certificate, if any.

@@ -18,6 +18,17 @@ pub enum ServiceError {
     ResourceExhausted(String),
     #[error("{0}")]
     Unimplemented(String),
+    /// No credential, or not the kind the call needs.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The credential does not allow the call (or the agent is revoked).
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The peer went away.
+    #[error("{0}")]
+    Cancelled(String),
     #[error(transparent)]
     Target(#[from] TargetError),
     #[error(transparent)]
@@ -31,6 +42,10 @@ impl From<ServiceError> for Status {
             ServiceError::NotFound(m) => Status::not_found(m),
             ServiceError::ResourceExhausted(m) => Status::resource_exhausted(m),
             ServiceError::Unimplemented(m) => Status::unimplemented(m),
+            ServiceError::Unauthenticated(m) => Status::unauthenticated(m),
+            ServiceError::PermissionDenied(m) => Status::permission_denied(m),
+            ServiceError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+            ServiceError::Cancelled(m) => Status::cancelled(m),
             ServiceError::Target(e) => Status::invalid_argument(e.to_string()),
             ServiceError::Store(e) => store_status(e),
         }

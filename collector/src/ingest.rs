@@ -151,9 +151,9 @@ impl Ingest for IngestService {
         let first = match tokio::time::timeout(shared.config.hello_timeout, inbound.message()).await
         {
             Err(_) => {
-                return Err(Status::deadline_exceeded(
-                    "no hello within the hello timeout",
-                ));
+                return Err(Status::from(ServiceError::DeadlineExceeded(
+                    "no hello within the hello timeout".into(),
+                )));
             }
             Ok(res) => res.map_err(|s| count_stream_error(&shared.counters, "-", s))?,
         };
@@ -171,10 +171,10 @@ impl Ingest for IngestService {
         if shared.revoked.borrow().contains(&hello.agent_id) {
             Counters::bump(&shared.counters.revoked_refused);
             warn!(agent.id = %hello.agent_id, "revoked agent refused");
-            return Err(Status::permission_denied(format!(
+            return Err(Status::from(ServiceError::PermissionDenied(format!(
                 "agent '{}' is revoked; enrol it again with a new id",
                 hello.agent_id
-            )));
+            ))));
         }
         let stored = shared
             .store
@@ -209,7 +209,7 @@ impl Ingest for IngestService {
         });
         out.send(Ok(pb::CollectorMessage { msg: Some(welcome) }))
             .await
-            .map_err(|_| Status::cancelled("agent went away"))?;
+            .map_err(|_| Status::from(ServiceError::Cancelled("agent went away".into())))?;
 
         let session = Session {
             connection: Connection::open(shared.clone(), &hello.agent_id),
@@ -237,19 +237,19 @@ fn check_identity(
         return Ok(());
     }
     let Some(Identity::Agent { id, region }) = cert else {
-        return Err(Status::unauthenticated(
-            "an agent certificate is required (mxscopectl enroll)",
-        ));
+        return Err(Status::from(ServiceError::Unauthenticated(
+            "an agent certificate is required (mxscopectl enroll)".into(),
+        )));
     };
     if *id != hello.agent_id || *region != hello.region {
         Counters::bump(&counters.identity_mismatch);
         warn!(cert.id = %id, cert.region = %region, hello.id = %hello.agent_id,
             hello.region = %hello.region, "agent claims another identity");
-        return Err(Status::permission_denied(format!(
+        return Err(Status::from(ServiceError::PermissionDenied(format!(
             "the certificate is for agent '{id}' in region '{region}', but the hello claims \
              agent '{}' in region '{}'",
             hello.agent_id, hello.region
-        )));
+        ))));
     }
     Ok(())
 }
@@ -262,16 +262,19 @@ fn count_stream_error(counters: &Counters, agent: &str, status: Status) -> Statu
         Code::OutOfRange | Code::ResourceExhausted => {
             let n = Counters::bump(&counters.oversize_messages);
             warn!(agent.id = %agent, error = %status.message(), oversize_total = n, "oversize message refused");
-            Status::resource_exhausted(format!(
+            Status::from(ServiceError::ResourceExhausted(format!(
                 "message refused: {} (send smaller batches)",
                 status.message()
-            ))
+            )))
         }
         // tonic: "failed to decode Protobuf message".
         Code::Internal => {
             let n = Counters::bump(&counters.malformed_messages);
             warn!(agent.id = %agent, error = %status.message(), malformed_total = n, "malformed message refused");
-            Status::invalid_argument(format!("malformed message: {}", status.message()))
+            Status::from(ServiceError::InvalidArgument(format!(
+                "malformed message: {}",
+                status.message()
+            )))
         }
         _ => status,
     }
@@ -366,9 +369,9 @@ impl Session {
                     } else if self.revoked.borrow_and_update().contains(&self.agent_id) {
                         let n = Counters::bump(&self.shared.counters.revoked_closed);
                         warn!(agent.id = %self.agent_id, revoked_closed_total = n, "agent revoked, closing its session");
-                        failure = Some(Status::permission_denied(format!(
+                        failure = Some(Status::from(ServiceError::PermissionDenied(format!(
                             "agent '{}' was revoked", self.agent_id
-                        )));
+                        ))));
                         reading = false;
                     }
                 }
