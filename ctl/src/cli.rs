@@ -7,9 +7,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::args;
+use crate::bounce;
 use crate::client::{Client, Target};
+use crate::cmd::offline::pki;
+use crate::cmd::{agents, diagnose, latency, matrix, results, status, target, watch};
 use crate::output::{Format, Report};
-use crate::{agents, args, bounce, diagnose, latency, matrix, pki, results, status, target, watch};
 
 /// mxscopectl: query an mxscope collector and manage its targets.
 #[derive(Debug, Parser)]

@@ -1,22 +1,14 @@
 //! mxscopectl: the command-line client of the mxscope collector's Query API.
 //! Parses flags, runs the command, maps failures to exit codes (1 runtime, 2 usage/unreachable).
 
-mod agents;
 mod args;
 mod bounce;
 mod cli;
 mod client;
-mod diagnose;
+mod cmd;
 #[cfg(test)]
 mod fake;
-mod latency;
-mod matrix;
 mod output;
-mod pki;
-mod results;
-mod status;
-mod target;
-mod watch;
 
 use std::io::Write;
 use std::process::ExitCode;

@@ -1,0 +1,4 @@
+//! Commands that need no collector: the certificate authority and enrolment (`ca`, `enroll`,
+//! `admin-cert`, on a CA directory) and the bounce explainer (`bounce`, on a saved message).
+
+pub mod pki;
