@@ -9,17 +9,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use mxscope_proto::{pb, CheckKind};
+use mxscope_proto::target::{DEFAULT_INTERVAL, DEFAULT_TIMEOUT};
+use mxscope_proto::time::millis;
+use mxscope_proto::{names, pb, CheckKind};
 use serde::Deserialize;
 use toml::Spanned;
 use tracing_subscriber::filter::Targets;
 
-use crate::probe::{self, CheckOptions, CheckSpec, TargetKind};
+use crate::probe::{CheckOptions, CheckSpec, TargetKind};
 
-/// Default probe interval.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
-/// Default total deadline of one probe run.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default spool bound.
 pub const DEFAULT_SPOOL_MAX: u64 = 256 * 1024 * 1024;
 
@@ -202,12 +200,11 @@ impl Target {
         let mut checks = Vec::new();
         for c in &spec.checks {
             match c.parse::<CheckKind>() {
-                Ok(k) if probe::supported(k) => {
+                Ok(k) => {
                     if !checks.contains(&k) {
                         checks.push(k);
                     }
                 }
-                Ok(k) => problems.push(format!("check '{k}' is not supported by this agent yet")),
                 Err(e) => problems.push(e.to_string()),
             }
         }
@@ -348,10 +345,6 @@ impl AgentConfig {
     }
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 /// `https://host:port` (true) or `http://host:port` (false); anything else is refused with the reason.
 fn validate_collector(url: &str) -> Result<bool, ConfigError> {
     let err = |m: &str| ConfigError::Flag {
@@ -376,16 +369,9 @@ fn validate_collector(url: &str) -> Result<bool, ConfigError> {
     Ok(https)
 }
 
-/// DNS-label style: 1-63 of `a-z 0-9 -`, not starting or ending with '-'.
+/// DNS-label style ([`names::is_label`]).
 fn validate_id(id: &str) -> Result<(), ConfigError> {
-    let ok = !id.is_empty()
-        && id.len() <= 63
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !id.starts_with('-')
-        && !id.ends_with('-');
-    if ok {
+    if names::is_label(id) {
         Ok(())
     } else {
         Err(ConfigError::Flag {
@@ -675,21 +661,6 @@ fn validate_target(
             .get_ref()
             .parse()
             .map_err(|e: mxscope_proto::UnknownName| err(at, "checks", e.to_string()))?;
-        if !probe::supported(kind) {
-            let valid: Vec<&str> = CheckKind::ALL
-                .iter()
-                .filter(|k| probe::supported(**k))
-                .map(|k| k.name())
-                .collect();
-            return Err(err(
-                at,
-                "checks",
-                format!(
-                    "check '{kind}' is not supported by this agent yet (supported: {})",
-                    valid.join(", ")
-                ),
-            ));
-        }
         if checks.contains(&kind) {
             return Err(err(at, "checks", format!("check '{kind}' listed twice")));
         }
@@ -1022,22 +993,6 @@ checks = ["smtp"]
             e.starts_with(
                 "targets.toml:8: target[1].checks: unknown check 'smpt' (valid: mx, smtp"
             ),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn unsupported_check_is_rejected() {
-        let Some(kind) = CheckKind::ALL.iter().find(|k| !probe::supported(**k)) else {
-            return; // every check is supported: nothing to reject
-        };
-        let e = err(&format!(
-            "[[target]]\nname = \"a.example\"\nchecks = [\"{kind}\"]\n"
-        ));
-        assert!(
-            e.contains(&format!(
-                "target[0].checks: check '{kind}' is not supported"
-            )),
             "{e}"
         );
     }

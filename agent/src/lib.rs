@@ -96,7 +96,7 @@ pub async fn run_with(
         .iter()
         .map(|t| t.timeout)
         .max()
-        .unwrap_or(config::DEFAULT_TIMEOUT)
+        .unwrap_or(mxscope_proto::target::DEFAULT_TIMEOUT)
         + Duration::from_secs(10);
     let scheduler = Scheduler {
         agent_id: config.id.clone(),

@@ -7,8 +7,9 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use mxscope_proto::time::now_us;
 use mxscope_proto::{pb, CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::AbortHandle;
@@ -454,13 +455,6 @@ impl Run {
         }
         observations
     }
-}
-
-fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -7,9 +7,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use mxscope_proto::pb;
+use mxscope_proto::time::now_us;
 use pb::agent_message::Msg as Up;
 use pb::collector_message::Msg as Down;
 use rand::Rng;
@@ -319,13 +320,6 @@ impl Uplink {
             }
         }
     }
-}
-
-fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -648,8 +648,9 @@ fn merge_imap(obs: &mut Observation, imap: &Observation) {
     }
 }
 
+/// Microseconds as a fact value ([`FactValue`] has no `u64`).
 fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+    i64::try_from(mxscope_proto::time::micros(d)).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

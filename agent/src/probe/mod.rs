@@ -28,19 +28,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mxscope_proto::time::now_us;
 use mxscope_proto::{CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
 pub use limits::HostLimits;
 pub use resolve::{Resolve, Resolver};
 
-/// Whether a target names a mail domain (expanded through MX) or one host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TargetKind {
-    #[default]
-    Domain,
-    Host,
-}
+pub use mxscope_proto::TargetKind;
 
 /// One (target, check) as the scheduler hands it to a probe.
 #[derive(Debug, Clone, PartialEq)]
@@ -153,39 +148,6 @@ impl std::fmt::Debug for ProbeContext {
     }
 }
 
-/// True when this agent has a probe for `check` (config rejects the others with a clear message).
-pub fn supported(check: CheckKind) -> bool {
-    matches!(
-        check,
-        CheckKind::Mx
-            | CheckKind::Smtp
-            | CheckKind::Smtps
-            | CheckKind::Submission
-            | CheckKind::Imap
-            | CheckKind::Imaps
-            | CheckKind::Pop3
-            | CheckKind::Pop3s
-            | CheckKind::Icmp
-            | CheckKind::Spf
-            | CheckKind::Dmarc
-            | CheckKind::Dkim
-            | CheckKind::Tlsrpt
-            | CheckKind::Dnsbl
-            | CheckKind::Queue
-            | CheckKind::Delivery
-            | CheckKind::MtaSts
-            | CheckKind::Dane
-    )
-}
-
-/// A probe that could not be run at all (as opposed to a problem it found, which is an observation).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ProbeError {
-    #[error("no probe for check {0}")]
-    Unsupported(CheckKind),
-}
-
 /// Longest wait for a TCP connect.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Extra time past the total deadline before a stuck probe is abandoned (a safety net only).
@@ -211,13 +173,6 @@ impl Target<'_> {
     }
 }
 
-fn now_us() -> i64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
-}
-
 /// Runs one (target, check): one observation for DNS checks, one per address for port checks.
 /// Bounded by `spec.timeout`; never panics on what the network sends.
 pub async fn run_check(spec: &CheckSpec, ctx: &ProbeContext) -> Vec<Observation> {
@@ -238,21 +193,14 @@ pub async fn run_check(spec: &CheckSpec, ctx: &ProbeContext) -> Vec<Observation>
         CheckKind::Delivery => vec![delivery::check(spec, ctx, start_us, deadline).await],
         CheckKind::MtaSts => vec![mtasts::check(spec, ctx, start_us, deadline).await],
         CheckKind::Dane => vec![dane::check(spec, ctx, start_us, deadline).await],
-        check if check.per_address() && supported(check) => {
-            per_address(spec, ctx, start_us, deadline).await
-        }
-        check => {
-            let err = ProbeError::Unsupported(check);
-            let mut obs =
-                Observation::new(&spec.target, Endpoint::host(&spec.target), check, start_us);
-            obs.problem(
-                Outcome::Fail,
-                ErrorClass::Policy,
-                Phase::Total,
-                err.to_string(),
-            );
-            vec![obs]
-        }
+        CheckKind::Smtp
+        | CheckKind::Smtps
+        | CheckKind::Submission
+        | CheckKind::Imap
+        | CheckKind::Imaps
+        | CheckKind::Pop3
+        | CheckKind::Pop3s
+        | CheckKind::Icmp => per_address(spec, ctx, start_us, deadline).await,
     };
     for obs in &mut out {
         obs.interval = spec.interval;
