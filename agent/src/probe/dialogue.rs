@@ -3,7 +3,7 @@
 
 use std::io;
 
-use mxscope_proto::{ErrorClass, Observation, Outcome, Phase};
+use mxscope_proto::{ErrorClass, Observation, Outcome, Phase, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -284,8 +284,8 @@ impl Reply {
     /// class as the reply code.
     pub(crate) fn enhanced(&self) -> Option<String> {
         let first = self.lines.first()?;
-        let (class, subject, detail) = enhanced_code(first)?;
-        (u16::from(class) == self.code / 100).then(|| format!("{class}.{subject}.{detail}"))
+        let code = StatusCode::leading(first)?;
+        (u16::from(code.class) == self.code / 100).then(|| code.to_string())
     }
 
     /// Greylisting: `450`/`451` with `4.7.x` or `4.2.0`, or saying so in the text.
@@ -293,8 +293,8 @@ impl Reply {
         if !matches!(self.code, 450 | 451) {
             return false;
         }
-        let by_code = enhanced_code(self.lines.first().map_or("", String::as_str))
-            .is_some_and(|(c, s, d)| c == 4 && (s == 7 || (s == 2 && d == 0)));
+        let by_code = StatusCode::leading(self.lines.first().map_or("", String::as_str))
+            .is_some_and(|c| c.class == 4 && (c.subject == 7 || (c.subject == 2 && c.detail == 0)));
         by_code
             || self
                 .lines
@@ -391,26 +391,6 @@ pub(crate) fn parse_reply<'a>(lines: impl IntoIterator<Item = &'a str>) -> Resul
         (None, _) => Err("empty reply".to_string()),
         (Some(_), false) => Err("reply without a last line".to_string()),
     }
-}
-
-/// An RFC 3463 enhanced status code at the start of `text`: class (2, 4, 5), subject, detail.
-pub(crate) fn enhanced_code(text: &str) -> Option<(u8, u16, u16)> {
-    let token = text.split_ascii_whitespace().next()?;
-    let mut parts = token.split('.');
-    let (c, s, d) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() {
-        return None;
-    }
-    let num = |p: &str, max_len: usize| -> Option<u16> {
-        (!p.is_empty() && p.len() <= max_len && p.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| p.parse().ok())
-            .flatten()
-    };
-    let class = u8::try_from(num(c, 1)?).ok()?;
-    if !matches!(class, 2 | 4 | 5) {
-        return None;
-    }
-    Some((class, num(s, 3)?, num(d, 3)?))
 }
 
 /// At most `max` bytes of `s`, cut on a character boundary.
@@ -517,9 +497,10 @@ mod tests {
             lines: vec!["5.1.1 odd".into()],
         };
         assert_eq!(r.enhanced(), None);
-        assert_eq!(enhanced_code("4.7.1000 x"), None);
-        assert_eq!(enhanced_code("3.1.1 x"), None);
-        assert_eq!(enhanced_code("2.0.0"), Some((2, 0, 0)));
+        let leading = |t: &str| StatusCode::leading(t).map(|c| (c.class, c.subject, c.detail));
+        assert_eq!(leading("4.7.1000 x"), None);
+        assert_eq!(leading("3.1.1 x"), None);
+        assert_eq!(leading("2.0.0"), Some((2, 0, 0)));
     }
 
     #[test]
@@ -615,7 +596,7 @@ mod tests {
             let _ = parse_reply(lines.iter().map(String::as_str));
             for l in &lines {
                 let _ = parse_reply_line(l);
-                let _ = enhanced_code(l);
+                let _ = StatusCode::leading(l);
             }
         }
 
@@ -635,7 +616,8 @@ mod tests {
         #[test]
         fn enhanced_code_round_trips(class in prop::sample::select(vec![2u8, 4, 5]), s in 0u16..1000, d in 0u16..1000, rest in "[ -~]{0,20}") {
             let text = format!("{class}.{s}.{d} {rest}");
-            prop_assert_eq!(enhanced_code(&text), Some((class, s, d)));
+            let code = StatusCode::leading(&text).map(|c| (c.class, c.subject, c.detail));
+            prop_assert_eq!(code, Some((class, s, d)));
         }
     }
 }
