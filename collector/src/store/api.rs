@@ -1,0 +1,151 @@
+//! The storage seam: [`Store`], the operations ingest and the query service use, so a second
+//! backend (PostgreSQL) can stand beside [`SqliteStore`](super::SqliteStore), today's and only one.
+//! Every operation returns a boxed future ([`Pending`]): the trait is object safe, and a write's
+//! future is the one the SQLite writer hands out anyway.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use mxscope_proto::pb;
+use mxscope_proto::raw::ResultView;
+use tokio::sync::broadcast;
+
+use super::{AgentHello, AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError, TargetDef};
+use crate::analysis::aggregate::Agg;
+
+/// A store operation under way; resolves once done (for a write: once durable).
+pub type Pending<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// What the collector's services need from storage.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// State changes of series, as they commit.
+    fn subscribe(&self) -> broadcast::Receiver<pb::WatchEvent>;
+    /// Records a connecting agent and its local targets; resolves to its stored-up-to seq.
+    fn register_agent(&self, hello: AgentHello) -> Pending<u64>;
+    /// Stores a batch of one agent as received (`raw` encoded, `results` the same read in place;
+    /// `rejected` the seqs the ingest limits refused). Resolves to the agent's high-water mark.
+    fn put_batch(
+        &self,
+        agent_id: &str,
+        region: &str,
+        results: &[ResultView<'_>],
+        raw: Vec<Bytes>,
+        rejected: Vec<u64>,
+        at_us: i64,
+    ) -> Pending<u64>;
+    /// Records a heartbeat.
+    fn heartbeat(
+        &self,
+        agent_id: &str,
+        spool_depth: u64,
+        dropped_total: u64,
+        at_us: i64,
+    ) -> Pending<()>;
+    /// Adds (`update = false`) or replaces (`update = true`) a central target.
+    fn put_target(&self, def: TargetDef, update: bool, at_us: i64) -> Pending<()>;
+    /// Removes a central target; its results stay.
+    fn remove_target(&self, name: &str) -> Pending<()>;
+    /// All central targets, by name.
+    fn central_targets(&self) -> Pending<Vec<TargetDef>>;
+    /// All agent-local targets as (agent id, region, target).
+    fn local_targets(&self) -> Pending<Vec<(String, String, TargetDef)>>;
+    /// All agents, by id.
+    fn agents(&self) -> Pending<Vec<AgentRow>>;
+    /// Count of results per agent that started at or after `since_us`.
+    fn results_per_agent(&self, since_us: i64) -> Pending<BTreeMap<String, u64>>;
+    /// Every series matching the filter with its state and latest facts.
+    fn series(&self, filter: Filter) -> Pending<Vec<SeriesRow>>;
+    /// Aggregates of the window from `since_us` merged per series; `phase` limits which
+    /// sketches are decoded (`None`: all; `Some("")`: none).
+    fn rollups(
+        &self,
+        filter: Filter,
+        since_us: i64,
+        now_us: i64,
+        phase: Option<String>,
+    ) -> Pending<BTreeMap<SeriesId, Agg>>;
+    /// Series matching the filter and the samples of their windows (results since `since_us`).
+    fn status_input(&self, filter: Filter, since_us: i64)
+        -> Pending<(Vec<SeriesRow>, Vec<Sample>)>;
+    /// Stored results, newest first.
+    fn results(&self, filter: Filter, since_us: i64, limit: u32) -> Pending<Vec<pb::StoredResult>>;
+}
+
+impl Store for super::SqliteStore {
+    fn subscribe(&self) -> broadcast::Receiver<pb::WatchEvent> {
+        super::SqliteStore::subscribe(self)
+    }
+    fn register_agent(&self, hello: AgentHello) -> Pending<u64> {
+        super::SqliteStore::register_agent(self, hello)
+    }
+    fn put_batch(
+        &self,
+        agent_id: &str,
+        region: &str,
+        results: &[ResultView<'_>],
+        raw: Vec<Bytes>,
+        rejected: Vec<u64>,
+        at_us: i64,
+    ) -> Pending<u64> {
+        self.store_checked_results(agent_id, region, results, raw, rejected, at_us)
+    }
+    fn heartbeat(
+        &self,
+        agent_id: &str,
+        spool_depth: u64,
+        dropped_total: u64,
+        at_us: i64,
+    ) -> Pending<()> {
+        super::SqliteStore::heartbeat(self, agent_id, spool_depth, dropped_total, at_us)
+    }
+    fn put_target(&self, def: TargetDef, update: bool, at_us: i64) -> Pending<()> {
+        super::SqliteStore::put_target(self, def, update, at_us)
+    }
+    fn remove_target(&self, name: &str) -> Pending<()> {
+        super::SqliteStore::remove_target(self, name)
+    }
+    fn central_targets(&self) -> Pending<Vec<TargetDef>> {
+        let s = self.clone();
+        Box::pin(async move { s.central_targets().await })
+    }
+    fn local_targets(&self) -> Pending<Vec<(String, String, TargetDef)>> {
+        let s = self.clone();
+        Box::pin(async move { s.local_targets().await })
+    }
+    fn agents(&self) -> Pending<Vec<AgentRow>> {
+        let s = self.clone();
+        Box::pin(async move { s.agents().await })
+    }
+    fn results_per_agent(&self, since_us: i64) -> Pending<BTreeMap<String, u64>> {
+        let s = self.clone();
+        Box::pin(async move { s.results_per_agent(since_us).await })
+    }
+    fn series(&self, filter: Filter) -> Pending<Vec<SeriesRow>> {
+        let s = self.clone();
+        Box::pin(async move { s.series(filter).await })
+    }
+    fn rollups(
+        &self,
+        filter: Filter,
+        since_us: i64,
+        now_us: i64,
+        phase: Option<String>,
+    ) -> Pending<BTreeMap<SeriesId, Agg>> {
+        let s = self.clone();
+        Box::pin(async move { s.rollups(filter, since_us, now_us, phase).await })
+    }
+    fn status_input(
+        &self,
+        filter: Filter,
+        since_us: i64,
+    ) -> Pending<(Vec<SeriesRow>, Vec<Sample>)> {
+        let s = self.clone();
+        Box::pin(async move { s.status_input(filter, since_us).await })
+    }
+    fn results(&self, filter: Filter, since_us: i64, limit: u32) -> Pending<Vec<pb::StoredResult>> {
+        let s = self.clone();
+        Box::pin(async move { s.results(filter, since_us, limit).await })
+    }
+}
