@@ -194,7 +194,7 @@ impl Target {
     /// Reads a central target. Checks this agent cannot run are left out (returned as problems);
     /// a target with nothing runnable or a bad name is an error.
     pub fn from_central(spec: &pb::TargetSpec) -> Result<(Target, Vec<String>), String> {
-        let name = spec.name.trim().trim_end_matches('.').to_ascii_lowercase();
+        let name = names::normalize_domain(&spec.name);
         validate_target_name(&name)?;
         let mut problems = Vec::new();
         let mut checks = Vec::new();
@@ -390,15 +390,7 @@ fn validate_target_name(name: &str) -> Result<(), String> {
     if name.parse::<IpAddr>().is_ok() {
         return Ok(());
     }
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    if name.len() > 253 || !name.split('.').all(label_ok) {
+    if !names::is_domain_name(name) {
         return Err(format!("'{name}' is not a host or domain name"));
     }
     Ok(())
@@ -639,11 +631,7 @@ fn validate_target(
         )
     })?;
     let name_at = name.span().start;
-    let name = name
-        .into_inner()
-        .trim()
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
+    let name = names::normalize_domain(&name.into_inner());
     validate_target_name(&name).map_err(|m| err(name_at, "name", m))?;
 
     let checks_raw = raw.checks.ok_or_else(|| {
@@ -783,23 +771,11 @@ fn validate_target(
             "must not exceed cert_warn_days".into(),
         ));
     }
-    let names = |v: Option<Vec<Spanned<String>>>, key: &str, what: &str| {
+    let dns_names = |v: Option<Vec<Spanned<String>>>, key: &str, what: &str| {
         let mut out: Vec<String> = Vec::new();
         for n in v.unwrap_or_default() {
-            let name = n
-                .get_ref()
-                .trim()
-                .trim_end_matches('.')
-                .to_ascii_lowercase();
-            let ok = !name.is_empty()
-                && name.len() <= 253
-                && name.split('.').all(|l| {
-                    !l.is_empty()
-                        && l.len() <= 63
-                        && l.bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                });
-            if !ok {
+            let name = names::normalize_domain(n.get_ref());
+            if !names::is_dns_name(&name) {
                 return Err(err(
                     n.span().start,
                     key,
@@ -812,8 +788,8 @@ fn validate_target(
         }
         Ok(out)
     };
-    options.dkim_selectors = names(raw.dkim_selectors, "dkim_selectors", "DKIM selector")?;
-    options.dnsbl_zones = names(raw.dnsbl_zones, "dnsbl_zones", "DNS zone name")?;
+    options.dkim_selectors = dns_names(raw.dkim_selectors, "dkim_selectors", "DKIM selector")?;
+    options.dnsbl_zones = dns_names(raw.dnsbl_zones, "dnsbl_zones", "DNS zone name")?;
     if let Some(dir) = raw.queue_config_dir {
         if !dir.get_ref().starts_with('/') {
             return Err(err(
