@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::args;
-use crate::bounce;
 use crate::client::{Client, Target};
+use crate::cmd::offline::bounce;
 use crate::cmd::offline::pki;
 use crate::cmd::{agents, diagnose, latency, matrix, results, status, target, watch};
 use crate::output::{Format, Report};

@@ -2,7 +2,6 @@
 //! Parses flags, runs the command, maps failures to exit codes (1 runtime, 2 usage/unreachable).
 
 mod args;
-mod bounce;
 mod cli;
 mod client;
 mod cmd;

@@ -1,4 +1,5 @@
 //! Commands that need no collector: the certificate authority and enrolment (`ca`, `enroll`,
 //! `admin-cert`, on a CA directory) and the bounce explainer (`bounce`, on a saved message).
 
+pub mod bounce;
 pub mod pki;
