@@ -30,7 +30,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::analysis::status::{is_stale, StatusParams};
-use crate::store::{Filter, Store, StoreError};
+use crate::store::{Filter, SqliteStore, StoreError};
 use mxscope_proto::time::now_us;
 
 /// Window of the latency gauges.
@@ -47,13 +47,13 @@ pub trait MetricsSource: Send + Sync {
 /// What the `/metrics` handler reads.
 #[derive(Clone)]
 pub struct MetricsState {
-    store: Store,
+    store: SqliteStore,
     stale_after: Duration,
     sources: Vec<Arc<dyn MetricsSource>>,
 }
 
 impl MetricsState {
-    pub fn new(store: Store, stale_after: Duration) -> Self {
+    pub fn new(store: SqliteStore, stale_after: Duration) -> Self {
         MetricsState {
             store,
             stale_after,
@@ -335,8 +335,8 @@ mod tests {
         }
     }
 
-    async fn fixture(dir: &TempDir) -> Store {
-        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+    async fn fixture(dir: &TempDir) -> SqliteStore {
+        let store = SqliteStore::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
         store
             .register_agent(AgentHello {
                 id: "eu1".into(),

@@ -485,7 +485,7 @@ impl Session {
                         .filter(|(v, _)| rejected.binary_search(&v.seq).is_err())
                         .unzip()
                 };
-                let commit = self.shared.store.store_checked_results(
+                let commit = self.shared.store.put_batch(
                     &self.agent_id,
                     &self.region,
                     &views,

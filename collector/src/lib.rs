@@ -32,7 +32,7 @@ use tracing::{info, warn};
 
 use crate::auth::{AuthLayer, Mode, Revoked, RevokedError};
 use crate::limits::{Counters, Limits, RateLimiter};
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::store::{SqliteStore, Store, StoreError, StoreOptions};
 
 /// Collector settings (the binary fills them from flags and `MXSCOPE_*` variables).
 #[derive(Debug, Clone)]
@@ -145,7 +145,8 @@ pub fn check_plaintext(insecure: bool, addr: SocketAddr) -> Result<(), RunError>
 
 /// State shared by the gRPC services.
 pub(crate) struct Shared {
-    pub store: Store,
+    /// Storage, behind the seam a second backend implements.
+    pub store: Arc<dyn Store>,
     pub config: Config,
     /// Open sessions per agent id.
     pub connected: Mutex<HashMap<String, usize>>,
@@ -227,7 +228,7 @@ pub async fn run(
 
     let path = config.db_path.clone();
     let opts = config.store.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&path, opts)).await??;
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path, opts)).await??;
 
     let token = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -241,7 +242,7 @@ pub async fn run(
     let counters = config.counters.clone();
     let limiter = RateLimiter::new(config.limits.rate_per_sec, config.limits.burst);
     let shared = Arc::new(Shared {
-        store: store.clone(),
+        store: Arc::new(store.clone()),
         config,
         connected: Mutex::new(HashMap::new()),
         schedule,

@@ -295,15 +295,27 @@ impl RateLimiter {
     }
 }
 
+/// Why a rate (`--max-rate`) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RateError {
+    #[error("unknown unit '{0}': use /s, /m or /h")]
+    Unit(String),
+    #[error("'{0}' is not a rate like 5000/s")]
+    NotARate(String),
+    #[error("'{0}': the rate must be above zero")]
+    NotPositive(String),
+}
+
 /// `5000/s`, `300/m`, or a bare number per second.
-pub fn parse_rate(s: &str) -> Result<f64, String> {
+pub fn parse_rate(s: &str) -> Result<f64, RateError> {
     let (n, per) = match s.split_once('/') {
         Some((n, unit)) => {
             let per = match unit.trim() {
                 "s" | "sec" => 1.0,
                 "m" | "min" => 60.0,
                 "h" => 3600.0,
-                other => return Err(format!("unknown unit '{other}': use /s, /m or /h")),
+                other => return Err(RateError::Unit(other.to_string())),
             };
             (n, per)
         }
@@ -312,9 +324,9 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
     let n: f64 = n
         .trim()
         .parse()
-        .map_err(|_| format!("'{s}' is not a rate like 5000/s"))?;
+        .map_err(|_| RateError::NotARate(s.to_string()))?;
     if !(n.is_finite() && n > 0.0) {
-        return Err(format!("'{s}': the rate must be above zero"));
+        return Err(RateError::NotPositive(s.to_string()));
     }
     Ok(n / per)
 }

@@ -22,9 +22,14 @@ impl Quorum {
     }
 }
 
+/// A quorum that is neither `majority` nor a number of regions.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("quorum '{0}': expected 'majority' or a number >= 1")]
+pub struct BadQuorum(pub String);
+
 impl std::str::FromStr for Quorum {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadQuorum;
+    fn from_str(s: &str) -> Result<Self, BadQuorum> {
         match s {
             "majority" => Ok(Quorum::Majority),
             k => k
@@ -32,7 +37,7 @@ impl std::str::FromStr for Quorum {
                 .ok()
                 .filter(|k| *k >= 1)
                 .map(Quorum::AtLeast)
-                .ok_or_else(|| format!("quorum '{s}': expected 'majority' or a number >= 1")),
+                .ok_or_else(|| BadQuorum(s.to_string())),
         }
     }
 }
@@ -148,11 +153,11 @@ mod tests {
         );
         assert_eq!(
             "majority".parse(),
-            Result::<Quorum, String>::Ok(Quorum::Majority)
+            Result::<Quorum, BadQuorum>::Ok(Quorum::Majority)
         );
         assert_eq!(
             "2".parse(),
-            Result::<Quorum, String>::Ok(Quorum::AtLeast(2))
+            Result::<Quorum, BadQuorum>::Ok(Quorum::AtLeast(2))
         );
         assert!("0".parse::<Quorum>().is_err() && "most".parse::<Quorum>().is_err());
     }

@@ -1,11 +1,13 @@
-//! Storage: SQLite in WAL mode behind a small struct API ([`Store`]) that speaks domain rows, so a
-//! PostgreSQL backend can slot in later. One writer thread owns the write connection and commits
+//! Storage: the [`Store`] seam the services hold (speaking domain rows, so a PostgreSQL backend
+//! can slot in later) and its SQLite implementation, [`SqliteStore`], in WAL mode. One writer
+//! thread owns the write connection and commits
 //! requests in batches; reads use a small pool of read-only connections on `spawn_blocking`.
 //!
 //! Durability: `synchronous=NORMAL` in WAL mode means a commit is durable against a process crash
 //! (the WAL is written before COMMIT returns) but the last commits may be lost on power failure.
 //! Every write request is answered only after its COMMIT returned, and the ingest acks only then.
 
+mod api;
 mod read;
 pub mod rollup;
 pub mod row;
@@ -13,7 +15,6 @@ pub(crate) mod schema;
 mod writer;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,7 @@ use crate::analysis::aggregate::Agg;
 use crate::analysis::hysteresis::Policy;
 pub use crate::analysis::series::{Sample, SeriesId, SeriesRow};
 
+pub use api::{Pending, Store};
 pub use schema::SCHEMA_VERSION;
 use writer::{Op, Reply, Request};
 
@@ -272,7 +274,7 @@ pub struct Filter {
 
 /// Handle to the database; cheap to clone.
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     path: PathBuf,
     tx: std::sync::mpsc::Sender<writer::Msg>,
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
@@ -284,20 +286,18 @@ pub struct Store {
     series_dir: Arc<std::sync::RwLock<writer::SeriesDir>>,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
+        f.debug_struct("SqliteStore")
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
 }
 
-type Pending<T> = std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
-
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) and migrates the database, then starts the writer thread.
     /// Blocking: call it from `spawn_blocking` in async code.
-    pub fn open(path: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
+    pub fn open(path: &Path, opts: StoreOptions) -> Result<SqliteStore, StoreError> {
         let mut conn = open_write(path)?;
         schema::migrate_to(&mut conn, path, SCHEMA_VERSION)?;
         let stats = Arc::new(WriterStats::default());
@@ -313,7 +313,7 @@ impl Store {
             events.clone(),
             series_dir.clone(),
         )?;
-        Ok(Store {
+        Ok(SqliteStore {
             path: path.to_path_buf(),
             tx,
             writer: Arc::new(Mutex::new(Some(handle))),
@@ -452,7 +452,7 @@ impl Store {
         }
     }
 
-    /// Like [`Store::store_results`], for results as received: `raw` the encoded results,
+    /// Like [`SqliteStore::store_results`], for results as received: `raw` the encoded results,
     /// `results` the same read in place. `rejected` are the seqs of the batch that the ingest
     /// limits refused: they are counted in `agents.rejected_total` and the high-water mark moves
     /// past them.
@@ -639,9 +639,9 @@ fn open_write(path: &Path) -> Result<Connection, StoreError> {
 }
 
 /// The retention job: right away and then every `every`, prunes in small rounds until caught up
-/// (see [`Store::prune_all`]); stops when `stop` is cancelled or the store closed.
+/// (see [`SqliteStore::prune_all`]); stops when `stop` is cancelled or the store closed.
 pub async fn retention_job(
-    store: Store,
+    store: SqliteStore,
     every: Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {

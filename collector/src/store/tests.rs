@@ -15,8 +15,8 @@ fn opts(linger_ms: u64) -> StoreOptions {
     }
 }
 
-fn open(dir: &TempDir, linger_ms: u64) -> Store {
-    Store::open(&dir.path().join("t.db"), opts(linger_ms)).expect("open store")
+fn open(dir: &TempDir, linger_ms: u64) -> SqliteStore {
+    SqliteStore::open(&dir.path().join("t.db"), opts(linger_ms)).expect("open store")
 }
 
 fn hello(id: &str) -> AgentHello {
@@ -316,7 +316,7 @@ async fn migrates_an_old_database_and_keeps_its_data() {
         )
         .unwrap();
     }
-    let store = Store::open(&path, opts(0)).unwrap();
+    let store = SqliteStore::open(&path, opts(0)).unwrap();
     let c = Connection::open(&path).unwrap();
     assert_eq!(schema::version(&c).unwrap(), SCHEMA_VERSION);
     const { assert!(SCHEMA_VERSION >= 2) };
@@ -385,7 +385,7 @@ async fn migration_fills_week_rollups_from_day_rollups() {
             .unwrap();
         }
     }
-    let store = Store::open(&path, opts(0)).unwrap();
+    let store = SqliteStore::open(&path, opts(0)).unwrap();
     store.close().await.unwrap();
     let c = Connection::open(&path).unwrap();
     let mut st = c
@@ -413,7 +413,7 @@ fn refuses_a_database_from_a_newer_version() {
         .unwrap()
         .pragma_update(None, "user_version", 99)
         .unwrap();
-    let err = Store::open(&path, opts(0)).unwrap_err();
+    let err = SqliteStore::open(&path, opts(0)).unwrap_err();
     assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
     assert!(
         err.to_string()
@@ -426,7 +426,7 @@ fn refuses_a_database_from_a_newer_version() {
 fn open_names_the_unwritable_path() {
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("missing-dir").join("x.db");
-    let err = Store::open(&path, opts(0)).unwrap_err();
+    let err = SqliteStore::open(&path, opts(0)).unwrap_err();
     assert!(matches!(err, StoreError::Open { .. }), "{err}");
     let msg = err.to_string();
     assert!(
@@ -642,7 +642,7 @@ fn rollup_counts(path: &std::path::Path) -> Vec<(i64, i64)> {
 async fn buffered_rollups_are_written_before_reads_and_after_an_unclean_stop() {
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("t.db");
-    let store = Store::open(
+    let store = SqliteStore::open(
         &path,
         StoreOptions {
             buffer_flush: Duration::from_secs(3600),
@@ -701,7 +701,7 @@ async fn buffered_rollups_are_written_before_reads_and_after_an_unclean_stop() {
         "the copy's series row is behind"
     );
 
-    let reopened = Store::open(&crashed, opts(1)).unwrap();
+    let reopened = SqliteStore::open(&crashed, opts(1)).unwrap();
     assert_eq!(
         rollup_counts(&crashed),
         vec![(3600, 80), (86_400, 80), (604_800, 80)],
@@ -726,7 +726,7 @@ async fn buffered_rollups_are_written_before_reads_and_after_an_unclean_stop() {
     assert_eq!(week.values().next().unwrap(), &want);
     reopened.close().await.unwrap();
     // Reopening again finds nothing to roll up: nothing is counted twice.
-    let again = Store::open(&crashed, opts(1)).unwrap();
+    let again = SqliteStore::open(&crashed, opts(1)).unwrap();
     again.close().await.unwrap();
     assert_eq!(rollup_counts(&crashed)[0], (3600, 80));
 }
@@ -735,7 +735,7 @@ async fn buffered_rollups_are_written_before_reads_and_after_an_unclean_stop() {
 async fn retention_deletes_old_raw_rows_and_rollups_in_small_rounds() {
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("t.db");
-    let store = Store::open(
+    let store = SqliteStore::open(
         &path,
         StoreOptions {
             retention: Duration::from_secs(3600),
@@ -897,7 +897,7 @@ async fn migration_compacts_results_series_and_rollups() {
         )
         .unwrap();
     }
-    let store = Store::open(&path, opts(0)).unwrap();
+    let store = SqliteStore::open(&path, opts(0)).unwrap();
     let results = store.results(Filter::default(), 0, 10).await.unwrap();
     assert_eq!(results.len(), 2);
     let r = results[0].result.as_ref().unwrap();
