@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mxscope_proto::{ErrorClass, Observation, Outcome, Phase};
+use mxscope_proto::{facts, ErrorClass, Observation, Outcome, Phase};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -146,7 +146,7 @@ pub(crate) async fn handshake(
     config.resumption = rustls::client::Resumption::disabled();
     let name = server_name(target);
     if let ServerName::DnsName(dns) = &name {
-        obs.fact("tls.sni", dns.as_ref());
+        obs.fact(facts::tls::SNI, dns.as_ref());
     }
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let result = tokio::time::timeout_at(deadline, connector.connect(name.clone(), io)).await;
@@ -164,17 +164,17 @@ pub(crate) async fn handshake(
                     chain.iter().map(|c| c.as_ref().to_vec()).collect();
             }
             if let Some(v) = conn.protocol_version() {
-                obs.fact("tls.version", version_name(v));
+                obs.fact(facts::tls::VERSION, version_name(v));
             }
             if let Some(suite) = conn.negotiated_cipher_suite() {
                 let s = suite.suite();
                 obs.fact(
-                    "tls.cipher",
+                    facts::tls::CIPHER,
                     s.as_str().map_or_else(|| format!("{s:?}"), str::to_string),
                 );
             }
             if let Some(alpn) = conn.alpn_protocol() {
-                obs.fact("tls.alpn", String::from_utf8_lossy(alpn).into_owned());
+                obs.fact(facts::tls::ALPN, String::from_utf8_lossy(alpn).into_owned());
             }
             Some(Box::new(stream))
         }
@@ -243,6 +243,15 @@ fn verdict_class(err: &rustls::Error) -> ErrorClass {
     }
 }
 
+/// Lowercase hex SHA-256 of a certificate's DER (the fingerprint the collector's diagnosis compares).
+fn sha256_hex(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Records certificate facts and judges them. An expired certificate or one below the fail
 /// threshold fails everywhere; untrusted or mismatched is a failure on client ports (and where TLS
 /// is required) but only a warning on port 25, where TLS between servers is opportunistic.
@@ -262,8 +271,9 @@ fn assess_certificate(
     let name_match = rustls::server::ParsedCertificate::try_from(&seen.leaf)
         .ok()
         .is_some_and(|cert| rustls::client::verify_server_name(&cert, name).is_ok());
-    obs.fact("cert.verified", seen.verdict.is_ok());
-    obs.fact("cert.name_match", name_match);
+    obs.fact(facts::cert::VERIFIED, seen.verdict.is_ok());
+    obs.fact(facts::cert::NAME_MATCH, name_match);
+    obs.fact(facts::cert::SHA256, sha256_hex(&seen.leaf));
 
     let Some(leaf) = read_leaf(&seen.leaf) else {
         obs.problem(
@@ -276,11 +286,11 @@ fn assess_certificate(
     };
     let days_left = (leaf.not_after_unix - now).div_euclid(86_400);
     let not_after = rfc3339(leaf.not_after_unix);
-    obs.fact("cert.subject", leaf.subject.as_str());
-    obs.fact("cert.issuer", leaf.issuer.as_str());
-    obs.fact("cert.not_after", not_after.as_str());
-    obs.fact("cert.not_after_unix", leaf.not_after_unix);
-    obs.fact("cert.days_left", days_left);
+    obs.fact(facts::cert::SUBJECT, leaf.subject.as_str());
+    obs.fact(facts::cert::ISSUER, leaf.issuer.as_str());
+    obs.fact(facts::cert::NOT_AFTER, not_after.as_str());
+    obs.fact(facts::cert::NOT_AFTER_UNIX, leaf.not_after_unix);
+    obs.fact(facts::cert::DAYS_LEFT, days_left);
 
     if let Err(e) = &seen.verdict {
         match verdict_class(e) {
@@ -309,7 +319,7 @@ fn assess_certificate(
                 );
             }
         }
-        obs.fact("cert.error", verdict_class(e).name());
+        obs.fact(facts::cert::ERROR, verdict_class(e).name());
     }
     if !name_match {
         obs.problem(

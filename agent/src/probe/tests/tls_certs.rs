@@ -54,6 +54,10 @@ async fn valid_certificate_over_starttls_is_ok_with_facts() {
     );
     assert!(int(&o, "cert.not_after_unix") > 0);
     assert!(text(&o, "cert.not_after").ends_with('Z'));
+    let digest = ring::digest::digest(&ring::digest::SHA256, &leaf.chain[0]);
+    let want: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(want.len(), 64);
+    assert_eq!(text(&o, "cert.sha256"), want);
     assert!(flag(&o, "smtp.starttls") && flag(&o, "smtp.pipelining"));
     assert_eq!(int(&o, "smtp.size"), 10_240_000);
     assert_eq!(text(&o, "smtp.auth"), "PLAIN");
