@@ -32,8 +32,8 @@ pub struct Cli {
     #[arg(long, global = true, env = "MXSCOPE_FORMAT", value_enum, default_value_t = Format::Table)]
     pub format: Format,
 
-    /// How long to wait for the connection and for each answer (give it before the command;
-    /// after `target add|update`, --timeout is the probe timeout).
+    /// How long to wait for the connection and for each answer (give it before the command; the
+    /// probe timeout of `target add|update` is --probe-timeout).
     #[arg(long, env = "MXSCOPE_TIMEOUT", default_value = "10s", value_parser = args::duration)]
     pub timeout: Duration,
 
@@ -183,7 +183,7 @@ mod tests {
             "example.com",
             "--checks",
             "mx",
-            "--timeout",
+            "--probe-timeout",
             "7s",
         ])
         .unwrap();
@@ -191,7 +191,20 @@ mod tests {
         let Command::Target(target::TargetCommand::Add(a)) = cli.command else {
             panic!("not target add")
         };
-        assert_eq!(a.spec.timeout, Some(Duration::from_secs(7)));
+        assert_eq!(a.spec.probe_timeout, Some(Duration::from_secs(7)));
+        // `--timeout` after the command is refused, not silently read as the other timeout
+        let err = Cli::try_parse_from([
+            "mxscopectl",
+            "target",
+            "add",
+            "example.com",
+            "--checks",
+            "mx",
+            "--timeout",
+            "7s",
+        ])
+        .unwrap_err();
+        assert_eq!(err.exit_code(), 2, "{err}");
     }
 
     #[test]

@@ -253,7 +253,7 @@ fn central_targets_reach_exactly_their_regions_and_follow_every_change() {
             "eu-west,us-east",
             "--every",
             &every,
-            "--timeout",
+            "--probe-timeout",
             "5s",
             "--port",
             &smtp_port,

@@ -72,9 +72,9 @@ pub struct SpecArgs {
     /// Regions whose agents probe it: names separated by commas, or 'all' [add default: all].
     #[arg(long, value_parser = args::regions)]
     pub regions: Option<Regions>,
-    /// Probe timeout [add default: 10s].
+    /// Deadline of one probe [add default: 10s] (the global --timeout is the RPC deadline).
     #[arg(long, value_parser = args::duration)]
-    pub timeout: Option<Duration>,
+    pub probe_timeout: Option<Duration>,
     /// A label key=value (repeatable); in update, key= removes the label.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = args::label)]
     pub labels: Vec<(String, String)>,
@@ -172,7 +172,7 @@ fn new_spec(a: &AddArgs) -> pb::TargetSpec {
         name: a.name.clone(),
         checks: a.checks.names(),
         interval_ms: millis(s.every.unwrap_or(DEFAULT_INTERVAL)),
-        timeout_ms: millis(s.timeout.unwrap_or(DEFAULT_TIMEOUT)),
+        timeout_ms: millis(s.probe_timeout.unwrap_or(DEFAULT_TIMEOUT)),
         regions: s.regions.clone().unwrap_or(Regions::All).into_wire(),
         labels: s.labels.iter().cloned().collect(),
         ports: s
@@ -195,7 +195,7 @@ fn merged(mut spec: pb::TargetSpec, u: &UpdateArgs) -> pb::TargetSpec {
     if let Some(every) = s.every {
         spec.interval_ms = millis(every);
     }
-    if let Some(timeout) = s.timeout {
+    if let Some(timeout) = s.probe_timeout {
         spec.timeout_ms = millis(timeout);
     }
     if let Some(regions) = &s.regions {
@@ -385,7 +385,7 @@ mod tests {
             "30s",
             "--regions",
             "eu-west,us-east",
-            "--timeout",
+            "--probe-timeout",
             "5s",
             "--label",
             "team=mail",
