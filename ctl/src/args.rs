@@ -92,24 +92,23 @@ pub fn regions(s: &str) -> Result<Regions, String> {
     Ok(Regions::Only(out))
 }
 
-/// A region or agent name: a DNS-label style word (`eu-west`, `dc1`).
+/// A region name: a DNS-label style word (`eu-west`, `dc1`).
 pub fn region(s: &str) -> Result<String, String> {
-    if names::is_label(s) {
-        Ok(s.to_string())
-    } else {
-        Err(format!(
-            "invalid region '{s}': use lowercase letters, digits and '-' (at most 63 characters)"
-        ))
-    }
+    label_name(s, "region")
 }
 
 /// An agent id: a DNS label, like the agent requires.
 pub fn agent_id(s: &str) -> Result<String, String> {
+    label_name(s, "agent id")
+}
+
+/// A name following [`names::is_label`]; `what` names it in the message.
+fn label_name(s: &str, what: &str) -> Result<String, String> {
     if names::is_label(s) {
         Ok(s.to_string())
     } else {
         Err(format!(
-            "invalid agent id '{s}': use lowercase letters, digits and '-' (at most 63 characters)"
+            "invalid {what} '{s}': use lowercase letters, digits and '-' (at most 63 characters)"
         ))
     }
 }
