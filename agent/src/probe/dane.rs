@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use mxscope_proto::{CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
+use mxscope_proto::{facts, CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::time::Instant;
 
@@ -41,7 +41,7 @@ async fn run(spec: &CheckSpec, ctx: &ProbeContext, deadline: Instant, obs: &mut 
     let resolver = ctx.resolver.as_ref();
     let target = spec.target.trim_end_matches('.');
     // Answers are not DNSSEC-validated by this agent; DANE without DNSSEC proves nothing.
-    obs.fact("dane.dnssec", "unknown");
+    obs.fact(facts::dane::DNSSEC, "unknown");
     let started = Instant::now();
     let hosts: Vec<String> = match spec.kind {
         TargetKind::Host => vec![target.to_string()],
@@ -195,7 +195,7 @@ async fn run(spec: &CheckSpec, ctx: &ProbeContext, deadline: Instant, obs: &mut 
             }
         }
     }
-    obs.fact("dane.present", present);
+    obs.fact(facts::dane::PRESENT, present);
 }
 
 /// `3 1 1 ab12…` as in a zone file (association data in hex).

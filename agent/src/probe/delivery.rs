@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine as _;
-use mxscope_proto::{CheckKind, Endpoint, ErrorClass, FactValue, Observation, Outcome, Phase};
+use mxscope_proto::{
+    facts, CheckKind, Endpoint, ErrorClass, FactValue, Observation, Outcome, Phase,
+};
 use tokio::time::Instant;
 
 use super::dialogue::{truncate, Bounds, Dialogue, DialogueError, Reply, REPLY_TIMEOUT};
@@ -66,7 +68,7 @@ async fn run(
         );
         return;
     };
-    obs.fact("delivery.credentials", name);
+    obs.fact(facts::delivery::CREDENTIALS, name);
     let from = spec.options.mail_from.as_deref().unwrap_or(&login.user);
     let rcpt = spec.options.rcpt_to.as_deref().unwrap_or(&login.user);
 
@@ -87,7 +89,7 @@ async fn run(
     };
 
     let tag = new_tag(start_us);
-    obs.fact("delivery.tag", tag.as_str());
+    obs.fact(facts::delivery::TAG, tag.as_str());
     let message = compose(&tag, from, rcpt, &ctx.helo_name, start_us);
 
     let submission = spec.for_service(CheckKind::Submission);
@@ -122,7 +124,7 @@ async fn run(
         .await
     };
     if !last_reply.is_empty() {
-        obs.fact("delivery.last_smtp_reply", last_reply.as_str());
+        obs.fact(facts::delivery::LAST_SMTP_REPLY, last_reply.as_str());
     }
     if !accepted {
         return;
@@ -137,7 +139,7 @@ async fn run(
         deadline,
         peer_chain: None,
     };
-    obs.fact("delivery.imaps_port", imap_target.addr.port());
+    obs.fact(facts::delivery::IMAPS_PORT, imap_target.addr.port());
     let cleanup = CLEANUP.min(spec.timeout / 5);
     let poll_until = deadline.checked_sub(cleanup).unwrap_or(deadline);
     let mut imap_obs = Observation::new(
@@ -375,7 +377,7 @@ async fn submit(
             return false;
         }
     }
-    obs.fact("delivery.submit_us", micros(started.elapsed()));
+    obs.fact(facts::delivery::SUBMIT_US, micros(started.elapsed()));
     smtp::quit(d, t, obs).await;
     true
 }

@@ -3,7 +3,7 @@
 
 use std::io;
 
-use mxscope_proto::{ErrorClass, Observation, Outcome, Phase, StatusCode};
+use mxscope_proto::{facts, ErrorClass, Observation, Outcome, Phase, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -413,7 +413,7 @@ pub(crate) async fn open_with_greeting(
     implicit: bool,
 ) -> Option<(Dialogue, String)> {
     let stream = super::tcp::connect(obs, t.addr, t.phase_deadline(super::CONNECT_TIMEOUT)).await?;
-    obs.fact("tls.implicit", implicit);
+    obs.fact(facts::tls::IMPLICIT, implicit);
     let mut io: Box<dyn Io> = Box::new(stream);
     if implicit {
         io = super::tls::handshake(io, t, obs).await?;

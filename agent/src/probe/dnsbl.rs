@@ -1,7 +1,7 @@
 //! The `dnsbl` check: every MX address looked up in each configured blocklist zone (reverse-octet
 //! query): listed (with the list's TXT reason), not listed, or an error of the list itself.
 
-use mxscope_proto::{CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
+use mxscope_proto::{facts, CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
 use super::endpoints::{bounded, expand};
@@ -25,7 +25,7 @@ pub(crate) async fn check(
     );
     let started = Instant::now();
     let zones = &spec.options.dnsbl_zones;
-    obs.fact("dnsbl.zones", zones.len());
+    obs.fact(facts::dnsbl::ZONES, zones.len());
     if zones.is_empty() {
         obs.problem(
             Outcome::Fail,
@@ -42,7 +42,7 @@ pub(crate) async fn check(
     let mut ips: Vec<_> = expansion.addrs.iter().map(|a| a.ip).collect();
     ips.sort();
     ips.dedup();
-    obs.fact("dnsbl.addresses", ips.len());
+    obs.fact(facts::dnsbl::ADDRESSES, ips.len());
     let (mut listed, mut errors) = (0usize, 0usize);
     for ip in &ips {
         for zone in zones {
@@ -108,8 +108,8 @@ pub(crate) async fn check(
             }
         }
     }
-    obs.fact("dnsbl.listed", listed)
-        .fact("dnsbl.errors", errors);
+    obs.fact(facts::dnsbl::LISTED, listed)
+        .fact(facts::dnsbl::ERRORS, errors);
     obs.timing(Phase::Resolve, started.elapsed());
     obs
 }

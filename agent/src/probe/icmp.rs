@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use mxscope_proto::{ErrorClass, Observation, Outcome, Phase};
+use mxscope_proto::{facts, ErrorClass, Observation, Outcome, Phase};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
@@ -80,12 +80,12 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
             } else {
                 (class, format!("cannot open an ICMP socket: {e}"))
             };
-            obs.fact("icmp.permitted", class != ErrorClass::NotPermitted);
+            obs.fact(facts::icmp::PERMITTED, class != ErrorClass::NotPermitted);
             obs.problem(Outcome::Fail, class, Phase::Echo, why);
             return;
         }
     };
-    obs.fact("icmp.permitted", true);
+    obs.fact(facts::icmp::PERMITTED, true);
     let started = Instant::now();
     let dest = SocketAddr::new(ip, 0);
     let mut rtts = Vec::new();
@@ -121,19 +121,20 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
     }
     obs.timing(Phase::Echo, started.elapsed());
     let received = u32::try_from(rtts.len()).unwrap_or(u32::MAX);
-    obs.fact("icmp.sent", sent).fact("icmp.received", received);
+    obs.fact(facts::icmp::SENT, sent)
+        .fact(facts::icmp::RECEIVED, received);
     let loss = if sent == 0 {
         1.0
     } else {
         1.0 - f64::from(received) / f64::from(sent)
     };
-    obs.fact("icmp.loss", loss);
+    obs.fact(facts::icmp::LOSS, loss);
     if let (Some(min), Some(max)) = (rtts.iter().min(), rtts.iter().max()) {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let avg = rtts.iter().map(|d| ms(*d)).sum::<f64>() / rtts.len() as f64;
-        obs.fact("icmp.rtt_min_ms", ms(*min))
-            .fact("icmp.rtt_avg_ms", avg)
-            .fact("icmp.rtt_max_ms", ms(*max));
+        obs.fact(facts::icmp::RTT_MIN_MS, ms(*min))
+            .fact(facts::icmp::RTT_AVG_MS, avg)
+            .fact(facts::icmp::RTT_MAX_MS, ms(*max));
     }
     if received == 0 {
         obs.problem(

@@ -1,7 +1,7 @@
 //! IMAP probes: `imap` (143: greeting → CAPABILITY → STARTTLS → TLS → CAPABILITY → LOGOUT) and
 //! `imaps` (993: TLS first). Never logs in; reports capabilities before and after TLS.
 
-use mxscope_proto::{CheckKind, ErrorClass, Observation, Outcome, Phase};
+use mxscope_proto::{facts, CheckKind, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
 use super::dialogue::{open_with_greeting, truncate, Dialogue, DialogueError, REPLY_TIMEOUT};
@@ -164,12 +164,12 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
     let Some((mut d, greeting)) = open_with_greeting(t, obs, implicit).await else {
         return;
     };
-    obs.fact("imap.greeting", truncate(&greeting, 512));
+    obs.fact(facts::imap::GREETING, truncate(&greeting, 512));
     let status = status_of(&greeting, "*").map(str::to_ascii_uppercase);
     match status.as_deref() {
         Some("OK") => {}
         Some("PREAUTH") => {
-            obs.fact("imap.preauth", true);
+            obs.fact(facts::imap::PREAUTH, true);
         }
         _ => {
             check_status(obs, Phase::Greeting, &greeting, status.as_deref());

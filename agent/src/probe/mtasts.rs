@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
-use mxscope_proto::{CheckKind, Endpoint, ErrorClass, FactValue, Observation, Outcome, Phase};
+use mxscope_proto::{
+    facts, CheckKind, Endpoint, ErrorClass, FactValue, Observation, Outcome, Phase,
+};
 use tokio::time::Instant;
 
 use super::endpoints::bounded;
@@ -72,7 +74,7 @@ async fn run(spec: &CheckSpec, ctx: &ProbeContext, deadline: Instant, obs: &mut 
             return;
         }
     };
-    obs.fact("mta_sts.id", record.id.as_str());
+    obs.fact(facts::mta_sts::ID, record.id.as_str());
     let mx_hosts: Vec<String> = match mx {
         Ok(a) => a
             .records
@@ -92,7 +94,7 @@ async fn run(spec: &CheckSpec, ctx: &ProbeContext, deadline: Instant, obs: &mut 
             return;
         }
     };
-    obs.fact("mta_sts.mx_hosts", mx_hosts.join(","));
+    obs.fact(facts::mta_sts::MX_HOSTS, mx_hosts.join(","));
 
     let host = format!("mta-sts.{domain}");
     let Some(body) = fetch(spec, ctx, &host, deadline, obs).await else {
@@ -115,11 +117,11 @@ async fn run(spec: &CheckSpec, ctx: &ProbeContext, deadline: Instant, obs: &mut 
         Mode::Testing => "testing",
         Mode::None => "none",
     };
-    obs.fact("mta_sts.mode", mode)
-        .fact("mta_sts.max_age", parsed.max_age)
-        .fact("mta_sts.mx", parsed.mx.join(","));
+    obs.fact(facts::mta_sts::MODE, mode)
+        .fact(facts::mta_sts::MAX_AGE, parsed.max_age)
+        .fact(facts::mta_sts::MX, parsed.mx.join(","));
     let uncovered = policy::check_mx_set(&parsed, &mx_hosts);
-    obs.fact("mta_sts.mx_uncovered", uncovered.join(","));
+    obs.fact(facts::mta_sts::MX_UNCOVERED, uncovered.join(","));
     if !uncovered.is_empty() && parsed.mode != Mode::None {
         let outcome = if parsed.mode == Mode::Enforce {
             Outcome::Fail
@@ -297,9 +299,9 @@ async fn get(io: Box<dyn super::dialogue::Io>, authority: &str) -> Result<Respon
 
 /// Judges the response: only a 200 with a small UTF-8 body is a policy.
 fn accept(obs: &mut Observation, host: &str, r: Response) -> Option<String> {
-    obs.fact("mta_sts.http_status", r.status);
+    obs.fact(facts::mta_sts::HTTP_STATUS, r.status);
     if let Some(ct) = &r.content_type {
-        obs.fact("mta_sts.content_type", ct.as_str());
+        obs.fact(facts::mta_sts::CONTENT_TYPE, ct.as_str());
     }
     if (300..400).contains(&r.status) {
         obs.problem(
@@ -336,7 +338,7 @@ fn accept(obs: &mut Observation, host: &str, r: Response) -> Option<String> {
             return None;
         }
     };
-    obs.fact("mta_sts.policy_bytes", FactValue::from(body.len()));
+    obs.fact(facts::mta_sts::POLICY_BYTES, FactValue::from(body.len()));
     let Ok(text) = String::from_utf8(body.to_vec()) else {
         obs.problem(
             Outcome::Fail,

@@ -1,7 +1,7 @@
 //! The `mx` check: the MX set with preferences and TTL, the A/AAAA addresses (and TTL) of each MX
 //! host, null MX, CNAME and IP-literal exchanges, forward-confirmed reverse DNS; one observation.
 
-use mxscope_proto::{Endpoint, ErrorClass, Observation, Outcome, Phase};
+use mxscope_proto::{facts, Endpoint, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
 use super::endpoints::{bounded, ip_literal};
@@ -24,9 +24,9 @@ pub(crate) async fn check(
     let mx = bounded(target, deadline, resolver.mx(target)).await;
     let hosts: Vec<(u16, String)> = match mx {
         Ok(answer) => {
-            obs.fact("mx.ttl", answer.ttl)
-                .fact("mx.count", answer.records.len());
-            obs.fact("mx.implicit", false);
+            obs.fact(facts::mx::TTL, answer.ttl)
+                .fact(facts::mx::COUNT, answer.records.len());
+            obs.fact(facts::mx::IMPLICIT, false);
             answer
                 .records
                 .into_iter()
@@ -35,7 +35,8 @@ pub(crate) async fn check(
         }
         Err(e) if e.class == ErrorClass::DnsNodata => {
             // RFC 5321 §5.1: without MX the domain itself is the mail host.
-            obs.fact("mx.count", 0usize).fact("mx.implicit", true);
+            obs.fact(facts::mx::COUNT, 0usize)
+                .fact(facts::mx::IMPLICIT, true);
             vec![(0, target.to_string())]
         }
         Err(e) => {
@@ -50,7 +51,7 @@ pub(crate) async fn check(
         }
     };
     if hosts.iter().any(|(_, h)| h.is_empty() || h == ".") {
-        obs.fact("mx.null", true);
+        obs.fact(facts::mx::NULL, true);
         obs.timing(Phase::Resolve, started.elapsed());
         obs.problem(
             Outcome::Fail,
@@ -126,9 +127,9 @@ pub(crate) async fn check(
         }
     }
     obs.timing(Phase::Resolve, started.elapsed());
-    obs.fact("mx.hosts", hosts.len())
-        .fact("mx.ipv4_count", v4)
-        .fact("mx.ipv6_count", v6);
+    obs.fact(facts::mx::HOSTS, hosts.len())
+        .fact(facts::mx::IPV4_COUNT, v4)
+        .fact(facts::mx::IPV6_COUNT, v6);
     obs
 }
 

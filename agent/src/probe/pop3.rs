@@ -1,7 +1,7 @@
 //! POP3 probes: `pop3` (110: greeting → CAPA → STLS → TLS → CAPA → QUIT) and `pop3s` (995: TLS
 //! first). Never logs in; reports capabilities before and after TLS.
 
-use mxscope_proto::{CheckKind, ErrorClass, Observation, Outcome, Phase};
+use mxscope_proto::{facts, CheckKind, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
 use super::dialogue::{open_with_greeting, truncate, Dialogue, DialogueError, REPLY_TIMEOUT};
@@ -97,7 +97,7 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
     let Some((mut d, greeting)) = open_with_greeting(t, obs, implicit).await else {
         return;
     };
-    obs.fact("pop3.greeting", truncate(&greeting, 512));
+    obs.fact(facts::pop3::GREETING, truncate(&greeting, 512));
     if !check_ok(obs, Phase::Greeting, &greeting) {
         return d.close(t.phase_deadline(REPLY_TIMEOUT)).await;
     }
@@ -113,12 +113,15 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
         Ok(c) => c,
         Err(e) => return e.record(obs, Phase::Capability),
     };
-    obs.fact("pop3.capa", caps.is_some());
+    obs.fact(facts::pop3::CAPA, caps.is_some());
     let caps = caps.unwrap_or_default();
-    obs.fact("pop3.capabilities", truncate(&caps.tags.join(" "), 1024));
-    obs.fact("pop3.stls", caps.has("STLS"));
-    obs.fact("pop3.user", caps.has("USER"));
-    obs.fact("pop3.sasl", caps.sasl.join(" "));
+    obs.fact(
+        facts::pop3::CAPABILITIES,
+        truncate(&caps.tags.join(" "), 1024),
+    );
+    obs.fact(facts::pop3::STLS, caps.has("STLS"));
+    obs.fact(facts::pop3::USER, caps.has("USER"));
+    obs.fact(facts::pop3::SASL, caps.sasl.join(" "));
 
     if !implicit {
         if !caps.has("STLS") {
@@ -170,11 +173,11 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
             Ok(caps) => {
                 let caps = caps.unwrap_or_default();
                 obs.fact(
-                    "pop3.tls.capabilities",
+                    facts::pop3::TLS_CAPABILITIES,
                     truncate(&caps.tags.join(" "), 1024),
                 );
-                obs.fact("pop3.tls.sasl", caps.sasl.join(" "));
-                obs.fact("pop3.tls.user", caps.has("USER"));
+                obs.fact(facts::pop3::TLS_SASL, caps.sasl.join(" "));
+                obs.fact(facts::pop3::TLS_USER, caps.has("USER"));
             }
             Err(e) => return e.record(obs, Phase::Capability),
         }

@@ -4,7 +4,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use mxscope_proto::{CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
+use mxscope_proto::{facts, CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
 use tokio::io::AsyncReadExt as _;
 use tokio::time::Instant;
 
@@ -102,21 +102,21 @@ pub(crate) async fn check(spec: &CheckSpec, start_us: i64, deadline: Instant) ->
         .unwrap_or_default()
         .as_secs();
     let s = summarize(&String::from_utf8_lossy(&out), now);
-    obs.fact("queue.messages", num(s.messages))
-        .fact("queue.bytes", num(s.bytes))
-        .fact("queue.active", num(s.counts.active))
-        .fact("queue.deferred", num(s.counts.deferred))
-        .fact("queue.hold", num(s.counts.hold))
-        .fact("queue.incoming", num(s.counts.incoming))
-        .fact("queue.maildrop", num(s.counts.maildrop))
-        .fact("queue.bad_lines", s.bad_lines.len());
+    obs.fact(facts::queue::MESSAGES, num(s.messages))
+        .fact(facts::queue::BYTES, num(s.bytes))
+        .fact(facts::queue::ACTIVE, num(s.counts.active))
+        .fact(facts::queue::DEFERRED, num(s.counts.deferred))
+        .fact(facts::queue::HOLD, num(s.counts.hold))
+        .fact(facts::queue::INCOMING, num(s.counts.incoming))
+        .fact(facts::queue::MAILDROP, num(s.counts.maildrop))
+        .fact(facts::queue::BAD_LINES, s.bad_lines.len());
     if let Some(age) = s.oldest_age {
-        obs.fact("queue.oldest_age_s", num(age.as_secs()));
+        obs.fact(facts::queue::OLDEST_AGE_S, num(age.as_secs()));
     }
     if let Some(id) = &s.oldest_queue_id {
-        obs.fact("queue.oldest_id", id.as_str());
+        obs.fact(facts::queue::OLDEST_ID, id.as_str());
     }
-    obs.fact("queue.deferral_domains", s.deferrals.len());
+    obs.fact(facts::queue::DEFERRAL_DOMAINS, s.deferrals.len());
     for (i, g) in s.deferrals.iter().take(TOP_GROUPS).enumerate() {
         obs.fact(&format!("queue.deferral.{i}.domain"), g.domain.as_str())
             .fact(&format!("queue.deferral.{i}.count"), num(g.count))

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use mxscope_proto::{CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
+use mxscope_proto::{facts, CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
 use super::endpoints::{bounded, expand};
@@ -110,7 +110,7 @@ pub(crate) async fn spf_check(
         .iter()
         .filter(|t| spf::select_spf(std::slice::from_ref(t)).is_ok())
         .count();
-    obs.fact("spf.records", spf_count);
+    obs.fact(facts::spf::RECORDS, spf_count);
     let record = match spf::select_spf(&txt) {
         Ok(r) => r,
         Err(e) => {
@@ -124,12 +124,12 @@ pub(crate) async fn spf_check(
             return obs;
         }
     };
-    obs.fact("spf.record", record.as_str());
+    obs.fact(facts::spf::RECORD, record.as_str());
     let parsed = match spf::parse(&record) {
         Ok(p) => p,
         Err(e) => {
             obs.timing(Phase::Resolve, started.elapsed());
-            obs.fact("spf.valid", false);
+            obs.fact(facts::spf::VALID, false);
             obs.problem(
                 Outcome::Fail,
                 ErrorClass::Policy,
@@ -139,22 +139,22 @@ pub(crate) async fn spf_check(
             return obs;
         }
     };
-    obs.fact("spf.valid", true);
+    obs.fact(facts::spf::VALID, true);
     if let Some(q) = parsed.all_qualifier() {
-        obs.fact("spf.all", format!("{q:?}").to_ascii_lowercase());
+        obs.fact(facts::spf::ALL, format!("{q:?}").to_ascii_lowercase());
     }
     let view = SpfView { resolver, deadline };
     let report = spf::count_lookups(domain, &view).await;
-    obs.fact("spf.lookups", report.total)
-        .fact("spf.lookup_limit", spf::LOOKUP_LIMIT)
-        .fact("spf.void_lookups", report.void_lookups)
-        .fact("spf.plus_all", report.plus_all || parsed.plus_all());
+    obs.fact(facts::spf::LOOKUPS, report.total)
+        .fact(facts::spf::LOOKUP_LIMIT, spf::LOOKUP_LIMIT)
+        .fact(facts::spf::VOID_LOOKUPS, report.void_lookups)
+        .fact(facts::spf::PLUS_ALL, report.plus_all || parsed.plus_all());
     if report.chain.len() > 1 {
-        obs.fact("spf.includes", report.chain[1..].join(","));
+        obs.fact(facts::spf::INCLUDES, report.chain[1..].join(","));
     }
     if !report.errors.is_empty() {
         let issues: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
-        obs.fact("spf.issues", issues.join("; "));
+        obs.fact(facts::spf::ISSUES, issues.join("; "));
         obs.problem(
             Outcome::Warn,
             ErrorClass::Policy,
@@ -197,7 +197,7 @@ pub(crate) async fn spf_check(
 
     // Is each MX address authorised to send for the domain?
     let expansion = expand(resolver, domain, TargetKind::Domain, deadline).await;
-    obs.fact("spf.mx_addresses", expansion.addrs.len());
+    obs.fact(facts::spf::MX_ADDRESSES, expansion.addrs.len());
     let mut unauthorised = Vec::new();
     for a in &expansion.addrs {
         let verdict = spf::authorizes(domain, a.ip, &view).await;
@@ -213,7 +213,7 @@ pub(crate) async fn spf_check(
             unauthorised.push(format!("{} ({})", a.ip, result.to_ascii_lowercase()));
         }
     }
-    obs.fact("spf.mx_unauthorised", unauthorised.len());
+    obs.fact(facts::spf::MX_UNAUTHORISED, unauthorised.len());
     if !unauthorised.is_empty() {
         obs.problem(
             Outcome::Warn,
@@ -271,26 +271,26 @@ pub(crate) async fn dmarc_check(
     };
     let verdict = dmarc::evaluate(&txt);
     if let Some(r) = &verdict.record {
-        obs.fact("dmarc.p", policy_name(r.policy));
+        obs.fact(facts::dmarc::P, policy_name(r.policy));
         if let Some(sp) = r.subdomain_policy {
-            obs.fact("dmarc.sp", policy_name(sp));
+            obs.fact(facts::dmarc::SP, policy_name(sp));
         }
-        obs.fact("dmarc.pct", u32::from(r.pct))
-            .fact("dmarc.adkim", alignment_name(r.adkim))
-            .fact("dmarc.aspf", alignment_name(r.aspf))
-            .fact("dmarc.rua_count", r.rua.len())
-            .fact("dmarc.ruf_count", r.ruf.len());
+        obs.fact(facts::dmarc::PCT, u32::from(r.pct))
+            .fact(facts::dmarc::ADKIM, alignment_name(r.adkim))
+            .fact(facts::dmarc::ASPF, alignment_name(r.aspf))
+            .fact(facts::dmarc::RUA_COUNT, r.rua.len())
+            .fact(facts::dmarc::RUF_COUNT, r.ruf.len());
         if !r.rua.is_empty() {
             let rua: Vec<&str> = r.rua.iter().map(|u| u.uri.as_str()).collect();
-            obs.fact("dmarc.rua", rua.join(","));
+            obs.fact(facts::dmarc::RUA, rua.join(","));
         }
     }
     if let [one] = txt.as_slice() {
-        obs.fact("dmarc.record", one.as_str());
+        obs.fact(facts::dmarc::RECORD, one.as_str());
     }
     let messages: Vec<String> = verdict.findings.iter().map(dmarc_finding).collect();
     if !messages.is_empty() {
-        obs.fact("dmarc.findings", messages.join("; "));
+        obs.fact(facts::dmarc::FINDINGS, messages.join("; "));
     }
     if verdict.outcome != Outcome::Ok {
         let worst: Vec<String> = verdict
@@ -334,7 +334,7 @@ pub(crate) async fn dkim_check(
     let mut obs = observation(spec, CheckKind::Dkim, start_us);
     let started = Instant::now();
     let selectors = &spec.options.dkim_selectors;
-    obs.fact("dkim.selectors", selectors.len());
+    obs.fact(facts::dkim::SELECTORS, selectors.len());
     if selectors.is_empty() {
         obs.problem(
             Outcome::Fail,
@@ -412,8 +412,8 @@ pub(crate) async fn tlsrpt_check(
                     tlsrpt::ReportUri::Https(u) => u.clone(),
                 })
                 .collect();
-            obs.fact("tlsrpt.rua_count", rua.len())
-                .fact("tlsrpt.rua", rua.join(","));
+            obs.fact(facts::tlsrpt::RUA_COUNT, rua.len())
+                .fact(facts::tlsrpt::RUA, rua.join(","));
         }
         Err(e) => {
             obs.problem(

@@ -1,7 +1,7 @@
 //! SMTP probes: `smtp` (25) and `submission` (587) with STARTTLS, `smtps` (465) with implicit TLS.
 //! Greeting → EHLO → STARTTLS → TLS → EHLO → optional MAIL/RCPT (never DATA) → QUIT, each phase timed.
 
-use mxscope_proto::{CheckKind, ErrorClass, Observation, Outcome, Phase};
+use mxscope_proto::{facts, CheckKind, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
 use super::dialogue::{truncate, Bounds, Dialogue, DialogueError, Io, Reply, REPLY_TIMEOUT};
@@ -131,7 +131,7 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
 pub(crate) async fn open(t: &Target<'_>, obs: &mut Observation) -> Option<Session> {
     let stream = tcp::connect(obs, t.addr, t.phase_deadline(CONNECT_TIMEOUT)).await?;
     let implicit = t.spec.check == CheckKind::Smtps;
-    obs.fact("tls.implicit", implicit);
+    obs.fact(facts::tls::IMPLICIT, implicit);
     let mut io: Box<dyn Io> = Box::new(stream);
     if implicit {
         io = tls::handshake(io, t, obs).await?;
@@ -149,8 +149,8 @@ pub(crate) async fn open(t: &Target<'_>, obs: &mut Observation) -> Option<Sessio
             return None;
         }
     };
-    obs.fact("smtp.banner", truncate(&banner.text(), 512));
-    obs.fact("smtp.banner_code", banner.code);
+    obs.fact(facts::smtp::BANNER, truncate(&banner.text(), 512));
+    obs.fact(facts::smtp::BANNER_CODE, banner.code);
     if !banner.expect(220, obs, Phase::Banner) {
         finish(d, t, obs, &banner).await;
         return None;
@@ -176,12 +176,12 @@ pub(crate) async fn open(t: &Target<'_>, obs: &mut Observation) -> Option<Sessio
     let submission = t.spec.check == CheckKind::Submission;
 
     if implicit {
-        obs.fact("smtp.auth_after_tls", !ext.auth.is_empty());
+        obs.fact(facts::smtp::AUTH_AFTER_TLS, !ext.auth.is_empty());
         return Some(Session { d, tls: true, ext });
     }
     if submission {
         let before = !ext.auth.is_empty();
-        obs.fact("smtp.auth_before_tls", before);
+        obs.fact(facts::smtp::AUTH_BEFORE_TLS, before);
         if before {
             obs.problem(
                 Outcome::Warn,
@@ -248,10 +248,10 @@ pub(crate) async fn open(t: &Target<'_>, obs: &mut Observation) -> Option<Sessio
         return None;
     }
     let ext = parse_ehlo(&again.lines);
-    obs.fact("smtp.tls.extensions", ext.keywords.join(" "));
+    obs.fact(facts::smtp::TLS_EXTENSIONS, ext.keywords.join(" "));
     obs.fact("smtp.tls.auth", ext.auth.join(" "));
     if submission {
-        obs.fact("smtp.auth_after_tls", !ext.auth.is_empty());
+        obs.fact(facts::smtp::AUTH_AFTER_TLS, !ext.auth.is_empty());
     }
     Some(Session { d, tls: true, ext })
 }
@@ -273,7 +273,7 @@ pub(crate) async fn quit(mut d: Dialogue, t: &Target<'_>, obs: &mut Observation)
     {
         Ok(r) if r.code == 221 => {}
         Ok(r) => {
-            obs.fact("smtp.quit_code", r.code);
+            obs.fact(facts::smtp::QUIT_CODE, r.code);
         }
         Err(DialogueError::Closed) => {}
         Err(e) => {
