@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 use mxscope_proto::time::millis;
-use mxscope_proto::{pb, Metric};
+use mxscope_proto::{pb, Metric, RegionState};
 
 use crate::args;
 use crate::cli::print;
@@ -84,7 +84,7 @@ pub fn report(m: &pb::MatrixResponse) -> Report {
         columns.push(Column::number(key_of(r), key_of(&r.to_uppercase())));
     }
     columns.push(Column::text("notes", "NOTES").cut(60));
-    let latency = m.metric != "reachability";
+    let latency = m.metric.parse::<Metric>() != Ok(Metric::Reachability);
     let mut rep = Report::new(columns);
     for row in &m.rows {
         let mut cells = vec![
@@ -103,11 +103,11 @@ pub fn report(m: &pb::MatrixResponse) -> Report {
                 Some(v) => format!("{:.1}%", v * 100.0),
                 None => "-".to_string(),
             };
-            let mark = match state {
-                "failing" => " !",
-                "agent" => " (agent)",
-                "stale" => " (stale)",
-                _ => "",
+            let mark = match state.parse::<RegionState>() {
+                Ok(RegionState::Failing) => " !",
+                Ok(RegionState::AgentFault) => " (agent)",
+                Ok(RegionState::Stale) => " (stale)",
+                Ok(RegionState::Ok) | Err(_) => "",
             };
             let c = match value {
                 Some(v) => Cell::float(v),
