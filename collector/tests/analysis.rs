@@ -1,73 +1,24 @@
 //! In-process cross-region tests: three agents (eu-west, us-east, ap-south) stream results into a
 //! real collector; matrix, latency, diagnose, watch and long-window status are asserted over gRPC.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+mod support;
 
-use mxscope_collector::{run, Config, RunError};
-use mxscope_proto::pb::{
-    self, agent_message, collector_message, ingest_client::IngestClient, query_client::QueryClient,
-};
+use std::net::SocketAddr;
+
+use mxscope_proto::pb::{self, agent_message, collector_message, ingest_client::IngestClient};
 use mxscope_proto::time::now_us;
-use tempfile::TempDir;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+
+use support::{Collector, DEADLINE};
 use tonic::Streaming;
 
-const DEADLINE: Duration = Duration::from_secs(5);
 /// Injected connect times per region, in microseconds.
 const REGIONS: [(&str, u64); 3] = [
     ("eu-west", 10_000),
     ("us-east", 60_000),
     ("ap-south", 150_000),
 ];
-
-struct Collector {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), RunError>>,
-    _dir: TempDir,
-}
-
-impl Collector {
-    async fn start() -> Collector {
-        let dir = TempDir::new().expect("temp dir");
-        let config = Config::new(dir.path().join("mxscope.db"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("local addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(config, listener, async move {
-            let _ = stopped.await;
-        }));
-        Collector {
-            addr,
-            stop: Some(stop),
-            task,
-            _dir: dir,
-        }
-    }
-
-    async fn query(&self) -> QueryClient<Channel> {
-        QueryClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("query client")
-    }
-
-    async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(DEADLINE * 2, self.task)
-            .await
-            .expect("run returns in time")
-            .expect("run task")
-            .expect("clean shutdown");
-    }
-}
 
 struct Agent {
     id: String,
@@ -202,7 +153,7 @@ async fn next_event(w: &mut Streaming<pb::WatchEvent>) -> pb::WatchEvent {
 
 #[tokio::test]
 async fn smtp_blocked_from_one_region_is_partial_network_there_and_watched() {
-    let c = Collector::start().await;
+    let c = Collector::start(|_| {}).await;
     let mut q = c.query().await;
     let mut watch = q
         .watch(pb::WatchRequest {
@@ -378,12 +329,12 @@ async fn smtp_blocked_from_one_region_is_partial_network_there_and_watched() {
     assert_eq!((s.rows[0].count, s.rows[0].ok_count), (5, 0));
     assert_eq!(s.rows[0].state, "failing");
 
-    c.shutdown().await;
+    c.shutdown().await.0.expect("clean shutdown");
 }
 
 #[tokio::test]
 async fn an_agent_blocking_port_25_is_its_own_fault_not_the_targets() {
-    let c = Collector::start().await;
+    let c = Collector::start(|_| {}).await;
     let mut q = c.query().await;
     let mut agents = Vec::new();
     for (region, _) in REGIONS {
@@ -429,12 +380,12 @@ async fn an_agent_blocking_port_25_is_its_own_fault_not_the_targets() {
         .into_inner();
     assert_eq!((d.scope.as_str(), d.layer.as_str()), ("agent", "network"));
     assert_eq!(d.regions, vec!["ap-south"]);
-    c.shutdown().await;
+    c.shutdown().await.0.expect("clean shutdown");
 }
 
 #[tokio::test]
 async fn watch_ends_on_shutdown_and_bad_requests_are_refused() {
-    let c = Collector::start().await;
+    let c = Collector::start(|_| {}).await;
     let mut q = c.query().await;
     let err = q
         .matrix(pb::MatrixRequest {
@@ -451,7 +402,7 @@ async fn watch_ends_on_shutdown_and_bad_requests_are_refused() {
         .await
         .expect("watch")
         .into_inner();
-    c.shutdown().await;
+    c.shutdown().await.0.expect("clean shutdown");
     let end = tokio::time::timeout(DEADLINE, watch.message())
         .await
         .expect("stream ends in time");

@@ -1,70 +1,21 @@
 //! In-process tests: the collector's `run` on a port-0 loopback listener, driven by tonic clients
 //! acting as an agent (Ingest) and as mxscopectl (Query).
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use mxscope_collector::{run, Config, RunError};
 use mxscope_proto::pb::{
     self, agent_message, collector_message, ingest_client::IngestClient, query_client::QueryClient,
 };
 use mxscope_proto::time::now_us;
-use tempfile::TempDir;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+
+use support::{Collector, DEADLINE};
 use tonic::{Code, Streaming};
-
-/// How long any single expected message may take.
-const DEADLINE: Duration = Duration::from_secs(5);
-
-struct Collector {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), RunError>>,
-    dir: TempDir,
-}
-
-impl Collector {
-    async fn start(tune: impl FnOnce(&mut Config)) -> Collector {
-        let dir = TempDir::new().expect("temp dir");
-        let mut config = Config::new(dir.path().join("mxscope.db"));
-        tune(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("local addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(config, listener, async move {
-            let _ = stopped.await;
-        }));
-        Collector {
-            addr,
-            stop: Some(stop),
-            task,
-            dir,
-        }
-    }
-
-    async fn query(&self) -> QueryClient<Channel> {
-        QueryClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("query client")
-    }
-
-    /// Triggers shutdown and waits (with a deadline) for `run` to return.
-    async fn shutdown(mut self) -> (Result<(), RunError>, TempDir) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let res = tokio::time::timeout(DEADLINE * 2, self.task)
-            .await
-            .expect("run returns in time")
-            .expect("run task");
-        (res, self.dir)
-    }
-}
 
 struct Agent {
     id: String,

@@ -1,0 +1,62 @@
+//! A collector for integration tests: `run` on a loopback listener bound to port 0 in a temporary
+//! directory, a Query client for it, and a shutdown that waits with a deadline.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mxscope_collector::{run, Config, RunError};
+use mxscope_proto::pb::query_client::QueryClient;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// How long a test waits for one expected thing.
+pub const DEADLINE: Duration = Duration::from_secs(5);
+
+pub struct Collector {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), RunError>>,
+    pub dir: TempDir,
+}
+
+impl Collector {
+    pub async fn start(tune: impl FnOnce(&mut Config)) -> Collector {
+        let dir = TempDir::new().expect("temp dir");
+        let mut config = Config::new(dir.path().join("mxscope.db"));
+        tune(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        Collector {
+            addr,
+            stop: Some(stop),
+            task,
+            dir,
+        }
+    }
+
+    pub async fn query(&self) -> QueryClient<Channel> {
+        QueryClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("query client")
+    }
+
+    /// Triggers shutdown and waits (with a deadline) for `run` to return.
+    pub async fn shutdown(mut self) -> (Result<(), RunError>, TempDir) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let res = tokio::time::timeout(DEADLINE * 2, self.task)
+            .await
+            .expect("run returns in time")
+            .expect("run task");
+        (res, self.dir)
+    }
+}
