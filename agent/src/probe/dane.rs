@@ -79,7 +79,7 @@ async fn run(spec: &CheckSpec, ctx: &ProbeContext, deadline: Instant, obs: &mut 
     let port = spec.service_port(CheckKind::Smtp);
     let mut present = false;
     for (i, (host, (name, answer))) in hosts.iter().zip(answers).enumerate() {
-        obs.fact(&format!("dane.{i}.host"), host.as_str());
+        obs.fact(&facts::dane::nth(i, "host"), host.as_str());
         let records = match answer {
             Ok(a) => a.records,
             Err(e) if is_void(e.class) => Vec::new(),
@@ -93,13 +93,13 @@ async fn run(spec: &CheckSpec, ctx: &ProbeContext, deadline: Instant, obs: &mut 
                 continue;
             }
         };
-        obs.fact(&format!("dane.{i}.present"), !records.is_empty());
+        obs.fact(&facts::dane::nth(i, "present"), !records.is_empty());
         if records.is_empty() {
             continue;
         }
         present = true;
         let shown: Vec<String> = records.iter().map(describe).collect();
-        obs.fact(&format!("dane.{i}.tlsa"), shown.join("; "));
+        obs.fact(&facts::dane::nth(i, "tlsa"), shown.join("; "));
         let usable: Vec<&TlsaRecord> = records.iter().filter(|r| usable(r)).collect();
         if usable.is_empty() {
             obs.problem(

@@ -71,7 +71,7 @@ pub(crate) async fn check(
     let aliases = futures::future::join_all(aliases).await;
     for (i, ((_, host), alias)) in hosts.iter().zip(aliases).enumerate() {
         if ip_literal(host).is_some() {
-            obs.fact(&format!("mx.{i}.ip_literal"), true);
+            obs.fact(&facts::mx::nth(i, facts::mx::field::IP_LITERAL), true);
             obs.problem(
                 Outcome::Fail,
                 ErrorClass::Policy,
@@ -80,7 +80,7 @@ pub(crate) async fn check(
             );
         }
         if let Ok(Some(target)) = alias {
-            obs.fact(&format!("mx.{i}.cname"), target.as_str());
+            obs.fact(&facts::mx::nth(i, facts::mx::field::CNAME), target.as_str());
             obs.problem(
                 Outcome::Warn,
                 ErrorClass::Policy,
@@ -92,17 +92,20 @@ pub(crate) async fn check(
 
     let (mut v4, mut v6) = (0usize, 0usize);
     for (i, ((pref, host), answer)) in hosts.iter().zip(answers).enumerate() {
-        obs.fact(&format!("mx.{i}.host"), host.as_str());
-        obs.fact(&format!("mx.{i}.preference"), *pref);
+        obs.fact(&facts::mx::nth(i, facts::mx::field::HOST), host.as_str());
+        obs.fact(&facts::mx::nth(i, facts::mx::field::PREFERENCE), *pref);
         match answer {
             Ok(a) => {
                 let addrs: Vec<String> = a.records.iter().map(|ip| ip.to_string()).collect();
                 let n4 = a.records.iter().filter(|ip| ip.is_ipv4()).count();
                 v4 += n4;
                 v6 += a.records.len() - n4;
-                obs.fact(&format!("mx.{i}.addrs"), addrs.join(","));
-                obs.fact(&format!("mx.{i}.ipv4"), n4);
-                obs.fact(&format!("mx.{i}.ipv6"), a.records.len() - n4);
+                obs.fact(&facts::mx::nth(i, facts::mx::field::ADDRS), addrs.join(","));
+                obs.fact(&facts::mx::nth(i, facts::mx::field::IPV4), n4);
+                obs.fact(
+                    &facts::mx::nth(i, facts::mx::field::IPV6),
+                    a.records.len() - n4,
+                );
                 if a.records.is_empty() {
                     obs.problem(
                         Outcome::Fail,
@@ -111,12 +114,12 @@ pub(crate) async fn check(
                         format!("MX host {host} has no A/AAAA records"),
                     );
                 } else {
-                    obs.fact(&format!("mx.{i}.ttl"), a.ttl);
+                    obs.fact(&facts::mx::nth(i, facts::mx::field::TTL), a.ttl);
                     fcrdns(resolver, &mut obs, i, host, &a.records, deadline).await;
                 }
             }
             Err(e) => {
-                obs.fact(&format!("mx.{i}.error"), e.class.name());
+                obs.fact(&facts::mx::nth(i, facts::mx::field::ERROR), e.class.name());
                 obs.problem(
                     Outcome::Fail,
                     e.class,
@@ -185,8 +188,8 @@ async fn fcrdns(
             );
         }
     }
-    obs.fact(&format!("mx.{i}.ptr"), pairs.join(","));
-    obs.fact(&format!("mx.{i}.fcrdns"), confirmed_all);
+    obs.fact(&facts::mx::nth(i, facts::mx::field::PTR), pairs.join(","));
+    obs.fact(&facts::mx::nth(i, facts::mx::field::FCRDNS), confirmed_all);
 }
 
 #[cfg(test)]

@@ -118,10 +118,10 @@ pub(crate) async fn check(spec: &CheckSpec, start_us: i64, deadline: Instant) ->
     }
     obs.fact(facts::queue::DEFERRAL_DOMAINS, s.deferrals.len());
     for (i, g) in s.deferrals.iter().take(TOP_GROUPS).enumerate() {
-        obs.fact(&format!("queue.deferral.{i}.domain"), g.domain.as_str())
-            .fact(&format!("queue.deferral.{i}.count"), num(g.count))
+        obs.fact(&facts::queue::deferral(i, "domain"), g.domain.as_str())
+            .fact(&facts::queue::deferral(i, "count"), num(g.count))
             .fact(
-                &format!("queue.deferral.{i}.reason"),
+                &facts::queue::deferral(i, "reason"),
                 super::dialogue::truncate(&g.sample_reason, 300),
             );
     }

@@ -349,27 +349,27 @@ pub(crate) async fn dkim_check(
         let txt = match txt_or_empty(resolver, &name, deadline).await {
             Ok(t) => t,
             Err(e) => {
-                obs.fact(&format!("dkim.{sel}.error"), e.class.name());
+                obs.fact(&facts::dkim::selector(sel, "error"), e.class.name());
                 dns_problem(&mut obs, &format!("DKIM selector {sel}"), &e);
                 continue;
             }
         };
         let v = dkim::evaluate(&txt);
         if let Some(bits) = v.bits {
-            obs.fact(&format!("dkim.{sel}.bits"), bits);
+            obs.fact(&facts::dkim::selector(sel, "bits"), bits);
         }
         if let Some(r) = &v.record {
             obs.fact(
-                &format!("dkim.{sel}.key_type"),
+                &facts::dkim::selector(sel, "key_type"),
                 format!("{:?}", r.key_type).to_ascii_lowercase(),
             );
-            obs.fact(&format!("dkim.{sel}.revoked"), r.revoked());
-            obs.fact(&format!("dkim.{sel}.testing"), r.testing());
+            obs.fact(&facts::dkim::selector(sel, "revoked"), r.revoked());
+            obs.fact(&facts::dkim::selector(sel, "testing"), r.testing());
         }
         let messages: Vec<String> = v.findings.iter().map(dkim_finding).collect();
-        obs.fact(&format!("dkim.{sel}.outcome"), v.outcome.name());
+        obs.fact(&facts::dkim::selector(sel, "outcome"), v.outcome.name());
         if !messages.is_empty() {
-            obs.fact(&format!("dkim.{sel}.findings"), messages.join("; "));
+            obs.fact(&facts::dkim::selector(sel, "findings"), messages.join("; "));
         }
         if v.outcome != Outcome::Ok {
             let worst: Vec<String> = v
