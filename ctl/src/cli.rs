@@ -205,6 +205,7 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.exit_code(), 2, "{err}");
+        assert!(err.to_string().contains("--probe-timeout"), "{err}");
     }
 
     #[test]

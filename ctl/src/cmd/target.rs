@@ -75,6 +75,9 @@ pub struct SpecArgs {
     /// Deadline of one probe [add default: 10s] (the global --timeout is the RPC deadline).
     #[arg(long, value_parser = args::duration)]
     pub probe_timeout: Option<Duration>,
+    /// The old name of --probe-timeout, refused with a hint (never set).
+    #[arg(long = "timeout", hide = true, value_name = "DUR", value_parser = moved_timeout)]
+    pub moved_timeout: Option<Duration>,
     /// A label key=value (repeatable); in update, key= removes the label.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = args::label)]
     pub labels: Vec<(String, String)>,
@@ -87,6 +90,13 @@ pub struct SpecArgs {
     /// Fail when STARTTLS is missing on 25/587/143/110 (--require-tls=false turns it off).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub require_tls: Option<bool>,
+}
+
+/// `target add|update --timeout`: refused, so the old spelling does not silently become the RPC
+/// deadline or go missing.
+fn moved_timeout(_: &str) -> Result<Duration, String> {
+    Err("the probe timeout is --probe-timeout; --timeout (the RPC deadline) goes before the command"
+        .to_string())
 }
 
 impl TargetCommand {
