@@ -377,7 +377,10 @@ async fn submit(
             return false;
         }
     }
-    obs.fact(facts::delivery::SUBMIT_US, micros(started.elapsed()));
+    obs.fact(
+        facts::delivery::SUBMIT_US,
+        super::fact_us(started.elapsed()),
+    );
     smtp::quit(d, t, obs).await;
     true
 }
@@ -490,7 +493,7 @@ async fn mailbox(
     let ok = session
         .ok(t, obs, Phase::Auth, &format!("LOGIN {user} {password}"))
         .await;
-    obs.fact("login_us", micros(started.elapsed()));
+    obs.fact("login_us", super::fact_us(started.elapsed()));
     if ok.is_none() {
         session.logout(t, obs).await;
         return Found::Unknown;
@@ -637,7 +640,10 @@ fn merge_imap(obs: &mut Observation, imap: &Observation) {
     }
     for (phase, took) in &imap.timings {
         if matches!(phase, Phase::Connect | Phase::Tls | Phase::Greeting) {
-            obs.fact(&format!("imap.{phase}_us"), FactValue::Int(micros(*took)));
+            obs.fact(
+                &format!("imap.{phase}_us"),
+                FactValue::Int(super::fact_us(*took)),
+            );
         }
     }
     if let (Some(class), Some(phase)) = (imap.error_class, imap.phase) {
@@ -648,11 +654,6 @@ fn merge_imap(obs: &mut Observation, imap: &Observation) {
             format!("imaps: {}", imap.message),
         );
     }
-}
-
-/// Microseconds as a fact value ([`FactValue`] has no `u64`).
-fn micros(d: Duration) -> i64 {
-    i64::try_from(mxscope_proto::time::micros(d)).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -29,14 +29,26 @@ impl Capabilities {
 
     fn record(&self, obs: &mut Observation, prefix: &str) {
         obs.fact(
-            &format!("{prefix}capabilities"),
+            &facts::imap::under(prefix, "capabilities"),
             truncate(&self.atoms.join(" "), 1024),
         );
-        obs.fact(&format!("{prefix}imap4rev1"), self.has("IMAP4REV1"));
-        obs.fact(&format!("{prefix}imap4rev2"), self.has("IMAP4REV2"));
-        obs.fact(&format!("{prefix}starttls"), self.has("STARTTLS"));
-        obs.fact(&format!("{prefix}logindisabled"), self.has("LOGINDISABLED"));
-        obs.fact(&format!("{prefix}auth"), self.auth().join(" "));
+        obs.fact(
+            &facts::imap::under(prefix, "imap4rev1"),
+            self.has("IMAP4REV1"),
+        );
+        obs.fact(
+            &facts::imap::under(prefix, "imap4rev2"),
+            self.has("IMAP4REV2"),
+        );
+        obs.fact(
+            &facts::imap::under(prefix, "starttls"),
+            self.has("STARTTLS"),
+        );
+        obs.fact(
+            &facts::imap::under(prefix, "logindisabled"),
+            self.has("LOGINDISABLED"),
+        );
+        obs.fact(&facts::imap::under(prefix, "auth"), self.auth().join(" "));
     }
 }
 
@@ -195,7 +207,7 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
         }
         Err(e) => return e.record(obs, Phase::Capability),
     };
-    caps.record(obs, "imap.");
+    caps.record(obs, facts::imap::PREFIX);
 
     if !implicit {
         if !caps.has("STARTTLS") {
@@ -244,8 +256,8 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
         )
         .await;
         obs.fact(
-            "imap.tls.capability_us",
-            i64::try_from(started.elapsed().as_micros()).unwrap_or(i64::MAX),
+            &facts::imap::under(facts::imap::TLS_PREFIX, "capability_us"),
+            super::fact_us(started.elapsed()),
         );
         match after {
             Ok((last, caps)) => {
@@ -254,11 +266,17 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
                 }
                 let caps = caps.unwrap_or_default();
                 obs.fact(
-                    "imap.tls.capabilities",
+                    &facts::imap::under(facts::imap::TLS_PREFIX, "capabilities"),
                     truncate(&caps.atoms.join(" "), 1024),
                 );
-                obs.fact("imap.tls.auth", caps.auth().join(" "));
-                obs.fact("imap.tls.logindisabled", caps.has("LOGINDISABLED"));
+                obs.fact(
+                    &facts::imap::under(facts::imap::TLS_PREFIX, "auth"),
+                    caps.auth().join(" "),
+                );
+                obs.fact(
+                    &facts::imap::under(facts::imap::TLS_PREFIX, "logindisabled"),
+                    caps.has("LOGINDISABLED"),
+                );
             }
             Err(e) => return e.record(obs, Phase::Capability),
         }

@@ -148,6 +148,11 @@ impl std::fmt::Debug for ProbeContext {
     }
 }
 
+/// A duration as an integer fact in microseconds (`FactValue` has no `u64`).
+pub(crate) fn fact_us(d: Duration) -> i64 {
+    i64::try_from(mxscope_proto::time::micros(d)).unwrap_or(i64::MAX)
+}
+
 /// Longest wait for a TCP connect.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Extra time past the total deadline before a stuck probe is abandoned (a safety net only).

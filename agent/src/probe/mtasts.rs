@@ -165,7 +165,7 @@ async fn fetch(
     let ips = bounded(host, deadline, ctx.resolver.ips(host)).await;
     obs.fact(
         "mta_sts.policy_resolve_us",
-        i64::try_from(started.elapsed().as_micros()).unwrap_or(i64::MAX),
+        super::fact_us(started.elapsed()),
     );
     let ip = match ips.map(|a| a.records.first().copied()) {
         Ok(Some(ip)) => ip,

@@ -165,10 +165,7 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
         };
         let started = Instant::now();
         let after = capa(&mut d, obs, None, t.phase_deadline(REPLY_TIMEOUT)).await;
-        obs.fact(
-            "pop3.tls.capa_us",
-            i64::try_from(started.elapsed().as_micros()).unwrap_or(i64::MAX),
-        );
+        obs.fact("pop3.tls.capa_us", super::fact_us(started.elapsed()));
         match after {
             Ok(caps) => {
                 let caps = caps.unwrap_or_default();

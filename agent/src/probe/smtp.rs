@@ -70,18 +70,21 @@ pub(crate) fn parse_ehlo(lines: &[String]) -> Extensions {
 
 impl Extensions {
     fn record(&self, obs: &mut Observation, prefix: &str) {
-        obs.fact(&format!("{prefix}extensions"), self.keywords.join(" "));
-        obs.fact(&format!("{prefix}starttls"), self.starttls);
+        obs.fact(
+            &facts::smtp::under(prefix, "extensions"),
+            self.keywords.join(" "),
+        );
+        obs.fact(&facts::smtp::under(prefix, "starttls"), self.starttls);
         if let Some(size) = self.size {
             obs.fact(
-                &format!("{prefix}size"),
+                &facts::smtp::under(prefix, "size"),
                 i64::try_from(size).unwrap_or(i64::MAX),
             );
         }
-        obs.fact(&format!("{prefix}pipelining"), self.pipelining);
-        obs.fact(&format!("{prefix}8bitmime"), self.eightbitmime);
-        obs.fact(&format!("{prefix}smtputf8"), self.smtputf8);
-        obs.fact(&format!("{prefix}auth"), self.auth.join(" "));
+        obs.fact(&facts::smtp::under(prefix, "pipelining"), self.pipelining);
+        obs.fact(&facts::smtp::under(prefix, "8bitmime"), self.eightbitmime);
+        obs.fact(&facts::smtp::under(prefix, "smtputf8"), self.smtputf8);
+        obs.fact(&facts::smtp::under(prefix, "auth"), self.auth.join(" "));
     }
 }
 
@@ -102,8 +105,12 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
     if let Some(rcpt) = t.spec.options.rcpt_to.as_deref() {
         let from = t.spec.options.mail_from.as_deref().unwrap_or("");
         let steps = [
-            (Phase::Mail, format!("MAIL FROM:<{from}>"), "smtp.mail"),
-            (Phase::Rcpt, format!("RCPT TO:<{rcpt}>"), "smtp.rcpt"),
+            (
+                Phase::Mail,
+                format!("MAIL FROM:<{from}>"),
+                facts::smtp::MAIL,
+            ),
+            (Phase::Rcpt, format!("RCPT TO:<{rcpt}>"), facts::smtp::RCPT),
         ];
         for (phase, cmd, key) in steps {
             let r = match d
@@ -113,11 +120,11 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
                 Ok(r) => r,
                 Err(e) => return e.record(obs, phase),
             };
-            obs.fact(&format!("{key}.code"), r.code);
+            obs.fact(&facts::smtp::step(key, "code"), r.code);
             if let Some(enhanced) = r.enhanced() {
-                obs.fact(&format!("{key}.enhanced"), enhanced);
+                obs.fact(&facts::smtp::step(key, "enhanced"), enhanced);
             }
-            obs.fact(&format!("{key}.text"), truncate(&r.text(), 256));
+            obs.fact(&facts::smtp::step(key, "text"), truncate(&r.text(), 256));
             if !r.expect(250, obs, phase) {
                 return finish(d, t, obs, &r).await;
             }
@@ -172,7 +179,7 @@ pub(crate) async fn open(t: &Target<'_>, obs: &mut Observation) -> Option<Sessio
         return None;
     }
     let ext = parse_ehlo(&ehlo.lines);
-    ext.record(obs, "smtp.");
+    ext.record(obs, facts::smtp::PREFIX);
     let submission = t.spec.check == CheckKind::Submission;
 
     if implicit {
@@ -233,8 +240,8 @@ pub(crate) async fn open(t: &Target<'_>, obs: &mut Observation) -> Option<Sessio
     }
     .await;
     obs.fact(
-        "smtp.tls.ehlo_us",
-        i64::try_from(started.elapsed().as_micros()).unwrap_or(i64::MAX),
+        &facts::smtp::under(facts::smtp::TLS_PREFIX, "ehlo_us"),
+        super::fact_us(started.elapsed()),
     );
     let again = match again {
         Ok(r) => r,
@@ -249,7 +256,10 @@ pub(crate) async fn open(t: &Target<'_>, obs: &mut Observation) -> Option<Sessio
     }
     let ext = parse_ehlo(&again.lines);
     obs.fact(facts::smtp::TLS_EXTENSIONS, ext.keywords.join(" "));
-    obs.fact("smtp.tls.auth", ext.auth.join(" "));
+    obs.fact(
+        &facts::smtp::under(facts::smtp::TLS_PREFIX, "auth"),
+        ext.auth.join(" "),
+    );
     if submission {
         obs.fact(facts::smtp::AUTH_AFTER_TLS, !ext.auth.is_empty());
     }
