@@ -1,5 +1,5 @@
 //! Who may call what, decided in one tower layer in front of every gRPC service: the identity in
-//! the client certificate (see [`crate::pki`]) against the method path. The identity is then put
+//! the client certificate (see [`mxscope_pki`]) against the method path. The identity is then put
 //! into the request extensions for the services. In plain-text `--insecure` mode (loopback only)
 //! there are no certificates and so no identities: every call is allowed.
 

@@ -44,6 +44,13 @@ pub trait MetricsSource: Send + Sync {
     fn register(&self, registry: &mut Registry);
 }
 
+/// The ingest limits' refusal counters.
+impl MetricsSource for crate::limits::Counters {
+    fn register(&self, registry: &mut Registry) {
+        self.register_metrics(registry);
+    }
+}
+
 /// What the `/metrics` handler reads.
 #[derive(Clone)]
 pub struct MetricsState {

@@ -331,9 +331,10 @@ pub fn parse_rate(s: &str) -> Result<f64, RateError> {
     Ok(n / per)
 }
 
-/// `/metrics` exports every refusal counter (reasons are a closed set, so labels stay bounded).
-impl crate::http::MetricsSource for Counters {
-    fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+impl Counters {
+    /// Registers every refusal counter for `/metrics` (reasons are a closed set, so labels stay
+    /// bounded); `http` exports them through its `MetricsSource`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         use prometheus_client::metrics::{counter::Counter, family::Family};
         let rejected = Family::<Vec<(String, String)>, Counter>::default();
         for reason in RejectReason::ALL {
@@ -413,12 +414,11 @@ mod tests {
 
     #[test]
     fn counters_are_exported_for_metrics() {
-        use crate::http::MetricsSource;
         let c = Counters::default();
         c.rejected[RejectReason::TooOld.index()].fetch_add(2, Ordering::Relaxed);
         c.oversize_batches.fetch_add(1, Ordering::Relaxed);
         let mut registry = prometheus_client::registry::Registry::default();
-        c.register(&mut registry);
+        c.register_metrics(&mut registry);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(
