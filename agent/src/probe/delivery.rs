@@ -632,16 +632,17 @@ fn search_results(lines: &[String]) -> Vec<u32> {
         .collect()
 }
 
-/// Copies the IMAP side onto the delivery observation: facts under `imap.`, connect and TLS
+/// Copies the IMAP side onto the delivery observation: facts under `imap.` (`login_us` becomes
+/// [`facts::imap::LOGIN_US`], `polls`, `uid` and `deleted` likewise), connect and TLS
 /// times as facts (the phases belong to submission), and its verdict with an `imaps:` prefix.
 fn merge_imap(obs: &mut Observation, imap: &Observation) {
     for (key, value) in &imap.facts {
-        obs.fact(&format!("imap.{key}"), value.clone());
+        obs.fact(&facts::imap::under(facts::imap::PREFIX, key), value.clone());
     }
     for (phase, took) in &imap.timings {
         if matches!(phase, Phase::Connect | Phase::Tls | Phase::Greeting) {
             obs.fact(
-                &format!("imap.{phase}_us"),
+                &facts::imap::phase_us(*phase),
                 FactValue::Int(super::fact_us(*took)),
             );
         }
