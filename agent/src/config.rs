@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use mxscope_proto::target::{self, Source, TargetError};
 use mxscope_proto::target::{DEFAULT_INTERVAL, DEFAULT_TIMEOUT};
 use mxscope_proto::time::millis;
-use mxscope_proto::{names, pb, CheckKind};
+use mxscope_proto::{names, pb, CheckKind, UnknownName};
 use serde::Deserialize;
 use toml::Spanned;
 use tracing_subscriber::filter::Targets;
@@ -191,63 +192,23 @@ impl Target {
         }
     }
 
-    /// Reads a central target. Checks this agent cannot run are left out (returned as problems);
-    /// a target with nothing runnable or a bad name is an error.
-    pub fn from_central(spec: &pb::TargetSpec) -> Result<(Target, Vec<String>), String> {
-        let name = names::normalize_domain(&spec.name);
-        validate_target_name(&name)?;
-        let mut problems = Vec::new();
-        let mut checks = Vec::new();
-        for c in &spec.checks {
-            match c.parse::<CheckKind>() {
-                Ok(k) => {
-                    if !checks.contains(&k) {
-                        checks.push(k);
-                    }
-                }
-                Err(e) => problems.push(e.to_string()),
-            }
-        }
-        if checks.is_empty() {
-            return Err("no check this agent can run".to_string());
-        }
-        let mut ports = BTreeMap::new();
-        for (c, p) in &spec.ports {
-            let kind = c.parse::<CheckKind>().map_err(|e| e.to_string())?;
-            let port = u16::try_from(*p).ok().filter(|p| *p != 0);
-            let port = port.ok_or_else(|| format!("port {p} for '{c}' is out of range"))?;
-            ports.insert(kind, port);
-        }
-        let kind = if name.parse::<IpAddr>().is_ok() || spec.kind == "host" {
-            TargetKind::Host
-        } else if spec.kind.is_empty() || spec.kind == "domain" {
-            TargetKind::Domain
-        } else {
-            return Err(format!(
-                "unknown kind '{}' (valid: domain, host)",
-                spec.kind
-            ));
-        };
-        let interval = match spec.interval_ms {
-            0 => DEFAULT_INTERVAL,
-            ms => Duration::from_millis(ms).max(Duration::from_secs(1)),
-        };
-        let timeout = match spec.timeout_ms {
-            0 => DEFAULT_TIMEOUT,
-            ms => Duration::from_millis(ms),
-        };
+    /// Reads a central target through proto's one target validator ([`Source::Collector`]):
+    /// checks this agent does not know are left out and returned as problems; a target with
+    /// nothing runnable or a bad name is an error.
+    pub fn from_central(spec: &pb::TargetSpec) -> Result<(Target, Vec<UnknownName>), TargetError> {
+        let (core, problems) = target::validate_from(spec, Source::Collector)?;
         let target = Target {
-            name,
-            kind,
-            checks,
-            interval,
-            timeout,
-            require_tls: spec.require_tls,
+            name: core.name,
+            kind: core.kind,
+            checks: core.checks,
+            interval: core.interval,
+            timeout: core.timeout,
+            require_tls: core.require_tls,
             options: CheckOptions {
-                service_ports: ports.clone(),
+                service_ports: core.ports.clone(),
                 ..CheckOptions::default()
             },
-            ports,
+            ports: core.ports,
         };
         Ok((target, problems))
     }
