@@ -12,6 +12,7 @@ use mxscope_proto::pb;
 use mxscope_proto::raw::ResultView;
 use tokio::sync::broadcast;
 
+use super::writer::{self, Op};
 use super::{AgentHello, AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError, TargetDef};
 use crate::analysis::aggregate::Agg;
 
@@ -89,7 +90,23 @@ impl Store for super::SqliteStore {
         rejected: Vec<u64>,
         at_us: i64,
     ) -> Pending<u64> {
-        self.store_checked_results(agent_id, region, results, raw, rejected, at_us)
+        // Row encoding, series keys and rollup aggregation run here, in the caller's task, so
+        // the single writer thread only binds, steps and merges.
+        let prepared = {
+            let dir = self
+                .series_dir
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            writer::Prepared::of(region, results, &dir)
+        };
+        let fut = self.submit(Op::Results {
+            agent_id: agent_id.to_string(),
+            prepared,
+            results: raw,
+            rejected,
+            at_us,
+        });
+        Box::pin(async move { fut.await?.seq() })
     }
     fn heartbeat(
         &self,
@@ -98,7 +115,13 @@ impl Store for super::SqliteStore {
         dropped_total: u64,
         at_us: i64,
     ) -> Pending<()> {
-        super::SqliteStore::heartbeat(self, agent_id, spool_depth, dropped_total, at_us)
+        let fut = self.submit(Op::Heartbeat {
+            agent_id: agent_id.to_string(),
+            spool_depth,
+            dropped_total,
+            at_us,
+        });
+        Box::pin(async move { fut.await.map(|_| ()) })
     }
     fn put_target(&self, def: TargetDef, update: bool, at_us: i64) -> Pending<()> {
         super::SqliteStore::put_target(self, def, update, at_us)

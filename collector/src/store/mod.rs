@@ -445,60 +445,17 @@ impl SqliteStore {
             .map(|b| ResultView::parse(b))
             .collect::<Result<Vec<_>, _>>();
         match views {
-            Ok(views) => {
-                self.store_checked_results(agent_id, region, &views, raw.clone(), Vec::new(), at_us)
-            }
+            Ok(views) => Store::put_batch(
+                self,
+                agent_id,
+                region,
+                &views,
+                raw.clone(),
+                Vec::new(),
+                at_us,
+            ),
             Err(_) => Box::pin(async { Err(StoreError::OutOfRange("encoded result")) }),
         }
-    }
-
-    /// Like [`SqliteStore::store_results`], for results as received: `raw` the encoded results,
-    /// `results` the same read in place. `rejected` are the seqs of the batch that the ingest
-    /// limits refused: they are counted in `agents.rejected_total` and the high-water mark moves
-    /// past them.
-    pub fn store_checked_results(
-        &self,
-        agent_id: &str,
-        region: &str,
-        results: &[ResultView<'_>],
-        raw: Vec<Bytes>,
-        rejected: Vec<u64>,
-        at_us: i64,
-    ) -> Pending<u64> {
-        // Row encoding, series keys and rollup aggregation run here, in the caller's task, so
-        // the single writer thread only binds, steps and merges.
-        let prepared = {
-            let dir = self
-                .series_dir
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            writer::Prepared::of(region, results, &dir)
-        };
-        let fut = self.submit(Op::Results {
-            agent_id: agent_id.to_string(),
-            prepared,
-            results: raw,
-            rejected,
-            at_us,
-        });
-        Box::pin(async move { fut.await?.seq() })
-    }
-
-    /// Records a heartbeat.
-    pub fn heartbeat(
-        &self,
-        agent_id: &str,
-        spool_depth: u64,
-        dropped_total: u64,
-        at_us: i64,
-    ) -> Pending<()> {
-        let fut = self.submit(Op::Heartbeat {
-            agent_id: agent_id.to_string(),
-            spool_depth,
-            dropped_total,
-            at_us,
-        });
-        Box::pin(async move { fut.await.map(|_| ()) })
     }
 
     /// Adds (`update = false`) or replaces (`update = true`) a central target.
