@@ -692,6 +692,32 @@ fn validate_target(
         ports.insert(kind, p);
     }
 
+    // The rules every target shares (name, kind, checks, interval, ports) are proto's, the same
+    // for file and central targets; the checks above only give span-precise messages. Ports of
+    // checks the target does not list are service ports of delivery and mta-sts, kept out here.
+    let core = pb::TargetSpec {
+        name: name.clone(),
+        checks: checks.iter().map(|c| c.name().to_string()).collect(),
+        interval_ms: millis(interval),
+        timeout_ms: millis(timeout),
+        ports: ports
+            .iter()
+            .filter(|(c, _)| checks.contains(c))
+            .map(|(c, p)| (c.name().to_string(), u32::from(*p)))
+            .collect(),
+        kind: kind.name().to_string(),
+        require_tls: raw.require_tls.unwrap_or(false),
+        ..Default::default()
+    };
+    target::validate(&core).map_err(|e| {
+        let at = match e.field() {
+            "name" => name_at,
+            "checks" => checks_at,
+            _ => table_start,
+        };
+        err(at, e.field(), e.to_string())
+    })?;
+
     let mut options = CheckOptions::default();
     let address = |v: Option<Spanned<String>>, key: &str| match v {
         None => Ok(None),
