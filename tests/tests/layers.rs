@@ -239,8 +239,9 @@ fn collector_modules_respect_the_layer_order() {
         &[
             &["analysis"],
             &["store"],
-            &["target", "error", "limits"],
+            &["error", "limits"],
             &["auth"],
+            &["shared"],
             &["ingest", "query", "http"],
             &["lib", "main"],
         ],

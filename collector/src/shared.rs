@@ -1,0 +1,118 @@
+//! What the gRPC services share: the collector's settings ([`Config`], filled by the binary from
+//! flags) and the live state every session and query sees ([`Shared`]: store, connected agents,
+//! schedule version, revocations, rate limiter, counters).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::analysis;
+use crate::auth::{Mode, Revoked};
+use crate::limits::{Counters, Limits, RateLimiter};
+use crate::store::{Store, StoreOptions};
+
+/// Collector settings (the binary fills them from flags and `MXSCOPE_*` variables).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// SQLite database file (created if missing).
+    pub db_path: PathBuf,
+    /// Default status window when a request does not set one.
+    pub window: Duration,
+    /// An agent or series silent longer than this is stale.
+    pub stale_after: Duration,
+    /// Largest gRPC message accepted (decoded).
+    pub max_message_bytes: usize,
+    /// Most results in one batch.
+    pub max_batch_results: usize,
+    /// Batches of one agent being committed at the same time (acks still go out in order).
+    pub max_in_flight_batches: usize,
+    /// How long an agent may take to send its hello.
+    pub hello_timeout: Duration,
+    /// On shutdown, how long open streams get to finish before they are cut.
+    pub shutdown_grace: Duration,
+    /// Writer batching and reader pool.
+    pub store: StoreOptions,
+    /// mTLS files; `None` serves plain text (loopback only, no identities: everything allowed).
+    pub tls: Option<TlsFiles>,
+    /// Revoked agent ids, one per line, re-read on change.
+    pub revoked: Option<PathBuf>,
+    /// Per-result limits and the per-agent rate.
+    pub limits: Limits,
+    /// Refusal counters; clone the `Arc` before [`run`] to read them (e.g. for `/metrics`).
+    pub counters: Arc<Counters>,
+    /// How many failing regions make a (target, check) `down` in the matrix.
+    pub quorum: analysis::scope::Quorum,
+    /// Where `/metrics` is served (`None`: not served).
+    pub http: Option<SocketAddr>,
+    /// How often the retention job runs.
+    pub retention_every: Duration,
+}
+
+/// The collector's certificate and key, and the CA its clients' certificates must chain to.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+impl Config {
+    /// Defaults for everything but the database path.
+    pub fn new(db_path: impl Into<PathBuf>) -> Config {
+        Config {
+            db_path: db_path.into(),
+            window: Duration::from_secs(5 * 60),
+            stale_after: Duration::from_secs(2 * 60),
+            max_message_bytes: 4 * 1024 * 1024,
+            max_batch_results: 5000,
+            max_in_flight_batches: 16,
+            hello_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+            store: StoreOptions::default(),
+            tls: None,
+            revoked: None,
+            limits: Limits::default(),
+            counters: Arc::new(Counters::default()),
+            quorum: analysis::scope::Quorum::Majority,
+            http: None,
+            retention_every: Duration::from_secs(60),
+        }
+    }
+}
+
+/// State shared by the gRPC services.
+pub(crate) struct Shared {
+    /// Storage, behind the seam a second backend implements.
+    pub store: Arc<dyn Store>,
+    pub config: Config,
+    /// Open sessions per agent id.
+    pub connected: Mutex<HashMap<String, usize>>,
+    /// Bumped after every committed change of the central targets.
+    pub schedule: watch::Sender<u64>,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+    /// Whether callers carry certificate identities.
+    pub mode: Mode,
+    /// Revoked agent ids (updated live).
+    pub revoked: watch::Receiver<Revoked>,
+    /// Per-agent result rate, shared by all connections of an agent.
+    pub limiter: RateLimiter,
+    /// Refusal counters (what `/metrics` exports); the same `Arc` as `config.counters`.
+    pub counters: Arc<Counters>,
+}
+
+impl Shared {
+    pub(crate) fn is_connected(&self, id: &str) -> bool {
+        self.connected
+            .lock()
+            .map(|m| m.get(id).copied().unwrap_or(0) > 0)
+            .unwrap_or(false)
+    }
+}
