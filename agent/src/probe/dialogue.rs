@@ -393,6 +393,27 @@ pub(crate) fn parse_reply<'a>(lines: impl IntoIterator<Item = &'a str>) -> Resul
     }
 }
 
+/// The server does not offer the TLS upgrade `command` (`STARTTLS`, `STLS`): a failure where the
+/// target requires TLS, a warning otherwise. The one rule for SMTP, IMAP and POP3.
+pub(crate) fn starttls_missing(
+    obs: &mut Observation,
+    t: &super::Target<'_>,
+    phase: Phase,
+    command: &str,
+) {
+    let outcome = if t.spec.require_tls {
+        Outcome::Fail
+    } else {
+        Outcome::Warn
+    };
+    obs.problem(
+        outcome,
+        ErrorClass::NoStarttls,
+        phase,
+        format!("server does not offer {command}"),
+    );
+}
+
 /// At most `max` bytes of `s`, cut on a character boundary.
 pub(crate) fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {

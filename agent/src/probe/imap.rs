@@ -4,7 +4,9 @@
 use mxscope_proto::{facts, CheckKind, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
-use super::dialogue::{open_with_greeting, truncate, Dialogue, DialogueError, REPLY_TIMEOUT};
+use super::dialogue::{
+    open_with_greeting, starttls_missing, truncate, Dialogue, DialogueError, REPLY_TIMEOUT,
+};
 use super::Target;
 
 /// IMAP capabilities a probe reports.
@@ -211,17 +213,7 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
 
     if !implicit {
         if !caps.has("STARTTLS") {
-            let outcome = if t.spec.require_tls {
-                Outcome::Fail
-            } else {
-                Outcome::Warn
-            };
-            obs.problem(
-                outcome,
-                ErrorClass::NoStarttls,
-                Phase::Capability,
-                "server does not offer STARTTLS",
-            );
+            starttls_missing(obs, t, Phase::Capability, "STARTTLS");
             return logout(d, t, obs).await;
         }
         match tagged(

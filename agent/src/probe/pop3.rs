@@ -4,7 +4,9 @@
 use mxscope_proto::{facts, CheckKind, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
-use super::dialogue::{open_with_greeting, truncate, Dialogue, DialogueError, REPLY_TIMEOUT};
+use super::dialogue::{
+    open_with_greeting, starttls_missing, truncate, Dialogue, DialogueError, REPLY_TIMEOUT,
+};
 use super::Target;
 
 /// POP3 capabilities (RFC 2449) a probe reports.
@@ -125,17 +127,7 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
 
     if !implicit {
         if !caps.has("STLS") {
-            let outcome = if t.spec.require_tls {
-                Outcome::Fail
-            } else {
-                Outcome::Warn
-            };
-            obs.problem(
-                outcome,
-                ErrorClass::NoStarttls,
-                Phase::Capability,
-                "server does not offer STLS",
-            );
+            starttls_missing(obs, t, Phase::Capability, "STLS");
             return quit(d, t, obs).await;
         }
         let r = d

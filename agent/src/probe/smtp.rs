@@ -4,7 +4,9 @@
 use mxscope_proto::{facts, CheckKind, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
-use super::dialogue::{truncate, Bounds, Dialogue, DialogueError, Io, Reply, REPLY_TIMEOUT};
+use super::dialogue::{
+    starttls_missing, truncate, Bounds, Dialogue, DialogueError, Io, Reply, REPLY_TIMEOUT,
+};
 use super::{tcp, tls, Target, CONNECT_TIMEOUT};
 
 /// The EHLO keywords a probe reports (RFC 5321 §4.1.1.1 and service extensions).
@@ -199,17 +201,7 @@ pub(crate) async fn open(t: &Target<'_>, obs: &mut Observation) -> Option<Sessio
         }
     }
     if !ext.starttls {
-        let outcome = if t.spec.require_tls {
-            Outcome::Fail
-        } else {
-            Outcome::Warn
-        };
-        obs.problem(
-            outcome,
-            ErrorClass::NoStarttls,
-            Phase::Ehlo,
-            "server does not offer STARTTLS",
-        );
+        starttls_missing(obs, t, Phase::Ehlo, "STARTTLS");
         return Some(Session { d, tls: false, ext });
     }
     let r = match d
