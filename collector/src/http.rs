@@ -59,6 +59,15 @@ pub struct MetricsState {
     sources: Vec<Arc<dyn MetricsSource>>,
 }
 
+impl std::fmt::Debug for MetricsState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsState")
+            .field("stale_after", &self.stale_after)
+            .field("sources", &self.sources.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl MetricsState {
     pub fn new(store: SqliteStore, stale_after: Duration) -> Self {
         MetricsState {

@@ -38,6 +38,12 @@ pub struct IngestService {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for IngestService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestService").finish_non_exhaustive()
+    }
+}
+
 impl IngestService {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         IngestService { shared }

@@ -38,6 +38,12 @@ pub struct QueryService {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for QueryService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryService").finish_non_exhaustive()
+    }
+}
+
 impl QueryService {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         QueryService { shared }

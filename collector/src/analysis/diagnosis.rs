@@ -97,7 +97,7 @@ pub fn agent_faults(rows: &[SeriesView]) -> BTreeSet<(String, String)> {
         probed: BTreeSet<&'a str>,
         failing: BTreeSet<&'a str>,
     }
-    let mut per_agent: BTreeMap<(&str, &str), Seen> = BTreeMap::new();
+    let mut per_agent: BTreeMap<(&str, &str), Seen<'_>> = BTreeMap::new();
     // (target, check) -> agents with an ok view
     let mut ok_by: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.state != RegionState::Stale) {
