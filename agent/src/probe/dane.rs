@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::endpoints::bounded;
 use super::resolve::TlsaRecord;
 use super::smtp::{self, Session};
-use super::{mark_overrun, overran, CheckSpec, ProbeContext, Target, TargetKind};
+use super::{observe, CheckSpec, ProbeContext, Target, TargetKind};
 
 /// Runs the `dane` check; one observation with facts per MX host (`dane.<i>.*`).
 pub(crate) async fn check(
@@ -21,16 +21,10 @@ pub(crate) async fn check(
     start_us: i64,
     deadline: Instant,
 ) -> Observation {
-    let mut obs = Observation::new(
-        &spec.target,
-        Endpoint::host(&spec.target),
-        CheckKind::Dane,
-        start_us,
-    );
-    if overran(deadline, run(spec, ctx, deadline, &mut obs)).await {
-        mark_overrun(&mut obs);
-    }
-    obs
+    observe(spec, CheckKind::Dane, start_us, deadline, async |obs| {
+        run(spec, ctx, deadline, obs).await
+    })
+    .await
 }
 
 fn is_void(class: ErrorClass) -> bool {

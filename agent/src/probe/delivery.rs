@@ -14,7 +14,7 @@ use super::dialogue::{truncate, Bounds, Dialogue, DialogueError, Reply, REPLY_TI
 use super::endpoints::expand;
 use super::imap::{check_status, quoted, status_of, tagged_lines};
 use super::smtp::{self, Session};
-use super::{mark_overrun, overran, tcp, tls, CheckSpec, ProbeContext, Target, CONNECT_TIMEOUT};
+use super::{observe, tcp, tls, CheckSpec, ProbeContext, Target, CONNECT_TIMEOUT};
 use crate::credentials::Credential;
 
 /// Pause between two mailbox searches.
@@ -31,16 +31,10 @@ pub(crate) async fn check(
     start_us: i64,
     deadline: Instant,
 ) -> Observation {
-    let mut obs = Observation::new(
-        &spec.target,
-        Endpoint::host(&spec.target),
-        CheckKind::Delivery,
-        start_us,
-    );
-    if overran(deadline, run(spec, ctx, start_us, deadline, &mut obs)).await {
-        mark_overrun(&mut obs);
-    }
-    obs
+    observe(spec, CheckKind::Delivery, start_us, deadline, async |obs| {
+        run(spec, ctx, start_us, deadline, obs).await
+    })
+    .await
 }
 
 async fn run(

@@ -288,6 +288,22 @@ pub(crate) async fn overran(
         .is_err()
 }
 
+/// Runs a whole-target check: one observation of `spec.target`, filled in by `run` and marked
+/// as overrun when `run` outlives the deadline (plus [`GRACE`]).
+pub(crate) async fn observe(
+    spec: &CheckSpec,
+    check: CheckKind,
+    start_us: i64,
+    deadline: Instant,
+    run: impl AsyncFnOnce(&mut Observation),
+) -> Observation {
+    let mut obs = Observation::new(&spec.target, Endpoint::host(&spec.target), check, start_us);
+    if overran(deadline, run(&mut obs)).await {
+        mark_overrun(&mut obs);
+    }
+    obs
+}
+
 /// Marks an observation whose probe was abandoned by [`overran`].
 pub(crate) fn mark_overrun(obs: &mut Observation) {
     obs.problem(

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::endpoints::bounded;
 use super::policy::mtasts::{self as policy, Mode};
 use super::records::txt_or_empty;
-use super::{mark_overrun, overran, tcp, tls, CheckSpec, ProbeContext, Target, CONNECT_TIMEOUT};
+use super::{observe, tcp, tls, CheckSpec, ProbeContext, Target, CONNECT_TIMEOUT};
 
 /// Largest policy body read (RFC 8461 §3.3 lets senders stop at 64 KiB).
 pub(crate) const MAX_POLICY_BYTES: usize = 64 * 1024;
@@ -30,16 +30,10 @@ pub(crate) async fn check(
     start_us: i64,
     deadline: Instant,
 ) -> Observation {
-    let mut obs = Observation::new(
-        &spec.target,
-        Endpoint::host(&spec.target),
-        CheckKind::MtaSts,
-        start_us,
-    );
-    if overran(deadline, run(spec, ctx, deadline, &mut obs)).await {
-        mark_overrun(&mut obs);
-    }
-    obs
+    observe(spec, CheckKind::MtaSts, start_us, deadline, async |obs| {
+        run(spec, ctx, deadline, obs).await
+    })
+    .await
 }
 
 async fn run(spec: &CheckSpec, ctx: &ProbeContext, deadline: Instant, obs: &mut Observation) {
