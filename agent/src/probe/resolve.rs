@@ -61,7 +61,7 @@ pub fn reverse_name(ip: IpAddr) -> String {
     } else {
         "ip6.arpa"
     };
-    super::policy::dnsbl::reverse_query_name(ip, zone)
+    super::dnsbl::parse::reverse_query_name(ip, zone)
 }
 
 /// Settings for the hickory-backed resolver.

@@ -1,12 +1,10 @@
-//! Mail policy and reputation records: pure parsers and evaluators for SPF, DMARC, DKIM keys,
-//! MTA-STS, TLS-RPT, DNS blocklist answers and the Postfix queue. No I/O here: DNS comes in
-//! through small traits or as already-fetched strings, so every rule is unit tested.
+//! Mail policy records: pure parsers and evaluators for SPF, DMARC, DKIM keys,
+//! MTA-STS and TLS-RPT. No I/O here: DNS comes in through small traits or as already-fetched
+//! strings, so every rule is unit tested.
 
 pub mod dkim;
 pub mod dmarc;
-pub mod dnsbl;
 pub mod mtasts;
-pub mod queue;
 pub mod spf;
 pub mod tlsrpt;
 

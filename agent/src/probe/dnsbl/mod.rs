@@ -1,11 +1,13 @@
 //! The `dnsbl` check: every MX address looked up in each configured blocklist zone (reverse-octet
 //! query): listed (with the list's TXT reason), not listed, or an error of the list itself.
 
+pub(crate) mod parse;
+
 use mxscope_proto::{facts, CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
+use self::parse::{classify_answer, reverse_query_name, DnsblAnswer};
 use super::endpoints::{bounded, expand};
-use super::policy::dnsbl::{classify_answer, reverse_query_name, DnsblAnswer};
 use super::records::txt_or_empty;
 use super::resolve::Resolve;
 use super::CheckSpec;

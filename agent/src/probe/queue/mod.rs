@@ -1,6 +1,8 @@
 //! The `queue` check, for an agent on the mail host: `postqueue -j` (optionally `-c DIR`) read and
 //! summarised: counts per queue, the oldest message's age and top deferral reasons by domain.
 
+pub(crate) mod parse;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -8,7 +10,7 @@ use mxscope_proto::{facts, CheckKind, Endpoint, ErrorClass, Observation, Outcome
 use tokio::io::AsyncReadExt as _;
 use tokio::time::Instant;
 
-use super::policy::queue::summarize;
+use self::parse::summarize;
 use super::CheckSpec;
 
 /// Most bytes of `postqueue -j` output read; a larger queue is summarised from this much.

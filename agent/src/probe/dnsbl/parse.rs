@@ -63,6 +63,7 @@ pub enum DnsblAnswer {
 }
 
 impl DnsblAnswer {
+    #[cfg(test)]
     pub fn is_listed(&self) -> bool {
         matches!(self, DnsblAnswer::Listed { .. })
     }
