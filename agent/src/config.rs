@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,31 +21,7 @@ use crate::probe::{CheckOptions, CheckSpec, TargetKind};
 /// Default spool bound.
 pub const DEFAULT_SPOOL_MAX: u64 = 256 * 1024 * 1024;
 
-/// A configuration problem; the message is meant for the operator as is.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    #[error("{file}: {source}")]
-    Read {
-        file: String,
-        #[source]
-        source: io::Error,
-    },
-    /// A problem at a place in the targets file: `targets.toml:7: target[1].checks: ...`.
-    #[error("{file}:{line}: {key}{sep}{message}", sep = if key.is_empty() { "" } else { ": " })]
-    Target {
-        file: String,
-        line: usize,
-        key: String,
-        message: String,
-    },
-    #[error("--{flag}: {message}")]
-    Flag { flag: &'static str, message: String },
-    #[error("{file}: {message}")]
-    CaFile { file: String, message: String },
-    #[error("{file}: {message}")]
-    Credentials { file: String, message: String },
-}
+pub use crate::error::ConfigError;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -395,6 +370,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 /// The system host name, or `mxscope-agent.invalid` when it cannot be read.
+#[allow(unsafe_code)] // gethostname(2): no std API
 pub fn system_host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for `buf.len()` bytes; gethostname writes at most that many.

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// A secret string; printing it in any way shows `***`.
 #[derive(Clone, PartialEq, Eq, Deserialize)]

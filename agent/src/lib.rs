@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod credentials;
+pub mod error;
 pub mod probe;
 pub mod schedule;
 pub mod spool;

@@ -74,6 +74,7 @@ async fn serve(config: AgentConfig, roots: rustls::RootCertStore) -> anyhow::Res
 
 /// glibc gives threads their own malloc arenas (up to 8 per core), each holding freed memory of its
 /// own; two are plenty for an agent and keep its RSS down. `MALLOC_ARENA_MAX` still wins if set.
+#[allow(unsafe_code)] // mallopt(3): no std API
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {

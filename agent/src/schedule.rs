@@ -36,6 +36,12 @@ pub struct LiveProber {
     pub ctx: ProbeContext,
 }
 
+impl std::fmt::Debug for LiveProber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveProber").finish_non_exhaustive()
+    }
+}
+
 #[async_trait::async_trait]
 impl Prober for LiveProber {
     async fn probe(&self, spec: &CheckSpec) -> Vec<Observation> {
@@ -176,6 +182,12 @@ pub struct Scheduler {
     pub concurrency: usize,
     /// How long in-flight probes may take after shutdown before they are abandoned.
     pub grace: Duration,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler").finish_non_exhaustive()
+    }
 }
 
 type JobKey = (String, CheckKind);

@@ -910,6 +910,12 @@ pub struct SpoolHandle {
     committed: watch::Receiver<u64>,
 }
 
+impl std::fmt::Debug for SpoolHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpoolHandle").finish_non_exhaustive()
+    }
+}
+
 impl SpoolHandle {
     /// Moves the spool onto its own thread; `agent_id` stamps every appended result.
     pub fn spawn(spool: Spool, agent_id: String) -> Result<SpoolHandle, SpoolError> {

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use rustls::RootCertStore;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// System (web PKI) roots plus the certificates in `ca_file`, if any.
 pub fn probe_roots(ca_file: Option<&Path>) -> Result<RootCertStore, ConfigError> {

@@ -128,6 +128,12 @@ pub struct Uplink {
     pub drain: Duration,
 }
 
+impl std::fmt::Debug for Uplink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uplink").finish_non_exhaustive()
+    }
+}
+
 impl Uplink {
     /// Streams the spool until `stop`; then keeps going until everything is acked or `drain` passes.
     pub async fn run(self, stop: CancellationToken) {

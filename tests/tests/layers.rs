@@ -253,6 +253,7 @@ fn agent_modules_respect_the_layer_order() {
     check_layers(
         "agent",
         &[
+            &["error"],
             &["credentials", "trust"],
             &["probe"],
             &["config"],
