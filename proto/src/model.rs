@@ -54,6 +54,17 @@ impl CheckKind {
         })
     }
 
+    /// The mail services a check talks to besides its own port: `delivery` submits on the
+    /// submission port and reads back over IMAPS, `dane` matches TLSA against the SMTP port's
+    /// certificate; port overrides for those services belong to such a check too.
+    pub fn services(self) -> &'static [CheckKind] {
+        match self {
+            CheckKind::Delivery => &[CheckKind::Submission, CheckKind::Imaps],
+            CheckKind::Dane => &[CheckKind::Smtp],
+            _ => &[],
+        }
+    }
+
     /// True when the check talks to each MX address separately (one result per address).
     pub fn per_address(self) -> bool {
         self.default_port().is_some() || self == CheckKind::Icmp

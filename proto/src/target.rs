@@ -195,7 +195,10 @@ pub fn validate_from(
         if kind.default_port().is_none() {
             return Err(TargetError::PortlessCheck(check.clone()));
         }
-        if !checks.contains(&kind) {
+        if !checks
+            .iter()
+            .any(|c| *c == kind || c.services().contains(&kind))
+        {
             return Err(TargetError::PortForAbsentCheck(check.clone()));
         }
         let p = u16::try_from(*port)
@@ -351,6 +354,14 @@ mod tests {
             TargetError::BadPort { .. }
         ));
         s.ports.clear();
+        let mut d = spec("example.test", &["delivery"]);
+        d.ports.insert("submission".into(), 2587);
+        d.ports.insert("imaps".into(), 2993);
+        assert_eq!(
+            validate(&d).unwrap().ports.len(),
+            2,
+            "delivery's services take overrides"
+        );
         s.checks.push("mx".into());
         s.ports.insert("mx".into(), 53);
         assert_eq!(
