@@ -635,7 +635,7 @@ mod tests {
         }
     }
 
-    /// Issue 5: 1,000 targets at 60 s spread over the interval (no second above twice the mean)
+    /// 1,000 targets at 60 s spread over the interval (no second above twice the mean)
     /// while 25 targets share each mail host and slow connections never exceed the per-host limit.
     #[tokio::test(start_paused = true)]
     async fn thousand_targets_spread_evenly_within_the_per_host_limit() {
