@@ -95,7 +95,7 @@ pub async fn run_with(
     let targets: Arc<[Target]> = std::mem::take(&mut config.targets).into();
     let grace = targets
         .iter()
-        .map(|t| t.timeout)
+        .map(|t| t.def.timeout)
         .max()
         .unwrap_or(mxscope_proto::target::DEFAULT_TIMEOUT)
         + Duration::from_secs(10);

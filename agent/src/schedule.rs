@@ -119,7 +119,7 @@ impl JobDef {
 impl std::fmt::Debug for JobDef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JobDef")
-            .field("target", &self.target().name)
+            .field("target", &self.target().def.name)
             .field("check", &self.check)
             .finish_non_exhaustive()
     }
@@ -134,13 +134,13 @@ pub fn desired_jobs(
     let mut jobs = BTreeMap::new();
     let mut add = |targets: &Arc<[Target]>| {
         for (index, target) in targets.iter().enumerate() {
-            for &check in &target.checks {
+            for &check in &target.def.checks {
                 let def = JobDef {
                     targets: targets.clone(),
                     index,
                     check,
                 };
-                jobs.insert((target.name.clone(), check), def);
+                jobs.insert((target.def.name.clone(), check), def);
             }
         }
     };
@@ -153,7 +153,7 @@ pub fn desired_jobs(
             match Target::from_central(spec) {
                 Ok((target, problems)) => {
                     for problem in problems {
-                        warn!(target = %target.name, problem = %problem, "central target check skipped");
+                        warn!(target = %target.def.name, problem = %problem, "central target check skipped");
                     }
                     targets.push(target);
                 }
@@ -298,9 +298,9 @@ impl Scheduler {
                 continue;
             }
             let target = job.def.target();
-            job.next = next_slot(at, target.interval, now);
+            job.next = next_slot(at, target.def.interval, now);
             jobs.due.push(Reverse((job.next, id)));
-            let key = (target.name.clone(), job.def.check);
+            let key = (target.def.name.clone(), job.def.check);
             if jobs.busy.contains_key(&key) {
                 continue;
             }
@@ -357,7 +357,7 @@ impl Scheduler {
             if jobs.by_key.contains_key(&key) {
                 continue;
             }
-            let interval = def.target().interval;
+            let interval = def.target().def.interval;
             let offset = stable_offset(&self.agent_id, &key.0, key.1, interval);
             let next = first_slot(epoch, offset, interval, Instant::now());
             let id = jobs.next_id;
@@ -544,13 +544,17 @@ mod tests {
 
     fn target(name: &str, checks: &[CheckKind], interval: Duration) -> Target {
         Target {
-            name: name.to_string(),
-            kind: TargetKind::Domain,
-            checks: checks.to_vec(),
-            interval,
-            timeout: Duration::from_secs(5),
-            require_tls: false,
-            ports: BTreeMap::new(),
+            def: mxscope_proto::target::Target {
+                name: name.to_string(),
+                kind: TargetKind::Domain,
+                checks: checks.to_vec(),
+                interval,
+                timeout: Duration::from_secs(5),
+                ports: BTreeMap::new(),
+                regions: Vec::new(),
+                labels: BTreeMap::new(),
+                require_tls: false,
+            },
             options: CheckOptions::default(),
         }
     }
@@ -792,7 +796,7 @@ mod tests {
         });
         *prober.epoch.lock().unwrap() = Some(Instant::now());
         let mut slow_target = target("slow.example", &[CheckKind::Smtp], interval);
-        slow_target.timeout = Duration::from_secs(60);
+        slow_target.def.timeout = Duration::from_secs(60);
         let local = vec![
             slow_target,
             target("fast.example", &[CheckKind::Smtp], interval),
@@ -994,7 +998,7 @@ mod tests {
         let central_jobs: Vec<&Job> = jobs
             .by_id
             .values()
-            .filter(|j| j.def.target().name != "local.example")
+            .filter(|j| j.def.target().def.name != "local.example")
             .collect();
         assert_eq!(central_jobs.len(), 3);
         assert!(

@@ -359,13 +359,17 @@ async fn agent_probes_while_collector_is_down_and_delivers_later() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let target = Target {
-        name: "a.example".into(),
-        kind: TargetKind::Domain,
-        checks: vec![CheckKind::Mx],
-        interval: Duration::from_secs(1),
-        timeout: Duration::from_secs(1),
-        require_tls: false,
-        ports: BTreeMap::new(),
+        def: mxscope_proto::target::Target {
+            name: "a.example".into(),
+            kind: TargetKind::Domain,
+            checks: vec![CheckKind::Mx],
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            ports: BTreeMap::new(),
+            regions: Vec::new(),
+            labels: BTreeMap::new(),
+            require_tls: false,
+        },
         options: CheckOptions::default(),
     };
     let config = AgentConfig {
