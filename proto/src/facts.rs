@@ -2,6 +2,12 @@
 //! typed name per fact, so writer and reader cannot drift apart. Values stay typed in
 //! [`crate::FactValue`]; a key family with an index or a name has a function that builds it.
 
+/// The address an endpoint observation was made against.
+pub mod address {
+    /// `ipv4` or `ipv6`.
+    pub const FAMILY: &str = "address.family";
+}
+
 /// The leaf certificate a TLS handshake presented.
 pub mod cert {
     pub const DAYS_LEFT: &str = "cert.days_left";
@@ -20,6 +26,16 @@ pub mod dane {
     pub const DNSSEC: &str = "dane.dnssec";
     pub const PRESENT: &str = "dane.present";
 
+    /// Field names for [`nth`] and [`address`].
+    pub mod field {
+        pub const HOST: &str = "host";
+        pub const PRESENT: &str = "present";
+        pub const TLSA: &str = "tlsa";
+        /// Per address, for [`address`](super::address).
+        pub const MATCH: &str = "match";
+        pub const MATCHED: &str = "matched";
+    }
+
     /// A fact of the `i`-th MX host's TLSA look-up: `dane.0.host`, `dane.0.tlsa`.
     pub fn nth(i: usize, field: &str) -> String {
         format!("dane.{i}.{field}")
@@ -33,6 +49,7 @@ pub mod dane {
 
 /// A delivery round trip: submit, then read back over IMAP.
 pub mod delivery {
+    pub const AUTH_MECHANISM: &str = "delivery.auth_mechanism";
     pub const CREDENTIALS: &str = "delivery.credentials";
     pub const IMAPS_PORT: &str = "delivery.imaps_port";
     pub const LAST_SMTP_REPLY: &str = "delivery.last_smtp_reply";
@@ -43,6 +60,16 @@ pub mod delivery {
 /// DKIM key records (RFC 6376).
 pub mod dkim {
     pub const SELECTORS: &str = "dkim.selectors";
+
+    /// Field names for [`selector`].
+    pub mod field {
+        pub const BITS: &str = "bits";
+        pub const ERROR: &str = "error";
+        pub const FINDINGS: &str = "findings";
+        pub const KEY_TYPE: &str = "key_type";
+        pub const OUTCOME: &str = "outcome";
+        pub const REVOKED: &str = "revoked";
+    }
 
     /// A fact of one selector's key: `dkim.s1.bits`.
     pub fn selector(sel: &str, field: &str) -> String {
@@ -71,9 +98,23 @@ pub mod dnsbl {
     pub const LISTED: &str = "dnsbl.listed";
     pub const ZONES: &str = "dnsbl.zones";
 
-    /// A fact of one (zone, address) look-up: `dnsbl.zen.example.192.0.2.1.codes`.
+    /// The verdict of one (zone, address) look-up, `listed`, `not_listed` or `error`:
+    /// `dnsbl.zen.example.192.0.2.1`.
+    pub fn entry(zone: &str, ip: &str) -> String {
+        format!("dnsbl.{zone}.{ip}")
+    }
+
+    /// A detail of one (zone, address) look-up: `dnsbl.zen.example.192.0.2.1.codes`.
     pub fn listing(zone: &str, ip: &str, field: &str) -> String {
         format!("dnsbl.{zone}.{ip}.{field}")
+    }
+
+    /// Field names for [`listing`].
+    pub mod field {
+        pub const ANSWER: &str = "answer";
+        pub const CODES: &str = "codes";
+        pub const ERROR: &str = "error";
+        pub const REASON: &str = "reason";
     }
 }
 
@@ -123,6 +164,7 @@ pub mod mta_sts {
     pub const MX_HOSTS: &str = "mta_sts.mx_hosts";
     pub const MX_UNCOVERED: &str = "mta_sts.mx_uncovered";
     pub const POLICY_BYTES: &str = "mta_sts.policy_bytes";
+    pub const POLICY_RESOLVE_US: &str = "mta_sts.policy_resolve_us";
 }
 
 /// The MX expansion of a mail domain.
@@ -165,6 +207,7 @@ pub mod pop3 {
     pub const SASL: &str = "pop3.sasl";
     pub const STLS: &str = "pop3.stls";
     pub const USER: &str = "pop3.user";
+    pub const TLS_CAPA_US: &str = "pop3.tls.capa_us";
     pub const TLS_CAPABILITIES: &str = "pop3.tls.capabilities";
     pub const TLS_SASL: &str = "pop3.tls.sasl";
     pub const TLS_USER: &str = "pop3.tls.user";
@@ -187,6 +230,13 @@ pub mod queue {
     /// The `i`-th deferral group: `queue.deferral.0.domain`, `queue.deferral.0.count`.
     pub fn deferral(i: usize, field: &str) -> String {
         format!("queue.deferral.{i}.{field}")
+    }
+
+    /// Field names for [`deferral`].
+    pub mod field {
+        pub const COUNT: &str = "count";
+        pub const DOMAIN: &str = "domain";
+        pub const REASON: &str = "reason";
     }
 }
 
@@ -214,6 +264,13 @@ pub mod smtp {
     pub fn step(step: &str, field: &str) -> String {
         format!("{step}.{field}")
     }
+
+    /// Field names for [`step`].
+    pub mod field {
+        pub const CODE: &str = "code";
+        pub const ENHANCED: &str = "enhanced";
+        pub const TEXT: &str = "text";
+    }
 }
 
 /// The SPF record and its evaluation (RFC 7208).
@@ -230,6 +287,11 @@ pub mod spf {
     pub const RECORDS: &str = "spf.records";
     pub const VALID: &str = "spf.valid";
     pub const VOID_LOOKUPS: &str = "spf.void_lookups";
+
+    /// Whether one MX address passes SPF: `spf.mx.192.0.2.1`.
+    pub fn mx_address(ip: &str) -> String {
+        format!("spf.mx.{ip}")
+    }
 }
 
 /// The negotiated TLS session.

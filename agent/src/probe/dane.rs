@@ -73,7 +73,10 @@ async fn run(spec: &CheckSpec, ctx: &ProbeContext, deadline: Instant, obs: &mut 
     let port = spec.service_port(CheckKind::Smtp);
     let mut present = false;
     for (i, (host, (name, answer))) in hosts.iter().zip(answers).enumerate() {
-        obs.fact(&facts::dane::nth(i, "host"), host.as_str());
+        obs.fact(
+            &facts::dane::nth(i, facts::dane::field::HOST),
+            host.as_str(),
+        );
         let records = match answer {
             Ok(a) => a.records,
             Err(e) if is_void(e.class) => Vec::new(),
@@ -87,13 +90,19 @@ async fn run(spec: &CheckSpec, ctx: &ProbeContext, deadline: Instant, obs: &mut 
                 continue;
             }
         };
-        obs.fact(&facts::dane::nth(i, "present"), !records.is_empty());
+        obs.fact(
+            &facts::dane::nth(i, facts::dane::field::PRESENT),
+            !records.is_empty(),
+        );
         if records.is_empty() {
             continue;
         }
         present = true;
         let shown: Vec<String> = records.iter().map(describe).collect();
-        obs.fact(&facts::dane::nth(i, "tlsa"), shown.join("; "));
+        obs.fact(
+            &facts::dane::nth(i, facts::dane::field::TLSA),
+            shown.join("; "),
+        );
         let usable: Vec<&TlsaRecord> = records.iter().filter(|r| usable(r)).collect();
         if usable.is_empty() {
             obs.problem(
@@ -129,7 +138,7 @@ async fn run(spec: &CheckSpec, ctx: &ProbeContext, deadline: Instant, obs: &mut 
             }
         };
         for ip in ips {
-            let key = format!("dane.{i}.{ip}");
+            let key = |field| facts::dane::address(i, &ip.to_string(), field);
             let sink = Mutex::new(Vec::new());
             let t = Target {
                 spec: &smtp_spec,
@@ -160,7 +169,7 @@ async fn run(spec: &CheckSpec, ctx: &ProbeContext, deadline: Instant, obs: &mut 
                 } else {
                     seen.message.clone()
                 };
-                obs.fact(&format!("{key}.match"), false);
+                obs.fact(&key(facts::dane::field::MATCH), false);
                 obs.problem(
                     Outcome::Fail,
                     seen.error_class.unwrap_or(ErrorClass::NoStarttls),
@@ -171,11 +180,11 @@ async fn run(spec: &CheckSpec, ctx: &ProbeContext, deadline: Instant, obs: &mut 
             }
             match find_match(&usable, &chain, host) {
                 Some(record) => {
-                    obs.fact(&format!("{key}.match"), true);
-                    obs.fact(&format!("{key}.matched"), describe(record));
+                    obs.fact(&key(facts::dane::field::MATCH), true);
+                    obs.fact(&key(facts::dane::field::MATCHED), describe(record));
                 }
                 None => {
-                    obs.fact(&format!("{key}.match"), false);
+                    obs.fact(&key(facts::dane::field::MATCH), false);
                     obs.problem(
                         Outcome::Fail,
                         ErrorClass::Policy,

@@ -307,7 +307,7 @@ async fn submit(
         return false;
     };
     obs.fact(
-        "delivery.auth_mechanism",
+        facts::delivery::AUTH_MECHANISM,
         match mechanism {
             Mechanism::Plain => "PLAIN",
             Mechanism::Login => "LOGIN",

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mxscope_proto::time::now_us;
-use mxscope_proto::{CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
+use mxscope_proto::{facts, CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
 pub use limits::HostLimits;
@@ -248,14 +248,14 @@ async fn per_address(
         let mut obs = Observation::new(&spec.target, endpoint, spec.check, start_us);
         obs.timing(Phase::Resolve, expansion.took);
         obs.fact(
-            "address.family",
+            facts::address::FAMILY,
             if a.ip.is_ipv4() { "ipv4" } else { "ipv6" },
         );
         if let Some(p) = a.preference {
-            obs.fact("mx.preference", p);
+            obs.fact(facts::mx::PREFERENCE, p);
         }
         if a.implicit_mx {
-            obs.fact("mx.implicit", true);
+            obs.fact(facts::mx::IMPLICIT, true);
         }
         let target = Target {
             spec,

@@ -157,7 +157,7 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
         };
         let started = Instant::now();
         let after = capa(&mut d, obs, None, t.phase_deadline(REPLY_TIMEOUT)).await;
-        obs.fact("pop3.tls.capa_us", super::fact_us(started.elapsed()));
+        obs.fact(facts::pop3::TLS_CAPA_US, super::fact_us(started.elapsed()));
         match after {
             Ok(caps) => {
                 let caps = caps.unwrap_or_default();

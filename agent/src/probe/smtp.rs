@@ -122,11 +122,17 @@ pub(crate) async fn probe(t: &Target<'_>, obs: &mut Observation) {
                 Ok(r) => r,
                 Err(e) => return e.record(obs, phase),
             };
-            obs.fact(&facts::smtp::step(key, "code"), r.code);
+            obs.fact(&facts::smtp::step(key, facts::smtp::field::CODE), r.code);
             if let Some(enhanced) = r.enhanced() {
-                obs.fact(&facts::smtp::step(key, "enhanced"), enhanced);
+                obs.fact(
+                    &facts::smtp::step(key, facts::smtp::field::ENHANCED),
+                    enhanced,
+                );
             }
-            obs.fact(&facts::smtp::step(key, "text"), truncate(&r.text(), 256));
+            obs.fact(
+                &facts::smtp::step(key, facts::smtp::field::TEXT),
+                truncate(&r.text(), 256),
+            );
             if !r.expect(250, obs, phase) {
                 return finish(d, t, obs, &r).await;
             }

@@ -159,8 +159,8 @@ fn evidence_of(r: &SeriesView) -> String {
     }
     // The last SMTP reply the dialogue got: RCPT TO, else MAIL FROM, else the banner.
     let code = [
-        facts::smtp::step(facts::smtp::RCPT, "code"),
-        facts::smtp::step(facts::smtp::MAIL, "code"),
+        facts::smtp::step(facts::smtp::RCPT, facts::smtp::field::CODE),
+        facts::smtp::step(facts::smtp::MAIL, facts::smtp::field::CODE),
         facts::smtp::BANNER_CODE.to_string(),
     ]
     .iter()
@@ -474,15 +474,19 @@ mod tests {
             "{}",
             evidence_of(&r)
         );
-        r.facts
-            .insert(facts::smtp::step(facts::smtp::MAIL, "code"), "250".into());
+        r.facts.insert(
+            facts::smtp::step(facts::smtp::MAIL, facts::smtp::field::CODE),
+            "250".into(),
+        );
         assert!(
             evidence_of(&r).ends_with("(reply 250)"),
             "{}",
             evidence_of(&r)
         );
-        r.facts
-            .insert(facts::smtp::step(facts::smtp::RCPT, "code"), "550".into());
+        r.facts.insert(
+            facts::smtp::step(facts::smtp::RCPT, facts::smtp::field::CODE),
+            "550".into(),
+        );
         assert!(
             evidence_of(&r).ends_with("(reply 550)"),
             "{}",

@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 
-use mxscope_proto::{outcome_from_wire, pb, Outcome};
+use mxscope_proto::{outcome_from_wire, pb, Outcome, Phase};
 
 use super::aggregate::Agg;
 use super::series::{Sample, SeriesId, SeriesRow};
@@ -70,7 +70,7 @@ pub fn status_rows_from_rollups(
                 endpoint: s.endpoint.clone(),
             };
             let a = rollups.get(&id).cloned().unwrap_or_default();
-            let total = a.phases.get("total");
+            let total = a.phases.get(Phase::Total.name());
             let ms = |q: f64| total.and_then(|t| t.quantile(q)).map(|us| us / 1000.0);
             row(s, a.count, a.ok, a.warn, ms(0.5), ms(0.95), p)
         })

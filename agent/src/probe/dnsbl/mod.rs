@@ -50,14 +50,15 @@ pub(crate) async fn check(
         for zone in zones {
             let zone = zone.trim_matches('.');
             let name = reverse_query_name(*ip, zone);
-            let key = format!("dnsbl.{zone}.{ip}");
+            let key = facts::dnsbl::entry(zone, &ip.to_string());
+            let detail = |field| facts::dnsbl::listing(zone, &ip.to_string(), field);
             let answer = match bounded(&name, deadline, resolver.ips(&name)).await {
                 Ok(a) => classify_answer(&a.records),
                 Err(e) if e.class == ErrorClass::DnsNxdomain => DnsblAnswer::NotListed,
                 Err(e) => {
                     errors += 1;
                     obs.fact(&key, "error");
-                    obs.fact(&format!("{key}.error"), e.class.name());
+                    obs.fact(&detail(facts::dnsbl::field::ERROR), e.class.name());
                     obs.problem(
                         Outcome::Warn,
                         e.class,
@@ -75,13 +76,13 @@ pub(crate) async fn check(
                     listed += 1;
                     let codes: Vec<String> = codes.iter().map(ToString::to_string).collect();
                     obs.fact(&key, "listed");
-                    obs.fact(&format!("{key}.codes"), codes.join(","));
+                    obs.fact(&detail(facts::dnsbl::field::CODES), codes.join(","));
                     let reason = match txt_or_empty(resolver, &name, deadline).await {
                         Ok(t) if !t.is_empty() => t.join(" "),
                         _ => String::new(),
                     };
                     if !reason.is_empty() {
-                        obs.fact(&format!("{key}.reason"), reason.as_str());
+                        obs.fact(&detail(facts::dnsbl::field::REASON), reason.as_str());
                     }
                     obs.problem(
                         Outcome::Fail,
@@ -97,7 +98,7 @@ pub(crate) async fn check(
                 DnsblAnswer::ListError { kind, answer } => {
                     errors += 1;
                     obs.fact(&key, "error");
-                    obs.fact(&format!("{key}.answer"), answer.to_string());
+                    obs.fact(&detail(facts::dnsbl::field::ANSWER), answer.to_string());
                     obs.problem(
                         Outcome::Warn,
                         ErrorClass::Policy,

@@ -120,12 +120,18 @@ pub(crate) async fn check(spec: &CheckSpec, start_us: i64, deadline: Instant) ->
     }
     obs.fact(facts::queue::DEFERRAL_DOMAINS, s.deferrals.len());
     for (i, g) in s.deferrals.iter().take(TOP_GROUPS).enumerate() {
-        obs.fact(&facts::queue::deferral(i, "domain"), g.domain.as_str())
-            .fact(&facts::queue::deferral(i, "count"), num(g.count))
-            .fact(
-                &facts::queue::deferral(i, "reason"),
-                super::dialogue::truncate(&g.sample_reason, 300),
-            );
+        obs.fact(
+            &facts::queue::deferral(i, facts::queue::field::DOMAIN),
+            g.domain.as_str(),
+        )
+        .fact(
+            &facts::queue::deferral(i, facts::queue::field::COUNT),
+            num(g.count),
+        )
+        .fact(
+            &facts::queue::deferral(i, facts::queue::field::REASON),
+            super::dialogue::truncate(&g.sample_reason, 300),
+        );
     }
     if s.counts.deferred > 0 {
         let top = s
