@@ -75,6 +75,27 @@ async fn spf_lookup_limit_and_dns_failure() {
 }
 
 #[tokio::test]
+async fn spf_dns_failure_inside_the_tree_is_reported_with_its_class() {
+    let r = mail()
+        .txt(
+            "example.test",
+            &["v=spf1 include:down.example.test mx -all"],
+        )
+        .fail("down.example.test", ErrorClass::DnsServfail);
+    let o = one(&context(r), &dns_spec("example.test", CheckKind::Spf)).await;
+    let issue =
+        "dns query for down.example.test failed: dns_servfail for down.example.test: fake failure";
+    assert_eq!(text(&o, "spf.issues"), issue);
+    assert!(
+        o.message.contains(&format!("SPF of example.test: {issue}")),
+        "{}",
+        o.message
+    );
+    // evaluation stops at the failing include: temperror for the MX address
+    assert_eq!(text(&o, "spf.mx.127.0.0.2"), "temperror");
+}
+
+#[tokio::test]
 async fn dmarc_grades_p_none_and_missing() {
     let r = mail().txt(
         "_dmarc.example.test",
