@@ -18,6 +18,7 @@ mod queue;
 mod records;
 pub mod resolve;
 mod smtp;
+pub mod spf;
 mod tcp;
 #[cfg(test)]
 mod testing;

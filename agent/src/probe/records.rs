@@ -7,8 +7,9 @@ use mxscope_proto::{facts, CheckKind, Endpoint, ErrorClass, Observation, Outcome
 use tokio::time::Instant;
 
 use super::endpoints::{bounded, expand};
-use super::policy::{dkim, dmarc, spf, tlsrpt};
+use super::policy::{dkim, dmarc, tlsrpt};
 use super::resolve::{Answer, DnsError, Resolve};
+use super::spf;
 use super::{CheckSpec, TargetKind};
 
 /// TXT strings at `name`; NXDOMAIN and no-data are an empty list, other failures an `Err`.

@@ -1,11 +1,10 @@
-//! Mail policy records: pure parsers and evaluators for SPF, DMARC, DKIM keys,
-//! MTA-STS and TLS-RPT. No I/O here: DNS comes in through small traits or as already-fetched
-//! strings, so every rule is unit tested.
+//! Mail policy records: pure parsers and evaluators for DMARC, DKIM keys, MTA-STS and TLS-RPT
+//! (SPF, which also walks DNS, has its own module, `probe::spf`). No I/O here: records come in as
+//! already-fetched strings, so every rule is unit tested.
 
 pub mod dkim;
 pub mod dmarc;
 pub mod mtasts;
-pub mod spf;
 pub mod tlsrpt;
 
 /// How a policy check grades what it found: the proto outcome (a worse outcome is greater).

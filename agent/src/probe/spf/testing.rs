@@ -1,0 +1,83 @@
+//! Test support for the SPF tests: a fake [`SpfDns`] built from literal tables, and small helpers.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+use super::SpfDns;
+
+/// A fake DNS built from literal tables; unknown names answer empty (NXDOMAIN).
+#[derive(Debug, Default)]
+pub(super) struct FakeDns {
+    txt: HashMap<String, Vec<String>>,
+    mx: HashMap<String, Vec<String>>,
+    addrs: HashMap<String, Vec<IpAddr>>,
+    failing: HashSet<String>,
+}
+
+impl FakeDns {
+    pub(super) fn spf(mut self, name: &str, record: &str) -> Self {
+        self.txt
+            .entry(name.to_string())
+            .or_default()
+            .push(record.to_string());
+        self
+    }
+
+    pub(super) fn mx(mut self, name: &str, hosts: &[&str]) -> Self {
+        self.mx.insert(
+            name.to_string(),
+            hosts.iter().map(|h| h.to_string()).collect(),
+        );
+        self
+    }
+
+    pub(super) fn addr(mut self, name: &str, ips: &[&str]) -> Self {
+        let ips = ips
+            .iter()
+            .map(|i| i.parse().expect("test address"))
+            .collect();
+        self.addrs.insert(name.to_string(), ips);
+        self
+    }
+
+    pub(super) fn fail(mut self, name: &str) -> Self {
+        self.failing.insert(name.to_string());
+        self
+    }
+
+    fn check(&self, name: &str) -> Result<(), String> {
+        if self.failing.contains(name) {
+            Err("servfail".to_string())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl SpfDns for FakeDns {
+    async fn txt(&self, name: &str) -> Result<Vec<String>, String> {
+        self.check(name)?;
+        Ok(self.txt.get(name).cloned().unwrap_or_default())
+    }
+
+    async fn mx_hosts(&self, name: &str) -> Result<Vec<String>, String> {
+        self.check(name)?;
+        Ok(self.mx.get(name).cloned().unwrap_or_default())
+    }
+
+    async fn addrs(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+        self.check(name)?;
+        Ok(self.addrs.get(name).cloned().unwrap_or_default())
+    }
+}
+
+/// A test address from its text.
+pub(super) fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+/// Owned strings from literals.
+pub(super) fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
