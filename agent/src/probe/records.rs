@@ -18,22 +18,19 @@ pub(crate) async fn txt_or_empty(
     name: &str,
     deadline: Instant,
 ) -> Result<Vec<String>, DnsError> {
-    match bounded(name, deadline, resolver.txt(name)).await {
-        Ok(a) => Ok(a.records),
-        Err(e) if is_void(&e) => Ok(Vec::new()),
-        Err(e) => Err(e),
-    }
+    void_or(bounded(name, deadline, resolver.txt(name)).await)
 }
 
 fn is_void(e: &DnsError) -> bool {
     matches!(e.class, ErrorClass::DnsNxdomain | ErrorClass::DnsNodata)
 }
 
-fn void_or<T>(r: Result<Answer<T>, DnsError>) -> Result<Vec<T>, String> {
+/// The records of an answer; a void answer (NXDOMAIN, no data) is an empty list.
+fn void_or<T>(r: Result<Answer<T>, DnsError>) -> Result<Vec<T>, DnsError> {
     match r {
         Ok(a) => Ok(a.records),
         Err(e) if is_void(&e) => Ok(Vec::new()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e),
     }
 }
 
@@ -45,16 +42,16 @@ struct SpfView<'a> {
 
 #[async_trait::async_trait]
 impl spf::SpfDns for SpfView<'_> {
-    async fn txt(&self, name: &str) -> Result<Vec<String>, String> {
-        void_or(bounded(name, self.deadline, self.resolver.txt(name)).await)
+    async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
+        txt_or_empty(self.resolver, name, self.deadline).await
     }
 
-    async fn mx_hosts(&self, name: &str) -> Result<Vec<String>, String> {
+    async fn mx_hosts(&self, name: &str) -> Result<Vec<String>, DnsError> {
         let r = bounded(name, self.deadline, self.resolver.mx(name)).await;
         void_or(r).map(|v| v.into_iter().map(|m| m.exchange).collect())
     }
 
-    async fn addrs(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+    async fn addrs(&self, name: &str) -> Result<Vec<IpAddr>, DnsError> {
         void_or(bounded(name, self.deadline, self.resolver.ips(name)).await)
     }
 }

@@ -5,6 +5,8 @@ use std::net::IpAddr;
 
 use thiserror::Error;
 
+use crate::probe::resolve::DnsError;
+
 use super::macros::{expand_macros, MacroContext};
 use super::record::{
     parse, select_spf, Directive, DualCidr, Mechanism, Qualifier, SpfParseError, SpfSelectError,
@@ -39,8 +41,8 @@ impl Qualifier {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum SpfEvalError {
-    #[error("dns query for {name} failed: {message}")]
-    Dns { name: String, message: String },
+    #[error("dns query for {name} failed: {error}")]
+    Dns { name: String, error: DnsError },
     #[error("{domain}: {error}")]
     Syntax {
         domain: String,
@@ -127,9 +129,9 @@ impl<D: SpfDns + ?Sized> Eval<'_, D> {
             .dns
             .addrs(name)
             .await
-            .map_err(|message| SpfEvalError::Dns {
+            .map_err(|error| SpfEvalError::Dns {
                 name: name.to_string(),
-                message,
+                error,
             })?;
         self.void(a.is_empty())?;
         Ok(a)
@@ -159,9 +161,9 @@ impl<D: SpfDns + ?Sized> Eval<'_, D> {
                 .dns
                 .txt(&domain)
                 .await
-                .map_err(|message| SpfEvalError::Dns {
+                .map_err(|error| SpfEvalError::Dns {
                     name: domain.clone(),
-                    message,
+                    error,
                 })?;
             let record = match select_spf(&txt) {
                 Ok(r) => r,
@@ -239,14 +241,14 @@ impl<D: SpfDns + ?Sized> Eval<'_, D> {
                     Some(t) => self.expand(t, domain, d)?,
                     None => domain.to_string(),
                 };
-                let hosts =
-                    self.dns
-                        .mx_hosts(&name)
-                        .await
-                        .map_err(|message| SpfEvalError::Dns {
-                            name: name.clone(),
-                            message,
-                        })?;
+                let hosts = self
+                    .dns
+                    .mx_hosts(&name)
+                    .await
+                    .map_err(|error| SpfEvalError::Dns {
+                        name: name.clone(),
+                        error,
+                    })?;
                 self.void(hosts.is_empty())?;
                 if hosts.len() > MX_NAME_LIMIT {
                     return Err(SpfEvalError::TooManyMx { domain: name });
@@ -338,6 +340,8 @@ fn in_prefix(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use mxscope_proto::ErrorClass;
+
     use super::*;
     use crate::probe::spf::testing::{ip, FakeDns};
 
@@ -449,6 +453,11 @@ mod tests {
             .await
             .expect_err("temperror");
         assert_eq!(e.result(), SpfResult::TempError);
+        assert!(
+            matches!(&e, SpfEvalError::Dns { name, error }
+                if name == "down.example" && error.class == ErrorClass::DnsServfail),
+            "{e:?}"
+        );
         let v = authorizes("ignored-redirect.example", ip("192.0.2.9"), &dns)
             .await
             .expect("evaluates");

@@ -3,6 +3,8 @@
 
 use thiserror::Error;
 
+use crate::probe::resolve::DnsError;
+
 use super::record::{parse, select_spf, Mechanism, SpfParseError, SpfRecord, SpfSelectError};
 use super::{
     BoxFuture, SpfDns, LOOKUP_LIMIT, MAX_DEPTH, MAX_QUERIES, MX_NAME_LIMIT, VOID_LOOKUP_LIMIT,
@@ -12,8 +14,8 @@ use super::{
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum LookupIssue {
-    #[error("dns query for {name} failed: {message}")]
-    Dns { name: String, message: String },
+    #[error("dns query for {name} failed: {error}")]
+    Dns { name: String, error: DnsError },
     #[error("{domain} has no spf record")]
     NoRecord { domain: String },
     #[error("{domain} has {count} spf records")]
@@ -78,10 +80,10 @@ impl<D: SpfDns + ?Sized> Walk<'_, D> {
         }
         let txt = match self.dns.txt(domain).await {
             Ok(txt) => txt,
-            Err(message) => {
+            Err(error) => {
                 self.report.errors.push(LookupIssue::Dns {
                     name: domain.to_string(),
-                    message,
+                    error,
                 });
                 return None;
             }
@@ -187,9 +189,9 @@ impl<D: SpfDns + ?Sized> Walk<'_, D> {
         match self.dns.addrs(name).await {
             Ok(a) if a.is_empty() => self.report.void_lookups += 1,
             Ok(_) => {}
-            Err(message) => self.report.errors.push(LookupIssue::Dns {
+            Err(error) => self.report.errors.push(LookupIssue::Dns {
                 name: name.to_string(),
-                message,
+                error,
             }),
         }
     }
@@ -202,9 +204,9 @@ impl<D: SpfDns + ?Sized> Walk<'_, D> {
                 count: h.len(),
             }),
             Ok(_) => {}
-            Err(message) => self.report.errors.push(LookupIssue::Dns {
+            Err(error) => self.report.errors.push(LookupIssue::Dns {
                 name: name.to_string(),
-                message,
+                error,
             }),
         }
     }
@@ -232,6 +234,8 @@ pub async fn count_lookups<D: SpfDns + ?Sized>(domain: &str, dns: &D) -> LookupR
 
 #[cfg(test)]
 mod tests {
+    use mxscope_proto::ErrorClass;
+
     use super::*;
     use crate::probe::spf::testing::{strings, FakeDns};
 
@@ -327,8 +331,11 @@ mod tests {
                 count: 2
             }
         );
-        assert!(
-            matches!(&report.errors[2], LookupIssue::Dns { name, .. } if name == "down.example.net")
+        assert!(matches!(&report.errors[2], LookupIssue::Dns { name, error }
+                if name == "down.example.net" && error.class == ErrorClass::DnsServfail));
+        assert_eq!(
+            report.errors[2].to_string(),
+            "dns query for down.example.net failed: dns_servfail for down.example.net: servfail"
         );
     }
 

@@ -13,6 +13,8 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 
+use super::resolve::DnsError;
+
 pub use eval::{authorizes, Authorization, SpfEvalError, SpfResult};
 pub use lookups::{count_lookups, LookupIssue, LookupReport};
 pub use record::{
@@ -32,15 +34,16 @@ pub const MAX_DEPTH: usize = 12;
 pub const MAX_QUERIES: usize = 100;
 
 /// The DNS view SPF needs. Implementations return `Ok(vec![])` for NXDOMAIN and "no records of
-/// that type" (void lookups) and `Err` only when the query itself failed (timeout, SERVFAIL).
+/// that type" (void lookups) and `Err` only when the query itself failed (timeout, SERVFAIL), with
+/// the resolver's classified [`DnsError`].
 #[async_trait::async_trait]
 pub trait SpfDns: Send + Sync {
     /// TXT records at `name`, each with its character strings already concatenated.
-    async fn txt(&self, name: &str) -> Result<Vec<String>, String>;
+    async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError>;
     /// Exchange host names of the MX records at `name`.
-    async fn mx_hosts(&self, name: &str) -> Result<Vec<String>, String>;
+    async fn mx_hosts(&self, name: &str) -> Result<Vec<String>, DnsError>;
     /// A and AAAA addresses of `name`.
-    async fn addrs(&self, name: &str) -> Result<Vec<IpAddr>, String>;
+    async fn addrs(&self, name: &str) -> Result<Vec<IpAddr>, DnsError>;
 }
 
 /// The future of a recursive step (`include` and `redirect` recurse, so it is boxed).

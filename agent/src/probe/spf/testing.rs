@@ -3,9 +3,13 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
-use super::SpfDns;
+use mxscope_proto::ErrorClass;
 
-/// A fake DNS built from literal tables; unknown names answer empty (NXDOMAIN).
+use super::SpfDns;
+use crate::probe::resolve::DnsError;
+
+/// A fake DNS built from literal tables; unknown names answer empty (NXDOMAIN), names marked with
+/// [`FakeDns::fail`] fail with `dns_servfail`.
 #[derive(Debug, Default)]
 pub(super) struct FakeDns {
     txt: HashMap<String, Vec<String>>,
@@ -45,9 +49,13 @@ impl FakeDns {
         self
     }
 
-    fn check(&self, name: &str) -> Result<(), String> {
+    fn check(&self, name: &str) -> Result<(), DnsError> {
         if self.failing.contains(name) {
-            Err("servfail".to_string())
+            Err(DnsError {
+                class: ErrorClass::DnsServfail,
+                name: name.to_string(),
+                detail: "servfail".to_string(),
+            })
         } else {
             Ok(())
         }
@@ -56,17 +64,17 @@ impl FakeDns {
 
 #[async_trait::async_trait]
 impl SpfDns for FakeDns {
-    async fn txt(&self, name: &str) -> Result<Vec<String>, String> {
+    async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
         self.check(name)?;
         Ok(self.txt.get(name).cloned().unwrap_or_default())
     }
 
-    async fn mx_hosts(&self, name: &str) -> Result<Vec<String>, String> {
+    async fn mx_hosts(&self, name: &str) -> Result<Vec<String>, DnsError> {
         self.check(name)?;
         Ok(self.mx.get(name).cloned().unwrap_or_default())
     }
 
-    async fn addrs(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+    async fn addrs(&self, name: &str) -> Result<Vec<IpAddr>, DnsError> {
         self.check(name)?;
         Ok(self.addrs.get(name).cloned().unwrap_or_default())
     }
