@@ -216,8 +216,13 @@ async fn fetch(
     };
     match tokio::time::timeout_at(deadline, get(io, &authority)).await {
         Ok(Ok(response)) => accept(obs, host, response),
-        Ok(Err(message)) => {
-            obs.problem(Outcome::Fail, ErrorClass::Protocol, Phase::Total, message);
+        Ok(Err(e)) => {
+            obs.problem(
+                Outcome::Fail,
+                ErrorClass::Protocol,
+                Phase::Total,
+                e.to_string(),
+            );
             None
         }
         Err(_) => {
@@ -233,32 +238,54 @@ async fn fetch(
 }
 
 /// What the policy host answered.
+#[derive(Debug)]
 struct Response {
     status: u16,
     location: Option<String>,
     content_type: Option<String>,
     /// `Err` when the body was longer than [`MAX_POLICY_BYTES`] or broke off.
-    body: Result<Bytes, String>,
+    body: Result<Bytes, BodyError>,
+}
+
+/// Why the GET of the policy got no response.
+#[derive(Debug, thiserror::Error)]
+enum HttpError {
+    #[error("http handshake: {0}")]
+    Handshake(#[source] hyper::Error),
+    /// The request could not be built (a bad `Host` value).
+    #[error("http request: {0}")]
+    Build(#[source] hyper::http::Error),
+    #[error("http request: {0}")]
+    Send(#[source] hyper::Error),
+}
+
+/// Why the policy body was not read in full.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("policy is larger than {} KiB", MAX_POLICY_BYTES / 1024)]
+    TooLarge,
+    #[error("policy body: {0}")]
+    Broken(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// One HTTP/1.1 GET of the policy path over `io` (hyper drives the connection).
-async fn get(io: Box<dyn super::dialogue::Io>, authority: &str) -> Result<Response, String> {
+async fn get(io: Box<dyn super::dialogue::Io>, authority: &str) -> Result<Response, HttpError> {
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
             .await
-            .map_err(|e| format!("http handshake: {e}"))?;
+            .map_err(HttpError::Handshake)?;
     let driver = tokio::spawn(conn);
     let request = hyper::Request::get(POLICY_PATH)
         .header(hyper::header::HOST, authority)
         .header(hyper::header::USER_AGENT, "mxscope-agent")
         .header(hyper::header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("http request: {e}"))?;
+        .map_err(HttpError::Build)?;
     let result = async {
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| format!("http request: {e}"))?;
+            .map_err(HttpError::Send)?;
         let header = |name: hyper::header::HeaderName| {
             response
                 .headers()
@@ -273,11 +300,8 @@ async fn get(io: Box<dyn super::dialogue::Io>, authority: &str) -> Result<Respon
             .await
         {
             Ok(collected) => Ok(collected.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(format!(
-                "policy is larger than {} KiB",
-                MAX_POLICY_BYTES / 1024
-            )),
-            Err(e) => Err(format!("policy body: {e}")),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
+            Err(e) => Err(BodyError::Broken(e)),
         };
         Ok(Response {
             status,
@@ -322,12 +346,12 @@ fn accept(obs: &mut Observation, host: &str, r: Response) -> Option<String> {
     }
     let body = match r.body {
         Ok(b) => b,
-        Err(message) => {
+        Err(e) => {
             obs.problem(
                 Outcome::Fail,
                 ErrorClass::Policy,
                 Phase::Total,
-                format!("https://{host}{POLICY_PATH}: {message}"),
+                format!("https://{host}{POLICY_PATH}: {e}"),
             );
             return None;
         }
@@ -359,4 +383,82 @@ fn accept(obs: &mut Observation, host: &str, r: Response) -> Option<String> {
         );
     }
     Some(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const HOST: &str = "mta-sts.example.test";
+
+    /// Answers one request on the far end of an in-memory pipe with `head` and then `body`.
+    fn policy_host(head: String, body: String) -> Box<dyn super::super::dialogue::Io> {
+        let (client, mut server) = tokio::io::duplex(16 * 1024);
+        tokio::spawn(async move {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match server.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            // the client stops reading once the body is over the limit: write errors are expected
+            let _ = server.write_all(head.as_bytes()).await;
+            let _ = server.write_all(body.as_bytes()).await;
+        });
+        Box::new(client)
+    }
+
+    #[tokio::test]
+    async fn an_oversized_policy_is_refused_with_the_limit_in_the_message() {
+        let body = "x".repeat(MAX_POLICY_BYTES + 1);
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let response = get(policy_host(head, body), HOST)
+            .await
+            .expect("a response");
+        assert_eq!(response.status, 200);
+        assert!(
+            matches!(response.body, Err(BodyError::TooLarge)),
+            "{:?}",
+            response.body
+        );
+        let mut obs = Observation::new(HOST, Endpoint::host(HOST), CheckKind::MtaSts, 0);
+        assert!(accept(&mut obs, HOST, response).is_none());
+        assert_eq!(obs.outcome, Outcome::Fail);
+        assert_eq!(obs.error_class, Some(ErrorClass::Policy));
+        assert_eq!(
+            obs.message,
+            "https://mta-sts.example.test/.well-known/mta-sts.txt: policy is larger than 64 KiB"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_host_that_hangs_up_is_an_http_request_error() {
+        let (client, server) = tokio::io::duplex(1024);
+        drop(server);
+        let e = get(Box::new(client), HOST).await.expect_err("no response");
+        assert!(matches!(e, HttpError::Send(_)), "{e:?}");
+        assert!(e.to_string().starts_with("http request: "), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_small_policy_is_read_whole() {
+        let body = "version: STSv1\r\nmode: enforce\r\nmx: mx.example.test\r\nmax_age: 86400\r\n";
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let response = get(policy_host(head, body.to_string()), HOST)
+            .await
+            .expect("a response");
+        let mut obs = Observation::new(HOST, Endpoint::host(HOST), CheckKind::MtaSts, 0);
+        assert_eq!(accept(&mut obs, HOST, response).as_deref(), Some(body));
+        assert_eq!(obs.outcome, Outcome::Ok, "{}", obs.message);
+    }
 }
