@@ -604,7 +604,56 @@ mod tests {
             .unwrap();
         let mut d = Dialogue::new(Box::new(client), Bounds::default());
         assert_eq!(d.read_reply(far).await.unwrap().code, 220);
-        assert!(matches!(d.into_io(), Err(DialogueError::Malformed(_))));
+        let e = d
+            .into_io()
+            .map(|_| ())
+            .expect_err("bytes before the handshake");
+        assert_eq!(e.class(), ErrorClass::Protocol);
+        assert_eq!(
+            e.to_string(),
+            "malformed reply: 14 bytes sent before the TLS handshake"
+        );
+    }
+
+    #[test]
+    fn reply_errors_say_what_is_wrong() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["hello"], "not a reply line: \"hello\""),
+            (&["999 x"], "reply code 999 out of range"),
+            (&["250x"], "bad separator after reply code: \"250x\""),
+            (&["250 a", "250 b"], "lines after the last line of a reply"),
+            (
+                &["250-a", "251 b"],
+                "reply code changed within a reply (250 then 251)",
+            ),
+            (&[], "empty reply"),
+            (&["250-a"], "reply without a last line"),
+        ];
+        assert!(!cases.is_empty());
+        for (lines, message) in cases {
+            let e = parse_reply(lines.iter().copied()).expect_err("malformed");
+            assert_eq!(e.to_string(), *message, "{lines:?}");
+        }
+        let long = format!("x{}", "y".repeat(100));
+        let e = parse_reply_line(&long).expect_err("not a reply");
+        assert_eq!(
+            e.to_string(),
+            format!("not a reply line: {:?}", &long[..64])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_malformed_reply_is_a_protocol_error() {
+        let far = Instant::now() + std::time::Duration::from_secs(5);
+        let (client, mut server) = tokio::io::duplex(1024);
+        server.write_all(b"hello there\r\n").await.unwrap();
+        let mut d = Dialogue::new(Box::new(client), Bounds::default());
+        let e = d.read_reply(far).await.expect_err("malformed");
+        assert_eq!(e.class(), ErrorClass::Protocol);
+        assert_eq!(
+            e.to_string(),
+            "malformed reply: not a reply line: \"hello there\""
+        );
     }
 
     fn reply_strategy() -> impl Strategy<Value = (u16, Vec<String>)> {
