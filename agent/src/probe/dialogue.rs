@@ -51,7 +51,10 @@ pub(crate) enum DialogueError {
     #[error("server sent more than {0} bytes")]
     TooManyBytes(usize),
     #[error("malformed reply: {0}")]
-    Malformed(String),
+    Malformed(#[from] ReplyError),
+    /// The server sent bytes after its go-ahead, before the TLS handshake.
+    #[error("malformed reply: {0} bytes sent before the TLS handshake")]
+    DataBeforeTls(usize),
 }
 
 impl DialogueError {
@@ -63,7 +66,8 @@ impl DialogueError {
             DialogueError::LineTooLong(_)
             | DialogueError::TooManyLines(_)
             | DialogueError::TooManyBytes(_)
-            | DialogueError::Malformed(_) => ErrorClass::Protocol,
+            | DialogueError::Malformed(_)
+            | DialogueError::DataBeforeTls(_) => ErrorClass::Protocol,
         }
     }
 
@@ -160,12 +164,11 @@ impl Dialogue {
     pub(crate) async fn read_reply(&mut self, deadline: Instant) -> Result<Reply, DialogueError> {
         let lines = self
             .read_lines(deadline, |line| {
-                parse_reply_line(line)
-                    .map(|(_, last, _)| last)
-                    .map_err(DialogueError::Malformed)
+                let (_, last, _) = parse_reply_line(line)?;
+                Ok(last)
             })
             .await?;
-        parse_reply(lines.iter().map(String::as_str)).map_err(DialogueError::Malformed)
+        Ok(parse_reply(lines.iter().map(String::as_str))?)
     }
 
     /// Sends one command line (CRLF appended).
@@ -234,10 +237,7 @@ impl Dialogue {
     /// the handshake would be a command-injection hole (CVE-2011-0411 style): a protocol error.
     pub(crate) fn into_io(self) -> Result<Box<dyn Io>, DialogueError> {
         if !self.buf.is_empty() {
-            return Err(DialogueError::Malformed(format!(
-                "{} bytes sent before the TLS handshake",
-                self.buf.len()
-            )));
+            return Err(DialogueError::DataBeforeTls(self.buf.len()));
         }
         Ok(self.io)
     }
@@ -344,52 +344,68 @@ impl Reply {
     }
 }
 
+/// Why lines are not one RFC 5321 reply; a line is quoted (at most 64 bytes of it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ReplyError {
+    #[error("not a reply line: {0:?}")]
+    NotReplyLine(String),
+    #[error("reply code {0} out of range")]
+    CodeOutOfRange(u16),
+    #[error("bad separator after reply code: {0:?}")]
+    BadSeparator(String),
+    #[error("lines after the last line of a reply")]
+    LinesAfterLast,
+    #[error("reply code changed within a reply ({first} then {then})")]
+    CodeChanged { first: u16, then: u16 },
+    #[error("empty reply")]
+    Empty,
+    #[error("reply without a last line")]
+    NoLastLine,
+}
+
 /// Splits one reply line into (code, is last line, text). A bare `250` is a last line.
-pub(crate) fn parse_reply_line(line: &str) -> Result<(u16, bool, &str), String> {
+pub(crate) fn parse_reply_line(line: &str) -> Result<(u16, bool, &str), ReplyError> {
     let bytes = line.as_bytes();
     if bytes.len() < 3 || !bytes[..3].iter().all(u8::is_ascii_digit) {
-        return Err(format!("not a reply line: {:?}", truncate(line, 64)));
+        return Err(ReplyError::NotReplyLine(truncate(line, 64).to_string()));
     }
     let code = u16::from(bytes[0] - b'0') * 100
         + u16::from(bytes[1] - b'0') * 10
         + u16::from(bytes[2] - b'0');
     if !(200..=599).contains(&code) {
-        return Err(format!("reply code {code} out of range"));
+        return Err(ReplyError::CodeOutOfRange(code));
     }
     match bytes.get(3) {
         None => Ok((code, true, "")),
         Some(b' ') => Ok((code, true, &line[4..])),
         Some(b'-') => Ok((code, false, &line[4..])),
-        Some(_) => Err(format!(
-            "bad separator after reply code: {:?}",
-            truncate(line, 64)
-        )),
+        Some(_) => Err(ReplyError::BadSeparator(truncate(line, 64).to_string())),
     }
 }
 
 /// Parses the lines of one reply; every line must carry the same code and only the last may be final.
-pub(crate) fn parse_reply<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<Reply, String> {
+pub(crate) fn parse_reply<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+) -> Result<Reply, ReplyError> {
     let mut code = None;
     let mut texts = Vec::new();
     let mut ended = false;
     for line in lines {
         if ended {
-            return Err("lines after the last line of a reply".to_string());
+            return Err(ReplyError::LinesAfterLast);
         }
         let (c, last, text) = parse_reply_line(line)?;
-        if *code.get_or_insert(c) != c {
-            return Err(format!(
-                "reply code changed within a reply ({} then {c})",
-                code.unwrap_or(c)
-            ));
+        let first = *code.get_or_insert(c);
+        if first != c {
+            return Err(ReplyError::CodeChanged { first, then: c });
         }
         texts.push(text.to_string());
         ended = last;
     }
     match (code, ended) {
         (Some(code), true) => Ok(Reply { code, lines: texts }),
-        (None, _) => Err("empty reply".to_string()),
-        (Some(_), false) => Err("reply without a last line".to_string()),
+        (None, _) => Err(ReplyError::Empty),
+        (Some(_), false) => Err(ReplyError::NoLastLine),
     }
 }
 
