@@ -158,7 +158,7 @@ async fn fetch(
     let started = Instant::now();
     let ips = bounded(host, deadline, ctx.resolver.ips(host)).await;
     obs.fact(
-        "mta_sts.policy_resolve_us",
+        facts::mta_sts::POLICY_RESOLVE_US,
         super::fact_us(started.elapsed()),
     );
     let ip = match ips.map(|a| a.records.first().copied()) {

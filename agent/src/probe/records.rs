@@ -204,7 +204,7 @@ pub(crate) async fn spf_check(
             Err(e) => format!("{:?}", e.result()),
         };
         obs.fact(
-            &format!("spf.mx.{}", a.ip),
+            &facts::spf::mx_address(&a.ip.to_string()),
             result.to_ascii_lowercase().as_str(),
         );
         if !verdict.as_ref().is_ok_and(spf::Authorization::is_pass) {
@@ -347,27 +347,39 @@ pub(crate) async fn dkim_check(
         let txt = match txt_or_empty(resolver, &name, deadline).await {
             Ok(t) => t,
             Err(e) => {
-                obs.fact(&facts::dkim::selector(sel, "error"), e.class.name());
+                obs.fact(
+                    &facts::dkim::selector(sel, facts::dkim::field::ERROR),
+                    e.class.name(),
+                );
                 dns_problem(&mut obs, &format!("DKIM selector {sel}"), &e);
                 continue;
             }
         };
         let v = dkim::evaluate(&txt);
         if let Some(bits) = v.bits {
-            obs.fact(&facts::dkim::selector(sel, "bits"), bits);
+            obs.fact(&facts::dkim::selector(sel, facts::dkim::field::BITS), bits);
         }
         if let Some(r) = &v.record {
             obs.fact(
-                &facts::dkim::selector(sel, "key_type"),
+                &facts::dkim::selector(sel, facts::dkim::field::KEY_TYPE),
                 format!("{:?}", r.key_type).to_ascii_lowercase(),
             );
-            obs.fact(&facts::dkim::selector(sel, "revoked"), r.revoked());
+            obs.fact(
+                &facts::dkim::selector(sel, facts::dkim::field::REVOKED),
+                r.revoked(),
+            );
             obs.fact(&facts::dkim::selector(sel, "testing"), r.testing());
         }
         let messages: Vec<String> = v.findings.iter().map(dkim_finding).collect();
-        obs.fact(&facts::dkim::selector(sel, "outcome"), v.outcome.name());
+        obs.fact(
+            &facts::dkim::selector(sel, facts::dkim::field::OUTCOME),
+            v.outcome.name(),
+        );
         if !messages.is_empty() {
-            obs.fact(&facts::dkim::selector(sel, "findings"), messages.join("; "));
+            obs.fact(
+                &facts::dkim::selector(sel, facts::dkim::field::FINDINGS),
+                messages.join("; "),
+            );
         }
         if v.outcome != Outcome::Ok {
             let worst: Vec<String> = v
