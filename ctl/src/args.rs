@@ -11,16 +11,16 @@ use tonic::transport::Uri;
 
 /// A list of checks given as one comma-separated argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckList(pub Vec<CheckKind>);
+pub(crate) struct CheckList(pub Vec<CheckKind>);
 
 impl CheckList {
-    pub fn names(&self) -> Vec<String> {
+    pub(crate) fn names(&self) -> Vec<String> {
         self.0.iter().map(|c| c.name().to_string()).collect()
     }
 }
 
 /// `--checks mx,smtp,imaps`: at least one check, each a known name, duplicates removed, order kept.
-pub fn checks(s: &str) -> Result<CheckList, String> {
+pub(crate) fn checks(s: &str) -> Result<CheckList, String> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim) {
@@ -41,7 +41,7 @@ pub fn checks(s: &str) -> Result<CheckList, String> {
 }
 
 /// `--check smtp`: one known check name.
-pub fn check(s: &str) -> Result<String, String> {
+pub(crate) fn check(s: &str) -> Result<String, String> {
     let kind: CheckKind = s
         .trim()
         .parse()
@@ -51,14 +51,14 @@ pub fn check(s: &str) -> Result<String, String> {
 
 /// Which regions probe a target.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Regions {
+pub(crate) enum Regions {
     All,
     Only(Vec<String>),
 }
 
 impl Regions {
     /// The wire form: an empty list means all regions.
-    pub fn into_wire(self) -> Vec<String> {
+    pub(crate) fn into_wire(self) -> Vec<String> {
         match self {
             Regions::All => Vec::new(),
             Regions::Only(list) => list,
@@ -67,7 +67,7 @@ impl Regions {
 }
 
 /// `--regions eu-west,us-east` or `--regions all`.
-pub fn regions(s: &str) -> Result<Regions, String> {
+pub(crate) fn regions(s: &str) -> Result<Regions, String> {
     let parts: Vec<&str> = s
         .split(',')
         .map(str::trim)
@@ -93,12 +93,12 @@ pub fn regions(s: &str) -> Result<Regions, String> {
 }
 
 /// A region name: a DNS-label style word (`eu-west`, `dc1`).
-pub fn region(s: &str) -> Result<String, String> {
+pub(crate) fn region(s: &str) -> Result<String, String> {
     label_name(s, "region")
 }
 
 /// An agent id: a DNS label, like the agent requires.
-pub fn agent_id(s: &str) -> Result<String, String> {
+pub(crate) fn agent_id(s: &str) -> Result<String, String> {
     label_name(s, "agent id")
 }
 
@@ -114,7 +114,7 @@ fn label_name(s: &str, what: &str) -> Result<String, String> {
 }
 
 /// `--label key=value`; the value may be empty (in `target update` that removes the label).
-pub fn label(s: &str) -> Result<(String, String), String> {
+pub(crate) fn label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("invalid label '{s}': expected key=value"))?;
@@ -129,7 +129,7 @@ pub fn label(s: &str) -> Result<(String, String), String> {
 
 /// `--port smtp=2525`: a check that talks to a port, and a port number. An empty port
 /// (`smtp=`) is `None`: in `target update` it removes the override.
-pub fn port(s: &str) -> Result<(CheckKind, Option<u16>), String> {
+pub(crate) fn port(s: &str) -> Result<(CheckKind, Option<u16>), String> {
     let (c, p) = s.split_once('=').ok_or_else(|| {
         format!("invalid port override '{s}': expected check=port, e.g. smtp=2525")
     })?;
@@ -159,7 +159,7 @@ pub fn port(s: &str) -> Result<(CheckKind, Option<u16>), String> {
 }
 
 /// A positive duration such as `30s`, `5m`, `1h30m`, `500ms`.
-pub fn duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s.trim())
         .map_err(|e| format!("invalid duration '{s}': {e} (examples: 500ms, 30s, 5m, 1h)"))?;
     if d.is_zero() {
@@ -170,7 +170,7 @@ pub fn duration(s: &str) -> Result<Duration, String> {
 
 /// A target name: a domain or host name (letters, digits, '-', '_', dots) or an IP address. Names
 /// are lowercased and a trailing dot is dropped, so `Example.COM.` and `example.com` are one target.
-pub fn target_name(s: &str) -> Result<String, String> {
+pub(crate) fn target_name(s: &str) -> Result<String, String> {
     TargetName::parse(s)
         .map(|name| name.canonical())
         .ok_or_else(|| {
@@ -182,18 +182,18 @@ pub fn target_name(s: &str) -> Result<String, String> {
 }
 
 /// `--kind domain|host`, listing the valid values in help and errors.
-pub fn target_kind() -> impl TypedValueParser<Value = TargetKind> {
+pub(crate) fn target_kind() -> impl TypedValueParser<Value = TargetKind> {
     PossibleValuesParser::new(TargetKind::ALL.iter().map(|k| k.name()))
         .try_map(|s| s.parse::<TargetKind>())
 }
 
 /// `--metric reachability|p50|p95|p99`, listing the valid values in help and errors.
-pub fn metric() -> impl TypedValueParser<Value = Metric> {
+pub(crate) fn metric() -> impl TypedValueParser<Value = Metric> {
     PossibleValuesParser::new(Metric::ALL.iter().map(|m| m.name())).try_map(|s| s.parse::<Metric>())
 }
 
 /// `--collector URL`: `http://host:port` or `https://host:port`.
-pub fn collector_url(s: &str) -> Result<String, String> {
+pub(crate) fn collector_url(s: &str) -> Result<String, String> {
     let uri: Uri = s
         .parse()
         .map_err(|e| format!("invalid collector URL '{s}': {e}"))?;

@@ -17,7 +17,7 @@ use crate::output::{Format, Report};
 /// mxscopectl: query an mxscope collector and manage its targets.
 #[derive(Debug, Parser)]
 #[command(name = "mxscopectl", version, about, max_term_width = 100)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// URL of the collector's gRPC Query API.
     #[arg(
         long,
@@ -54,7 +54,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// List the agents the collector knows, with their region, state and spool.
     Agents,
     /// Show raw probe results, newest first.
@@ -84,7 +84,7 @@ pub enum Command {
 }
 
 /// Runs the parsed command against the collector and writes its answer to `out`.
-pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+pub(crate) async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     let conn = Target {
         url: cli.collector.clone(),
         timeout: cli.timeout,
@@ -120,7 +120,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
 }
 
 /// Writes a report, saying on stderr when a table has no rows (JSON and CSV stay machine-clean).
-pub fn print(
+pub(crate) fn print(
     report: &Report,
     format: Format,
     out: &mut dyn Write,

@@ -13,7 +13,7 @@ use tonic::{Code, Status};
 
 /// Why a command failed, with the exit code it maps to. Anything else is exit 1.
 #[derive(Debug)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// No connection to the collector (refused, unresolvable, timed out while connecting): exit 2.
     Unreachable { url: String, reason: String },
     /// The collector answered with an error; its message is shown as is: exit 1.
@@ -25,7 +25,7 @@ pub enum Failure {
 }
 
 impl Failure {
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Failure::Unreachable { .. } | Failure::Usage(_) => 2,
             Failure::Server { .. } | Failure::Timeout { .. } => 1,
@@ -68,13 +68,13 @@ impl fmt::Display for Failure {
 impl StdError for Failure {}
 
 /// The exit code for any error a command returns: a [`Failure`]'s own, otherwise 1.
-pub fn exit_code(err: &anyhow::Error) -> u8 {
+pub(crate) fn exit_code(err: &anyhow::Error) -> u8 {
     err.downcast_ref::<Failure>().map_or(1, Failure::exit_code)
 }
 
 /// How to reach the collector.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub(crate) struct Target {
     pub url: String,
     pub timeout: Duration,
     /// Extra CA (PEM) trusted for an `https://` collector.
@@ -85,7 +85,7 @@ pub struct Target {
 }
 
 /// A connected Query client that remembers where it points and how long calls may take.
-pub struct Client {
+pub(crate) struct Client {
     inner: QueryClient<Channel>,
     url: String,
     timeout: Duration,
@@ -93,7 +93,7 @@ pub struct Client {
 
 impl Client {
     /// Connects now, so an unreachable collector is reported before any request.
-    pub async fn connect(target: &Target) -> Result<Client, Failure> {
+    pub(crate) async fn connect(target: &Target) -> Result<Client, Failure> {
         let unreachable = |reason: String| Failure::Unreachable {
             url: target.url.clone(),
             reason,
@@ -145,7 +145,7 @@ impl Client {
     }
 
     /// Runs one call on the client under the timeout and maps its failure.
-    pub async fn call<'a, T, F, Fut>(&'a mut self, f: F) -> Result<T, Failure>
+    pub(crate) async fn call<'a, T, F, Fut>(&'a mut self, f: F) -> Result<T, Failure>
     where
         F: FnOnce(&'a mut QueryClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>> + 'a,

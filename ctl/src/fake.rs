@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 /// What the fake answers; targets change with put/remove.
 #[derive(Default)]
-pub struct State {
+pub(crate) struct State {
     pub status: Vec<pb::StatusRow>,
     pub results: Vec<pb::StoredResult>,
     pub agents: Vec<pb::AgentInfo>,
@@ -25,7 +25,7 @@ pub struct State {
 }
 
 #[derive(Clone, Default)]
-pub struct FakeQuery {
+pub(crate) struct FakeQuery {
     pub state: Arc<Mutex<State>>,
 }
 
@@ -39,7 +39,7 @@ impl FakeQuery {
     }
 
     /// Serves on 127.0.0.1 on a free port until the test's runtime ends; returns the URL.
-    pub async fn serve(&self) -> String {
+    pub(crate) async fn serve(&self) -> String {
         let incoming =
             TcpIncoming::bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind loopback");
         let addr = incoming.local_addr().expect("local addr");

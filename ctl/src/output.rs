@@ -10,7 +10,7 @@ use serde_json::Value;
 
 /// How a command prints its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// Aligned columns for people.
     Table,
     /// One JSON array of objects (one object for `target show`).
@@ -21,14 +21,14 @@ pub enum Format {
 
 /// Where a column's cells sit in a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Align {
+pub(crate) enum Align {
     Left,
     Right,
 }
 
 /// One field of a report.
 #[derive(Debug, Clone)]
-pub struct Column {
+pub(crate) struct Column {
     /// JSON key and CSV header.
     pub key: &'static str,
     /// Table header; `None` leaves the column out of tables (JSON and CSV always have it).
@@ -39,7 +39,7 @@ pub struct Column {
 }
 
 impl Column {
-    pub const fn text(key: &'static str, header: &'static str) -> Self {
+    pub(crate) const fn text(key: &'static str, header: &'static str) -> Self {
         Column {
             key,
             header: Some(header),
@@ -47,7 +47,7 @@ impl Column {
             max_width: None,
         }
     }
-    pub const fn number(key: &'static str, header: &'static str) -> Self {
+    pub(crate) const fn number(key: &'static str, header: &'static str) -> Self {
         Column {
             key,
             header: Some(header),
@@ -55,7 +55,7 @@ impl Column {
             max_width: None,
         }
     }
-    pub const fn hidden(key: &'static str) -> Self {
+    pub(crate) const fn hidden(key: &'static str) -> Self {
         Column {
             key,
             header: None,
@@ -63,7 +63,7 @@ impl Column {
             max_width: None,
         }
     }
-    pub const fn cut(mut self, width: usize) -> Self {
+    pub(crate) const fn cut(mut self, width: usize) -> Self {
         self.max_width = Some(width);
         self
     }
@@ -71,34 +71,34 @@ impl Column {
 
 /// One value: the JSON/CSV value and, when people should see something else, the table text.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Cell {
+pub(crate) struct Cell {
     pub value: Value,
     pub text: Option<String>,
 }
 
 impl Cell {
-    pub fn new(value: impl Into<Value>) -> Self {
+    pub(crate) fn new(value: impl Into<Value>) -> Self {
         Cell {
             value: value.into(),
             text: None,
         }
     }
-    pub fn null() -> Self {
+    pub(crate) fn null() -> Self {
         Cell {
             value: Value::Null,
             text: None,
         }
     }
     /// `None` becomes JSON null (and `-` in tables, an empty CSV field).
-    pub fn opt<T: Into<Value>>(v: Option<T>) -> Self {
+    pub(crate) fn opt<T: Into<Value>>(v: Option<T>) -> Self {
         v.map_or_else(Cell::null, Cell::new)
     }
     /// A float; NaN and infinities become null, as JSON has no such numbers.
-    pub fn float(v: f64) -> Self {
+    pub(crate) fn float(v: f64) -> Self {
         Cell::new(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
     }
     /// Sets the text tables show instead of the value.
-    pub fn shown_as(mut self, text: impl Into<String>) -> Self {
+    pub(crate) fn shown_as(mut self, text: impl Into<String>) -> Self {
         self.text = Some(text.into());
         self
     }
@@ -106,13 +106,13 @@ impl Cell {
 
 /// Rows of one command's answer, in the order the collector sent them.
 #[derive(Debug, Clone)]
-pub struct Report {
+pub(crate) struct Report {
     columns: Vec<Column>,
     rows: Vec<Vec<Cell>>,
 }
 
 impl Report {
-    pub fn new(columns: Vec<Column>) -> Self {
+    pub(crate) fn new(columns: Vec<Column>) -> Self {
         Report {
             columns,
             rows: Vec::new(),
@@ -120,7 +120,7 @@ impl Report {
     }
 
     /// Adds a row; its cells are in column order.
-    pub fn push(&mut self, row: Vec<Cell>) {
+    pub(crate) fn push(&mut self, row: Vec<Cell>) {
         assert_eq!(
             row.len(),
             self.columns.len(),
@@ -129,12 +129,12 @@ impl Report {
         self.rows.push(row);
     }
 
-    pub fn rows(&self) -> usize {
+    pub(crate) fn rows(&self) -> usize {
         self.rows.len()
     }
 
     /// Writes the whole report: a table, one JSON array, or CSV with a header line.
-    pub fn render(&self, format: Format, out: &mut dyn Write) -> io::Result<()> {
+    pub(crate) fn render(&self, format: Format, out: &mut dyn Write) -> io::Result<()> {
         match format {
             Format::Table => self.table(out),
             Format::Json => {
@@ -146,7 +146,7 @@ impl Report {
     }
 
     /// Writes a report of one record: `field  value` lines as a table, a single JSON object, or CSV.
-    pub fn render_one(&self, format: Format, out: &mut dyn Write) -> io::Result<()> {
+    pub(crate) fn render_one(&self, format: Format, out: &mut dyn Write) -> io::Result<()> {
         let Some(row) = self.rows.first() else {
             return self.render(format, out);
         };
@@ -367,13 +367,13 @@ impl Serialize for JsonRow<'_> {
 
 /// Microseconds since the epoch as an RFC 3339 UTC string with millisecond precision; `None`
 /// for zero, negative or out-of-range values (the collector sends 0 for "never").
-pub fn timestamp_millis(us: i64) -> Option<String> {
+pub(crate) fn timestamp_millis(us: i64) -> Option<String> {
     let t = time_of(us)?;
     Some(humantime::format_rfc3339_millis(t).to_string())
 }
 
 /// Microseconds since the epoch as an RFC 3339 UTC string with second precision (see above).
-pub fn timestamp_seconds(us: i64) -> Option<String> {
+pub(crate) fn timestamp_seconds(us: i64) -> Option<String> {
     let t = time_of(us)?;
     Some(humantime::format_rfc3339_seconds(t).to_string())
 }
@@ -390,7 +390,7 @@ fn time_of(us: i64) -> Option<SystemTime> {
 }
 
 /// How long ago `us` was, relative to `now_us`, for tables: `42s ago`, `3m ago`, `2h ago`, `5d ago`.
-pub fn age(us: i64, now_us: i64) -> String {
+pub(crate) fn age(us: i64, now_us: i64) -> String {
     if us <= 0 {
         return "never".to_string();
     }
@@ -407,7 +407,7 @@ pub fn age(us: i64, now_us: i64) -> String {
 }
 
 /// A duration the way people type it: `60s`, `5m`, `1h30m`, `250ms`.
-pub fn duration_text(ms: u64) -> String {
+pub(crate) fn duration_text(ms: u64) -> String {
     if ms == 0 {
         return "-".to_string();
     }

@@ -10,7 +10,11 @@ use crate::cli::print;
 use crate::client::Client;
 use crate::output::{self, Cell, Column, Format, Report};
 
-pub async fn run(client: &mut Client, format: Format, out: &mut dyn Write) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    client: &mut Client,
+    format: Format,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     let resp = client.call(|c| c.agents(pb::AgentsRequest {})).await?;
     print(
         &report(&resp.agents, mxscope_proto::time::now_us()),
@@ -22,7 +26,7 @@ pub async fn run(client: &mut Client, format: Format, out: &mut dyn Write) -> an
 
 /// The documented JSON fields of `agents`, in order (the README lists the same).
 #[cfg(test)]
-pub const FIELDS: &[&str] = &[
+pub(crate) const FIELDS: &[&str] = &[
     "id",
     "region",
     "state",
@@ -53,7 +57,7 @@ fn columns() -> Vec<Column> {
 }
 
 /// Builds the report; `now_us` only feeds the "seen 5s ago" text of tables.
-pub fn report(agents: &[pb::AgentInfo], now_us: i64) -> Report {
+pub(crate) fn report(agents: &[pb::AgentInfo], now_us: i64) -> Report {
     let mut r = Report::new(columns());
     for a in agents {
         let labels: Map<String, Value> = a

@@ -12,13 +12,13 @@ use crate::client::Client;
 use crate::output::{Cell, Column, Format, Report};
 
 #[derive(Debug, Args)]
-pub struct DiagnoseArgs {
+pub(crate) struct DiagnoseArgs {
     /// The target (domain or host).
     #[arg(value_parser = args::target_name)]
     pub target: String,
 }
 
-pub async fn run(
+pub(crate) async fn run(
     client: &mut Client,
     a: DiagnoseArgs,
     format: Format,
@@ -48,7 +48,7 @@ fn place(f: &pb::Finding) -> String {
 }
 
 /// Human text: a headline naming the first failing layer and where, its evidence, then the rest.
-pub fn text(d: &pb::DiagnoseResponse) -> String {
+pub(crate) fn text(d: &pb::DiagnoseResponse) -> String {
     let mut s = String::new();
     let Some(first) = d.findings.first() else {
         return format!("{}: no findings\n", d.target);
@@ -98,7 +98,7 @@ fn finding_json(f: &pb::Finding) -> serde_json::Value {
 }
 
 /// The JSON object: the first finding lifted to the top, and every finding.
-pub fn summary(d: &pb::DiagnoseResponse) -> Report {
+pub(crate) fn summary(d: &pb::DiagnoseResponse) -> Report {
     let mut r = Report::new(vec![
         Column::text("target", "TARGET"),
         Column::text("layer", "LAYER"),
@@ -123,7 +123,7 @@ pub fn summary(d: &pb::DiagnoseResponse) -> Report {
 }
 
 /// One row per finding (CSV).
-pub fn findings(fs: &[pb::Finding]) -> Report {
+pub(crate) fn findings(fs: &[pb::Finding]) -> Report {
     let mut r = Report::new(vec![
         Column::text("severity", "SEVERITY"),
         Column::text("layer", "LAYER"),

@@ -15,12 +15,12 @@ use crate::output::{Cell, Column, Format, Report};
 
 /// How rows are grouped (one row per region and phase).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum By {
+pub(crate) enum By {
     Region,
 }
 
 #[derive(Debug, Args)]
-pub struct LatencyArgs {
+pub(crate) struct LatencyArgs {
     /// The target (domain or host).
     #[arg(value_parser = args::target_name)]
     pub target: String,
@@ -49,7 +49,7 @@ impl LatencyArgs {
     }
 }
 
-pub async fn run(
+pub(crate) async fn run(
     client: &mut Client,
     a: LatencyArgs,
     format: Format,
@@ -67,11 +67,11 @@ pub async fn run(
 
 /// The JSON fields of `latency`, in order.
 #[cfg(test)]
-pub const FIELDS: &[&str] = &[
+pub(crate) const FIELDS: &[&str] = &[
     "check", "phase", "region", "p50_ms", "p95_ms", "p99_ms", "count",
 ];
 
-pub fn report(rows: &[pb::LatencyRow]) -> Report {
+pub(crate) fn report(rows: &[pb::LatencyRow]) -> Report {
     let mut r = Report::new(vec![
         Column::text("check", "CHECK"),
         Column::text("phase", "PHASE"),

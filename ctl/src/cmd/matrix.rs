@@ -14,7 +14,7 @@ use crate::client::Client;
 use crate::output::{Cell, Column, Format, Report};
 
 #[derive(Debug, Args)]
-pub struct MatrixArgs {
+pub(crate) struct MatrixArgs {
     /// Only this check (mx, smtp, imaps, ...).
     #[arg(long, value_parser = args::check)]
     pub check: Option<String>,
@@ -38,7 +38,7 @@ impl MatrixArgs {
     }
 }
 
-pub async fn run(
+pub(crate) async fn run(
     client: &mut Client,
     a: MatrixArgs,
     format: Format,
@@ -56,7 +56,7 @@ pub async fn run(
 
 /// Fixed fields of a row; then one field per region holding the metric (null without data).
 #[cfg(test)]
-pub const FIELDS: &[&str] = &[
+pub(crate) const FIELDS: &[&str] = &[
     "target",
     "check",
     "scope",
@@ -72,7 +72,7 @@ fn key_of(region: &str) -> &'static str {
 }
 
 /// Builds the report: rows in the collector's order, region columns in its `regions` order.
-pub fn report(m: &pb::MatrixResponse) -> Report {
+pub(crate) fn report(m: &pb::MatrixResponse) -> Report {
     let mut columns = vec![
         Column::text("target", "TARGET"),
         Column::text("check", "CHECK"),

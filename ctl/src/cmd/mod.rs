@@ -2,12 +2,12 @@
 //! connected [`Client`](crate::client::Client)); those in [`offline`] work on local files only and
 //! never connect.
 
-pub mod agents;
-pub mod diagnose;
-pub mod latency;
-pub mod matrix;
-pub mod offline;
-pub mod results;
-pub mod status;
-pub mod target;
-pub mod watch;
+pub(crate) mod agents;
+pub(crate) mod diagnose;
+pub(crate) mod latency;
+pub(crate) mod matrix;
+pub(crate) mod offline;
+pub(crate) mod results;
+pub(crate) mod status;
+pub(crate) mod target;
+pub(crate) mod watch;

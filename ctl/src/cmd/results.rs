@@ -14,7 +14,7 @@ use crate::client::Client;
 use crate::output::{self, Cell, Column, Format, Report};
 
 #[derive(Debug, Args)]
-pub struct ResultsArgs {
+pub(crate) struct ResultsArgs {
     /// Only this target.
     #[arg(long, value_parser = args::target_name)]
     pub target: Option<String>,
@@ -52,7 +52,7 @@ impl ResultsArgs {
     }
 }
 
-pub async fn run(
+pub(crate) async fn run(
     client: &mut Client,
     a: ResultsArgs,
     format: Format,
@@ -65,7 +65,7 @@ pub async fn run(
 
 /// The documented JSON fields of `results`, in order (the README lists the same).
 #[cfg(test)]
-pub const FIELDS: &[&str] = &[
+pub(crate) const FIELDS: &[&str] = &[
     "agent_id",
     "seq",
     "region",
@@ -101,7 +101,7 @@ fn columns() -> Vec<Column> {
     ]
 }
 
-pub fn report(results: &[pb::StoredResult]) -> Report {
+pub(crate) fn report(results: &[pb::StoredResult]) -> Report {
     let mut r = Report::new(columns());
     for stored in results {
         let Some(res) = &stored.result else { continue };

@@ -13,7 +13,7 @@ use crate::client::Client;
 use crate::output::{self, Cell, Column, Format, Report};
 
 #[derive(Debug, Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// Only this target.
     #[arg(long, value_parser = args::target_name)]
     pub target: Option<String>,
@@ -39,7 +39,7 @@ impl StatusArgs {
     }
 }
 
-pub async fn run(
+pub(crate) async fn run(
     client: &mut Client,
     a: StatusArgs,
     format: Format,
@@ -58,7 +58,7 @@ pub async fn run(
 
 /// The documented JSON fields of `status`, in order (the README lists the same).
 #[cfg(test)]
-pub const FIELDS: &[&str] = &[
+pub(crate) const FIELDS: &[&str] = &[
     "target",
     "endpoint",
     "check",
@@ -95,7 +95,7 @@ fn columns() -> Vec<Column> {
 }
 
 /// Builds the report; `now_us` only feeds the "seen 5s ago" text of tables.
-pub fn report(rows: &[pb::StatusRow], now_us: i64) -> Report {
+pub(crate) fn report(rows: &[pb::StatusRow], now_us: i64) -> Report {
     let mut r = Report::new(columns());
     for row in rows {
         let reach = row.reachability.clamp(0.0, 1.0);

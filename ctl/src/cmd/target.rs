@@ -18,7 +18,7 @@ use crate::client::{Client, Failure};
 use crate::output::{self, Cell, Column, Format, Report};
 
 #[derive(Debug, Subcommand)]
-pub enum TargetCommand {
+pub(crate) enum TargetCommand {
     /// Add a target: every agent in the chosen regions starts probing it.
     Add(AddArgs),
     /// List all targets, central and agent-local.
@@ -40,7 +40,7 @@ pub enum TargetCommand {
 }
 
 #[derive(Debug, Args)]
-pub struct AddArgs {
+pub(crate) struct AddArgs {
     /// Domain, host name or IP address.
     #[arg(value_parser = args::target_name)]
     pub name: String,
@@ -52,7 +52,7 @@ pub struct AddArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct UpdateArgs {
+pub(crate) struct UpdateArgs {
     /// The target to change.
     #[arg(value_parser = args::target_name)]
     pub name: String,
@@ -65,7 +65,7 @@ pub struct UpdateArgs {
 
 /// Flags shared by `add` and `update`; in `update` every one is optional and merges.
 #[derive(Debug, Args)]
-pub struct SpecArgs {
+pub(crate) struct SpecArgs {
     /// Probe interval [add default: 60s].
     #[arg(long, visible_alias = "interval", value_parser = args::duration)]
     pub every: Option<Duration>,
@@ -101,7 +101,7 @@ fn moved_timeout(_: &str) -> Result<Duration, String> {
 
 impl TargetCommand {
     /// Checks what clap cannot: combinations of flags. Runs before connecting.
-    pub fn check(&self) -> Result<(), Failure> {
+    pub(crate) fn check(&self) -> Result<(), Failure> {
         match self {
             TargetCommand::Add(a) => {
                 if let Some((k, _)) = a.spec.labels.iter().find(|(_, v)| v.is_empty()) {
@@ -233,7 +233,7 @@ fn merged(mut spec: pb::TargetSpec, u: &UpdateArgs) -> pb::TargetSpec {
     spec
 }
 
-pub async fn run(
+pub(crate) async fn run(
     client: &mut Client,
     cmd: TargetCommand,
     format: Format,
@@ -293,7 +293,7 @@ pub async fn run(
 
 /// The documented JSON fields of a target, in order (the README lists the same).
 #[cfg(test)]
-pub const FIELDS: &[&str] = &[
+pub(crate) const FIELDS: &[&str] = &[
     "name",
     "source",
     "kind",
@@ -321,7 +321,7 @@ fn columns() -> Vec<Column> {
     ]
 }
 
-pub fn report(specs: &[pb::TargetSpec]) -> Report {
+pub(crate) fn report(specs: &[pb::TargetSpec]) -> Report {
     let mut r = Report::new(columns());
     for s in specs {
         let labels: Map<String, Value> = sorted(&s.labels)

@@ -14,13 +14,13 @@ use crate::client::{Client, Failure};
 use crate::output::{self, Format};
 
 #[derive(Debug, Args)]
-pub struct WatchArgs {
+pub(crate) struct WatchArgs {
     /// Only this target (default: all).
     #[arg(value_parser = args::target_name)]
     pub target: Option<String>,
 }
 
-pub async fn run(
+pub(crate) async fn run(
     client: &mut Client,
     a: WatchArgs,
     format: Format,
@@ -39,7 +39,7 @@ pub async fn run(
 }
 
 /// Writes events until `stop` completes (Ok) or the collector ends the stream.
-pub async fn follow(
+pub(crate) async fn follow(
     mut stream: Streaming<pb::WatchEvent>,
     format: Format,
     out: &mut dyn Write,
@@ -78,7 +78,7 @@ pub async fn follow(
 }
 
 /// One event as a line of the format.
-pub fn line(e: &pb::WatchEvent, format: Format) -> String {
+pub(crate) fn line(e: &pb::WatchEvent, format: Format) -> String {
     let time = output::timestamp_seconds(e.at_us).unwrap_or_else(|| "-".to_string());
     match format {
         Format::Table => {

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 /// `<reversed address>.<zone>`: octets for IPv4, nibbles for IPv6 (RFC 5782 §2.1, §2.4).
 /// IPv4-mapped IPv6 addresses are queried as IPv4.
-pub fn reverse_query_name(ip: IpAddr, zone: &str) -> String {
+pub(crate) fn reverse_query_name(ip: IpAddr, zone: &str) -> String {
     let zone = zone.trim_matches('.');
     let reversed = match ip {
         IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
@@ -32,7 +32,7 @@ pub fn reverse_query_name(ip: IpAddr, zone: &str) -> String {
 
 /// Why the list's answer cannot be trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ListErrorKind {
+pub(crate) enum ListErrorKind {
     /// 127.255.255.252: typing error in the list name or unsupported query (Spamhaus).
     BadQuery,
     /// 127.255.255.254: query through a public/open resolver, which the list refuses.
@@ -49,7 +49,7 @@ pub enum ListErrorKind {
 
 /// What a blocklist answered for one address.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DnsblAnswer {
+pub(crate) enum DnsblAnswer {
     /// Return codes in 127.0.0.0/8, sorted (e.g. 127.0.0.2 = SBL, 127.0.0.4 = XBL at Spamhaus).
     Listed {
         codes: Vec<Ipv4Addr>,
@@ -64,7 +64,7 @@ pub enum DnsblAnswer {
 
 impl DnsblAnswer {
     #[cfg(test)]
-    pub fn is_listed(&self) -> bool {
+    pub(crate) fn is_listed(&self) -> bool {
         matches!(self, DnsblAnswer::Listed { .. })
     }
 }
@@ -87,7 +87,7 @@ fn error_kind(ip: IpAddr) -> Option<ListErrorKind> {
 
 /// Classifies the A records answered for a query name; no records (NXDOMAIN) is not listed.
 /// Any error code wins over listing codes, since the list's answers are then unreliable.
-pub fn classify_answer(addrs: &[IpAddr]) -> DnsblAnswer {
+pub(crate) fn classify_answer(addrs: &[IpAddr]) -> DnsblAnswer {
     if let Some((kind, answer)) = addrs.iter().find_map(|a| error_kind(*a).map(|k| (k, *a))) {
         return DnsblAnswer::ListError { kind, answer };
     }

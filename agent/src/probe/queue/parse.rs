@@ -9,7 +9,7 @@ use thiserror::Error;
 
 /// Messages per Postfix queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct QueueCounts {
+pub(crate) struct QueueCounts {
     pub active: u64,
     pub deferred: u64,
     pub hold: u64,
@@ -21,7 +21,7 @@ pub struct QueueCounts {
 
 /// Deferred recipients of one destination domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeferralGroup {
+pub(crate) struct DeferralGroup {
     /// Recipient domain, lowercased.
     pub domain: String,
     /// Recipients waiting for this domain.
@@ -32,7 +32,7 @@ pub struct DeferralGroup {
 
 /// What kind of problem a line has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LineProblem {
+pub(crate) enum LineProblem {
     /// Not JSON.
     Syntax,
     /// JSON, but not the shape `postqueue -j` prints (missing field, wrong type).
@@ -44,7 +44,7 @@ pub enum LineProblem {
 /// A line of the output that could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("line {line}: {problem:?}: {detail}")]
-pub struct QueueLineError {
+pub(crate) struct QueueLineError {
     /// 1-based line number.
     pub line: usize,
     pub problem: LineProblem,
@@ -53,7 +53,7 @@ pub struct QueueLineError {
 
 /// Everything [`summarize`] reports.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct QueueSummary {
+pub(crate) struct QueueSummary {
     pub counts: QueueCounts,
     pub messages: u64,
     pub bytes: u64,
@@ -85,7 +85,7 @@ struct Recipient {
 
 /// Reads `postqueue -j` output; `now_unix` is the current time in seconds since the epoch.
 /// Unreadable lines are reported in `bad_lines` and skipped; an empty output is an empty queue.
-pub fn summarize(output: &str, now_unix: u64) -> QueueSummary {
+pub(crate) fn summarize(output: &str, now_unix: u64) -> QueueSummary {
     let mut s = QueueSummary::default();
     let mut oldest: Option<(u64, String)> = None;
     // domain → (count, arrival of the sample, sample reason)

@@ -13,14 +13,14 @@ use crate::output::{Cell, Column, Format, Report};
 
 /// Arguments of `mxscopectl bounce`.
 #[derive(Debug, Args)]
-pub struct BounceArgs {
+pub(crate) struct BounceArgs {
     /// The bounce message as saved from the mailbox (RFC 5322, with headers); `-` reads stdin.
     pub file: PathBuf,
 }
 
 /// One row per recipient: action, status, its RFC 3463 meaning, temporary/permanent, the remote
 /// server and its reply.
-pub fn report(bounce: &BounceReport) -> Report {
+pub(crate) fn report(bounce: &BounceReport) -> Report {
     let mut r = Report::new(vec![
         Column::text("recipient", "RECIPIENT"),
         Column::text("action", "ACTION"),
@@ -56,7 +56,7 @@ pub fn report(bounce: &BounceReport) -> Report {
 }
 
 /// Reads the file (or stdin), parses it and prints one row per recipient in `format`.
-pub fn run(args: &BounceArgs, format: Format, out: &mut dyn Write) -> anyhow::Result<()> {
+pub(crate) fn run(args: &BounceArgs, format: Format, out: &mut dyn Write) -> anyhow::Result<()> {
     /// Bounces with attachments are small; anything larger is not a bounce worth reading whole.
     const MAX_BYTES: u64 = 16 * 1024 * 1024;
     let mut raw = Vec::new();

@@ -13,14 +13,14 @@ use crate::cli::Command;
 
 /// `mxscopectl ca …`.
 #[derive(Debug, Subcommand)]
-pub enum CaCommand {
+pub(crate) enum CaCommand {
     /// Create a CA (DIR/ca.pem, DIR/ca.key) and the collector's server certificate
     /// (DIR/collector.pem, DIR/collector.key).
     Init(CaInitArgs),
 }
 
 #[derive(Debug, Args)]
-pub struct CaInitArgs {
+pub(crate) struct CaInitArgs {
     /// Directory to create the CA in (refuses to overwrite).
     pub dir: PathBuf,
     /// DNS name or IP address agents and ctl use to reach the collector (repeatable;
@@ -31,7 +31,7 @@ pub struct CaInitArgs {
 
 /// Where the CA is and how long certificates live.
 #[derive(Debug, Args)]
-pub struct IssueArgs {
+pub(crate) struct IssueArgs {
     /// CA directory (from `mxscopectl ca init`).
     #[arg(long, env = "MXSCOPE_CA_DIR", default_value = "./mxscope-ca")]
     pub ca: PathBuf,
@@ -57,7 +57,7 @@ impl IssueArgs {
 
 /// `mxscopectl enroll`.
 #[derive(Debug, Args)]
-pub struct EnrollArgs {
+pub(crate) struct EnrollArgs {
     /// Agent id (the collector attributes results to it).
     #[arg(long)]
     pub id: String,
@@ -70,7 +70,7 @@ pub struct EnrollArgs {
 
 /// `mxscopectl admin-cert`.
 #[derive(Debug, Args)]
-pub struct AdminCertArgs {
+pub(crate) struct AdminCertArgs {
     /// Name of the person or tool the certificate is for.
     #[arg(long)]
     pub name: String,
@@ -82,7 +82,7 @@ pub struct AdminCertArgs {
 }
 
 /// Runs a certificate command (no collector connection).
-pub fn run(cmd: Command, out: &mut dyn Write) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: Command, out: &mut dyn Write) -> anyhow::Result<()> {
     match cmd {
         Command::Ca(CaCommand::Init(a)) => ca_init(&a, out),
         Command::Enroll(a) => {
