@@ -285,6 +285,11 @@ async fn submit(
         smtp::quit(d, t, obs).await;
         return false;
     }
+    if !tls::peer_authenticated(obs) {
+        tls::withhold_credentials(obs, "submission");
+        smtp::quit(d, t, obs).await;
+        return false;
+    }
     let mechanism = if ext.auth.iter().any(|m| m == "PLAIN") {
         Mechanism::Plain
     } else if ext.auth.iter().any(|m| m == "LOGIN") {
@@ -448,6 +453,11 @@ async fn mailbox(
         return Found::Unknown;
     };
     let mut d = Dialogue::new(io, IMAP_BOUNDS);
+    if !tls::peer_authenticated(obs) {
+        tls::withhold_credentials(obs, "IMAPS");
+        d.close(t.phase_deadline(REPLY_TIMEOUT)).await;
+        return Found::Unknown;
+    }
     let greeting = d
         .exchange(
             obs,

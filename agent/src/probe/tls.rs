@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mxscope_proto::{facts, ErrorClass, Observation, Outcome, Phase};
+use mxscope_proto::{facts, ErrorClass, FactValue, Observation, Outcome, Phase};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -347,6 +347,38 @@ fn assess_certificate(
             );
         }
     }
+}
+
+/// Whether the TLS session recorded on `obs` presented a certificate that verified against the
+/// trust anchors and matched the server's name: the condition for sending a password over it
+/// (the verifier lets every handshake finish, so the session alone proves nothing).
+pub(crate) fn peer_authenticated(obs: &Observation) -> bool {
+    let yes = |key| matches!(obs.fact_of(key), Some(FactValue::Flag(true)));
+    yes(facts::cert::VERIFIED) && yes(facts::cert::NAME_MATCH)
+}
+
+/// Records that credentials were withheld from `service` because its certificate did not
+/// authenticate it. The certificate problem itself is already on `obs` (a failure: the ports that
+/// carry passwords are strict); this names the consequence when nothing worse was recorded.
+pub(crate) fn withhold_credentials(obs: &mut Observation, service: &str) {
+    let class = obs
+        .error_class
+        .filter(|c| {
+            matches!(
+                c,
+                ErrorClass::CertExpired | ErrorClass::CertName | ErrorClass::CertUntrusted
+            )
+        })
+        .unwrap_or(ErrorClass::CertUntrusted);
+    obs.problem(
+        Outcome::Fail,
+        class,
+        Phase::Tls,
+        format!(
+            "{service} server's certificate did not verify for its name: the probe never sends a \
+             password to a server it cannot authenticate"
+        ),
+    );
 }
 
 /// `2025-01-31T12:00:00Z` from Unix seconds (proleptic Gregorian, UTC).

@@ -179,6 +179,9 @@ pub(crate) struct SmtpScript {
     pub ehlo_reply: Option<String>,
     /// Raw reply to RCPT; default `250 2.1.5 Ok`.
     pub rcpt_reply: Option<String>,
+    /// Accept AUTH (any credentials) and DATA, like a submission server; otherwise both are
+    /// unknown commands.
+    pub accept_mail: bool,
 }
 
 /// Starts a fake SMTP server; returns its port and the log of client lines.
@@ -239,6 +242,16 @@ pub(crate) async fn smtp_server(script: SmtpScript) -> (u16, Log) {
                     peer = p;
                     in_tls = true;
                     continue;
+                }
+                "AUTH" if script.accept_mail => "235 2.7.0 Authentication successful\r\n".into(),
+                "DATA" if script.accept_mail => {
+                    peer.send("354 End data with <CR><LF>.<CR><LF>\r\n").await;
+                    while let Some(l) = peer.line().await {
+                        if l == "." {
+                            break;
+                        }
+                    }
+                    "250 2.0.0 Ok: queued\r\n".to_string()
                 }
                 "MAIL" => "250 2.1.0 Ok\r\n".to_string(),
                 "RCPT" => script

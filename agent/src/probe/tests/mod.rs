@@ -1,6 +1,7 @@
 //! Probe tests against fake servers on 127.0.0.1:0: misbehaving SMTP servers, TLS certificates made
 //! with rcgen (valid, expired, wrong name, untrusted), IMAP and POP3 dialogues, and dispatch.
 
+mod delivery_tls;
 mod dispatch;
 mod dns;
 mod fakes;
