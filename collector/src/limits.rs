@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use mxscope_proto::pb;
 use mxscope_proto::raw::{FactValue, ResultView};
+use mxscope_proto::{limits, pb};
 use tokio::time::Instant;
 
-/// Limits applied to every result and to each agent's result rate.
+/// Limits applied to every result and to each agent's result rate. The size defaults are
+/// `proto::limits`, the same numbers agents clamp their results to.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Limits {
@@ -42,13 +43,13 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_name_len: 253,
-            max_message_len: 4096,
-            max_fact_key_len: 128,
-            max_fact_text_len: 4096,
-            max_facts: 128,
-            max_timings: 64,
-            max_short_len: 64,
+            max_name_len: limits::MAX_NAME_LEN,
+            max_message_len: limits::MAX_MESSAGE_LEN,
+            max_fact_key_len: limits::MAX_FACT_KEY_LEN,
+            max_fact_text_len: limits::MAX_FACT_TEXT_LEN,
+            max_facts: limits::MAX_FACTS,
+            max_timings: limits::MAX_TIMINGS,
+            max_short_len: limits::MAX_SHORT_LEN,
             max_future: Duration::from_secs(10 * 60),
             max_age: Duration::from_secs(14 * 24 * 3600),
             rate_per_sec: 5000.0,

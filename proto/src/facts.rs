@@ -8,6 +8,12 @@ pub mod address {
     pub const FAMILY: &str = "address.family";
 }
 
+/// About the result itself.
+pub mod result {
+    /// Set when the agent cut the result to fit [`crate::limits`].
+    pub const TRUNCATED: &str = "result.truncated";
+}
+
 /// The leaf certificate a TLS handshake presented.
 pub mod cert {
     pub const DAYS_LEFT: &str = "cert.days_left";

@@ -44,6 +44,7 @@ macro_rules! named_enum {
 }
 
 pub mod facts;
+pub mod limits;
 pub mod model;
 pub mod names;
 pub mod status;

@@ -180,7 +180,8 @@ impl Target<'_> {
 }
 
 /// Runs one (target, check): one observation for DNS checks, one per address for port checks.
-/// Bounded by `spec.timeout`; never panics on what the network sends.
+/// Bounded by `spec.timeout`; never panics on what the network sends; every observation is
+/// within `proto::limits` (cut and marked when the server sent too much).
 pub async fn run_check(spec: &CheckSpec, ctx: &ProbeContext) -> Vec<Observation> {
     let started = Instant::now();
     let deadline = started + spec.timeout;
@@ -212,6 +213,17 @@ pub async fn run_check(spec: &CheckSpec, ctx: &ProbeContext) -> Vec<Observation>
         obs.interval = spec.interval;
         if obs.timing_of(Phase::Total).is_none() {
             obs.timing(Phase::Total, started.elapsed());
+        }
+        let cut = mxscope_proto::limits::clamp(obs);
+        if cut.any() {
+            tracing::warn!(
+                target = %spec.target,
+                check = %spec.check,
+                strings = cut.strings,
+                facts = cut.facts,
+                timings = cut.timings,
+                "result cut to the collector's size limits (the server answered with too much)"
+            );
         }
     }
     out

@@ -220,3 +220,35 @@ async fn no_starttls_warns_unless_required() {
     let (o, _) = run_one(&sp, &context_with(rustls::RootCertStore::empty())).await;
     assert_problem(&o, Outcome::Fail, ErrorClass::NoStarttls, Phase::Ehlo);
 }
+
+#[tokio::test]
+async fn a_server_that_answers_with_too_much_gets_a_result_cut_to_the_limits_not_lost() {
+    use mxscope_proto::limits;
+    // 200 EHLO keywords (within the dialogue's bounds): their list is a text fact far longer
+    // than a fact may be.
+    let extensions: Vec<String> = (0..200)
+        .map(|i| format!("X-{}-{i} {}", "K".repeat(40), "v".repeat(20)))
+        .collect();
+    let (port, _log) = smtp_server(SmtpScript {
+        banner: Some(format!("220 {}\r\n", "b".repeat(900))),
+        extensions,
+        ..SmtpScript::default()
+    })
+    .await;
+    let (o, _) = run_one(
+        &smtp_spec(port),
+        &context_with(rustls::RootCertStore::empty()),
+    )
+    .await;
+    assert!(flag(&o, "result.truncated"), "{:?}", o.facts.len());
+    assert!(o.facts.len() <= limits::MAX_FACTS, "{}", o.facts.len());
+    assert!(o.message.len() <= limits::MAX_MESSAGE_LEN);
+    assert!(o
+        .facts
+        .iter()
+        .all(|(k, v)| k.len() <= limits::MAX_FACT_KEY_LEN
+            && !matches!(v, FactValue::Text(t) if t.len() > limits::MAX_FACT_TEXT_LEN)));
+    assert!(o.timings.len() <= limits::MAX_TIMINGS);
+    // The dialogue's verdict survives the cut.
+    assert!(o.fact_of("smtp.banner_code").is_some(), "{:?}", o.facts);
+}
