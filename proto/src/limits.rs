@@ -132,10 +132,6 @@ mod tests {
         );
         assert!(o.message.len() <= MAX_MESSAGE_LEN, "{}", o.message.len());
         assert!(o.message.ends_with("larger than a result may be]"));
-        assert_eq!(
-            o.fact_of("smtp.x0").is_some(),
-            true,
-            "the first facts are kept"
-        );
+        assert!(o.fact_of("smtp.x0").is_some(), "the first facts are kept");
     }
 }
