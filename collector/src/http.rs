@@ -30,7 +30,8 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::analysis::status::{is_stale, StatusParams};
-use crate::store::{Filter, SqliteStore, StoreError};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Filter, StoreError};
 use mxscope_proto::time::now_us;
 
 /// Window of the latency gauges.

@@ -33,7 +33,8 @@ use tracing::{info, warn};
 
 use crate::auth::{AuthLayer, Mode, RevokedError};
 use crate::limits::RateLimiter;
-use crate::store::{SqliteStore, StoreError};
+use crate::store::sqlite::SqliteStore;
+use crate::store::StoreError;
 use shared::Shared;
 pub use shared::{Config, TlsFiles};
 

@@ -1,5 +1,6 @@
 //! The storage seam: [`Store`], the operations ingest and the query service use, so a second
-//! backend (PostgreSQL) can stand beside [`SqliteStore`](super::SqliteStore), today's and only one.
+//! backend (PostgreSQL) can stand beside [`SqliteStore`](super::sqlite::SqliteStore), today's
+//! and only one.
 //! Every operation returns a boxed future ([`Pending`]): the trait is object safe, and a write's
 //! future is the one the SQLite writer hands out anyway.
 
@@ -12,7 +13,6 @@ use mxscope_proto::pb;
 use mxscope_proto::raw::ResultView;
 use tokio::sync::broadcast;
 
-use super::writer::{self, Op};
 use super::{AgentHello, AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError, TargetDef};
 use crate::analysis::aggregate::Agg;
 
@@ -72,103 +72,4 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         -> Pending<(Vec<SeriesRow>, Vec<Sample>)>;
     /// Stored results, newest first.
     fn results(&self, filter: Filter, since_us: i64, limit: u32) -> Pending<Vec<pb::StoredResult>>;
-}
-
-impl Store for super::SqliteStore {
-    fn subscribe(&self) -> broadcast::Receiver<pb::WatchEvent> {
-        super::SqliteStore::subscribe(self)
-    }
-    fn register_agent(&self, hello: AgentHello) -> Pending<u64> {
-        super::SqliteStore::register_agent(self, hello)
-    }
-    fn put_batch(
-        &self,
-        agent_id: &str,
-        region: &str,
-        results: &[ResultView<'_>],
-        raw: Vec<Bytes>,
-        rejected: Vec<u64>,
-        at_us: i64,
-    ) -> Pending<u64> {
-        // Row encoding, series keys and rollup aggregation run here, in the caller's task, so
-        // the single writer thread only binds, steps and merges.
-        let prepared = {
-            let dir = self
-                .series_dir
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            writer::Prepared::of(region, results, &dir)
-        };
-        let fut = self.submit(Op::Results {
-            agent_id: agent_id.to_string(),
-            prepared,
-            results: raw,
-            rejected,
-            at_us,
-        });
-        Box::pin(async move { fut.await?.seq() })
-    }
-    fn heartbeat(
-        &self,
-        agent_id: &str,
-        spool_depth: u64,
-        dropped_total: u64,
-        at_us: i64,
-    ) -> Pending<()> {
-        let fut = self.submit(Op::Heartbeat {
-            agent_id: agent_id.to_string(),
-            spool_depth,
-            dropped_total,
-            at_us,
-        });
-        Box::pin(async move { fut.await.map(|_| ()) })
-    }
-    fn put_target(&self, def: TargetDef, update: bool, at_us: i64) -> Pending<()> {
-        super::SqliteStore::put_target(self, def, update, at_us)
-    }
-    fn remove_target(&self, name: &str) -> Pending<()> {
-        super::SqliteStore::remove_target(self, name)
-    }
-    fn central_targets(&self) -> Pending<Vec<TargetDef>> {
-        let s = self.clone();
-        Box::pin(async move { s.central_targets().await })
-    }
-    fn local_targets(&self) -> Pending<Vec<(String, String, TargetDef)>> {
-        let s = self.clone();
-        Box::pin(async move { s.local_targets().await })
-    }
-    fn agents(&self) -> Pending<Vec<AgentRow>> {
-        let s = self.clone();
-        Box::pin(async move { s.agents().await })
-    }
-    fn results_per_agent(&self, since_us: i64) -> Pending<BTreeMap<String, u64>> {
-        let s = self.clone();
-        Box::pin(async move { s.results_per_agent(since_us).await })
-    }
-    fn series(&self, filter: Filter) -> Pending<Vec<SeriesRow>> {
-        let s = self.clone();
-        Box::pin(async move { s.series(filter).await })
-    }
-    fn rollups(
-        &self,
-        filter: Filter,
-        since_us: i64,
-        now_us: i64,
-        phase: Option<String>,
-    ) -> Pending<BTreeMap<SeriesId, Agg>> {
-        let s = self.clone();
-        Box::pin(async move { s.rollups(filter, since_us, now_us, phase).await })
-    }
-    fn status_input(
-        &self,
-        filter: Filter,
-        since_us: i64,
-    ) -> Pending<(Vec<SeriesRow>, Vec<Sample>)> {
-        let s = self.clone();
-        Box::pin(async move { s.status_input(filter, since_us).await })
-    }
-    fn results(&self, filter: Filter, since_us: i64, limit: u32) -> Pending<Vec<pb::StoredResult>> {
-        let s = self.clone();
-        Box::pin(async move { s.results(filter, since_us, limit).await })
-    }
 }

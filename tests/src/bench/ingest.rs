@@ -209,7 +209,7 @@ pub async fn load_collector(url: &str, pid: u32, shapes: &[Shape], segment: u64)
 pub async fn create_schema(db: &Path) -> Result<()> {
     let path = db.to_path_buf();
     let store = tokio::task::spawn_blocking(move || {
-        mxscope_collector::store::SqliteStore::open(&path, Default::default())
+        mxscope_collector::store::sqlite::SqliteStore::open(&path, Default::default())
     })
     .await??;
     store.close().await?;

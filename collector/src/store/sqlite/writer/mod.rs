@@ -37,11 +37,12 @@ use tokio::sync::oneshot;
 
 use tokio::sync::broadcast;
 
-use super::rollup::Level;
-use super::row::ResultRow;
-use super::{bump, AgentHello, StoreError, StoreOptions, TargetDef, WriterStats};
+use super::bump;
 use crate::analysis::aggregate::Agg;
 use crate::analysis::hysteresis::{Hysteresis, Policy};
+use crate::store::rollup::Level;
+use crate::store::row::ResultRow;
+use crate::store::{AgentHello, StoreError, StoreOptions, TargetDef, WriterStats};
 use bytes::Bytes;
 use mxscope_proto::raw::ResultView;
 use mxscope_proto::RegionState;
@@ -351,7 +352,7 @@ impl Writer {
                     std::mem::take(&mut delta.hours),
                     touched,
                     delta.last_id,
-                    super::now_us(),
+                    mxscope_proto::time::now_us(),
                 );
                 delta.garbage.push(Box::new(spent));
                 self.stats
@@ -426,7 +427,7 @@ impl Writer {
         let through = self.buffer.through_id;
         let outcome = (|| -> Result<(), StoreError> {
             let tx = self.conn.transaction()?;
-            write_rollups(&tx, &self.buffer.rows, super::now_us())?;
+            write_rollups(&tx, &self.buffer.rows, mxscope_proto::time::now_us())?;
             write_series(&tx, &self.buffer.series, &self.series)?;
             tx.execute("UPDATE rollup_mark SET through_id = ?1", [through])?;
             tx.commit()?;
@@ -526,7 +527,7 @@ impl Writer {
             hours.into_iter().collect(),
             touched,
             through,
-            super::now_us(),
+            mxscope_proto::time::now_us(),
         ));
         self.flush_buffer()
     }
@@ -576,7 +577,7 @@ impl BatchError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{open_write, schema, SCHEMA_VERSION};
+    use crate::store::sqlite::{open_write, schema, SCHEMA_VERSION};
 
     fn request(tx: &std::sync::mpsc::Sender<Msg>, op: Op) -> Result<Reply, StoreError> {
         let (reply, rx) = oneshot::channel();

@@ -147,7 +147,7 @@ pub(super) fn load_series(tx: &Connection, id: i64) -> Result<Option<SeriesMem>,
     let Some((mut s, mut latest, facts)) = row else {
         return Ok(None);
     };
-    latest.facts = crate::store::read::facts_from_json(&facts)?;
+    latest.facts = crate::store::sqlite::read::facts_from_json(&facts)?;
     if let Some(l) = Arc::get_mut(&mut s.latest) {
         l.body = Bytes::from(crate::store::row::encode_body(&latest));
     }
@@ -186,7 +186,7 @@ pub(super) fn write_series(
             s.state_since_us,
             &*s.latest.agent_id,
             latest.phase,
-            crate::store::read::facts_to_json(&latest.facts),
+            crate::store::sqlite::read::facts_to_json(&latest.facts),
         ])?;
     }
     Ok(())

@@ -11,11 +11,11 @@ use mxscope_proto::raw::{FactValue, FactView};
 use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, OpenFlags};
 
-use super::rollup::plan;
-use super::row::decode_body;
 use super::writer::FxMap;
-use super::{AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError, TargetDef};
 use crate::analysis::aggregate::Agg;
+use crate::store::rollup::plan;
+use crate::store::row::decode_body;
+use crate::store::{AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError, TargetDef};
 
 /// Idle read connections, reused; a new one is opened when none is idle.
 pub(crate) struct Pool {

@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use mxscope_proto::pb;
+use mxscope_proto::time::now_us;
 use rusqlite::Connection;
 use tempfile::TempDir;
 

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
-use super::StoreError;
+use crate::store::StoreError;
 
 /// Migration steps, applied in order. Step `i` brings the database to version `i + 1`.
 /// Append only: never edit a step that has shipped.
@@ -256,7 +256,7 @@ fn compact_results(tx: &Connection) -> Result<(), rusqlite::Error> {
                 interval_ms: u64::try_from(r.get::<_, i64>(12)?).unwrap_or(0),
                 ..Default::default()
             };
-            let row = super::row::ResultRow::of(&result);
+            let row = crate::store::row::ResultRow::of(&result);
             put.execute(rusqlite::params![
                 r.get::<_, i64>(0)?,
                 series,
@@ -295,8 +295,8 @@ const WEEKS_STEP: i64 = 5;
 
 /// Writes the week rollups of every stored day rollup (schema step 5).
 fn fill_weeks(tx: &Connection) -> Result<(), rusqlite::Error> {
-    use super::rollup::Level;
     use crate::analysis::aggregate::Agg;
+    use crate::store::rollup::Level;
     let mut weeks: std::collections::HashMap<(i64, String, String, String, String), Agg> =
         std::collections::HashMap::new();
     {
