@@ -113,10 +113,10 @@ mod tests {
         let s: Status = ServiceError::from(TargetError::IntervalTooShort(5)).into();
         assert_eq!(s.code(), Code::InvalidArgument);
         // `source()` is used by `chain`, keep the import honest.
-        assert!(
-            StoreError::Commit(std::sync::Arc::new(rusqlite::Error::InvalidQuery))
-                .source()
-                .is_some()
-        );
+        assert!(StoreError::from(crate::store::sqlite::SqliteError::Commit(
+            std::sync::Arc::new(rusqlite::Error::InvalidQuery),
+        ))
+        .source()
+        .is_some());
     }
 }

@@ -10,7 +10,6 @@ pub mod sqlite;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 use std::time::Duration;
 
 use mxscope_proto::pb;
@@ -22,35 +21,21 @@ use crate::analysis::hysteresis::Policy;
 pub use crate::analysis::series::{Sample, SeriesId, SeriesRow};
 
 pub use api::{Pending, Store};
-use sqlite::{is_sqlite_full, SqliteStore};
+use sqlite::SqliteStore;
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    #[error("cannot open database '{}' (check that the directory exists and is writable, or pass another --db)", path.display())]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: rusqlite::Error,
-    },
+    /// SQLite refused to open, migrate, run a statement or commit.
+    #[error(transparent)]
+    Sqlite(#[from] sqlite::SqliteError),
     #[error("database '{}' has schema version {found}, newer than this collector supports ({supported}); upgrade mxscope-collector or use another --db", path.display())]
     TooNew {
         path: PathBuf,
         found: i64,
         supported: i64,
     },
-    #[error("database migration to version {version} failed")]
-    Migrate {
-        version: i64,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error("database error")]
-    Sqlite(#[from] rusqlite::Error),
-    /// The batch's transaction failed to begin or to COMMIT; nothing of the batch is stored.
-    #[error("database commit failed")]
-    Commit(#[source] Arc<rusqlite::Error>),
     /// SQLite rolled the batch's transaction back after a failed statement (it does on
     /// `SQLITE_FULL`), or a savepoint could not be undone: nothing of the batch is stored.
     #[error("database transaction rolled back after a failed statement")]
@@ -257,13 +242,11 @@ pub struct Filter {
 }
 
 impl StoreError {
-    /// True when SQLite said the disk is full (`SQLITE_FULL`), judged by the error code.
+    /// True when the disk holding the data is full, judged by the backend's error codes.
     pub fn is_disk_full(&self) -> bool {
         match self {
             StoreError::DiskFull { .. } => true,
-            StoreError::Sqlite(e) | StoreError::Open { source: e, .. } => is_sqlite_full(e),
-            StoreError::Migrate { source, .. } => is_sqlite_full(source),
-            StoreError::Commit(e) => is_sqlite_full(e),
+            StoreError::Sqlite(e) => e.is_disk_full(),
             _ => false,
         }
     }

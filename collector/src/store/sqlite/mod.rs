@@ -6,6 +6,7 @@
 //! (the WAL is written before COMMIT returns) but the last commits may be lost on power failure.
 //! Every write request is answered only after its COMMIT returned, and the ingest acks only then.
 
+mod error;
 mod read;
 pub(crate) mod schema;
 mod writer;
@@ -29,6 +30,8 @@ use super::{
 };
 use crate::analysis::aggregate::Agg;
 
+pub(crate) use error::is_sqlite_full;
+pub use error::SqliteError;
 pub use schema::SCHEMA_VERSION;
 use writer::{Op, Reply, Request};
 
@@ -296,11 +299,6 @@ impl SqliteStore {
     }
 }
 
-/// `SQLITE_FULL` by its primary result code (never by message text).
-pub(crate) fn is_sqlite_full(e: &rusqlite::Error) -> bool {
-    e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
-}
-
 impl Reply {
     fn seq(self) -> Result<u64, StoreError> {
         match self {
@@ -344,9 +342,11 @@ fn open_write(path: &Path) -> Result<Connection, StoreError> {
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")?;
         Ok(conn)
     };
-    open().map_err(|source| StoreError::Open {
-        path: path.to_path_buf(),
-        source,
+    open().map_err(|source| {
+        StoreError::from(SqliteError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
     })
 }
 

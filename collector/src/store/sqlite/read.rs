@@ -12,6 +12,7 @@ use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, OpenFlags};
 
 use super::writer::FxMap;
+use super::SqliteError;
 use crate::analysis::aggregate::Agg;
 use crate::store::rollup::plan;
 use crate::store::row::decode_body;
@@ -57,7 +58,7 @@ impl Pool {
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(|source| StoreError::Open {
+        .map_err(|source| SqliteError::Open {
             path: self.path.clone(),
             source,
         })?;

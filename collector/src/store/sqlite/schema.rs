@@ -5,6 +5,7 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
+use super::SqliteError;
 use crate::store::StoreError;
 
 /// Migration steps, applied in order. Step `i` brings the database to version `i + 1`.
@@ -362,7 +363,7 @@ pub(crate) fn migrate_to(
     path: &Path,
     target: i64,
 ) -> Result<(), StoreError> {
-    let found = version(conn).map_err(StoreError::Sqlite)?;
+    let found = version(conn)?;
     if found > SCHEMA_VERSION {
         return Err(StoreError::TooNew {
             path: path.to_path_buf(),
@@ -387,7 +388,7 @@ pub(crate) fn migrate_to(
             tx.pragma_update(None, "user_version", to)?;
             tx.commit()
         };
-        run(conn).map_err(|source| StoreError::Migrate {
+        run(conn).map_err(|source| SqliteError::Migrate {
             version: to,
             source,
         })?;

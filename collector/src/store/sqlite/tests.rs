@@ -428,7 +428,10 @@ fn open_names_the_unwritable_path() {
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("missing-dir").join("x.db");
     let err = SqliteStore::open(&path, opts(0)).unwrap_err();
-    assert!(matches!(err, StoreError::Open { .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::Sqlite(SqliteError::Open { .. })),
+        "{err}"
+    );
     let msg = err.to_string();
     assert!(
         msg.contains("missing-dir") && msg.contains("writable"),

@@ -18,7 +18,7 @@ pub(super) const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::fr
 
 impl Checkpointer {
     pub(super) fn spawn(path: &Path) -> Result<Checkpointer, StoreError> {
-        let open_failed = |source| StoreError::Open {
+        let open_failed = |source| SqliteError::Open {
             path: path.to_path_buf(),
             source,
         };

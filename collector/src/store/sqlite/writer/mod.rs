@@ -37,7 +37,7 @@ use tokio::sync::oneshot;
 
 use tokio::sync::broadcast;
 
-use super::bump;
+use super::{bump, SqliteError};
 use crate::analysis::aggregate::Agg;
 use crate::analysis::hysteresis::{Hysteresis, Policy};
 use crate::store::rollup::Level;
@@ -384,7 +384,7 @@ impl Writer {
                 for (reply, res) in answers {
                     // Requests that failed on their own keep their error; the rest were rolled back.
                     let res = res.and(Err(match &err {
-                        Some(e) => StoreError::Commit(e.clone()),
+                        Some(e) => SqliteError::Commit(e.clone()).into(),
                         None => StoreError::RolledBack,
                     }));
                     let _ = reply.send(res);
