@@ -30,8 +30,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::analysis::status::{is_stale, StatusParams};
-use crate::store::sqlite::SqliteStore;
-use crate::store::{Filter, StoreError};
+use crate::store::{Filter, Store, StoreError};
 use mxscope_proto::time::now_us;
 
 /// Window of the latency gauges.
@@ -55,7 +54,7 @@ impl MetricsSource for crate::limits::Counters {
 /// What the `/metrics` handler reads.
 #[derive(Clone)]
 pub struct MetricsState {
-    store: SqliteStore,
+    store: Arc<dyn Store>,
     stale_after: Duration,
     sources: Vec<Arc<dyn MetricsSource>>,
 }
@@ -70,7 +69,7 @@ impl std::fmt::Debug for MetricsState {
 }
 
 impl MetricsState {
-    pub fn new(store: SqliteStore, stale_after: Duration) -> Self {
+    pub fn new(store: Arc<dyn Store>, stale_after: Duration) -> Self {
         MetricsState {
             store,
             stale_after,
@@ -278,6 +277,7 @@ pub async fn render(state: &MetricsState) -> Result<String, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::sqlite::SqliteStore;
     use crate::store::{AgentHello, StoreOptions, TargetDef};
     use mxscope_proto::pb;
     use tempfile::TempDir;
@@ -396,9 +396,12 @@ mod tests {
     async fn exposition_parses_back_with_state_latency_agents_and_counters() {
         let dir = TempDir::new().unwrap();
         let store = fixture(&dir).await;
-        let text = render(&MetricsState::new(store.clone(), Duration::from_secs(120)))
-            .await
-            .unwrap();
+        let text = render(&MetricsState::new(
+            Arc::new(store.clone()),
+            Duration::from_secs(120),
+        ))
+        .await
+        .unwrap();
         let samples = parse(&text);
         assert!(!samples.is_empty());
         let find = |name: &str, want: &[(&str, &str)]| -> Option<f64> {
@@ -460,8 +463,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let state =
-            MetricsState::new(store.clone(), Duration::from_secs(120)).with_source(Arc::new(Extra));
+        let state = MetricsState::new(Arc::new(store.clone()), Duration::from_secs(120))
+            .with_source(Arc::new(Extra));
         let server = tokio::spawn(serve(listener, state, stop.clone()));
         let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
         conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

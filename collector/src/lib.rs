@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use crate::auth::{AuthLayer, Mode, RevokedError};
 use crate::limits::RateLimiter;
 use crate::store::sqlite::SqliteStore;
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 use shared::Shared;
 pub use shared::{Config, TlsFiles};
 
@@ -132,7 +132,8 @@ pub async fn run(
 
     let path = config.db_path.clone();
     let opts = config.store.clone();
-    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path, opts)).await??;
+    let store: Arc<dyn Store> =
+        Arc::new(tokio::task::spawn_blocking(move || SqliteStore::open(&path, opts)).await??);
 
     let token = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -146,7 +147,7 @@ pub async fn run(
     let counters = config.counters.clone();
     let limiter = RateLimiter::new(config.limits.rate_per_sec, config.limits.burst);
     let shared = Arc::new(Shared {
-        store: Arc::new(store.clone()),
+        store: store.clone(),
         config,
         connected: Mutex::new(HashMap::new()),
         schedule,

@@ -1,6 +1,6 @@
-//! The storage seam: [`Store`], the operations ingest and the query service use, so a second
-//! backend (PostgreSQL) can stand beside [`SqliteStore`](super::sqlite::SqliteStore), today's
-//! and only one.
+//! The storage seam: [`Store`], the operations the services (ingest, query, `/metrics`) and the
+//! retention job use, so a second backend (PostgreSQL) can stand beside
+//! [`SqliteStore`](super::sqlite::SqliteStore), today's and only one.
 //! Every operation returns a boxed future ([`Pending`]): the trait is object safe, and a write's
 //! future is the one the SQLite writer hands out anyway.
 
@@ -13,7 +13,9 @@ use mxscope_proto::pb;
 use mxscope_proto::raw::ResultView;
 use tokio::sync::broadcast;
 
-use super::{AgentHello, AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError, TargetDef};
+use super::{
+    AgentHello, AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError, TargetDef, WriterStats,
+};
 use crate::analysis::aggregate::Agg;
 
 /// A store operation under way; resolves once done (for a write: once durable).
@@ -72,4 +74,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         -> Pending<(Vec<SeriesRow>, Vec<Sample>)>;
     /// Stored results, newest first.
     fn results(&self, filter: Filter, since_us: i64, limit: u32) -> Pending<Vec<pb::StoredResult>>;
+    /// One round of the retention job: deletes raw results and rollups past their retention,
+    /// at most [`prune_batch`](Store::prune_batch) rows per table; resolves to the rows deleted.
+    fn prune(&self, now_us: i64) -> Pending<u64>;
+    /// Most rows per table one [`prune`](Store::prune) round deletes: a round that deletes fewer
+    /// rows in all has caught up.
+    fn prune_batch(&self) -> usize;
+    /// Counters of the write path, for `/metrics`.
+    fn stats(&self) -> &WriterStats;
+    /// Commits everything queued so far and stops the backend's threads; later writes fail with
+    /// [`StoreError::WriterClosed`].
+    fn close(&self) -> Pending<()>;
 }

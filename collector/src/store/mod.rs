@@ -1,8 +1,10 @@
 //! Storage, the part every backend shares: the [`Store`] seam the services hold (as
-//! `Arc<dyn Store>`, speaking domain rows), its row, filter and error types, and the retention job.
+//! `Arc<dyn Store>`, speaking domain rows), its row, filter and error types, and the retention
+//! job over any store.
 //! The backends live below it; today's and only one is [`sqlite`].
 
 mod api;
+mod retention;
 pub mod rollup;
 pub mod row;
 pub mod sqlite;
@@ -14,14 +16,14 @@ use std::time::Duration;
 
 use mxscope_proto::pb;
 use mxscope_proto::target::Target;
-use mxscope_proto::time::{millis, now_us};
+use mxscope_proto::time::millis;
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::hysteresis::Policy;
 pub use crate::analysis::series::{Sample, SeriesId, SeriesRow};
 
 pub use api::{Pending, Store};
-use sqlite::SqliteStore;
+pub use retention::{prune_all, retention_job};
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -248,30 +250,6 @@ impl StoreError {
             StoreError::DiskFull { .. } => true,
             StoreError::Sqlite(e) => e.is_disk_full(),
             _ => false,
-        }
-    }
-}
-
-/// The retention job: right away and then every `every`, prunes in small rounds until caught up
-/// (see [`SqliteStore::prune_all`]); stops when `stop` is cancelled or the store closed.
-pub async fn retention_job(
-    store: SqliteStore,
-    every: Duration,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let batch = store.prune_batch();
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match store.prune_all(now_us(), batch).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(rows = n, "retention: old results and rollups deleted"),
-            Err(StoreError::WriterClosed) => return,
-            Err(err) => tracing::warn!(error = %err, "retention round failed"),
         }
     }
 }

@@ -96,37 +96,6 @@ impl SqliteStore {
         self.events.subscribe()
     }
 
-    /// One round of the retention job; resolves to the rows deleted (a full round deletes
-    /// `prune_batch` rows from some table: call again).
-    pub fn prune(&self, now_us: i64) -> Pending<u64> {
-        let fut = self.submit(Op::Prune { now_us });
-        Box::pin(async move {
-            match fut.await? {
-                Reply::Pruned(n) => Ok(n),
-                _ => Err(StoreError::OutOfRange("writer reply")),
-            }
-        })
-    }
-
-    /// Most rows per table one [`prune`](SqliteStore::prune) round deletes.
-    pub fn prune_batch(&self) -> usize {
-        self.prune_batch
-    }
-
-    /// Prunes in rounds until a round deletes less than a full batch per table, yielding between
-    /// rounds so ingest interleaves. Returns the rows deleted.
-    pub async fn prune_all(&self, now_us: i64, batch: usize) -> Result<u64, StoreError> {
-        let mut total = 0;
-        loop {
-            let n = self.prune(now_us).await?;
-            total += n;
-            if n < batch.max(1) as u64 {
-                return Ok(total);
-            }
-            tokio::task::yield_now().await;
-        }
-    }
-
     /// Every series with its hysteresis state, latest facts and its agent's last-seen time.
     pub async fn series(&self, filter: Filter) -> Result<Vec<SeriesRow>, StoreError> {
         self.sync().await?;
@@ -159,11 +128,6 @@ impl SqliteStore {
             Reply::Done => Ok(()),
             _ => Err(StoreError::OutOfRange("writer reply")),
         }
-    }
-
-    /// Writer counters.
-    pub fn stats(&self) -> &WriterStats {
-        &self.stats
     }
 
     /// Commits everything queued so far, stops the writer thread and waits for it. Later writes fail
@@ -446,6 +410,25 @@ impl Store for SqliteStore {
     fn results(&self, filter: Filter, since_us: i64, limit: u32) -> Pending<Vec<pb::StoredResult>> {
         let s = self.clone();
         Box::pin(async move { s.results(filter, since_us, limit).await })
+    }
+    fn prune(&self, now_us: i64) -> Pending<u64> {
+        let fut = self.submit(Op::Prune { now_us });
+        Box::pin(async move {
+            match fut.await? {
+                Reply::Pruned(n) => Ok(n),
+                _ => Err(StoreError::OutOfRange("writer reply")),
+            }
+        })
+    }
+    fn prune_batch(&self) -> usize {
+        self.prune_batch
+    }
+    fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+    fn close(&self) -> Pending<()> {
+        let s = self.clone();
+        Box::pin(async move { SqliteStore::close(&s).await })
     }
 }
 

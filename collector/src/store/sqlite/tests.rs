@@ -781,7 +781,7 @@ async fn retention_deletes_old_raw_rows_and_rollups_in_small_rounds() {
     // One round deletes at most a batch of raw rows, and the one old day and week row.
     assert_eq!(store.prune(now).await.unwrap(), 7 + 2);
     assert_eq!(count("SELECT count(*) FROM results"), 35 - 7);
-    assert_eq!(store.prune_all(now, 7).await.unwrap(), 23);
+    assert_eq!(crate::store::prune_all(&store, now).await.unwrap(), 23);
     assert_eq!(
         count("SELECT count(*) FROM results"),
         5,
@@ -800,7 +800,11 @@ async fn retention_deletes_old_raw_rows_and_rollups_in_small_rounds() {
         3,
         "today's rows stay"
     );
-    assert_eq!(store.prune_all(now, 7).await.unwrap(), 0, "caught up");
+    assert_eq!(
+        crate::store::prune_all(&store, now).await.unwrap(),
+        0,
+        "caught up"
+    );
     store.close().await.unwrap();
 }
 
