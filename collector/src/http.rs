@@ -278,7 +278,7 @@ pub async fn render(state: &MetricsState) -> Result<String, StoreError> {
 mod tests {
     use super::*;
     use crate::store::sqlite::SqliteStore;
-    use crate::store::{AgentHello, StoreOptions, TargetDef};
+    use crate::store::{AgentHello, StoreOptions};
     use mxscope_proto::pb;
     use tempfile::TempDir;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -365,11 +365,12 @@ mod tests {
             .await
             .unwrap();
         for name in ["ok.test", "bad.test"] {
-            let def = TargetDef {
+            let def = mxscope_proto::target::validate(&pb::TargetSpec {
                 name: name.into(),
                 checks: vec!["smtp".into()],
                 ..Default::default()
-            };
+            })
+            .unwrap();
             store.put_target(def, false, now_us()).await.unwrap();
         }
         let results = vec![

@@ -22,9 +22,10 @@ use crate::auth::{Mode, Revoked};
 use crate::error::{chain, ServiceError};
 use crate::limits::Counters;
 use crate::shared::Shared;
-use crate::store::{AgentHello, StoreError, TargetDef};
+use crate::store::{AgentHello, StoreError};
 use mxscope_pki::Identity;
 use mxscope_proto::names::is_label;
+use mxscope_proto::target::{self, Target};
 use mxscope_proto::time::now_us;
 
 /// Most agent-local targets kept from one hello.
@@ -84,6 +85,30 @@ pub fn validate_hello(h: &pb::Hello) -> Result<(), ServiceError> {
         )));
     }
     Ok(())
+}
+
+/// An agent's local targets through proto's validator. The agent validated them itself, but it may
+/// be newer than this collector: as an agent does with its collector's targets
+/// ([`Source::Collector`](target::Source::Collector)), checks this build does not know are left
+/// out, and so is a target this build refuses; both are logged.
+fn local_targets(agent_id: &str, specs: &[pb::TargetSpec]) -> Vec<Target> {
+    let mut out = Vec::with_capacity(specs.len());
+    for spec in specs {
+        match target::validate_from(spec, target::Source::Collector) {
+            Ok((t, unknown)) => {
+                for u in unknown {
+                    warn!(agent.id = %agent_id, target.name = %t.name, check = %u.given,
+                        "local target names a check this collector does not know; left out");
+                }
+                out.push(t);
+            }
+            Err(err) => {
+                warn!(agent.id = %agent_id, target.name = %spec.name, error = %err,
+                    "local target left out: this collector refuses it");
+            }
+        }
+    }
+    out
 }
 
 /// Refuses a batch of more than `max` results.
@@ -190,11 +215,7 @@ impl Ingest for IngestService {
                 version: hello.version.clone(),
                 labels: hello.labels.clone().into_iter().collect::<BTreeMap<_, _>>(),
                 dropped_total: hello.dropped_total,
-                local_targets: hello
-                    .local_targets
-                    .iter()
-                    .map(TargetDef::from_wire)
-                    .collect(),
+                local_targets: local_targets(&hello.agent_id, &hello.local_targets),
                 at_us: now_us(),
             })
             .await
@@ -574,6 +595,33 @@ mod tests {
         h.region = String::new();
         let msg = validate_hello(&h).unwrap_err().to_string();
         assert!(msg.contains("region '' is invalid"), "{msg}");
+    }
+
+    #[test]
+    fn local_targets_are_validated_and_tolerate_a_newer_agent() {
+        let spec = |name: &str, checks: &[&str], kind: &str| pb::TargetSpec {
+            name: name.into(),
+            checks: checks.iter().map(|c| c.to_string()).collect(),
+            kind: kind.into(),
+            ..Default::default()
+        };
+        let got = local_targets(
+            "eu-1",
+            &[
+                spec("Local.TEST.", &["imap"], ""),
+                // A check a newer agent knows: left out, its target kept.
+                spec("newer.test", &["smtp", "carrier-pigeon"], ""),
+                // Refused by this build (a kind it does not know, no check it knows): left out.
+                spec("odd.test", &["smtp"], "satellite"),
+                spec("unknown-only.test", &["carrier-pigeon"], ""),
+            ],
+        );
+        assert!(!got.is_empty());
+        let names: Vec<&str> = got.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, vec!["local.test", "newer.test"]);
+        assert_eq!(got[0].checks, vec![mxscope_proto::CheckKind::Imap]);
+        assert_eq!(got[0].interval, target::DEFAULT_INTERVAL);
+        assert_eq!(got[1].checks, vec![mxscope_proto::CheckKind::Smtp]);
     }
 
     /// `results` as the collector reads them off the wire, checked.

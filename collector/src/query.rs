@@ -17,9 +17,9 @@ use crate::analysis::status::{status_rows_from_rollups, RAW_WINDOW_MAX_US};
 use crate::analysis::{status_rows, StatusParams};
 use crate::error::{unknown_target, ServiceError};
 use crate::shared::Shared;
-use crate::store::{Filter, TargetDef, LOCAL_AGENT_LABEL};
+use crate::store::{Filter, LOCAL_AGENT_LABEL};
 use mxscope_proto::names::{self, TargetName};
-use mxscope_proto::target::validate;
+use mxscope_proto::target::{validate, Target};
 use mxscope_proto::time::now_us;
 
 /// Results returned when a request sets no limit.
@@ -83,8 +83,7 @@ impl QueryService {
     /// Names of the targets (central or agent-local) labelled `canary=true`.
     async fn canaries(&self) -> Result<BTreeSet<String>, ServiceError> {
         let store = &self.shared.store;
-        let is_canary =
-            |t: &crate::store::TargetDef| t.labels.get(CANARY_LABEL).is_some_and(|v| v == "true");
+        let is_canary = |t: &Target| t.labels.get(CANARY_LABEL).is_some_and(|v| v == "true");
         let mut out: BTreeSet<String> = store
             .central_targets()
             .await?
@@ -349,15 +348,16 @@ impl Query for QueryService {
         let Some(spec) = req.target else {
             return Err(ServiceError::InvalidArgument("put target needs a target".into()).into());
         };
-        let def = TargetDef::from_target(&validate(&spec).map_err(ServiceError::from)?);
+        let target = validate(&spec).map_err(ServiceError::from)?;
+        let saved = target.to_wire("central");
         self.shared
             .store
-            .put_target(def.clone(), req.update, now_us())
+            .put_target(target, req.update, now_us())
             .await
             .map_err(ServiceError::from)?;
         self.shared.schedule.send_modify(|v| *v += 1);
-        info!(target.name = %def.name, update = req.update, "target saved");
-        Ok(Response::new(def.to_wire("central")))
+        info!(target.name = %saved.name, update = req.update, "target saved");
+        Ok(Response::new(saved))
     }
 
     async fn remove_target(
@@ -428,26 +428,28 @@ mod tests {
         assert_eq!(lookup_name("127.0.0.1"), "127.0.0.1");
     }
 
-    /// The rules are proto's (`mxscope_proto::target`, tested there); this checks the stored form
-    /// a validated target becomes.
+    /// The rules are proto's (`mxscope_proto::target`, tested there); this checks the canonical
+    /// form a validated target is stored and answered in.
     #[test]
     fn validated_targets_are_stored_in_canonical_form() {
+        use mxscope_proto::{CheckKind, TargetKind};
         let spec = |name: &str, checks: &[&str]| pb::TargetSpec {
             name: name.into(),
             checks: checks.iter().map(|c| c.to_string()).collect(),
             ..Default::default()
         };
-        let d = TargetDef::from_target(
-            &validate(&spec("Example.TEST.", &["smtp", "mx", "smtp"])).unwrap(),
-        );
+        let d = validate(&spec("Example.TEST.", &["smtp", "mx", "smtp"])).unwrap();
         assert_eq!(d.name, "example.test");
-        assert_eq!(d.kind, "domain");
-        assert_eq!(d.checks, vec!["smtp", "mx"]);
-        assert_eq!((d.interval_ms, d.timeout_ms), (60_000, 10_000));
+        assert_eq!(d.kind, TargetKind::Domain);
+        assert_eq!(d.checks, vec![CheckKind::Smtp, CheckKind::Mx]);
+        let wire = d.to_wire("central");
+        assert_eq!(wire.checks, vec!["smtp", "mx"]);
+        assert_eq!((wire.interval_ms, wire.timeout_ms), (60_000, 10_000));
+        assert_eq!(wire.kind, "domain");
         assert_eq!(lookup_name(" Example.TEST. "), d.name);
 
-        let v6 = TargetDef::from_target(&validate(&spec("[::1]", &["smtp"])).unwrap());
-        assert_eq!((v6.name.as_str(), v6.kind.as_str()), ("::1", "host"));
+        let v6 = validate(&spec("[::1]", &["smtp"])).unwrap();
+        assert_eq!((v6.name.as_str(), v6.kind), ("::1", TargetKind::Host));
 
         let mut s = spec("example.test", &["smtp"]);
         s.interval_ms = 1_000;
@@ -456,13 +458,17 @@ mod tests {
         s.regions = vec!["eu-west".into(), "eu-west".into()];
         s.labels.insert("team".into(), "mail".into());
         s.require_tls = true;
-        let d = TargetDef::from_target(&validate(&s).unwrap());
-        assert_eq!((d.interval_ms, d.timeout_ms), (1_000, 2_000));
-        assert_eq!(d.ports.get("smtp"), Some(&2525));
+        let d = validate(&s).unwrap();
+        assert_eq!(
+            (d.interval, d.timeout),
+            (Duration::from_secs(1), Duration::from_secs(2))
+        );
+        assert_eq!(d.ports.get(&CheckKind::Smtp), Some(&2525));
         assert_eq!(d.regions, vec!["eu-west"]);
         assert_eq!(d.labels.get("team").map(String::as_str), Some("mail"));
         assert!(d.require_tls);
-        let back = validate(&d.to_wire("central")).unwrap();
-        assert_eq!(TargetDef::from_target(&back), d);
+        let wire = d.to_wire("central");
+        assert_eq!(wire.ports.get("smtp"), Some(&2525));
+        assert_eq!(validate(&wire).unwrap(), d);
     }
 }

@@ -11,11 +11,10 @@ use std::pin::Pin;
 use bytes::Bytes;
 use mxscope_proto::pb;
 use mxscope_proto::raw::ResultView;
+use mxscope_proto::target::Target;
 use tokio::sync::broadcast;
 
-use super::{
-    AgentHello, AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError, TargetDef, WriterStats,
-};
+use super::{AgentHello, AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError, WriterStats};
 use crate::analysis::aggregate::Agg;
 
 /// A store operation under way; resolves once done (for a write: once durable).
@@ -47,13 +46,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         at_us: i64,
     ) -> Pending<()>;
     /// Adds (`update = false`) or replaces (`update = true`) a central target.
-    fn put_target(&self, def: TargetDef, update: bool, at_us: i64) -> Pending<()>;
+    fn put_target(&self, target: Target, update: bool, at_us: i64) -> Pending<()>;
     /// Removes a central target; its results stay.
     fn remove_target(&self, name: &str) -> Pending<()>;
     /// All central targets, by name.
-    fn central_targets(&self) -> Pending<Vec<TargetDef>>;
+    fn central_targets(&self) -> Pending<Vec<Target>>;
     /// All agent-local targets as (agent id, region, target).
-    fn local_targets(&self) -> Pending<Vec<(String, String, TargetDef)>>;
+    fn local_targets(&self) -> Pending<Vec<(String, String, Target)>>;
     /// All agents, by id.
     fn agents(&self) -> Pending<Vec<AgentRow>>;
     /// Count of results per agent that started at or after `since_us`.

@@ -1,7 +1,6 @@
-//! Storage, the part every backend shares: the [`Store`] seam the services hold (as
-//! `Arc<dyn Store>`, speaking domain rows), its row, filter and error types, and the retention
-//! job over any store.
-//! The backends live below it; today's and only one is [`sqlite`].
+//! Storage, the part every backend shares: the [`Store`] seam the services hold as
+//! `Arc<dyn Store>`, its row, filter and error types, and the retention job. The backends live
+//! below it; today's and only one is [`sqlite`].
 
 mod api;
 mod retention;
@@ -14,10 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use mxscope_proto::pb;
-use mxscope_proto::target::Target;
-use mxscope_proto::time::millis;
-use serde::{Deserialize, Serialize};
+use mxscope_proto::target::{Target, TargetError};
 
 use crate::analysis::hysteresis::Policy;
 pub use crate::analysis::series::{Sample, SeriesId, SeriesRow};
@@ -59,6 +55,13 @@ pub enum StoreError {
     TargetExists(String),
     #[error("unknown target '{0}'")]
     TargetNotFound(String),
+    /// A stored central target this version refuses (a newer collector or a hand edit wrote it).
+    #[error("stored target '{name}' is not a valid target definition for this collector")]
+    BadTarget {
+        name: String,
+        #[source]
+        source: TargetError,
+    },
     /// The disk holding the database is full (`SQLITE_FULL`): nothing was stored, so nothing may
     /// be acked; the write can be retried once space is back.
     #[error("database '{}' is on a full disk (SQLITE_FULL): nothing is stored until space is freed", path.display())]
@@ -129,82 +132,6 @@ pub struct WriterStats {
     pub buffered: AtomicU64,
 }
 
-/// A central or agent-local target as stored (JSON in the `spec` column).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(default)]
-pub struct TargetDef {
-    pub name: String,
-    pub checks: Vec<String>,
-    pub interval_ms: u64,
-    pub timeout_ms: u64,
-    pub regions: Vec<String>,
-    pub labels: BTreeMap<String, String>,
-    pub ports: BTreeMap<String, u32>,
-    pub require_tls: bool,
-    pub kind: String,
-}
-
-impl TargetDef {
-    /// The stored form of a target [`validate`](mxscope_proto::target::validate)d into canonical
-    /// form (names as the wire spells them).
-    pub fn from_target(t: &Target) -> Self {
-        TargetDef {
-            name: t.name.clone(),
-            checks: t.checks.iter().map(|c| c.name().to_string()).collect(),
-            interval_ms: millis(t.interval),
-            timeout_ms: millis(t.timeout),
-            regions: t.regions.clone(),
-            labels: t.labels.clone(),
-            ports: t
-                .ports
-                .iter()
-                .map(|(c, p)| (c.name().to_string(), u32::from(*p)))
-                .collect(),
-            require_tls: t.require_tls,
-            kind: t.kind.name().to_string(),
-        }
-    }
-
-    /// Reads the wire form (the `source` field is not stored).
-    pub fn from_wire(t: &pb::TargetSpec) -> Self {
-        TargetDef {
-            name: t.name.clone(),
-            checks: t.checks.clone(),
-            interval_ms: t.interval_ms,
-            timeout_ms: t.timeout_ms,
-            regions: t.regions.clone(),
-            labels: t
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            ports: t.ports.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            require_tls: t.require_tls,
-            kind: t.kind.clone(),
-        }
-    }
-
-    /// The wire form, marked with its source (`central` or `local`).
-    pub fn to_wire(&self, source: &str) -> pb::TargetSpec {
-        pb::TargetSpec {
-            name: self.name.clone(),
-            checks: self.checks.clone(),
-            interval_ms: self.interval_ms,
-            timeout_ms: self.timeout_ms,
-            regions: self.regions.clone(),
-            labels: self
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            ports: self.ports.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            source: source.to_string(),
-            require_tls: self.require_tls,
-            kind: self.kind.clone(),
-        }
-    }
-}
-
 /// Label key that names the reporting agent on a listed local target.
 pub const LOCAL_AGENT_LABEL: &str = "mxscope.agent";
 
@@ -216,7 +143,8 @@ pub struct AgentHello {
     pub version: String,
     pub labels: BTreeMap<String, String>,
     pub dropped_total: u64,
-    pub local_targets: Vec<TargetDef>,
+    /// Validated by the ingest ([`validate_from`](mxscope_proto::target::validate_from)).
+    pub local_targets: Vec<Target>,
     pub at_us: i64,
 }
 

@@ -9,6 +9,7 @@
 mod error;
 mod read;
 pub(crate) mod schema;
+mod target;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -20,13 +21,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use mxscope_proto::pb;
 use mxscope_proto::raw::ResultView;
+use mxscope_proto::target::Target;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{broadcast, oneshot};
 
 use super::rollup;
 use super::{
     AgentHello, AgentRow, Filter, Pending, Sample, SeriesId, SeriesRow, Store, StoreError,
-    StoreOptions, TargetDef, WriterStats,
+    StoreOptions, WriterStats,
 };
 use crate::analysis::aggregate::Agg;
 
@@ -194,8 +196,12 @@ impl SqliteStore {
     }
 
     /// Adds (`update = false`) or replaces (`update = true`) a central target.
-    pub fn put_target(&self, def: TargetDef, update: bool, at_us: i64) -> Pending<()> {
-        let fut = self.submit(Op::PutTarget { def, update, at_us });
+    pub fn put_target(&self, target: Target, update: bool, at_us: i64) -> Pending<()> {
+        let fut = self.submit(Op::PutTarget {
+            target,
+            update,
+            at_us,
+        });
         Box::pin(async move { fut.await.map(|_| ()) })
     }
 
@@ -217,12 +223,12 @@ impl SqliteStore {
     }
 
     /// All central targets, by name.
-    pub async fn central_targets(&self) -> Result<Vec<TargetDef>, StoreError> {
+    pub async fn central_targets(&self) -> Result<Vec<Target>, StoreError> {
         self.read(read::central_targets).await
     }
 
     /// All agent-local targets as (agent id, region, target).
-    pub async fn local_targets(&self) -> Result<Vec<(String, String, TargetDef)>, StoreError> {
+    pub async fn local_targets(&self) -> Result<Vec<(String, String, Target)>, StoreError> {
         self.read(read::local_targets).await
     }
 
@@ -363,17 +369,17 @@ impl Store for SqliteStore {
         });
         Box::pin(async move { fut.await.map(|_| ()) })
     }
-    fn put_target(&self, def: TargetDef, update: bool, at_us: i64) -> Pending<()> {
-        SqliteStore::put_target(self, def, update, at_us)
+    fn put_target(&self, target: Target, update: bool, at_us: i64) -> Pending<()> {
+        SqliteStore::put_target(self, target, update, at_us)
     }
     fn remove_target(&self, name: &str) -> Pending<()> {
         SqliteStore::remove_target(self, name)
     }
-    fn central_targets(&self) -> Pending<Vec<TargetDef>> {
+    fn central_targets(&self) -> Pending<Vec<Target>> {
         let s = self.clone();
         Box::pin(async move { s.central_targets().await })
     }
-    fn local_targets(&self) -> Pending<Vec<(String, String, TargetDef)>> {
+    fn local_targets(&self) -> Pending<Vec<(String, String, Target)>> {
         let s = self.clone();
         Box::pin(async move { s.local_targets().await })
     }

@@ -8,15 +8,17 @@ use std::time::Duration;
 
 use mxscope_proto::pb;
 use mxscope_proto::raw::{FactValue, FactView};
+use mxscope_proto::target::Target;
 use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, OpenFlags};
 
+use super::target::{self, Stored};
 use super::writer::FxMap;
 use super::SqliteError;
 use crate::analysis::aggregate::Agg;
 use crate::store::rollup::plan;
 use crate::store::row::decode_body;
-use crate::store::{AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError, TargetDef};
+use crate::store::{AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError};
 
 /// Idle read connections, reused; a new one is opened when none is idle.
 pub(crate) struct Pool {
@@ -70,19 +72,30 @@ impl Pool {
     }
 }
 
-pub(crate) fn central_targets(c: &Connection) -> Result<Vec<TargetDef>, StoreError> {
+/// The central targets; one this version refuses is an error that names it (they were validated
+/// when put, so only a newer collector or a hand edit leaves such a row).
+pub(crate) fn central_targets(c: &Connection) -> Result<Vec<Target>, StoreError> {
     let mut st = c.prepare_cached("SELECT spec FROM targets ORDER BY name")?;
     let rows = st.query_map([], |r| r.get::<_, String>(0))?;
     let mut out = Vec::new();
     for spec in rows {
-        out.push(serde_json::from_str(&spec?)?);
+        match target::from_json(&spec?)? {
+            Stored::Valid(t) => out.push(t),
+            Stored::Refused { name, error } => {
+                return Err(StoreError::BadTarget {
+                    name,
+                    source: error,
+                })
+            }
+        }
     }
     Ok(out)
 }
 
-pub(crate) fn local_targets(
-    c: &Connection,
-) -> Result<Vec<(String, String, TargetDef)>, StoreError> {
+/// The agent-local targets as (agent id, region, target). One this version refuses is left out and
+/// logged: earlier versions stored what agents reported without validating it, and the agent's
+/// next hello replaces the row.
+pub(crate) fn local_targets(c: &Connection) -> Result<Vec<(String, String, Target)>, StoreError> {
     let mut st = c.prepare_cached(
         "SELECT t.agent_id, coalesce(a.region, ''), t.spec FROM agent_targets t
          LEFT JOIN agents a ON a.id = t.agent_id ORDER BY t.name, t.agent_id",
@@ -97,7 +110,13 @@ pub(crate) fn local_targets(
     let mut out = Vec::new();
     for row in rows {
         let (agent, region, spec) = row?;
-        out.push((agent, region, serde_json::from_str(&spec)?));
+        match target::from_json(&spec)? {
+            Stored::Valid(t) => out.push((agent, region, t)),
+            Stored::Refused { name, error } => {
+                tracing::warn!(agent.id = %agent, target.name = %name, error = %error,
+                    "stored local target left out: this collector refuses it");
+            }
+        }
     }
     Ok(out)
 }

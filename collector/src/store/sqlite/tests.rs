@@ -53,6 +53,16 @@ fn result(agent: &str, seq: u64) -> pb::ProbeResult {
     }
 }
 
+/// A target through proto's validator, as `PutTarget` and the ingest store them.
+fn target(name: &str, checks: &[&str]) -> Target {
+    mxscope_proto::target::validate(&pb::TargetSpec {
+        name: name.into(),
+        checks: checks.iter().map(|c| c.to_string()).collect(),
+        ..Default::default()
+    })
+    .expect("valid target")
+}
+
 fn seqs(path: &std::path::Path, agent: &str) -> Vec<i64> {
     let c = Connection::open(path).expect("reader");
     let mut st = c
@@ -181,11 +191,7 @@ async fn resent_results_are_stored_once_and_hwm_allows_gaps() {
 async fn one_failing_request_does_not_spoil_its_batch() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir, 100);
-    let def = TargetDef {
-        name: "example.test".into(),
-        checks: vec!["mx".into()],
-        ..Default::default()
-    };
+    let def = target("example.test", &["mx"]);
     let a = store.put_target(def.clone(), false, 1);
     let b = store.put_target(def.clone(), false, 2);
     let c = store.register_agent(hello("a1"));
@@ -197,7 +203,7 @@ async fn one_failing_request_does_not_spoil_its_batch() {
     assert!(matches!(
         store
             .put_target(
-                TargetDef {
+                Target {
                     name: "other.test".into(),
                     ..def.clone()
                 },
@@ -208,7 +214,7 @@ async fn one_failing_request_does_not_spoil_its_batch() {
         Err(StoreError::TargetNotFound(_))
     ));
     let mut updated = def.clone();
-    updated.interval_ms = 5_000;
+    updated.interval = Duration::from_secs(5);
     store.put_target(updated.clone(), true, 4).await.unwrap();
     assert_eq!(store.central_targets().await.unwrap(), vec![updated]);
     store.remove_target("example.test").await.unwrap();
@@ -301,6 +307,107 @@ async fn results_round_trip_numbers_facts_and_series() {
     store.close().await.unwrap();
 }
 
+/// The `spec` column keeps the JSON earlier versions wrote (wire names and spellings, sorted
+/// maps), so a database still opens on either side of an upgrade.
+#[tokio::test]
+async fn stored_targets_keep_their_json_and_read_back_as_put() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("t.db");
+    let store = SqliteStore::open(&path, opts(0)).unwrap();
+    let t = mxscope_proto::target::validate(&pb::TargetSpec {
+        name: "Example.TEST.".into(),
+        checks: vec!["smtp".into(), "mx".into()],
+        interval_ms: 30_000,
+        regions: vec!["eu-west".into()],
+        labels: [("team", "mail"), ("canary", "true")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ports: [("smtp".to_string(), 2525)].into_iter().collect(),
+        require_tls: true,
+        ..Default::default()
+    })
+    .unwrap();
+    store.put_target(t.clone(), false, 1).await.unwrap();
+    let spec: String = Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT spec FROM targets", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        spec,
+        r#"{"name":"example.test","checks":["smtp","mx"],"interval_ms":30000,"timeout_ms":10000,"regions":["eu-west"],"labels":{"canary":"true","team":"mail"},"ports":{"smtp":2525},"require_tls":true,"kind":"domain"}"#
+    );
+    assert_eq!(store.central_targets().await.unwrap(), vec![t]);
+    store.close().await.unwrap();
+}
+
+/// Rows this version cannot take as written: a check it does not know (a newer collector or agent
+/// wrote it) is left out, a central target it refuses is an error that names the target, and a
+/// local target it refuses is left out.
+#[tokio::test]
+async fn stored_targets_from_another_version_are_read_or_named() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("t.db");
+    let store = SqliteStore::open(&path, opts(0)).unwrap();
+    store.register_agent(hello("a1")).await.unwrap();
+    let c = Connection::open(&path).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    let central = |name: &str, spec: &str| {
+        c.execute(
+            "INSERT INTO targets (name, spec, created_us, updated_us) VALUES (?1, ?2, 1, 1)",
+            [name, spec],
+        )
+        .unwrap();
+    };
+    central(
+        "newer.test",
+        r#"{"name":"newer.test","checks":["mx","carrier-pigeon"],"ports":{"carrier-pigeon":7}}"#,
+    );
+    assert_eq!(
+        store.central_targets().await.unwrap(),
+        vec![target("newer.test", &["mx"])]
+    );
+
+    for (name, spec) in [
+        (
+            "odd.test",
+            r#"{"name":"odd.test","checks":["smtp"],"kind":"satellite"}"#,
+        ),
+        ("ok.test", r#"{"name":"ok.test","checks":["imap"]}"#),
+    ] {
+        c.execute(
+            "INSERT INTO agent_targets (agent_id, name, spec, reported_us) VALUES ('a1', ?1, ?2, 1)",
+            [name, spec],
+        )
+        .unwrap();
+    }
+    let local = store.local_targets().await.unwrap();
+    assert_eq!(
+        local,
+        vec![(
+            "a1".to_string(),
+            "eu-west".to_string(),
+            target("ok.test", &["imap"])
+        )]
+    );
+
+    central(
+        "odd.test",
+        r#"{"name":"odd.test","checks":["smtp"],"kind":"satellite"}"#,
+    );
+    let err = store.central_targets().await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::BadTarget { name, .. } if name == "odd.test"),
+        "{err}"
+    );
+    let msg = crate::error::chain(&err);
+    assert!(
+        msg.contains("'odd.test'") && msg.contains("satellite"),
+        "{msg}"
+    );
+    store.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn migrates_an_old_database_and_keeps_its_data() {
     let dir = TempDir::new().unwrap();
@@ -331,13 +438,13 @@ async fn migrates_an_old_database_and_keeps_its_data() {
         agents[0].labels.get("asn").map(String::as_str),
         Some("64500")
     );
-    assert_eq!(store.central_targets().await.unwrap()[0].checks, vec!["mx"]);
+    assert_eq!(
+        store.central_targets().await.unwrap()[0].checks,
+        vec![mxscope_proto::CheckKind::Mx]
+    );
     // The old agent's mark survives; the table added by migration 2 works.
     let mut h = hello("old-1");
-    h.local_targets = vec![TargetDef {
-        name: "local.test".into(),
-        ..Default::default()
-    }];
+    h.local_targets = vec![target("local.test", &["imap"])];
     assert_eq!(store.register_agent(h).await.unwrap(), 41);
     let local = store.local_targets().await.unwrap();
     assert_eq!(local.len(), 1);

@@ -2,6 +2,7 @@
 //! rollups and series state), targets, flushes of the buffer and retention rounds.
 
 use super::*;
+use crate::store::sqlite::target::to_json;
 
 /// Cut-offs of the retention job, as durations in microseconds.
 #[derive(Debug, Clone, Copy)]
@@ -367,27 +368,33 @@ pub(super) fn apply(tx: &Connection, op: Op, ctx: &mut Ctx<'_>) -> Result<Reply,
             }
             Ok(Reply::Done)
         }
-        Op::PutTarget { def, update, at_us } => {
+        Op::PutTarget {
+            target,
+            update,
+            at_us,
+        } => {
             let exists = tx
-                .query_row("SELECT 1 FROM targets WHERE name = ?1", [&def.name], |_| {
-                    Ok(())
-                })
+                .query_row(
+                    "SELECT 1 FROM targets WHERE name = ?1",
+                    [&target.name],
+                    |_| Ok(()),
+                )
                 .optional()?
                 .is_some();
-            let spec = serde_json::to_string(&def)?;
+            let spec = to_json(&target)?;
             match (exists, update) {
-                (true, false) => return Err(StoreError::TargetExists(def.name)),
-                (false, true) => return Err(StoreError::TargetNotFound(def.name)),
+                (true, false) => return Err(StoreError::TargetExists(target.name)),
+                (false, true) => return Err(StoreError::TargetNotFound(target.name)),
                 (false, false) => {
                     tx.execute(
                         "INSERT INTO targets (name, spec, created_us, updated_us) VALUES (?1, ?2, ?3, ?3)",
-                        params![def.name, spec, at_us],
+                        params![target.name, spec, at_us],
                     )?;
                 }
                 (true, true) => {
                     tx.execute(
                         "UPDATE targets SET spec = ?2, updated_us = ?3 WHERE name = ?1",
-                        params![def.name, spec, at_us],
+                        params![target.name, spec, at_us],
                     )?;
                 }
             }
@@ -450,7 +457,7 @@ pub(super) fn hello(tx: &Connection, h: &AgentHello) -> Result<u64, StoreError> 
         "INSERT OR REPLACE INTO agent_targets (agent_id, name, spec, reported_us) VALUES (?1, ?2, ?3, ?4)",
     )?;
     for t in &h.local_targets {
-        ins.execute(params![h.id, t.name, serde_json::to_string(t)?, h.at_us])?;
+        ins.execute(params![h.id, t.name, to_json(t)?, h.at_us])?;
     }
     let hwm: i64 = tx.query_row(
         "SELECT stored_up_to_seq FROM agents WHERE id = ?1",

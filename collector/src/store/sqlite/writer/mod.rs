@@ -42,9 +42,10 @@ use crate::analysis::aggregate::Agg;
 use crate::analysis::hysteresis::{Hysteresis, Policy};
 use crate::store::rollup::Level;
 use crate::store::row::ResultRow;
-use crate::store::{AgentHello, StoreError, StoreOptions, TargetDef, WriterStats};
+use crate::store::{AgentHello, StoreError, StoreOptions, WriterStats};
 use bytes::Bytes;
 use mxscope_proto::raw::ResultView;
+use mxscope_proto::target::Target;
 use mxscope_proto::RegionState;
 
 /// A write operation.
@@ -68,7 +69,7 @@ pub(crate) enum Op {
         at_us: i64,
     },
     PutTarget {
-        def: TargetDef,
+        target: Target,
         update: bool,
         at_us: i64,
     },
