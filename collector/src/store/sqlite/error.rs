@@ -49,6 +49,6 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 /// `SQLITE_FULL` by its primary result code (never by message text).
-pub(crate) fn is_sqlite_full(e: &rusqlite::Error) -> bool {
+pub(super) fn is_sqlite_full(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
 }

@@ -8,7 +8,7 @@
 
 mod error;
 mod read;
-pub(crate) mod schema;
+mod schema;
 mod target;
 mod writer;
 
@@ -32,7 +32,7 @@ use super::{
 };
 use crate::analysis::aggregate::Agg;
 
-pub(crate) use error::is_sqlite_full;
+use error::is_sqlite_full;
 pub use error::SqliteError;
 pub use schema::SCHEMA_VERSION;
 use writer::{Op, Reply, Request};
