@@ -12,9 +12,9 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 /// How long a test waits for one expected thing.
-pub const DEADLINE: Duration = Duration::from_secs(5);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(5);
 
-pub struct Collector {
+pub(crate) struct Collector {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), RunError>>,
@@ -22,7 +22,7 @@ pub struct Collector {
 }
 
 impl Collector {
-    pub async fn start(tune: impl FnOnce(&mut Config)) -> Collector {
+    pub(crate) async fn start(tune: impl FnOnce(&mut Config)) -> Collector {
         let dir = TempDir::new().expect("temp dir");
         let mut config = Config::new(dir.path().join("mxscope.db"));
         tune(&mut config);
@@ -42,14 +42,14 @@ impl Collector {
         }
     }
 
-    pub async fn query(&self) -> QueryClient<Channel> {
+    pub(crate) async fn query(&self) -> QueryClient<Channel> {
         QueryClient::connect(format!("http://{}", self.addr))
             .await
             .expect("query client")
     }
 
     /// Triggers shutdown and waits (with a deadline) for `run` to return.
-    pub async fn shutdown(mut self) -> (Result<(), RunError>, TempDir) {
+    pub(crate) async fn shutdown(mut self) -> (Result<(), RunError>, TempDir) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -37,7 +37,7 @@ struct Sizes {
 }
 
 /// Runs benchmarks 4 and 5 (one agent process serves both).
-pub async fn run(ctx: &Ctx) -> (Section, Section) {
+pub(crate) async fn run(ctx: &Ctx) -> (Section, Section) {
     let mut cost = Section::new(
         "agent-cost",
         "4. Agent cost per 1,000 smtp STARTTLS probes, vs blackbox_exporter",

@@ -24,7 +24,7 @@ const LIFTS: &[(&str, &str)] = &[
 ];
 
 /// Which limit flags this collector has (`--help`), with the values the benchmark passes.
-pub fn limit_flags() -> Result<Vec<(String, String)>> {
+pub(crate) fn limit_flags() -> Result<Vec<(String, String)>> {
     let bin = mxscope_binary(COLLECTOR)?;
     let help = std::process::Command::new(&bin)
         .arg("--help")
@@ -43,7 +43,7 @@ pub fn limit_flags() -> Result<Vec<(String, String)>> {
 
 /// A running collector.
 #[derive(Debug)]
-pub struct BenchCollector {
+pub(crate) struct BenchCollector {
     pub proc: Proc,
     pub addr: SocketAddr,
 }
@@ -51,7 +51,7 @@ pub struct BenchCollector {
 impl BenchCollector {
     /// Starts `mxscope-collector --insecure` on a free 127.0.0.1 port with `db`, logging to
     /// `<log_dir>/<name>.log`, and waits until it accepts connections.
-    pub fn start(
+    pub(crate) fn start(
         log_dir: &Path,
         name: &str,
         db: &Path,
@@ -77,11 +77,11 @@ impl BenchCollector {
         Ok(BenchCollector { proc, addr })
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    pub fn pid(&self) -> Result<u32> {
+    pub(crate) fn pid(&self) -> Result<u32> {
         match self.proc.pid() {
             Some(p) => Ok(p),
             None => bail!("collector is not running:\n{}", self.proc.log_tail(30)),
@@ -89,7 +89,7 @@ impl BenchCollector {
     }
 
     /// A Query client (large responses allowed: 10,000-row status).
-    pub async fn query(&self) -> Result<pb::query_client::QueryClient<Channel>> {
+    pub(crate) async fn query(&self) -> Result<pb::query_client::QueryClient<Channel>> {
         let channel = Channel::from_shared(self.url())?.connect().await?;
         Ok(
             pb::query_client::QueryClient::new(channel)
@@ -98,14 +98,14 @@ impl BenchCollector {
     }
 
     /// Stops it (SIGTERM, grace, SIGKILL): the database is closed cleanly.
-    pub fn stop(&mut self) -> Result<()> {
+    pub(crate) fn stop(&mut self) -> Result<()> {
         self.proc.terminate(Duration::from_secs(60))?;
         Ok(())
     }
 }
 
 /// `stored_up_to_seq` of one agent, from the `Agents` RPC (0 until it has connected).
-pub async fn stored_up_to(
+pub(crate) async fn stored_up_to(
     client: &mut pb::query_client::QueryClient<Channel>,
     agent_id: &str,
 ) -> Result<u64> {

@@ -24,19 +24,19 @@ use super::sys::{self, fmt, median};
 use super::Ctx;
 
 /// Results per batch an agent sends.
-pub const BATCH: usize = 1000;
+pub(crate) const BATCH: usize = 1000;
 /// Unacked batches per stream, as the agent's uplink keeps (the collector takes up to 16 of one agent at once).
-pub const WINDOW: usize = 16;
+pub(crate) const WINDOW: usize = 16;
 /// Rows per transaction in the raw baseline.
 const RAW_TX_ROWS: usize = 10_000;
 /// Synthetic history spans 30 days.
-pub const SPAN_US: i64 = 30 * 24 * 3600 * 1_000_000;
+pub(crate) const SPAN_US: i64 = 30 * 24 * 3600 * 1_000_000;
 /// Targets of the synthetic fleet.
-pub const TARGETS: usize = 1000;
+pub(crate) const TARGETS: usize = 1000;
 
 /// How one load went.
 #[derive(Debug, Clone, Default)]
-pub struct Run {
+pub(crate) struct Run {
     pub rows: u64,
     pub secs: f64,
     /// Results/s of each `segment`-row segment, in order.
@@ -48,7 +48,7 @@ pub struct Run {
 }
 
 impl Run {
-    pub fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.rows as f64 / self.secs.max(1e-9)
     }
 }
@@ -161,7 +161,12 @@ async fn stream_agent(url: String, shape: Shape, acked: Arc<AtomicU64>) -> Resul
 }
 
 /// Streams `shapes` concurrently into the collector at `url`; `pid` is the collector's.
-pub async fn load_collector(url: &str, pid: u32, shapes: &[Shape], segment: u64) -> Result<Run> {
+pub(crate) async fn load_collector(
+    url: &str,
+    pid: u32,
+    shapes: &[Shape],
+    segment: u64,
+) -> Result<Run> {
     let total: u64 = shapes.iter().map(|s| s.total).sum();
     let acked = Arc::new(AtomicU64::new(0));
     let cpu0 = sys::cpu_seconds(pid)?;
@@ -206,7 +211,7 @@ pub async fn load_collector(url: &str, pid: u32, shapes: &[Shape], segment: u64)
 }
 
 /// Creates the collector's schema in `db` through its own store (migrations included).
-pub async fn create_schema(db: &Path) -> Result<()> {
+pub(crate) async fn create_schema(db: &Path) -> Result<()> {
     let path = db.to_path_buf();
     let store = tokio::task::spawn_blocking(move || {
         mxscope_collector::store::sqlite::SqliteStore::open(&path, Default::default())
@@ -222,7 +227,7 @@ pub async fn create_schema(db: &Path) -> Result<()> {
 /// [`ResultRow::of`](mxscope_collector::store::row::ResultRow::of); series and agent ids come from
 /// a map in memory, as a plain program would keep them. Rows of the agents are interleaved a batch
 /// at a time, as they arrive at the collector.
-pub fn load_raw(db: &Path, shapes: &[Shape], segment: u64) -> Result<Run> {
+pub(crate) fn load_raw(db: &Path, shapes: &[Shape], segment: u64) -> Result<Run> {
     use mxscope_collector::store::row::ResultRow;
     let mut conn = rusqlite::Connection::open(db)?;
     let _mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
@@ -457,7 +462,7 @@ fn sizes(ctx: &Ctx) -> Sizes {
 
 /// Loads the 10-region, 1,000-target, 30-day fleet into a fresh collector db at `db` through the
 /// collector itself. Returns the run; the collector is stopped cleanly afterwards.
-pub async fn load_fleet(
+pub(crate) async fn load_fleet(
     ctx: &Ctx,
     db: &Path,
     rows: u64,
@@ -501,7 +506,7 @@ fn segs(rates: &[f64]) -> String {
 }
 
 /// Runs benchmark 1. Returns the section and the path of the 10M-row collector db (for `query`).
-pub async fn run(ctx: &Ctx) -> (Section, Option<PathBuf>) {
+pub(crate) async fn run(ctx: &Ctx) -> (Section, Option<PathBuf>) {
     let title = "1. Collector ingest";
     let target = "≥ 100,000 results/s sustained to 10M rows, and ≥ 0.5 of the raw SQLite insert limit measured in the same run";
     let mut s = Section::new("ingest", title, ctx.command("ingest"), target);
@@ -516,7 +521,7 @@ pub async fn run(ctx: &Ctx) -> (Section, Option<PathBuf>) {
 
 /// Span of `rows` results from [`synth::REGIONS`] agents probing [`TARGETS`] targets each every
 /// 60 s (the interval the synthetic results carry): about 16.7 hours for 10M results.
-pub fn live_span_us(rows: u64) -> i64 {
+pub(crate) fn live_span_us(rows: u64) -> i64 {
     let rounds = rows / (synth::REGIONS.len() * TARGETS) as u64;
     i64::try_from(rounds.max(1)).unwrap_or(i64::MAX / 60_000_000) * 60_000_000
 }

@@ -61,7 +61,7 @@ struct Sizes {
 }
 
 /// Runs benchmark 2.
-pub async fn run(ctx: &Ctx) -> Section {
+pub(crate) async fn run(ctx: &Ctx) -> Section {
     let title = "2. Probe → queryable latency";
     let target = "at 10,000 results/s, p99 of (result visible through the Query API − probe finished on the agent) < 1 s";
     let mut s = Section::new("latency", title, ctx.command("latency"), target);

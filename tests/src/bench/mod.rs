@@ -1,32 +1,32 @@
 //! mxscope-bench: six benchmarks, each measured side by side with its baseline in
 //! the same run, and the `BENCHMARKS.md` report they produce.
 
-pub mod agent_cost;
-pub mod collector;
-pub mod ingest;
-pub mod latency;
-pub mod query;
-pub mod report;
-pub mod synth;
-pub mod sys;
-pub mod timing;
+pub(crate) mod agent_cost;
+pub(crate) mod collector;
+pub(crate) mod ingest;
+pub(crate) mod latency;
+pub(crate) mod query;
+pub(crate) mod report;
+pub(crate) mod synth;
+pub(crate) mod sys;
+pub(crate) mod timing;
 
 use std::path::PathBuf;
 
 /// Sizes of one run: `--smoke` (seconds, no thresholds) or the full benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     Smoke,
     Full,
 }
 
 impl Mode {
-    pub fn is_smoke(self) -> bool {
+    pub(crate) fn is_smoke(self) -> bool {
         self == Mode::Smoke
     }
 
     /// `--smoke` for commands shown in the report.
-    pub fn flag(self) -> &'static str {
+    pub(crate) fn flag(self) -> &'static str {
         match self {
             Mode::Smoke => " --smoke",
             Mode::Full => "",
@@ -36,7 +36,7 @@ impl Mode {
 
 /// What every benchmark gets.
 #[derive(Debug, Clone)]
-pub struct Ctx {
+pub(crate) struct Ctx {
     pub mode: Mode,
     /// Scratch directory of this run (databases, spools, logs).
     pub dir: PathBuf,
@@ -49,7 +49,7 @@ pub struct Ctx {
 
 impl Ctx {
     /// The command that reproduces one benchmark.
-    pub fn command(&self, name: &str) -> String {
+    pub(crate) fn command(&self, name: &str) -> String {
         let rows = self
             .rows
             .map(|n| format!(" --rows {n}"))
@@ -62,11 +62,11 @@ impl Ctx {
 }
 
 /// The benchmark names, in run order (`--only NAME`).
-pub const NAMES: &[&str] = &["ingest", "query", "latency", "agent-cost", "timing"];
+pub(crate) const NAMES: &[&str] = &["ingest", "query", "latency", "agent-cost", "timing"];
 
 /// Proposals for the targets this run missed, from what the profile and the side-by-side figures
 /// show (see BENCHMARKS.md). Only sections with a miss get one.
-pub fn proposals(report: &report::Report) -> Vec<String> {
+pub(crate) fn proposals(report: &report::Report) -> Vec<String> {
     let missed = |name: &str| {
         report.sections.iter().any(|s| {
             s.name == name

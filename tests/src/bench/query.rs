@@ -62,7 +62,7 @@ where
 }
 
 /// Runs benchmark 3 on `fleet_db` (from `ingest`), or loads a fleet itself when it is `None`.
-pub async fn run(ctx: &Ctx, fleet_db: Option<PathBuf>) -> Section {
+pub(crate) async fn run(ctx: &Ctx, fleet_db: Option<PathBuf>) -> Section {
     let title = "3. Query latency";
     let target = "`status` and `matrix` over 30 days with 10 million stored results (1,000 targets × 10 regions) answer in < 100 ms each (median), from rollups";
     let mut s = Section::new("query", title, ctx.command("query"), target);

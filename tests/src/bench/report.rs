@@ -8,7 +8,7 @@ use super::Mode;
 
 /// Whether a benchmark met its target.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Met(String),
     Missed(String),
     /// Smoke runs have no thresholds.
@@ -31,7 +31,7 @@ impl Verdict {
     }
 
     /// `met` when `ok`, else `missed`, with the same explanation; smoke runs are not judged.
-    pub fn judge(mode: Mode, ok: bool, why: String) -> Verdict {
+    pub(crate) fn judge(mode: Mode, ok: bool, why: String) -> Verdict {
         match (mode, ok) {
             (Mode::Smoke, _) => Verdict::NotJudged,
             (Mode::Full, true) => Verdict::Met(why),
@@ -42,7 +42,7 @@ impl Verdict {
 
 /// One benchmark's part of the report.
 #[derive(Debug, Clone)]
-pub struct Section {
+pub(crate) struct Section {
     /// `--only` name.
     pub name: String,
     pub title: String,
@@ -54,7 +54,7 @@ pub struct Section {
 }
 
 impl Section {
-    pub fn new(name: &str, title: &str, command: String, target: &str) -> Section {
+    pub(crate) fn new(name: &str, title: &str, command: String, target: &str) -> Section {
         Section {
             name: name.into(),
             title: title.into(),
@@ -65,18 +65,18 @@ impl Section {
         }
     }
 
-    pub fn verdict(&mut self, what: &str, v: Verdict) {
+    pub(crate) fn verdict(&mut self, what: &str, v: Verdict) {
         self.verdicts.push((what.into(), v));
     }
 
     /// Appends a line of Markdown.
-    pub fn line(&mut self, text: impl AsRef<str>) {
+    pub(crate) fn line(&mut self, text: impl AsRef<str>) {
         self.body.push_str(text.as_ref());
         self.body.push('\n');
     }
 
     /// Appends a Markdown table.
-    pub fn table(&mut self, header: &[&str], rows: &[Vec<String>]) {
+    pub(crate) fn table(&mut self, header: &[&str], rows: &[Vec<String>]) {
         self.line(format!("| {} |", header.join(" | ")));
         self.line(format!(
             "|{}|",
@@ -103,14 +103,14 @@ impl Section {
 
 /// The whole report.
 #[derive(Debug, Clone)]
-pub struct Report {
+pub(crate) struct Report {
     pub header: Vec<String>,
     pub sections: Vec<Section>,
     pub proposals: Vec<String>,
 }
 
 impl Report {
-    pub fn new(mode: Mode, commit: &str) -> Report {
+    pub(crate) fn new(mode: Mode, commit: &str) -> Report {
         let header = vec![
             format!(
                 "Machine: {} cores ({}), {:.1} GiB memory, load average {} at start; shared with other engineers' builds, so figures are noisy — every comparison below was measured side by side in this run.",
@@ -132,7 +132,7 @@ impl Report {
         }
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::from("# mxscope benchmarks\n\n");
         for h in &self.header {
             let _ = writeln!(out, "{h}\n");

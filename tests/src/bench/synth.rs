@@ -5,7 +5,7 @@
 use mxscope_proto::pb;
 
 /// Regions of the synthetic fleet (one agent per region in the 10M-row run).
-pub const REGIONS: [&str; 10] = [
+pub(crate) const REGIONS: [&str; 10] = [
     "eu-west",
     "eu-central",
     "us-east",
@@ -19,13 +19,13 @@ pub const REGIONS: [&str; 10] = [
 ];
 
 /// Name of synthetic target `i`.
-pub fn target_name(i: usize) -> String {
+pub(crate) fn target_name(i: usize) -> String {
     format!("t{i:04}.bench.test")
 }
 
 /// What one agent produces.
 #[derive(Debug, Clone)]
-pub struct Shape {
+pub(crate) struct Shape {
     pub agent_id: String,
     pub region_index: usize,
     pub targets: usize,
@@ -37,7 +37,7 @@ pub struct Shape {
 
 /// Yields the agent's results in seq order.
 #[derive(Debug)]
-pub struct Generator {
+pub(crate) struct Generator {
     shape: Shape,
     names: Vec<String>,
     hosts: Vec<String>,
@@ -47,7 +47,7 @@ pub struct Generator {
 }
 
 impl Generator {
-    pub fn new(shape: Shape) -> Generator {
+    pub(crate) fn new(shape: Shape) -> Generator {
         let names: Vec<String> = (0..shape.targets).map(target_name).collect();
         let hosts = names.iter().map(|n| format!("mx1.{n}")).collect();
         let ips = (0..shape.targets)
@@ -65,7 +65,7 @@ impl Generator {
     }
 
     /// The next result, `None` after `total`.
-    pub fn next_result(&mut self) -> Option<pb::ProbeResult> {
+    pub(crate) fn next_result(&mut self) -> Option<pb::ProbeResult> {
         let seq = self.next_seq;
         if seq > self.shape.total {
             return None;
@@ -161,7 +161,7 @@ impl Generator {
     }
 
     /// Up to `n` next results.
-    pub fn batch(&mut self, n: usize) -> Vec<pb::ProbeResult> {
+    pub(crate) fn batch(&mut self, n: usize) -> Vec<pb::ProbeResult> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
             match self.next_result() {
@@ -174,7 +174,13 @@ impl Generator {
 }
 
 /// Shapes for `agents` agents sending `total` results between them over `span_us` ending now.
-pub fn fleet(prefix: &str, agents: usize, targets: usize, total: u64, span_us: i64) -> Vec<Shape> {
+pub(crate) fn fleet(
+    prefix: &str,
+    agents: usize,
+    targets: usize,
+    total: u64,
+    span_us: i64,
+) -> Vec<Shape> {
     let now = super::sys::now_us();
     let per = total / agents.max(1) as u64;
     (0..agents)

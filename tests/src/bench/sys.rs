@@ -16,7 +16,7 @@ fn ticks_per_second() -> f64 {
 }
 
 /// utime + stime of `pid` (children not included), in seconds.
-pub fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("read /proc/{pid}/stat"))?;
     // The command name may contain spaces; fields after the closing parenthesis are plain.
@@ -38,7 +38,7 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
 }
 
 /// A `kB` field of `/proc/PID/status` (`VmHWM`, `VmRSS`), in KiB.
-pub fn status_kib(pid: u32, field: &str) -> Result<u64> {
+pub(crate) fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("read /proc/{pid}/status"))?;
     status
@@ -49,24 +49,24 @@ pub fn status_kib(pid: u32, field: &str) -> Result<u64> {
 }
 
 /// Peak resident set size (VmHWM) in MiB.
-pub fn peak_rss_mib(pid: u32) -> Result<f64> {
+pub(crate) fn peak_rss_mib(pid: u32) -> Result<f64> {
     Ok(status_kib(pid, "VmHWM")? as f64 / 1024.0)
 }
 
 /// Current resident set size (VmRSS) in MiB.
-pub fn rss_mib(pid: u32) -> Result<f64> {
+pub(crate) fn rss_mib(pid: u32) -> Result<f64> {
     Ok(status_kib(pid, "VmRSS")? as f64 / 1024.0)
 }
 
 /// Online cores.
-pub fn nproc() -> usize {
+pub(crate) fn nproc() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
 }
 
 /// `MemTotal` in GiB.
-pub fn mem_total_gib() -> f64 {
+pub(crate) fn mem_total_gib() -> f64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -79,7 +79,7 @@ pub fn mem_total_gib() -> f64 {
 }
 
 /// The first `model name` of `/proc/cpuinfo`.
-pub fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -91,17 +91,17 @@ pub fn cpu_model() -> String {
 }
 
 /// The 1-minute load average.
-pub fn load_avg() -> String {
+pub(crate) fn load_avg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| "?".into())
 }
 
-pub use mxscope_proto::time::now_us;
+pub(crate) use mxscope_proto::time::now_us;
 
 /// The `q` quantile (0..=1, nearest rank) of `values`; `None` when empty.
-pub fn quantile(values: &[f64], q: f64) -> Option<f64> {
+pub(crate) fn quantile(values: &[f64], q: f64) -> Option<f64> {
     if values.is_empty() {
         return None;
     }
@@ -115,7 +115,7 @@ pub fn quantile(values: &[f64], q: f64) -> Option<f64> {
 }
 
 /// Median (for an even count, the mean of the two middle values).
-pub fn median(values: &[f64]) -> Option<f64> {
+pub(crate) fn median(values: &[f64]) -> Option<f64> {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         return None;
@@ -130,7 +130,7 @@ pub fn median(values: &[f64]) -> Option<f64> {
 }
 
 /// `value` formatted with `digits` decimals, or `n/a`.
-pub fn fmt(value: Option<f64>, digits: usize) -> String {
+pub(crate) fn fmt(value: Option<f64>, digits: usize) -> String {
     match value {
         Some(v) => format!("{v:.digits$}"),
         None => "n/a".into(),

@@ -24,7 +24,7 @@ const COLLECTOR_PORT: u16 = 7443;
 
 /// Helper mode `--serve-smtp ADDR`: a tiny SMTP responder (220 banner, 250 to EHLO without
 /// STARTTLS, 221 to QUIT). Runs until killed.
-pub fn serve_smtp(addr: &str) -> Result<()> {
+pub(crate) fn serve_smtp(addr: &str) -> Result<()> {
     let listener = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
     println!("listening on {addr}");
     std::io::stdout().flush()?;
@@ -61,7 +61,7 @@ fn smtp_session(conn: TcpStream) -> Result<()> {
 }
 
 /// Helper mode `--connect-times ADDR N`: N plain connects 100 ms apart; prints each in µs.
-pub fn connect_times(addr: &str, n: usize) -> Result<()> {
+pub(crate) fn connect_times(addr: &str, n: usize) -> Result<()> {
     let addr: SocketAddr = addr.parse().context("address")?;
     for _ in 0..n {
         let start = Instant::now();
@@ -100,7 +100,7 @@ fn lab_env(state: &Path) -> Result<Vec<(String, String)>> {
 }
 
 /// Runs benchmark 6.
-pub async fn run(ctx: &Ctx) -> Section {
+pub(crate) async fn run(ctx: &Ctx) -> Section {
     let mut s = Section::new(
         "timing",
         "6. Timing accuracy",
