@@ -1,8 +1,6 @@
 //! In-process cross-region tests: three agents (eu-west, us-east, ap-south) stream results into a
 //! real collector; matrix, latency, diagnose, watch and long-window status are asserted over gRPC.
 
-mod support;
-
 use std::net::SocketAddr;
 
 use mxscope_proto::pb::{self, agent_message, collector_message, ingest_client::IngestClient};
@@ -10,7 +8,7 @@ use mxscope_proto::time::now_us;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use support::{Collector, DEADLINE};
+use crate::support::{Collector, DEADLINE};
 use tonic::Streaming;
 
 /// Injected connect times per region, in microseconds.

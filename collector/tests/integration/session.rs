@@ -1,8 +1,6 @@
 //! In-process tests: the collector's `run` on a port-0 loopback listener, driven by tonic clients
 //! acting as an agent (Ingest) and as mxscopectl (Query).
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -14,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use support::{Collector, DEADLINE};
+use crate::support::{Collector, DEADLINE};
 use tonic::{Code, Streaming};
 
 struct Agent {
