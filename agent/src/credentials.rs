@@ -84,22 +84,14 @@ impl Credentials {
 
     /// Loads `path`, refusing a file that its group or others may read or write.
     pub fn load(path: &Path) -> Result<Credentials, ConfigError> {
-        use std::os::unix::fs::PermissionsExt;
         let file = path.display().to_string();
         let err = |message: String| ConfigError::Credentials {
             file: file.clone(),
             message,
         };
-        let meta = std::fs::metadata(path)
-            .map_err(|e| err(format!("cannot read the credentials file: {e}")))?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(err(format!(
-                "readable by group or others (mode {mode:04o}): run 'chmod 600 {file}'"
-            )));
-        }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| err(format!("cannot read the credentials file: {e}")))?;
+        let bytes = mxscope_proto::secret::read_private(path).map_err(|e| err(e.to_string()))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| err("not UTF-8 text (expected TOML sections)".to_string()))?;
         Credentials::parse(&file, &text)
     }
 }

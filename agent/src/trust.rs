@@ -77,7 +77,11 @@ fn read_pem(path: &Path, flag: &str, marker: &str, what: &str) -> Result<Vec<u8>
         file: path.display().to_string(),
         message,
     };
-    let pem = std::fs::read(path).map_err(|e| err(format!("cannot read {flag}: {e}")))?;
+    let pem = if marker == "PRIVATE KEY" {
+        mxscope_proto::secret::read_private(path).map_err(|e| err(format!("{flag}: {e}")))?
+    } else {
+        std::fs::read(path).map_err(|e| err(format!("cannot read {flag}: {e}")))?
+    };
     if !String::from_utf8_lossy(&pem).contains(marker) {
         return Err(err(format!(
             "{flag}: no {what} in this file (expected PEM '{marker}'; 'mxscopectl enroll' writes agent.pem, agent.key and ca.pem)"
@@ -140,6 +144,13 @@ mod tests {
         let issued = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
         std::fs::write(&cert, issued.cert.pem()).unwrap();
         std::fs::write(&key, issued.key_pair.serialize_pem()).unwrap();
+        // A private key others can read is refused, naming the file and the fix.
+        let e = collector_tls(true, Some(&cert), Some(&key), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("agent.key") && e.contains("chmod 600"), "{e}");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(collector_tls(false, None, None, None).unwrap().is_none());
         let tls = collector_tls(true, Some(&cert), Some(&key), Some(&cert))
             .unwrap()

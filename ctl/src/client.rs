@@ -121,10 +121,9 @@ impl Client {
                     Failure::Usage(format!("cannot read {flag} {}: {e}", path.display()))
                 })
             };
-            tls = tls.identity(Identity::from_pem(
-                read("--tls-cert", cert)?,
-                read("--tls-key", key)?,
-            ));
+            let key = mxscope_proto::secret::read_private(key)
+                .map_err(|e| Failure::Usage(format!("--tls-key: {e}")))?;
+            tls = tls.identity(Identity::from_pem(read("--tls-cert", cert)?, key));
             endpoint = endpoint
                 .tls_config(tls)
                 .map_err(|e| unreachable(chain(&e)))?;
@@ -306,5 +305,29 @@ mod tests {
             "{msg}"
         );
         assert!(msg.to_lowercase().contains("refused"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn a_key_file_others_can_read_is_refused_before_connecting() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("admin.pem"), dir.path().join("admin.key"));
+        std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let target = Target {
+            url: "https://127.0.0.1:1".into(),
+            timeout: Duration::from_secs(5),
+            ca_file: None,
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+        };
+        let err = Client::connect(&target).await.err().expect("must refuse");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("admin.key") && msg.contains("chmod 600"),
+            "{msg}"
+        );
+        assert_eq!(err.exit_code(), 2, "{msg}");
     }
 }

@@ -47,6 +47,7 @@ pub mod facts;
 pub mod limits;
 pub mod model;
 pub mod names;
+pub mod secret;
 pub mod status;
 pub mod target;
 pub mod time;

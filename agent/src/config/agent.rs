@@ -126,7 +126,23 @@ fn validate_collector(url: &str) -> Result<bool, ConfigError> {
             "expected https://host:port (or http://host:port for --insecure collectors)",
         ));
     }
+    if !https && !is_loopback_host(uri.host().unwrap_or_default()) {
+        return Err(err(
+            "plain-text http:// is allowed only to a collector on this machine (127.0.0.1, \
+             [::1], localhost); anything else would send results and the agent's identity \
+             unprotected: use https://host:port with --tls-cert and --tls-key",
+        ));
+    }
     Ok(https)
+}
+
+/// A loopback address or `localhost` (the host part of a URL; IPv6 in brackets).
+fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// DNS-label style ([`names::is_label`]).

@@ -359,6 +359,35 @@ fn flags_validate_and_env_loses_to_flags() {
         e.contains("--tls-cert") && e.contains("mxscopectl enroll"),
         "{e}"
     );
+    // Plain text only to this machine: results and identity never cross a network unprotected.
+    for url in [
+        "http://198.18.0.1:7443",
+        "http://collector.example.net:7443",
+        "http://[2001:db8::1]:7443",
+    ] {
+        let e = bad(&["--collector", url, "--id", "a"]);
+        assert!(
+            e.contains("only to a collector on this machine") && e.contains("https://"),
+            "{url}: {e}"
+        );
+    }
+    for url in [
+        "http://localhost:7443",
+        "http://[::1]:7443",
+        "http://127.0.0.2:7443",
+    ] {
+        let flags = Flags::try_parse_from([
+            "mxscope-agent",
+            "--collector",
+            url,
+            "--id",
+            "a",
+            "--region",
+            "r",
+        ])
+        .unwrap();
+        assert!(AgentConfig::from_flags(flags).is_ok(), "{url}");
+    }
 }
 
 #[test]

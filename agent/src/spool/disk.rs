@@ -356,7 +356,7 @@ impl Spool {
         after_seq: u64,
         max: usize,
     ) -> Result<Vec<pb::ProbeResult>, SpoolError> {
-        let start = after_seq.max(self.state.acked) + 1;
+        let start = after_seq.max(self.state.acked).saturating_add(1);
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut damaged = Vec::new();
@@ -426,7 +426,7 @@ impl Spool {
             self.write_acked_hint(false);
         }
         // The collector knows this seq, so it must never be given again.
-        self.next_seq = self.next_seq.max(up_to_seq + 1);
+        self.next_seq = self.next_seq.max(up_to_seq.saturating_add(1));
         for _ in 0..obsolete {
             let Some(seg) = self.segments.front() else {
                 break;
@@ -523,7 +523,7 @@ impl Spool {
             to = n,
             "collector knows a higher seq, moving ahead"
         );
-        self.next_seq = n + 1;
+        self.next_seq = n.saturating_add(1);
         Ok(())
     }
 

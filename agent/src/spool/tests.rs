@@ -486,3 +486,16 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn seqs_from_a_collector_at_the_top_of_the_range_do_not_overflow() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, _) = Spool::open_with(dir.path(), small()).unwrap();
+    spool.append("a", obs(2)).unwrap();
+    // A collector's Welcome or Ack may carry any u64; the spool must neither panic nor wrap.
+    spool.ensure_seq_above(u64::MAX).unwrap();
+    spool.ack(u64::MAX).unwrap();
+    assert_eq!(spool.acked_seq(), u64::MAX);
+    assert_eq!(spool.depth(), 0);
+    assert!(spool.read_from(u64::MAX, 10).unwrap().is_empty());
+}
