@@ -53,6 +53,7 @@ pub fn probe_context(
     }
 }
 
+        fanout: config.fanout,
 /// Runs the agent with the real probes until `shutdown`.
 pub async fn run(
     config: AgentConfig,

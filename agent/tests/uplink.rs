@@ -385,6 +385,7 @@ async fn agent_probes_while_collector_is_down_and_delivers_later() {
         spool_max: 1 << 20,
         concurrency: 4,
         per_host: 2,
+        fanout: Default::default(),
         labels: BTreeMap::new(),
         helo_name: "probe.invalid".into(),
         log_format: LogFormat::Text,

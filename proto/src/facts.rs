@@ -159,6 +159,12 @@ pub mod imap {
     }
 }
 
+/// Endpoint expansion: what the agent's fan-out caps left out.
+pub mod endpoints {
+    pub const ADDRESSES_DROPPED: &str = "endpoints.addresses_dropped";
+    pub const MX_HOSTS_DROPPED: &str = "endpoints.mx_hosts_dropped";
+}
+
 /// The MTA-STS policy (RFC 8461).
 pub mod mta_sts {
     pub const CONTENT_TYPE: &str = "mta_sts.content_type";

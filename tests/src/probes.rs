@@ -27,6 +27,7 @@ pub fn context(dns: SocketAddr, ca_file: Option<&Path>) -> Result<ProbeContext> 
         host_limits: HostLimits::new(4),
         helo_name: "probe.mxscope.test".to_string(),
         credentials: Default::default(),
+        fanout: Default::default(),
     })
 }
 

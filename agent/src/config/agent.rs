@@ -30,6 +30,8 @@ pub struct AgentConfig {
     pub spool_max: u64,
     pub concurrency: usize,
     pub per_host: usize,
+    /// MX host and address caps of one target.
+    pub fanout: crate::probe::Fanout,
     pub labels: BTreeMap<String, String>,
     pub helo_name: String,
     pub log_format: LogFormat,
@@ -98,6 +100,10 @@ impl AgentConfig {
             spool_max: flags.spool_max,
             concurrency: flags.concurrency as usize,
             per_host: flags.per_host as usize,
+            fanout: crate::probe::Fanout {
+                max_mx_hosts: flags.max_mx_hosts as usize,
+                max_addresses: flags.max_addresses as usize,
+            },
             labels,
             helo_name: flags.helo_name.unwrap_or_else(system_host_name),
             log_format: flags.log_format,

@@ -83,6 +83,12 @@ pub struct Flags {
     /// Limit of simultaneous connections to one mail server.
     #[arg(long, env = "MXSCOPE_PER_HOST", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub per_host: u32,
+    /// Most MX hosts of one domain probed, by preference (the rest are counted, not probed).
+    #[arg(long, env = "MXSCOPE_MAX_MX_HOSTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_mx_hosts: u32,
+    /// Most addresses of one target probed, over all its MX hosts (the rest are counted).
+    #[arg(long, env = "MXSCOPE_MAX_ADDRESSES", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub max_addresses: u32,
     /// Free label `key=value` sent to the collector (repeatable).
     #[arg(long = "label", env = "MXSCOPE_LABEL", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,

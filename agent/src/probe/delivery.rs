@@ -66,7 +66,14 @@ async fn run(
     let from = spec.options.mail_from.as_deref().unwrap_or(&login.user);
     let rcpt = spec.options.rcpt_to.as_deref().unwrap_or(&login.user);
 
-    let expansion = expand(ctx.resolver.as_ref(), &spec.target, spec.kind, deadline).await;
+    let expansion = expand(
+        ctx.resolver.as_ref(),
+        &spec.target,
+        spec.kind,
+        ctx.fanout,
+        deadline,
+    )
+    .await;
     obs.timing(Phase::Resolve, expansion.took);
     let Some(server) = expansion.addrs.first() else {
         let (class, message) = expansion.failures.first().map_or_else(

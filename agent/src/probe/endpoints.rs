@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use mxscope_proto::ErrorClass;
+use mxscope_proto::{facts, ErrorClass, Observation};
 use tokio::time::Instant;
 
 use super::resolve::{Answer, DnsError, Resolve};
@@ -36,6 +36,46 @@ pub(crate) struct Expansion {
     pub addrs: Vec<Address>,
     pub failures: Vec<Failure>,
     pub took: Duration,
+    /// MX hosts left out by [`Fanout::max_mx_hosts`] (the least preferred).
+    pub dropped_mx_hosts: usize,
+    /// Addresses left out by [`Fanout::max_addresses`] (those of the least preferred hosts).
+    pub dropped_addresses: usize,
+}
+
+impl Expansion {
+    /// Records on `obs` what the fan-out caps left out, if anything.
+    pub(crate) fn note_caps(&self, obs: &mut Observation) {
+        if self.dropped_mx_hosts > 0 {
+            obs.fact(facts::endpoints::MX_HOSTS_DROPPED, self.dropped_mx_hosts);
+        }
+        if self.dropped_addresses > 0 {
+            obs.fact(facts::endpoints::ADDRESSES_DROPPED, self.dropped_addresses);
+        }
+    }
+}
+
+/// How far one target may fan out: a domain with hundreds of MX records or a host with hundreds
+/// of addresses must not turn one check into hundreds of connections or lookups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    /// Most MX hosts of one domain probed, by preference.
+    pub max_mx_hosts: usize,
+    /// Most addresses of one target probed (over all its MX hosts).
+    pub max_addresses: usize,
+}
+
+impl Fanout {
+    pub const DEFAULT_MAX_MX_HOSTS: usize = 10;
+    pub const DEFAULT_MAX_ADDRESSES: usize = 32;
+}
+
+impl Default for Fanout {
+    fn default() -> Self {
+        Fanout {
+            max_mx_hosts: Fanout::DEFAULT_MAX_MX_HOSTS,
+            max_addresses: Fanout::DEFAULT_MAX_ADDRESSES,
+        }
+    }
 }
 
 /// Strips `[...]` around an address literal and parses it.
@@ -63,11 +103,13 @@ pub(crate) async fn bounded<T>(
     }
 }
 
-/// Expands `target` into addresses; DNS problems become `failures` (never an `Err`).
+/// Expands `target` into addresses, within `fanout`; DNS problems become `failures` (never an
+/// `Err`).
 pub(crate) async fn expand(
     resolver: &dyn Resolve,
     target: &str,
     kind: TargetKind,
+    fanout: Fanout,
     deadline: Instant,
 ) -> Expansion {
     let started = Instant::now();
@@ -105,6 +147,11 @@ pub(crate) async fn expand(
                     });
                 }
                 hosts.sort_by_key(|(p, _)| *p);
+                let max_hosts = fanout.max_mx_hosts.max(1);
+                if hosts.len() > max_hosts {
+                    out.dropped_mx_hosts = hosts.len() - max_hosts;
+                    hosts.truncate(max_hosts);
+                }
                 let lookups = hosts
                     .iter()
                     .map(|(_, h)| bounded(h, deadline, resolver.ips(h)));
@@ -122,6 +169,11 @@ pub(crate) async fn expand(
                 message: format!("MX lookup for {target}: {e}"),
             }),
         },
+    }
+    let max_addrs = fanout.max_addresses.max(1);
+    if out.addrs.len() > max_addrs {
+        out.dropped_addresses = out.addrs.len() - max_addrs;
+        out.addrs.truncate(max_addrs);
     }
     out.took = started.elapsed();
     out
@@ -192,7 +244,14 @@ mod tests {
             )
             .ips("mx1.example.test", &["127.0.0.1", "::1"])
             .ips("mx2.example.test", &["127.0.0.2"]);
-        let e = expand(&r, "example.test", TargetKind::Domain, far()).await;
+        let e = expand(
+            &r,
+            "example.test",
+            TargetKind::Domain,
+            Fanout::default(),
+            far(),
+        )
+        .await;
         assert!(e.failures.is_empty(), "{:?}", e.failures);
         let got: Vec<_> = e
             .addrs
@@ -212,7 +271,14 @@ mod tests {
     #[tokio::test]
     async fn no_mx_falls_back_to_implicit_mx() {
         let r = FakeResolver::default().ips("example.test", &["127.0.0.1"]);
-        let e = expand(&r, "example.test", TargetKind::Domain, far()).await;
+        let e = expand(
+            &r,
+            "example.test",
+            TargetKind::Domain,
+            Fanout::default(),
+            far(),
+        )
+        .await;
         assert_eq!(e.addrs.len(), 1);
         assert!(e.addrs[0].implicit_mx);
     }
@@ -226,14 +292,21 @@ mod tests {
             )
             .fail("gone.example.test", ErrorClass::DnsNxdomain)
             .ips("mx.example.test", &["127.0.0.1"]);
-        let e = expand(&r, "example.test", TargetKind::Domain, far()).await;
+        let e = expand(
+            &r,
+            "example.test",
+            TargetKind::Domain,
+            Fanout::default(),
+            far(),
+        )
+        .await;
         assert_eq!(e.addrs.len(), 1);
         assert_eq!(e.failures.len(), 1);
         assert_eq!(e.failures[0].host, "gone.example.test");
         assert_eq!(e.failures[0].class, ErrorClass::DnsNxdomain);
 
         let r = FakeResolver::default().fail("nx.test", ErrorClass::DnsNxdomain);
-        let e = expand(&r, "nx.test", TargetKind::Domain, far()).await;
+        let e = expand(&r, "nx.test", TargetKind::Domain, Fanout::default(), far()).await;
         assert!(e.addrs.is_empty());
         assert_eq!(e.failures[0].class, ErrorClass::DnsNxdomain);
     }
@@ -241,10 +314,59 @@ mod tests {
     #[tokio::test]
     async fn literals_and_hosts() {
         let r = FakeResolver::default().ips("h.test", &["::1"]);
-        let e = expand(&r, "[127.0.0.1]", TargetKind::Domain, far()).await;
+        let e = expand(
+            &r,
+            "[127.0.0.1]",
+            TargetKind::Domain,
+            Fanout::default(),
+            far(),
+        )
+        .await;
         assert_eq!(e.addrs[0].ip.to_string(), "127.0.0.1");
-        let e = expand(&r, "h.test", TargetKind::Host, far()).await;
+        let e = expand(&r, "h.test", TargetKind::Host, Fanout::default(), far()).await;
         assert_eq!(e.addrs[0].ip.to_string(), "::1");
         assert_eq!(e.addrs[0].preference, None);
+    }
+
+    #[tokio::test]
+    async fn fan_out_is_capped_by_preference_and_what_was_left_out_is_counted() {
+        // 30 MX hosts with 4 addresses each: a hostile zone asking for 120 connections.
+        let mut r = FakeResolver::default();
+        let mx: Vec<(u16, String)> = (0..30u16)
+            .map(|i| (100 - i, format!("mx{i}.example.test")))
+            .collect();
+        let mx_refs: Vec<(u16, &str)> = mx.iter().map(|(p, h)| (*p, h.as_str())).collect();
+        r = r.mx("example.test", &mx_refs);
+        for (i, (_, host)) in mx.iter().enumerate() {
+            let ips: Vec<String> = (1..=4).map(|j| format!("127.0.{i}.{j}")).collect();
+            let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+            r = r.ips(host, &ips);
+        }
+        let fanout = Fanout {
+            max_mx_hosts: 5,
+            max_addresses: 12,
+        };
+        let e = expand(&r, "example.test", TargetKind::Domain, fanout, far()).await;
+        assert_eq!(e.dropped_mx_hosts, 25);
+        assert_eq!(e.addrs.len(), 12);
+        assert_eq!(e.dropped_addresses, 5 * 4 - 12);
+        // The most preferred hosts (lowest preference value) are the ones kept.
+        assert_eq!(e.addrs[0].host, "mx29.example.test");
+        assert!(e.addrs.iter().all(|a| a.preference.unwrap() <= 75));
+        let mut obs = Observation::new(
+            "example.test",
+            mxscope_proto::Endpoint::host("example.test"),
+            mxscope_proto::CheckKind::Smtp,
+            1,
+        );
+        e.note_caps(&mut obs);
+        assert_eq!(
+            obs.fact_of(facts::endpoints::MX_HOSTS_DROPPED),
+            Some(&mxscope_proto::FactValue::Int(25))
+        );
+        assert_eq!(
+            obs.fact_of(facts::endpoints::ADDRESSES_DROPPED),
+            Some(&mxscope_proto::FactValue::Int(8))
+        );
     }
 }

@@ -47,6 +47,7 @@ pub struct CheckSpec {
     /// Port override; `None` = the check's well-known port.
     pub port: Option<u16>,
     /// Total deadline of one probe run.
+pub use endpoints::Fanout;
     pub timeout: Duration,
     pub interval: Duration,
     /// STARTTLS missing where it is optional is a failure instead of a warning.
@@ -151,6 +152,8 @@ impl std::fmt::Debug for ProbeContext {
 
 /// A duration as an integer fact in microseconds (`FactValue` has no `u64`).
 pub(crate) fn fact_us(d: Duration) -> i64 {
+    /// How many MX hosts and addresses one target may fan out to.
+    pub fanout: Fanout,
     i64::try_from(mxscope_proto::time::micros(d)).unwrap_or(i64::MAX)
 }
 
@@ -191,11 +194,15 @@ pub async fn run_check(spec: &CheckSpec, ctx: &ProbeContext) -> Vec<Observation>
         CheckKind::Mx => {
             vec![mx::check(ctx.resolver.as_ref(), &spec.target, start_us, deadline).await]
         }
-        CheckKind::Spf => vec![records::spf_check(spec, resolver, start_us, deadline).await],
+        CheckKind::Spf => {
+            vec![records::spf_check(spec, resolver, ctx.fanout, start_us, deadline).await]
+        }
         CheckKind::Dmarc => vec![records::dmarc_check(spec, resolver, start_us, deadline).await],
         CheckKind::Dkim => vec![records::dkim_check(spec, resolver, start_us, deadline).await],
         CheckKind::Tlsrpt => vec![records::tlsrpt_check(spec, resolver, start_us, deadline).await],
-        CheckKind::Dnsbl => vec![dnsbl::check(spec, resolver, start_us, deadline).await],
+        CheckKind::Dnsbl => {
+            vec![dnsbl::check(spec, resolver, ctx.fanout, start_us, deadline).await]
+        }
         CheckKind::Queue => vec![queue::check(spec, start_us, deadline).await],
         CheckKind::Delivery => vec![delivery::check(spec, ctx, start_us, deadline).await],
         CheckKind::MtaSts => vec![mtasts::check(spec, ctx, start_us, deadline).await],
@@ -238,8 +245,14 @@ async fn per_address(
 ) -> Vec<Observation> {
     let started = Instant::now();
     let port = spec.port().unwrap_or(0);
-    let expansion =
-        endpoints::expand(ctx.resolver.as_ref(), &spec.target, spec.kind, deadline).await;
+    let expansion = endpoints::expand(
+        ctx.resolver.as_ref(),
+        &spec.target,
+        spec.kind,
+        ctx.fanout,
+        deadline,
+    )
+    .await;
     let mut out = Vec::new();
     for f in &expansion.failures {
         let endpoint = Endpoint {
@@ -274,6 +287,7 @@ async fn per_address(
             spec,
             ctx,
             host: &a.host,
+        expansion.note_caps(&mut obs);
             addr: SocketAddr::new(a.ip, port),
             deadline,
             peer_chain: None,

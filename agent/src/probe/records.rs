@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use mxscope_proto::{facts, CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
-use super::endpoints::{bounded, expand};
+use super::endpoints::{bounded, expand, Fanout};
 use super::policy::{dkim, dmarc, tlsrpt};
 use super::resolve::{Answer, DnsError, Resolve};
 use super::spf;
@@ -90,6 +90,7 @@ fn dns_problem(obs: &mut Observation, what: &str, e: &DnsError) {
 pub(crate) async fn spf_check(
     spec: &CheckSpec,
     resolver: &dyn Resolve,
+    fanout: Fanout,
     start_us: i64,
     deadline: Instant,
 ) -> Observation {
@@ -194,7 +195,8 @@ pub(crate) async fn spf_check(
     }
 
     // Is each MX address authorised to send for the domain?
-    let expansion = expand(resolver, domain, TargetKind::Domain, deadline).await;
+    let expansion = expand(resolver, domain, TargetKind::Domain, fanout, deadline).await;
+    expansion.note_caps(&mut obs);
     obs.fact(facts::spf::MX_ADDRESSES, expansion.addrs.len());
     let mut unauthorised = Vec::new();
     for a in &expansion.addrs {

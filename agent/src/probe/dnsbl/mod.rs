@@ -7,7 +7,7 @@ use mxscope_proto::{facts, CheckKind, Endpoint, ErrorClass, Observation, Outcome
 use tokio::time::Instant;
 
 use self::parse::{classify_answer, reverse_query_name, DnsblAnswer};
-use super::endpoints::{bounded, expand};
+use super::endpoints::{bounded, expand, Fanout};
 use super::records::txt_or_empty;
 use super::resolve::Resolve;
 use super::CheckSpec;
@@ -16,6 +16,7 @@ use super::CheckSpec;
 pub(crate) async fn check(
     spec: &CheckSpec,
     resolver: &dyn Resolve,
+    fanout: Fanout,
     start_us: i64,
     deadline: Instant,
 ) -> Observation {
@@ -37,7 +38,8 @@ pub(crate) async fn check(
         );
         return obs;
     }
-    let expansion = expand(resolver, &spec.target, spec.kind, deadline).await;
+    let expansion = expand(resolver, &spec.target, spec.kind, fanout, deadline).await;
+    expansion.note_caps(&mut obs);
     for f in &expansion.failures {
         obs.problem(Outcome::Fail, f.class, Phase::Resolve, f.message.clone());
     }

@@ -33,6 +33,7 @@ fn context_with(roots: rustls::RootCertStore) -> ProbeContext {
         host_limits: HostLimits::new(2),
         helo_name: "probe.mxscope.test".to_string(),
         credentials: Default::default(),
+        fanout: Default::default(),
     }
 }
 
@@ -43,6 +44,7 @@ fn context(resolver: FakeResolver) -> ProbeContext {
         host_limits: HostLimits::new(2),
         helo_name: "probe.mxscope.test".to_string(),
         credentials: Default::default(),
+        fanout: Default::default(),
     }
 }
 
