@@ -268,7 +268,8 @@ fn width(s: &str) -> usize {
     s.chars().count()
 }
 
-fn one_line(s: &str) -> String {
+/// `s` with every control character (escape sequences, line breaks) shown as a space.
+pub(crate) fn one_line(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()

@@ -109,6 +109,7 @@ fn find_addresses(line: &str) -> Vec<String> {
     let is_local = |c: char| c.is_ascii_alphanumeric() || "._%+-=!#$&'*/?^`{|}~".contains(c);
     let is_domain = |c: char| c.is_ascii_alphanumeric() || c == '.' || c == '-';
     let mut out: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (at, _) in line.match_indices('@') {
         let before = line.get(..at).unwrap_or_default();
         let after = line.get(at + 1..).unwrap_or_default();
@@ -124,7 +125,7 @@ fn find_addresses(line: &str) -> Vec<String> {
             continue;
         }
         let address = format!("{local}@{domain}");
-        if !out.contains(&address) {
+        if seen.insert(address.clone()) {
             out.push(address);
         }
     }

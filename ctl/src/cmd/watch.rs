@@ -87,10 +87,12 @@ pub(crate) fn line(e: &pb::WatchEvent, format: Format) -> String {
             } else {
                 format!("  ({})", e.error_class)
             };
-            format!(
+            // Every field comes from agents through the collector: no control character may
+            // reach the terminal (escape sequences, carriage returns), as in the other tables.
+            output::one_line(&format!(
                 "{time}  {} {} {} {}  {} -> {}{why}",
                 e.target, e.check, e.region, e.endpoint, e.old_state, e.new_state
-            )
+            ))
         }
         Format::Json => json!({
             "time": time,
@@ -164,5 +166,15 @@ mod tests {
             line(&event(), Format::Csv),
             "2023-11-14T22:13:20Z,lab.test,mx.lab.test[198.18.0.2]:25,smtp,ap-south,ok,failing,timeout"
         );
+    }
+
+    #[test]
+    fn table_lines_carry_no_control_characters() {
+        let mut e = event();
+        e.target = "evil.test\x1b[2J\rspoofed".into();
+        e.error_class = "x\x07\n".into();
+        let l = line(&e, Format::Table);
+        assert!(!l.chars().any(char::is_control), "{l:?}");
+        assert!(l.contains("evil.test"), "{l}");
     }
 }
