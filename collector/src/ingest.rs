@@ -343,6 +343,16 @@ impl Drop for Connection {
 }
 
 type Commit = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>>;
+type Beat = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
+/// What one agent message asks of the session.
+enum Handled {
+    Nothing,
+    /// A batch: the future of its commit and its number of results.
+    Batch(Commit, usize),
+    /// A heartbeat's spool depth and dropped total.
+    Heartbeat(u64, u64),
+}
 
 struct Session {
     connection: Connection,
@@ -358,6 +368,10 @@ impl Session {
     async fn run(mut self, mut inbound: Streaming<pb::raw::AgentMessage>) {
         let max_in_flight = self.shared.config.max_in_flight_batches.max(1);
         let mut pending: FuturesOrdered<Commit> = FuturesOrdered::new();
+        // Heartbeats coalesce: at most one is being written for this session; a newer one
+        // arriving meanwhile replaces the one waiting, so a flood costs one queued write.
+        let mut beat: Option<Beat> = None;
+        let mut next_beat: Option<(u64, u64)> = None;
         let mut reading = true;
         let mut failure: Option<Status> = None;
         let mut schedule_open = true;
@@ -369,7 +383,7 @@ impl Session {
             return;
         }
         loop {
-            if !reading && pending.is_empty() {
+            if !reading && pending.is_empty() && beat.is_none() {
                 break;
             }
             tokio::select! {
@@ -386,6 +400,15 @@ impl Session {
                         break;
                     }
                 },
+                res = async { beat.as_mut().expect("guarded").await }, if beat.is_some() => {
+                    beat = None;
+                    if let Err(err) = res {
+                        warn!(agent.id = %self.agent_id, error = %chain(&err), "storing a heartbeat failed");
+                    }
+                    if let Some((depth, dropped)) = next_beat.take() {
+                        beat = Some(self.heartbeat(depth, dropped));
+                    }
+                }
                 () = self.shared.shutdown.cancelled(), if reading => {
                     debug!(agent.id = %self.agent_id, in_flight = pending.len(), "draining session on shutdown");
                     reading = false;
@@ -414,11 +437,20 @@ impl Session {
                 }
                 msg = inbound.message(), if reading && resume_at.is_none() && pending.len() < max_in_flight => match msg {
                     Ok(Some(m)) => match self.handle(m) {
-                        Ok(Some((commit, results))) => {
+                        Ok(Handled::Batch(commit, results)) => {
                             pending.push_back(commit);
                             resume_at = self.throttle(results);
                         }
-                        Ok(None) => {}
+                        Ok(Handled::Heartbeat(depth, dropped)) => {
+                            if beat.is_none() {
+                                beat = Some(self.heartbeat(depth, dropped));
+                            } else {
+                                if next_beat.replace((depth, dropped)).is_some() {
+                                    Counters::bump(&self.shared.counters.heartbeats_coalesced);
+                                }
+                            }
+                        }
+                        Ok(Handled::Nothing) => {}
                         Err(err) => {
                             warn!(agent.id = %self.agent_id, error = %err, "closing session on bad input");
                             failure = Some(err.into());
@@ -465,10 +497,17 @@ impl Session {
         Some(Instant::now() + wait)
     }
 
-    /// Handles one message; a batch yields the future of its commit and its number of results.
-    fn handle(&self, m: pb::raw::AgentMessage) -> Result<Option<(Commit, usize)>, ServiceError> {
+    /// Queues one heartbeat's write.
+    fn heartbeat(&self, spool_depth: u64, dropped_total: u64) -> Beat {
+        self.shared
+            .store
+            .heartbeat(&self.agent_id, spool_depth, dropped_total, now_us())
+    }
+
+    /// Handles one message: a batch yields the future of its commit, a heartbeat its values.
+    fn handle(&self, m: pb::raw::AgentMessage) -> Result<Handled, ServiceError> {
         match m.msg {
-            None => Ok(None),
+            None => Ok(Handled::Nothing),
             Some(Up::Hello(_)) => Err(ServiceError::InvalidArgument(
                 "hello was already sent on this session".into(),
             )),
@@ -520,23 +559,9 @@ impl Session {
                     rejected,
                     now,
                 );
-                Ok(Some((commit, n)))
+                Ok(Handled::Batch(commit, n))
             }
-            Some(Up::Heartbeat(hb)) => {
-                let commit = self.shared.store.heartbeat(
-                    &self.agent_id,
-                    hb.spool_depth,
-                    hb.dropped_total,
-                    now_us(),
-                );
-                let id = self.agent_id.clone();
-                self.shared.tasks.spawn(async move {
-                    if let Err(err) = commit.await {
-                        warn!(agent.id = %id, error = %chain(&err), "storing a heartbeat failed");
-                    }
-                });
-                Ok(None)
-            }
+            Some(Up::Heartbeat(hb)) => Ok(Handled::Heartbeat(hb.spool_depth, hb.dropped_total)),
         }
     }
 

@@ -230,6 +230,8 @@ pub struct Counters {
     pub revoked_refused: AtomicU64,
     /// Open sessions closed because their agent was revoked.
     pub revoked_closed: AtomicU64,
+    /// Heartbeats replaced by a newer one of the same session before they were written.
+    pub heartbeats_coalesced: AtomicU64,
 }
 
 impl Counters {

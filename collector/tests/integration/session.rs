@@ -506,3 +506,43 @@ async fn shutdown_ends_sessions_and_every_ack_was_committed() {
     assert!(stored >= acked, "acked {acked} but stored {stored}");
     drop(dir);
 }
+
+/// One agent floods heartbeats as fast as its stream carries them; another agent's batch is
+/// still stored and acked within a second, and the flood costs at most one queued write at a
+/// time (heartbeats coalesce per session).
+#[tokio::test]
+async fn a_heartbeat_flood_does_not_delay_another_agents_results() {
+    let c = Collector::start(|_| {}).await;
+    let mut flooder = Agent::connect(c.addr, "flood-1", "eu-west").await;
+    assert_eq!(flooder.welcome().await, 0);
+    let mut good = Agent::connect(c.addr, "good-1", "us-east").await;
+    assert_eq!(good.welcome().await, 0);
+
+    const BEATS: u64 = 200_000;
+    let tx = flooder.tx.clone();
+    let flood = tokio::spawn(async move {
+        for i in 0..BEATS {
+            let beat = up(agent_message::Msg::Heartbeat(pb::Heartbeat {
+                spool_depth: i,
+                dropped_total: 0,
+                sent_at_us: now_us(),
+            }));
+            if tx.send(beat).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Let the flood build up, then time a normal batch of the other agent.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    good.send_batch(1..=10).await;
+    assert_eq!(good.ack().await, 10);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the good agent's batch waited {took:?} behind the flood"
+    );
+    flood.abort();
+    drop(flooder);
+    c.shutdown().await.0.expect("clean shutdown");
+}
