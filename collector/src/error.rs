@@ -29,6 +29,9 @@ pub enum ServiceError {
     /// The peer went away.
     #[error("{0}")]
     Cancelled(String),
+    /// The operation was ended in favour of another (a newer session of the same agent).
+    #[error("{0}")]
+    Aborted(String),
     #[error(transparent)]
     Target(#[from] TargetError),
     #[error(transparent)]
@@ -46,6 +49,7 @@ impl From<ServiceError> for Status {
             ServiceError::PermissionDenied(m) => Status::permission_denied(m),
             ServiceError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
             ServiceError::Cancelled(m) => Status::cancelled(m),
+            ServiceError::Aborted(m) => Status::aborted(m),
             ServiceError::Target(e) => Status::invalid_argument(e.to_string()),
             ServiceError::Store(e) => store_status(e),
         }

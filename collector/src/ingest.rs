@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::stream::FuturesOrdered;
@@ -15,13 +16,14 @@ use mxscope_proto::raw::ResultView;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::auth::{Mode, Revoked};
 use crate::error::{chain, ServiceError};
 use crate::limits::Counters;
-use crate::shared::Shared;
+use crate::shared::{LiveSession, Shared};
 use crate::store::{AgentHello, StoreError};
 use mxscope_pki::Identity;
 use mxscope_proto::names::is_label;
@@ -307,24 +309,38 @@ fn count_stream_error(counters: &Counters, agent: &str, status: Status) -> Statu
     }
 }
 
-/// Counts an agent as connected while alive.
+/// An agent's one session while alive: opening it ends the agent's older session, if any (two
+/// live sessions of one id would interleave seqs and lose results below the high-water mark).
 struct Connection {
     shared: Arc<Shared>,
     id: String,
+    generation: u64,
+    /// Cancelled when a newer session of the same agent opens.
+    replaced: CancellationToken,
 }
 
 impl Connection {
     fn open(shared: Arc<Shared>, id: &str) -> Connection {
+        static GENERATION: AtomicU64 = AtomicU64::new(1);
+        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        let replaced = CancellationToken::new();
         if let Ok(mut m) = shared.connected.lock() {
-            let n = m.entry(id.to_string()).or_insert(0);
-            *n += 1;
-            if *n > 1 {
-                warn!(agent.id = %id, sessions = *n, "agent has more than one open session");
+            let live = LiveSession {
+                generation,
+                replaced: replaced.clone(),
+            };
+            if let Some(old) = m.insert(id.to_string(), live) {
+                old.replaced.cancel();
+                let n = Counters::bump(&shared.counters.sessions_replaced);
+                warn!(agent.id = %id, sessions_replaced_total = n,
+                    "a newer session of this agent replaces its open one (two agents with one id?)");
             }
         }
         Connection {
             shared,
             id: id.to_string(),
+            generation,
+            replaced,
         }
     }
 }
@@ -332,11 +348,10 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         if let Ok(mut m) = self.shared.connected.lock() {
-            if let Some(n) = m.get_mut(&self.id) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    m.remove(&self.id);
-                }
+            if m.get(&self.id)
+                .is_some_and(|l| l.generation == self.generation)
+            {
+                m.remove(&self.id);
             }
         }
     }
@@ -408,6 +423,13 @@ impl Session {
                     if let Some((depth, dropped)) = next_beat.take() {
                         beat = Some(self.heartbeat(depth, dropped));
                     }
+                }
+                () = self.connection.replaced.cancelled(), if reading => {
+                    // Stop reading; what is in flight still commits and is acked.
+                    failure = Some(Status::from(ServiceError::Aborted(format!(
+                        "agent '{}' opened a newer session; this one is closed", self.agent_id
+                    ))));
+                    reading = false;
                 }
                 () = self.shared.shutdown.cancelled(), if reading => {
                     debug!(agent.id = %self.agent_id, in_flight = pending.len(), "draining session on shutdown");

@@ -103,6 +103,9 @@ pub fn server_tls(files: &TlsFiles) -> Result<ServerTlsConfig, RunError> {
         .client_auth_optional(false))
 }
 
+/// Streams (and requests in flight) one client connection may hold.
+const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+
 /// Serves gRPC (Ingest and Query) with mTLS when `config.tls` is set, else plain text on loopback, on `listener` until `shutdown` completes. Then it stops
 /// accepting, lets open sessions commit and ack their in-flight batches (up to
 /// `config.shutdown_grace`), closes the database writer and returns.
@@ -209,6 +212,10 @@ pub async fn run(
         // HTTP/2 keepalive: notice dead agents behind silent NATs.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // One connection cannot hold more than this many streams or requests at once: an agent
+        // needs one session stream, mxscopectl a few calls.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
         // Roles: the certificate's identity against the method (auth.rs), the one place it is checked.
         .layer(AuthLayer::new(mode, counters))
         .add_service(ingest)

@@ -232,6 +232,8 @@ pub struct Counters {
     pub revoked_closed: AtomicU64,
     /// Heartbeats replaced by a newer one of the same session before they were written.
     pub heartbeats_coalesced: AtomicU64,
+    /// Sessions closed because the same agent id opened a newer one.
+    pub sessions_replaced: AtomicU64,
 }
 
 impl Counters {

@@ -33,6 +33,17 @@ pub const DEFAULT_SINCE: Duration = Duration::from_secs(3600);
 /// Label that marks a target as a canary (a reference mail server), with value `true`.
 pub const CANARY_LABEL: &str = "canary";
 
+/// The canaries among `central` targets. Only operators define canaries: a failing canary makes
+/// an agent's other failures count as its own network's, so an agent-local target (which any
+/// enrolled agent can declare in its hello) never is one, whatever its labels.
+fn canary_names(central: &[Target]) -> BTreeSet<String> {
+    central
+        .iter()
+        .filter(|t| t.labels.get(CANARY_LABEL).is_some_and(|v| v == "true"))
+        .map(|t| t.name.clone())
+        .collect()
+}
+
 /// gRPC `Query` implementation.
 pub struct QueryService {
     shared: Arc<Shared>,
@@ -80,26 +91,9 @@ impl QueryService {
         }
     }
 
-    /// Names of the targets (central or agent-local) labelled `canary=true`.
+    /// Names of the central targets labelled `canary=true` (see [`canary_names`]).
     async fn canaries(&self) -> Result<BTreeSet<String>, ServiceError> {
-        let store = &self.shared.store;
-        let is_canary = |t: &Target| t.labels.get(CANARY_LABEL).is_some_and(|v| v == "true");
-        let mut out: BTreeSet<String> = store
-            .central_targets()
-            .await?
-            .into_iter()
-            .filter(is_canary)
-            .map(|t| t.name)
-            .collect();
-        out.extend(
-            store
-                .local_targets()
-                .await?
-                .into_iter()
-                .filter(|(_, _, t)| is_canary(t))
-                .map(|(_, _, t)| t.name),
-        );
-        Ok(out)
+        Ok(canary_names(&self.shared.store.central_targets().await?))
     }
 
     /// Every series' analysis view (agent faults need all of them, whatever the request filters).
@@ -470,5 +464,23 @@ mod tests {
         let wire = d.to_wire("central");
         assert_eq!(wire.ports.get("smtp"), Some(&2525));
         assert_eq!(validate(&wire).unwrap(), d);
+    }
+
+    #[test]
+    fn only_central_targets_are_canaries() {
+        let spec = |name: &str, canary: &str| {
+            let mut s = pb::TargetSpec {
+                name: name.into(),
+                checks: vec!["smtp".into()],
+                ..Default::default()
+            };
+            s.labels.insert(CANARY_LABEL.into(), canary.into());
+            validate(&s).unwrap()
+        };
+        let central = [spec("ref.test", "true"), spec("other.test", "false")];
+        assert_eq!(
+            canary_names(&central).into_iter().collect::<Vec<_>>(),
+            vec!["ref.test"]
+        );
     }
 }

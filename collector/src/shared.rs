@@ -92,8 +92,8 @@ pub(crate) struct Shared {
     /// Storage, behind the seam a second backend implements.
     pub store: Arc<dyn Store>,
     pub config: Config,
-    /// Open sessions per agent id.
-    pub connected: Mutex<HashMap<String, usize>>,
+    /// The one live session of each connected agent id (a newer session replaces it).
+    pub connected: Mutex<HashMap<String, LiveSession>>,
     /// Bumped after every committed change of the central targets.
     pub schedule: watch::Sender<u64>,
     pub shutdown: CancellationToken,
@@ -108,11 +108,18 @@ pub(crate) struct Shared {
     pub counters: Arc<Counters>,
 }
 
+/// An agent's live session: which one it is and how to end it when a newer one arrives.
+#[derive(Debug)]
+pub(crate) struct LiveSession {
+    pub generation: u64,
+    pub replaced: CancellationToken,
+}
+
 impl Shared {
     pub(crate) fn is_connected(&self, id: &str) -> bool {
         self.connected
             .lock()
-            .map(|m| m.get(id).copied().unwrap_or(0) > 0)
+            .map(|m| m.contains_key(id))
             .unwrap_or(false)
     }
 }

@@ -546,3 +546,55 @@ async fn a_heartbeat_flood_does_not_delay_another_agents_results() {
     drop(flooder);
     c.shutdown().await.0.expect("clean shutdown");
 }
+
+/// A second session of the same agent id replaces the first: the first ends with `Aborted` once
+/// what it had in flight is acked, and the newer one carries on. (Two live sessions of one id
+/// would interleave seqs and lose results below the high-water mark.)
+#[tokio::test]
+async fn a_newer_session_of_the_same_agent_replaces_the_older_one() {
+    let c = Collector::start(|_| {}).await;
+    let mut old = Agent::connect(c.addr, "twin-1", "eu-west").await;
+    assert_eq!(old.welcome().await, 0);
+    old.send_batch(1..=5).await;
+    assert_eq!(old.ack().await, 5);
+
+    let mut new = Agent::connect(c.addr, "twin-1", "eu-west").await;
+    assert_eq!(new.welcome().await, 5);
+    let ended = loop {
+        match old.next().await {
+            Ok(Some(collector_message::Msg::Schedule(_))) => continue,
+            other => break other,
+        }
+    };
+    match ended {
+        Err(status) => {
+            assert_eq!(status.code(), Code::Aborted, "{status:?}");
+            assert!(status.message().contains("newer session"), "{status:?}");
+        }
+        other => panic!("the older session must end, got {other:?}"),
+    }
+    new.send_batch(6..=8).await;
+    assert_eq!(new.ack().await, 8);
+    let mut q = c.query().await;
+    assert_eq!(
+        stored_seqs(&mut q, "twin-1").await,
+        (1..=8).collect::<Vec<_>>()
+    );
+    let agents = q
+        .agents(pb::AgentsRequest::default())
+        .await
+        .expect("agents")
+        .into_inner();
+    let twin = agents
+        .agents
+        .iter()
+        .find(|a| a.id == "twin-1")
+        .expect("listed");
+    assert!(
+        twin.connected,
+        "the newer session keeps the agent connected"
+    );
+    drop(old);
+    drop(new);
+    c.shutdown().await.0.expect("clean shutdown");
+}
