@@ -50,10 +50,10 @@ pub fn probe_context(
         host_limits: HostLimits::new(config.per_host),
         helo_name: config.helo_name.clone(),
         credentials: Arc::new(config.credentials.clone()),
+        fanout: config.fanout,
     }
 }
 
-        fanout: config.fanout,
 /// Runs the agent with the real probes until `shutdown`.
 pub async fn run(
     config: AgentConfig,

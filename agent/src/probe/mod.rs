@@ -33,6 +33,7 @@ use mxscope_proto::time::now_us;
 use mxscope_proto::{facts, CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
 
+pub use endpoints::Fanout;
 pub use limits::HostLimits;
 pub use resolve::{Resolve, Resolver};
 
@@ -47,7 +48,6 @@ pub struct CheckSpec {
     /// Port override; `None` = the check's well-known port.
     pub port: Option<u16>,
     /// Total deadline of one probe run.
-pub use endpoints::Fanout;
     pub timeout: Duration,
     pub interval: Duration,
     /// STARTTLS missing where it is optional is a failure instead of a warning.
@@ -138,6 +138,8 @@ pub struct ProbeContext {
     pub helo_name: String,
     /// Logins from `--credentials` that probes refer to by name (passwords print as `***`).
     pub credentials: Arc<crate::credentials::Credentials>,
+    /// How many MX hosts and addresses one target may fan out to.
+    pub fanout: Fanout,
 }
 
 impl std::fmt::Debug for ProbeContext {
@@ -152,8 +154,6 @@ impl std::fmt::Debug for ProbeContext {
 
 /// A duration as an integer fact in microseconds (`FactValue` has no `u64`).
 pub(crate) fn fact_us(d: Duration) -> i64 {
-    /// How many MX hosts and addresses one target may fan out to.
-    pub fanout: Fanout,
     i64::try_from(mxscope_proto::time::micros(d)).unwrap_or(i64::MAX)
 }
 
@@ -273,6 +273,7 @@ async fn per_address(
         };
         let mut obs = Observation::new(&spec.target, endpoint, spec.check, start_us);
         obs.timing(Phase::Resolve, expansion.took);
+        expansion.note_caps(&mut obs);
         obs.fact(
             facts::address::FAMILY,
             if a.ip.is_ipv4() { "ipv4" } else { "ipv6" },
@@ -287,7 +288,6 @@ async fn per_address(
             spec,
             ctx,
             host: &a.host,
-        expansion.note_caps(&mut obs);
             addr: SocketAddr::new(a.ip, port),
             deadline,
             peer_chain: None,
