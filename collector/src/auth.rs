@@ -23,7 +23,19 @@ use mxscope_pki::{identity_of, Identity};
 
 const INGEST: &str = "/mxscope.v1.Ingest/";
 const QUERY: &str = "/mxscope.v1.Query/";
-const WRITE_METHODS: [&str; 2] = ["PutTarget", "RemoveTarget"];
+/// The Query methods a read-only certificate may call: an allow-list, so a method added later is
+/// admin-only until it is put here.
+const READ_METHODS: [&str; 9] = [
+    "Status",
+    "Results",
+    "Agents",
+    "Matrix",
+    "Latency",
+    "Diagnose",
+    "ListTargets",
+    "GetTarget",
+    "Watch",
+];
 
 /// Decides whether `who` may call the gRPC method at `path`.
 pub fn authorize(path: &str, who: Option<&Identity>) -> Result<(), Status> {
@@ -45,10 +57,14 @@ pub fn authorize(path: &str, who: Option<&Identity>) -> Result<(), Status> {
     if let Some(method) = path.strip_prefix(QUERY) {
         return match who {
             Identity::Admin { .. } => Ok(()),
-            Identity::Reader { .. } if WRITE_METHODS.contains(&method) => Err(
+            Identity::Reader { .. } if READ_METHODS.contains(&method) => Ok(()),
+            Identity::Reader { .. } if matches!(method, "PutTarget" | "RemoveTarget") => Err(
                 Status::from(ServiceError::PermissionDenied("read-only credential cannot change targets".into())),
             ),
-            Identity::Reader { .. } => Ok(()),
+            Identity::Reader { .. } => Err(Status::from(ServiceError::PermissionDenied(format!(
+                "a read-only credential cannot call {method} (it may call {}); use an admin certificate",
+                READ_METHODS.join(", ")
+            )))),
             Identity::Agent { .. } => Err(Status::from(ServiceError::PermissionDenied(
                 "agent certificates cannot use the Query API; use an admin or read-only certificate".into(),
             ))),
@@ -262,6 +278,33 @@ mod tests {
             code("/grpc.health.v1.Health/Check", Some(&admin)),
             Some(Code::PermissionDenied)
         );
+        // The reader's rights are an allow-list: a method not on it (one added later, say) is
+        // refused, while every read method is allowed.
+        let future = authorize("/mxscope.v1.Query/DropDatabase", Some(&reader))
+            .expect_err("unknown method refused for readers");
+        assert_eq!(future.code(), Code::PermissionDenied);
+        assert!(future.message().contains("may call Status"), "{future:?}");
+        assert_eq!(code("/mxscope.v1.Query/DropDatabase", Some(&admin)), None);
+        for m in READ_METHODS {
+            assert_eq!(code(&format!("{QUERY}{m}"), Some(&reader)), None, "{m}");
+        }
+    }
+
+    #[test]
+    fn the_read_list_names_every_query_method_that_changes_nothing() {
+        let proto = include_str!("../../proto/mxscope/v1/mxscope.proto");
+        let service = &proto[proto.find("service Query").expect("Query service")..];
+        let service = &service[..service.find('}').expect("end of service")];
+        let methods: Vec<&str> = service
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .filter_map(|l| l.split('(').next())
+            .collect();
+        assert!(methods.len() >= 11, "{methods:?}");
+        for m in &methods {
+            let writes = matches!(*m, "PutTarget" | "RemoveTarget");
+            assert_eq!(READ_METHODS.contains(m), !writes, "{m}");
+        }
     }
 
     #[test]
