@@ -151,7 +151,7 @@ impl Spool {
                     }
                 };
                 if seq > last_seen {
-                    let from = last_seen.max(covered) + 1;
+                    let from = last_seen.max(covered).saturating_add(1);
                     let lost = new_state.count_lost(from, seq.saturating_sub(1));
                     if lost > 0 {
                         warn!(path = %path.display(), lost_records = lost, first_lost = seq - lost,
@@ -176,7 +176,7 @@ impl Spool {
                 // Count it and never give its seq again. Bytes without a readable header (zero
                 // fill, a torn header) name no result and are only cut off.
                 if let (Some(RECORD_MAGIC), Some(seq)) = (le_u32(&buf, at), le_u64(&buf, at + 4)) {
-                    if seq == last_seen.max(covered) + 1 {
+                    if seq == last_seen.max(covered).saturating_add(1) {
                         warn!(path = %path.display(), seq, "last spool record torn or damaged, dropped");
                         report.lost_records += new_state.count_lost(seq, seq);
                         last_seen = seq;
@@ -207,7 +207,7 @@ impl Spool {
             spool.segments.push_back(segment);
         }
 
-        spool.next_seq = covered.max(last_seen).max(gone) + 1;
+        spool.next_seq = covered.max(last_seen).max(gone).saturating_add(1);
         if new_state != spool.state {
             spool.write_state(new_state)?;
         }
@@ -252,7 +252,7 @@ impl Spool {
                 offsets.push((seq, buf.len() as u64, payload.len() as u32));
                 encode_record(&mut buf, seq, &payload);
                 these.push(seq);
-                seq += 1;
+                seq = seq.saturating_add(1);
             }
             seqs.push(these);
         }

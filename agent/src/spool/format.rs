@@ -93,6 +93,8 @@ impl State {
         if from > to {
             return 0;
         }
+        // Saturating: a state file with a valid checksum but overlapping ranges (never written by
+        // the agent) must not panic the open.
         let known: u64 = self
             .lost
             .iter()
@@ -104,9 +106,9 @@ impl State {
                     0
                 }
             })
-            .sum();
-        let new = (to - from + 1) - known;
-        self.dropped_total += new;
+            .fold(0, u64::saturating_add);
+        let new = (to - from + 1).saturating_sub(known);
+        self.dropped_total = self.dropped_total.saturating_add(new);
         self.lost.push((from, to));
         self.lost.sort_unstable();
         let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.lost.len());

@@ -499,3 +499,43 @@ fn seqs_from_a_collector_at_the_top_of_the_range_do_not_overflow() {
     assert_eq!(spool.depth(), 0);
     assert!(spool.read_from(u64::MAX, 10).unwrap().is_empty());
 }
+
+#[test]
+fn a_spool_moved_to_the_top_of_the_seq_range_reopens_and_appends() {
+    // Found by fuzz/ (target spool): the seq floor a collector's Welcome put at u64::MAX is durable,
+    // and the next open overflowed computing the next seq (panic, or seq 0 in a release build).
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut spool, _) = Spool::open_with(dir.path(), small()).unwrap();
+        spool.append("a", obs(1)).unwrap();
+        spool.ensure_seq_above(u64::MAX).unwrap();
+    }
+    let (mut spool, report) = Spool::open_with(dir.path(), small()).unwrap();
+    assert_eq!(report.highest_seq, u64::MAX - 1);
+    assert_eq!(report.depth, 1, "the unacked result is kept");
+    let appended = spool.append("a", obs(2)).unwrap();
+    assert!(appended.iter().all(|&s| s == u64::MAX), "{appended:?}");
+    assert_eq!(spool.highest_seq(), u64::MAX - 1);
+}
+
+#[test]
+fn a_checksummed_state_with_overlapping_lost_ranges_opens() {
+    // Found by fuzz/ (target spool): a state file whose checksum holds but whose lost ranges
+    // overlap (the agent never writes one) made counting a newly lost seq underflow on open.
+    let dir = tempfile::tempdir().unwrap();
+    let st = State {
+        acked: 0,
+        dropped_total: 3,
+        dropped_through: 0,
+        seq_floor: 0,
+        lost: vec![(1, 3), (2, 3), (2, 3)],
+    };
+    fs::write(dir.path().join(STATE_FILE), st.encode()).unwrap();
+    let mut seg = Vec::new();
+    encode_record(&mut seg, 4, b"");
+    fs::write(dir.path().join(format!("{:020}.seg", 4)), seg).unwrap();
+    let (spool, report) = Spool::open_with(dir.path(), small()).unwrap();
+    assert_eq!(report.lost_records, 0, "seqs 1 to 3 were counted before");
+    assert_eq!(spool.dropped_total(), 3);
+    assert_eq!(spool.highest_seq(), 4);
+}
