@@ -4,6 +4,9 @@
 pub mod config;
 pub mod credentials;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod probe;
 pub mod schedule;
 pub mod spool;

@@ -24,6 +24,20 @@ mod tcp;
 mod testing;
 mod tls;
 
+/// The crate-private parsers that `crate::fuzzing` hands fuzzer input to, re-exported only with the
+/// `fuzzing` feature (a path from the crate root; their own visibility is unchanged).
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzz_surface {
+    pub(crate) use super::dane::matches as dane_matches;
+    pub(crate) use super::dialogue::{parse_reply, parse_reply_line, Bounds, Dialogue};
+    pub(crate) use super::dnsbl::parse::{classify_answer, reverse_query_name, DnsblAnswer};
+    pub(crate) use super::imap::{check_status, parse_capability_line, quoted, status_of, tagged};
+    pub(crate) use super::pop3::parse_capa;
+    pub(crate) use super::queue::parse::summarize;
+    pub(crate) use super::smtp::parse_ehlo;
+    pub(crate) use super::tls::{read_leaf, rfc3339};
+}
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
