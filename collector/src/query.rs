@@ -26,12 +26,32 @@ use mxscope_proto::time::now_us;
 pub const DEFAULT_RESULTS_LIMIT: u32 = 100;
 /// Most results returned by one request.
 pub const MAX_RESULTS_LIMIT: u32 = 10_000;
+/// Most bytes of results in one answer: below the 4 MiB a gRPC client decodes by default, so
+/// however large the stored results are, an answer always reaches the operator.
+pub const MAX_RESULTS_BYTES: usize = 3 << 20;
 /// Span over which `results_per_min` of an agent is averaged.
 const RATE_SPAN: Duration = Duration::from_secs(5 * 60);
 /// Window of matrix and latency when a request sets none.
 pub const DEFAULT_SINCE: Duration = Duration::from_secs(3600);
 /// Label that marks a target as a canary (a reference mail server), with value `true`.
 pub const CANARY_LABEL: &str = "canary";
+
+/// Keeps the leading `results` whose encoded size fits in `max` bytes; true when it cut.
+fn cap_bytes(results: &mut Vec<pb::StoredResult>, max: usize) -> bool {
+    use prost::Message;
+    let mut total = 0usize;
+    let keep = results
+        .iter()
+        .position(|r| {
+            // Each repeated element also costs its tag and length prefix (at most 6 bytes).
+            total += r.encoded_len() + 6;
+            total > max
+        })
+        .unwrap_or(results.len());
+    let cut = keep < results.len();
+    results.truncate(keep);
+    cut
+}
 
 /// The canaries among `central` targets. Only operators define canaries: a failing canary makes
 /// an agent's other failures count as its own network's, so an agent-local target (which any
@@ -175,13 +195,14 @@ impl Query for QueryService {
             region: req.region,
             agent_id: req.agent_id,
         };
-        let results = self
+        let mut results = self
             .shared
             .store
             .results(filter, req.since_us, limit)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::ResultsResponse { results }))
+        let truncated = cap_bytes(&mut results, MAX_RESULTS_BYTES);
+        Ok(Response::new(pb::ResultsResponse { results, truncated }))
     }
 
     async fn agents(&self, _request: Request<pb::AgentsRequest>) -> Res<pb::AgentsResponse> {

@@ -83,7 +83,10 @@ impl Query for FakeQuery {
             s.last_results = Some(req.clone());
             s.results.clone()
         })?;
-        Ok(Response::new(pb::ResultsResponse { results }))
+        Ok(Response::new(pb::ResultsResponse {
+            results,
+            truncated: false,
+        }))
     }
 
     async fn agents(

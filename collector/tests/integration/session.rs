@@ -598,3 +598,49 @@ async fn a_newer_session_of_the_same_agent_replaces_the_older_one() {
     drop(new);
     c.shutdown().await.0.expect("clean shutdown");
 }
+
+/// Results as large as the limits allow (128 facts of 4 KiB each) still come back to a client
+/// with gRPC's default 4 MiB decode limit: the answer is cut below it and says so.
+#[tokio::test]
+async fn a_results_answer_fits_a_default_client_however_large_the_results() {
+    let c = Collector::start(|_| {}).await;
+    let mut a = Agent::connect(c.addr, "big-1", "eu-west").await;
+    assert_eq!(a.welcome().await, 0);
+    let big = |seq: u64| {
+        let mut r = result("big-1", seq);
+        r.facts = (0..120)
+            .map(|i| pb::Fact {
+                key: format!("smtp.x{i}"),
+                value: Some(pb::fact::Value::Text("y".repeat(4000))),
+            })
+            .collect();
+        r
+    };
+    for first in [1u64, 4, 7, 10] {
+        let results = (first..first + 3).map(big).collect();
+        a.tx.send(up(agent_message::Msg::Batch(pb::ResultBatch { results })))
+            .await
+            .expect("send batch");
+        assert_eq!(a.ack().await, first + 2);
+    }
+    let mut q = c.query().await;
+    let answer = q
+        .results(pb::ResultsRequest {
+            agent_id: "big-1".into(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("a default client decodes the answer")
+        .into_inner();
+    assert!(answer.truncated, "12 results of ~480 KiB cannot all fit");
+    let n = answer.results.len();
+    assert!((1..12).contains(&n), "{n} results");
+    assert_eq!(
+        answer.results[0].result.as_ref().unwrap().seq,
+        12,
+        "newest first"
+    );
+    drop(a);
+    c.shutdown().await.0.expect("clean shutdown");
+}

@@ -60,7 +60,15 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     let req = a.request(mxscope_proto::time::now_us());
     let resp = client.call(|c| c.results(req)).await?;
-    print(&report(&resp.results), format, out, "no results match")
+    print(&report(&resp.results), format, out, "no results match")?;
+    if resp.truncated {
+        eprintln!(
+            "more results matched than fit in one answer; the {} newest are shown \
+             (narrow with --target, --check, --agent, --region or --since)",
+            resp.results.len()
+        );
+    }
+    Ok(())
 }
 
 /// The documented JSON fields of `results`, in order (the README lists the same).
