@@ -260,7 +260,8 @@ fn agent_modules_respect_the_layer_order() {
             &["spool"],
             &["schedule"],
             &["uplink"],
-            &["lib", "main"],
+            // `fuzzing` (only with the feature) hands fuzzer input to the layers below.
+            &["lib", "main", "fuzzing"],
         ],
     );
 }
