@@ -154,9 +154,9 @@ impl Spool {
                     let from = last_seen.max(covered).saturating_add(1);
                     let lost = new_state.count_lost(from, seq.saturating_sub(1));
                     if lost > 0 {
-                        warn!(path = %path.display(), lost_records = lost, first_lost = seq - lost,
+                        warn!(path = %path.display(), lost_records = lost, first_lost = seq.saturating_sub(lost),
                             "spool records lost to damage");
-                        report.lost_records += lost;
+                        report.lost_records = report.lost_records.saturating_add(lost);
                     }
                     last_seen = seq;
                     if seq > gone {
@@ -331,7 +331,7 @@ impl Spool {
             let last = seg.last_seq();
             let path = seg.path.clone();
             let mut st = self.state.clone();
-            st.dropped_total += dropped;
+            st.dropped_total = st.dropped_total.saturating_add(dropped);
             if let Some(last) = last {
                 st.dropped_through = st.dropped_through.max(last);
             }

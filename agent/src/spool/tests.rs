@@ -539,3 +539,28 @@ fn a_checksummed_state_with_overlapping_lost_ranges_opens() {
     assert_eq!(spool.dropped_total(), 3);
     assert_eq!(spool.highest_seq(), 4);
 }
+
+#[test]
+fn a_dropped_total_at_the_top_of_the_range_saturates_when_the_bound_drops_more() {
+    // Found by fuzz/ (target spool, in a clean-clone CI run): a checksummed state whose dropped
+    // total is near u64::MAX made dropping the oldest segment (spool over its bound) overflow.
+    let dir = tempfile::tempdir().unwrap();
+    let st = State {
+        acked: 0,
+        dropped_total: u64::MAX - 1,
+        dropped_through: 0,
+        seq_floor: 0,
+        lost: Vec::new(),
+    };
+    fs::write(dir.path().join(STATE_FILE), st.encode()).unwrap();
+    let opts = SpoolOptions {
+        max_bytes: 4096,
+        segment_bytes: 1024,
+    };
+    let (mut spool, _) = Spool::open_with(dir.path(), opts).unwrap();
+    for _ in 0..20 {
+        spool.append("a", obs(5)).unwrap();
+    }
+    assert_eq!(spool.dropped_total(), u64::MAX);
+    assert!(spool.depth() > 0, "the newest results are kept");
+}
