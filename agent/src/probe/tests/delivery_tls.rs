@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::fakes::{imap_server, log_lines, smtp_server, Pki, SmtpScript, Validity};
+use super::fakes::{imap_server, log_lines, smtp_server, Leaf, Log, Pki, SmtpScript, Validity};
 use super::*;
 use crate::credentials::Credentials;
 
@@ -32,6 +32,17 @@ fn context_with_login(roots: rustls::RootCertStore) -> ProbeContext {
     ctx
 }
 
+/// A fake submission server offering AUTH over STARTTLS with `leaf`, accepting any message.
+async fn submission_server(leaf: &Leaf) -> (u16, Log) {
+    smtp_server(SmtpScript {
+        extensions: vec!["AUTH PLAIN LOGIN".into()],
+        tls: Some(leaf.server_config()),
+        accept_mail: true,
+        ..SmtpScript::default()
+    })
+    .await
+}
+
 /// True when any logged line carries the password, in clear or in an AUTH PLAIN token.
 fn leaked(lines: &[String]) -> bool {
     use base64::Engine as _;
@@ -47,13 +58,7 @@ async fn no_password_goes_to_a_submission_server_with_an_untrusted_certificate()
     let trusted = Pki::new("mxscope test CA");
     let stranger = Pki::new("stranger CA");
     let leaf = stranger.leaf(MX, Validity::DaysLeft(90));
-    let (submission, log) = smtp_server(SmtpScript {
-        extensions: vec!["AUTH PLAIN LOGIN".into()],
-        tls: Some(leaf.server_config()),
-        accept_mail: true,
-        ..SmtpScript::default()
-    })
-    .await;
+    let (submission, log) = submission_server(&leaf).await;
     let imaps = closed_port().await;
     let (o, _) = run_one(
         &delivery_spec(submission, imaps),
@@ -72,13 +77,7 @@ async fn no_password_goes_to_a_submission_server_with_an_untrusted_certificate()
 async fn no_password_goes_to_a_submission_server_whose_certificate_names_another_host() {
     let pki = Pki::new("mxscope test CA");
     let leaf = pki.leaf("other.example.test", Validity::DaysLeft(90));
-    let (submission, log) = smtp_server(SmtpScript {
-        extensions: vec!["AUTH PLAIN".into()],
-        tls: Some(leaf.server_config()),
-        accept_mail: true,
-        ..SmtpScript::default()
-    })
-    .await;
+    let (submission, log) = submission_server(&leaf).await;
     let imaps = closed_port().await;
     let (o, _) = run_one(
         &delivery_spec(submission, imaps),
@@ -94,13 +93,7 @@ async fn no_password_goes_to_a_submission_server_whose_certificate_names_another
 async fn no_login_goes_to_an_imaps_server_with_an_untrusted_certificate() {
     let trusted = Pki::new("mxscope test CA");
     let good = trusted.leaf(MX, Validity::DaysLeft(90));
-    let (submission, smtp_log) = smtp_server(SmtpScript {
-        extensions: vec!["AUTH PLAIN".into()],
-        tls: Some(good.server_config()),
-        accept_mail: true,
-        ..SmtpScript::default()
-    })
-    .await;
+    let (submission, smtp_log) = submission_server(&good).await;
     let stranger = Pki::new("stranger CA");
     let bad = stranger.leaf(MX, Validity::DaysLeft(90));
     let (imaps, imap_log) =
