@@ -1,6 +1,7 @@
 //! The collector's in-place view of an encoded result (`proto/src/raw.rs` `ResultView`) against
 //! prost's decoding of the same bytes as `pb::ProbeResult`: the same verdict and the same result,
-//! and the body it keeps reads again. Input: an encoded `ProbeResult`.
+//! and the body it keeps is exactly the encoding of the fields it read (fields 8 to 13), never
+//! longer than the input. Input: an encoded `ProbeResult`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -20,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
     let mut body = Vec::new();
     view.body(&mut body);
     assert_eq!(body.len(), view.body_len());
+    assert!(body.len() <= data.len());
     let again = ResultView::parse(&body).expect("the kept body reads");
     let fields_8_to_13 = pb::ProbeResult {
         error_class: decoded.error_class,
@@ -30,8 +32,7 @@ fuzz_target!(|data: &[u8]| {
         interval_ms: decoded.interval_ms,
         ..Default::default()
     };
-    assert_eq!(
-        again.to_result().encode_to_vec(),
-        fields_8_to_13.encode_to_vec()
-    );
+    let expected = fields_8_to_13.encode_to_vec();
+    assert_eq!(body, expected);
+    assert_eq!(again.to_result().encode_to_vec(), expected);
 });
