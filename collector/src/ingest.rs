@@ -2,10 +2,10 @@
 //! `Welcome` and schedule snapshots, hands result batches to the store writer and acks each batch
 //! only after its transaction committed, in order, without waiting before reading the next batch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::stream::FuturesOrdered;
 use futures::{Future, StreamExt};
@@ -22,13 +22,14 @@ use tracing::{debug, info, warn};
 
 use crate::auth::{Mode, Revoked};
 use crate::error::{chain, ServiceError};
-use crate::limits::Counters;
+use crate::limits::{Counters, RejectReason, Rejected, SeriesQuota};
 use crate::shared::{LiveSession, Shared};
 use crate::store::{AgentHello, StoreError};
 use mxscope_pki::Identity;
 use mxscope_proto::names::is_label;
 use mxscope_proto::target::{self, Target};
 use mxscope_proto::time::now_us;
+use mxscope_proto::CheckKind;
 
 /// Most agent-local targets kept from one hello.
 const MAX_LOCAL_TARGETS: usize = 10_000;
@@ -111,6 +112,44 @@ fn local_targets(agent_id: &str, specs: &[pb::TargetSpec]) -> Vec<Target> {
         }
     }
     out
+}
+
+/// What one agent may send results for: the central targets of its region and the local
+/// targets its hello announced, each with its checks. Everything else is refused, so the series
+/// an agent can open are bounded by what the operator configured.
+#[derive(Debug, Default)]
+struct Assigned {
+    central: HashMap<String, Vec<CheckKind>>,
+    local: HashMap<String, Vec<CheckKind>>,
+}
+
+impl Assigned {
+    fn checks(targets: &[Target]) -> HashMap<String, Vec<CheckKind>> {
+        targets
+            .iter()
+            .map(|t| (t.name.clone(), t.checks.clone()))
+            .collect()
+    }
+
+    fn check(&self, r: &ResultView<'_>, region: &str) -> Result<(), Rejected> {
+        let kind = r.check.parse::<CheckKind>().ok();
+        let assigned = [&self.central, &self.local].iter().any(|m| {
+            m.get(r.target)
+                .is_some_and(|checks| kind.is_some_and(|k| checks.contains(&k)))
+        });
+        if assigned {
+            return Ok(());
+        }
+        Err(Rejected {
+            reason: RejectReason::Unassigned,
+            detail: format!(
+                "target '{}' check '{}' is not assigned to this agent: neither a central target \
+                 of region '{region}' nor a local target of its hello",
+                r.target.escape_debug(),
+                r.check.escape_debug()
+            ),
+        })
+    }
 }
 
 /// Refuses a batch of more than `max` results.
@@ -209,6 +248,11 @@ impl Ingest for IngestService {
                 hello.agent_id
             ))));
         }
+        let local = local_targets(&hello.agent_id, &hello.local_targets);
+        let assigned = Assigned {
+            central: HashMap::new(),
+            local: Assigned::checks(&local),
+        };
         let stored = shared
             .store
             .register_agent(AgentHello {
@@ -217,7 +261,7 @@ impl Ingest for IngestService {
                 version: hello.version.clone(),
                 labels: hello.labels.clone().into_iter().collect::<BTreeMap<_, _>>(),
                 dropped_total: hello.dropped_total,
-                local_targets: local_targets(&hello.agent_id, &hello.local_targets),
+                local_targets: local,
                 at_us: now_us(),
             })
             .await
@@ -242,6 +286,8 @@ impl Ingest for IngestService {
 
         let session = Session {
             connection: Connection::open(shared.clone(), &hello.agent_id),
+            series: shared.series_quota(&hello.agent_id),
+            assigned,
             shared: shared.clone(),
             agent_id: hello.agent_id,
             region: hello.region,
@@ -363,14 +409,18 @@ type Beat = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 /// What one agent message asks of the session.
 enum Handled {
     Nothing,
-    /// A batch: the future of its commit and its number of results.
-    Batch(Commit, usize),
+    /// A batch: the future of its commit, its number of results and their bytes.
+    Batch(Commit, usize, usize),
     /// A heartbeat's spool depth and dropped total.
     Heartbeat(u64, u64),
 }
 
 struct Session {
     connection: Connection,
+    /// What this agent may send results for (central part refreshed with each schedule).
+    assigned: Assigned,
+    /// The series this agent feeds, shared by its sessions.
+    series: Arc<Mutex<SeriesQuota>>,
     shared: Arc<Shared>,
     agent_id: String,
     region: String,
@@ -459,9 +509,9 @@ impl Session {
                 }
                 msg = inbound.message(), if reading && resume_at.is_none() && pending.len() < max_in_flight => match msg {
                     Ok(Some(m)) => match self.handle(m) {
-                        Ok(Handled::Batch(commit, results)) => {
+                        Ok(Handled::Batch(commit, results, bytes)) => {
                             pending.push_back(commit);
-                            resume_at = self.throttle(results);
+                            resume_at = self.throttle(results, bytes);
                         }
                         Ok(Handled::Heartbeat(depth, dropped)) => {
                             if beat.is_none() {
@@ -501,10 +551,15 @@ impl Session {
         drop(self.connection);
     }
 
-    /// Takes `results` from the agent's rate bucket; when it is in debt, says until when to stop
-    /// reading from this session (the agent's window fills and it waits: backpressure).
-    fn throttle(&self, results: usize) -> Option<Instant> {
-        let wait = self.shared.limiter.reserve(&self.agent_id, results);
+    /// Takes `results` and their `bytes` from the agent's rate buckets; when it is in debt, says
+    /// until when to stop reading from this session (the agent's window fills and it waits:
+    /// backpressure).
+    fn throttle(&self, results: usize, bytes: usize) -> Option<Instant> {
+        let wait = self
+            .shared
+            .limiter
+            .reserve(&self.agent_id, results)
+            .max(self.shared.byte_limiter.reserve(&self.agent_id, bytes));
         if wait.is_zero() {
             return None;
         }
@@ -551,17 +606,38 @@ impl Session {
                     }
                 };
                 let n = views.len();
-                debug!(agent.id = %self.agent_id, results = n, "batch received");
+                let bytes: usize = raw.iter().map(bytes::Bytes::len).sum();
+                debug!(agent.id = %self.agent_id, results = n, bytes, "batch received");
                 let now = now_us();
                 let limits = &self.shared.config.limits;
                 let mut rejected = Vec::new();
-                for r in &views {
-                    if let Err(why) = limits.check_result(r, now) {
-                        self.shared.counters.reject(why.reason);
-                        warn!(agent.id = %self.agent_id, seq = r.seq, reason = %why.reason,
-                            detail = %why.detail, "result rejected");
-                        rejected.push(r.seq);
+                // Per reason: how many, and the first one (seq and why).
+                let mut why: Vec<(usize, u64, Rejected)> = Vec::new();
+                {
+                    let mut series = self
+                        .series
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for r in &views {
+                        let verdict = limits
+                            .check_result(r, now)
+                            .and_then(|()| self.assigned.check(r, &self.region))
+                            .and_then(|()| series.admit(r, now, limits.max_series_per_agent));
+                        if let Err(refused) = verdict {
+                            self.shared.counters.reject(refused.reason);
+                            rejected.push(r.seq);
+                            match why.iter_mut().find(|(_, _, w)| w.reason == refused.reason) {
+                                Some((count, _, _)) => *count += 1,
+                                None => why.push((1, r.seq, refused)),
+                            }
+                        }
                     }
+                }
+                // One line per reason and batch, however many of its results were refused.
+                for (count, seq, w) in why {
+                    warn!(agent.id = %self.agent_id, rejected = count, results = n,
+                        first_seq = seq, reason = %w.reason, detail = %w.detail,
+                        "results rejected");
                 }
                 let (views, kept): (Vec<_>, Vec<_>) = if rejected.is_empty() {
                     (views, raw.clone())
@@ -581,7 +657,7 @@ impl Session {
                     rejected,
                     now,
                 );
-                Ok(Handled::Batch(commit, n))
+                Ok(Handled::Batch(commit, n, bytes))
             }
             Some(Up::Heartbeat(hb)) => Ok(Handled::Heartbeat(hb.spool_depth, hb.dropped_total)),
         }
@@ -604,11 +680,12 @@ impl Session {
                 return Ok(());
             }
         };
-        let targets = targets
-            .iter()
+        let mine: Vec<Target> = targets
+            .into_iter()
             .filter(|t| t.regions.is_empty() || t.regions.contains(&self.region))
-            .map(|t| t.to_wire("central"))
             .collect();
+        self.assigned.central = Assigned::checks(&mine);
+        let targets = mine.iter().map(|t| t.to_wire("central")).collect();
         debug!(agent.id = %self.agent_id, schedule.version = version, "sending schedule");
         self.send(Down::Schedule(pb::Schedule { version, targets }))
             .await

@@ -149,6 +149,7 @@ pub async fn run(
     }
     let counters = config.counters.clone();
     let limiter = RateLimiter::new(config.limits.rate_per_sec, config.limits.burst);
+    let byte_limiter = RateLimiter::new(config.limits.bytes_per_sec, config.limits.bytes_burst);
     let shared = Arc::new(Shared {
         store: store.clone(),
         config,
@@ -159,6 +160,8 @@ pub async fn run(
         mode,
         revoked,
         limiter,
+        byte_limiter,
+        series: Mutex::new(HashMap::new()),
         counters: counters.clone(),
     });
 

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use mxscope_proto::raw::{FactValue, ResultView};
-use mxscope_proto::{limits, pb};
+use mxscope_proto::{limits, pb, CheckKind, ErrorClass, Phase};
 use tokio::time::Instant;
 
 /// Limits applied to every result and to each agent's result rate. The size defaults are
@@ -38,6 +38,13 @@ pub struct Limits {
     pub rate_per_sec: f64,
     /// Results an agent may send at once above the rate.
     pub burst: f64,
+    /// Bytes per second of results one agent id may send (their encoded size), and at once
+    /// above that rate: a cap on stored bytes, not only on results.
+    pub bytes_per_sec: f64,
+    pub bytes_burst: f64,
+    /// Most series (target, endpoint, check) one agent may feed; results that would open more
+    /// are refused.
+    pub max_series_per_agent: usize,
 }
 
 impl Default for Limits {
@@ -54,6 +61,9 @@ impl Default for Limits {
             max_age: Duration::from_secs(14 * 24 * 3600),
             rate_per_sec: 5000.0,
             burst: 10_000.0,
+            bytes_per_sec: 8.0 * 1024.0 * 1024.0,
+            bytes_burst: 32.0 * 1024.0 * 1024.0,
+            max_series_per_agent: 20_000,
         }
     }
 }
@@ -68,16 +78,25 @@ pub enum RejectReason {
     InFuture,
     TooOld,
     UnknownEnum,
+    /// A check, phase or error class outside proto's closed sets.
+    UnknownName,
+    /// A target (or a check of it) the agent is not assigned.
+    Unassigned,
+    /// The agent feeds [`Limits::max_series_per_agent`] series already.
+    SeriesCap,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::StringTooLong,
         RejectReason::TooManyFacts,
         RejectReason::TooManyTimings,
         RejectReason::InFuture,
         RejectReason::TooOld,
         RejectReason::UnknownEnum,
+        RejectReason::UnknownName,
+        RejectReason::Unassigned,
+        RejectReason::SeriesCap,
     ];
 
     /// Metric label.
@@ -89,6 +108,9 @@ impl RejectReason {
             RejectReason::InFuture => "in_future",
             RejectReason::TooOld => "too_old",
             RejectReason::UnknownEnum => "unknown_enum",
+            RejectReason::UnknownName => "unknown_name",
+            RejectReason::Unassigned => "unassigned",
+            RejectReason::SeriesCap => "series_cap",
         }
     }
 
@@ -174,6 +196,7 @@ impl Limits {
         for (phase, _) in &r.timings {
             len("timing phase", phase, self.max_fact_key_len)?;
         }
+        check_names(r)?;
         let future = micros(self.max_future);
         let age = micros(self.max_age);
         if r.start_us > now_us.saturating_add(future) {
@@ -198,6 +221,35 @@ impl Limits {
         }
         Ok(())
     }
+}
+
+/// The check, phase, error class and timing phases of `r` are names from proto's closed sets
+/// (an empty phase or error class is a result without a problem): they become series, rollup
+/// and metric keys, so nothing else may.
+fn check_names(r: &ResultView<'_>) -> Result<(), Rejected> {
+    fn unknown(field: &str, value: &str) -> Rejected {
+        Rejected {
+            reason: RejectReason::UnknownName,
+            detail: format!(
+                "{field} '{}' is not one this collector knows (upgrade the collector before \
+                 its agents)",
+                value.escape_debug()
+            ),
+        }
+    }
+    if r.check.parse::<CheckKind>().is_err() {
+        return Err(unknown("check", r.check));
+    }
+    if !r.phase.is_empty() && r.phase.parse::<Phase>().is_err() {
+        return Err(unknown("phase", r.phase));
+    }
+    if !r.error_class.is_empty() && r.error_class.parse::<ErrorClass>().is_err() {
+        return Err(unknown("error class", r.error_class));
+    }
+    if let Some((phase, _)) = r.timings.iter().find(|(p, _)| p.parse::<Phase>().is_err()) {
+        return Err(unknown("timing phase", phase));
+    }
+    Ok(())
 }
 
 fn micros(d: Duration) -> i64 {
@@ -254,6 +306,67 @@ impl Counters {
     }
 }
 
+/// The series (target, endpoint, check) one agent feeds, shared by its sessions, so that no
+/// agent opens more than [`Limits::max_series_per_agent`] of them. A series silent for
+/// [`SeriesQuota::IDLE`] gives its place up when the quota is full (endpoints change).
+#[derive(Debug, Default)]
+pub struct SeriesQuota {
+    /// Hash of the series' names → when a result of it was last admitted.
+    seen: rustc_hash::FxHashMap<u64, i64>,
+}
+
+impl SeriesQuota {
+    /// How long an unused series keeps its place.
+    pub const IDLE: Duration = Duration::from_secs(24 * 3600);
+
+    /// Admits `r` if its series is one the agent feeds already or there is room for it.
+    pub fn admit(&mut self, r: &ResultView<'_>, now_us: i64, max: usize) -> Result<(), Rejected> {
+        let key = Self::key(r);
+        if let Some(at) = self.seen.get_mut(&key) {
+            *at = now_us;
+            return Ok(());
+        }
+        if self.seen.len() >= max {
+            let idle = now_us.saturating_sub(micros(Self::IDLE));
+            self.seen.retain(|_, at| *at >= idle);
+        }
+        if self.seen.len() >= max {
+            return Err(Rejected {
+                reason: RejectReason::SeriesCap,
+                detail: format!(
+                    "the agent feeds {max} series already (--max-series-per-agent); a new \
+                     endpoint '{}' of '{}' is refused",
+                    r.endpoint.map(|e| e.ip).unwrap_or_default().escape_debug(),
+                    r.target.escape_debug()
+                ),
+            });
+        }
+        self.seen.insert(key, now_us);
+        Ok(())
+    }
+
+    /// Series this agent feeds.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    fn key(r: &ResultView<'_>) -> u64 {
+        use std::hash::Hasher;
+        let mut h = rustc_hash::FxHasher::default();
+        let e = r.endpoint.unwrap_or_default();
+        for s in [r.target, r.check, e.host, e.ip] {
+            h.write(s.as_bytes());
+            h.write_u8(0xff);
+        }
+        h.write_u32(e.port);
+        h.finish()
+    }
+}
+
 /// Token buckets keyed by agent id, shared by all of an agent's connections.
 #[derive(Debug)]
 pub struct RateLimiter {
@@ -304,7 +417,7 @@ impl RateLimiter {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RateError {
-    #[error("unknown unit '{0}': use /s, /m or /h")]
+    #[error("unknown unit '{0}': use /s, /m or /h for results, B, KiB, MiB or GiB (per second) for bytes")]
     Unit(String),
     #[error("'{0}' is not a rate like 5000/s")]
     NotARate(String),
@@ -334,6 +447,30 @@ pub fn parse_rate(s: &str) -> Result<f64, RateError> {
         return Err(RateError::NotPositive(s.to_string()));
     }
     Ok(n / per)
+}
+
+/// `8MiB/s`, `512KiB/s`, `1GB/s` or a bare number of bytes per second.
+pub fn parse_byte_rate(s: &str) -> Result<f64, RateError> {
+    let amount = s.trim().strip_suffix("/s").unwrap_or(s.trim()).trim();
+    let split = amount
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(amount.len());
+    let (n, unit) = amount.split_at(split);
+    let scale = match unit.trim() {
+        "" | "B" => 1.0,
+        "K" | "KB" => 1e3,
+        "KiB" => 1024.0,
+        "M" | "MB" => 1e6,
+        "MiB" => 1024.0 * 1024.0,
+        "G" | "GB" => 1e9,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(RateError::Unit(other.to_string())),
+    };
+    let n: f64 = n.parse().map_err(|_| RateError::NotARate(s.to_string()))?;
+    if n <= 0.0 || !n.is_finite() {
+        return Err(RateError::NotPositive(s.to_string()));
+    }
+    Ok(n * scale)
 }
 
 impl Counters {
@@ -529,6 +666,37 @@ mod tests {
                 },
                 RejectReason::UnknownEnum,
             ),
+            (
+                pb::ProbeResult {
+                    check: "carrier-pigeon".into(),
+                    ..ok_result()
+                },
+                RejectReason::UnknownName,
+            ),
+            (
+                pb::ProbeResult {
+                    phase: "made-up".into(),
+                    ..ok_result()
+                },
+                RejectReason::UnknownName,
+            ),
+            (
+                pb::ProbeResult {
+                    error_class: "weird\u{1b}[2J".into(),
+                    ..ok_result()
+                },
+                RejectReason::UnknownName,
+            ),
+            (
+                pb::ProbeResult {
+                    timings: vec![pb::PhaseTiming {
+                        phase: "x1".into(),
+                        micros: 1,
+                    }],
+                    ..ok_result()
+                },
+                RejectReason::UnknownName,
+            ),
         ];
         assert!(!cases.is_empty());
         for (r, reason) in cases {
@@ -540,9 +708,47 @@ mod tests {
             target: "a".repeat(253),
             message: "m".repeat(4096),
             start_us: NOW + 10 * 60 * 1_000_000,
+            phase: "tls".into(),
+            error_class: "cert_name".into(),
+            timings: vec![pb::PhaseTiming {
+                phase: "total".into(),
+                micros: 5,
+            }],
             ..ok_result()
         };
         assert_eq!(check(&l, &edge, NOW), Ok(()));
+    }
+
+    #[test]
+    fn series_quota_admits_known_series_and_refuses_new_ones_above_the_cap() {
+        let mut q = SeriesQuota::default();
+        let at = |ip: &str| pb::ProbeResult {
+            endpoint: Some(pb::Endpoint {
+                host: "mx.example.com".into(),
+                ip: ip.into(),
+                port: 25,
+                family: 1,
+            }),
+            ..ok_result()
+        };
+        let admit = |q: &mut SeriesQuota, r: &pb::ProbeResult, now: i64| {
+            let bytes = prost::Message::encode_to_vec(r);
+            let verdict = q.admit(&ResultView::parse(&bytes).unwrap(), now, 2);
+            verdict
+        };
+        assert_eq!(admit(&mut q, &at("198.18.0.1"), NOW), Ok(()));
+        assert_eq!(admit(&mut q, &at("198.18.0.2"), NOW), Ok(()));
+        let refused = admit(&mut q, &at("198.18.0.3"), NOW).expect_err("above the cap");
+        assert_eq!(refused.reason, RejectReason::SeriesCap);
+        assert!(refused.detail.contains("198.18.0.3"), "{refused}");
+        // A series it feeds already is still admitted.
+        assert_eq!(admit(&mut q, &at("198.18.0.2"), NOW + 1), Ok(()));
+        assert_eq!(q.len(), 2);
+        // Once one has been silent a day, a new endpoint takes its place.
+        let later = NOW + micros(SeriesQuota::IDLE);
+        assert_eq!(admit(&mut q, &at("198.18.0.2"), later), Ok(()));
+        assert_eq!(admit(&mut q, &at("198.18.0.3"), later + 1), Ok(()));
+        assert_eq!(q.len(), 2);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use mxscope_collector::limits::{parse_rate, Limits};
+use mxscope_collector::limits::{parse_byte_rate, parse_rate, Limits};
 use mxscope_collector::{check_plaintext, run, Config, TlsFiles};
 use tracing_subscriber::EnvFilter;
 
@@ -60,6 +60,17 @@ struct Args {
     /// Results an agent may send at once above --max-rate.
     #[arg(long, env = "MXSCOPE_RATE_BURST", default_value_t = 10_000.0)]
     rate_burst: f64,
+    /// Bytes of results per agent id and second, e.g. 8MiB/s; above it the collector stops
+    /// reading from the agent until its bucket refills.
+    #[arg(long, env = "MXSCOPE_MAX_BYTES_RATE", default_value = "8MiB/s", value_parser = parse_byte_rate)]
+    max_bytes_rate: f64,
+    /// Bytes an agent may send at once above --max-bytes-rate.
+    #[arg(long, env = "MXSCOPE_BYTES_BURST", default_value = "32MiB", value_parser = parse_byte_rate)]
+    bytes_burst: f64,
+    /// Most series (target, endpoint, check) one agent may feed; results that would open more
+    /// are refused and counted (mxscope_ingest_rejected_results_total{reason="series_cap"}).
+    #[arg(long, env = "MXSCOPE_MAX_SERIES_PER_AGENT", default_value_t = 20_000)]
+    max_series_per_agent: usize,
     /// Results whose start time is further ahead than this are rejected.
     #[arg(long, env = "MXSCOPE_MAX_FUTURE", default_value = "10m", value_parser = humantime::parse_duration)]
     max_future: Duration,
@@ -171,6 +182,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let mut limits = Limits::default();
     limits.rate_per_sec = args.max_rate;
     limits.burst = args.rate_burst;
+    limits.bytes_per_sec = args.max_bytes_rate;
+    limits.bytes_burst = args.bytes_burst;
+    limits.max_series_per_agent = args.max_series_per_agent;
     limits.max_future = args.max_future;
     limits.max_age = args.max_age;
     config.limits = limits;

@@ -36,20 +36,30 @@ pub const DEFAULT_SINCE: Duration = Duration::from_secs(3600);
 /// Label that marks a target as a canary (a reference mail server), with value `true`.
 pub const CANARY_LABEL: &str = "canary";
 
-/// Keeps the leading `results` whose encoded size fits in `max` bytes; true when it cut.
-fn cap_bytes(results: &mut Vec<pb::StoredResult>, max: usize) -> bool {
-    use prost::Message;
+/// Most bytes of any answer's rows: one bad agent's series must never make an answer too large
+/// for an operator's client.
+pub const MAX_ANSWER_BYTES: usize = MAX_RESULTS_BYTES;
+
+/// Keeps the leading `rows` whose encoded size fits in `max` bytes; true when it cut.
+fn cap_bytes<T: prost::Message>(rows: &mut Vec<T>, max: usize) -> bool {
     let mut total = 0usize;
-    let keep = results
+    let keep = rows
         .iter()
         .position(|r| {
             // Each repeated element also costs its tag and length prefix (at most 6 bytes).
             total += r.encoded_len() + 6;
             total > max
         })
-        .unwrap_or(results.len());
-    let cut = keep < results.len();
-    results.truncate(keep);
+        .unwrap_or(rows.len());
+    let cut = keep < rows.len();
+    if cut {
+        tracing::warn!(
+            rows = rows.len(),
+            kept = keep,
+            "answer cut at its byte cap; the client is told to narrow its filter"
+        );
+    }
+    rows.truncate(keep);
     cut
 }
 
@@ -157,7 +167,7 @@ impl Query for QueryService {
         };
         let since = now.saturating_sub(micros(window));
         let params = self.status_params(now);
-        let rows = if micros(window) <= RAW_WINDOW_MAX_US {
+        let mut rows = if micros(window) <= RAW_WINDOW_MAX_US {
             let (series, samples) = self
                 .shared
                 .store
@@ -177,9 +187,11 @@ impl Query for QueryService {
                 .map_err(ServiceError::from)?;
             status_rows_from_rollups(&series, &rollups, &params)
         };
+        let truncated = cap_bytes(&mut rows, MAX_ANSWER_BYTES);
         Ok(Response::new(pb::StatusResponse {
             rows,
             window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+            truncated,
         }))
     }
 
@@ -264,13 +276,15 @@ impl Query for QueryService {
             .rollups(filter, since, now, phase)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(cross::matrix(
+        let mut answer = cross::matrix(
             &views,
             &rollups,
             metric,
             self.shared.config.quorum,
             &req.check,
-        )))
+        );
+        answer.truncated = cap_bytes(&mut answer.rows, MAX_ANSWER_BYTES);
+        Ok(Response::new(answer))
     }
 
     /// p50/p95/p99 and count per region and phase of one target over `since_ms` (default 1h).
@@ -293,9 +307,9 @@ impl Query for QueryService {
             .rollups(filter, since, now, phase)
             .await
             .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::LatencyResponse {
-            rows: cross::latency(&rollups, &req.phase),
-        }))
+        let mut rows = cross::latency(&rollups, &req.phase);
+        let truncated = cap_bytes(&mut rows, MAX_ANSWER_BYTES);
+        Ok(Response::new(pb::LatencyResponse { rows, truncated }))
     }
 
     /// The first failing layer of a target, where, and the evidence, from the latest state of
@@ -329,7 +343,11 @@ impl Query for QueryService {
             spec.regions = vec![region];
             targets.push(spec);
         }
-        Ok(Response::new(pb::ListTargetsResponse { targets }))
+        let truncated = cap_bytes(&mut targets, MAX_ANSWER_BYTES);
+        Ok(Response::new(pb::ListTargetsResponse {
+            targets,
+            truncated,
+        }))
     }
 
     async fn get_target(&self, request: Request<pb::GetTargetRequest>) -> Res<pb::TargetSpec> {

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::analysis;
 use crate::auth::{Mode, Revoked};
-use crate::limits::{Counters, Limits, RateLimiter};
+use crate::limits::{Counters, Limits, RateLimiter, SeriesQuota};
 use crate::store::{Store, StoreOptions};
 
 /// Collector settings (the binary fills them from flags and `MXSCOPE_*` variables).
@@ -104,6 +104,10 @@ pub(crate) struct Shared {
     pub revoked: watch::Receiver<Revoked>,
     /// Per-agent result rate, shared by all connections of an agent.
     pub limiter: RateLimiter,
+    /// Per-agent bytes of results, likewise.
+    pub byte_limiter: RateLimiter,
+    /// The series each agent feeds (see [`SeriesQuota`]), kept across its sessions.
+    pub series: Mutex<HashMap<String, Arc<Mutex<SeriesQuota>>>>,
     /// Refusal counters (what `/metrics` exports); the same `Arc` as `config.counters`.
     pub counters: Arc<Counters>,
 }
@@ -116,6 +120,15 @@ pub(crate) struct LiveSession {
 }
 
 impl Shared {
+    /// The series quota of agent `id`, shared by its sessions.
+    pub(crate) fn series_quota(&self, id: &str) -> Arc<Mutex<SeriesQuota>> {
+        let mut all = self
+            .series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.entry(id.to_string()).or_default().clone()
+    }
+
     pub(crate) fn is_connected(&self, id: &str) -> bool {
         self.connected
             .lock()

@@ -71,6 +71,7 @@ impl Query for FakeQuery {
         Ok(Response::new(pb::StatusResponse {
             rows,
             window_ms: 300_000,
+            truncated: false,
         }))
     }
 
@@ -123,7 +124,10 @@ impl Query for FakeQuery {
         _: Request<pb::ListTargetsRequest>,
     ) -> Result<Response<pb::ListTargetsResponse>, Status> {
         let targets = self.with(|s| s.targets.values().cloned().collect())?;
-        Ok(Response::new(pb::ListTargetsResponse { targets }))
+        Ok(Response::new(pb::ListTargetsResponse {
+            targets,
+            truncated: false,
+        }))
     }
 
     async fn get_target(

@@ -376,13 +376,19 @@ pub async fn raw_session(
     session
 }
 
-/// A hello for a raw session.
+/// A hello for a raw session; it announces the local target `raw.example` (smtp) that
+/// [`batch`]'s results are for.
 pub fn hello(id: &str, region: &str) -> pb::AgentMessage {
     pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
             agent_id: id.into(),
             region: region.into(),
             version: "raw-test".into(),
+            local_targets: vec![pb::TargetSpec {
+                name: "raw.example".into(),
+                checks: vec!["smtp".into()],
+                ..Default::default()
+            }],
             ..Default::default()
         })),
     }

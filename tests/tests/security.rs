@@ -401,3 +401,160 @@ fn hostile_messages_are_refused_and_counted_while_a_good_agent_flows() {
     let before = stored_seqs(&url, &admin, "good").expect("results").len();
     wait_stored(&url, &admin, "good", before + 3);
 }
+
+/// Resident memory of process `pid` in MiB (`VmRSS`).
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS line");
+    kib / 1024.0
+}
+
+/// `GET /metrics` from `addr`: the body.
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send request");
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).expect("read answer");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    resp.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// Issue #17 item 2, tried as the review did: an enrolled agent with an independent gRPC client
+/// sends 3 × 100,000 results for made-up targets and checks. They are acked (so it does not resend
+/// them) but refused and counted; the collector's memory and `/metrics` stay small, operators'
+/// `status` answers, and another agent's results keep flowing. (Before the fix: all stored,
+/// RSS +151 MiB, and `mxscopectl status` failed for every operator.)
+#[test]
+fn an_agent_making_up_100k_targets_cannot_grow_the_collector_or_lock_operators_out() {
+    let lab = Lab::new("sec-series").expect("lab dir");
+    let dir = lab.path();
+    let pki = Pki::init(dir, "ca").expect("ca init");
+    let admin = pki.admin(dir, "ops", false).expect("admin cert");
+    let good = pki.enroll(dir, "good", "eu-west", &[]).expect("cert");
+    let evil = pki.enroll(dir, "evil", "eu-west", &[]).expect("cert");
+    let http = std::net::SocketAddr::from((
+        std::net::Ipv4Addr::LOCALHOST,
+        mxscope_tests::net::free_port(std::net::Ipv4Addr::LOCALHOST).expect("port"),
+    ));
+    let http_s = http.to_string();
+    let collector = TlsCollector::start(
+        dir,
+        &pki,
+        &[
+            "--http",
+            &http_s,
+            "--max-rate",
+            "1000000/s",
+            "--rate-burst",
+            "1000000",
+        ],
+    )
+    .expect("tls collector");
+    let url = collector.url();
+    let _good_agent =
+        start_agent(dir, "agent-good", &url, "good", "eu-west", Some(&good)).expect("agent");
+    wait_stored(&url, &admin, "good", 2);
+    let pid = collector.proc.pid().expect("collector pid");
+    let rss_before = rss_mib(pid);
+    let metrics_before = scrape(http).len();
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    // Three times 100,000: memory must not grow with the number of made-up results. (It moves
+    // by tens of MiB between rounds: the batches in flight and the allocator keeping freed
+    // pages; the code before the fix grew by 151 MiB per 100,000, all of it kept.)
+    let rt = runtime();
+    let mut rss = Vec::new();
+    for round in 0..3u64 {
+        let mut messages = vec![hello("evil", "eu-west")];
+        for b in 0..20u64 {
+            let results = (1..=5000u64)
+                .map(|i| {
+                    let seq = round * 100_000 + b * 5000 + i;
+                    pb::ProbeResult {
+                        agent_id: "evil".into(),
+                        seq,
+                        target: format!("t{seq}.made-up.example"),
+                        check: if seq % 2 == 0 {
+                            "smtp"
+                        } else {
+                            "made-up-check"
+                        }
+                        .into(),
+                        endpoint: Some(pb::Endpoint {
+                            host: format!("mx{seq}.made-up.example"),
+                            ip: format!("198.18.{}.{}", seq % 250, seq % 251),
+                            port: 25,
+                            family: pb::AddressFamily::Ipv4 as i32,
+                        }),
+                        start_us: now,
+                        outcome: pb::Outcome::Fail as i32,
+                        error_class: "timeout".into(),
+                        message: format!("made up {seq}"),
+                        interval_ms: 60_000,
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            messages.push(pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Batch(pb::ResultBatch { results })),
+            });
+        }
+        let s = rt.block_on(raw_session(
+            &url,
+            Some(evil.tonic().expect("evil tls")),
+            messages,
+            (round + 1) * 100_000,
+            Duration::from_secs(120),
+        ));
+        assert_eq!(
+            s.acked(),
+            (round + 1) * 100_000,
+            "every result acked: {:?}",
+            s.error
+        );
+        rss.push(rss_mib(pid));
+    }
+    eprintln!("collector RSS: {rss_before:.1} MiB before, {rss:?} after each 100,000");
+    assert!(
+        rss[2] < rss[0].max(rss[1]) + 32.0 && rss.iter().all(|r| r - rss_before < 128.0),
+        "collector RSS grew from {rss_before:.1} to {rss:?} MiB"
+    );
+    let metrics = scrape(http);
+    assert!(!metrics.contains("made-up"), "made-up names exported");
+    assert!(
+        metrics.len() < metrics_before + 4096,
+        "/metrics grew from {metrics_before} to {} bytes",
+        metrics.len()
+    );
+    assert!(
+        metrics.contains("mxscope_ingest_rejected_results_total{reason=\"unassigned\"} 150000")
+            && metrics
+                .contains("mxscope_ingest_rejected_results_total{reason=\"unknown_name\"} 150000"),
+        "{metrics}"
+    );
+    assert_eq!(
+        stored_seqs(&url, &admin, "evil").expect("results"),
+        Vec::<u64>::new(),
+        "nothing of the made-up results is stored"
+    );
+    let status = ctl_as(&url, Some(&admin), &["status", "--format", "json"]).expect("status");
+    assert_eq!(status.code, 0, "operators' status answers: {status:?}");
+    assert!(!status.stdout.contains("made-up"), "{}", status.stdout);
+    let log = collector.log();
+    assert!(log.contains("reason=unassigned"), "{log}");
+    let before = stored_seqs(&url, &admin, "good").expect("results").len();
+    wait_stored(&url, &admin, "good", before + 2);
+}

@@ -171,6 +171,7 @@ pub fn matrix(
         regions: regions.into_iter().map(str::to_string).collect(),
         rows,
         metric: metric.name().to_string(),
+        truncated: false,
     }
 }
 

@@ -130,6 +130,10 @@ pub struct WriterStats {
     pub buffer_flushes: AtomicU64,
     /// Rollup rows and series rows the writer holds, not yet written.
     pub buffered: AtomicU64,
+    /// Series the writer holds in memory (state and latest result).
+    pub series_in_memory: AtomicU64,
+    /// Series dropped from memory after a retention's silence (their rows stay).
+    pub series_evicted: AtomicU64,
 }
 
 /// Label key that names the reporting agent on a listed local target.

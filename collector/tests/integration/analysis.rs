@@ -8,7 +8,7 @@ use mxscope_proto::time::now_us;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::support::{Collector, DEADLINE};
+use crate::support::{declaring, Collector, DEADLINE};
 use tonic::Streaming;
 
 /// Injected connect times per region, in microseconds.
@@ -40,6 +40,7 @@ impl Agent {
             agent_id: id.clone(),
             region: region.into(),
             version: "test".into(),
+            local_targets: declaring(&["lab.test", "other.test", "a.test", "b.test", "c.test"]),
             ..Default::default()
         };
         tx.send(up(agent_message::Msg::Hello(hello))).await.unwrap();

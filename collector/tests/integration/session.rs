@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::support::{Collector, DEADLINE};
+use crate::support::{declaring, Collector, DEADLINE};
 use tonic::{Code, Streaming};
 
 struct Agent {
@@ -26,6 +26,7 @@ fn hello(id: &str, region: &str) -> pb::Hello {
         agent_id: id.into(),
         region: region.into(),
         version: "test".into(),
+        local_targets: declaring(&["example.test"]),
         ..Default::default()
     }
 }
@@ -640,6 +641,131 @@ async fn a_results_answer_fits_a_default_client_however_large_the_results() {
         answer.results[0].result.as_ref().unwrap().seq,
         12,
         "newest first"
+    );
+    drop(a);
+    c.shutdown().await.0.expect("clean shutdown");
+}
+
+/// An enrolled agent that makes results up (issue #17, item 2): 100,000 results for targets
+/// nobody assigned it and 1,000 endpoints of a target it has are acked but not stored beyond
+/// its series quota, counted by reason, and neither the operators' answers nor another agent's
+/// results suffer.
+#[tokio::test]
+async fn made_up_targets_and_endpoints_are_refused_and_bounded() {
+    use mxscope_collector::limits::{Counters, RejectReason};
+    let counters = std::sync::Arc::new(Counters::default());
+    let shared = counters.clone();
+    let c = Collector::start(move |cfg| {
+        cfg.counters = shared;
+        cfg.limits.max_series_per_agent = 50;
+        cfg.limits.rate_per_sec = 1e9;
+        cfg.limits.burst = 1e9;
+    })
+    .await;
+    let mut evil = Agent::connect(c.addr, "evil-1", "eu-west").await;
+    assert_eq!(evil.welcome().await, 0);
+    let mut good = Agent::connect(c.addr, "good-1", "us-east").await;
+    assert_eq!(good.welcome().await, 0);
+
+    let mut seq = 0u64;
+    for _ in 0..20 {
+        let results = (0..5000)
+            .map(|_| {
+                seq += 1;
+                let mut r = result("evil-1", seq);
+                r.target = format!("t{seq}.made-up.test");
+                r
+            })
+            .collect();
+        evil.tx
+            .send(up(agent_message::Msg::Batch(pb::ResultBatch { results })))
+            .await
+            .expect("send batch");
+        assert_eq!(
+            evil.ack().await,
+            seq,
+            "refused results are acked, not stored"
+        );
+    }
+    let results = (0..1000u64)
+        .map(|i| {
+            seq += 1;
+            let mut r = result("evil-1", seq);
+            r.endpoint.as_mut().unwrap().ip = format!("198.18.{}.{}", i / 250, i % 250 + 1);
+            r
+        })
+        .collect();
+    evil.tx
+        .send(up(agent_message::Msg::Batch(pb::ResultBatch { results })))
+        .await
+        .expect("send batch");
+    assert_eq!(evil.ack().await, seq);
+    assert_eq!(counters.rejected(RejectReason::Unassigned), 100_000);
+    assert_eq!(counters.rejected(RejectReason::SeriesCap), 950);
+
+    // The other agent is unaffected.
+    let started = std::time::Instant::now();
+    good.send_batch(1..=10).await;
+    assert_eq!(good.ack().await, 10);
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    let mut q = c.query().await;
+    let status = q
+        .status(pb::StatusRequest::default())
+        .await
+        .expect("status answers")
+        .into_inner();
+    assert!(!status.truncated);
+    assert_eq!(
+        status.rows.len(),
+        51,
+        "50 series of the evil agent, 1 of the good one"
+    );
+    assert!(status.rows.iter().all(|r| r.target == "example.test"));
+    let stored = stored_seqs(&mut q, "evil-1").await;
+    assert_eq!(stored.len(), 50);
+    drop((evil, good));
+    c.shutdown().await.0.expect("clean shutdown");
+}
+
+/// However many series exist, `status` answers a client with gRPC's default 4 MiB decode limit
+/// and says it cut the answer.
+#[tokio::test]
+async fn a_status_answer_fits_a_default_client_however_many_series() {
+    let c = Collector::start(|cfg| {
+        cfg.limits.rate_per_sec = 1e9;
+        cfg.limits.burst = 1e9;
+    })
+    .await;
+    let mut a = Agent::connect(c.addr, "wide-1", "eu-west").await;
+    assert_eq!(a.welcome().await, 0);
+    for first in [1u64, 501, 1001] {
+        let results = (first..first + 500)
+            .map(|seq| {
+                let mut r = result("wide-1", seq);
+                r.endpoint.as_mut().unwrap().ip = format!("198.18.{}.{}", seq / 250, seq % 250 + 1);
+                r.outcome = pb::Outcome::Fail as i32;
+                r.error_class = "timeout".into();
+                r.message = "m".repeat(4096);
+                r
+            })
+            .collect();
+        a.tx.send(up(agent_message::Msg::Batch(pb::ResultBatch { results })))
+            .await
+            .expect("send batch");
+        assert_eq!(a.ack().await, first + 499);
+    }
+    let mut q = c.query().await;
+    let status = q
+        .status(pb::StatusRequest::default())
+        .await
+        .expect("a default client decodes the answer")
+        .into_inner();
+    assert!(status.truncated, "1500 rows of 4 KiB cannot all fit");
+    assert!(
+        (500..1500).contains(&status.rows.len()),
+        "{}",
+        status.rows.len()
     );
     drop(a);
     c.shutdown().await.0.expect("clean shutdown");

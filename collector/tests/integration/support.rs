@@ -11,6 +11,22 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
+/// Local targets `names`, each with every check: what a test agent announces in its hello so
+/// that the collector accepts its results for them.
+pub(crate) fn declaring(names: &[&str]) -> Vec<mxscope_proto::pb::TargetSpec> {
+    names
+        .iter()
+        .map(|n| mxscope_proto::pb::TargetSpec {
+            name: (*n).into(),
+            checks: mxscope_proto::CheckKind::ALL
+                .iter()
+                .map(|c| c.name().to_string())
+                .collect(),
+            ..Default::default()
+        })
+        .collect()
+}
+
 /// How long a test waits for one expected thing.
 pub(crate) const DEADLINE: Duration = Duration::from_secs(5);
 

@@ -62,7 +62,15 @@ pub(crate) async fn run(
         format,
         out,
         "no latency in the window (no results, or no matching check or phase)",
-    )
+    )?;
+    if resp.truncated {
+        eprintln!(
+            "more rows matched than fit in one answer; the first {} are shown \
+             (narrow with --check or --phase)",
+            resp.rows.len()
+        );
+    }
+    Ok(())
 }
 
 /// The JSON fields of `latency`, in order.

@@ -51,7 +51,14 @@ pub(crate) async fn run(
         format,
         out,
         "no rows yet (no series stored, or none for this check)",
-    )
+    )?;
+    if resp.truncated {
+        eprintln!(
+            "more rows matched than fit in one answer; the first {} are shown (narrow with --check)",
+            resp.rows.len()
+        );
+    }
+    Ok(())
 }
 
 /// Fixed fields of a row; then one field per region holding the metric (null without data).
@@ -135,6 +142,7 @@ mod tests {
         pb::MatrixResponse {
             regions: vec!["ap-south".into(), "eu-west".into(), "us-east".into()],
             metric: metric.into(),
+            truncated: false,
             rows: vec![
                 pb::MatrixRow {
                     target: "lab.test".into(),

@@ -53,7 +53,15 @@ pub(crate) async fn run(
         format,
         out,
         "no status rows yet (no results in the window, or no matching target)",
-    )
+    )?;
+    if resp.truncated {
+        eprintln!(
+            "more rows matched than fit in one answer; the first {} are shown \
+             (narrow with --target, --check or --region)",
+            resp.rows.len()
+        );
+    }
+    Ok(())
 }
 
 /// The documented JSON fields of `status`, in order (the README lists the same).

@@ -259,6 +259,13 @@ pub(crate) async fn run(
                 out,
                 "no targets (add one with: mxscopectl target add NAME --checks mx,smtp)",
             )?;
+            if resp.truncated {
+                eprintln!(
+                    "more targets exist than fit in one answer; the first {} are shown \
+                     (central ones first; 'mxscopectl target show NAME' shows any one)",
+                    resp.targets.len()
+                );
+            }
         }
         TargetCommand::Show { name } => {
             let spec = client

@@ -104,6 +104,14 @@ async fn stream_agent(url: String, shape: Shape, acked: Arc<AtomicU64>) -> Resul
             region: synth::REGIONS[shape.region_index % synth::REGIONS.len()].into(),
             version: "bench".into(),
             highest_seq: shape.total,
+            // The collector accepts results only for targets an agent is assigned.
+            local_targets: (0..shape.targets)
+                .map(|i| pb::TargetSpec {
+                    name: synth::target_name(i),
+                    checks: vec!["smtp".into()],
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         })),
     })

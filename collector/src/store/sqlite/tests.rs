@@ -1066,3 +1066,47 @@ async fn migration_compacts_results_series_and_rollups() {
         .unwrap();
     assert_eq!(n, 1);
 }
+
+#[tokio::test]
+async fn series_silent_past_the_retention_leave_memory_and_come_back_on_their_next_result() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = TempDir::new().unwrap();
+    let store = SqliteStore::open(
+        &dir.path().join("t.db"),
+        StoreOptions {
+            retention: Duration::from_secs(3600),
+            linger: Duration::from_millis(1),
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    store.register_agent(hello("a1")).await.unwrap();
+    let now = now_us();
+    let hour = 3_600_000_000i64;
+    // A series last seen two hours ago (a removed target, say) and a fresh one.
+    let mut gone = outcome_result("a1", 1, false, now - 2 * hour);
+    gone.target = "gone.test".into();
+    let fresh = outcome_result("a1", 2, true, now - 1_000);
+    store
+        .store_results("a1", "eu-west", vec![gone.clone(), fresh], now)
+        .await
+        .unwrap();
+    assert_eq!(store.stats().series_in_memory.load(Relaxed), 2);
+    store.prune(now).await.unwrap();
+    assert_eq!(store.stats().series_evicted.load(Relaxed), 1);
+    assert_eq!(store.stats().series_in_memory.load(Relaxed), 1);
+    // Its row stayed; a new result finds it and continues its state.
+    let mut back = gone;
+    back.seq = 3;
+    back.start_us = now;
+    store
+        .store_results("a1", "eu-west", vec![back], now)
+        .await
+        .unwrap();
+    assert_eq!(store.stats().series_in_memory.load(Relaxed), 2);
+    let series = store.series(Filter::default()).await.unwrap();
+    let gone: Vec<_> = series.iter().filter(|s| s.target == "gone.test").collect();
+    assert_eq!(gone.len(), 1, "one series row, not a second one");
+    assert_eq!(gone[0].last_seen_us, now);
+    store.close().await.unwrap();
+}

@@ -85,6 +85,9 @@ pub(crate) enum Op {
     },
 }
 
+/// How often the retention's rounds look for series to drop from memory.
+const EVICT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A batch holding this many result rows is committed without waiting `linger` for more.
 const LINGER_BELOW_ROWS: usize = 500;
 
@@ -148,6 +151,7 @@ pub(crate) fn spawn(
         dir,
         series: FxMap::default(),
         buffer: Buffer::default(),
+        evicted_at: None,
         dropper,
         checkpointer: Checkpointer::spawn(&path)?,
     };
@@ -182,6 +186,8 @@ struct Writer {
     series: FxMap<i64, SeriesMem>,
     /// What committed results changed that is not written yet (rollups, series rows).
     buffer: Buffer,
+    /// When idle series were last looked for (at most every [`EVICT_EVERY`]).
+    evicted_at: Option<Instant>,
     /// To the thread that drops what a batch leaves behind.
     dropper: std::sync::mpsc::Sender<Garbage>,
     /// Copies the WAL into the database beside the writer.
@@ -243,6 +249,13 @@ impl Writer {
                         break;
                     }
                 }
+            }
+            // A retention round also drops idle series from memory (before it is answered).
+            if let Some(now_us) = batch.iter().find_map(|r| match r.op {
+                Op::Prune { now_us } => Some(now_us),
+                _ => None,
+            }) {
+                self.evict_idle(now_us);
             }
             self.commit_batch(batch);
             if closing {
@@ -348,6 +361,9 @@ impl Writer {
                         delta.garbage.push(Box::new(old));
                     }
                 }
+                self.stats
+                    .series_in_memory
+                    .store(self.series.len() as u64, Ordering::Relaxed);
                 // Counted before the acks go out: a reader that saw the ack writes them first.
                 let spent = self.buffer.add(
                     std::mem::take(&mut delta.hours),
@@ -414,6 +430,44 @@ impl Writer {
                 });
             }
         }
+    }
+
+    /// Drops from memory the series silent for longer than the raw retention (a removed
+    /// target's, an endpoint gone): their rows stay, and a later result of one loads it again.
+    /// Only with the buffer written, so nothing of theirs is pending.
+    fn evict_idle(&mut self, now_us: i64) {
+        if self.evicted_at.is_some_and(|t| t.elapsed() < EVICT_EVERY) {
+            return;
+        }
+        if self.flush_buffer().is_err() {
+            return;
+        }
+        self.evicted_at = Some(Instant::now());
+        let retention = i64::try_from(self.opts.retention.as_micros()).unwrap_or(i64::MAX);
+        let before = now_us.saturating_sub(retention);
+        let idle: FxSet<i64> = self
+            .series
+            .iter()
+            .filter(|(_, s)| s.last_seen_us < before)
+            .map(|(id, _)| *id)
+            .collect();
+        if idle.is_empty() {
+            return;
+        }
+        self.series.retain(|id, _| !idle.contains(id));
+        self.dir
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove_ids(&idle);
+        bump(&self.stats.series_evicted, idle.len() as u64);
+        self.stats
+            .series_in_memory
+            .store(self.series.len() as u64, Ordering::Relaxed);
+        tracing::info!(
+            evicted = idle.len(),
+            kept = self.series.len(),
+            "series silent longer than the retention dropped from memory"
+        );
     }
 
     /// Writes the buffer: its hour and day rollups with the week rows derived from them, the

@@ -77,7 +77,8 @@ impl OwnedIdent {
 
 /// Series ids by [`Ident`], shared by the writer, which adds the series of each commit, and the
 /// ingest tasks, which look ids up (by borrowed names: no allocation) so that a batch of known
-/// series carries no keys. Series rows are never deleted, so an id once here stays right.
+/// series carries no keys. Series rows are never deleted, so an id once here stays right; the
+/// writer forgets the ids of series it evicts from memory.
 #[derive(Default)]
 pub(crate) struct SeriesDir {
     /// By hash of the ident; a bucket holds every ident of that hash.
@@ -115,6 +116,15 @@ impl SeriesDir {
         for (ident, id) in other.map.into_values().flatten() {
             self.insert(ident, id);
         }
+    }
+
+    /// Forgets the series `ids` (evicted from the writer's memory; their rows stay, so a later
+    /// lookup finds the same id again).
+    pub(super) fn remove_ids(&mut self, ids: &FxSet<i64>) {
+        self.map.retain(|_, bucket| {
+            bucket.retain(|(_, id)| !ids.contains(id));
+            !bucket.is_empty()
+        });
     }
 
     pub(super) fn insert(&mut self, o: OwnedIdent, id: i64) {
