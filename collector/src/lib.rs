@@ -180,7 +180,9 @@ pub async fn run(
     };
     if let Some(http_listener) = http_listener {
         let bound = http_listener.local_addr().map_err(RunError::Listener)?;
+        // One render serves every scrape of the next 5 s.
         let state = http::MetricsState::new(store.clone(), shared.config.stale_after)
+            .with_cache_for(Duration::from_secs(5))
             .with_source(shared.counters.clone());
         let stop = token.clone();
         tasks.spawn(async move {
