@@ -36,7 +36,7 @@ use crate::limits::RateLimiter;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 use shared::Shared;
-pub use shared::{Config, TlsFiles};
+pub use shared::{Config, HttpOptions, TlsFiles};
 
 /// Why the collector could not run.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +58,8 @@ pub enum RunError {
     Listener(#[source] std::io::Error),
     #[error("cannot serve metrics on {0} (is another collector running? pick another --http)")]
     Http(SocketAddr, #[source] std::io::Error),
+    #[error("cannot serve metrics over TLS")]
+    HttpTls(#[from] http::TlsError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("database task failed")]
@@ -132,6 +134,11 @@ pub async fn run(
         Some(path) => auth::load_revoked(path)?,
         None => Default::default(),
     };
+    // Bad TLS files for the metrics port are a configuration error: refuse to start.
+    let http_tls = match (&config.http, &config.http_options.tls) {
+        (Some(_), Some(files)) => Some(http::tls::acceptor(files)?),
+        _ => None,
+    };
 
     let path = config.db_path.clone();
     let opts = config.store.clone();
@@ -180,17 +187,20 @@ pub async fn run(
     };
     if let Some(http_listener) = http_listener {
         let bound = http_listener.local_addr().map_err(RunError::Listener)?;
-        // One render serves every scrape of the next 5 s.
+        let tls = http_tls.is_some();
         let state = http::MetricsState::new(store.clone(), shared.config.stale_after)
-            .with_cache_for(Duration::from_secs(5))
             .with_source(shared.counters.clone());
+        let metrics = http::Server::new(state, &shared.config.http_options, http_tls);
+        if http::exposed(bound, tls) {
+            warn!(http = %bound, "/metrics is served in plain text without client certificates on a non-loopback address: anyone who reaches it reads every target's state; bind --http to 127.0.0.1, or pass --http-tls-cert, --http-tls-key and --http-client-ca");
+        }
         let stop = token.clone();
         tasks.spawn(async move {
-            if let Err(err) = http::serve(http_listener, state, stop).await {
+            if let Err(err) = metrics.serve(http_listener, stop).await {
                 warn!(error = %err, "metrics server failed");
             }
         });
-        info!(http = %bound, "serving /metrics");
+        info!(http = %bound, tls, "serving /metrics");
     }
     tasks.spawn(store::retention_job(
         store.clone(),

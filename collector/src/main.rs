@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use mxscope_collector::limits::{parse_byte_rate, parse_rate, Limits};
-use mxscope_collector::{check_plaintext, run, Config, TlsFiles};
+use mxscope_collector::{check_plaintext, run, Config, HttpOptions, TlsFiles};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc: per-thread free lists, so the ingest tasks, the writer and its dropper thread
@@ -102,6 +102,28 @@ struct Args {
     /// Address to serve Prometheus metrics on (`/metrics`); `off` to disable.
     #[arg(long, env = "MXSCOPE_HTTP", default_value = "127.0.0.1:9464", value_parser = parse_http)]
     http: HttpAddr,
+    /// Server certificate (PEM) for `/metrics` over TLS; with --http-tls-key and --http-client-ca.
+    #[arg(long, env = "MXSCOPE_HTTP_TLS_CERT", requires_all = ["http_tls_key", "http_client_ca"])]
+    http_tls_cert: Option<PathBuf>,
+    /// Private key (PEM, mode 0600) of --http-tls-cert.
+    #[arg(long, env = "MXSCOPE_HTTP_TLS_KEY", requires_all = ["http_tls_cert", "http_client_ca"])]
+    http_tls_key: Option<PathBuf>,
+    /// CA (PEM) that scrapers' client certificates must chain to; a client without one is
+    /// refused at the handshake, an agent certificate gets 403.
+    #[arg(long, env = "MXSCOPE_HTTP_CLIENT_CA", requires_all = ["http_tls_cert", "http_tls_key"])]
+    http_client_ca: Option<PathBuf>,
+    /// A metrics connection must complete its TLS handshake and each request head within this.
+    #[arg(long, env = "MXSCOPE_HTTP_HEADER_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
+    http_header_timeout: Duration,
+    /// A metrics connection on which nothing moves for this long is closed.
+    #[arg(long, env = "MXSCOPE_HTTP_IDLE_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    http_idle_timeout: Duration,
+    /// Metrics connections served at once; further ones are closed at once (and counted).
+    #[arg(long, env = "MXSCOPE_HTTP_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    http_max_connections: u32,
+    /// Most (target, check, region) label sets one scrape exports (central targets first).
+    #[arg(long, env = "MXSCOPE_HTTP_MAX_SERIES", default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1..))]
+    http_max_series: u32,
     /// Log output format.
     #[arg(long, env = "MXSCOPE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -118,6 +140,15 @@ fn parse_http(s: &str) -> Result<HttpAddr, String> {
     s.parse()
         .map(|a| HttpAddr(Some(a)))
         .map_err(|e| format!("'{s}': {e} (expected ADDR:PORT or 'off')"))
+}
+
+/// A duration above zero (`5s`, `500ms`).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d > Duration::ZERO => Ok(d),
+        Ok(_) => Err(format!("'{s}': must be above zero")),
+        Err(e) => Err(format!("'{s}': {e}")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -175,6 +206,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.store.rollup_retention = args.rollup_retention.max(args.retention);
     config.quorum = args.quorum;
     config.http = args.http.0;
+    let mut http = HttpOptions::default();
+    http.header_timeout = args.http_header_timeout;
+    http.idle_timeout = args.http_idle_timeout;
+    http.max_connections = args.http_max_connections as usize;
+    http.max_series = args.http_max_series as usize;
+    http.tls = match (args.http_tls_cert, args.http_tls_key, args.http_client_ca) {
+        (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca,
+        }),
+        _ => None,
+    };
+    config.http_options = http;
     config.tls = tls;
     config.revoked = args.revoked;
     config.max_message_bytes = args.max_message_bytes;

@@ -51,6 +51,8 @@ pub struct Config {
     pub quorum: analysis::scope::Quorum,
     /// Where `/metrics` is served (`None`: not served).
     pub http: Option<SocketAddr>,
+    /// How `/metrics` is served: timeouts, connection cap, TLS, scrape cache, series cap.
+    pub http_options: HttpOptions,
     /// How often the retention job runs.
     pub retention_every: Duration,
 }
@@ -61,6 +63,41 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: PathBuf,
+}
+
+/// How `/metrics` is served (the binary's `--http-*` flags).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HttpOptions {
+    /// A connection must complete its TLS handshake, and each request its head, within this
+    /// (hyper starts the timer whenever it waits for a request, so it also closes a keep-alive
+    /// connection that sends no next request).
+    pub header_timeout: Duration,
+    /// A connection on which no byte moves either way for this long is closed (e.g. a client
+    /// that stops reading its answer).
+    pub idle_timeout: Duration,
+    /// Connections served at once; further ones are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// TLS on the metrics port with required client certificates (`None`: plain HTTP).
+    pub tls: Option<TlsFiles>,
+    /// How long one rendered scrape is served to every scraper.
+    pub cache_for: Duration,
+    /// Most (target, check, region) label sets one scrape exports; the rest are left out and
+    /// counted.
+    pub max_series: usize,
+}
+
+impl Default for HttpOptions {
+    fn default() -> HttpOptions {
+        HttpOptions {
+            header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 64,
+            tls: None,
+            cache_for: Duration::from_secs(5),
+            max_series: 50_000,
+        }
+    }
 }
 
 impl Config {
@@ -82,6 +119,7 @@ impl Config {
             counters: Arc::new(Counters::default()),
             quorum: analysis::scope::Quorum::Majority,
             http: None,
+            http_options: HttpOptions::default(),
             retention_every: Duration::from_secs(60),
         }
     }

@@ -1,6 +1,7 @@
 //! The `/metrics` server and its scrapes, over real TCP on 127.0.0.1.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,15 +9,21 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tempfile::TempDir;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::shared::HttpOptions;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{AgentHello, Store, StoreOptions};
 use mxscope_proto::model::CheckKind;
 use mxscope_proto::pb;
 use mxscope_proto::time::now_us;
+
+/// How long a test waits for one expected thing.
+const DEADLINE: Duration = Duration::from_secs(5);
 
 /// Parses exposition text back: (name, labels, value) per sample line; panics on anything
 /// that is not a comment, a sample, or the closing `# EOF`.
@@ -198,10 +205,7 @@ async fn serves_metrics_over_http_with_hooks_and_stops() {
     let store = fixture(&dir).await;
     let state = MetricsState::new(Arc::new(store.clone()), Duration::from_secs(120))
         .with_source(Arc::new(Extra));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(serve(listener, state, stop.clone()));
+    let (addr, _, stop, server) = start(state, HttpOptions::default(), None).await;
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
@@ -225,8 +229,424 @@ async fn serves_metrics_over_http_with_hooks_and_stops() {
     store.close().await.unwrap();
 }
 
+// ---- the server: timeouts, connection cap, TLS ----
+
+type Started = (
+    SocketAddr,
+    Arc<HttpCounters>,
+    CancellationToken,
+    JoinHandle<std::io::Result<()>>,
+);
+
+/// A server on 127.0.0.1:0 with `options` (and TLS when `tls` is given).
+async fn start(state: MetricsState, options: HttpOptions, tls: Option<TlsAcceptor>) -> Started {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::new(state, &options, tls);
+    let counters = server.counters();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(server.serve(listener, stop.clone()));
+    (addr, counters, stop, task)
+}
+
+async fn stop_server(stop: CancellationToken, task: JoinHandle<std::io::Result<()>>) {
+    stop.cancel();
+    tokio::time::timeout(DEADLINE, task)
+        .await
+        .expect("server stops")
+        .unwrap()
+        .unwrap();
+}
+
 fn state_of(store: &SqliteStore) -> MetricsState {
     MetricsState::new(Arc::new(store.clone()), Duration::from_secs(120))
+}
+
+/// A keep-alive request.
+const REQUEST: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+const REQUEST_CLOSE: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+/// Reads one response (head and its Content-Length body) off a keep-alive connection.
+async fn read_response(io: &mut (impl AsyncRead + Unpin)) -> String {
+    let read = async {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let b = io.read_u8().await.expect("response head");
+            head.push(b);
+        }
+        let head = String::from_utf8(head).expect("utf-8 head");
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .expect("content-length");
+        let mut body = vec![0; len];
+        io.read_exact(&mut body).await.expect("response body");
+        head + &String::from_utf8(body).expect("utf-8 body")
+    };
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("response in time")
+}
+
+/// True when the peer closes the connection (EOF or reset) within `within`; what it sent
+/// before is dropped.
+async fn closed_within(io: &mut (impl AsyncRead + Unpin), within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let until_closed = async {
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(within, until_closed).await.is_ok()
+}
+
+/// Polls `pred` until it holds; panics naming `what` after [`DEADLINE`].
+async fn wait_until(what: &str, mut pred: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !pred() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_half_sent_request_line_and_an_idle_keep_alive_are_closed_within_the_header_timeout() {
+    let dir = TempDir::new().unwrap();
+    let store = fixture(&dir).await;
+    let options = HttpOptions {
+        header_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let (addr, counters, stop, server) = start(state_of(&store), options, None).await;
+
+    // Slowloris: half a request line, then nothing.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /metr").await.unwrap();
+    let sent = std::time::Instant::now();
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(3)).await,
+        "a connection that never finishes its request line is still open"
+    );
+    assert!(
+        sent.elapsed() >= Duration::from_millis(250),
+        "closed too early"
+    );
+    assert_eq!(counters.timeouts.load(Ordering::Relaxed), 1);
+
+    // A keep-alive connection is served, then closed once it sends no next request.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(REQUEST).await.unwrap();
+    let resp = read_response(&mut idle).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(3)).await,
+        "an idle keep-alive connection is still open"
+    );
+    stop_server(stop, server).await;
+    store.close().await.unwrap();
+}
+
+/// A metric whose help text is this many bytes long: a scrape too large for the socket buffers.
+struct Big(usize);
+impl MetricsSource for Big {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "mxscope_test_big",
+            "x".repeat(self.0),
+            Counter::<u64>::default(),
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_closed_after_the_idle_timeout() {
+    const SIZE: usize = 16 << 20;
+    let dir = TempDir::new().unwrap();
+    let store = fixture(&dir).await;
+    let options = HttpOptions {
+        idle_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let state = state_of(&store).with_source(Arc::new(Big(SIZE)));
+    let (addr, counters, stop, server) = start(state, options, None).await;
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    conn.write_all(REQUEST_CLOSE).await.unwrap();
+    // The client reads nothing: once the buffers are full nothing moves, and the server gives up.
+    wait_until("the stalled connection is closed as idle", || {
+        counters.timeouts.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let mut got = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    let drained = tokio::time::timeout(DEADLINE, async {
+        while let Ok(n) = conn.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the connection stayed open");
+    assert!(
+        got > 0 && got < SIZE,
+        "read {got} bytes of a {SIZE}-byte answer"
+    );
+    stop_server(stop, server).await;
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_connection_beyond_the_cap_is_closed_unanswered_and_counted() {
+    let dir = TempDir::new().unwrap();
+    let store = fixture(&dir).await;
+    let options = HttpOptions {
+        max_connections: 2,
+        header_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let (addr, counters, stop, server) = start(state_of(&store), options, None).await;
+
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(REQUEST).await.unwrap();
+        let resp = read_response(&mut c).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        held.push(c);
+    }
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    // The server may have closed it already: a failed write is fine too.
+    let _ = third.write_all(REQUEST).await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, third.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the connection over the cap was kept open");
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(counters.over_cap.load(Ordering::Relaxed), 1);
+    // The held ones are still served.
+    held[0].write_all(REQUEST).await.unwrap();
+    assert!(read_response(&mut held[0])
+        .await
+        .starts_with("HTTP/1.1 200"));
+
+    // Once one closes, a new connection is served again.
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let _ = c.write_all(REQUEST_CLOSE).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, c.read_to_end(&mut answer)).await;
+        if answer.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a freed slot is never reused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop_server(stop, server).await;
+    store.close().await.unwrap();
+}
+
+/// The TLS files of a test CA: server certificate for `localhost`, key, CA.
+struct TlsSetup {
+    ca: mxscope_pki::Ca,
+    files: crate::shared::TlsFiles,
+    _dir: TempDir,
+}
+
+fn tls_setup() -> TlsSetup {
+    let dir = TempDir::new().unwrap();
+    let ca = mxscope_pki::Ca::create("metrics test CA").unwrap();
+    let server = ca
+        .issue_server(&["localhost".into()], mxscope_pki::Validity::default())
+        .unwrap();
+    let files = crate::shared::TlsFiles {
+        cert: dir.path().join("metrics.pem"),
+        key: dir.path().join("metrics.key"),
+        client_ca: dir.path().join("ca.pem"),
+    };
+    std::fs::write(&files.cert, &server.cert_pem).unwrap();
+    mxscope_pki::write_private(&files.key, &server.key_pem).unwrap();
+    std::fs::write(&files.client_ca, ca.cert_pem()).unwrap();
+    TlsSetup {
+        ca,
+        files,
+        _dir: dir,
+    }
+}
+
+/// A TLS client trusting `ca_pem`, presenting `client` when given.
+fn connector(ca_pem: &str, client: Option<&mxscope_pki::Issued>) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some(issued) => {
+            let chain = CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+                .map(Result::unwrap)
+                .collect();
+            let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// One scrape over TLS: the answer, or the error of the handshake or the read.
+async fn tls_scrape(
+    addr: SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+) -> std::io::Result<String> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await?;
+    tls.write_all(REQUEST_CLOSE).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, tls.read_to_end(&mut answer))
+        .await
+        .map_err(|_| std::io::Error::other("no answer in time"))??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test]
+async fn over_tls_a_reader_certificate_scrapes_and_other_clients_are_refused() {
+    let dir = TempDir::new().unwrap();
+    let store = fixture(&dir).await;
+    let setup = tls_setup();
+    let acceptor = tls::acceptor(&setup.files).unwrap();
+    let options = HttpOptions {
+        header_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let (addr, counters, stop, server) = start(state_of(&store), options, Some(acceptor)).await;
+    let ca_pem = setup.ca.cert_pem();
+    let validity = mxscope_pki::Validity::default();
+
+    let reader = setup
+        .ca
+        .issue(
+            &mxscope_pki::Identity::Reader {
+                name: "prometheus".into(),
+            },
+            validity,
+        )
+        .unwrap();
+    let answer = tls_scrape(addr, &connector(&ca_pem, Some(&reader)))
+        .await
+        .expect("a reader certificate scrapes");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("mxscope_probe_success"), "{answer}");
+
+    // No client certificate, and one from another CA: refused at the handshake.
+    let stranger = mxscope_pki::Ca::create("another CA")
+        .unwrap()
+        .issue(
+            &mxscope_pki::Identity::Reader {
+                name: "prometheus".into(),
+            },
+            validity,
+        )
+        .unwrap();
+    for (who, client) in [("no certificate", None), ("another CA", Some(&stranger))] {
+        let got = tls_scrape(addr, &connector(&ca_pem, client)).await;
+        assert!(
+            !got.as_deref().is_ok_and(|a| a.contains("HTTP/1.1")),
+            "{who}: answered {got:?}"
+        );
+    }
+    wait_until("two refused handshakes counted", || {
+        counters.tls_refused.load(Ordering::Relaxed) == 2
+    })
+    .await;
+
+    // An agent's certificate chains to the CA but may not scrape.
+    let agent = setup
+        .ca
+        .issue(
+            &mxscope_pki::Identity::Agent {
+                id: "eu1".into(),
+                region: "eu-west".into(),
+            },
+            validity,
+        )
+        .unwrap();
+    let answer = tls_scrape(addr, &connector(&ca_pem, Some(&agent)))
+        .await
+        .expect("an agent gets an answer");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(!answer.contains("mxscope_probe_success"), "{answer}");
+    assert_eq!(counters.forbidden.load(Ordering::Relaxed), 1);
+
+    // A TCP connection that never starts its handshake is dropped after the header timeout.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(3)).await,
+        "a connection without a handshake is still open"
+    );
+    assert_eq!(counters.timeouts.load(Ordering::Relaxed), 1);
+    stop_server(stop, server).await;
+    store.close().await.unwrap();
+}
+
+#[test]
+fn bad_tls_files_are_named_in_the_error() {
+    let setup = tls_setup();
+    let mut files = setup.files.clone();
+    files.client_ca = files.key.clone();
+    let err = tls::acceptor(&files).err().expect("refused").to_string();
+    assert!(
+        err.contains("ca.pem") || err.contains("metrics.key"),
+        "{err}"
+    );
+    assert!(err.contains("CA certificate"), "{err}");
+    let mut files = setup.files.clone();
+    files.cert = setup.files.cert.with_extension("missing");
+    let err = tls::acceptor(&files).err().expect("refused").to_string();
+    assert!(
+        err.contains("metrics.missing") && err.contains("certificate"),
+        "{err}"
+    );
+    // A key others may read is refused.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&setup.files.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = tls::acceptor(&setup.files)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("chmod 600"), "{err}");
+}
+
+#[test]
+fn plain_metrics_off_loopback_are_flagged() {
+    let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+    assert!(exposed(addr("0.0.0.0:9464"), false));
+    assert!(exposed(addr("192.0.2.7:9464"), false));
+    assert!(exposed(addr("[::]:9464"), false));
+    assert!(!exposed(addr("127.0.0.1:9464"), false));
+    assert!(!exposed(addr("[::1]:9464"), false));
+    assert!(!exposed(addr("0.0.0.0:9464"), true));
 }
 
 // ---- what one scrape reads and says ----
