@@ -532,7 +532,12 @@ fn an_agent_making_up_100k_targets_cannot_grow_the_collector_or_lock_operators_o
         rss[2] < rss[0].max(rss[1]) + 32.0 && rss.iter().all(|r| r - rss_before < 128.0),
         "collector RSS grew from {rss_before:.1} to {rss:?} MiB"
     );
-    let metrics = scrape(http);
+    // A scrape is rendered at most every 5 s: wait for one after the flood.
+    let metrics = wait_for("a scrape with the refusals counted", WAIT, || {
+        let m = scrape(http);
+        Ok(m.contains("reason=\"unassigned\"} 150000").then_some(m))
+    })
+    .expect("refusals on /metrics");
     assert!(!metrics.contains("made-up"), "made-up names exported");
     assert!(
         metrics.len() < metrics_before + 4096,
