@@ -94,15 +94,17 @@ fn read_pem(path: &std::path::Path, marker: &str, what: &str) -> Result<Vec<u8>,
     Ok(pem)
 }
 
-/// The server side of mTLS: our certificate, and client certificates required from `client_ca`.
-pub fn server_tls(files: &TlsFiles) -> Result<ServerTlsConfig, RunError> {
+/// The server side of mTLS: our certificate, and client certificates required from `client_ca`;
+/// a client that has not completed its handshake within `handshake` is dropped.
+pub fn server_tls(files: &TlsFiles, handshake: Duration) -> Result<ServerTlsConfig, RunError> {
     let cert = read_pem(&files.cert, "CERTIFICATE", "certificate")?;
     let key = read_pem(&files.key, "PRIVATE KEY", "private key")?;
     let ca = read_pem(&files.client_ca, "CERTIFICATE", "CA certificate")?;
     Ok(ServerTlsConfig::new()
         .identity(TlsIdentity::from_pem(cert, key))
         .client_ca_root(Certificate::from_pem(ca))
-        .client_auth_optional(false))
+        .client_auth_optional(false)
+        .timeout(handshake))
 }
 
 /// Streams (and requests in flight) one client connection may hold.
@@ -118,7 +120,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let addr = listener.local_addr().map_err(RunError::Listener)?;
     let tls = match &config.tls {
-        Some(files) => Some(server_tls(files)?),
+        Some(files) => Some(server_tls(files, config.tls_handshake_timeout)?),
         None => {
             check_plaintext(true, addr)?;
             warn!(listen = %addr, "serving plain text without client certificates: every caller may ingest, read and change targets (--insecure)");
@@ -149,6 +151,7 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let (schedule, _) = watch::channel(1u64);
     let grace = config.shutdown_grace;
+    let request_timeout = config.request_timeout;
     let max_message = config.max_message_bytes;
     let (revoked_tx, revoked) = watch::channel(Arc::new(revoked_initial));
     if let Some(path) = config.revoked.clone() {
@@ -169,6 +172,7 @@ pub async fn run(
         limiter,
         byte_limiter,
         series: Mutex::new(HashMap::new()),
+        watches: Mutex::new(HashMap::new()),
         counters: counters.clone(),
     });
 
@@ -231,6 +235,9 @@ pub async fn run(
         // needs one session stream, mxscopectl a few calls.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+        // A unary call (its body read included) and a stream's opening; a session's hello has
+        // its own, shorter timeout.
+        .timeout(request_timeout)
         // Roles: the certificate's identity against the method (auth.rs), the one place it is checked.
         .layer(AuthLayer::new(mode, counters))
         .add_service(ingest)

@@ -71,6 +71,15 @@ struct Args {
     /// are refused and counted (mxscope_ingest_rejected_results_total{reason="series_cap"}).
     #[arg(long, env = "MXSCOPE_MAX_SERIES_PER_AGENT", default_value_t = 20_000)]
     max_series_per_agent: usize,
+    /// A client that has not completed its TLS handshake within this is dropped.
+    #[arg(long, env = "MXSCOPE_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    tls_handshake_timeout: Duration,
+    /// A query (or a stream's opening) that takes longer is ended (CANCELLED, "Timeout expired").
+    #[arg(long, env = "MXSCOPE_REQUEST_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    request_timeout: Duration,
+    /// Most `mxscopectl watch` streams one certificate holds open at once.
+    #[arg(long, env = "MXSCOPE_MAX_WATCHES", default_value_t = 8)]
+    max_watches: usize,
     /// Results whose start time is further ahead than this are rejected.
     #[arg(long, env = "MXSCOPE_MAX_FUTURE", default_value = "10m", value_parser = humantime::parse_duration)]
     max_future: Duration,
@@ -198,6 +207,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let mut config = Config::new(args.db);
     config.window = args.window;
     config.stale_after = args.stale_after;
+    config.tls_handshake_timeout = args.tls_handshake_timeout;
+    config.request_timeout = args.request_timeout;
+    config.max_watches_per_identity = args.max_watches;
     config.store.policy = mxscope_collector::analysis::hysteresis::Policy {
         fail_after: args.fail_after,
         recover_after: args.recover_after,

@@ -411,11 +411,18 @@ impl Query for QueryService {
     /// State changes (ok ⇄ failing) as they commit, for one target or all; ends on shutdown.
     /// A watcher too slow to keep up skips the changes it missed (logged).
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Res<Self::WatchStream> {
+        let who = request
+            .extensions()
+            .get::<mxscope_pki::Identity>()
+            .map_or_else(|| "plain-text clients".to_string(), ToString::to_string);
+        let slot = WatchSlot::take(self.shared.clone(), who)?;
         let target = lookup_name(&request.into_inner().target);
         let rx = self.shared.store.subscribe();
         let stop = self.shared.shutdown.clone();
         let stream = futures::stream::unfold((rx, stop), move |(mut rx, stop)| {
             let target = target.clone();
+            // Held as long as the stream: dropping it frees the identity's slot.
+            let _slot = &slot;
             async move {
                 loop {
                     let next = tokio::select! {
@@ -439,6 +446,50 @@ impl Query for QueryService {
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// One of an identity's `watch` streams (at most `max_watches_per_identity`), given back when
+/// the stream ends.
+struct WatchSlot {
+    shared: Arc<Shared>,
+    who: String,
+}
+
+impl WatchSlot {
+    fn take(shared: Arc<Shared>, who: String) -> Result<WatchSlot, Status> {
+        let max = shared.config.max_watches_per_identity;
+        let mut open = shared
+            .watches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(who.clone()).or_default();
+        if *n >= max {
+            tracing::warn!(who = %who, open = *n, "watch refused: too many open for this identity");
+            return Err(ServiceError::ResourceExhausted(format!(
+                "{who} has {max} watch streams open already (--max-watches); close one first"
+            ))
+            .into());
+        }
+        *n += 1;
+        drop(open);
+        Ok(WatchSlot { shared, who })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .shared
+            .watches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.who) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.who);
+            }
+        }
     }
 }
 

@@ -35,6 +35,12 @@ pub struct Config {
     pub max_in_flight_batches: usize,
     /// How long an agent may take to send its hello.
     pub hello_timeout: Duration,
+    /// How long a client may take to complete its TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// How long a unary request (and a stream's opening) may take, reading its body included.
+    pub request_timeout: Duration,
+    /// Most `watch` streams one identity (certificate; everyone in plain text) holds at once.
+    pub max_watches_per_identity: usize,
     /// On shutdown, how long open streams get to finish before they are cut.
     pub shutdown_grace: Duration,
     /// Writer batching and reader pool.
@@ -111,6 +117,9 @@ impl Config {
             max_batch_results: 5000,
             max_in_flight_batches: 16,
             hello_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_watches_per_identity: 8,
             shutdown_grace: Duration::from_secs(10),
             store: StoreOptions::default(),
             tls: None,
@@ -146,6 +155,8 @@ pub(crate) struct Shared {
     pub byte_limiter: RateLimiter,
     /// The series each agent feeds (see [`SeriesQuota`]), kept across its sessions.
     pub series: Mutex<HashMap<String, Arc<Mutex<SeriesQuota>>>>,
+    /// Open `watch` streams per identity.
+    pub watches: Mutex<HashMap<String, usize>>,
     /// Refusal counters (what `/metrics` exports); the same `Arc` as `config.counters`.
     pub counters: Arc<Counters>,
 }

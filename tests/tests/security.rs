@@ -563,3 +563,36 @@ fn an_agent_making_up_100k_targets_cannot_grow_the_collector_or_lock_operators_o
     let before = stored_seqs(&url, &admin, "good").expect("results").len();
     wait_stored(&url, &admin, "good", before + 2);
 }
+
+/// A client that opens a TCP connection to the TLS port and never starts its handshake is
+/// dropped after `--tls-handshake-timeout` (before: held open for ever, one task and socket per
+/// such connection).
+#[test]
+fn a_connection_that_never_completes_its_tls_handshake_is_dropped() {
+    use std::io::Read;
+    let lab = Lab::new("sec-handshake").expect("lab dir");
+    let dir = lab.path();
+    let pki = Pki::init(dir, "ca").expect("ca init");
+    let admin = pki.admin(dir, "ops", false).expect("admin cert");
+    let collector =
+        TlsCollector::start(dir, &pki, &["--tls-handshake-timeout", "1s"]).expect("tls collector");
+    let mut silent = std::net::TcpStream::connect(collector.addr).expect("connect");
+    silent
+        .set_read_timeout(Some(Duration::from_secs(8)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = silent.read(&mut buf);
+    let took = started.elapsed();
+    assert!(
+        matches!(read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "closed by the collector, not timed out by the test: {read:?} after {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // Well-behaved clients are served meanwhile.
+    let out = ctl_as(&collector.url(), Some(&admin), &["agents"]).expect("ctl");
+    assert_eq!(out.code, 0, "{out:?}");
+}

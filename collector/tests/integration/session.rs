@@ -770,3 +770,86 @@ async fn a_status_answer_fits_a_default_client_however_many_series() {
     drop(a);
     c.shutdown().await.0.expect("clean shutdown");
 }
+
+/// One identity holds at most `max_watches_per_identity` watch streams; a closed one frees its
+/// slot.
+#[tokio::test]
+async fn watch_streams_per_identity_are_bounded() {
+    let c = Collector::start(|cfg| cfg.max_watches_per_identity = 2).await;
+    let mut q = c.query().await;
+    let watch = |q: &mut QueryClient<Channel>| {
+        let mut q = q.clone();
+        async move { q.watch(pb::WatchRequest::default()).await }
+    };
+    let first = watch(&mut q).await.expect("first watch");
+    let _second = watch(&mut q).await.expect("second watch");
+    let third = watch(&mut q).await.expect_err("a third is refused");
+    assert_eq!(third.code(), Code::ResourceExhausted);
+    assert!(third.message().contains("2 watch streams"), "{third:?}");
+    drop(first);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match watch(&mut q).await {
+            Ok(_) => break,
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+    c.shutdown().await.0.expect("clean shutdown");
+}
+
+/// A unary request whose body never ends is ended after the request timeout (tonic answers
+/// CANCELLED, "Timeout expired") instead of holding its stream (tonic's own client always sends
+/// whole bodies).
+#[tokio::test]
+async fn a_request_that_never_finishes_its_body_times_out() {
+    use http_body_util::StreamBody;
+    let c = Collector::start(|cfg| cfg.request_timeout = Duration::from_millis(300)).await;
+    let tcp = tokio::net::TcpStream::connect(c.addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    // Half a gRPC frame header, then nothing (the sender is kept, so the body never ends).
+    let (tx, rx) = mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>(1);
+    tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(&[
+        0, 0,
+    ]))))
+    .await
+    .unwrap();
+    let body = StreamBody::new(ReceiverStream::new(rx));
+    let req = http::Request::post(format!("http://{}/mxscope.v1.Query/Status", c.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(DEADLINE, send.send_request(req))
+        .await
+        .expect("answered before the test deadline")
+        .expect("a response");
+    let took = started.elapsed();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    assert_eq!(header("grpc-status").as_deref(), Some("1"), "{resp:?}");
+    assert_eq!(
+        header("grpc-message").as_deref(),
+        Some("Timeout%20expired"),
+        "{resp:?}"
+    );
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    drop(tx);
+    c.shutdown().await.0.expect("clean shutdown");
+}
