@@ -853,3 +853,37 @@ async fn a_request_that_never_finishes_its_body_times_out() {
     drop(tx);
     c.shutdown().await.0.expect("clean shutdown");
 }
+
+/// Bytes per agent are rate limited, not only results: 2 MiB of results at 1 MiB/s (burst
+/// 256 KiB) take over a second (the pause after the last batch does not delay its ack), with no
+/// limit on the number of results.
+#[tokio::test]
+async fn an_agents_bytes_are_rate_limited() {
+    let c = Collector::start(|cfg| {
+        cfg.limits.rate_per_sec = 1e9;
+        cfg.limits.burst = 1e9;
+        cfg.limits.bytes_per_sec = 1024.0 * 1024.0;
+        cfg.limits.bytes_burst = 256.0 * 1024.0;
+    })
+    .await;
+    let mut a = Agent::connect(c.addr, "bulky-1", "eu-west").await;
+    assert_eq!(a.welcome().await, 0);
+    let started = std::time::Instant::now();
+    for first in [1u64, 501, 1001, 1501] {
+        let results = (first..first + 500)
+            .map(|seq| {
+                let mut r = result("bulky-1", seq);
+                r.message = "m".repeat(1024);
+                r
+            })
+            .collect();
+        a.tx.send(up(agent_message::Msg::Batch(pb::ResultBatch { results })))
+            .await
+            .expect("send batch");
+        assert_eq!(a.ack().await, first + 499);
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1000), "2 MiB in {took:?}");
+    drop(a);
+    c.shutdown().await.0.expect("clean shutdown");
+}
