@@ -887,3 +887,36 @@ async fn an_agents_bytes_are_rate_limited() {
     drop(a);
     c.shutdown().await.0.expect("clean shutdown");
 }
+
+/// One connection holds at most 32 streams: a 33rd call on it waits until one ends.
+#[tokio::test]
+async fn a_connection_holds_at_most_32_streams() {
+    let c = Collector::start(|cfg| cfg.max_watches_per_identity = 100).await;
+    let q = c.query().await;
+    let mut open = Vec::new();
+    for _ in 0..32 {
+        let mut q = q.clone();
+        open.push(
+            q.watch(pb::WatchRequest::default())
+                .await
+                .expect("watch within the cap")
+                .into_inner(),
+        );
+    }
+    let mut q33 = q.clone();
+    let mut extra = tokio::spawn(async move { q33.status(pb::StatusRequest::default()).await });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut extra)
+            .await
+            .is_err(),
+        "a 33rd stream on the connection was served at once"
+    );
+    drop(open.pop());
+    let answer = tokio::time::timeout(DEADLINE, extra)
+        .await
+        .expect("served once a stream ended")
+        .expect("task");
+    answer.expect("status answers");
+    drop(open);
+    c.shutdown().await.0.expect("clean shutdown");
+}
