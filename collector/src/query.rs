@@ -40,7 +40,8 @@ pub const CANARY_LABEL: &str = "canary";
 /// for an operator's client.
 pub const MAX_ANSWER_BYTES: usize = MAX_RESULTS_BYTES;
 
-/// Keeps the leading `rows` whose encoded size fits in `max` bytes; true when it cut.
+/// Keeps the leading `rows` whose encoded size fits in `max` bytes, and always the first (one
+/// row is far below the cap: `proto::limits`); true when it cut.
 fn cap_bytes<T: prost::Message>(rows: &mut Vec<T>, max: usize) -> bool {
     let mut total = 0usize;
     let keep = rows
@@ -50,7 +51,9 @@ fn cap_bytes<T: prost::Message>(rows: &mut Vec<T>, max: usize) -> bool {
             total += r.encoded_len() + 6;
             total > max
         })
-        .unwrap_or(rows.len());
+        .unwrap_or(rows.len())
+        .max(1)
+        .min(rows.len());
     let cut = keep < rows.len();
     if cut {
         tracing::warn!(
@@ -61,6 +64,22 @@ fn cap_bytes<T: prost::Message>(rows: &mut Vec<T>, max: usize) -> bool {
     }
     rows.truncate(keep);
     cut
+}
+
+/// The page of `rows` from `offset`, cut at the byte cap; the offset of the next page (0 when
+/// this is the last).
+fn page<T: prost::Message>(rows: &mut Vec<T>, offset: u32) -> (bool, u32) {
+    let skip = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(rows.len());
+    rows.drain(..skip);
+    let truncated = cap_bytes(rows, MAX_ANSWER_BYTES);
+    let next = if truncated {
+        u32::try_from(skip + rows.len()).unwrap_or(u32::MAX)
+    } else {
+        0
+    };
+    (truncated, next)
 }
 
 /// The canaries among `central` targets. Only operators define canaries: a failing canary makes
@@ -153,6 +172,7 @@ impl Query for QueryService {
 
     async fn status(&self, request: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
         let req = request.into_inner();
+        let offset = req.offset;
         let window = if req.window_ms == 0 {
             self.shared.config.window
         } else {
@@ -187,11 +207,12 @@ impl Query for QueryService {
                 .map_err(ServiceError::from)?;
             status_rows_from_rollups(&series, &rollups, &params)
         };
-        let truncated = cap_bytes(&mut rows, MAX_ANSWER_BYTES);
+        let (truncated, next_offset) = page(&mut rows, offset);
         Ok(Response::new(pb::StatusResponse {
             rows,
             window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
             truncated,
+            next_offset,
         }))
     }
 
@@ -283,7 +304,7 @@ impl Query for QueryService {
             self.shared.config.quorum,
             &req.check,
         );
-        answer.truncated = cap_bytes(&mut answer.rows, MAX_ANSWER_BYTES);
+        (answer.truncated, answer.next_offset) = page(&mut answer.rows, req.offset);
         Ok(Response::new(answer))
     }
 

@@ -356,6 +356,35 @@ mod tests {
             assert_eq!(req.window_ms, 600_000);
         }
 
+        /// A `status` answer the collector cuts into pages is fetched whole, in order.
+        #[tokio::test]
+        async fn status_follows_the_pages_of_a_cut_answer() {
+            let fake = FakeQuery::default();
+            {
+                let mut s = fake.state.lock().unwrap();
+                s.status = (0..25)
+                    .map(|i| pb::StatusRow {
+                        target: format!("t{i:02}.test"),
+                        state: "ok".into(),
+                        ..Default::default()
+                    })
+                    .collect();
+                s.status_page = 10;
+            }
+            let url = fake.serve().await;
+            let v = ok_json(&url, &["status", "--format", "json"]).await;
+            let targets: Vec<&str> = v
+                .as_array()
+                .expect("array")
+                .iter()
+                .map(|r| r["target"].as_str().unwrap_or_default())
+                .collect();
+            let want: Vec<String> = (0..25).map(|i| format!("t{i:02}.test")).collect();
+            assert_eq!(targets, want);
+            let last = fake.state.lock().unwrap().last_status.clone().unwrap();
+            assert_eq!(last.offset, 20, "three pages were asked for");
+        }
+
         #[tokio::test]
         async fn results_and_agents_through_grpc() {
             let fake = FakeQuery::default();

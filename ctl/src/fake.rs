@@ -22,6 +22,8 @@ pub(crate) struct State {
     /// Requests seen, for assertions on what the client sent.
     pub last_status: Option<pb::StatusRequest>,
     pub last_results: Option<pb::ResultsRequest>,
+    /// Rows per `status` answer (0: all in one).
+    pub status_page: usize,
 }
 
 #[derive(Clone, Default)]
@@ -64,14 +66,23 @@ impl Query for FakeQuery {
         r: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let req = r.into_inner();
-        let rows = self.with(|s| {
+        let (mut rows, page) = self.with(|s| {
             s.last_status = Some(req.clone());
-            s.status.clone()
+            (s.status.clone(), s.status_page)
         })?;
+        // Pages of `status_page` rows when set, as a collector cuts a large answer.
+        let skip = (req.offset as usize).min(rows.len());
+        rows.drain(..skip);
+        let mut next_offset = 0;
+        if page > 0 && rows.len() > page {
+            rows.truncate(page);
+            next_offset = (skip + page) as u32;
+        }
         Ok(Response::new(pb::StatusResponse {
             rows,
             window_ms: 300_000,
-            truncated: false,
+            truncated: next_offset != 0,
+            next_offset,
         }))
     }
 

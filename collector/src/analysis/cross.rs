@@ -172,6 +172,7 @@ pub fn matrix(
         rows,
         metric: metric.name().to_string(),
         truncated: false,
+        next_offset: 0,
     }
 }
 

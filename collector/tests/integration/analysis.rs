@@ -242,6 +242,7 @@ async fn smtp_blocked_from_one_region_is_partial_network_there_and_watched() {
             check: "submission".into(),
             metric: "p50".into(),
             since_ms: 3_600_000,
+            offset: 0,
         })
         .await
         .expect("matrix p50")
@@ -320,6 +321,7 @@ async fn smtp_blocked_from_one_region_is_partial_network_there_and_watched() {
             target: "lab.test".into(),
             check: "smtp".into(),
             region: "ap-south".into(),
+            offset: 0,
         })
         .await
         .expect("status")

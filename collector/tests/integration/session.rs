@@ -767,6 +767,25 @@ async fn a_status_answer_fits_a_default_client_however_many_series() {
         "{}",
         status.rows.len()
     );
+    // The next pages hold the rest, each row once.
+    let mut endpoints: Vec<String> = status.rows.iter().map(|r| r.endpoint.clone()).collect();
+    let mut next = status.next_offset;
+    while next != 0 {
+        let page = q
+            .status(pb::StatusRequest {
+                offset: next,
+                ..Default::default()
+            })
+            .await
+            .expect("a page")
+            .into_inner();
+        endpoints.extend(page.rows.iter().map(|r| r.endpoint.clone()));
+        next = page.next_offset;
+    }
+    assert_eq!(endpoints.len(), 1500);
+    endpoints.sort();
+    endpoints.dedup();
+    assert_eq!(endpoints.len(), 1500, "no row twice");
     drop(a);
     c.shutdown().await.0.expect("clean shutdown");
 }

@@ -11,6 +11,7 @@ use mxscope_proto::{pb, Metric, RegionState};
 use crate::args;
 use crate::cli::print;
 use crate::client::Client;
+use crate::cmd::MAX_PAGES;
 use crate::output::{Cell, Column, Format, Report};
 
 #[derive(Debug, Args)]
@@ -34,6 +35,7 @@ impl MatrixArgs {
             check: self.check.clone().unwrap_or_default(),
             metric: self.metric.name().to_string(),
             since_ms: self.since.map_or(0, millis),
+            offset: 0,
         }
     }
 }
@@ -44,17 +46,26 @@ pub(crate) async fn run(
     format: Format,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let req = a.request();
-    let resp = client.call(|c| c.matrix(req)).await?;
+    let mut req = a.request();
+    let mut resp = client.call(|c| c.matrix(req.clone())).await?;
+    // Further pages while the collector cut the answer (bounded: an answer is at most 3 MiB).
+    let mut pages = 1;
+    while resp.next_offset != 0 && pages < MAX_PAGES {
+        req.offset = resp.next_offset;
+        let next = client.call(|c| c.matrix(req.clone())).await?;
+        resp.rows.extend(next.rows);
+        (resp.truncated, resp.next_offset) = (next.truncated, next.next_offset);
+        pages += 1;
+    }
     print(
         &report(&resp),
         format,
         out,
         "no rows yet (no series stored, or none for this check)",
     )?;
-    if resp.truncated {
+    if resp.next_offset != 0 {
         eprintln!(
-            "more rows matched than fit in one answer; the first {} are shown (narrow with --check)",
+            "more rows matched than {MAX_PAGES} answers hold; the first {} are shown (narrow with --check)",
             resp.rows.len()
         );
     }
@@ -143,6 +154,7 @@ mod tests {
             regions: vec!["ap-south".into(), "eu-west".into(), "us-east".into()],
             metric: metric.into(),
             truncated: false,
+            next_offset: 0,
             rows: vec![
                 pb::MatrixRow {
                     target: "lab.test".into(),

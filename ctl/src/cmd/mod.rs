@@ -11,3 +11,6 @@ pub(crate) mod results;
 pub(crate) mod status;
 pub(crate) mod target;
 pub(crate) mod watch;
+
+/// Most pages `status` and `matrix` fetch of an answer the collector cuts (each under 3 MiB).
+pub(crate) const MAX_PAGES: usize = 100;

@@ -10,6 +10,7 @@ use mxscope_proto::pb;
 use crate::args;
 use crate::cli::print;
 use crate::client::Client;
+use crate::cmd::MAX_PAGES;
 use crate::output::{self, Cell, Column, Format, Report};
 
 #[derive(Debug, Args)]
@@ -35,6 +36,7 @@ impl StatusArgs {
             target: self.target.clone().unwrap_or_default(),
             check: self.check.clone().unwrap_or_default(),
             region: self.region.clone().unwrap_or_default(),
+            offset: 0,
         }
     }
 }
@@ -45,8 +47,17 @@ pub(crate) async fn run(
     format: Format,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let req = a.request();
-    let resp = client.call(|c| c.status(req)).await?;
+    let mut req = a.request();
+    let mut resp = client.call(|c| c.status(req.clone())).await?;
+    // Further pages while the collector cut the answer (bounded: an answer is at most 3 MiB).
+    let mut pages = 1;
+    while resp.next_offset != 0 && pages < MAX_PAGES {
+        req.offset = resp.next_offset;
+        let next = client.call(|c| c.status(req.clone())).await?;
+        resp.rows.extend(next.rows);
+        (resp.truncated, resp.next_offset) = (next.truncated, next.next_offset);
+        pages += 1;
+    }
     let report = report(&resp.rows, mxscope_proto::time::now_us());
     print(
         &report,
@@ -54,9 +65,9 @@ pub(crate) async fn run(
         out,
         "no status rows yet (no results in the window, or no matching target)",
     )?;
-    if resp.truncated {
+    if resp.next_offset != 0 {
         eprintln!(
-            "more rows matched than fit in one answer; the first {} are shown \
+            "more rows matched than {MAX_PAGES} answers hold; the first {} are shown \
              (narrow with --target, --check or --region)",
             resp.rows.len()
         );

@@ -154,6 +154,7 @@ async fn run_inner(ctx: &Ctx, s: &mut Section) -> Result<()> {
                         target: target.clone(),
                         check: "smtp".into(),
                         region: String::new(),
+                        offset: 0,
                     })
                     .await;
                 let seen_at = sys::now_us();

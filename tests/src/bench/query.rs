@@ -128,6 +128,7 @@ async fn measure(ctx: &Ctx, db: &Path, s: &mut Section) -> Result<()> {
                         check: "smtp".into(),
                         metric: metric.into(),
                         since_ms: DAYS_30_MS,
+                        offset: 0,
                     })
                     .await?;
                 Ok(r.into_inner().rows.len())
