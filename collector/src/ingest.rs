@@ -13,7 +13,7 @@ use mxscope_proto::pb::collector_message::Msg as Down;
 use mxscope_proto::pb::raw::agent_message::Msg as Up;
 use mxscope_proto::pb::{self, raw::ingest_server::Ingest};
 use mxscope_proto::raw::ResultView;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -404,6 +404,8 @@ impl Drop for Connection {
 }
 
 type Commit = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>>;
+type Slot =
+    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>>;
 type Beat = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 /// What one agent message asks of the session.
@@ -443,6 +445,11 @@ impl Session {
         let mut revoked_open = true;
         // Set while the agent is above its result rate: no reading until then (backpressure).
         let mut resume_at: Option<Instant> = None;
+        // A write slot is taken before a batch is read: the writer's queue holds at most
+        // `max_queued_batches` batches of all sessions, and a session without a slot does not
+        // read (backpressure). The slot is given back when its batch committed.
+        let mut slot: Option<OwnedSemaphorePermit> = None;
+        let mut acquiring: Option<Slot> = None;
 
         if self.send_schedule().await.is_err() {
             return;
@@ -450,6 +457,15 @@ impl Session {
         loop {
             if !reading && pending.is_empty() && beat.is_none() {
                 break;
+            }
+            if reading && slot.is_none() && acquiring.is_none() {
+                match self.shared.writes.clone().try_acquire_owned() {
+                    Ok(p) => slot = Some(p),
+                    Err(_) => {
+                        Counters::bump(&self.shared.counters.write_slot_waits);
+                        acquiring = Some(Box::pin(self.shared.writes.clone().acquire_owned()));
+                    }
+                }
             }
             tokio::select! {
                 biased;
@@ -497,6 +513,11 @@ impl Session {
                         reading = false;
                     }
                 }
+                res = async { acquiring.as_mut().expect("guarded").await }, if acquiring.is_some() => {
+                    acquiring = None;
+                    // The semaphore is never closed.
+                    slot = res.ok();
+                }
                 () = tokio::time::sleep_until(resume_at.unwrap_or_else(Instant::now)), if resume_at.is_some() => {
                     resume_at = None;
                 }
@@ -507,10 +528,15 @@ impl Session {
                         break;
                     }
                 }
-                msg = inbound.message(), if reading && resume_at.is_none() && pending.len() < max_in_flight => match msg {
+                msg = inbound.message(), if reading && slot.is_some() && resume_at.is_none() && pending.len() < max_in_flight => match msg {
                     Ok(Some(m)) => match self.handle(m) {
                         Ok(Handled::Batch(commit, results, bytes)) => {
-                            pending.push_back(commit);
+                            let held = slot.take();
+                            pending.push_back(Box::pin(async move {
+                                let stored = commit.await;
+                                drop(held);
+                                stored
+                            }));
                             resume_at = self.throttle(results, bytes);
                         }
                         Ok(Handled::Heartbeat(depth, dropped)) => {

@@ -152,6 +152,7 @@ pub async fn run(
     let (schedule, _) = watch::channel(1u64);
     let grace = config.shutdown_grace;
     let request_timeout = config.request_timeout;
+    let max_queued = config.max_queued_batches.max(1);
     let max_message = config.max_message_bytes;
     let (revoked_tx, revoked) = watch::channel(Arc::new(revoked_initial));
     if let Some(path) = config.revoked.clone() {
@@ -173,6 +174,7 @@ pub async fn run(
         byte_limiter,
         series: Mutex::new(HashMap::new()),
         watches: Mutex::new(HashMap::new()),
+        writes: Arc::new(tokio::sync::Semaphore::new(max_queued)),
         counters: counters.clone(),
     });
 

@@ -286,6 +286,8 @@ pub struct Counters {
     pub heartbeats_coalesced: AtomicU64,
     /// Sessions closed because the same agent id opened a newer one.
     pub sessions_replaced: AtomicU64,
+    /// Times a session waited for a write slot (the writer's queue was full).
+    pub write_slot_waits: AtomicU64,
 }
 
 impl Counters {
@@ -489,7 +491,7 @@ impl Counters {
             "Results refused by the input limits (skipped and acked), by reason",
             rejected,
         );
-        let plain: [(&str, &str, &AtomicU64); 10] = [
+        let plain: [(&str, &str, &AtomicU64); 13] = [
             (
                 "mxscope_ingest_oversize_messages",
                 "Messages above the gRPC size limit (session closed)",
@@ -539,6 +541,21 @@ impl Counters {
                 "mxscope_auth_revoked_closed",
                 "Open sessions closed because their agent was revoked",
                 &self.revoked_closed,
+            ),
+            (
+                "mxscope_ingest_heartbeats_coalesced",
+                "Heartbeats replaced by a newer one of the same session before they were written",
+                &self.heartbeats_coalesced,
+            ),
+            (
+                "mxscope_ingest_sessions_replaced",
+                "Sessions closed because the same agent id opened a newer one",
+                &self.sessions_replaced,
+            ),
+            (
+                "mxscope_ingest_write_slot_waits",
+                "Times a session waited for a write slot (--max-queued-batches reached)",
+                &self.write_slot_waits,
             ),
         ];
         for (name, help, value) in plain {

@@ -77,6 +77,10 @@ struct Args {
     /// A query (or a stream's opening) that takes longer is ended (CANCELLED, "Timeout expired").
     #[arg(long, env = "MXSCOPE_REQUEST_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
     request_timeout: Duration,
+    /// Batches of all agents queued for the database writer at once; above it sessions stop
+    /// reading until a batch commits.
+    #[arg(long, env = "MXSCOPE_MAX_QUEUED_BATCHES", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    max_queued_batches: u32,
     /// Most `mxscopectl watch` streams one certificate holds open at once.
     #[arg(long, env = "MXSCOPE_MAX_WATCHES", default_value_t = 8)]
     max_watches: usize,
@@ -210,6 +214,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.tls_handshake_timeout = args.tls_handshake_timeout;
     config.request_timeout = args.request_timeout;
     config.max_watches_per_identity = args.max_watches;
+    config.max_queued_batches = args.max_queued_batches as usize;
     config.store.policy = mxscope_collector::analysis::hysteresis::Policy {
         fail_after: args.fail_after,
         recover_after: args.recover_after,

@@ -39,6 +39,8 @@ pub struct Config {
     pub tls_handshake_timeout: Duration,
     /// How long a unary request (and a stream's opening) may take, reading its body included.
     pub request_timeout: Duration,
+    /// Batches of all sessions queued for the writer or being committed at once.
+    pub max_queued_batches: usize,
     /// Most `watch` streams one identity (certificate; everyone in plain text) holds at once.
     pub max_watches_per_identity: usize,
     /// On shutdown, how long open streams get to finish before they are cut.
@@ -120,6 +122,7 @@ impl Config {
             tls_handshake_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_watches_per_identity: 8,
+            max_queued_batches: 128,
             shutdown_grace: Duration::from_secs(10),
             store: StoreOptions::default(),
             tls: None,
@@ -155,6 +158,9 @@ pub(crate) struct Shared {
     pub byte_limiter: RateLimiter,
     /// The series each agent feeds (see [`SeriesQuota`]), kept across its sessions.
     pub series: Mutex<HashMap<String, Arc<Mutex<SeriesQuota>>>>,
+    /// Write slots: one per batch queued for the writer or being committed (see
+    /// `Config::max_queued_batches`).
+    pub writes: Arc<tokio::sync::Semaphore>,
     /// Open `watch` streams per identity.
     pub watches: Mutex<HashMap<String, usize>>,
     /// Refusal counters (what `/metrics` exports); the same `Arc` as `config.counters`.

@@ -939,3 +939,67 @@ async fn a_connection_holds_at_most_32_streams() {
     drop(open);
     c.shutdown().await.0.expect("clean shutdown");
 }
+
+/// The writer's queue is bounded over all sessions: while sixteen agents flood it (each would
+/// keep 16 batches in flight), another agent's batch waits behind at most `max_queued_batches`
+/// of theirs and is acked within a second (issue #17, item 4).
+#[tokio::test]
+async fn flooding_agents_cannot_queue_ahead_of_another_agent_without_bound() {
+    use mxscope_collector::limits::Counters;
+    let counters = std::sync::Arc::new(Counters::default());
+    let shared = counters.clone();
+    let c = Collector::start(move |cfg| {
+        cfg.counters = shared;
+        cfg.max_queued_batches = 2;
+        cfg.limits.rate_per_sec = 1e9;
+        cfg.limits.burst = 1e9;
+        cfg.limits.bytes_per_sec = 1e12;
+        cfg.limits.bytes_burst = 1e12;
+    })
+    .await;
+    let mut floods = Vec::new();
+    for n in 0..16 {
+        let id = format!("flood-{n}");
+        let mut a = Agent::connect(c.addr, &id, "eu-west").await;
+        assert_eq!(a.welcome().await, 0);
+        floods.push(tokio::spawn(async move {
+            let mut seq = 0u64;
+            for _ in 0..60 {
+                let results = (seq + 1..=seq + 1000).map(|s| result(&a.id, s)).collect();
+                seq += 1000;
+                if a.tx
+                    .send(up(agent_message::Msg::Batch(pb::ResultBatch { results })))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            a
+        }));
+    }
+    let mut good = Agent::connect(c.addr, "good-1", "us-east").await;
+    assert_eq!(good.welcome().await, 0);
+    // Until the floods fill the writer's queue (sessions wait for write slots).
+    use std::sync::atomic::Ordering::Relaxed;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while counters.write_slot_waits.load(Relaxed) < 16 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the floods never filled the writer's queue"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = std::time::Instant::now();
+    good.send_batch(1..=10).await;
+    assert_eq!(good.ack().await, 10);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the good agent's batch waited {took:?} behind the floods"
+    );
+    for f in floods {
+        f.abort();
+    }
+    c.shutdown().await.0.expect("clean shutdown");
+}
