@@ -1,6 +1,9 @@
 //! The private PKI behind mTLS: a CA, agent certificates whose identity (id and region) is bound in
 //! a URI SAN, admin and read-only client certificates for ctl, collector server certificates, and
-//! CSR signing for token enrolment. Peer identities are read back from certificates here too.
+//! CSR signing for token enrolment. Peer identities are read back from certificates here too, and
+//! the revocation list's entries ([`revocation`]) are parsed here for the collector and ctl.
+
+pub mod revocation;
 
 use std::fmt;
 use std::fs;
@@ -8,6 +11,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use mxscope_proto::names::{is_label, LABEL_RULE};
+pub use revocation::{BadLine, CertId, Entry, Fingerprint, Revocations, Serial};
+
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
@@ -106,11 +111,52 @@ fn check_label(what: &'static str, value: &str) -> Result<(), PkiError> {
 /// The identity a peer certificate (DER) carries, if it is one of ours.
 pub fn identity_of(cert_der: &[u8]) -> Option<Identity> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    identity_in(&cert)
+}
+
+fn identity_in(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<Identity> {
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
         x509_parser::extensions::GeneralName::URI(uri) => Identity::parse_uri(uri),
         _ => None,
     })
+}
+
+/// A client certificate as the collector sees it: whom it speaks for, and which certificate it
+/// is (what revocation entries name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub identity: Identity,
+    pub cert: CertId,
+}
+
+/// The identity, serial and fingerprint of a peer certificate (DER), if it is one of ours.
+pub fn peer_of(cert_der: &[u8]) -> Option<Peer> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(Peer {
+        identity: identity_in(&cert)?,
+        cert: CertId::of_parsed(cert_der, &cert),
+    })
+}
+
+/// The first certificate in a PEM text: its identity (if it is one of ours), serial and
+/// fingerprint. `what` names the file in errors.
+pub fn read_cert_pem(pem: &str, what: &str) -> Result<(Option<Identity>, CertId), PkiError> {
+    let invalid = |why| PkiError::Invalid {
+        what: "certificate file",
+        value: what.into(),
+        why,
+    };
+    let block = x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .filter_map(Result::ok)
+        .find(|p| p.label == "CERTIFICATE")
+        .ok_or_else(|| invalid("no PEM block 'BEGIN CERTIFICATE' in it"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&block.contents)
+        .map_err(|_| invalid("its CERTIFICATE block is not an X.509 certificate"))?;
+    Ok((
+        identity_in(&cert),
+        CertId::of_parsed(&block.contents, &cert),
+    ))
 }
 
 /// A certificate and its private key, both PEM.
@@ -370,6 +416,44 @@ mod tests {
             )
             .unwrap();
         assert_eq!(identity_of(&der(&server.cert_pem)), None);
+    }
+
+    #[test]
+    fn a_certificate_is_known_by_its_serial_and_fingerprint() {
+        let ca = Ca::create("test ca").unwrap();
+        let who = Identity::Admin { name: "ops".into() };
+        let one = ca.issue(&who, Validity::default()).unwrap();
+        let two = ca.issue(&who, Validity::default()).unwrap();
+        let peer = peer_of(&der(&one.cert_pem)).expect("one of ours");
+        assert_eq!(peer.identity, who);
+        assert_eq!(peer.cert.fingerprint, Fingerprint::of(&der(&one.cert_pem)));
+        let (identity, cert) = read_cert_pem(&one.cert_pem, "admin.pem").unwrap();
+        assert_eq!((identity, cert), (Some(who.clone()), peer.cert.clone()));
+        // rcgen's serials are 20 bytes (from the key): each certificate has its own.
+        assert!(
+            peer.cert.serial.to_string().len() > 30,
+            "{}",
+            peer.cert.serial
+        );
+        let other = peer_of(&der(&two.cert_pem)).unwrap().cert;
+        assert_ne!(other.serial, peer.cert.serial);
+        assert_ne!(other.fingerprint, peer.cert.fingerprint);
+
+        let server = ca
+            .issue_server(&["localhost".into()], Validity::default())
+            .unwrap();
+        assert_eq!(peer_of(&der(&server.cert_pem)), None);
+        let (none, _) = read_cert_pem(&server.cert_pem, "collector.pem").unwrap();
+        assert_eq!(none, None);
+        for bad in [
+            "",
+            "hello",
+            &one.key_pem,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        ] {
+            let err = read_cert_pem(bad, "x.pem").unwrap_err().to_string();
+            assert!(err.contains("x.pem"), "{err}");
+        }
     }
 
     #[test]
