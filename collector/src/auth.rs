@@ -1,15 +1,17 @@
 //! Who may call what, decided in one tower layer in front of every gRPC service: the identity in
 //! the client certificate (see [`mxscope_pki`]) against the method path. The identity is then put
-//! into the request extensions for the services. In plain-text `--insecure` mode (loopback only)
-//! there are no certificates and so no identities: every call is allowed.
+//! into the request extensions for the services. Every call's certificate is checked against the
+//! live revocation list (`--revoked`: serials, fingerprints, agent ids), and open streams end when
+//! theirs is revoked. In plain-text `--insecure` mode (loopback only) there are no certificates and
+//! so no identities: every call is allowed (agent ids are still checked at an agent's hello).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use futures::future::{Either, Ready};
+use futures::stream::{BoxStream, StreamExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http;
@@ -19,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::error::ServiceError;
 use crate::limits::Counters;
-use mxscope_pki::{identity_of, Identity};
+use mxscope_pki::{peer_of, BadLine, Entry, Identity, Peer, Revocations};
 
 const INGEST: &str = "/mxscope.v1.Ingest/";
 const QUERY: &str = "/mxscope.v1.Query/";
@@ -75,10 +77,40 @@ pub fn authorize(path: &str, who: Option<&Identity>) -> Result<(), Status> {
     ))))
 }
 
-/// The mxscope identity of the connection's client certificate, if any.
-pub fn peer_identity(ext: &http::Extensions) -> Option<Identity> {
+/// The mxscope identity, serial and fingerprint of the connection's client certificate, if any.
+pub fn peer_certificate(ext: &http::Extensions) -> Option<Peer> {
     let certs = ext.get::<TlsConnectInfo<TcpConnectInfo>>()?.peer_certs()?;
-    identity_of(certs.first()?.as_ref())
+    peer_of(certs.first()?.as_ref())
+}
+
+/// The refusal of a caller the revocation list names: `by` is the entry, `peer` the caller's
+/// certificate (none in `--insecure` mode), `ended` says an open stream is being closed rather
+/// than a call refused.
+pub fn revoked_status(by: &Entry, peer: Option<&Peer>, ended: bool) -> Status {
+    let is = if ended { "was" } else { "is" };
+    let message = match (by, peer) {
+        (Entry::Agent(id), _) => format!("agent '{id}' {is} revoked; enrol it again with a new id"),
+        (_, Some(p)) => {
+            let fix = match p.identity {
+                Identity::Agent { .. } => "enroll",
+                Identity::Admin { .. } | Identity::Reader { .. } => "admin-cert",
+            };
+            format!(
+                "this certificate (serial {}) {is} revoked; issue a new one with mxscopectl {fix}",
+                p.cert.serial
+            )
+        }
+        (_, None) => format!("this certificate {is} revoked"),
+    };
+    Status::from(ServiceError::PermissionDenied(message))
+}
+
+/// The agent id of an identity, if it is an agent's.
+fn agent_id(who: &Identity) -> Option<&str> {
+    match who {
+        Identity::Agent { id, .. } => Some(id),
+        Identity::Admin { .. } | Identity::Reader { .. } => None,
+    }
 }
 
 /// Whether calls are checked against client certificates.
@@ -90,16 +122,51 @@ pub enum Mode {
     Certificates,
 }
 
-/// The tower layer that enforces [`authorize`].
+/// The tower layer that refuses revoked certificates and enforces [`authorize`].
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     mode: Mode,
     counters: Arc<Counters>,
+    revoked: watch::Receiver<Revoked>,
 }
 
 impl AuthLayer {
-    pub fn new(mode: Mode, counters: Arc<Counters>) -> AuthLayer {
-        AuthLayer { mode, counters }
+    pub fn new(
+        mode: Mode,
+        counters: Arc<Counters>,
+        revoked: watch::Receiver<Revoked>,
+    ) -> AuthLayer {
+        AuthLayer {
+            mode,
+            counters,
+            revoked,
+        }
+    }
+
+    /// Whether the call may go on: a certificate that is ours, not revoked, with a role for `path`.
+    fn check(&self, path: &str, peer: Option<&Peer>) -> Result<(), Status> {
+        let counters = &self.counters;
+        if let Some(peer) = peer {
+            let by = self
+                .revoked
+                .borrow()
+                .revoking(agent_id(&peer.identity), Some(&peer.cert));
+            if let Some(by) = by {
+                let n = Counters::bump(&counters.revoked_refused);
+                warn!(method = %path, peer = %peer.identity, cert.serial = %peer.cert.serial,
+                    revoked.by = %by, revoked_refused_total = n, "revoked certificate refused");
+                return Err(revoked_status(&by, Some(peer), false));
+            }
+        }
+        let who = peer.map(|p| &p.identity);
+        authorize(path, who).inspect_err(|status| {
+            match status.code() {
+                tonic::Code::Unauthenticated => Counters::bump(&counters.unauthenticated),
+                _ => Counters::bump(&counters.permission_denied),
+            };
+            warn!(method = %path, peer = who.map(ToString::to_string).unwrap_or_default(),
+                code = ?status.code(), "call refused");
+        })
     }
 }
 
@@ -136,47 +203,87 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         if self.layer.mode == Mode::Certificates {
-            let who = peer_identity(req.extensions());
-            if let Err(status) = authorize(req.uri().path(), who.as_ref()) {
-                let counters = &self.layer.counters;
-                match status.code() {
-                    tonic::Code::Unauthenticated => Counters::bump(&counters.unauthenticated),
-                    _ => Counters::bump(&counters.permission_denied),
-                };
-                warn!(method = %req.uri().path(), peer = who.as_ref().map(ToString::to_string).unwrap_or_default(),
-                    code = ?status.code(), "call refused");
+            let peer = peer_certificate(req.extensions());
+            if let Err(status) = self.layer.check(req.uri().path(), peer.as_ref()) {
                 return Either::Left(futures::future::ready(Ok(status.into_http())));
             }
-            if let Some(who) = who {
-                req.extensions_mut().insert(who);
+            if let Some(peer) = peer {
+                req.extensions_mut().insert(peer.identity.clone());
+                req.extensions_mut().insert(peer);
             }
         }
         Either::Right(self.inner.call(req))
     }
 }
 
-/// Revoked agent ids, shared with every session.
-pub type Revoked = Arc<HashSet<String>>;
+/// Ends a server stream with `PermissionDenied` as soon as the revocation list names the
+/// caller's certificate (within [`REVOKED_POLL`] of the file changing); `counters.revoked_closed`
+/// counts it. What `stream` yields until then passes through.
+pub fn end_when_revoked<T: Send + 'static>(
+    stream: BoxStream<'static, Result<T, Status>>,
+    peer: Peer,
+    revoked: watch::Receiver<Revoked>,
+    counters: Arc<Counters>,
+) -> BoxStream<'static, Result<T, Status>> {
+    // The state is `None` once the revocation has been sent: the stream is over.
+    let state = Some((stream, Some(revoked)));
+    futures::stream::unfold(state, move |state| {
+        let (peer, counters) = (peer.clone(), counters.clone());
+        async move {
+            let (mut stream, mut revoked) = state?;
+            loop {
+                tokio::select! {
+                    item = stream.next() => return item.map(|i| (i, Some((stream, revoked)))),
+                    still_open = async {
+                        match revoked.as_mut() {
+                            Some(rx) => rx.changed().await.is_ok(),
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        let Some(rx) = revoked.as_mut().filter(|_| still_open) else {
+                            // No revocation list (or the collector is stopping): nothing to watch.
+                            revoked = None;
+                            continue;
+                        };
+                        let by = rx
+                            .borrow_and_update()
+                            .revoking(agent_id(&peer.identity), Some(&peer.cert));
+                        if let Some(by) = by {
+                            let n = Counters::bump(&counters.revoked_closed);
+                            warn!(peer = %peer.identity, cert.serial = %peer.cert.serial, revoked.by = %by,
+                                revoked_closed_total = n, "certificate revoked, closing its stream");
+                            return Some((Err(revoked_status(&by, Some(&peer), true)), None));
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+/// The revocation list, shared with every session and stream.
+pub type Revoked = Arc<Revocations>;
 
 /// How often the revocation file's modification time is checked.
 pub const REVOKED_POLL: Duration = Duration::from_secs(1);
 
-/// Agent ids, one per line; `#` starts a comment; blank lines are ignored.
-pub fn parse_revoked(text: &str) -> HashSet<String> {
-    text.lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
-/// Why the revocation file could not be read.
+/// Why the revocation file could not be used.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read the revocation list {path}: {source} (check --revoked)")]
-pub struct RevokedError {
-    pub path: PathBuf,
-    #[source]
-    pub source: std::io::Error,
+#[non_exhaustive]
+pub enum RevokedError {
+    #[error("cannot read the revocation list {path}: {source} (check --revoked)")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("revocation list {path}, {bad} (each line is an agent id, serial:HEX or sha256:HEX; fix or remove it)")]
+    Line {
+        path: PathBuf,
+        #[source]
+        bad: BadLine,
+    },
 }
 
 fn stamp(path: &Path) -> Result<(Option<SystemTime>, u64), std::io::Error> {
@@ -184,14 +291,21 @@ fn stamp(path: &Path) -> Result<(Option<SystemTime>, u64), std::io::Error> {
     Ok((meta.modified().ok(), meta.len()))
 }
 
-/// Reads the revocation file once (a missing file is an error at startup).
-pub fn load_revoked(path: &Path) -> Result<HashSet<String>, RevokedError> {
-    std::fs::read_to_string(path)
-        .map(|t| parse_revoked(&t))
-        .map_err(|source| RevokedError {
+/// Reads the revocation file once, at startup: a missing file or a line that is not an entry is
+/// an error (later, on reload, such a line is logged and skipped).
+pub fn load_revoked(path: &Path) -> Result<Revocations, RevokedError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RevokedError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (list, bad) = Revocations::parse(&text);
+    match bad.into_iter().next() {
+        Some(bad) => Err(RevokedError::Line {
             path: path.to_path_buf(),
-            source,
-        })
+            bad,
+        }),
+        None => Ok(list),
+    }
 }
 
 /// Re-reads `path` whenever its modification time or size changes (polled every
@@ -221,9 +335,13 @@ pub async fn watch_revoked(path: PathBuf, tx: watch::Sender<Revoked>, stop: Canc
                     continue;
                 }
                 last = Some(now);
-                let set = parse_revoked(&text);
-                info!(path = %path.display(), revoked = set.len(), "revocation list reloaded");
-                tx.send_replace(Arc::new(set));
+                let (list, bad) = Revocations::parse(&text);
+                for b in &bad {
+                    warn!(path = %path.display(), line = b.line, error = %b.error,
+                        "revocation list line skipped (an agent id, serial:HEX or sha256:HEX)");
+                }
+                info!(path = %path.display(), revoked = list.len(), skipped = bad.len(), "revocation list reloaded");
+                tx.send_replace(Arc::new(list));
             }
             Ok(Err(err)) if !failing => {
                 failing = true;
@@ -307,34 +425,232 @@ mod tests {
         }
     }
 
+    /// A real certificate for `who` from a throwaway CA, as the layer sees it.
+    fn peer(ca: &mxscope_pki::Ca, who: Identity) -> Peer {
+        let issued = ca.issue(&who, mxscope_pki::Validity::default()).unwrap();
+        let (_, cert) = mxscope_pki::read_cert_pem(&issued.cert_pem, "test").unwrap();
+        Peer {
+            identity: who,
+            cert,
+        }
+    }
+
+    fn layer(list: &str) -> (AuthLayer, watch::Sender<Revoked>) {
+        let (list, bad) = Revocations::parse(list);
+        assert!(bad.is_empty(), "{bad:?}");
+        let (tx, rx) = watch::channel(Arc::new(list));
+        let layer = AuthLayer::new(Mode::Certificates, Arc::new(Counters::default()), rx);
+        (layer, tx)
+    }
+
     #[test]
-    fn revocation_file_format() {
-        let set = parse_revoked("# revoked\nag-1\n\n  ag-2  # stolen laptop\n#ag-3\n");
-        assert_eq!(set.len(), 2);
-        assert!(set.contains("ag-1") && set.contains("ag-2"));
+    fn revoked_certificates_are_refused_whatever_their_role() {
+        let ca = mxscope_pki::Ca::create("test ca").unwrap();
+        let ops = peer(&ca, Identity::Admin { name: "ops".into() });
+        let ops2 = peer(&ca, Identity::Admin { name: "ops".into() });
+        let dash = peer(
+            &ca,
+            Identity::Reader {
+                name: "dash".into(),
+            },
+        );
+        let a1 = peer(&ca, agent());
+        let status = "/mxscope.v1.Query/Status";
+        let session = "/mxscope.v1.Ingest/Session";
+        let (layer, tx) = layer("");
+        for (path, p) in [
+            (status, &ops),
+            (status, &ops2),
+            (status, &dash),
+            (session, &a1),
+        ] {
+            assert!(layer.check(path, Some(p)).is_ok(), "{}", p.identity);
+        }
+
+        // The list changes live: the layer reads the current one on every call.
+        tx.send_replace(Arc::new(
+            Revocations::parse(&format!(
+                "serial:{}\nsha256:{}\n",
+                ops.cert.serial.to_string().to_uppercase(),
+                dash.cert.fingerprint
+            ))
+            .0,
+        ));
+        let err = layer.check(status, Some(&ops)).expect_err("revoked admin");
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert_eq!(
+            err.message(),
+            format!(
+                "this certificate (serial {}) is revoked; issue a new one with mxscopectl admin-cert",
+                ops.cert.serial
+            )
+        );
+        // Another certificate of the same admin name is another certificate.
+        assert!(layer.check(status, Some(&ops2)).is_ok());
+        let err = layer
+            .check(status, Some(&dash))
+            .expect_err("revoked reader");
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(err.message().contains("is revoked"), "{err:?}");
+        assert!(layer.check(session, Some(&a1)).is_ok());
+        assert_eq!(
+            layer
+                .counters
+                .revoked_refused
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        assert_eq!(
+            layer
+                .counters
+                .permission_denied
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+
+        // An agent by fingerprint, another by id.
+        tx.send_replace(Arc::new(
+            Revocations::parse(&format!("sha256:{}\n", a1.cert.fingerprint)).0,
+        ));
+        let err = layer.check(session, Some(&a1)).expect_err("revoked agent");
+        assert!(
+            err.message()
+                .ends_with("issue a new one with mxscopectl enroll"),
+            "{err:?}"
+        );
+        tx.send_replace(Arc::new(Revocations::parse("a1\n").0));
+        let err = layer
+            .check(session, Some(&a1))
+            .expect_err("revoked agent id");
+        assert_eq!(
+            err.message(),
+            "agent 'a1' is revoked; enrol it again with a new id"
+        );
+        assert!(
+            layer.check(status, Some(&ops)).is_ok(),
+            "the list no longer names it"
+        );
+        // Without a certificate it is still Unauthenticated, revoked or not.
+        let err = layer.check(status, None).unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+
+    /// A server stream that yields one item and then waits forever, like a quiet `watch`.
+    fn quiet_stream() -> BoxStream<'static, Result<u32, Status>> {
+        futures::stream::once(async { Ok(7) })
+            .chain(futures::stream::pending())
+            .boxed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_stream_ends_when_its_certificate_is_revoked() {
+        let ca = mxscope_pki::Ca::create("test ca").unwrap();
+        let dash = peer(
+            &ca,
+            Identity::Reader {
+                name: "dash".into(),
+            },
+        );
+        let other = peer(
+            &ca,
+            Identity::Reader {
+                name: "other".into(),
+            },
+        );
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = watch::channel(Arc::new(Revocations::default()));
+        let mut watched =
+            end_when_revoked(quiet_stream(), dash.clone(), rx.clone(), counters.clone());
+        let mut bystander = end_when_revoked(quiet_stream(), other, rx, counters.clone());
+        assert_eq!(watched.next().await.map(|r| r.ok()), Some(Some(7)));
+        assert_eq!(bystander.next().await.map(|r| r.ok()), Some(Some(7)));
+
+        // A list that does not name it changes nothing.
+        tx.send_replace(Arc::new(Revocations::parse("serial:1\nsome-agent\n").0));
+        let wait = Duration::from_secs(60);
+        assert!(
+            tokio::time::timeout(wait, watched.next()).await.is_err(),
+            "still open"
+        );
+
+        tx.send_replace(Arc::new(
+            Revocations::parse(&format!("serial:{}\n", dash.cert.serial)).0,
+        ));
+        let end = tokio::time::timeout(wait, watched.next())
+            .await
+            .expect("ended at once")
+            .expect("with an error")
+            .expect_err("PermissionDenied");
+        assert_eq!(end.code(), Code::PermissionDenied);
+        assert!(end.message().contains("was revoked"), "{end:?}");
+        assert!(
+            watched.next().await.is_none(),
+            "nothing after the revocation"
+        );
+        assert!(
+            tokio::time::timeout(wait, bystander.next()).await.is_err(),
+            "others stay open"
+        );
+        assert_eq!(
+            counters
+                .revoked_closed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+
+        // No revocation list at all (the sender is gone): the stream goes on as it was.
+        let (tx, rx) = watch::channel(Arc::new(Revocations::default()));
+        drop(tx);
+        let mut free = end_when_revoked(quiet_stream(), dash, rx, counters);
+        assert_eq!(free.next().await.map(|r| r.ok()), Some(Some(7)));
+        assert!(tokio::time::timeout(wait, free.next()).await.is_err());
+    }
+
+    #[test]
+    fn a_bad_line_stops_the_collector_at_startup_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("revoked");
+        std::fs::write(&path, "# revoked\nag-1\nserial:4F:1A\n").unwrap();
+        let list = load_revoked(&path).unwrap();
+        assert_eq!(list.len(), 2);
+        std::fs::write(&path, "ag-1\n\nserial:xyz # typo\n").unwrap();
+        let err = load_revoked(&path).unwrap_err().to_string();
+        assert!(err.contains("line 3: invalid serial 'xyz'"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        let missing = load_revoked(&dir.path().join("nope")).unwrap_err();
+        assert!(matches!(missing, RevokedError::Read { .. }), "{missing}");
     }
 
     #[tokio::test]
-    async fn revocation_file_is_reloaded_on_change() {
+    async fn revocation_file_is_reloaded_on_change_skipping_bad_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("revoked");
         std::fs::write(&path, "ag-1\n").unwrap();
         let (tx, mut rx) = watch::channel(Arc::new(load_revoked(&path).unwrap()));
         let stop = CancellationToken::new();
         let task = tokio::spawn(watch_revoked(path.clone(), tx, stop.clone()));
-        std::fs::write(&path, "ag-1\nag-22\n").unwrap();
-        tokio::time::timeout(Duration::from_secs(5), rx.changed())
-            .await
-            .expect("reloaded within 5 s")
-            .unwrap();
-        assert!(rx.borrow().contains("ag-22"));
+        std::fs::write(&path, "ag-1\nag-22\nserial:nope\nserial:0a\n").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !rx.borrow_and_update().revokes_agent("ag-22") {
+                rx.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("reloaded within 5 s");
+        let list = rx.borrow().clone();
+        assert_eq!(
+            list.len(),
+            3,
+            "the bad line is skipped, the others kept: {list:?}"
+        );
+        assert!(list.revokes_agent("ag-1"));
         stop.cancel();
         task.await.unwrap();
     }
 
     #[test]
     fn no_tls_info_means_no_identity() {
-        assert_eq!(peer_identity(&http::Extensions::new()), None);
+        assert_eq!(peer_certificate(&http::Extensions::new()), None);
     }
 
     proptest::proptest! {
@@ -343,8 +659,9 @@ mod tests {
         #[test]
         fn identity_parsing_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024),
                                         path in ".{0,80}") {
-            let who = identity_of(&bytes);
+            let who = mxscope_pki::identity_of(&bytes);
             let _ = authorize(&path, who.as_ref());
+            let _ = peer_of(&bytes);
         }
     }
 }

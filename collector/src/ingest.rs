@@ -20,12 +20,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::auth::{Mode, Revoked};
+use crate::auth::{revoked_status, Mode, Revoked};
 use crate::error::{chain, ServiceError};
 use crate::limits::{Counters, RejectReason, Rejected, SeriesQuota};
 use crate::shared::{LiveSession, Shared};
 use crate::store::{AgentHello, StoreError};
-use mxscope_pki::Identity;
+use mxscope_pki::{Identity, Peer};
 use mxscope_proto::names::is_label;
 use mxscope_proto::target::{self, Target};
 use mxscope_proto::time::now_us;
@@ -218,6 +218,7 @@ impl Ingest for IngestService {
         request: Request<Streaming<pb::raw::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let cert = request.extensions().get::<Identity>().cloned();
+        let peer = request.extensions().get::<Peer>().cloned();
         let mut inbound = request.into_inner();
         let shared = &self.shared;
         let first = match tokio::time::timeout(shared.config.hello_timeout, inbound.message()).await
@@ -240,7 +241,7 @@ impl Ingest for IngestService {
         };
         validate_hello(&hello)?;
         check_identity(shared.mode, cert.as_ref(), &hello, &shared.counters)?;
-        if shared.revoked.borrow().contains(&hello.agent_id) {
+        if shared.revoked.borrow().revokes_agent(&hello.agent_id) {
             Counters::bump(&shared.counters.revoked_refused);
             warn!(agent.id = %hello.agent_id, "revoked agent refused");
             return Err(Status::from(ServiceError::PermissionDenied(format!(
@@ -293,6 +294,7 @@ impl Ingest for IngestService {
             region: hello.region,
             schedule: shared.schedule.subscribe(),
             revoked: shared.revoked.clone(),
+            peer,
             out,
         };
         shared.tasks.spawn(session.run(inbound));
@@ -428,6 +430,8 @@ struct Session {
     region: String,
     schedule: watch::Receiver<u64>,
     revoked: watch::Receiver<Revoked>,
+    /// The session's certificate (serial and fingerprint are checked against revocations too).
+    peer: Option<Peer>,
     out: Out,
 }
 
@@ -504,12 +508,11 @@ impl Session {
                 changed = self.revoked.changed(), if revoked_open && reading => {
                     if changed.is_err() {
                         revoked_open = false;
-                    } else if self.revoked.borrow_and_update().contains(&self.agent_id) {
+                    } else if let Some(by) = self.revoked.borrow_and_update()
+                        .revoking(Some(&self.agent_id), self.peer.as_ref().map(|p| &p.cert)) {
                         let n = Counters::bump(&self.shared.counters.revoked_closed);
-                        warn!(agent.id = %self.agent_id, revoked_closed_total = n, "agent revoked, closing its session");
-                        failure = Some(Status::from(ServiceError::PermissionDenied(format!(
-                            "agent '{}' was revoked", self.agent_id
-                        ))));
+                        warn!(agent.id = %self.agent_id, revoked.by = %by, revoked_closed_total = n, "agent revoked, closing its session");
+                        failure = Some(revoked_status(&by, self.peer.as_ref(), true));
                         reading = false;
                     }
                 }

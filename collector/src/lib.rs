@@ -240,8 +240,9 @@ pub async fn run(
         // A unary call (its body read included) and a stream's opening; a session's hello has
         // its own, shorter timeout.
         .timeout(request_timeout)
-        // Roles: the certificate's identity against the method (auth.rs), the one place it is checked.
-        .layer(AuthLayer::new(mode, counters))
+        // Roles: the certificate's identity against the method, and the certificate against the
+        // live revocation list (auth.rs), the one place both are checked.
+        .layer(AuthLayer::new(mode, counters, shared.revoked.clone()))
         .add_service(ingest)
         .add_service(query)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);

@@ -278,9 +278,9 @@ pub struct Counters {
     pub permission_denied: AtomicU64,
     /// Hellos whose id or region differs from the certificate.
     pub identity_mismatch: AtomicU64,
-    /// Hellos of revoked agents refused.
+    /// Calls (and hellos) refused because their certificate or agent id is revoked.
     pub revoked_refused: AtomicU64,
-    /// Open sessions closed because their agent was revoked.
+    /// Open sessions and watch streams closed because their certificate or agent was revoked.
     pub revoked_closed: AtomicU64,
     /// Heartbeats replaced by a newer one of the same session before they were written.
     pub heartbeats_coalesced: AtomicU64,
@@ -534,12 +534,12 @@ impl Counters {
             ),
             (
                 "mxscope_auth_revoked_refused",
-                "Hellos of revoked agents refused",
+                "Calls and hellos refused because their certificate or agent id is revoked",
                 &self.revoked_refused,
             ),
             (
                 "mxscope_auth_revoked_closed",
-                "Open sessions closed because their agent was revoked",
+                "Open sessions and watch streams closed because their certificate or agent was revoked",
                 &self.revoked_closed,
             ),
             (

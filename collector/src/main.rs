@@ -44,7 +44,8 @@ struct Args {
     /// CA (PEM) that agent and mxscopectl certificates must chain to; client certificates are required.
     #[arg(long, env = "MXSCOPE_CLIENT_CA", requires_all = ["tls_cert", "tls_key"])]
     client_ca: Option<PathBuf>,
-    /// Revoked agent ids, one per line (`#` comments); re-read within a second of a change.
+    /// Revocation list: one agent id, serial:HEX or sha256:HEX (of the certificate) a line, `#`
+    /// comments (`mxscopectl revoke` appends to it); re-read within a second of a change.
     #[arg(long, env = "MXSCOPE_REVOKED")]
     revoked: Option<PathBuf>,
     /// Largest gRPC message accepted, in bytes.

@@ -429,13 +429,14 @@ impl Query for QueryService {
         Ok(Response::new(pb::RemoveTargetResponse {}))
     }
 
-    /// State changes (ok ⇄ failing) as they commit, for one target or all; ends on shutdown.
+    /// State changes (ok ⇄ failing) as they commit, for one target or all; ends on shutdown, and
+    /// with `PermissionDenied` when the caller's certificate is revoked.
     /// A watcher too slow to keep up skips the changes it missed (logged).
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Res<Self::WatchStream> {
-        let who = request
-            .extensions()
-            .get::<mxscope_pki::Identity>()
-            .map_or_else(|| "plain-text clients".to_string(), ToString::to_string);
+        let peer = request.extensions().get::<mxscope_pki::Peer>().cloned();
+        let who = peer
+            .as_ref()
+            .map_or_else(|| "plain-text clients".to_string(), |p| p.identity.to_string());
         let slot = WatchSlot::take(self.shared.clone(), who)?;
         let target = lookup_name(&request.into_inner().target);
         let rx = self.shared.store.subscribe();
@@ -466,7 +467,16 @@ impl Query for QueryService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(stream)))
+        let stream = Box::pin(stream);
+        Ok(Response::new(match peer {
+            Some(peer) => crate::auth::end_when_revoked(
+                stream,
+                peer,
+                self.shared.revoked.clone(),
+                self.shared.counters.clone(),
+            ),
+            None => stream,
+        }))
     }
 }
 

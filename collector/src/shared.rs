@@ -49,7 +49,7 @@ pub struct Config {
     pub store: StoreOptions,
     /// mTLS files; `None` serves plain text (loopback only, no identities: everything allowed).
     pub tls: Option<TlsFiles>,
-    /// Revoked agent ids, one per line, re-read on change.
+    /// The revocation list (agent ids, certificate serials and fingerprints), re-read on change.
     pub revoked: Option<PathBuf>,
     /// Per-result limits and the per-agent rate.
     pub limits: Limits,
@@ -150,7 +150,7 @@ pub(crate) struct Shared {
     pub tasks: TaskTracker,
     /// Whether callers carry certificate identities.
     pub mode: Mode,
-    /// Revoked agent ids (updated live).
+    /// Revoked agent ids and certificates (updated live).
     pub revoked: watch::Receiver<Revoked>,
     /// Per-agent result rate, shared by all connections of an agent.
     pub limiter: RateLimiter,
