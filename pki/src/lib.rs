@@ -164,6 +164,28 @@ pub fn read_cert_pem(pem: &str, what: &str) -> Result<(Option<Identity>, CertId)
 pub struct Issued {
     pub cert_pem: String,
     pub key_pem: String,
+    /// The end of its validity.
+    pub not_after: time::OffsetDateTime,
+}
+
+impl Issued {
+    /// The serial and fingerprint of the certificate (what `mxscopectl revoke` names).
+    pub fn cert_id(&self) -> Result<CertId, PkiError> {
+        read_cert_pem(&self.cert_pem, "issued certificate").map(|(_, id)| id)
+    }
+
+    /// When it expires, `YYYY-MM-DD HH:MM UTC`.
+    pub fn expires(&self) -> String {
+        let t = self.not_after.to_offset(time::UtcOffset::UTC);
+        format!(
+            "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute()
+        )
+    }
 }
 
 impl fmt::Debug for Issued {
@@ -171,6 +193,7 @@ impl fmt::Debug for Issued {
         f.debug_struct("Issued")
             .field("cert_pem", &self.cert_pem)
             .field("key_pem", &"***")
+            .field("not_after", &self.not_after)
             .finish()
     }
 }
@@ -183,11 +206,30 @@ pub struct Validity {
     pub days: i64,
 }
 
+/// Days a certificate lives unless asked otherwise: agents, readers and the collector 825.
+pub const DEFAULT_DAYS: i64 = 825;
+/// Days an admin certificate lives unless asked otherwise: it may change every agent's targets,
+/// so a lost one should stop working soon on its own, revoked or not.
+pub const ADMIN_DAYS: i64 = 30;
+
+impl Validity {
+    /// The default validity of a certificate for `who`.
+    pub fn default_for(who: &Identity) -> Validity {
+        match who {
+            Identity::Admin { .. } => Validity {
+                days: ADMIN_DAYS,
+                ..Validity::default()
+            },
+            Identity::Agent { .. } | Identity::Reader { .. } => Validity::default(),
+        }
+    }
+}
+
 impl Default for Validity {
     fn default() -> Self {
         Validity {
             from_days_ago: 1,
-            days: 825,
+            days: DEFAULT_DAYS,
         }
     }
 }
@@ -274,12 +316,13 @@ impl Ca {
     /// A client certificate for an agent, an admin or a reader.
     pub fn issue(&self, who: &Identity, validity: Validity) -> Result<Issued, PkiError> {
         let key = KeyPair::generate()?;
-        let cert = self
-            .client_params(who, validity)?
-            .signed_by(&key, &self.cert, &self.key)?;
+        let params = self.client_params(who, validity)?;
+        let not_after = params.not_after;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            not_after,
         })
     }
 
@@ -306,10 +349,12 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         apply(&mut params, validity);
+        let not_after = params.not_after;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            not_after,
         })
     }
 
@@ -454,6 +499,37 @@ mod tests {
             let err = read_cert_pem(bad, "x.pem").unwrap_err().to_string();
             assert!(err.contains("x.pem"), "{err}");
         }
+    }
+
+    #[test]
+    fn admin_certificates_live_30_days_by_default_the_others_825() {
+        let admin = Identity::Admin { name: "ops".into() };
+        let reader = Identity::Reader {
+            name: "dash".into(),
+        };
+        let agent = Identity::Agent {
+            id: "a".into(),
+            region: "eu".into(),
+        };
+        assert_eq!(Validity::default_for(&admin).days, 30);
+        assert_eq!(Validity::default_for(&reader).days, 825);
+        assert_eq!(Validity::default_for(&agent).days, 825);
+        let ca = Ca::create("test ca").unwrap();
+        let issued = ca.issue(&admin, Validity::default_for(&admin)).unwrap();
+        let left = issued.not_after - time::OffsetDateTime::now_utc();
+        assert!(
+            (28..=29).contains(&left.whole_days()),
+            "{left}, expires {}",
+            issued.expires()
+        );
+        // And the certificate says so, not only the struct.
+        let der = der(&issued.cert_pem);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(
+            cert.validity().not_after.timestamp(),
+            issued.not_after.unix_timestamp()
+        );
+        assert!(issued.expires().ends_with(" UTC"), "{}", issued.expires());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Certificate commands that work offline on the CA directory: `ca init` (CA and collector server
-//! certificate), `enroll` (an agent certificate carrying id and region) and `admin-cert` (ctl).
+//! certificate), `enroll` (an agent certificate carrying id and region) and `admin-cert` (ctl;
+//! admin certificates live 30 days unless `--days` says otherwise).
 //! Private keys are written with mode 0600 and nothing is ever overwritten.
 
 use std::io::Write;
@@ -38,19 +39,21 @@ pub(crate) struct IssueArgs {
     /// Directory to write the certificate, its key and ca.pem to.
     #[arg(long)]
     pub out: PathBuf,
-    /// Days the certificate is valid.
-    #[arg(long, default_value_t = 825, value_parser = clap::value_parser!(i64).range(1..=3650))]
-    pub days: i64,
+    /// Days the certificate is valid [default: 30 for admin certificates, 825 for agents and
+    /// --read-only].
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..=3650))]
+    pub days: Option<i64>,
     /// Start of validity, in days before now (tests use it to make expired certificates).
     #[arg(long, default_value_t = 1, hide = true, allow_negative_numbers = true)]
     pub valid_from_days_ago: i64,
 }
 
 impl IssueArgs {
-    fn validity(&self) -> Validity {
+    /// The validity asked for, or the default for `who` (short for admins).
+    fn validity(&self, who: &Identity) -> Validity {
         Validity {
             from_days_ago: self.valid_from_days_ago,
-            days: self.days,
+            days: self.days.unwrap_or(Validity::default_for(who).days),
         }
     }
 }
@@ -90,8 +93,9 @@ pub(crate) fn run(cmd: Command, out: &mut dyn Write) -> anyhow::Result<()> {
                 id: a.id.clone(),
                 region: a.region.clone(),
             };
-            let files = issue(&a.issue, &who, "agent")?;
+            let (files, issued) = issue(&a.issue, &who, "agent")?;
             writeln!(out, "enrolled agent {} in region {}", a.id, a.region)?;
+            describe(&issued, &a.issue, &who, out)?;
             writeln!(
                 out,
                 "run it with: mxscope-agent --id {} --region {} --tls-cert {} --tls-key {} \
@@ -114,8 +118,9 @@ pub(crate) fn run(cmd: Command, out: &mut dyn Write) -> anyhow::Result<()> {
                     name: a.name.clone(),
                 }
             };
-            let files = issue(&a.issue, &who, "admin")?;
+            let (files, issued) = issue(&a.issue, &who, "admin")?;
             writeln!(out, "issued a certificate for {who}")?;
+            describe(&issued, &a.issue, &who, out)?;
             writeln!(
                 out,
                 "use it with: mxscopectl --collector https://COLLECTOR:7443 --tls-cert {} \
@@ -184,9 +189,27 @@ fn write_pair(dir: &Path, stem: &str, issued: &Issued) -> anyhow::Result<[PathBu
     Ok([cert, key])
 }
 
+/// Prints a new certificate's serial (what `mxscopectl revoke` names) and expiry.
+fn describe(
+    issued: &Issued,
+    args: &IssueArgs,
+    who: &Identity,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let id = issued.cert_id()?;
+    let days = args.validity(who).days;
+    writeln!(out, "serial {}", id.serial)?;
+    write!(out, "valid until {} ({days} days", issued.expires())?;
+    if args.days.is_none() && matches!(who, Identity::Admin { .. }) {
+        write!(out, ", the admin default; --days N for another")?;
+    }
+    writeln!(out, ")")?;
+    Ok(())
+}
+
 /// Issues a client certificate from the CA in `args.ca` into `args.out`: `<stem>.pem`,
-/// `<stem>.key` and `ca.pem`. Returns the three paths.
-fn issue(args: &IssueArgs, who: &Identity, stem: &str) -> anyhow::Result<[PathBuf; 3]> {
+/// `<stem>.key` and `ca.pem`. Returns the three paths and the certificate.
+fn issue(args: &IssueArgs, who: &Identity, stem: &str) -> anyhow::Result<([PathBuf; 3], Issued)> {
     let ca = Ca::load(&args.ca).with_context(|| {
         format!(
             "cannot load the CA from {} (create one with 'mxscopectl ca init DIR', point --ca \
@@ -194,7 +217,7 @@ fn issue(args: &IssueArgs, who: &Identity, stem: &str) -> anyhow::Result<[PathBu
             args.ca.display()
         )
     })?;
-    let issued = ca.issue(who, args.validity())?;
+    let issued = ca.issue(who, args.validity(who))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let ca_pem = args.out.join("ca.pem");
@@ -214,7 +237,7 @@ fn issue(args: &IssueArgs, who: &Identity, stem: &str) -> anyhow::Result<[PathBu
         std::fs::write(&ca_pem, &ca_cert)
             .with_context(|| format!("cannot write {}", ca_pem.display()))?;
     }
-    Ok([cert, key, ca_pem])
+    Ok(([cert, key, ca_pem], issued))
 }
 
 #[cfg(test)]
@@ -305,6 +328,61 @@ mod tests {
             format!("{missing:#}").contains("mxscopectl ca init"),
             "{missing:#}"
         );
+    }
+
+    #[test]
+    fn admin_certificates_default_to_30_days_and_say_when_they_expire() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = tmp.path().join("ca");
+        let ca_s = ca.to_str().unwrap();
+        ctl(&["ca", "init", ca_s]).unwrap();
+        // Issued from a day ago (so clocks a little behind still accept it): 29 days from now.
+        let date_in = |days: u64| {
+            let t = std::time::SystemTime::now() + std::time::Duration::from_secs(days * 86_400);
+            humantime::format_rfc3339_seconds(t).to_string()[..10].to_string()
+        };
+        let issue = |name: &str, extra: &[&str]| {
+            let out_dir = tmp.path().join(name);
+            let mut argv = vec!["admin-cert", "--name", name, "--ca", ca_s];
+            argv.extend(["--out", out_dir.to_str().unwrap()]);
+            argv.extend_from_slice(extra);
+            let (before, out, after) = (date_in(0), ctl(&argv).unwrap(), date_in(0));
+            assert_eq!(before, after, "the test ran across midnight");
+            let pem = std::fs::read_to_string(out_dir.join("admin.pem")).unwrap();
+            (out, pem)
+        };
+        let (out, pem) = issue("ops", &[]);
+        assert!(
+            out.contains(&format!("valid until {}", date_in(29))) && out.contains("(30 days"),
+            "{out}"
+        );
+        let serial = mxscope_pki::read_cert_pem(&pem, "admin.pem")
+            .unwrap()
+            .1
+            .serial;
+        assert!(out.contains(&format!("serial {serial}")), "{out}");
+        let valid = |out: &str, days: u64| {
+            out.contains(&format!("valid until {} ", date_in(days - 1)))
+                && out.contains(&format!(" UTC ({days} days)"))
+        };
+        let (out, _) = issue("ops-long", &["--days", "90"]);
+        assert!(valid(&out, 90), "{out}");
+        let (out, _) = issue("dash", &["--read-only"]);
+        assert!(valid(&out, 825), "{out}");
+        let agent = tmp.path().join("agent");
+        let out = ctl(&[
+            "enroll",
+            "--id",
+            "ag-1",
+            "--region",
+            "eu",
+            "--ca",
+            ca_s,
+            "--out",
+            agent.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert!(valid(&out, 825), "{out}");
     }
 
     /// The DER of the first certificate in a PEM text.
