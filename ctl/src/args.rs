@@ -102,6 +102,16 @@ pub(crate) fn agent_id(s: &str) -> Result<String, String> {
     label_name(s, "agent id")
 }
 
+/// A certificate serial (`mxscopectl revoke --serial`): hex, case and colons do not matter.
+pub(crate) fn serial(s: &str) -> Result<mxscope_pki::Serial, String> {
+    s.parse().map_err(|e: mxscope_pki::PkiError| e.to_string())
+}
+
+/// A certificate's SHA-256 fingerprint (`mxscopectl revoke --fingerprint`).
+pub(crate) fn fingerprint(s: &str) -> Result<mxscope_pki::Fingerprint, String> {
+    s.parse().map_err(|e: mxscope_pki::PkiError| e.to_string())
+}
+
 /// A name following [`names::is_label`]; `what` names it in the message.
 fn label_name(s: &str, what: &str) -> Result<String, String> {
     if names::is_label(s) {

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::args;
 use crate::client::{Client, Target};
 use crate::cmd::offline::bounce;
-use crate::cmd::offline::pki;
+use crate::cmd::offline::{pki, revoke};
 use crate::cmd::{agents, diagnose, latency, matrix, results, status, target, watch};
 use crate::output::{Format, Report};
 
@@ -79,8 +79,11 @@ pub(crate) enum Command {
     Ca(pki::CaCommand),
     /// Issue an agent certificate bound to its id and region (offline).
     Enroll(pki::EnrollArgs),
-    /// Issue a certificate for mxscopectl: admin, or --read-only (offline).
+    /// Issue a certificate for mxscopectl: admin (30 days by default), or --read-only (offline).
     AdminCert(pki::AdminCertArgs),
+    /// Revoke a certificate (by --cert, --serial or --fingerprint) or an agent id in the
+    /// collector's revocation list (offline; the collector re-reads it within a second).
+    Revoke(revoke::RevokeArgs),
 }
 
 /// Runs the parsed command against the collector and writes its answer to `out`.
@@ -96,9 +99,12 @@ pub(crate) async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     if let Command::Ca(_) | Command::Enroll(_) | Command::AdminCert(_) = cli.command {
         return pki::run(cli.command, out);
     }
-    // Reading a bounce file needs no collector.
+    // Reading a bounce file or appending to the revocation list needs no collector.
     if let Command::Bounce(a) = &cli.command {
         return bounce::run(a, cli.format, out);
+    }
+    if let Command::Revoke(a) = &cli.command {
+        return revoke::run(a, out);
     }
     // Arguments that only make sense together are checked before any connection is made.
     if let Command::Target(cmd) = &cli.command {
@@ -115,6 +121,7 @@ pub(crate) async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Diagnose(a) => diagnose::run(&mut client, a, cli.format, out).await,
         Command::Watch(a) => watch::run(&mut client, a, cli.format, out).await,
         Command::Bounce(a) => bounce::run(&a, cli.format, out),
+        Command::Revoke(a) => revoke::run(&a, out),
         cmd @ (Command::Ca(_) | Command::Enroll(_) | Command::AdminCert(_)) => pki::run(cmd, out),
     }
 }
