@@ -200,6 +200,29 @@ pub fn ctl_as(url: &str, who: Option<&ClientCert>, args: &[&str]) -> Result<CtlO
     ctl_output(&refs)
 }
 
+/// Starts `mxscopectl --collector URL [--tls-cert --tls-key --ca-file] ARGS…` as a process that
+/// keeps running (`watch`), its output in `<dir>/<name>.log`.
+pub fn spawn_ctl_as(
+    dir: &Path,
+    name: &str,
+    url: &str,
+    who: Option<&ClientCert>,
+    args: &[&str],
+) -> Result<Proc> {
+    let mut spec = Spec::new(name, mxscope_binary(CTL)?).args(["--collector", url]);
+    if let Some(c) = who {
+        spec = spec.args([
+            "--tls-cert".to_string(),
+            path_str(&c.cert)?,
+            "--tls-key".into(),
+            path_str(&c.key)?,
+            "--ca-file".into(),
+            path_str(&c.ca)?,
+        ]);
+    }
+    Proc::spawn(spec.args(args.iter().copied()), dir)
+}
+
 /// `results --agent ID --format json` as an admin: the seqs stored for that agent.
 pub fn stored_seqs(url: &str, admin: &ClientCert, agent: &str) -> Result<Vec<u64>> {
     let out = ctl_as(

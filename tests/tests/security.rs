@@ -1,18 +1,23 @@
 //! Identities and limits: the real collector with mTLS refuses agents without a valid
-//! certificate or claiming another region, cuts off revoked agents, enforces ctl roles, refuses
-//! plain text, and refuses and counts hostile messages while a well-behaved agent keeps flowing.
+//! certificate or claiming another region, cuts off revoked agents and certificates (admins,
+//! readers, agents; by id, serial or fingerprint, live), enforces ctl roles, refuses plain text,
+//! and refuses and counts hostile messages while a well-behaved agent keeps flowing.
 
 use std::time::Duration;
 
 use mxscope_proto::pb;
+use mxscope_tests::binaries::system_tool;
 use mxscope_tests::tls::{
-    batch, ctl_as, hello, known_agents, raw_session, start_agent, stored_seqs, ClientCert, Pki,
-    TlsCollector,
+    batch, ctl_as, ctl_output, hello, known_agents, raw_session, spawn_ctl_as, start_agent,
+    stored_seqs, ClientCert, Pki, TlsCollector,
 };
 use mxscope_tests::wait::{wait_for, wait_until};
 use mxscope_tests::Lab;
 
 const WAIT: Duration = Duration::from_secs(30);
+/// The collector re-reads its revocation list every second: a revocation bites within about a
+/// second (the brief's 2 s); the deadline leaves room for a loaded two-core machine.
+const REVOKED_WITHIN: Duration = Duration::from_secs(3);
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -207,6 +212,238 @@ fn a_revoked_agent_is_cut_off_without_restart() {
         stored_seqs(&url, &admin, "doomed").expect("results"),
         frozen,
         "no results of a revoked agent after revocation"
+    );
+}
+
+/// `openssl x509 -noout -<what>` of a PEM certificate: the value after `=`, as openssl prints it
+/// (uppercase hex; colons in fingerprints). An oracle independent of mxscope's own parsing.
+fn openssl_x509(cert: &std::path::Path, what: &[&str]) -> String {
+    let openssl = system_tool("openssl", "openssl").expect("openssl");
+    let out = std::process::Command::new(openssl)
+        .args(["x509", "-noout", "-in"])
+        .arg(cert)
+        .args(what)
+        .output()
+        .expect("run openssl x509");
+    assert!(out.status.success(), "openssl x509 {what:?}: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (_, value) = text
+        .trim()
+        .split_once('=')
+        .unwrap_or_else(|| panic!("unexpected openssl output: {text}"));
+    value.to_string()
+}
+
+/// `mxscopectl revoke --list LIST ARGS…`, which must succeed; returns what it printed.
+fn revoke(list: &std::path::Path, args: &[&str]) -> String {
+    let mut all = vec!["revoke", "--list", list.to_str().expect("utf-8 path")];
+    all.extend_from_slice(args);
+    let out = ctl_output(&all).expect("run mxscopectl revoke");
+    assert_eq!(out.code, 0, "{out:?}");
+    out.stdout
+}
+
+/// An empty revocation list in `dir`, and a collector reading it.
+fn collector_with_list(dir: &std::path::Path, pki: &Pki) -> (TlsCollector, std::path::PathBuf) {
+    let list = dir.join("revoked.txt");
+    std::fs::write(&list, "# revocation list\n").expect("revocation file");
+    let collector = TlsCollector::start(dir, pki, &["--revoked", list.to_str().expect("utf-8")])
+        .expect("tls collector");
+    (collector, list)
+}
+
+#[test]
+fn an_admin_revoked_by_serial_is_refused_at_its_next_call_while_another_admin_works() {
+    let lab = Lab::new("sec-revoke-admin").expect("lab dir");
+    let dir = lab.path();
+    let pki = Pki::init(dir, "ca").expect("ca init");
+    let ops = pki.admin(dir, "ops", false).expect("admin cert");
+    let other = pki.admin(dir, "other", false).expect("second admin cert");
+    let (mut collector, list) = collector_with_list(dir, &pki);
+    let url = collector.url();
+    let pid = collector.proc.pid();
+    for who in [&ops, &other] {
+        let out = ctl_as(&url, Some(who), &["status", "--format", "json"]).expect("run");
+        assert_eq!(out.code, 0, "works before the revocation: {out:?}");
+    }
+
+    // The serial as openssl prints it (uppercase, maybe a leading 00): what an operator has.
+    let serial = openssl_x509(&ops.cert, &["-serial"]);
+    let printed = revoke(&list, &["--serial", &serial, "--reason", "laptop stolen"]);
+    let canonical = serial.trim_start_matches('0').to_lowercase();
+    assert!(printed.contains(&canonical), "{printed}");
+    let text = std::fs::read_to_string(&list).expect("list");
+    assert!(text.contains(&format!("\nserial:{canonical}\n")), "{text}");
+    assert!(text.contains("laptop stolen"), "{text}");
+
+    let refused = wait_for("the revoked admin refused", REVOKED_WITHIN, || {
+        let out = ctl_as(&url, Some(&ops), &["status", "--format", "json"])?;
+        Ok((out.code != 0).then_some(out))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", collector.proc.log_tail(30)));
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains(&format!(
+            "this certificate (serial {canonical}) is revoked; issue a new one with mxscopectl admin-cert"
+        )),
+        "{refused:?}"
+    );
+    // Every call of it, not only the first; a read and a write alike.
+    let out = ctl_as(
+        &url,
+        Some(&ops),
+        &["target", "add", "example.com", "--checks", "mx"],
+    )
+    .expect("run");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("is revoked"), "{out:?}");
+    // The other admin keeps working, on the same collector process.
+    let out = ctl_as(
+        &url,
+        Some(&other),
+        &["target", "add", "example.com", "--checks", "mx"],
+    )
+    .expect("run");
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        collector.proc.is_running() && collector.proc.pid() == pid,
+        "no restart"
+    );
+    let log = collector.log();
+    assert!(
+        log.contains("revoked certificate refused") && log.contains("peer=admin ops"),
+        "the collector logs the refusal:\n{log}"
+    );
+}
+
+#[test]
+fn an_open_watch_of_a_revoked_reader_ends_and_another_stays_open() {
+    let lab = Lab::new("sec-revoke-watch").expect("lab dir");
+    let dir = lab.path();
+    let pki = Pki::init(dir, "ca").expect("ca init");
+    let dash = pki.admin(dir, "dash", true).expect("reader cert");
+    let wall = pki.admin(dir, "wall", true).expect("second reader cert");
+    let (collector, list) = collector_with_list(dir, &pki);
+    let url = collector.url();
+    let watch = ["--format", "csv", "watch"];
+    let mut doomed = spawn_ctl_as(dir, "watch-dash", &url, Some(&dash), &watch).expect("watch");
+    let mut kept = spawn_ctl_as(dir, "watch-wall", &url, Some(&wall), &watch).expect("watch");
+    // The CSV header is printed once the collector has accepted the stream.
+    for w in [&doomed, &kept] {
+        wait_until(&format!("{} streaming", w.name()), WAIT, || {
+            w.log().contains("time,target,endpoint")
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", w.log_tail(20)));
+    }
+
+    let printed = revoke(&list, &["--cert", dash.cert.to_str().expect("utf-8")]);
+    assert!(printed.contains("revoked reader dash"), "{printed}");
+    let status = doomed
+        .wait_exit(REVOKED_WITHIN)
+        .unwrap_or_else(|e| panic!("{e}\n{}", collector.proc.log_tail(30)));
+    assert_eq!(status.code(), Some(1), "{}", doomed.log());
+    let serial = openssl_x509(&dash.cert, &["-serial"]);
+    let canonical = serial.trim_start_matches('0').to_lowercase();
+    assert!(
+        doomed.log().contains(&format!(
+            "this certificate (serial {canonical}) was revoked; issue a new one with mxscopectl admin-cert"
+        )),
+        "{}",
+        doomed.log()
+    );
+    assert!(kept.is_running(), "the other reader's watch stays open");
+    assert!(
+        collector
+            .log()
+            .contains("certificate revoked, closing its stream"),
+        "{}",
+        collector.proc.log_tail(30)
+    );
+    // And it cannot open a new one.
+    let out = ctl_as(&url, Some(&dash), &["status"]).expect("run");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(kept.is_running(), "the other reader's watch stays open");
+}
+
+#[test]
+fn an_agent_revoked_by_fingerprint_is_cut_off_while_another_flows() {
+    let lab = Lab::new("sec-revoke-fp").expect("lab dir");
+    let dir = lab.path();
+    let pki = Pki::init(dir, "ca").expect("ca init");
+    let admin = pki.admin(dir, "ops", false).expect("admin cert");
+    let doomed = pki.enroll(dir, "doomed", "eu-west", &[]).expect("cert");
+    let keeper = pki.enroll(dir, "keeper", "eu-west", &[]).expect("cert");
+    let (collector, list) = collector_with_list(dir, &pki);
+    let url = collector.url();
+    let mut doomed_agent = start_agent(
+        dir,
+        "agent-doomed",
+        &url,
+        "doomed",
+        "eu-west",
+        Some(&doomed),
+    )
+    .expect("agent");
+    let _keeper_agent = start_agent(
+        dir,
+        "agent-keeper",
+        &url,
+        "keeper",
+        "eu-west",
+        Some(&keeper),
+    )
+    .expect("agent");
+    wait_stored(&url, &admin, "doomed", 2);
+    wait_stored(&url, &admin, "keeper", 1);
+
+    // openssl's spelling: uppercase with colons.
+    let fingerprint = openssl_x509(&doomed.cert, &["-fingerprint", "-sha256"]);
+    assert_eq!(fingerprint.len(), 32 * 3 - 1, "{fingerprint}");
+    revoke(
+        &list,
+        &[
+            "--fingerprint",
+            &fingerprint,
+            "--reason",
+            "host compromised",
+        ],
+    );
+    wait_until(
+        "collector closes the revoked session",
+        REVOKED_WITHIN,
+        || {
+            collector
+                .log()
+                .contains("agent revoked, closing its session")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", collector.proc.log_tail(30)));
+    wait_until("agent sees its session end", Duration::from_secs(5), || {
+        doomed_agent
+            .log()
+            .contains("was revoked; issue a new one with mxscopectl enroll")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", doomed_agent.log_tail(20)));
+    // It reconnects and is refused before its hello is read.
+    wait_until("reconnect refused", WAIT, || {
+        doomed_agent
+            .log()
+            .contains("is revoked; issue a new one with mxscopectl enroll")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", doomed_agent.log_tail(20)));
+    let frozen = stored_seqs(&url, &admin, "doomed").expect("results");
+    assert!(!frozen.is_empty());
+
+    let before = stored_seqs(&url, &admin, "keeper").expect("results").len();
+    wait_stored(&url, &admin, "keeper", before + 3);
+    assert!(
+        doomed_agent.is_running(),
+        "the revoked agent keeps retrying"
+    );
+    assert_eq!(
+        stored_seqs(&url, &admin, "doomed").expect("results"),
+        frozen,
+        "no results of a revoked certificate after revocation"
     );
 }
 
