@@ -279,11 +279,7 @@ pub enum RevokedError {
         source: std::io::Error,
     },
     #[error("revocation list {path}, {bad} (each line is an agent id, serial:HEX or sha256:HEX; fix or remove it)")]
-    Line {
-        path: PathBuf,
-        #[source]
-        bad: BadLine,
-    },
+    Line { path: PathBuf, bad: BadLine },
 }
 
 fn stamp(path: &Path) -> Result<(Option<SystemTime>, u64), std::io::Error> {

@@ -190,13 +190,12 @@ impl fmt::Display for Entry {
     }
 }
 
-/// A line of the list that is not an entry.
+/// A line of the list that is not an entry (its message includes the error's).
 #[derive(Debug, thiserror::Error)]
 #[error("line {line}: {error}")]
 pub struct BadLine {
     /// 1-based.
     pub line: usize,
-    #[source]
     pub error: PkiError,
 }
 
