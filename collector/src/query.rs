@@ -434,9 +434,10 @@ impl Query for QueryService {
     /// A watcher too slow to keep up skips the changes it missed (logged).
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Res<Self::WatchStream> {
         let peer = request.extensions().get::<mxscope_pki::Peer>().cloned();
-        let who = peer
-            .as_ref()
-            .map_or_else(|| "plain-text clients".to_string(), |p| p.identity.to_string());
+        let who = peer.as_ref().map_or_else(
+            || "plain-text clients".to_string(),
+            |p| p.identity.to_string(),
+        );
         let slot = WatchSlot::take(self.shared.clone(), who)?;
         let target = lookup_name(&request.into_inner().target);
         let rx = self.shared.store.subscribe();
