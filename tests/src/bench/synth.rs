@@ -104,7 +104,8 @@ impl Generator {
                 ("ehlo", 1),
                 ("starttls", 1),
                 ("tls", 2),
-                ("ehlo_tls", 1),
+                // The EHLO after STARTTLS: the agent records it as a second `ehlo`.
+                ("ehlo", 1),
                 ("quit", 1),
             ] {
                 timings.push(pb::PhaseTiming {
