@@ -35,6 +35,32 @@ fn wait_stored(url: &str, admin: &ClientCert, agent: &str, n: usize) -> usize {
     .expect("results stored")
 }
 
+/// Starts agents `doomed` (to be revoked) and `keeper` (eu-west) and waits until both stored
+/// results.
+fn doomed_and_keeper(
+    dir: &std::path::Path,
+    url: &str,
+    admin: &ClientCert,
+    doomed: &ClientCert,
+    keeper: &ClientCert,
+) -> (mxscope_tests::process::Proc, mxscope_tests::process::Proc) {
+    let start = |name: &str, cert: &ClientCert| {
+        start_agent(
+            dir,
+            &format!("agent-{name}"),
+            url,
+            name,
+            "eu-west",
+            Some(cert),
+        )
+        .expect("agent")
+    };
+    let agents = (start("doomed", doomed), start("keeper", keeper));
+    wait_stored(url, admin, "doomed", 2);
+    wait_stored(url, admin, "keeper", 1);
+    agents
+}
+
 #[test]
 fn agents_without_a_valid_certificate_or_claiming_another_region_are_refused() {
     let lab = Lab::new("sec-refused").expect("lab dir");
@@ -156,26 +182,7 @@ fn a_revoked_agent_is_cut_off_without_restart() {
     let collector =
         TlsCollector::start(dir, &pki, &["--revoked", revoked_s]).expect("tls collector");
     let url = collector.url();
-    let mut doomed_agent = start_agent(
-        dir,
-        "agent-doomed",
-        &url,
-        "doomed",
-        "eu-west",
-        Some(&doomed),
-    )
-    .expect("agent");
-    let _keeper_agent = start_agent(
-        dir,
-        "agent-keeper",
-        &url,
-        "keeper",
-        "eu-west",
-        Some(&keeper),
-    )
-    .expect("agent");
-    wait_stored(&url, &admin, "doomed", 2);
-    wait_stored(&url, &admin, "keeper", 1);
+    let (mut doomed_agent, _keeper_agent) = doomed_and_keeper(dir, &url, &admin, &doomed, &keeper);
 
     std::fs::write(&revoked, "# revoked agent ids\ndoomed\n").expect("revoke");
     // Its open session ends within ~2 s (polling 1 s); the deadline leaves room for a slow CI.
@@ -375,26 +382,7 @@ fn an_agent_revoked_by_fingerprint_is_cut_off_while_another_flows() {
     let keeper = pki.enroll(dir, "keeper", "eu-west", &[]).expect("cert");
     let (collector, list) = collector_with_list(dir, &pki);
     let url = collector.url();
-    let mut doomed_agent = start_agent(
-        dir,
-        "agent-doomed",
-        &url,
-        "doomed",
-        "eu-west",
-        Some(&doomed),
-    )
-    .expect("agent");
-    let _keeper_agent = start_agent(
-        dir,
-        "agent-keeper",
-        &url,
-        "keeper",
-        "eu-west",
-        Some(&keeper),
-    )
-    .expect("agent");
-    wait_stored(&url, &admin, "doomed", 2);
-    wait_stored(&url, &admin, "keeper", 1);
+    let (mut doomed_agent, _keeper_agent) = doomed_and_keeper(dir, &url, &admin, &doomed, &keeper);
 
     // openssl's spelling: uppercase with colons.
     let fingerprint = openssl_x509(&doomed.cert, &["-fingerprint", "-sha256"]);

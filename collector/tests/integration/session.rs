@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::support::{declaring, Collector, DEADLINE};
+use crate::support::{declaring, unlimited_rates, Collector, DEADLINE};
 use tonic::{Code, Streaming};
 
 struct Agent {
@@ -652,16 +652,13 @@ async fn a_results_answer_fits_a_default_client_however_large_the_results() {
 /// results suffer.
 #[tokio::test]
 async fn made_up_targets_and_endpoints_are_refused_and_bounded() {
-    use mxscope_collector::limits::{Counters, RejectReason};
-    let counters = std::sync::Arc::new(Counters::default());
-    let shared = counters.clone();
-    let c = Collector::start(move |cfg| {
-        cfg.counters = shared;
+    use mxscope_collector::limits::RejectReason;
+    let c = Collector::start(|cfg| {
         cfg.limits.max_series_per_agent = 50;
-        cfg.limits.rate_per_sec = 1e9;
-        cfg.limits.burst = 1e9;
+        unlimited_rates(cfg);
     })
     .await;
+    let counters = c.counters.clone();
     let mut evil = Agent::connect(c.addr, "evil-1", "eu-west").await;
     assert_eq!(evil.welcome().await, 0);
     let mut good = Agent::connect(c.addr, "good-1", "us-east").await;
@@ -732,11 +729,7 @@ async fn made_up_targets_and_endpoints_are_refused_and_bounded() {
 /// and says it cut the answer.
 #[tokio::test]
 async fn a_status_answer_fits_a_default_client_however_many_series() {
-    let c = Collector::start(|cfg| {
-        cfg.limits.rate_per_sec = 1e9;
-        cfg.limits.burst = 1e9;
-    })
-    .await;
+    let c = Collector::start(unlimited_rates).await;
     let mut a = Agent::connect(c.addr, "wide-1", "eu-west").await;
     assert_eq!(a.welcome().await, 0);
     for first in [1u64, 501, 1001] {
@@ -879,8 +872,7 @@ async fn a_request_that_never_finishes_its_body_times_out() {
 #[tokio::test]
 async fn an_agents_bytes_are_rate_limited() {
     let c = Collector::start(|cfg| {
-        cfg.limits.rate_per_sec = 1e9;
-        cfg.limits.burst = 1e9;
+        unlimited_rates(cfg);
         cfg.limits.bytes_per_sec = 1024.0 * 1024.0;
         cfg.limits.bytes_burst = 256.0 * 1024.0;
     })
@@ -945,18 +937,12 @@ async fn a_connection_holds_at_most_32_streams() {
 /// of theirs and is acked within a second (issue #17, item 4).
 #[tokio::test]
 async fn flooding_agents_cannot_queue_ahead_of_another_agent_without_bound() {
-    use mxscope_collector::limits::Counters;
-    let counters = std::sync::Arc::new(Counters::default());
-    let shared = counters.clone();
-    let c = Collector::start(move |cfg| {
-        cfg.counters = shared;
+    let c = Collector::start(|cfg| {
         cfg.max_queued_batches = 2;
-        cfg.limits.rate_per_sec = 1e9;
-        cfg.limits.burst = 1e9;
-        cfg.limits.bytes_per_sec = 1e12;
-        cfg.limits.bytes_burst = 1e12;
+        unlimited_rates(cfg);
     })
     .await;
+    let counters = c.counters.clone();
     let mut floods = Vec::new();
     for n in 0..16 {
         let id = format!("flood-{n}");

@@ -27,11 +27,21 @@ pub(crate) fn declaring(names: &[&str]) -> Vec<mxscope_proto::pb::TargetSpec> {
         .collect()
 }
 
+/// Lifts the per-agent result and byte rates, for tests that send more than an agent would.
+pub(crate) fn unlimited_rates(cfg: &mut Config) {
+    cfg.limits.rate_per_sec = 1e9;
+    cfg.limits.burst = 1e9;
+    cfg.limits.bytes_per_sec = 1e12;
+    cfg.limits.bytes_burst = 1e12;
+}
+
 /// How long a test waits for one expected thing.
 pub(crate) const DEADLINE: Duration = Duration::from_secs(5);
 
 pub(crate) struct Collector {
     pub addr: SocketAddr,
+    /// The collector's refusal counters.
+    pub counters: std::sync::Arc<mxscope_collector::limits::Counters>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), RunError>>,
     pub dir: TempDir,
@@ -42,6 +52,7 @@ impl Collector {
         let dir = TempDir::new().expect("temp dir");
         let mut config = Config::new(dir.path().join("mxscope.db"));
         tune(&mut config);
+        let counters = config.counters.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -52,6 +63,7 @@ impl Collector {
         }));
         Collector {
             addr,
+            counters,
             stop: Some(stop),
             task,
             dir,
