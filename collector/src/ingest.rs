@@ -449,28 +449,21 @@ impl Session {
         let mut revoked_open = true;
         // Set while the agent is above its result rate: no reading until then (backpressure).
         let mut resume_at: Option<Instant> = None;
-        // A write slot is taken before a batch is read: the writer's queue holds at most
-        // `max_queued_batches` batches of all sessions, and a session without a slot does not
-        // read (backpressure). The slot is given back when its batch committed.
-        let mut slot: Option<OwnedSemaphorePermit> = None;
-        let mut acquiring: Option<Slot> = None;
+        // Each batch takes a write slot before it goes to the writer, whose queue so holds at
+        // most `max_queued_batches` batches of all sessions; a batch that finds none waits here
+        // and the session reads nothing more until it has one (backpressure). The slot is given
+        // back when the batch committed.
+        let mut waiting: Option<(pb::raw::AgentMessage, Slot)> = None;
 
         if self.send_schedule().await.is_err() {
             return;
         }
         loop {
-            if !reading && pending.is_empty() && beat.is_none() {
+            if !reading && pending.is_empty() && beat.is_none() && waiting.is_none() {
                 break;
             }
-            if reading && slot.is_none() && acquiring.is_none() {
-                match self.shared.writes.clone().try_acquire_owned() {
-                    Ok(p) => slot = Some(p),
-                    Err(_) => {
-                        Counters::bump(&self.shared.counters.write_slot_waits);
-                        acquiring = Some(Box::pin(self.shared.writes.clone().acquire_owned()));
-                    }
-                }
-            }
+            // A message read (with its write slot, for a batch) is handled after the select.
+            let mut ready: Option<(pb::raw::AgentMessage, Option<OwnedSemaphorePermit>)> = None;
             tokio::select! {
                 biased;
                 Some(res) = pending.next(), if !pending.is_empty() => match res {
@@ -516,10 +509,11 @@ impl Session {
                         reading = false;
                     }
                 }
-                res = async { acquiring.as_mut().expect("guarded").await }, if acquiring.is_some() => {
-                    acquiring = None;
+                res = async { (&mut waiting.as_mut().expect("guarded").1).await }, if waiting.is_some() => {
                     // The semaphore is never closed.
-                    slot = res.ok();
+                    if let (Some((m, _)), Ok(permit)) = (waiting.take(), res) {
+                        ready = Some((m, Some(permit)));
+                    }
                 }
                 () = tokio::time::sleep_until(resume_at.unwrap_or_else(Instant::now)), if resume_at.is_some() => {
                     resume_at = None;
@@ -531,33 +525,17 @@ impl Session {
                         break;
                     }
                 }
-                msg = inbound.message(), if reading && slot.is_some() && resume_at.is_none() && pending.len() < max_in_flight => match msg {
-                    Ok(Some(m)) => match self.handle(m) {
-                        Ok(Handled::Batch(commit, results, bytes)) => {
-                            let held = slot.take();
-                            pending.push_back(Box::pin(async move {
-                                let stored = commit.await;
-                                drop(held);
-                                stored
-                            }));
-                            resume_at = self.throttle(results, bytes);
-                        }
-                        Ok(Handled::Heartbeat(depth, dropped)) => {
-                            if beat.is_none() {
-                                beat = Some(self.heartbeat(depth, dropped));
-                            } else {
-                                if next_beat.replace((depth, dropped)).is_some() {
-                                    Counters::bump(&self.shared.counters.heartbeats_coalesced);
-                                }
+                msg = inbound.message(), if reading && waiting.is_none() && resume_at.is_none() && pending.len() < max_in_flight => match msg {
+                    Ok(Some(m)) if matches!(m.msg, Some(Up::Batch(_))) => {
+                        match self.shared.writes.clone().try_acquire_owned() {
+                            Ok(permit) => ready = Some((m, Some(permit))),
+                            Err(_) => {
+                                Counters::bump(&self.shared.counters.write_slot_waits);
+                                waiting = Some((m, Box::pin(self.shared.writes.clone().acquire_owned())));
                             }
                         }
-                        Ok(Handled::Nothing) => {}
-                        Err(err) => {
-                            warn!(agent.id = %self.agent_id, error = %err, "closing session on bad input");
-                            failure = Some(err.into());
-                            reading = false;
-                        }
-                    },
+                    }
+                    Ok(Some(m)) => ready = Some((m, None)),
                     Ok(None) => {
                         debug!(agent.id = %self.agent_id, "agent closed its stream");
                         reading = false;
@@ -571,6 +549,32 @@ impl Session {
                         reading = false;
                     }
                 },
+            }
+            let Some((m, permit)) = ready else {
+                continue;
+            };
+            match self.handle(m) {
+                Ok(Handled::Batch(commit, results, bytes)) => {
+                    pending.push_back(Box::pin(async move {
+                        let stored = commit.await;
+                        drop(permit);
+                        stored
+                    }));
+                    resume_at = self.throttle(results, bytes);
+                }
+                Ok(Handled::Heartbeat(depth, dropped)) => {
+                    if beat.is_none() {
+                        beat = Some(self.heartbeat(depth, dropped));
+                    } else if next_beat.replace((depth, dropped)).is_some() {
+                        Counters::bump(&self.shared.counters.heartbeats_coalesced);
+                    }
+                }
+                Ok(Handled::Nothing) => {}
+                Err(err) => {
+                    warn!(agent.id = %self.agent_id, error = %err, "closing session on bad input");
+                    failure = Some(err.into());
+                    reading = false;
+                }
             }
         }
         if let Some(status) = failure {
