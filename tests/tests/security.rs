@@ -61,6 +61,29 @@ fn doomed_and_keeper(
     agents
 }
 
+/// After `doomed` was refused: `keeper` stores more, `doomed` keeps retrying and nothing new of
+/// it is stored (`what` names what was revoked, in the assertion message).
+fn keeper_flows_while_doomed_stays_frozen(
+    url: &str,
+    admin: &ClientCert,
+    doomed_agent: &mut mxscope_tests::process::Proc,
+    what: &str,
+) {
+    let frozen = stored_seqs(url, admin, "doomed").expect("results");
+    assert!(!frozen.is_empty());
+    let before = stored_seqs(url, admin, "keeper").expect("results").len();
+    wait_stored(url, admin, "keeper", before + 3);
+    assert!(
+        doomed_agent.is_running(),
+        "the revoked agent keeps retrying"
+    );
+    assert_eq!(
+        stored_seqs(url, admin, "doomed").expect("results"),
+        frozen,
+        "no results of a revoked {what} after revocation"
+    );
+}
+
 #[test]
 fn agents_without_a_valid_certificate_or_claiming_another_region_are_refused() {
     let lab = Lab::new("sec-refused").expect("lab dir");
@@ -205,21 +228,8 @@ fn a_revoked_agent_is_cut_off_without_restart() {
         doomed_agent.log().contains("is revoked")
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", doomed_agent.log_tail(20)));
-    let frozen = stored_seqs(&url, &admin, "doomed").expect("results");
-    assert!(!frozen.is_empty());
-
     // The other agent keeps flowing; meanwhile nothing new of the revoked one is stored.
-    let before = stored_seqs(&url, &admin, "keeper").expect("results").len();
-    wait_stored(&url, &admin, "keeper", before + 3);
-    assert!(
-        doomed_agent.is_running(),
-        "the revoked agent keeps retrying"
-    );
-    assert_eq!(
-        stored_seqs(&url, &admin, "doomed").expect("results"),
-        frozen,
-        "no results of a revoked agent after revocation"
-    );
+    keeper_flows_while_doomed_stays_frozen(&url, &admin, &mut doomed_agent, "agent");
 }
 
 /// `openssl x509 -noout -<what>` of a PEM certificate: the value after `=`, as openssl prints it
@@ -419,20 +429,7 @@ fn an_agent_revoked_by_fingerprint_is_cut_off_while_another_flows() {
             .contains("is revoked; issue a new one with mxscopectl enroll")
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", doomed_agent.log_tail(20)));
-    let frozen = stored_seqs(&url, &admin, "doomed").expect("results");
-    assert!(!frozen.is_empty());
-
-    let before = stored_seqs(&url, &admin, "keeper").expect("results").len();
-    wait_stored(&url, &admin, "keeper", before + 3);
-    assert!(
-        doomed_agent.is_running(),
-        "the revoked agent keeps retrying"
-    );
-    assert_eq!(
-        stored_seqs(&url, &admin, "doomed").expect("results"),
-        frozen,
-        "no results of a revoked certificate after revocation"
-    );
+    keeper_flows_while_doomed_stays_frozen(&url, &admin, &mut doomed_agent, "certificate");
 }
 
 #[test]
