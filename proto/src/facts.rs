@@ -6,6 +6,9 @@
 pub mod address {
     /// `ipv4` or `ipv6`.
     pub const FAMILY: &str = "address.family";
+    /// The address (or failed lookup) came from expanding a mail domain through its MX records
+    /// (or its implicit MX): port 25 of it is judged as mail delivery.
+    pub const VIA_MX: &str = "address.via_mx";
 }
 
 /// About the result itself.
@@ -188,6 +191,8 @@ pub mod mx {
     pub const IPV6_COUNT: &str = "mx.ipv6_count";
     pub const NULL: &str = "mx.null";
     pub const PREFERENCE: &str = "mx.preference";
+    /// The serial of the domain's SOA record, when the domain is a zone apex.
+    pub const SOA_SERIAL: &str = "mx.soa_serial";
     pub const TTL: &str = "mx.ttl";
 
     /// A fact of the `i`-th MX host (by preference): `mx.0.host`, `mx.1.addrs`.

@@ -28,6 +28,10 @@ pub(crate) struct Failure {
     pub host: String,
     pub class: ErrorClass,
     pub message: String,
+    /// MX preference when `host` came from an MX record.
+    pub preference: Option<u16>,
+    /// The domain publishes a null MX (RFC 7505): no host to probe, by design.
+    pub null_mx: bool,
 }
 
 /// The result of expanding one target.
@@ -144,6 +148,8 @@ pub(crate) async fn expand(
                         host: target.to_string(),
                         class: ErrorClass::Policy,
                         message: format!("{target} has a null MX (RFC 7505): it accepts no mail"),
+                        preference: None,
+                        null_mx: true,
                     });
                 }
                 hosts.sort_by_key(|(p, _)| *p);
@@ -167,6 +173,8 @@ pub(crate) async fn expand(
                 host: target.to_string(),
                 class: e.class,
                 message: format!("MX lookup for {target}: {e}"),
+                preference: None,
+                null_mx: false,
             }),
         },
     }
@@ -207,6 +215,8 @@ fn add_answer(
             } else {
                 format!("{host} has no A/AAAA records")
             },
+            preference,
+            null_mx: false,
         }),
         Ok(a) => {
             for ip in a.records {
@@ -222,6 +232,8 @@ fn add_answer(
             host: host.to_string(),
             class: e.class,
             message: format!("address lookup for {host}: {e}"),
+            preference,
+            null_mx: false,
         }),
     }
 }

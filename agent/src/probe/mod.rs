@@ -276,6 +276,15 @@ async fn per_address(
         };
         let mut obs = Observation::new(&spec.target, endpoint, spec.check, start_us);
         obs.timing(Phase::Resolve, expansion.took);
+        if spec.kind == TargetKind::Domain {
+            obs.fact(facts::address::VIA_MX, true);
+        }
+        if let Some(p) = f.preference {
+            obs.fact(facts::mx::PREFERENCE, p);
+        }
+        if f.null_mx {
+            obs.fact(facts::mx::NULL, true);
+        }
         obs.problem(Outcome::Fail, f.class, Phase::Resolve, f.message.clone());
         out.push(obs);
     }
@@ -292,6 +301,9 @@ async fn per_address(
             facts::address::FAMILY,
             if a.ip.is_ipv4() { "ipv4" } else { "ipv6" },
         );
+        if spec.kind == TargetKind::Domain {
+            obs.fact(facts::address::VIA_MX, true);
+        }
         if let Some(p) = a.preference {
             obs.fact(facts::mx::PREFERENCE, p);
         }

@@ -21,7 +21,15 @@ pub(crate) async fn check(
         start_us,
     );
     let started = Instant::now();
-    let mx = bounded(target, deadline, resolver.mx(target)).await;
+    // The zone's serial tells a region served an older copy (propagation) from one served other
+    // data under the same serial (split horizon, interception); asked beside the MX lookup.
+    let (mx, soa) = tokio::join!(
+        bounded(target, deadline, resolver.mx(target)),
+        bounded(target, deadline, resolver.soa_serial(target))
+    );
+    if let Some(serial) = soa.ok().and_then(|a| a.records.first().copied()) {
+        obs.fact(facts::mx::SOA_SERIAL, i64::from(serial));
+    }
     let hosts: Vec<(u16, String)> = match mx {
         Ok(answer) => {
             obs.fact(facts::mx::TTL, answer.ttl)

@@ -52,6 +52,14 @@ pub trait Resolve: Send + Sync + 'static {
     async fn tlsa(&self, name: &str) -> Result<Answer<TlsaRecord>, DnsError>;
     /// The CNAME target of `name` when `name` is an alias; `Ok(None)` when it is not.
     async fn cname(&self, name: &str) -> Result<Option<String>, DnsError>;
+    /// The serial of the SOA record at `name` (a zone apex); `dns_nodata` elsewhere.
+    async fn soa_serial(&self, name: &str) -> Result<Answer<u32>, DnsError> {
+        Err(DnsError {
+            class: ErrorClass::DnsNodata,
+            name: name.to_string(),
+            detail: "this resolver does not ask for SOA records".to_string(),
+        })
+    }
 }
 
 /// The PTR query name of an address: `d.c.b.a.in-addr.arpa` or the nibbles under `ip6.arpa`.
@@ -350,6 +358,15 @@ impl Resolve for Resolver {
             ));
         }
         Ok(Answer { records, ttl })
+    }
+
+    async fn soa_serial(&self, name: &str) -> Result<Answer<u32>, DnsError> {
+        use hickory_resolver::proto::rr::{RData, RecordType};
+        self.records(name, RecordType::SOA, |d| match d {
+            RData::SOA(soa) => Some(soa.serial()),
+            _ => None,
+        })
+        .await
     }
 
     async fn tlsa(&self, name: &str) -> Result<Answer<TlsaRecord>, DnsError> {

@@ -7,7 +7,8 @@ use mxscope_proto::pb;
 pub use mxscope_proto::Metric;
 
 use super::aggregate::Agg;
-use super::diagnosis::{agent_faults, consistency, diagnose, Finding, SeriesView};
+use super::diagnosis::{agent_faults, diagnose_rows, explain, Finding, SeriesView};
+use super::mail;
 use super::scope::{scope, Quorum, RegionState};
 use super::series::{SeriesId, SeriesRow};
 use super::status::{is_stale, StatusParams};
@@ -99,8 +100,14 @@ pub fn matrix(
             .or_default()
             .merge(a);
     }
+    let mut by_target: BTreeMap<&str, Vec<&SeriesView>> = BTreeMap::new();
+    for v in views {
+        by_target.entry(v.target.as_str()).or_default().push(v);
+    }
+    let mut findings: BTreeMap<&str, Vec<Finding>> = BTreeMap::new();
     let mut rows = Vec::new();
     for ((target, chk), vs) in &groups {
+        let mail_verdicts = mail::is_mail_group(chk, vs).then(|| mail::by_region(vs, &faults));
         let mut by_region: BTreeMap<&str, Vec<&SeriesView>> = BTreeMap::new();
         for v in vs {
             by_region.entry(v.region.as_str()).or_default().push(v);
@@ -113,24 +120,26 @@ pub fn matrix(
                 .iter()
                 .filter(|v| v.state == RegionState::Failing)
                 .collect();
-            let state = if rvs.iter().all(|v| v.state == RegionState::Stale) {
-                RegionState::Stale
-            } else if failing.is_empty() {
-                RegionState::Ok
-            } else if failing
-                .iter()
-                .all(|v| faults.contains(&(v.agent_id.clone(), v.check.clone())))
-            {
+            let state = match &mail_verdicts {
+                Some(m) => m.get(region).map_or(RegionState::Stale, |m| m.state),
+                None if rvs.iter().all(|v| v.state == RegionState::Stale) => RegionState::Stale,
+                None if failing.is_empty() => RegionState::Ok,
+                None if failing
+                    .iter()
+                    .all(|v| faults.contains(&(v.agent_id.clone(), v.check.clone()))) =>
+                {
+                    RegionState::AgentFault
+                }
+                None => RegionState::Failing,
+            };
+            if state == RegionState::AgentFault {
                 let agents: BTreeSet<&str> = failing.iter().map(|v| v.agent_id.as_str()).collect();
                 notes.push(format!(
                     "{region}: agent {} fails {chk} on most of its targets while others succeed \
                      (its own network); not counted",
                     agents.into_iter().collect::<Vec<_>>().join(", ")
                 ));
-                RegionState::AgentFault
-            } else {
-                RegionState::Failing
-            };
+            }
             states.push((region.to_string(), state));
             let agg = aggs.get(&(*target, *chk, *region));
             let phase = latency_phase(chk);
@@ -149,10 +158,11 @@ pub fn matrix(
             });
         }
         let sc = scope(&states, quorum);
-        let mine: Vec<&SeriesView> = views.iter().filter(|v| v.target == *target).collect();
-        for f in consistency(&mine).into_iter().filter(|f| f.check == *chk) {
-            notes.push(format!("{}: {}", f.summary, f.evidence.join("; ")));
-        }
+        let found = findings.entry(target).or_insert_with(|| {
+            let mine = by_target.get(target).map_or(&[][..], Vec::as_slice);
+            diagnose_rows(target, mine, &faults)
+        });
+        notes.extend(row_notes(found, chk));
         rows.push(pb::MatrixRow {
             target: target.to_string(),
             check: chk.to_string(),
@@ -165,6 +175,12 @@ pub fn matrix(
             } else {
                 latency_phase(chk).to_string()
             },
+            basis: if mail_verdicts.is_some() {
+                "mail"
+            } else {
+                "endpoints"
+            }
+            .to_string(),
         });
     }
     pb::MatrixResponse {
@@ -174,6 +190,34 @@ pub fn matrix(
         truncated: false,
         next_offset: 0,
     }
+}
+
+/// The findings worth a note on the matrix row of `check`: redundancy, consistency and the root
+/// causes behind the check's failures (the failures themselves are the row's cells).
+fn row_notes(findings: &[Finding], check: &str) -> Vec<String> {
+    findings
+        .iter()
+        .enumerate()
+        .filter(|(i, f)| {
+            let explains_check = findings
+                .iter()
+                .any(|c| c.caused_by == Some(*i) && c.check == check);
+            match f.kind {
+                "redundancy" | "consistency" => f.check == check,
+                "dns_divergence" | "smtp_altered" | "tls_interception" => {
+                    f.check == check || explains_check
+                }
+                _ => false,
+            }
+        })
+        .map(|(_, f)| {
+            if f.kind == "consistency" {
+                format!("{}: {}", f.summary, f.evidence.join("; "))
+            } else {
+                f.summary.clone()
+            }
+        })
+        .collect()
 }
 
 /// Where a phase is listed: as a probe walks them (the order of `Phase`), unknown names last.
@@ -242,16 +286,19 @@ fn finding_to_wire(f: &Finding) -> pb::Finding {
         summary: f.summary.clone(),
         evidence: f.evidence.clone(),
         severity: f.severity.to_string(),
+        kind: f.kind.to_string(),
+        caused_by: f.caused_by.and_then(|i| u32::try_from(i).ok()),
     }
 }
 
-/// Diagnoses `target` over every series' view (agent faults judged across all targets).
+/// Diagnoses `target` over every series' view (agent faults judged across all targets), with
+/// the paragraph that explains it.
 pub fn diagnosis(target: &str, views: &[SeriesView]) -> pb::DiagnoseResponse {
     let faults = agent_faults(views);
-    let findings: Vec<pb::Finding> = diagnose(target, views, &faults)
-        .iter()
-        .map(finding_to_wire)
-        .collect();
+    let mine: Vec<&SeriesView> = views.iter().filter(|v| v.target == target).collect();
+    let found = diagnose_rows(target, &mine, &faults);
+    let explanation = explain(target, &mine, &found, &faults);
+    let findings: Vec<pb::Finding> = found.iter().map(finding_to_wire).collect();
     let first = findings.first().cloned().unwrap_or_default();
     pb::DiagnoseResponse {
         target: target.to_string(),
@@ -262,6 +309,7 @@ pub fn diagnosis(target: &str, views: &[SeriesView]) -> pb::DiagnoseResponse {
         summary: first.summary,
         check: first.check,
         findings,
+        explanation,
     }
 }
 

@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use mxscope_proto::facts;
 
+use super::mail::{self, RegionMail};
+use super::roots::{self, Root};
 use super::scope::RegionState;
 
 /// The layers in the order a mail operator checks them.
@@ -57,12 +59,16 @@ pub struct Finding {
     pub layer: Option<Layer>,
     /// `fail` or `warn`.
     pub severity: &'static str,
-    /// `everywhere`, `regions`, `agent` or `none`.
+    /// `everywhere`, `regions`, `agent`, `stale` or `none`.
     pub scope: &'static str,
     pub regions: Vec<String>,
     pub check: String,
     pub summary: String,
     pub evidence: Vec<String>,
+    /// What was recognised (see the wire `Finding.kind`).
+    pub kind: &'static str,
+    /// Index of the root finding that explains this one.
+    pub caused_by: Option<usize>,
 }
 
 /// The layer an error class (seen in `phase` of a `check`) belongs to.
@@ -100,16 +106,29 @@ pub fn agent_faults(rows: &[SeriesView]) -> BTreeSet<(String, String)> {
     let mut per_agent: BTreeMap<(&str, &str), Seen<'_>> = BTreeMap::new();
     // (target, check) -> agents with an ok view
     let mut ok_by: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
+    // (agent, check, target) -> (some view ok, some view failing, every view via MX)
+    let mut per_target: BTreeMap<(&str, &str, &str), (bool, bool, bool)> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.state != RegionState::Stale) {
-        let e = per_agent.entry((&r.agent_id, &r.check)).or_default();
-        e.probed.insert(&r.target);
-        if r.state == RegionState::Failing {
-            e.failing.insert(&r.target);
-        } else {
+        let e = per_target
+            .entry((&r.agent_id, &r.check, &r.target))
+            .or_insert((false, false, true));
+        e.0 |= r.state != RegionState::Failing;
+        e.1 |= r.state == RegionState::Failing;
+        e.2 &= mail::via_mx(r);
+        if r.state != RegionState::Failing {
             ok_by
                 .entry((&r.target, &r.check))
                 .or_default()
                 .insert(&r.agent_id);
+        }
+    }
+    for ((agent, check, target), (ok, failing, via_mx)) in per_target {
+        let e = per_agent.entry((agent, check)).or_default();
+        e.probed.insert(target);
+        // Port 25 of a domain fails for an agent only when no MX host works from it.
+        let mail = via_mx && mail::judged_as_mail(check);
+        if failing && !(mail && ok) {
+            e.failing.insert(target);
         }
     }
     let mut faults = BTreeSet::new();
@@ -180,19 +199,72 @@ fn evidence_of(r: &SeriesView) -> String {
 }
 
 /// Diagnoses one target from the views of all its series (other targets' rows are used only to
-/// tell agent faults). Findings come worst first: failures before warnings, then by layer.
+/// tell agent faults). See [`diagnose_rows`].
 pub fn diagnose(
     target: &str,
     rows: &[SeriesView],
     faults: &BTreeSet<(String, String)>,
 ) -> Vec<Finding> {
     let mine: Vec<&SeriesView> = rows.iter().filter(|r| r.target == target).collect();
-    let mut findings = Vec::new();
-    // (severity rank, layer, check) -> problem rows
-    let mut groups: BTreeMap<(u8, Layer, &str), Vec<&SeriesView>> = BTreeMap::new();
-    let mut agent_groups: BTreeMap<(&str, &str), Vec<&SeriesView>> = BTreeMap::new();
-    for r in &mine {
-        let fault = faults.contains(&(r.agent_id.clone(), r.check.clone()));
+    diagnose_rows(target, &mine, faults)
+}
+
+/// A problem row: a fresh series failing after hysteresis (severity 0) or warning (1).
+struct Problem<'a> {
+    row: &'a SeriesView,
+    severity: u8,
+    layer: Layer,
+}
+
+/// Diagnoses one target from its own views (`mine`). Root causes come first, each followed by
+/// the findings it explains (`caused_by` = the root's index): a region's different DNS answers,
+/// its altered SMTP dialogue, a certificate of another issuer, its agent's own network. The
+/// rest are symptoms: for port 25 of a domain, where mail does not flow (`mail_flow`) and which
+/// MX hosts or addresses fail while it does (`redundancy`); for other checks, the failing
+/// endpoints by layer (`endpoint`). Worst first: failures before warnings, then by layer.
+pub fn diagnose_rows(
+    target: &str,
+    mine: &[&SeriesView],
+    faults: &BTreeSet<(String, String)>,
+) -> Vec<Finding> {
+    if mine.is_empty() {
+        return vec![Finding::none(format!("no data for {target}"))];
+    }
+    let stale: BTreeSet<&str> = regions_where(mine, |r| r.state == RegionState::Stale);
+    let fresh_regions: BTreeSet<&str> = regions_where(mine, |r| r.state != RegionState::Stale);
+    if fresh_regions.is_empty() {
+        return vec![Finding {
+            layer: None,
+            severity: "warn",
+            scope: "stale",
+            regions: stale.iter().map(|r| r.to_string()).collect(),
+            check: String::new(),
+            summary: format!(
+                "no fresh results for {target} from any region: the verdict is unknown \
+                 (its agents are silent or its results are older than the stale limit)"
+            ),
+            evidence: Vec::new(),
+            kind: "stale",
+            caused_by: None,
+        }];
+    }
+
+    let mut roots: Vec<Root> = Vec::new();
+    let mut tops: Vec<Finding> = Vec::new();
+    let (dns, unsettled) = roots::dns_divergence(target, mine);
+    roots.extend(dns);
+    tops.extend(unsettled);
+    roots.extend(roots::smtp_altered(target, mine));
+    let (tls, differing) = roots::tls_interception(mine);
+    roots.extend(tls);
+    tops.extend(differing);
+    tops.extend(roots::certificates_across_addresses(mine));
+
+    // Problems, each to the root explaining it (the agent's network first), else unexplained.
+    let mut agent_rows: BTreeMap<(&str, &str), Vec<&SeriesView>> = BTreeMap::new();
+    let mut explained: Vec<Vec<Problem<'_>>> = roots.iter().map(|_| Vec::new()).collect();
+    let mut unexplained: Vec<Problem<'_>> = Vec::new();
+    for r in mine {
         let severity = match (r.state, r.outcome.as_str()) {
             (RegionState::Failing, _) => 0,
             (RegionState::Ok, "warn") => 1,
@@ -201,104 +273,527 @@ pub fn diagnose(
         let Some(class) = r.error_class.as_deref() else {
             continue;
         };
-        if fault && severity == 0 {
-            agent_groups
+        if severity == 0 && faults.contains(&(r.agent_id.clone(), r.check.clone())) {
+            agent_rows
                 .entry((&r.agent_id, &r.check))
                 .or_default()
                 .push(r);
             continue;
         }
-        let layer = layer_of(&r.check, class, r.phase.as_deref());
-        groups
-            .entry((severity, layer, &r.check))
-            .or_default()
-            .push(r);
-    }
-    for ((severity, layer, check), problems) in groups {
-        let regions: BTreeSet<&str> = problems.iter().map(|r| r.region.as_str()).collect();
-        let fresh: BTreeSet<&str> = mine
-            .iter()
-            .filter(|r| r.check == check && r.state != RegionState::Stale)
-            .filter(|r| !faults.contains(&(r.agent_id.clone(), r.check.clone())))
-            .map(|r| r.region.as_str())
-            .collect();
-        let everywhere = regions.is_superset(&fresh);
-        let classes: BTreeSet<&str> = problems
-            .iter()
-            .filter_map(|r| r.error_class.as_deref())
-            .collect();
-        let classes: Vec<&str> = classes.into_iter().collect();
-        // The other fresh regions are fine only if they do not fail this check some other way
-        // (e.g. still refused while one region already sees a new certificate).
-        let failing_otherwise: BTreeSet<&str> = mine
-            .iter()
-            .filter(|r| r.check == check && r.state == RegionState::Failing)
-            .map(|r| r.region.as_str())
-            .filter(|r| fresh.contains(r) && !regions.contains(r))
-            .collect();
-        let where_ = if everywhere {
-            "seen from every region".to_string()
-        } else {
-            let list = |set: &BTreeSet<&str>| set.iter().copied().collect::<Vec<_>>().join(", ");
-            let fine: BTreeSet<&str> = fresh
-                .difference(&regions)
-                .copied()
-                .filter(|r| !failing_otherwise.contains(r))
-                .collect();
-            let mut s = format!("only from {}", list(&regions));
-            if !fine.is_empty() {
-                s.push_str(&format!(" (fine from {})", list(&fine)));
-            }
-            if !failing_otherwise.is_empty() {
-                s.push_str(&format!(" ({} fail otherwise)", list(&failing_otherwise)));
-            }
-            s
+        let p = Problem {
+            row: r,
+            severity,
+            layer: layer_of(&r.check, class, r.phase.as_deref()),
         };
-        findings.push(Finding {
-            layer: Some(layer),
-            severity: if severity == 0 { "fail" } else { "warn" },
-            scope: if everywhere { "everywhere" } else { "regions" },
-            regions: regions.iter().map(|r| r.to_string()).collect(),
-            check: check.to_string(),
-            summary: format!("{check}: {} {}, {where_}", layer.name(), classes.join("/")),
-            evidence: problems.iter().map(|r| evidence_of(r)).collect(),
-        });
+        match roots
+            .iter()
+            .position(|root| root.explains.covers(r, p.layer))
+        {
+            Some(i) => explained[i].push(p),
+            None => unexplained.push(p),
+        }
     }
-    for ((agent, check), problems) in agent_groups {
-        let regions: BTreeSet<String> = problems.iter().map(|r| r.region.clone()).collect();
-        findings.push(Finding {
-            layer: problems
-                .first()
-                .and_then(|r| r.error_class.as_deref().map(|c| layer_of(check, c, r.phase.as_deref()))),
-            severity: "fail",
-            scope: "agent",
-            regions: regions.into_iter().collect(),
-            check: check.to_string(),
-            summary: format!(
-                "{check}: agent {agent} fails this check on most of its targets while other agents succeed: \
-                 its own network (e.g. a provider blocking the port), not counted against {target}"
-            ),
-            evidence: problems.iter().map(|r| evidence_of(r)).collect(),
-        });
+    let mail = MailGroups::new(mine, faults);
+    tops.extend(symptoms(target, &unexplained, mine, &mail));
+    for ((agent, check), problems) in &agent_rows {
+        tops.push(agent_network(target, agent, check, problems));
     }
-    findings.extend(consistency(&mine));
-    findings.sort_by_key(|f| (f.severity != "fail", f.scope == "agent", f.layer));
-    if findings.is_empty() {
-        findings.push(Finding {
+    // Roots take the severity of the worst thing they explain.
+    let mut rooted: Vec<(Finding, Vec<Finding>)> = Vec::new();
+    for (mut root, problems) in roots.into_iter().zip(explained) {
+        let consequences = symptoms(target, &problems, mine, &mail);
+        if consequences.iter().any(|f| f.severity == "fail") {
+            root.finding.severity = "fail";
+        }
+        rooted.push((root.finding, consequences));
+    }
+    let mut all: Vec<(Finding, Vec<Finding>)> = rooted;
+    all.extend(tops.into_iter().map(|f| (f, Vec::new())));
+    if !stale.is_empty() {
+        let only: Vec<&str> = stale.difference(&fresh_regions).copied().collect();
+        if !only.is_empty() {
+            all.push((
+                Finding {
+                    layer: None,
+                    severity: "warn",
+                    scope: "stale",
+                    regions: only.iter().map(|r| r.to_string()).collect(),
+                    check: String::new(),
+                    summary: format!(
+                        "no fresh results from {}: those regions are not judged",
+                        only.join(", ")
+                    ),
+                    evidence: Vec::new(),
+                    kind: "stale",
+                    caused_by: None,
+                },
+                Vec::new(),
+            ));
+        }
+    }
+    all.sort_by_key(|(f, consequences)| {
+        (
+            f.kind == "stale",
+            // The agent's own network is the monitoring's problem, not the target's.
+            f.scope == "agent",
+            f.severity != "fail",
+            consequences.is_empty() && !is_root_kind(f.kind),
+            f.layer,
+        )
+    });
+    let mut findings = Vec::new();
+    for (root, mut consequences) in all {
+        let at = findings.len();
+        findings.push(root);
+        consequences.sort_by_key(|f| (f.severity != "fail", f.layer));
+        for mut c in consequences {
+            c.caused_by = Some(at);
+            findings.push(c);
+        }
+    }
+    if findings.iter().all(|f| f.kind == "stale") {
+        let fresh: Vec<&str> = fresh_regions.iter().copied().collect();
+        let summary = if findings.is_empty() {
+            "every check passes in every region".to_string()
+        } else {
+            format!(
+                "every check passes in the regions with fresh results ({})",
+                fresh.join(", ")
+            )
+        };
+        findings.insert(0, Finding::none(summary));
+    }
+    findings
+}
+
+/// Kinds that name a cause (listed before the symptoms of the same severity).
+fn is_root_kind(kind: &str) -> bool {
+    matches!(
+        kind,
+        "dns_divergence" | "smtp_altered" | "tls_interception" | "agent_network"
+    )
+}
+
+fn regions_where<'a>(
+    rows: &[&'a SeriesView],
+    pick: impl Fn(&SeriesView) -> bool,
+) -> BTreeSet<&'a str> {
+    rows.iter()
+        .filter(|r| pick(r))
+        .map(|r| r.region.as_str())
+        .collect()
+}
+
+impl Finding {
+    fn none(summary: String) -> Finding {
+        Finding {
             layer: None,
             severity: "ok",
             scope: "none",
             regions: Vec::new(),
             check: String::new(),
-            summary: if mine.is_empty() {
-                format!("no data for {target}")
-            } else {
-                "every check passes in every region".to_string()
-            },
+            summary,
             evidence: Vec::new(),
+            kind: "none",
+            caused_by: None,
+        }
+    }
+}
+
+/// The mail verdicts per region of a target's port-25 checks judged as mail.
+pub(crate) struct MailGroups<'a> {
+    /// check -> region -> verdict
+    pub by_check: BTreeMap<&'a str, BTreeMap<&'a str, RegionMail<'a>>>,
+}
+
+impl<'a> MailGroups<'a> {
+    pub(crate) fn new(mine: &[&'a SeriesView], faults: &BTreeSet<(String, String)>) -> Self {
+        let mut per: BTreeMap<&str, Vec<&SeriesView>> = BTreeMap::new();
+        for r in mine {
+            per.entry(r.check.as_str()).or_default().push(r);
+        }
+        let by_check = per
+            .into_iter()
+            .filter(|(check, rows)| mail::is_mail_group(check, rows))
+            .map(|(check, rows)| (check, mail::by_region(&rows, faults)))
+            .collect();
+        MailGroups { by_check }
+    }
+
+    fn state(&self, check: &str, region: &str) -> Option<RegionState> {
+        Some(self.by_check.get(check)?.get(region)?.state)
+    }
+}
+
+fn agent_network(target: &str, agent: &str, check: &str, problems: &[&SeriesView]) -> Finding {
+    let regions: BTreeSet<String> = problems.iter().map(|r| r.region.clone()).collect();
+    Finding {
+        layer: problems.first().and_then(|r| {
+            r.error_class
+                .as_deref()
+                .map(|c| layer_of(check, c, r.phase.as_deref()))
+        }),
+        severity: "fail",
+        scope: "agent",
+        regions: regions.into_iter().collect(),
+        check: check.to_string(),
+        summary: format!(
+            "{check}: agent {agent} fails this check on most of its targets while other agents \
+             succeed: its own network (e.g. a provider blocking the port), not counted against \
+             {target}"
+        ),
+        evidence: problems.iter().map(|r| evidence_of(r)).collect(),
+        kind: "agent_network",
+        caused_by: None,
+    }
+}
+
+/// "only from a, b (fine from c) (d fail otherwise)" or "seen from every region".
+fn where_of(
+    regions: &BTreeSet<&str>,
+    check: &str,
+    mine: &[&SeriesView],
+    counted: &BTreeSet<&str>,
+) -> (bool, String) {
+    let everywhere = regions.is_superset(counted);
+    if everywhere {
+        return (true, "seen from every region".to_string());
+    }
+    // The other regions are fine only if they do not fail this check some other way.
+    let failing_otherwise: BTreeSet<&str> = mine
+        .iter()
+        .filter(|r| r.check == check && r.state == RegionState::Failing)
+        .map(|r| r.region.as_str())
+        .filter(|r| counted.contains(r) && !regions.contains(r))
+        .collect();
+    let list = |set: &BTreeSet<&str>| set.iter().copied().collect::<Vec<_>>().join(", ");
+    let fine: BTreeSet<&str> = counted
+        .difference(regions)
+        .copied()
+        .filter(|r| !failing_otherwise.contains(r))
+        .collect();
+    let mut s = format!("only from {}", list(regions));
+    if !fine.is_empty() {
+        s.push_str(&format!(" (fine from {})", list(&fine)));
+    }
+    if !failing_otherwise.is_empty() {
+        s.push_str(&format!(" ({} fail otherwise)", list(&failing_otherwise)));
+    }
+    (false, s)
+}
+
+/// Regions with fresh, counted data for `check` (not stale, not the agent's own network).
+fn counted_regions<'a>(
+    check: &str,
+    mine: &[&'a SeriesView],
+    mail: &MailGroups<'_>,
+) -> BTreeSet<&'a str> {
+    mine.iter()
+        .filter(|r| r.check == check && r.state != RegionState::Stale)
+        .filter(|r| mail.state(check, &r.region) != Some(RegionState::AgentFault))
+        .map(|r| r.region.as_str())
+        .collect()
+}
+
+fn classes_of(problems: &[&Problem<'_>]) -> String {
+    let classes: BTreeSet<&str> = problems
+        .iter()
+        .filter_map(|p| p.row.error_class.as_deref())
+        .collect();
+    classes.into_iter().collect::<Vec<_>>().join("/")
+}
+
+/// Findings for a set of problem rows: mail flow and redundancy for port 25 of a domain, the
+/// failing endpoints by (severity, layer, check) for everything else.
+fn symptoms(
+    target: &str,
+    problems: &[Problem<'_>],
+    mine: &[&SeriesView],
+    mail: &MailGroups<'_>,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut endpoint_groups: BTreeMap<(u8, Layer, &str), Vec<&Problem<'_>>> = BTreeMap::new();
+    // check -> rows in regions where no MX host works
+    let mut no_flow: BTreeMap<&str, Vec<&Problem<'_>>> = BTreeMap::new();
+    // (check, host, address or "" for the whole host) -> rows where mail still flows
+    let mut redundancy: BTreeMap<(&str, &str, &str), Vec<&Problem<'_>>> = BTreeMap::new();
+    for p in problems {
+        let r = p.row;
+        match (p.severity, mail.state(&r.check, &r.region)) {
+            (0, Some(RegionState::Failing)) => no_flow.entry(&r.check).or_default().push(p),
+            (0, Some(RegionState::Ok)) => {
+                let verdict = &mail.by_check[r.check.as_str()][r.region.as_str()];
+                let (host, ip) = mail::endpoint_parts(&r.endpoint);
+                let whole = verdict.hosts.iter().any(|h| h.name == host && !h.works);
+                let key = if whole { "" } else { ip.unwrap_or("") };
+                redundancy.entry((&r.check, host, key)).or_default().push(p);
+            }
+            _ => endpoint_groups
+                .entry((p.severity, p.layer, &r.check))
+                .or_default()
+                .push(p),
+        }
+    }
+    for (check, ps) in no_flow {
+        let regions: BTreeSet<&str> = ps.iter().map(|p| p.row.region.as_str()).collect();
+        let counted = counted_regions(check, mine, mail);
+        let (everywhere, where_) = where_of(&regions, check, mine, &counted);
+        let layer = ps.iter().map(|p| p.layer).min();
+        let mut hosts: Vec<String> = Vec::new();
+        for region in &regions {
+            for h in &mail.by_check[check][region].hosts {
+                let d = h.describe();
+                if !hosts.contains(&d) {
+                    hosts.push(d);
+                }
+            }
+        }
+        out.push(Finding {
+            layer,
+            severity: "fail",
+            scope: if everywhere { "everywhere" } else { "regions" },
+            regions: regions.iter().map(|r| r.to_string()).collect(),
+            check: check.to_string(),
+            summary: format!(
+                "mail to {target} does not flow ({check}: no MX host completes the dialogue; {} {}), {where_}; tried {}",
+                layer.map_or("-", Layer::name),
+                classes_of(&ps),
+                hosts.join(", ")
+            ),
+            evidence: ps.iter().map(|p| evidence_of(p.row)).collect(),
+            kind: "mail_flow",
+            caused_by: None,
         });
     }
-    findings
+    for ((check, host, ip), ps) in redundancy {
+        let regions: BTreeSet<&str> = ps.iter().map(|p| p.row.region.as_str()).collect();
+        let flowing: BTreeSet<&str> = mail.by_check[check]
+            .iter()
+            .filter(|(_, m)| m.state == RegionState::Ok)
+            .map(|(r, _)| *r)
+            .collect();
+        let everywhere = regions.is_superset(&flowing);
+        let where_ = if everywhere {
+            "from every region".to_string()
+        } else {
+            format!(
+                "from {}",
+                regions.iter().copied().collect::<Vec<_>>().join(", ")
+            )
+        };
+        let layer = ps.iter().map(|p| p.layer).min();
+        let how = format!("{} {}", layer.map_or("-", Layer::name), classes_of(&ps));
+        // Described as the first region that sees it does.
+        let verdict = &mail.by_check[check][ps[0].row.region.as_str()];
+        let summary = if ip.is_empty() {
+            let h = verdict.hosts.iter().find(|h| h.name == host);
+            let role = match (h, verdict.hosts.first()) {
+                (Some(h), Some(first)) if h.name == first.name => "primary MX",
+                _ => "backup MX",
+            };
+            let via = verdict
+                .delivering_host()
+                .map_or_else(|| "another host".to_string(), |d| d.describe());
+            format!(
+                "{check}: {role} {} fails {where_} ({how}); mail to {target} still flows, through {via}, \
+                 without that host's redundancy",
+                h.map_or_else(|| host.to_string(), |h| h.describe())
+            )
+        } else {
+            format!(
+                "{check}: address {ip} of MX {host} fails {where_} ({how}); its other addresses work, \
+                 so mail to {target} flows, but senders that reach {ip} first wait or retry"
+            )
+        };
+        out.push(Finding {
+            layer,
+            severity: "warn",
+            scope: if everywhere { "everywhere" } else { "regions" },
+            regions: regions.iter().map(|r| r.to_string()).collect(),
+            check: check.to_string(),
+            summary,
+            evidence: ps.iter().map(|p| evidence_of(p.row)).collect(),
+            kind: "redundancy",
+            caused_by: None,
+        });
+    }
+    for ((severity, layer, check), ps) in endpoint_groups {
+        let regions: BTreeSet<&str> = ps.iter().map(|p| p.row.region.as_str()).collect();
+        let counted = counted_regions(check, mine, mail);
+        let (everywhere, where_) = where_of(&regions, check, mine, &counted);
+        out.push(Finding {
+            layer: Some(layer),
+            severity: if severity == 0 { "fail" } else { "warn" },
+            scope: if everywhere { "everywhere" } else { "regions" },
+            regions: regions.iter().map(|r| r.to_string()).collect(),
+            check: check.to_string(),
+            summary: format!("{check}: {} {}, {where_}", layer.name(), classes_of(&ps)),
+            evidence: ps.iter().map(|p| evidence_of(p.row)).collect(),
+            kind: "endpoint",
+            caused_by: None,
+        });
+    }
+    out
+}
+
+/// A paragraph a mail operator can paste into a ticket: where mail to `target` flows and where
+/// not, the root cause per region, and what to check next; from [`diagnose_rows`]' findings.
+pub fn explain(
+    target: &str,
+    mine: &[&SeriesView],
+    findings: &[Finding],
+    faults: &BTreeSet<(String, String)>,
+) -> String {
+    let join = |v: &[&str]| v.join(", ");
+    let mut s = String::new();
+    let mail = MailGroups::new(mine, faults);
+    if let Some(by_region) = mail.by_check.get("smtp") {
+        let pick = |st: RegionState| -> Vec<&str> {
+            by_region
+                .iter()
+                .filter(|(_, m)| m.state == st)
+                .map(|(r, _)| *r)
+                .collect()
+        };
+        let (flows, failing) = (pick(RegionState::Ok), pick(RegionState::Failing));
+        let (agent, stale) = (pick(RegionState::AgentFault), pick(RegionState::Stale));
+        if by_region.values().any(|m| m.null_mx) {
+            s.push_str(&format!(
+                "Mail to {target}: the domain publishes a null MX (RFC 7505): it accepts no mail, \
+                 by design."
+            ));
+        } else if failing.is_empty() && !flows.is_empty() {
+            s.push_str(&format!(
+                "Mail to {target} flows from every region judged ({}).",
+                join(&flows)
+            ));
+        } else if flows.is_empty() && !failing.is_empty() {
+            s.push_str(&format!(
+                "Mail to {target} does not flow from any region judged ({}).",
+                join(&failing)
+            ));
+        } else if !flows.is_empty() {
+            s.push_str(&format!(
+                "Mail to {target} flows from {}; it does not flow from {}.",
+                join(&flows),
+                join(&failing)
+            ));
+        } else {
+            s.push_str(&format!(
+                "Mail to {target}: no region has fresh, counted results: unknown."
+            ));
+        }
+        if !agent.is_empty() {
+            s.push_str(&format!(
+                " Not counted: {} (the agent there cannot connect to port 25 of most targets: its \
+                 own network).",
+                join(&agent)
+            ));
+        }
+        if !stale.is_empty() {
+            s.push_str(&format!(" No fresh results from {}.", join(&stale)));
+        }
+    } else {
+        s.push_str(&format!(
+            "{target} is not judged as a mail domain (no port-25 check of its MX hosts);"
+        ));
+        match findings.first() {
+            Some(f) if f.kind == "none" => s.push_str(&format!(" {}.", f.summary)),
+            _ => s.push_str(" by its endpoints:"),
+        }
+    }
+    let tops: Vec<(usize, &Finding)> = findings
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.caused_by.is_none())
+        .filter(|(_, f)| !matches!(f.kind, "none" | "stale" | "agent_network"))
+        .collect();
+    for (i, f) in tops.iter().take(3) {
+        let label = match f.kind {
+            k if is_root_kind(k) => format!("Root cause for {}", f.regions.join(", ")),
+            "redundancy" => "Redundancy".to_string(),
+            "mail_flow" => "Not flowing".to_string(),
+            _ if f.severity == "fail" => "Failing".to_string(),
+            _ => "Also".to_string(),
+        };
+        s.push_str(&format!(" {label}: {}.", f.summary));
+        let follow = findings.iter().filter(|c| c.caused_by == Some(*i)).count();
+        if follow > 0 {
+            s.push_str(&format!(
+                " {follow} other finding{} follow{} from it.",
+                if follow == 1 { "" } else { "s" },
+                if follow == 1 { "s" } else { "" }
+            ));
+        }
+    }
+    if tops.len() > 3 {
+        s.push_str(&format!(" And {} more findings.", tops.len() - 3));
+    }
+    let next = tops
+        .first()
+        .map(|(_, f)| *f)
+        .or_else(|| findings.iter().find(|f| f.kind == "agent_network"));
+    if let Some(f) = next {
+        s.push_str(&format!(" Check next: {}.", next_step(f, mine)));
+    }
+    s
+}
+
+/// What to look at first for a finding.
+fn next_step(f: &Finding, mine: &[&SeriesView]) -> String {
+    let regions = f.regions.join(", ");
+    let classes: BTreeSet<&str> = mine
+        .iter()
+        .filter(|r| r.check == f.check && f.regions.contains(&r.region))
+        .filter(|r| r.state == RegionState::Failing)
+        .filter_map(|r| r.error_class.as_deref())
+        .collect();
+    match (f.kind, f.layer) {
+        ("dns_divergence", _) => format!(
+            "the resolvers {regions} uses: compare their answers with the authoritative servers' \
+             (split-horizon views, a DNS-rewriting middlebox on the path, or a secondary serving an \
+             old zone)"
+        ),
+        ("smtp_altered", _) => format!(
+            "the firewall or proxy on the path of {regions}: turn its SMTP inspection off (it hides \
+             STARTTLS, so mail crosses it in plain text)"
+        ),
+        ("tls_interception", _) => format!(
+            "the TLS-inspecting proxy on the path of {regions}, or which server answers that \
+             region on this address"
+        ),
+        ("agent_network", _) => format!(
+            "the agent's own network in {regions} (a provider blocking the port); the target \
+             itself looks fine from the other regions"
+        ),
+        ("consistency", _) => {
+            "why the regions or addresses disagree (rollout in progress, several servers behind \
+             one name)"
+                .to_string()
+        }
+        (_, Some(Layer::Network)) if classes.contains("refused") => {
+            "whether the service runs and listens on the failing addresses, and firewall rules \
+             that reject the connection"
+                .to_string()
+        }
+        (_, Some(Layer::Network)) => format!(
+            "firewalls and routes that drop the traffic towards the failing addresses from \
+             {regions}"
+        ),
+        (_, Some(Layer::Dns)) => {
+            "the DNS records of the domain and its MX hosts (and the authoritative servers)"
+                .to_string()
+        }
+        (_, Some(Layer::Tls)) => {
+            "the certificate on the failing hosts (dates, names, chain) and their TLS settings"
+                .to_string()
+        }
+        (_, Some(Layer::Protocol)) => {
+            "the server's log for the rejected or broken dialogue".to_string()
+        }
+        (_, Some(Layer::Policy)) => "the published policy records".to_string(),
+        (_, None) => "nothing: no problem found".to_string(),
+    }
 }
 
 /// The MX set an `mx` result saw, from its `mx.N.preference`/`mx.N.host`/`mx.N.addrs` facts:
@@ -321,91 +816,6 @@ pub fn mx_set(seen: &BTreeMap<String, String>) -> Option<String> {
     }
     entries.sort();
     (!entries.is_empty()).then(|| entries.join("; "))
-}
-
-/// Regions that see different MX sets, and endpoints or regions presenting different certificates.
-pub fn consistency(rows: &[&SeriesView]) -> Vec<Finding> {
-    let mut out = Vec::new();
-    let mut mx_sets: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
-    for r in rows
-        .iter()
-        .filter(|r| r.check == "mx" && r.state != RegionState::Stale)
-    {
-        if let Some(set) = mx_set(&r.facts) {
-            mx_sets.entry(set).or_default().insert(&r.region);
-        }
-    }
-    if mx_sets.len() > 1 {
-        let (regions, evidence): (BTreeSet<String>, Vec<String>) = {
-            let mut regs = BTreeSet::new();
-            let ev = mx_sets
-                .iter()
-                .map(|(set, rs)| {
-                    regs.extend(rs.iter().map(|r| r.to_string()));
-                    format!(
-                        "{} see MX {set}",
-                        rs.iter().copied().collect::<Vec<_>>().join(", ")
-                    )
-                })
-                .collect();
-            (regs, ev)
-        };
-        out.push(Finding {
-            layer: Some(Layer::Dns),
-            severity: "warn",
-            scope: "regions",
-            regions: regions.into_iter().collect(),
-            check: "mx".into(),
-            summary: "regions see different MX sets (split horizon or propagation)".into(),
-            evidence,
-        });
-    }
-    // check -> certificate identity -> where seen
-    let mut certs: BTreeMap<&str, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
-    for r in rows.iter().filter(|r| r.state != RegionState::Stale) {
-        let id = r.facts.get(facts::cert::SHA256).cloned().or_else(|| {
-            let na = r.facts.get(facts::cert::NOT_AFTER)?;
-            Some(format!(
-                "{} until {na}",
-                r.facts
-                    .get(facts::cert::SUBJECT)
-                    .map_or("?", |s| s.as_str())
-            ))
-        });
-        if let Some(id) = id {
-            certs
-                .entry(&r.check)
-                .or_default()
-                .entry(id)
-                .or_default()
-                .insert(format!("{} {}", r.region, r.endpoint));
-        }
-    }
-    for (check, ids) in certs.into_iter().filter(|(_, ids)| ids.len() > 1) {
-        let regions: BTreeSet<String> = ids
-            .values()
-            .flatten()
-            .filter_map(|w| w.split_once(' ').map(|(r, _)| r.to_string()))
-            .collect();
-        out.push(Finding {
-            layer: Some(Layer::Tls),
-            severity: "warn",
-            scope: "regions",
-            regions: regions.into_iter().collect(),
-            check: check.to_string(),
-            summary: format!("{check}: addresses or regions present different certificates"),
-            evidence: ids
-                .iter()
-                .map(|(id, seen)| {
-                    format!(
-                        "{id}: {}",
-                        seen.iter().cloned().collect::<Vec<_>>().join(", ")
-                    )
-                })
-                .collect(),
-        });
-    }
-    out
 }
 
 #[cfg(test)]
@@ -657,12 +1067,19 @@ mod tests {
         d.facts.insert(facts::cert::SHA256.into(), "bb".into());
         let f = diagnose("t.test", &[a, b, c, d], &BTreeSet::new());
         assert_eq!(f.len(), 2, "{f:?}");
-        assert!(f
-            .iter()
-            .any(|f| f.layer == Some(Layer::Dns) && f.summary.contains("different MX")));
-        assert!(f
-            .iter()
-            .any(|f| f.layer == Some(Layer::Tls) && f.summary.contains("different certificates")));
+        // Two regions, two answers: no majority to call one of them the odd one.
+        assert!(
+            f.iter().any(|f| f.layer == Some(Layer::Dns)
+                && f.kind == "consistency"
+                && f.summary.contains("no answer has a majority")),
+            "{f:?}"
+        );
+        assert!(
+            f.iter().any(|f| f.layer == Some(Layer::Tls)
+                && f.kind == "consistency"
+                && f.summary.contains("different certificates")),
+            "{f:?}"
+        );
     }
 
     #[test]
@@ -671,7 +1088,17 @@ mod tests {
             row("t.test", "smtp", "eu-west", Fine, None),
             row("t.test", "smtp", "x", Stale, None),
         ];
-        assert_eq!(diagnose("t.test", &rows, &BTreeSet::new())[0].scope, "none");
+        let f = diagnose("t.test", &rows, &BTreeSet::new());
+        assert_eq!(f[0].scope, "none");
+        assert!(f[0].summary.contains("fresh results (eu-west)"), "{f:?}");
+        assert_eq!(
+            (f[1].kind, f[1].regions.clone()),
+            ("stale", vec!["x".to_string()])
+        );
+        let all_stale = vec![row("t.test", "smtp", "x", Stale, None)];
+        let f = diagnose("t.test", &all_stale, &BTreeSet::new());
+        assert_eq!((f.len(), f[0].kind, f[0].scope), (1, "stale", "stale"));
+        assert!(f[0].summary.contains("unknown"), "{f:?}");
         assert!(diagnose("u.test", &rows, &BTreeSet::new())[0]
             .summary
             .contains("no data"));

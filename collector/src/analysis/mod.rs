@@ -6,9 +6,14 @@ pub mod aggregate;
 pub mod cross;
 pub mod diagnosis;
 pub mod hysteresis;
+pub mod mail;
+pub mod roots;
 pub mod scope;
 pub mod series;
 pub mod sketch;
 pub mod status;
+
+#[cfg(test)]
+mod verdict_tests;
 
 pub use status::{percentile, status_rows, StatusParams};

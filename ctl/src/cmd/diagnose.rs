@@ -47,11 +47,17 @@ fn place(f: &pb::Finding) -> String {
     }
 }
 
-/// Human text: a headline naming the first failing layer and where, its evidence, then the rest.
+/// Human text: the explanation paragraph, a headline naming the first finding's layer and where,
+/// its evidence, then the rest (consequences indented under the finding that causes them).
 pub(crate) fn text(d: &pb::DiagnoseResponse) -> String {
     let mut s = String::new();
+    if !d.explanation.is_empty() {
+        s.push_str(&wrap(&d.explanation, 100));
+        s.push('\n');
+    }
     let Some(first) = d.findings.first() else {
-        return format!("{}: no findings\n", d.target);
+        s.push_str(&format!("{}: no findings\n", d.target));
+        return s;
     };
     if first.layer == "none" {
         s.push_str(&format!("{}: {}\n", d.target, first.summary));
@@ -75,10 +81,21 @@ pub(crate) fn text(d: &pb::DiagnoseResponse) -> String {
     }
     if d.findings.len() > 1 {
         s.push_str("also:\n");
-        for f in &d.findings[1..] {
-            s.push_str(&format!("  [{}] {}: {}\n", f.severity, f.layer, f.summary));
+        for (i, f) in d.findings.iter().enumerate().skip(1) {
+            let (indent, because) = match f.caused_by {
+                Some(0) => ("  ", " (caused by the first finding)".to_string()),
+                Some(root) => ("    ", format!(" (caused by finding {})", root + 1)),
+                None => ("  ", String::new()),
+            };
+            s.push_str(&format!(
+                "{indent}{}. [{}] {}: {}{because}\n",
+                i + 1,
+                f.severity,
+                f.layer,
+                f.summary
+            ));
             for e in &f.evidence {
-                s.push_str(&format!("    {e}\n"));
+                s.push_str(&format!("{indent}    {e}\n"));
             }
         }
     }
@@ -94,7 +111,31 @@ fn finding_json(f: &pb::Finding) -> serde_json::Value {
         "check": f.check,
         "summary": f.summary,
         "evidence": f.evidence,
+        "kind": f.kind,
+        "caused_by": f.caused_by,
     })
+}
+
+/// `text` broken into lines of at most `width` characters at spaces.
+fn wrap(text: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            out.push_str(&line);
+            out.push('\n');
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
 }
 
 /// The JSON object: the first finding lifted to the top, and every finding.
@@ -107,6 +148,7 @@ pub(crate) fn summary(d: &pb::DiagnoseResponse) -> Report {
         Column::text("check", "CHECK"),
         Column::text("summary", "SUMMARY"),
         Column::text("evidence", "EVIDENCE"),
+        Column::hidden("explanation"),
         Column::hidden("findings"),
     ]);
     r.push(vec![
@@ -117,6 +159,7 @@ pub(crate) fn summary(d: &pb::DiagnoseResponse) -> Report {
         Cell::new(d.check.as_str()),
         Cell::new(d.summary.as_str()),
         Cell::new(d.evidence.clone()),
+        Cell::new(d.explanation.as_str()),
         Cell::new(d.findings.iter().map(finding_json).collect::<Vec<_>>()),
     ]);
     r
@@ -132,6 +175,8 @@ pub(crate) fn findings(fs: &[pb::Finding]) -> Report {
         Column::text("check", "CHECK"),
         Column::text("summary", "SUMMARY"),
         Column::text("evidence", "EVIDENCE"),
+        Column::text("kind", "KIND"),
+        Column::text("caused_by", "CAUSED BY"),
     ]);
     for f in fs {
         r.push(vec![
@@ -142,6 +187,8 @@ pub(crate) fn findings(fs: &[pb::Finding]) -> Report {
             Cell::new(f.check.as_str()),
             Cell::new(f.summary.as_str()),
             Cell::new(f.evidence.clone()),
+            Cell::new(f.kind.as_str()),
+            Cell::opt(f.caused_by),
         ]);
     }
     r
@@ -162,6 +209,8 @@ mod tests {
                 .into(),
             evidence: vec!["ap-south smtp mx.lab.test[198.18.0.2]:25: timeout in connect".into()],
             severity: "fail".into(),
+            kind: "mail_flow".into(),
+            caused_by: None,
         };
         let cert = pb::Finding {
             layer: "tls".into(),
@@ -173,6 +222,8 @@ mod tests {
                 "eu-west imaps ...: cert_expiring [certificate not after 2026-10-01]".into(),
             ],
             severity: "warn".into(),
+            kind: "endpoint".into(),
+            caused_by: None,
         };
         pb::DiagnoseResponse {
             target: "lab.test".into(),
@@ -183,6 +234,7 @@ mod tests {
             summary: network.summary.clone(),
             check: network.check.clone(),
             findings: vec![network, cert],
+            explanation: String::new(),
         }
     }
 
@@ -196,7 +248,7 @@ mod tests {
         );
         assert!(lines[2].contains("timeout in connect"), "{t}");
         assert_eq!(lines[3], "also:");
-        assert!(lines[4].starts_with("  [warn] tls: imaps"), "{t}");
+        assert!(lines[4].starts_with("  2. [warn] tls: imaps"), "{t}");
         assert!(t.contains("2026-10-01"));
         let healthy = pb::DiagnoseResponse {
             target: "ok.test".into(),
@@ -213,6 +265,33 @@ mod tests {
             text(&healthy),
             "ok.test: every check passes in every region\n"
         );
+    }
+
+    #[test]
+    fn text_starts_with_the_explanation_and_nests_consequences() {
+        let mut d = response();
+        d.explanation = format!(
+            "Mail to lab.test flows from eu-west. {}",
+            "word ".repeat(40)
+        );
+        d.findings[1].caused_by = Some(0);
+        let t = text(&d);
+        assert!(t.starts_with("Mail to lab.test flows from eu-west."), "{t}");
+        assert!(t.lines().all(|l| l.chars().count() <= 100), "{t}");
+        assert!(
+            t.contains("  2. [warn] tls: imaps: tls cert_expiring, seen from every region (caused by the first finding)"),
+            "{t}"
+        );
+        let mut out = Vec::new();
+        summary(&d).render_one(Format::Json, &mut out).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(v["explanation"]
+            .as_str()
+            .unwrap()
+            .starts_with("Mail to lab.test"));
+        assert_eq!(v["findings"][1]["caused_by"], json!(0));
+        assert_eq!(v["findings"][0]["caused_by"], json!(null));
+        assert_eq!(v["findings"][0]["kind"], json!("mail_flow"));
     }
 
     #[test]

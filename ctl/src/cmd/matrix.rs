@@ -97,6 +97,8 @@ pub(crate) fn report(m: &pb::MatrixResponse) -> Report {
         Column::text("scope", "SCOPE"),
         Column::text("failing_regions", "FAILING"),
         Column::hidden("phase"),
+        Column::hidden("basis"),
+        Column::hidden("states"),
     ];
     for r in &m.regions {
         columns.push(Column::number(key_of(r), key_of(&r.to_uppercase())));
@@ -111,6 +113,13 @@ pub(crate) fn report(m: &pb::MatrixResponse) -> Report {
             Cell::new(row.scope.as_str()),
             Cell::new(row.failing_regions.clone()),
             Cell::opt(Some(row.phase.clone()).filter(|p| !p.is_empty())),
+            Cell::new(row.basis.as_str()),
+            Cell::new(
+                row.cells
+                    .iter()
+                    .map(|c| (c.region.clone(), serde_json::Value::from(c.state.as_str())))
+                    .collect::<serde_json::Map<String, serde_json::Value>>(),
+            ),
         ];
         for region in &m.regions {
             let cell = row.cells.iter().find(|c| &c.region == region);
@@ -173,6 +182,7 @@ mod tests {
                         "connect"
                     }
                     .into(),
+                    basis: "mail".into(),
                 },
                 pb::MatrixRow {
                     target: "lab.test".into(),
@@ -182,6 +192,7 @@ mod tests {
                     cells: vec![cell("eu-west", Some(1.0), "ok")],
                     notes: vec!["smtp: addresses or regions present different certificates".into()],
                     phase: String::new(),
+                    basis: "endpoints".into(),
                 },
             ],
         }
@@ -242,7 +253,7 @@ mod tests {
         let text = render(&sample("reachability"), Format::Csv);
         assert_eq!(
             text.lines().next(),
-            Some("target,check,scope,failing_regions,phase,ap-south,eu-west,us-east,notes")
+            Some("target,check,scope,failing_regions,phase,basis,states,ap-south,eu-west,us-east,notes")
         );
     }
 

@@ -1,5 +1,6 @@
 //! `mxscopectl watch [TARGET]`: prints each state change (ok ⇄ failing) as the collector commits
-//! it, one line each (one JSON object per line with `--format json`), until Ctrl-C.
+//! it — of an endpoint, or of whether mail to a domain flows from a region — one line each (one
+//! JSON object per line with `--format json`), until Ctrl-C.
 
 use std::future::Future;
 use std::io::Write;
@@ -48,7 +49,7 @@ pub(crate) async fn follow(
     if format == Format::Csv {
         writeln!(
             out,
-            "time,target,endpoint,check,region,old_state,new_state,error_class"
+            "time,target,endpoint,check,region,old_state,new_state,error_class,level"
         )?;
     }
     let mut stop = std::pin::pin!(stop);
@@ -80,6 +81,16 @@ pub(crate) async fn follow(
 /// One event as a line of the format.
 pub(crate) fn line(e: &pb::WatchEvent, format: Format) -> String {
     let time = output::timestamp_seconds(e.at_us).unwrap_or_else(|| "-".to_string());
+    let level = if e.level.is_empty() {
+        "endpoint"
+    } else {
+        e.level.as_str()
+    };
+    let endpoint = if level == "mail" {
+        "(mail flow)"
+    } else {
+        e.endpoint.as_str()
+    };
     match format {
         Format::Table => {
             let why = if e.error_class.is_empty() {
@@ -91,7 +102,7 @@ pub(crate) fn line(e: &pb::WatchEvent, format: Format) -> String {
             // reach the terminal (escape sequences, carriage returns), as in the other tables.
             output::one_line(&format!(
                 "{time}  {} {} {} {}  {} -> {}{why}",
-                e.target, e.check, e.region, e.endpoint, e.old_state, e.new_state
+                e.target, e.check, e.region, endpoint, e.old_state, e.new_state
             ))
         }
         Format::Json => json!({
@@ -103,6 +114,7 @@ pub(crate) fn line(e: &pb::WatchEvent, format: Format) -> String {
             "old_state": e.old_state,
             "new_state": e.new_state,
             "error_class": Some(&e.error_class).filter(|c| !c.is_empty()),
+            "level": level,
         })
         .to_string(),
         Format::Csv => [
@@ -114,6 +126,7 @@ pub(crate) fn line(e: &pb::WatchEvent, format: Format) -> String {
             &e.old_state,
             &e.new_state,
             &e.error_class,
+            level,
         ]
         .iter()
         .map(|f| {
@@ -143,6 +156,7 @@ mod tests {
             new_state: "failing".into(),
             at_us: 1_700_000_000_000_000,
             error_class: "timeout".into(),
+            level: "endpoint".into(),
         }
     }
 
@@ -164,8 +178,17 @@ mod tests {
         assert!(!line(&back, Format::Table).contains('('));
         assert_eq!(
             line(&event(), Format::Csv),
-            "2023-11-14T22:13:20Z,lab.test,mx.lab.test[198.18.0.2]:25,smtp,ap-south,ok,failing,timeout"
+            "2023-11-14T22:13:20Z,lab.test,mx.lab.test[198.18.0.2]:25,smtp,ap-south,ok,failing,timeout,endpoint"
         );
+        let mut mail = event();
+        mail.level = "mail".into();
+        mail.endpoint.clear();
+        assert_eq!(
+            line(&mail, Format::Table),
+            "2023-11-14T22:13:20Z  lab.test smtp ap-south (mail flow)  ok -> failing  (timeout)"
+        );
+        let v: Value = serde_json::from_str(&line(&mail, Format::Json)).unwrap();
+        assert_eq!(v["level"], "mail");
     }
 
     #[test]

@@ -572,6 +572,7 @@ pub(super) fn store_results(
                 new_state: now.to_string(),
                 at_us: r.start_us,
                 error_class: r.error_class.to_string(),
+                level: "endpoint".to_string(),
             });
         }
         ctx.req.stored += 1;
