@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use crate::binaries::{mxscope_binary, system_tool, AGENT, COLLECTOR};
 use crate::lab::{path_str, write_file};
 use crate::net::free_port;
-use crate::process::{Proc, Spec};
+use crate::process::{run, Proc, Spec};
 use crate::tls::{ctl_as, ctl_output, ClientCert, Pki};
 use crate::wait::wait_for;
 
@@ -102,14 +102,38 @@ impl NetLab {
     /// Takes the lab lock (waiting up to `lock_timeout`), then `lab up --state STATE
     /// --delayline DELAYLINE` with the default regions.
     pub fn up(state: &Path, delayline: &Path, lock_timeout: Duration) -> Result<NetLab> {
+        NetLab::start(state, delayline, lock_timeout, None)
+    }
+
+    /// Like [`NetLab::up`] with `--regions REGIONS` (`"name:rtt_ms[:block25] ..."`, in the order
+    /// the lab numbers them: the first is 198.18.1.2, the second 198.18.2.2, ...).
+    pub fn up_with(
+        state: &Path,
+        delayline: &Path,
+        lock_timeout: Duration,
+        regions: &str,
+    ) -> Result<NetLab> {
+        NetLab::start(state, delayline, lock_timeout, Some(regions))
+    }
+
+    fn start(
+        state: &Path,
+        delayline: &Path,
+        lock_timeout: Duration,
+        regions: Option<&str>,
+    ) -> Result<NetLab> {
         require_prerequisites()?;
         let lock = LabLock::acquire(lock_timeout)?;
-        let out = std::process::Command::new(script())
-            .arg("up")
+        let mut cmd = std::process::Command::new(script());
+        cmd.arg("up")
             .arg("--state")
             .arg(state)
             .arg("--delayline")
-            .arg(delayline)
+            .arg(delayline);
+        if let Some(regions) = regions {
+            cmd.arg("--regions").arg(regions);
+        }
+        let out = cmd
             .stdin(std::process::Stdio::null())
             .output()
             .context("run deploy/lab/lab up")?;
@@ -164,6 +188,122 @@ impl NetLab {
     pub fn regions(&self) -> &[Region] {
         &self.regions
     }
+
+    /// The region called `name`.
+    pub fn region(&self, name: &str) -> Result<&Region> {
+        self.regions
+            .iter()
+            .find(|r| r.name == name)
+            .with_context(|| format!("the lab has no region {name}"))
+    }
+
+    /// The router namespace (forwarding between the regions, the mail host and the collector).
+    pub fn router_ns(&self) -> Result<&str> {
+        self.env("LAB_ROUTER_NS")
+    }
+
+    /// The router's address on the mail host's link (198.18.0.1), where router-side fixtures
+    /// such as [`crate::smtp_fixup`] listen.
+    pub fn router_mail_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 0, 1)
+    }
+
+    /// Adds `ip`/24 to the mail host's interface, so servers can bind it and a closed port on it
+    /// answers with a reset (connection refused) instead of silence.
+    pub fn add_mail_addr(&self, ip: Ipv4Addr) -> Result<()> {
+        let dev = format!("{}m0", self.env("LAB_PREFIX")?);
+        let ns = self.mail_ns()?;
+        run_checked(
+            "ip",
+            "iproute2",
+            &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", &dev],
+        )
+    }
+
+    /// Runs `nft ARGS...` in the router namespace.
+    pub fn router_nft(&self, args: &[&str]) -> Result<()> {
+        let nft = system_tool("nft", "nftables")?;
+        let nft = path_str(&nft)?;
+        let mut all = vec!["netns", "exec", self.router_ns()?, nft.as_str()];
+        all.extend_from_slice(args);
+        run_checked("ip", "iproute2", &all)
+    }
+
+    /// Drops TCP to `dport` from `from` to each of `to` in the router's forward chain (the
+    /// `inet mxscope_lab` table the lab script makes; the port-25 block lives there too).
+    pub fn drop_tcp(&self, from: Ipv4Addr, to: &[Ipv4Addr], dport: u16) -> Result<()> {
+        for dst in to {
+            let (from, dst, port) = (from.to_string(), dst.to_string(), dport.to_string());
+            self.router_nft(&[
+                "add",
+                "rule",
+                "inet",
+                "mxscope_lab",
+                "forward",
+                "ip",
+                "saddr",
+                &from,
+                "ip",
+                "daddr",
+                &dst,
+                "tcp",
+                "dport",
+                &port,
+                "drop",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the destination of `proto` (`tcp` or `udp`) packets from `from` to `to:dport`
+    /// into `new_dst` (`IP` or `IP:PORT`) in the router's prerouting NAT chain (table
+    /// [`NAT_TABLE`], made on first use). Replies are translated back by conntrack, so the
+    /// region sees answers from the address it asked. Add rules before the first packet of a
+    /// flow: NAT is decided on a connection's first packet.
+    pub fn dnat(&self, proto: &str, from: Ipv4Addr, to: SocketAddr, new_dst: &str) -> Result<()> {
+        self.ensure_nat_table()?;
+        let (from, ip, port) = (from.to_string(), to.ip().to_string(), to.port().to_string());
+        self.router_nft(&[
+            "add",
+            "rule",
+            "ip",
+            NAT_TABLE,
+            "prerouting",
+            "ip",
+            "saddr",
+            &from,
+            "ip",
+            "daddr",
+            &ip,
+            proto,
+            "dport",
+            &port,
+            "dnat",
+            "to",
+            new_dst,
+        ])
+    }
+
+    fn ensure_nat_table(&self) -> Result<()> {
+        // `add` is idempotent for tables and chains in nft.
+        self.router_nft(&["add", "table", "ip", NAT_TABLE])?;
+        self.router_nft(&[
+            "add",
+            "chain",
+            "ip",
+            NAT_TABLE,
+            "prerouting",
+            "{ type nat hook prerouting priority dstnat; policy accept; }",
+        ])
+    }
+}
+
+/// The router's NAT table for the scenario fixtures (DNATs by source region).
+pub const NAT_TABLE: &str = "mxscope_lab_nat";
+
+/// Runs a system tool; a non-zero exit is an error with its output.
+fn run_checked(tool: &str, package: &str, args: &[&str]) -> Result<()> {
+    run(&system_tool(tool, package)?, args).map(drop)
 }
 
 impl Drop for NetLab {
