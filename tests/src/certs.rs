@@ -53,10 +53,16 @@ impl std::fmt::Debug for TestCa {
 impl TestCa {
     /// Makes a new CA and writes its certificate to `<dir>/ca.pem`.
     pub fn new(dir: &Path) -> Result<TestCa> {
+        TestCa::named(dir, "mxscope test CA")
+    }
+
+    /// Like [`TestCa::new`] with common name `cn`: a second, untrusted CA next to the first
+    /// (e.g. an "Inspection CA" re-signing certificates on one path).
+    pub fn named(dir: &Path, cn: &str) -> Result<TestCa> {
         let key = KeyPair::generate().context("generate CA key")?;
         let mut params = CertificateParams::new(Vec::<String>::new()).context("CA params")?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "mxscope test CA");
+        dn.push(DnType::CommonName, cn);
         dn.push(DnType::OrganizationName, "mxscope lab");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

@@ -56,8 +56,11 @@ pub struct MxHost {
 pub struct MailZone {
     name: String,
     mx: Vec<MxHost>,
+    /// MX records naming hosts outside this zone: (preference, FQDN without trailing dot).
+    external_mx: Vec<(u16, String)>,
     extra: Vec<String>,
     ttl: u32,
+    serial: u32,
 }
 
 impl MailZone {
@@ -65,8 +68,10 @@ impl MailZone {
         MailZone {
             name: name.trim_end_matches('.').to_string(),
             mx: Vec::new(),
+            external_mx: Vec::new(),
             extra: Vec::new(),
             ttl: 300,
+            serial: 1,
         }
     }
 
@@ -77,6 +82,21 @@ impl MailZone {
             label: label.to_string(),
             addrs: addrs.to_vec(),
         });
+        self
+    }
+
+    /// Adds an MX with `preference` naming `host`, a name outside this zone (its A records live
+    /// in the zone that holds it), e.g. the shared `mx.lab.test`.
+    pub fn mx_host(mut self, preference: u16, host: &str) -> Self {
+        self.external_mx
+            .push((preference, host.trim_end_matches('.').to_string()));
+        self
+    }
+
+    /// The SOA serial (default 1): two servers answering the same zone differently can be told
+    /// apart by it.
+    pub fn serial(mut self, serial: u32) -> Self {
+        self.serial = serial;
         self
     }
 
@@ -93,8 +113,8 @@ impl MailZone {
         let _ = writeln!(text, "$TTL {}", self.ttl);
         let _ = writeln!(
             text,
-            "@ IN SOA ns1.{n}. hostmaster.{n}. 1 3600 600 86400 {}",
-            self.ttl
+            "@ IN SOA ns1.{n}. hostmaster.{n}. {} 3600 600 86400 {}",
+            self.serial, self.ttl
         );
         let _ = writeln!(text, "@ IN NS ns1.{n}.");
         let _ = writeln!(text, "ns1 IN A 127.0.0.1");
@@ -103,6 +123,9 @@ impl MailZone {
             for a in &mx.addrs {
                 let _ = writeln!(text, "{} IN A {a}", mx.label);
             }
+        }
+        for (preference, host) in &self.external_mx {
+            let _ = writeln!(text, "@ IN MX {preference} {host}.");
         }
         for line in &self.extra {
             let _ = writeln!(text, "{line}");
@@ -140,18 +163,29 @@ impl Nsd {
         addr: SocketAddr,
         netns: Option<&str>,
     ) -> Result<Nsd> {
+        Nsd::start_named(lab, "nsd", zones, addr, netns)
+    }
+
+    /// Like [`Nsd::start_at`], in `<lab>/<name>`: for a second instance next to the first.
+    pub fn start_named(
+        lab: &Lab,
+        name: &str,
+        zones: &[Zone],
+        addr: SocketAddr,
+        netns: Option<&str>,
+    ) -> Result<Nsd> {
         if zones.is_empty() {
             bail!("nsd needs at least one zone");
         }
         let nsd_bin = system_tool("nsd", "nsd")?;
         let dig = system_tool("dig", "bind9-dnsutils")?;
-        let dir = lab.subdir("nsd")?;
+        let dir = lab.subdir(name)?;
         let conf = dir.join("nsd.conf");
         write_file(&conf, render_config(&dir, addr, zones))?;
         for z in zones {
             write_file(&dir.join(format!("{}.zone", z.name)), &z.text)?;
         }
-        let mut spec = Spec::new("nsd", &nsd_bin).args(["-d", "-c", &path_str(&conf)?]);
+        let mut spec = Spec::new(name, &nsd_bin).args(["-d", "-c", &path_str(&conf)?]);
         if let Some(ns) = netns {
             spec = spec.in_netns(ns);
         }

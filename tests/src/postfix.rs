@@ -25,6 +25,9 @@ use crate::wait::{wait_for, wait_until};
 pub struct PostfixConfig {
     /// Loopback address all services bind.
     pub ip: Ipv4Addr,
+    /// More addresses the plain SMTP service (port-25 role) also binds, e.g. the addresses of
+    /// several MX hosts served by one instance in the lab.
+    pub extra_smtp_ips: Vec<Ipv4Addr>,
     /// `myhostname`, shown in the banner.
     pub hostname: String,
     /// Certificate for STARTTLS and implicit TLS; without it STARTTLS is not offered.
@@ -50,6 +53,7 @@ impl PostfixConfig {
     pub fn new(ip: Ipv4Addr, hostname: &str) -> Self {
         PostfixConfig {
             ip,
+            extra_smtp_ips: Vec::new(),
             hostname: hostname.to_string(),
             cert: None,
             lmtp: None,
@@ -65,6 +69,12 @@ impl PostfixConfig {
     pub fn in_netns(mut self, ns: &str, ports: PostfixPorts) -> Self {
         self.netns = Some(ns.to_string());
         self.ports = Some(ports);
+        self
+    }
+
+    /// The SMTP service also listens on `ips` (same port as on [`PostfixConfig::ip`]).
+    pub fn smtp_also_on(mut self, ips: &[Ipv4Addr]) -> Self {
+        self.extra_smtp_ips.extend_from_slice(ips);
         self
     }
 
@@ -143,6 +153,9 @@ impl Postfix {
             let addr = SocketAddr::from((cfg.ip, port));
             let tls = Some(port) == ports.smtps;
             pf.wait_ready(addr, tls)?;
+        }
+        for ip in &cfg.extra_smtp_ips {
+            pf.wait_ready(SocketAddr::from((*ip, ports.smtp)), false)?;
         }
         Ok(pf)
     }
@@ -313,6 +326,9 @@ fn main_cf(
 fn master_cf(cfg: &PostfixConfig, ports: &PostfixPorts) -> String {
     let ip = cfg.ip;
     let mut m = format!("{ip}:{} inet n - n - - smtpd\n", ports.smtp);
+    for extra in &cfg.extra_smtp_ips {
+        m += &format!("{extra}:{} inet n - n - - smtpd\n", ports.smtp);
+    }
     let sasl = cfg.sasl_socket.as_ref().map(|s| {
         format!(
             "  -o smtpd_sasl_auth_enable=yes\n  -o smtpd_sasl_type=dovecot\n  -o smtpd_sasl_path={}\n",
