@@ -14,6 +14,7 @@ pub mod nsd;
 pub mod postfix;
 pub mod probes;
 pub mod process;
+pub mod smtp_fixup;
 pub mod smtp_send;
 pub mod tls;
 pub mod wait;
