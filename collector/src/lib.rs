@@ -10,6 +10,7 @@ pub mod error;
 pub mod http;
 pub mod ingest;
 pub mod limits;
+pub mod mailwatch;
 pub mod query;
 mod shared;
 pub mod store;
@@ -176,7 +177,14 @@ pub async fn run(
         watches: Mutex::new(HashMap::new()),
         writes: Arc::new(tokio::sync::Semaphore::new(max_queued)),
         counters: counters.clone(),
+        mail_events: tokio::sync::broadcast::channel(1024).0,
     });
+    tasks.spawn(mailwatch::run(
+        shared.store.clone(),
+        shared.config.stale_after,
+        shared.mail_events.clone(),
+        token.clone(),
+    ));
 
     // Metrics (when asked for) and the retention job run until shutdown.
     // A taken metrics port must not keep the collector (and its agents' data) down: say it loudly.

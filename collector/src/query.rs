@@ -85,7 +85,7 @@ fn page<T: prost::Message>(rows: &mut Vec<T>, offset: u32) -> (bool, u32) {
 /// The canaries among `central` targets. Only operators define canaries: a failing canary makes
 /// an agent's other failures count as its own network's, so an agent-local target (which any
 /// enrolled agent can declare in its hello) never is one, whatever its labels.
-fn canary_names(central: &[Target]) -> BTreeSet<String> {
+pub(crate) fn canary_names(central: &[Target]) -> BTreeSet<String> {
     central
         .iter()
         .filter(|t| t.labels.get(CANARY_LABEL).is_some_and(|v| v == "true"))
@@ -429,7 +429,8 @@ impl Query for QueryService {
         Ok(Response::new(pb::RemoveTargetResponse {}))
     }
 
-    /// State changes (ok ⇄ failing) as they commit, for one target or all; ends on shutdown, and
+    /// State changes (ok ⇄ failing) as they commit, for one target or all — of endpoints (level
+    /// `endpoint`) and of mail flow per domain and region (level `mail`); ends on shutdown, and
     /// with `PermissionDenied` when the caller's certificate is revoked.
     /// A watcher too slow to keep up skips the changes it missed (logged).
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Res<Self::WatchStream> {
@@ -441,33 +442,36 @@ impl Query for QueryService {
         let slot = WatchSlot::take(self.shared.clone(), who)?;
         let target = lookup_name(&request.into_inner().target);
         let rx = self.shared.store.subscribe();
+        let mail_rx = self.shared.mail_events.subscribe();
         let stop = self.shared.shutdown.clone();
-        let stream = futures::stream::unfold((rx, stop), move |(mut rx, stop)| {
-            let target = target.clone();
-            // Held as long as the stream: dropping it frees the identity's slot.
-            let _slot = &slot;
-            async move {
-                loop {
-                    let next = tokio::select! {
-                        () = stop.cancelled() => return None,
-                        next = rx.recv() => next,
-                    };
-                    match next {
-                        Ok(e) if target.is_empty() || e.target == target => {
-                            return Some((Ok(e), (rx, stop)));
+        let stream =
+            futures::stream::unfold((rx, mail_rx, stop), move |(mut rx, mut mail_rx, stop)| {
+                let target = target.clone();
+                // Held as long as the stream: dropping it frees the identity's slot.
+                let _slot = &slot;
+                async move {
+                    loop {
+                        let next = tokio::select! {
+                            () = stop.cancelled() => return None,
+                            next = rx.recv() => next,
+                            next = mail_rx.recv() => next,
+                        };
+                        match next {
+                            Ok(e) if target.is_empty() || e.target == target => {
+                                return Some((Ok(e), (rx, mail_rx, stop)));
+                            }
+                            Ok(_) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                                tracing::warn!(
+                                    skipped = n,
+                                    "watch client too slow, state changes skipped"
+                                );
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                         }
-                        Ok(_) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                            tracing::warn!(
-                                skipped = n,
-                                "watch client too slow, state changes skipped"
-                            );
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                     }
                 }
-            }
-        });
+            });
         let stream = Box::pin(stream);
         Ok(Response::new(match peer {
             Some(peer) => crate::auth::end_when_revoked(

@@ -165,6 +165,8 @@ pub(crate) struct Shared {
     pub watches: Mutex<HashMap<String, usize>>,
     /// Refusal counters (what `/metrics` exports); the same `Arc` as `config.counters`.
     pub counters: Arc<Counters>,
+    /// Mail-level state changes (see [`crate::mailwatch`]), merged into `watch` streams.
+    pub mail_events: tokio::sync::broadcast::Sender<mxscope_proto::pb::WatchEvent>,
 }
 
 /// An agent's live session: which one it is and how to end it when a newer one arrives.

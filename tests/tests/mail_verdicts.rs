@@ -553,6 +553,10 @@ fn mail_verdicts_follow_delivery_and_name_root_causes() {
         "the summary names both answers: {f0}"
     );
     assert!(
+        words(f0).contains("zone serial"),
+        "the zone serials tell interception from propagation: {f0}"
+    );
+    assert!(
         all[1..]
             .iter()
             .any(|f| str_list(&f["regions"]) == ["sa-east"] && f["caused_by"] == 0),
@@ -591,6 +595,27 @@ fn mail_verdicts_follow_delivery_and_name_root_causes() {
     assert_eq!(f0["scope"], "regions", "{f0}");
     assert_eq!(str_list(&f0["regions"]), ["us-east"], "{f0}");
     assert!(words(f0).contains(INSPECTION_CA), "{f0}");
+    // The other server's banner is the same cause, not a second root; the untrusted
+    // certificate is a consequence.
+    let all = findings(&diag);
+    assert!(
+        !all.iter().any(|f| f["kind"] == "smtp_altered"),
+        "one root for us-east: {diag}"
+    );
+    assert!(
+        all[1..]
+            .iter()
+            .any(|f| f["caused_by"] == 0 && words(f).contains("cert_untrusted")),
+        "{diag}"
+    );
+    // Every diagnosis starts with the paragraph for the ticket.
+    for domain in [BACKUP, PRIMARY, GEO, DNSRW, SMTPALT, TLSINT] {
+        let d = world.json(&["diagnose", domain]).expect("diagnose");
+        assert!(
+            text(&d["explanation"]).starts_with(&format!("Mail to {domain} ")),
+            "{d}"
+        );
+    }
     // Drop order (reverse of declaration) stops agents, relay, collector and servers before
     // `lab down`.
 }

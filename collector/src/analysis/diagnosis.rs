@@ -259,6 +259,7 @@ pub fn diagnose_rows(
     roots.extend(tls);
     tops.extend(differing);
     tops.extend(roots::certificates_across_addresses(mine));
+    roots::fold_banner_into_interception(&mut roots);
 
     // Problems, each to the root explaining it (the agent's network first), else unexplained.
     let mut agent_rows: BTreeMap<(&str, &str), Vec<&SeriesView>> = BTreeMap::new();
@@ -495,6 +496,24 @@ fn counted_regions<'a>(
         .collect()
 }
 
+/// `network refused`, or `policy` alone when the class is the layer's own name; with the message
+/// when every row says the same.
+fn layer_and_classes(layer: Layer, problems: &[&Problem<'_>]) -> String {
+    let classes = classes_of(problems);
+    let mut s = if classes == layer.name() {
+        classes
+    } else {
+        format!("{} {classes}", layer.name())
+    };
+    let messages: BTreeSet<&str> = problems.iter().map(|p| p.row.message.as_str()).collect();
+    if let [only] = messages.into_iter().collect::<Vec<_>>()[..] {
+        if !only.is_empty() && only.len() <= 200 {
+            s.push_str(&format!(" ({only})"));
+        }
+    }
+    s
+}
+
 fn classes_of(problems: &[&Problem<'_>]) -> String {
     let classes: BTreeSet<&str> = problems
         .iter()
@@ -627,7 +646,7 @@ fn symptoms(
             scope: if everywhere { "everywhere" } else { "regions" },
             regions: regions.iter().map(|r| r.to_string()).collect(),
             check: check.to_string(),
-            summary: format!("{check}: {} {}, {where_}", layer.name(), classes_of(&ps)),
+            summary: format!("{check}: {}, {where_}", layer_and_classes(layer, &ps)),
             evidence: ps.iter().map(|p| evidence_of(p.row)).collect(),
             kind: "endpoint",
             caused_by: None,

@@ -16,6 +16,8 @@ use super::scope::RegionState;
 pub struct Root {
     pub finding: Finding,
     pub explains: Explains,
+    /// An `smtp_altered` root whose only sign is a rewritten banner.
+    pub banner_only: bool,
 }
 
 /// Which problem rows a root explains: rows of these regions, limited to some checks, one
@@ -257,8 +259,9 @@ pub fn dns_divergence(target: &str, rows: &[&SeriesView]) -> (Option<Root>, Vec<
             regions: minority.iter().map(|r| r.to_string()).collect(),
             check: "mx".into(),
             summary: format!(
-                "{} get different DNS answers for {target} than the other regions: {headline}",
-                list(minority.iter().copied())
+                "{} {} different DNS answers for {target} than the other regions: {headline}",
+                list(minority.iter().copied()),
+                if minority.len() == 1 { "gets" } else { "get" }
             ),
             evidence,
             kind: "dns_divergence",
@@ -268,6 +271,7 @@ pub fn dns_divergence(target: &str, rows: &[&SeriesView]) -> (Option<Root>, Vec<
             regions: minority.iter().map(|r| r.to_string()).collect(),
             ..Explains::default()
         },
+        banner_only: false,
     };
     (Some(root), others)
 }
@@ -413,6 +417,7 @@ pub fn smtp_altered(target: &str, rows: &[&SeriesView]) -> Vec<Root> {
         }
         what.sort();
         what.dedup();
+        let banner_only = what == ["banner rewritten"];
         let signature = if evidence.iter().any(|e| e.contains("XXXXXXXA"))
             || banners.values().any(|b| masked(b))
         {
@@ -442,9 +447,37 @@ pub fn smtp_altered(target: &str, rows: &[&SeriesView]) -> Vec<Root> {
                 endpoint: Some(endpoint.to_string()),
                 layers: None,
             },
+            banner_only,
         });
     }
     roots
+}
+
+/// A rewritten banner alone, from the regions and endpoint where a certificate of another
+/// issuer is presented, is the same cause (another server or a proxy answers there): its
+/// evidence joins the interception root instead of standing as a root of its own.
+pub fn fold_banner_into_interception(roots: &mut Vec<Root>) {
+    let mut i = 0;
+    while i < roots.len() {
+        let r = &roots[i];
+        let host = (r.banner_only && r.finding.kind == "smtp_altered").then(|| {
+            roots.iter().position(|t| {
+                t.finding.kind == "tls_interception"
+                    && t.explains.endpoint == r.explains.endpoint
+                    && t.explains.checks == r.explains.checks
+                    && r.explains.regions.is_subset(&t.explains.regions)
+            })
+        });
+        match host.flatten() {
+            Some(t) => {
+                let folded = roots.remove(i);
+                let t = if t > i { t - 1 } else { t };
+                roots[t].finding.evidence.extend(folded.finding.evidence);
+                roots[t].explains.layers = None;
+            }
+            None => i += 1,
+        }
+    }
 }
 
 /// Per (check, endpoint): a region shown a certificate whose fingerprint and issuer differ from
@@ -550,6 +583,7 @@ pub fn tls_interception(rows: &[&SeriesView]) -> (Vec<Root>, Vec<Finding>) {
                 endpoint: Some(endpoint.to_string()),
                 layers: Some([Layer::Tls].into_iter().collect()),
             },
+            banner_only: false,
         });
     }
     (roots, others)
@@ -571,8 +605,10 @@ pub fn certificates_across_addresses(rows: &[&SeriesView]) -> Vec<Finding> {
             .or_default()
             .push(ip.unwrap_or("-"));
     }
-    // (check, host) -> (regions, evidence)
-    let mut found: BTreeMap<(&str, &str), (BTreeSet<&str>, Vec<String>)> = BTreeMap::new();
+    /// Regions where a host's addresses disagree, and the evidence.
+    type Seen<'a> = (BTreeSet<&'a str>, Vec<String>);
+    // (check, host) -> what was seen
+    let mut found: BTreeMap<(&str, &str), Seen<'_>> = BTreeMap::new();
     for ((check, region, host), fps) in per.iter().filter(|(_, f)| f.len() > 1) {
         let e = found.entry((check, host)).or_default();
         e.0.insert(region);

@@ -1,12 +1,12 @@
 //! The mail-level verdicts and root causes on the scenarios of the lab (`tests/tests/mail_verdicts.rs`
 //! runs them end to end): views in, matrix rows and diagnoses out.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use mxscope_proto::{facts, pb, Metric};
 
 use super::cross::{diagnosis, matrix};
-use super::diagnosis::SeriesView;
+use super::diagnosis::{agent_faults, SeriesView};
 use super::scope::{Quorum, RegionState};
 
 const REGIONS: [&str; 4] = ["ap-south", "eu-west", "sa-east", "us-east"];
@@ -444,6 +444,7 @@ fn a_certificate_of_another_issuer_in_one_region_is_tls_interception() {
         views.push(if r == "us-east" {
             v.fact(facts::cert::SHA256, &"bb".repeat(32))
                 .fact(facts::cert::ISSUER, "CN=Inspection CA")
+                .fact(facts::smtp::BANNER, "proxy.example ESMTP")
                 .warns("cert_untrusted", "tls")
         } else {
             v
@@ -468,6 +469,18 @@ fn a_certificate_of_another_issuer_in_one_region_is_tls_interception() {
         .findings
         .iter()
         .any(|c| c.caused_by == Some(0) && c.summary.contains("cert_untrusted")));
+    // The other server's banner is evidence of the same cause, not a second root.
+    assert!(
+        !d.findings.iter().any(|f| f.kind == "smtp_altered"),
+        "{d:#?}"
+    );
+    assert!(
+        f.evidence
+            .iter()
+            .any(|e| e.contains("banner 'proxy.example ESMTP'")),
+        "{:?}",
+        f.evidence
+    );
     // The same issuer with another fingerprint is no interception: a consistency warning.
     let mut same_issuer = views.clone();
     for v in same_issuer.iter_mut().filter(|v| v.region == "us-east") {
@@ -553,5 +566,28 @@ fn client_services_and_host_targets_keep_endpoint_verdicts() {
     );
     let d = diagnosis("c.test", &views);
     assert_eq!(d.findings[0].kind, "endpoint");
-    let _ = BTreeSet::<String>::new();
+}
+
+#[test]
+fn a_failing_backup_on_most_targets_does_not_make_the_agent_at_fault() {
+    // us-east reaches every primary but no backup (say its path to the backups' network is
+    // cut): mail flows to every domain, so its agent's network is not to blame for the rest.
+    let mut views = Vec::new();
+    for t in ["a.test", "b.test", "c.test"] {
+        for r in ["eu-west", "us-east", "sa-east"] {
+            views.push(V::smtp(t, &format!("mx1.{t}"), "198.18.0.2", 10, r).view);
+            let b = V::smtp(t, &format!("mx2.{t}"), "198.18.0.3", 20, r);
+            views.push(if r == "us-east" {
+                b.fails("timeout", "connect").view
+            } else {
+                b.view
+            });
+        }
+    }
+    assert!(agent_faults(&views).is_empty());
+    let d = diagnosis("a.test", &views);
+    assert_eq!(
+        (d.findings[0].kind.as_str(), d.findings[0].regions.clone()),
+        ("redundancy", strs(&["us-east"]))
+    );
 }

@@ -28,6 +28,11 @@ use prometheus_client::registry::Registry;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use crate::analysis::cross;
+use crate::analysis::diagnosis::{agent_faults, SeriesView};
+use crate::analysis::mail;
+use crate::analysis::scope::RegionState;
+use crate::analysis::series::SeriesRow;
 use crate::analysis::sketch::Sketch;
 use crate::analysis::status::{is_stale, StatusParams};
 use crate::store::{Filter, Store, StoreError};
@@ -167,6 +172,71 @@ impl Allowed {
 /// A (target, check, region) label set, ordered for the cap.
 type Key<'a> = (Rank, &'a str, &'a str, &'a str);
 
+/// The mail-level gauges of port 25 of MX-expanded domains, per (domain, region): whether mail
+/// flows (at least one MX host completes the dialogue), and how many MX hosts work of those seen.
+/// Absent when the region is stale or its agent's own network fails (not counted).
+fn register_domain_metrics(
+    reg: &mut Registry,
+    series: &[SeriesRow],
+    canaries: &BTreeSet<String>,
+    params: &StatusParams,
+    allowed: &Allowed,
+    kept: &BTreeSet<Key<'_>>,
+) {
+    let views = cross::views(series, canaries, params);
+    let faults = agent_faults(&views);
+    let mut groups: BTreeMap<(&str, &str), Vec<&SeriesView>> = BTreeMap::new();
+    for v in views.iter().filter(|v| mail::judged_as_mail(&v.check)) {
+        groups
+            .entry((v.target.as_str(), v.check.as_str()))
+            .or_default()
+            .push(v);
+    }
+    let flows = Family::<Labels, Gauge>::default();
+    let working = Family::<Labels, Gauge>::default();
+    let hosts = Family::<Labels, Gauge>::default();
+    reg.register(
+        "mxscope_domain_mail_flows",
+        "1 when at least one MX host of the domain completes the SMTP dialogue from the region \
+         (mail flows), 0 when none does; absent when stale or the agent's own network fails",
+        flows.clone(),
+    );
+    reg.register(
+        "mxscope_domain_mx_hosts_working",
+        "MX hosts of the domain with at least one address completing the dialogue from the region",
+        working.clone(),
+    );
+    reg.register(
+        "mxscope_domain_mx_hosts",
+        "MX hosts of the domain the region's agent probed",
+        hosts.clone(),
+    );
+    for ((target, check), rows) in groups {
+        if !mail::is_mail_group(check, &rows) {
+            continue;
+        }
+        for (region, m) in mail::by_region(&rows, &faults) {
+            let Some(rank) = allowed.rank(target, check, region) else {
+                continue;
+            };
+            if !kept.contains(&(rank, target, check, region)) {
+                continue;
+            }
+            let flowing = match m.state {
+                RegionState::Ok => 1,
+                RegionState::Failing => 0,
+                _ => continue,
+            };
+            let l = labels(&[("target", target), ("region", region)]);
+            flows.get_or_create(&l).set(flowing);
+            let n = i64::try_from(m.hosts.len()).unwrap_or(i64::MAX);
+            let ok = i64::try_from(m.hosts.iter().filter(|h| h.works).count()).unwrap_or(0);
+            working.get_or_create(&l).set(ok);
+            hosts.get_or_create(&l).set(n);
+        }
+    }
+}
+
 /// Reads the store and encodes one scrape.
 pub async fn render(state: &MetricsState) -> Result<String, StoreError> {
     let store = &state.store;
@@ -177,13 +247,10 @@ pub async fn render(state: &MetricsState) -> Result<String, StoreError> {
         stale_after_us,
     };
     let agents = store.agents().await?;
+    let central = store.central_targets().await?;
+    let canaries = crate::query::canary_names(&central);
     let allowed = Allowed {
-        central: store
-            .central_targets()
-            .await?
-            .into_iter()
-            .map(|t| t.name)
-            .collect(),
+        central: central.into_iter().map(|t| t.name).collect(),
         local: store.local_targets().await?.into_iter().fold(
             BTreeMap::new(),
             |mut local: BTreeMap<String, BTreeSet<String>>, (_, region, t)| {
@@ -244,6 +311,7 @@ pub async fn render(state: &MetricsState) -> Result<String, StoreError> {
     }
 
     let mut reg = Registry::default();
+    register_domain_metrics(&mut reg, &series, &canaries, &params, &allowed, &kept);
     let success = Family::<Labels, Gauge>::default();
     let duration = Family::<Labels, FloatGauge>::default();
     reg.register(
@@ -346,4 +414,80 @@ pub async fn render(state: &MetricsState) -> Result<String, StoreError> {
     prometheus_client::encoding::text::encode(&mut out, &reg)
         .map_err(|_| StoreError::OutOfRange("metrics encoding"))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mxscope_proto::facts;
+
+    fn row(host: &str, ip: &str, region: &str, failing: bool) -> SeriesRow {
+        SeriesRow {
+            target: "d.test".into(),
+            endpoint: format!("{host}[{ip}]:25"),
+            check: "smtp".into(),
+            region: region.into(),
+            last_outcome: 1,
+            last_error: if failing {
+                "refused".into()
+            } else {
+                String::new()
+            },
+            last_message: String::new(),
+            last_seen_us: 1_000_000_000,
+            interval_ms: 60_000,
+            failing,
+            state_since_us: 0,
+            agent_id: format!("agent-{region}"),
+            agent_last_seen_us: Some(1_000_000_000),
+            last_phase: String::new(),
+            last_facts: [(facts::address::VIA_MX.to_string(), "true".to_string())]
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn domain_metrics_follow_the_mail_verdict() {
+        let series = vec![
+            row("mx1.d.test", "198.18.0.2", "eu", false),
+            row("mx2.d.test", "198.18.0.3", "eu", true),
+            row("mx1.d.test", "198.18.0.2", "us", true),
+            row("mx2.d.test", "198.18.0.3", "us", true),
+        ];
+        let allowed = Allowed {
+            central: ["d.test".to_string()].into_iter().collect(),
+            local: BTreeMap::new(),
+            regions: ["eu".to_string(), "us".to_string()].into_iter().collect(),
+        };
+        let kept: BTreeSet<Key<'_>> = [
+            (Rank::Central, "d.test", "smtp", "eu"),
+            (Rank::Central, "d.test", "smtp", "us"),
+        ]
+        .into_iter()
+        .collect();
+        let params = StatusParams {
+            now_us: 1_000_000_000,
+            stale_after_us: 120_000_000,
+        };
+        let mut reg = Registry::default();
+        register_domain_metrics(
+            &mut reg,
+            &series,
+            &BTreeSet::new(),
+            &params,
+            &allowed,
+            &kept,
+        );
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        for line in [
+            r#"mxscope_domain_mail_flows{target="d.test",region="eu"} 1"#,
+            r#"mxscope_domain_mail_flows{target="d.test",region="us"} 0"#,
+            r#"mxscope_domain_mx_hosts_working{target="d.test",region="eu"} 1"#,
+            r#"mxscope_domain_mx_hosts{target="d.test",region="us"} 2"#,
+        ] {
+            assert!(out.contains(line), "{line} missing in\n{out}");
+        }
+    }
 }

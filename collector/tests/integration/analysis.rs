@@ -409,3 +409,142 @@ async fn watch_ends_on_shutdown_and_bad_requests_are_refused() {
         .expect("stream ends in time");
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
 }
+
+/// A port-25 result of one MX host of `target` (an MX-expanded domain: the agent marks it so).
+fn mx_probe(target: &str, host: &str, ip: &str, pref: i64, ok: bool, at: i64) -> pb::ProbeResult {
+    let mut r = probe(target, "smtp", 25, 10_000, ok, at);
+    if let Some(e) = r.endpoint.as_mut() {
+        e.host = host.into();
+        e.ip = ip.into();
+    }
+    r.facts = vec![
+        pb::Fact {
+            key: mxscope_proto::facts::address::VIA_MX.into(),
+            value: Some(pb::fact::Value::Flag(true)),
+        },
+        pb::Fact {
+            key: mxscope_proto::facts::mx::PREFERENCE.into(),
+            value: Some(pb::fact::Value::Int(pref)),
+        },
+    ];
+    r
+}
+
+#[tokio::test]
+async fn a_failing_backup_mx_is_redundancy_and_watch_says_when_mail_stops_flowing() {
+    let c = Collector::start(|_| {}).await;
+    let mut q = c.query().await;
+    let mut watch = q
+        .watch(pb::WatchRequest {
+            target: "a.test".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut agent = Agent::connect(c.addr, "eu-west").await;
+    let t0 = now_us() - 60_000_000;
+    // Rounds 0-2: the backup refuses, the primary works. Rounds 3-4: the primary fails too.
+    for round in 0..5i64 {
+        let at = t0 + round * 10_000_000;
+        agent
+            .send(vec![
+                mx_probe("a.test", "mx1.a.test", "198.18.0.2", 10, round < 3, at),
+                mx_probe("a.test", "mx2.a.test", "198.18.0.3", 20, false, at + 1),
+            ])
+            .await;
+        if round == 2 {
+            let m = q
+                .matrix(pb::MatrixRequest {
+                    check: "smtp".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("matrix")
+                .into_inner();
+            let row = &m.rows[0];
+            assert_eq!(
+                (row.scope.as_str(), row.basis.as_str()),
+                ("up", "mail"),
+                "{row:?}"
+            );
+            assert!(
+                row.notes.iter().any(|n| n.contains("backup MX mx2.a.test")),
+                "{row:?}"
+            );
+            let d = q
+                .diagnose(pb::DiagnoseRequest {
+                    target: "a.test".into(),
+                    since_ms: 0,
+                })
+                .await
+                .expect("diagnose")
+                .into_inner();
+            assert_eq!(
+                (d.findings[0].kind.as_str(), d.findings[0].severity.as_str()),
+                ("redundancy", "warn"),
+                "{d:?}"
+            );
+            assert!(d
+                .explanation
+                .starts_with("Mail to a.test flows from every region judged"));
+        }
+    }
+    // The backup's endpoint turned failing first (mail still flowing: no mail event), then the
+    // primary's, and with it mail stopped flowing from eu-west.
+    let mut events = Vec::new();
+    while events.len() < 3 {
+        events.push(next_event(&mut watch).await);
+    }
+    let seen: Vec<(String, String, String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.level.clone(),
+                e.endpoint.clone(),
+                e.old_state.clone(),
+                e.new_state.clone(),
+            )
+        })
+        .collect();
+    let endpoint = |ep: &str| {
+        (
+            "endpoint".to_string(),
+            ep.to_string(),
+            "ok".to_string(),
+            "failing".to_string(),
+        )
+    };
+    assert_eq!(seen[0], endpoint("mx2.a.test[198.18.0.3]:25"), "{events:?}");
+    assert!(
+        seen.contains(&endpoint("mx1.a.test[198.18.0.2]:25")),
+        "{events:?}"
+    );
+    assert!(
+        seen.contains(&(
+            "mail".to_string(),
+            String::new(),
+            "ok".to_string(),
+            "failing".to_string()
+        )),
+        "{events:?}"
+    );
+    let m = q
+        .matrix(pb::MatrixRequest {
+            check: "smtp".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("matrix")
+        .into_inner();
+    assert_eq!(m.rows[0].scope, "down", "{m:?}");
+    let d = q
+        .diagnose(pb::DiagnoseRequest {
+            target: "a.test".into(),
+            since_ms: 0,
+        })
+        .await
+        .expect("diagnose")
+        .into_inner();
+    assert_eq!(d.findings[0].kind, "mail_flow", "{d:?}");
+    assert_eq!(d.findings[0].scope, "everywhere", "{d:?}");
+}
