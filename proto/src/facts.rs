@@ -19,6 +19,10 @@ pub mod result {
 
 /// The leaf certificate a TLS handshake presented.
 pub mod cert {
+    /// Subjects of the intermediate certificates the server sent (` | ` between them), when any.
+    pub const CHAIN: &str = "cert.chain";
+    /// How many intermediate certificates the server sent.
+    pub const CHAIN_LEN: &str = "cert.chain_len";
     pub const DAYS_LEFT: &str = "cert.days_left";
     pub const ERROR: &str = "cert.error";
     pub const ISSUER: &str = "cert.issuer";

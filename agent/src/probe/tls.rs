@@ -23,6 +23,8 @@ pub(crate) const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 struct Seen {
     leaf: CertificateDer<'static>,
+    /// Subjects of the intermediate certificates the server sent, in its order.
+    chain: Vec<String>,
     verdict: Result<(), rustls::Error>,
 }
 
@@ -55,6 +57,11 @@ impl ServerCertVerifier for RecordingVerifier {
         };
         let seen = Seen {
             leaf: end_entity.clone().into_owned(),
+            chain: intermediates
+                .iter()
+                .take(8)
+                .map(|c| read_leaf(c).map_or_else(|| "(unparsable)".to_string(), |l| l.subject))
+                .collect(),
             verdict,
         };
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(seen);
@@ -274,6 +281,10 @@ fn assess_certificate(
     obs.fact(facts::cert::VERIFIED, seen.verdict.is_ok());
     obs.fact(facts::cert::NAME_MATCH, name_match);
     obs.fact(facts::cert::SHA256, sha256_hex(&seen.leaf));
+    obs.fact(facts::cert::CHAIN_LEN, seen.chain.len());
+    if !seen.chain.is_empty() {
+        obs.fact(facts::cert::CHAIN, seen.chain.join(" | "));
+    }
 
     let Some(leaf) = read_leaf(&seen.leaf) else {
         obs.problem(

@@ -513,15 +513,23 @@ pub fn tls_interception(rows: &[&SeriesView]) -> (Vec<Root>, Vec<Finding>) {
             continue;
         }
         let short = |f: &str| f.get(..16).unwrap_or(f).to_string();
+        let chain_of = |fingerprint: &str| {
+            rs.iter()
+                .find(|r| r.facts.get(facts::cert::SHA256).map(String::as_str) == Some(fingerprint))
+                .and_then(|r| r.facts.get(facts::cert::CHAIN))
+                .map(|c| format!(", chain {c}"))
+                .unwrap_or_default()
+        };
         let evidence: Vec<String> = split
             .by_value
             .iter()
             .map(|(f, regions)| {
                 format!(
-                    "{} {endpoint}: certificate {}… issued by '{}'",
+                    "{} {endpoint}: certificate {}… issued by '{}'{}",
                     list(regions.iter().copied()),
                     short(f),
-                    issuer_of(f)
+                    issuer_of(f),
+                    chain_of(f)
                 )
             })
             .collect();
