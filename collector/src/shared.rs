@@ -165,7 +165,7 @@ pub(crate) struct Shared {
     pub watches: Mutex<HashMap<String, usize>>,
     /// Refusal counters (what `/metrics` exports); the same `Arc` as `config.counters`.
     pub counters: Arc<Counters>,
-    /// Mail-level state changes (see [`crate::mailwatch`]), merged into `watch` streams.
+    /// Mail-level state changes (sent by the mail watch task), merged into `watch` streams.
     pub mail_events: tokio::sync::broadcast::Sender<mxscope_proto::pb::WatchEvent>,
 }
 

@@ -242,7 +242,7 @@ fn collector_modules_respect_the_layer_order() {
             &["error", "limits"],
             &["auth"],
             &["shared"],
-            &["ingest", "query", "http"],
+            &["mailwatch", "ingest", "query", "http"],
             &["lib", "main"],
         ],
     );

@@ -66,11 +66,13 @@ pub fn views(
 
 /// Builds the matrix. `views` must cover every series (agent faults are judged across all
 /// targets and checks); `check` (empty = all) limits the rows. One row per (target, check):
-/// - a region is `failing` when one of its fresh endpoints is failing, `agent` when those failures
-///   are its agent's own network (not counted), `stale` when all its endpoints are stale;
+/// - a region is `failing` when one of its fresh endpoints is failing — for port 25 of a domain
+///   (basis `mail`, see [`mail`]) when no MX host completes the dialogue there — `agent` when those
+///   failures are its agent's own network (not counted), `stale` when all its endpoints are stale;
 /// - `scope` combines the regions with the quorum; `failing_regions` names them;
 /// - cells hold the metric over the rollups of the window, merged over the region's endpoints;
-/// - `notes` name excluded agents and the consistency findings (different MX sets or certificates).
+/// - `notes` name excluded agents, MX hosts failing while mail flows, and the root causes and
+///   consistency findings of the target's diagnosis that concern the check.
 pub fn matrix(
     views: &[SeriesView],
     rollups: &BTreeMap<SeriesId, Agg>,

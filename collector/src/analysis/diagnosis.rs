@@ -1,6 +1,7 @@
-//! Diagnosis: walks the layers DNS → network → TLS → protocol → policy over the latest view of every
-//! (endpoint, check, region) of a target and names the first layer that fails, where (everywhere,
-//! some regions, or one agent's own network) and the evidence. Pure: rows in, findings out.
+//! Diagnosis of one target from the latest view of every (endpoint, check, region): root causes
+//! first (from [`super::roots`], the agent's own network) with the findings they explain, then the
+//! symptoms by layer (DNS → network → TLS → protocol → policy), mail flow and redundancy for port
+//! 25 of a domain; and the paragraph that sums it up. Pure: rows in, findings out.
 
 use std::collections::{BTreeMap, BTreeSet};
 
