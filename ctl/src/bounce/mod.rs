@@ -1,11 +1,15 @@
 //! The bounce explainer: a bounce message read per recipient (action, enhanced status, its
-//! meaning, remote MTA, reply). RFC 3464 delivery status notifications (Postfix, Exim, Exchange)
-//! are read from their delivery-status part; plain-text bounces are scanned for codes instead.
+//! meaning, remote MTA, reply, and why: a [`Reason`], soft or hard). Every part is read: the
+//! RFC 3464 delivery-status part, the prose of the notice, a DSN forwarded inside a message.
 
 mod dsn;
+pub mod mailbox;
 mod mime;
+mod notice;
+pub mod reason;
 mod scan;
 pub mod status;
+pub mod summary;
 
 use std::fmt;
 
@@ -13,11 +17,16 @@ pub use mxscope_proto::StatusCode;
 use serde::Serialize;
 use thiserror::Error;
 
+pub use notice::Mta;
+pub use reason::{Reason, Severity};
 pub use status::{Meaning, Permanence};
 
-use dsn::parse_delivery_status;
-use mime::{collect_leaves, header, parse_headers, split_head};
-use scan::scan_text;
+use dsn::{parse_delivery_status, strip_type};
+use mime::{collect_leaves, header, parse_headers, split_head, Leaf};
+use scan::{notice_text, scan_blocks, specificity, Block};
+
+/// Forwarded messages followed at most this deep.
+const MAX_FORWARD_DEPTH: usize = 3;
 
 /// The `Action` field.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -56,10 +65,42 @@ impl Action {
 pub enum Source {
     /// A `message/delivery-status` part (RFC 3464).
     DeliveryStatus,
-    /// No such part: codes and addresses found by scanning the human-readable text.
+    /// No such part: recipients and codes read from the notice's prose.
     TextScan,
-    /// Not even codes: only the `X-Failed-Recipients` header (Exim) named the recipients.
+    /// Only the `X-Failed-Recipients` header named the recipients; the reason is the notice's wording.
     FailedRecipientsHeader,
+    /// An auto-reply recognised by its headers and subject.
+    AutoReplyHeaders,
+    /// A `message/feedback-report` part (ARF, RFC 5965).
+    FeedbackReport,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::DeliveryStatus => "delivery_status",
+            Source::TextScan => "text_scan",
+            Source::FailedRecipientsHeader => "failed_recipients_header",
+            Source::AutoReplyHeaders => "auto_reply_headers",
+            Source::FeedbackReport => "feedback_report",
+        }
+    }
+}
+
+/// What the whole notice is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// At least one recipient failed.
+    Bounce,
+    /// Only delays: the sender still retries.
+    Delay,
+    /// A success DSN.
+    Delivery,
+    /// Vacation or out-of-office reply.
+    AutoReply,
+    /// An abuse / feedback report.
+    Feedback,
 }
 
 /// What happened to one recipient.
@@ -75,6 +116,12 @@ pub struct RecipientReport {
     /// From the status class; `None` without a status. An `Action: failed` with a 4.x.x status
     /// (Exchange's 4.4.7 "expired") is a temporary condition the sender stopped retrying.
     pub permanence: Option<Permanence>,
+    /// Why (see [`reason::classify`]).
+    pub reason: Reason,
+    /// Soft or hard; `None` for deliveries, auto-replies and feedback.
+    pub severity: Option<Severity>,
+    /// Set when the `Status` field and the reply's code differ: which was used.
+    pub status_conflict: Option<String>,
     pub remote_mta: Option<String>,
     /// The remote server's reply, unfolded, without the `smtp;` type.
     pub diagnostic: Option<String>,
@@ -89,6 +136,9 @@ impl RecipientReport {
             status: None,
             meaning: None,
             permanence: None,
+            reason: Reason::Other,
+            severity: None,
+            status_conflict: None,
             remote_mta: None,
             diagnostic: None,
         }
@@ -106,12 +156,23 @@ impl RecipientReport {
             .as_deref()
             .or(self.original_recipient.as_deref())
     }
+
+    /// Sets reason and severity from status, action and `text` (reply and notice wording).
+    fn explain(&mut self, text: &str) {
+        self.reason = reason::classify(self.status, self.action.as_ref(), text);
+        self.severity = reason::severity(self.reason, self.status, self.action.as_ref());
+    }
 }
 
 /// Everything read from one bounce.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BounceReport {
+    pub kind: Kind,
     pub source: Source,
+    /// The notice format recognised by its wording, if any.
+    pub mta: Option<Mta>,
+    /// The report was found inside a forwarded message (`message/rfc822`).
+    pub forwarded: bool,
     pub subject: Option<String>,
     pub reporting_mta: Option<String>,
     pub recipients: Vec<RecipientReport>,
@@ -133,59 +194,254 @@ pub fn parse(raw: &[u8]) -> Result<BounceReport, BounceError> {
     if text.trim().is_empty() {
         return Err(BounceError::Empty);
     }
-    let (head, body) = split_head(&text);
+    parse_message(&text, 0)
+}
+
+fn parse_message(text: &str, depth: usize) -> Result<BounceReport, BounceError> {
+    let (head, body) = split_head(text);
     let headers = parse_headers(head);
     let subject = header(&headers, "subject").map(str::to_string);
     let mut leaves = Vec::new();
     collect_leaves(&headers, body, 0, &mut leaves);
 
-    if let Some(dsn) = leaves.iter().find(|l| is_delivery_status(&l.mime)) {
-        let (reporting_mta, recipients) = parse_delivery_status(&dsn.body);
-        if !recipients.is_empty() {
-            return Ok(BounceReport {
-                source: Source::DeliveryStatus,
-                subject,
-                reporting_mta,
-                recipients,
-            });
-        }
-    }
     let text_parts: Vec<&str> = leaves
         .iter()
         .filter(|l| l.mime == "text/plain")
         .map(|l| l.body.as_str())
         .collect();
-    let recipients = scan_text(&text_parts);
-    if !recipients.is_empty() {
-        return Ok(BounceReport {
-            source: Source::TextScan,
-            subject,
-            reporting_mta: None,
-            recipients,
-        });
+    let notice: String = text_parts.iter().map(|t| notice_text(t)).collect();
+    let subject_lower = subject.as_deref().unwrap_or_default().to_ascii_lowercase();
+    let mut haystack = head.to_ascii_lowercase();
+    haystack.push('\n');
+    haystack.push_str(&notice.to_ascii_lowercase());
+    let mut mta = notice::detect(&haystack);
+    let delay_notice =
+        notice::is_delay_notice(&format!("{subject_lower}\n{}", notice.to_ascii_lowercase()));
+    let blocks: Vec<Block> = scan_blocks(&text_parts)
+        .into_iter()
+        .filter(|b| b.status.is_some() || reason::by_wording(&b.text).is_some())
+        .collect();
+    let report = |source, mta, reporting_mta, recipients| BounceReport {
+        kind: Kind::Bounce,
+        source,
+        mta,
+        forwarded: false,
+        subject: subject.clone(),
+        reporting_mta,
+        recipients,
+    };
+
+    if let Some(fb) = feedback(&headers, &leaves) {
+        return Ok(finish(report(Source::FeedbackReport, mta, None, vec![fb])));
     }
-    let failed: Vec<RecipientReport> = header(&headers, "x-failed-recipients")
+
+    if let Some(dsn) = leaves.iter().find(|l| is_delivery_status(&l.mime)) {
+        let (reporting_mta, mut recipients) = parse_delivery_status(&dsn.body);
+        if !recipients.is_empty() {
+            for r in &mut recipients {
+                let block = r
+                    .recipient()
+                    .and_then(|a| blocks.iter().find(|b| b.recipient.eq_ignore_ascii_case(a)));
+                let mut text = r.diagnostic.clone().unwrap_or_default();
+                if let Some(b) = block {
+                    merge_block(r, b);
+                    text.push('\n');
+                    text.push_str(&b.text);
+                }
+                r.explain(&text);
+            }
+            return Ok(finish(report(
+                Source::DeliveryStatus,
+                mta.or(Some(Mta::Rfc3464)),
+                reporting_mta,
+                recipients,
+            )));
+        }
+    }
+
+    let from_lower = header(&headers, "from")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if blocks.is_empty() && notice::is_auto_reply(&headers, &subject_lower, &from_lower) {
+        let from = header(&headers, "from").and_then(address_in);
+        let mut r = RecipientReport::new(from);
+        r.reason = Reason::Vacation;
+        r.diagnostic = subject.clone();
+        return Ok(finish(report(
+            Source::AutoReplyHeaders,
+            None,
+            None,
+            vec![r],
+        )));
+    }
+
+    let failed_header: Vec<String> = header(&headers, "x-failed-recipients")
         .map(|v| {
             v.split(',')
                 .map(str::trim)
                 .filter(|a| !a.is_empty())
-                .map(|a| {
-                    let mut r = RecipientReport::new(Some(a.to_string()));
-                    r.action = Some(Action::Failed);
-                    r
-                })
+                .map(str::to_string)
                 .collect()
         })
         .unwrap_or_default();
-    if failed.is_empty() {
+
+    if !blocks.is_empty() {
+        let mut recipients: Vec<RecipientReport> =
+            blocks.iter().map(|b| from_block(b, delay_notice)).collect();
+        // recipients the header names but the prose does not: the notice's wording
+        for a in &failed_header {
+            if !recipients
+                .iter()
+                .any(|r| r.recipient().is_some_and(|x| x.eq_ignore_ascii_case(a)))
+            {
+                recipients.push(from_notice(a, &notice));
+            }
+        }
+        return Ok(finish(report(Source::TextScan, mta, None, recipients)));
+    }
+
+    if depth < MAX_FORWARD_DEPTH {
+        for leaf in leaves.iter().filter(|l| l.mime == "message/rfc822") {
+            if let Ok(mut inner) = parse_message(&leaf.body, depth + 1) {
+                if inner.kind != Kind::AutoReply {
+                    inner.forwarded = true;
+                    return Ok(inner);
+                }
+            }
+        }
+    }
+
+    if failed_header.is_empty() {
         return Err(BounceError::NoStatus);
     }
-    Ok(BounceReport {
-        source: Source::FailedRecipientsHeader,
-        subject,
-        reporting_mta: None,
-        recipients: failed,
+    if mta.is_none() {
+        mta = Some(Mta::Exim);
+    }
+    let recipients = failed_header
+        .iter()
+        .map(|a| from_notice(a, &notice))
+        .collect();
+    Ok(finish(report(
+        Source::FailedRecipientsHeader,
+        mta,
+        None,
+        recipients,
+    )))
+}
+
+/// Takes a more specific code, the reply and the remote host from the prose block.
+fn merge_block(r: &mut RecipientReport, b: &Block) {
+    if let Some(bs) = b.status {
+        if r.status.is_none_or(|s| specificity(bs) > specificity(s)) {
+            if let Some(old) = r.status {
+                r.status_conflict =
+                    Some(format!("status field {old}, notice text {bs}: {bs} used"));
+            }
+            r.set_status(Some(bs));
+            if r.diagnostic.is_none() {
+                r.diagnostic.clone_from(&b.diagnostic);
+            }
+        }
+    }
+    if r.diagnostic.is_none() {
+        r.diagnostic.clone_from(&b.diagnostic);
+    }
+    if r.remote_mta.is_none() {
+        r.remote_mta.clone_from(&b.remote_mta);
+    }
+}
+
+fn from_block(b: &Block, delay_notice: bool) -> RecipientReport {
+    let mut r = RecipientReport::new(Some(b.recipient.clone()));
+    r.action = Some(match b.status {
+        Some(s) if s.class == 4 && delay_notice => Action::Delayed,
+        _ => Action::Failed,
+    });
+    r.set_status(b.status);
+    r.diagnostic.clone_from(&b.diagnostic);
+    r.remote_mta.clone_from(&b.remote_mta);
+    r.explain(&b.text);
+    r
+}
+
+/// A recipient known only by address: status and reason from the whole notice.
+fn from_notice(address: &str, notice: &str) -> RecipientReport {
+    let mut r = RecipientReport::new(Some(address.to_string()));
+    r.action = Some(Action::Failed);
+    let code = notice.lines().find_map(StatusCode::find);
+    r.set_status(code);
+    r.diagnostic = notice
+        .lines()
+        .map(str::trim)
+        .find(|l| reason::by_wording(l).is_some())
+        .map(str::to_string);
+    r.explain(notice);
+    r
+}
+
+/// An ARF report: the recipient is `Original-Rcpt-To`, else `To` of the reported message.
+fn feedback(headers: &[(String, String)], leaves: &[Leaf]) -> Option<RecipientReport> {
+    let is_arf = header(headers, "content-type").is_some_and(|v| {
+        v.to_ascii_lowercase()
+            .contains("report-type=feedback-report")
+    });
+    let part = leaves.iter().find(|l| l.mime == "message/feedback-report");
+    if !is_arf && part.is_none() {
+        return None;
+    }
+    let fields = part.map(|p| parse_headers(&p.body)).unwrap_or_default();
+    let original_to = leaves
+        .iter()
+        .find(|l| l.mime == "message/rfc822" || l.mime == "text/rfc822-headers")
+        .and_then(|l| {
+            let h = parse_headers(split_head(&l.body).0);
+            header(&h, "to").and_then(address_in)
+        });
+    let rcpt = header(&fields, "original-rcpt-to")
+        .map(strip_type)
+        .or(original_to);
+    let mut r = RecipientReport::new(rcpt);
+    r.reason = Reason::Feedback;
+    r.diagnostic = header(&fields, "feedback-type").map(|t| format!("feedback-type: {t}"));
+    r.remote_mta = header(&fields, "reporting-mta").map(strip_type);
+    Some(r)
+}
+
+/// `Name <a@b.example>` or `a@b.example (Name)` → `a@b.example`.
+fn address_in(value: &str) -> Option<String> {
+    let inner = value
+        .rsplit_once('<')
+        .and_then(|(_, r)| r.split_once('>'))
+        .map_or(value, |(a, _)| a);
+    inner.split_whitespace().find(|w| w.contains('@')).map(|w| {
+        w.trim_matches(|c| c == '"' || c == ',' || c == '(' || c == ')')
+            .to_string()
     })
+}
+
+/// The notice's kind from its recipients.
+fn finish(mut r: BounceReport) -> BounceReport {
+    let reasons = || r.recipients.iter().map(|x| x.reason);
+    r.kind = if reasons().any(|x| x == Reason::Feedback) {
+        Kind::Feedback
+    } else if reasons().any(|x| x == Reason::Vacation) {
+        Kind::AutoReply
+    } else if r
+        .recipients
+        .iter()
+        .any(|x| x.reason.is_bounce() && x.action != Some(Action::Delayed))
+    {
+        Kind::Bounce
+    } else if r
+        .recipients
+        .iter()
+        .any(|x| x.action == Some(Action::Delayed))
+    {
+        Kind::Delay
+    } else {
+        Kind::Delivery
+    };
+    r
 }
 
 fn is_delivery_status(mime: &str) -> bool {
