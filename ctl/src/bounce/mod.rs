@@ -262,7 +262,7 @@ fn parse_message(text: &str, depth: usize) -> Result<BounceReport, BounceError> 
     let from_lower = header(&headers, "from")
         .unwrap_or_default()
         .to_ascii_lowercase();
-    if blocks.is_empty() && notice::is_auto_reply(&headers, &subject_lower, &from_lower) {
+    if notice::is_auto_reply(&headers, &subject_lower, &from_lower) {
         let from = header(&headers, "from").and_then(address_in);
         let mut r = RecipientReport::new(from);
         r.reason = Reason::Vacation;
@@ -697,6 +697,96 @@ mod tests {
         assert_eq!(
             json["recipients"][1]["meaning"],
             "delivery not authorized, message refused"
+        );
+    }
+
+    /// The provider-style samples written for the project and their expected readings.
+    #[test]
+    fn provider_samples_match_the_expected_table() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/bounces/providers");
+        let table = std::fs::read_to_string(dir.join("expected.tsv")).expect("expected.tsv");
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| l.split('\t').collect())
+            .collect();
+        assert!(rows.len() >= 20, "the table lists the samples");
+        let opt = |s: &str| (s != "-").then(|| s.to_string());
+        let mut files: Vec<&str> = rows.iter().map(|r| r[0]).collect();
+        files.dedup();
+        let mut failures = Vec::new();
+        for file in &files {
+            let raw = std::fs::read(dir.join(file)).expect("sample");
+            let report = match parse(&raw) {
+                Ok(r) => r,
+                Err(e) => {
+                    failures.push(format!("{file}: {e}"));
+                    continue;
+                }
+            };
+            let expected: Vec<&Vec<&str>> = rows.iter().filter(|r| r[0] == *file).collect();
+            let got_rows: Vec<Vec<Option<String>>> = report
+                .recipients
+                .iter()
+                .map(|x| {
+                    vec![
+                        report.mta.map(|m| m.as_str().to_string()),
+                        Some(summary::kind_name(report.kind).to_string()),
+                        x.recipient().map(str::to_string),
+                        x.status.map(|s| s.to_string()),
+                        Some(x.reason.to_string()),
+                        x.severity.map(|s| s.to_string()),
+                    ]
+                })
+                .collect();
+            let want_rows: Vec<Vec<Option<String>>> = expected
+                .iter()
+                .map(|r| r[1..7].iter().map(|c| opt(c)).collect())
+                .collect();
+            if got_rows != want_rows {
+                failures.push(format!(
+                    "{file}:\n  want {want_rows:?}\n  got  {got_rows:?}"
+                ));
+            }
+        }
+        let on_disk = std::fs::read_dir(&dir)
+            .expect("dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+            .count();
+        assert_eq!(
+            on_disk,
+            files.len(),
+            "every sample has a row in expected.tsv"
+        );
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn forwarded_dsn_and_status_conflicts_are_reported() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/bounces/providers");
+        let fwd =
+            parse(&std::fs::read(dir.join("forwarded-dsn.eml")).expect("sample")).expect("parses");
+        assert!(fwd.forwarded);
+        assert_eq!(fwd.reporting_mta.as_deref(), Some("mail.example.com"));
+        let ses =
+            parse(&std::fs::read(dir.join("amazon-ses.eml")).expect("sample")).expect("parses");
+        assert_eq!(
+            ses.recipients[0].status_conflict.as_deref(),
+            Some("status field 5.0.0, reply 5.1.1: 5.1.1 used")
+        );
+        let exim = parse(&std::fs::read(dir.join("exim-quoted-sender.eml")).expect("sample"))
+            .expect("parses");
+        assert_eq!(
+            exim.recipients.len(),
+            1,
+            "alice@example.com quoted in the reply is no recipient"
+        );
+        assert_eq!(
+            exim.recipients[0].remote_mta.as_deref(),
+            Some("mx.exim-dest.example")
         );
     }
 

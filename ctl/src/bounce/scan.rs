@@ -16,7 +16,6 @@ const QUOTE_MARKERS: &[&str] = &[
     "----- unsent message follows -----",
     "----- original message follows -----",
     "--- original message follows",
-    "the original message was received at",
     "------ original message ------",
     "----- message header follows -----",
     "original message follows",
