@@ -148,6 +148,10 @@ pub fn classify(status: Option<StatusCode>, action: Option<&Action>, text: &str)
     if let Some(r) = status.and_then(decisive_code) {
         return r;
     }
+    // RFC 3464: a failure with a temporary status is one the sender stopped retrying
+    if matches!(action, Some(Action::Failed)) && status.is_some_and(|s| s.class == 4) {
+        return Reason::Expired;
+    }
     if let Some(r) = by_wording(text) {
         return r;
     }
@@ -524,7 +528,13 @@ mod tests {
             ),
         ];
         for (c, text, want) in cases {
-            assert_eq!(classify(code(c), failed, text), want, "{c} {text}");
+            // a class-4 code is read as a delay here; failed with class 4 is expired (below)
+            let action = if c.starts_with('4') {
+                Some(&Action::Delayed)
+            } else {
+                failed
+            };
+            assert_eq!(classify(code(c), action, text), want, "{c} {text}");
         }
         assert_eq!(
             classify(None, failed, "Host or domain name not found"),
@@ -564,6 +574,23 @@ mod tests {
         assert_eq!(severity(Reason::Policy, code("4.7.1"), failed), soft);
         assert_eq!(severity(Reason::HostUnknown, None, failed), hard);
         assert_eq!(severity(Reason::Expired, None, failed), soft);
+    }
+
+    #[test]
+    fn a_failure_with_a_temporary_status_expired() {
+        let refused = "connect to 127.0.0.1[127.0.0.1]:2525: Connection refused";
+        assert_eq!(
+            classify(code("4.4.1"), Some(&Action::Failed), refused),
+            Reason::Expired
+        );
+        assert_eq!(
+            classify(code("4.4.1"), Some(&Action::Delayed), refused),
+            Reason::Network
+        );
+        assert_eq!(
+            classify(code("4.2.2"), Some(&Action::Failed), ""),
+            Reason::MailboxFull
+        );
     }
 
     #[test]
