@@ -306,6 +306,12 @@ pub fn diagnose_rows(
         let consequences = symptoms(target, &problems, mine, &mail);
         if consequences.iter().any(|f| f.severity == "fail") {
             root.finding.severity = "fail";
+        } else if consequences.is_empty() && root.addresses_only {
+            // Other addresses that work from where they are given out: geo DNS, not a fault.
+            root.finding.severity = "ok";
+            root.finding.summary.push_str(
+                " (every region's answer works: geo DNS or split horizon, nothing to fix)",
+            );
         }
         rooted.push((root.finding, consequences));
     }
@@ -338,7 +344,11 @@ pub fn diagnose_rows(
             f.kind == "stale",
             // The agent's own network is the monitoring's problem, not the target's.
             f.scope == "agent",
-            f.severity != "fail",
+            match f.severity {
+                "fail" => 0,
+                "warn" => 1,
+                _ => 2,
+            },
             consequences.is_empty() && !is_root_kind(f.kind),
             f.layer,
         )
@@ -353,9 +363,12 @@ pub fn diagnose_rows(
             findings.push(c);
         }
     }
-    if findings.iter().all(|f| f.kind == "stale") {
+    if findings
+        .iter()
+        .all(|f| f.kind == "stale" || f.severity == "ok")
+    {
         let fresh: Vec<&str> = fresh_regions.iter().copied().collect();
-        let summary = if findings.is_empty() {
+        let summary = if !findings.iter().any(|f| f.kind == "stale") {
             "every check passes in every region".to_string()
         } else {
             format!(
@@ -730,6 +743,7 @@ pub fn explain(
         .collect();
     for (i, f) in tops.iter().take(3) {
         let label = match f.kind {
+            _ if f.severity == "ok" => "Note".to_string(),
             k if is_root_kind(k) => format!("Root cause for {}", f.regions.join(", ")),
             "redundancy" => "Redundancy".to_string(),
             "mail_flow" => "Not flowing".to_string(),

@@ -18,6 +18,8 @@ pub struct Root {
     pub explains: Explains,
     /// An `smtp_altered` root whose only sign is a rewritten banner.
     pub banner_only: bool,
+    /// A `dns_divergence` root in which only MX hosts' addresses differ (geo DNS does that).
+    pub addresses_only: bool,
 }
 
 /// Which problem rows a root explains: rows of these regions, limited to some checks, one
@@ -189,6 +191,7 @@ pub fn dns_divergence(target: &str, rows: &[&SeriesView]) -> (Option<Root>, Vec<
     let mut evidence = Vec::new();
     let mut headline = None;
     let mut unsettled = Vec::new();
+    let mut addresses_only = true;
     for (question, seen) in &answers {
         let seen: BTreeMap<&str, &str> = seen.iter().map(|(r, v)| (*r, v.as_str())).collect();
         let split = Split::of(&seen);
@@ -200,6 +203,7 @@ pub fn dns_divergence(target: &str, rows: &[&SeriesView]) -> (Option<Root>, Vec<
             continue;
         };
         let odd = split.minority();
+        addresses_only &= question.starts_with("addresses of ");
         for (value, regions) in split.by_value.iter().filter(|(v, _)| **v != common) {
             evidence.push(format!(
                 "{question}: {} get {value}",
@@ -272,6 +276,7 @@ pub fn dns_divergence(target: &str, rows: &[&SeriesView]) -> (Option<Root>, Vec<
             ..Explains::default()
         },
         banner_only: false,
+        addresses_only,
     };
     (Some(root), others)
 }
@@ -448,6 +453,7 @@ pub fn smtp_altered(target: &str, rows: &[&SeriesView]) -> Vec<Root> {
                 layers: None,
             },
             banner_only,
+            addresses_only: false,
         });
     }
     roots
@@ -592,6 +598,7 @@ pub fn tls_interception(rows: &[&SeriesView]) -> (Vec<Root>, Vec<Finding>) {
                 layers: Some([Layer::Tls].into_iter().collect()),
             },
             banner_only: false,
+            addresses_only: false,
         });
     }
     (roots, others)

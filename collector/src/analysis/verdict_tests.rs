@@ -591,3 +591,30 @@ fn a_failing_backup_on_most_targets_does_not_make_the_agent_at_fault() {
         ("redundancy", strs(&["us-east"]))
     );
 }
+
+#[test]
+fn addresses_that_differ_by_region_but_work_are_geo_dns_not_a_fault() {
+    let mut views = Vec::new();
+    for (r, ip) in [
+        ("eu-west", "198.18.0.2"),
+        ("us-east", "198.18.0.2"),
+        ("sa-east", "198.18.0.7"),
+    ] {
+        views.push(V::mx("geo.test", &[(10, "mx.geo.test", ip)], r).view);
+        views.push(V::smtp("geo.test", "mx.geo.test", ip, 10, r).view);
+    }
+    let d = diagnosis("geo.test", &views);
+    assert_eq!(d.findings[0].kind, "none", "{d:#?}");
+    let note = d
+        .findings
+        .iter()
+        .find(|f| f.kind == "dns_divergence")
+        .expect("the difference is still said");
+    assert_eq!(note.severity, "ok");
+    assert!(note.summary.contains("geo DNS"), "{}", note.summary);
+    assert!(
+        d.explanation.contains("Note: sa-east gets"),
+        "{}",
+        d.explanation
+    );
+}
