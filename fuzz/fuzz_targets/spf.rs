@@ -1,10 +1,10 @@
-//! SPF (`probe/spf/record.rs` `parse`, `select_spf`; `count_lookups` and `authorizes`, macros
+//! SPF (`mxscope-spf`'s `parse`, `select_spf`; `count_lookups` and `authorizes`, macros
 //! included, over an in-memory DNS). Input: one DNS record a line, the first line's name being the
 //! domain checked: `<name> <TXT string>`, `mx:<name> <exchange>`, `a:<name> <address>`,
 //! `err:<name>` (every query of that name fails). Each TXT string is also parsed alone.
 #![no_main]
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use libfuzzer_sys::fuzz_target;
 use mxscope_agent::probe::resolve::DnsError;
@@ -51,9 +51,32 @@ impl SpfDns for Zone {
         self.fail(name)?;
         Ok(at(&self.mx, name).collect())
     }
-    async fn addrs(&self, name: &str) -> Result<Vec<IpAddr>, DnsError> {
+    async fn a(&self, name: &str) -> Result<Vec<Ipv4Addr>, DnsError> {
         self.fail(name)?;
-        Ok(at(&self.a, name).collect())
+        Ok(at(&self.a, name)
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect())
+    }
+    async fn aaaa(&self, name: &str) -> Result<Vec<Ipv6Addr>, DnsError> {
+        self.fail(name)?;
+        Ok(at(&self.a, name)
+            .filter_map(|ip| match ip {
+                IpAddr::V6(v6) => Some(v6),
+                IpAddr::V4(_) => None,
+            })
+            .collect())
+    }
+    async fn ptr(&self, ip: IpAddr) -> Result<Vec<String>, DnsError> {
+        // the names whose addresses include `ip`: every PTR candidate validates
+        Ok(self
+            .a
+            .iter()
+            .filter(|(_, a)| *a == ip)
+            .map(|(n, _)| n.clone())
+            .collect())
     }
 }
 

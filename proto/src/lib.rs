@@ -43,6 +43,7 @@ macro_rules! named_enum {
     };
 }
 
+pub mod dns;
 pub mod facts;
 pub mod limits;
 pub mod model;

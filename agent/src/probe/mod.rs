@@ -18,7 +18,7 @@ mod queue;
 mod records;
 pub mod resolve;
 mod smtp;
-pub mod spf;
+pub use mxscope_spf as spf;
 mod tcp;
 #[cfg(test)]
 mod testing;

@@ -1,7 +1,7 @@
 //! DNS policy record checks: `spf`, `dmarc`, `dkim` and `tlsrpt`. Each fetches its TXT records
 //! through `Resolve`, grades them with the pure `policy` parsers and returns one observation.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use mxscope_proto::{facts, CheckKind, Endpoint, ErrorClass, Observation, Outcome, Phase};
 use tokio::time::Instant;
@@ -51,8 +51,31 @@ impl spf::SpfDns for SpfView<'_> {
         void_or(r).map(|v| v.into_iter().map(|m| m.exchange).collect())
     }
 
-    async fn addrs(&self, name: &str) -> Result<Vec<IpAddr>, DnsError> {
-        void_or(bounded(name, self.deadline, self.resolver.ips(name)).await)
+    async fn a(&self, name: &str) -> Result<Vec<Ipv4Addr>, DnsError> {
+        let ips = void_or(bounded(name, self.deadline, self.resolver.ips(name)).await)?;
+        Ok(ips
+            .into_iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect())
+    }
+
+    async fn aaaa(&self, name: &str) -> Result<Vec<Ipv6Addr>, DnsError> {
+        let ips = void_or(bounded(name, self.deadline, self.resolver.ips(name)).await)?;
+        Ok(ips
+            .into_iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V6(v6) => Some(v6),
+                IpAddr::V4(_) => None,
+            })
+            .collect())
+    }
+
+    async fn ptr(&self, ip: IpAddr) -> Result<Vec<String>, DnsError> {
+        let name = ip.to_string();
+        void_or(bounded(&name, self.deadline, self.resolver.reverse(ip)).await)
     }
 }
 

@@ -6,14 +6,7 @@ use std::time::Duration;
 
 use mxscope_proto::ErrorClass;
 
-/// A DNS failure, already classified.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{class} for {name}: {detail}")]
-pub struct DnsError {
-    pub class: ErrorClass,
-    pub name: String,
-    pub detail: String,
-}
+pub use mxscope_proto::dns::DnsError;
 
 /// One MX record.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 
 use thiserror::Error;
 
-use crate::probe::resolve::DnsError;
+use mxscope_proto::dns::DnsError;
 
 use super::record::{parse, select_spf, Mechanism, SpfParseError, SpfRecord, SpfSelectError};
 use super::{
@@ -186,7 +186,7 @@ impl<D: SpfDns + ?Sized> Walk<'_, D> {
     }
 
     async fn addrs_void(&mut self, name: &str) {
-        match self.dns.addrs(name).await {
+        match super::all_addrs(self.dns, name).await {
             Ok(a) if a.is_empty() => self.report.void_lookups += 1,
             Ok(_) => {}
             Err(error) => self.report.errors.push(LookupIssue::Dns {
@@ -237,7 +237,7 @@ mod tests {
     use mxscope_proto::ErrorClass;
 
     use super::*;
-    use crate::probe::spf::testing::{strings, FakeDns};
+    use crate::testing::{strings, FakeDns};
 
     #[tokio::test]
     async fn counts_lookups_through_nested_includes_and_flags_the_limit() {

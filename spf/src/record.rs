@@ -292,7 +292,7 @@ fn parse_modifier(
         "redirect" => &mut out.redirect,
         "exp" => &mut out.exp,
         _ => {
-            if !is_macro_string(value) {
+            if !is_macro_string(value, true) {
                 return Err(SpfParseError::InvalidTerm {
                     term: term.to_string(),
                 });
@@ -424,17 +424,16 @@ fn split_dual_cidr(arg: &str) -> Option<(&str, DualCidr)> {
             rest = rest.get(..pos)?;
         }
     }
-    if rest.contains('/') && !rest.contains('%') {
-        return None;
-    }
     Some((rest, cidr))
 }
 
-/// `macro-string` of §7.1: visible characters, `%` only as `%%`, `%_`, `%-` or `%{...}`.
-pub(super) fn is_macro_string(s: &str) -> bool {
+/// `macro-string` of §7.1: visible characters, `%` only as `%%`, `%_`, `%-` or `%{...}`; the
+/// letters `c`, `r` and `t` only when `exp_letters` (explanation text, unknown modifiers, §7.2).
+pub(super) fn is_macro_string(s: &str, exp_letters: bool) -> bool {
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
-        if !(c.is_ascii_graphic()) {
+        // explanation text (`explain-string`) may hold spaces between its macro strings
+        if !(c.is_ascii_graphic() || (exp_letters && c == ' ')) {
             return false;
         }
         if c != '%' {
@@ -446,7 +445,12 @@ pub(super) fn is_macro_string(s: &str) -> bool {
                 let Some(letter) = chars.next() else {
                     return false;
                 };
-                if !"slodiphcrtvSLODIPHCRTV".contains(letter) {
+                let allowed = if exp_letters {
+                    "slodiphcrtvSLODIPHCRTV"
+                } else {
+                    "slodiphvSLODIPHV"
+                };
+                if !allowed.contains(letter) {
                     return false;
                 }
                 let mut closed = false;
@@ -471,7 +475,7 @@ pub(super) fn is_macro_string(s: &str) -> bool {
 
 /// `domain-spec`: a macro string that, without macros, looks like a host name with a top label.
 fn is_domain_spec(s: &str) -> bool {
-    if s.is_empty() || !is_macro_string(s) {
+    if s.is_empty() || !is_macro_string(s, false) {
         return false;
     }
     if s.contains('%') {
@@ -494,7 +498,7 @@ fn is_domain_spec(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::spf::testing::strings;
+    use crate::testing::strings;
 
     #[test]
     fn select_picks_the_single_spf_record() {

@@ -1,6 +1,6 @@
-//! SPF (RFC 7208): record selection and parsing, the recursive DNS-lookup count (10-lookup and
-//! 2-void-lookup limits of §4.6.4) and a `check_host` evaluator to tell whether an address passes.
-//! No I/O here: DNS comes in through [`SpfDns`], so every rule is unit tested.
+//! SPF (RFC 7208), shared by the agent's `spf` check and `mxscopectl spf check`: record selection
+//! and parsing, the static lookup count, and `check_host()` with PTR, macros and explanations.
+//! No I/O here: DNS comes in through [`SpfDns`], so every rule is tested against fakes.
 
 mod eval;
 mod lookups;
@@ -10,12 +10,12 @@ mod record;
 mod testing;
 
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::pin::Pin;
 
-use super::resolve::DnsError;
+pub use mxscope_proto::dns::DnsError;
 
-pub use eval::{authorizes, Authorization, SpfEvalError, SpfResult};
+pub use eval::{authorizes, check_host, Authorization, Identity, SpfEvalError, SpfResult, Verdict};
 pub use lookups::{count_lookups, LookupIssue, LookupReport};
 pub use record::{
     parse, select_spf, Directive, DualCidr, Mechanism, Qualifier, SpfParseError, SpfRecord,
@@ -28,6 +28,8 @@ pub const LOOKUP_LIMIT: usize = 10;
 pub const VOID_LOOKUP_LIMIT: usize = 2;
 /// An `mx` mechanism may name at most this many exchanges (§4.6.4).
 pub const MX_NAME_LIMIT: usize = 10;
+/// A `ptr` mechanism or `%{p}` macro looks at no more than this many PTR names (§4.6.4).
+pub const PTR_NAME_LIMIT: usize = 10;
 /// `include`/`redirect` nesting followed by [`count_lookups`] before it stops descending.
 pub const MAX_DEPTH: usize = 12;
 /// Upper bound of DNS queries [`count_lookups`] issues, so a hostile tree cannot fan out forever.
@@ -42,8 +44,19 @@ pub trait SpfDns: Send + Sync {
     async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError>;
     /// Exchange host names of the MX records at `name`.
     async fn mx_hosts(&self, name: &str) -> Result<Vec<String>, DnsError>;
-    /// A and AAAA addresses of `name`.
-    async fn addrs(&self, name: &str) -> Result<Vec<IpAddr>, DnsError>;
+    /// A addresses of `name`.
+    async fn a(&self, name: &str) -> Result<Vec<Ipv4Addr>, DnsError>;
+    /// AAAA addresses of `name`.
+    async fn aaaa(&self, name: &str) -> Result<Vec<Ipv6Addr>, DnsError>;
+    /// PTR names of `ip` (the `in-addr.arpa` or `ip6.arpa` name is the implementation's job).
+    async fn ptr(&self, ip: IpAddr) -> Result<Vec<String>, DnsError>;
+}
+
+/// A and AAAA addresses of `name` together.
+async fn all_addrs<D: SpfDns + ?Sized>(dns: &D, name: &str) -> Result<Vec<IpAddr>, DnsError> {
+    let mut out: Vec<IpAddr> = dns.a(name).await?.into_iter().map(IpAddr::V4).collect();
+    out.extend(dns.aaaa(name).await?.into_iter().map(IpAddr::V6));
+    Ok(out)
 }
 
 /// The future of a recursive step (`include` and `redirect` recurse, so it is boxed).

@@ -1,17 +1,21 @@
-//! `check_host()` (RFC 7208 §4): whether an address passes for a domain, evaluated against live
-//! DNS through [`SpfDns`] with the lookup and void-lookup limits enforced.
+//! `check_host()` (RFC 7208 §4): whether an address may send for an identity (MAIL FROM, or
+//! `postmaster@` the HELO name), evaluated through [`SpfDns`] with the §4.6.4 limits, PTR
+//! validation (§5.5) and the `exp=` explanation of a `fail` (§6.2).
 
 use std::net::IpAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
-use crate::probe::resolve::DnsError;
+use crate::DnsError;
 
-use super::macros::{expand_macros, MacroContext};
+use super::macros::{expand_macros, truncate_domain, MacroContext, Use};
 use super::record::{
     parse, select_spf, Directive, DualCidr, Mechanism, Qualifier, SpfParseError, SpfSelectError,
 };
-use super::{canonical, BoxFuture, SpfDns, LOOKUP_LIMIT, MX_NAME_LIMIT, VOID_LOOKUP_LIMIT};
+use super::{
+    canonical, BoxFuture, SpfDns, LOOKUP_LIMIT, MX_NAME_LIMIT, PTR_NAME_LIMIT, VOID_LOOKUP_LIMIT,
+};
 
 /// The results of `check_host()` (§2.6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -23,6 +27,27 @@ pub enum SpfResult {
     SoftFail,
     TempError,
     PermError,
+}
+
+impl SpfResult {
+    /// The lowercase name of RFC 7208 (`pass`, `softfail`, `temperror`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            SpfResult::None => "none",
+            SpfResult::Neutral => "neutral",
+            SpfResult::Pass => "pass",
+            SpfResult::Fail => "fail",
+            SpfResult::SoftFail => "softfail",
+            SpfResult::TempError => "temperror",
+            SpfResult::PermError => "permerror",
+        }
+    }
+}
+
+impl std::fmt::Display for SpfResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl Qualifier {
@@ -91,10 +116,46 @@ impl Authorization {
     }
 }
 
+/// Who is sending: the client address, the MAIL FROM address (empty for a bounce, then the HELO
+/// name is checked as `postmaster@<helo>`, §2.4) and the HELO name.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity<'a> {
+    pub ip: IpAddr,
+    pub mail_from: &'a str,
+    pub helo: &'a str,
+}
+
+/// What `check_host()` decided and what led there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub result: SpfResult,
+    /// The domain checked first (the MAIL FROM domain, or the HELO name).
+    pub domain: String,
+    /// The directive that matched, as written, if any.
+    pub matched: Option<String>,
+    /// The domain whose record held the matching directive.
+    pub matched_in: Option<String>,
+    /// Lookup-counting terms evaluated.
+    pub lookups: usize,
+    /// For `fail`: the expanded `exp=` text, when the record has one that resolved (§6.2).
+    pub explanation: Option<String>,
+    /// Why the result is `temperror` or `permerror`.
+    pub error: Option<SpfEvalError>,
+}
+
+/// The identity's parts the macros read.
+struct Sender {
+    ip: IpAddr,
+    sender: String,
+    local: String,
+    domain: String,
+    helo: String,
+    now: u64,
+}
+
 struct Eval<'d, D: ?Sized> {
     dns: &'d D,
-    ip: IpAddr,
-    sender_domain: String,
+    who: Sender,
     lookups: usize,
     voids: usize,
 }
@@ -103,6 +164,24 @@ struct Hit {
     result: SpfResult,
     matched: Option<String>,
     matched_in: Option<String>,
+    /// `(domain, exp spec)` of the record that decided, for a `fail`'s explanation.
+    exp: Option<(String, String)>,
+}
+
+/// A name as queried: without its trailing dot; `None` when it cannot be a DNS name (an empty
+/// label or one over 63 octets), which answers as a void lookup without a query.
+fn query_name(name: &str) -> Option<&str> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| (1..=63).contains(&l.len()));
+    ok.then_some(name)
+}
+
+/// RFC 7208 §4.3: a domain to check is a fully qualified name (at least two labels, none empty
+/// or over 63 octets), not an address literal.
+fn valid_domain(domain: &str) -> bool {
+    query_name(domain).is_some_and(|d| d.contains('.') && !d.starts_with('[') && d.is_ascii())
 }
 
 impl<D: SpfDns + ?Sized> Eval<'_, D> {
@@ -124,47 +203,121 @@ impl<D: SpfDns + ?Sized> Eval<'_, D> {
         Ok(())
     }
 
-    async fn addrs(&mut self, name: &str) -> Result<Vec<IpAddr>, SpfEvalError> {
-        let a = self
-            .dns
-            .addrs(name)
-            .await
-            .map_err(|error| SpfEvalError::Dns {
-                name: name.to_string(),
-                error,
-            })?;
+    fn dns_error(name: &str) -> impl FnOnce(DnsError) -> SpfEvalError + '_ {
+        move |error| SpfEvalError::Dns {
+            name: name.to_string(),
+            error,
+        }
+    }
+
+    /// Addresses of `name` in the family of the client address (A for IPv4, AAAA for IPv6).
+    async fn addrs(&mut self, name: &str, v4: bool) -> Result<Vec<IpAddr>, SpfEvalError> {
+        let Some(q) = query_name(name) else {
+            self.void(true)?;
+            return Ok(Vec::new());
+        };
+        let a: Vec<IpAddr> = if v4 {
+            let r = self.dns.a(q).await.map_err(Self::dns_error(q))?;
+            r.into_iter().map(IpAddr::V4).collect()
+        } else {
+            let r = self.dns.aaaa(q).await.map_err(Self::dns_error(q))?;
+            r.into_iter().map(IpAddr::V6).collect()
+        };
         self.void(a.is_empty())?;
         Ok(a)
     }
 
-    fn expand(&self, spec: &str, domain: &str, term: &Directive) -> Result<String, SpfEvalError> {
+    /// The validated names of the client address (§5.5): at most [`PTR_NAME_LIMIT`] PTR names,
+    /// each kept when one of its addresses is the client's; DNS errors drop a name.
+    async fn validated_names(&mut self) -> Vec<String> {
+        let ip = canonical(self.who.ip);
+        let Ok(names) = self.dns.ptr(ip).await else {
+            return Vec::new();
+        };
+        if self.void(names.is_empty()).is_err() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for name in names.into_iter().take(PTR_NAME_LIMIT) {
+            let name = name.trim_end_matches('.').to_string();
+            if let Ok(addrs) = self.addrs(&name, ip.is_ipv4()).await {
+                if addrs.contains(&ip) {
+                    out.push(name);
+                }
+            }
+        }
+        out
+    }
+
+    /// `%{p}`: a validated name equal to or under `domain`, else any validated name (§7.3).
+    async fn validated_for(&mut self, domain: &str) -> Option<String> {
+        let names = self.validated_names().await;
+        names
+            .iter()
+            .find(|n| under(n, domain))
+            .or(names.first())
+            .cloned()
+    }
+
+    async fn expand_as(&mut self, spec: &str, domain: &str, use_: Use) -> Option<String> {
+        let validated = if spec.contains("%{p") || spec.contains("%{P") {
+            self.validated_for(domain).await
+        } else {
+            None
+        };
+        let w = &self.who;
+        let (local, sender_domain) = w
+            .sender
+            .rsplit_once('@')
+            .unwrap_or(("postmaster", &w.domain));
+        let local = if local.is_empty() {
+            w.local.as_str()
+        } else {
+            local
+        };
         expand_macros(
             spec,
             &MacroContext {
-                ip: self.ip,
+                ip: w.ip,
+                sender: &w.sender,
+                local,
+                sender_domain,
                 domain,
-                sender_domain: &self.sender_domain,
+                helo: &w.helo,
+                validated: validated.as_deref(),
+                now: w.now,
             },
+            use_,
         )
-        .ok_or_else(|| SpfEvalError::BadMacro {
-            term: term.to_string(),
-        })
     }
 
-    /// `check_host()` for `domain`; `Ok(None)` when the domain has no SPF record.
+    /// A domain-spec expanded and cut to 253 characters.
+    async fn expand(
+        &mut self,
+        spec: &str,
+        domain: &str,
+        term: &str,
+    ) -> Result<String, SpfEvalError> {
+        match self.expand_as(spec, domain, Use::Domain).await {
+            Some(name) => Ok(truncate_domain(name)),
+            None => Err(SpfEvalError::BadMacro {
+                term: term.to_string(),
+            }),
+        }
+    }
+
+    /// `check_host()` for `domain`; `Ok(None)` when the domain has no SPF record (or cannot
+    /// have one, §4.3).
     fn check_host<'a>(
         &'a mut self,
         domain: String,
     ) -> BoxFuture<'a, Result<Option<Hit>, SpfEvalError>> {
         Box::pin(async move {
-            let txt = self
-                .dns
-                .txt(&domain)
-                .await
-                .map_err(|error| SpfEvalError::Dns {
-                    name: domain.clone(),
-                    error,
-                })?;
+            if !valid_domain(&domain) {
+                return Ok(None);
+            }
+            let q = query_name(&domain).unwrap_or(&domain).to_string();
+            let txt = self.dns.txt(&q).await.map_err(Self::dns_error(&q))?;
             let record = match select_spf(&txt) {
                 Ok(r) => r,
                 Err(SpfSelectError::None) => return Ok(None),
@@ -185,21 +338,14 @@ impl<D: SpfDns + ?Sized> Eval<'_, D> {
                         result: d.qualifier.result(),
                         matched: Some(d.to_string()),
                         matched_in: Some(domain.clone()),
+                        exp: record.exp.clone().map(|e| (domain.clone(), e)),
                     }));
                 }
             }
             if let Some(target) = record.effective_redirect() {
                 self.count()?;
                 let term = format!("redirect={target}");
-                let target = expand_macros(
-                    target,
-                    &MacroContext {
-                        ip: self.ip,
-                        domain: &domain,
-                        sender_domain: &self.sender_domain,
-                    },
-                )
-                .ok_or_else(|| SpfEvalError::BadMacro { term: term.clone() })?;
+                let target = self.expand(target, &domain, &term).await?;
                 return match self.check_host(target.clone()).await? {
                     Some(hit) => Ok(Some(hit)),
                     None => Err(SpfEvalError::MissingTarget {
@@ -212,12 +358,14 @@ impl<D: SpfDns + ?Sized> Eval<'_, D> {
                 result: SpfResult::Neutral,
                 matched: None,
                 matched_in: None,
+                exp: None,
             }))
         })
     }
 
     async fn matches(&mut self, d: &Directive, domain: &str) -> Result<bool, SpfEvalError> {
-        let ip = canonical(self.ip);
+        let ip = canonical(self.who.ip);
+        let term = d.to_string();
         match &d.mechanism {
             Mechanism::All => Ok(true),
             Mechanism::Ip4 { addr, prefix } => Ok(in_prefix(ip, IpAddr::V4(*addr), *prefix)),
@@ -227,10 +375,10 @@ impl<D: SpfDns + ?Sized> Eval<'_, D> {
                 cidr,
             } => {
                 let name = match target {
-                    Some(t) => self.expand(t, domain, d)?,
+                    Some(t) => self.expand(t, domain, &term).await?,
                     None => domain.to_string(),
                 };
-                let addrs = self.addrs(&name).await?;
+                let addrs = self.addrs(&name, ip.is_ipv4()).await?;
                 Ok(addrs.into_iter().any(|a| cidr_match(ip, a, cidr)))
             }
             Mechanism::Mx {
@@ -238,79 +386,157 @@ impl<D: SpfDns + ?Sized> Eval<'_, D> {
                 cidr,
             } => {
                 let name = match target {
-                    Some(t) => self.expand(t, domain, d)?,
+                    Some(t) => self.expand(t, domain, &term).await?,
                     None => domain.to_string(),
                 };
-                let hosts = self
-                    .dns
-                    .mx_hosts(&name)
-                    .await
-                    .map_err(|error| SpfEvalError::Dns {
-                        name: name.clone(),
-                        error,
-                    })?;
+                let hosts = match query_name(&name) {
+                    Some(q) => self.dns.mx_hosts(q).await.map_err(Self::dns_error(q))?,
+                    None => Vec::new(),
+                };
                 self.void(hosts.is_empty())?;
                 if hosts.len() > MX_NAME_LIMIT {
                     return Err(SpfEvalError::TooManyMx { domain: name });
                 }
                 for host in hosts {
-                    let addrs = self.addrs(&host).await?;
+                    let addrs = self.addrs(&host, ip.is_ipv4()).await?;
                     if addrs.into_iter().any(|a| cidr_match(ip, a, cidr)) {
                         return Ok(true);
                     }
                 }
                 Ok(false)
             }
+            Mechanism::Ptr { domain: target } => {
+                let target = match target {
+                    Some(t) => self.expand(t, domain, &term).await?,
+                    None => domain.to_string(),
+                };
+                let names = self.validated_names().await;
+                Ok(names.iter().any(|n| under(n, &target)))
+            }
             Mechanism::Include { domain: target } => {
-                let target = self.expand(target, domain, d)?;
+                let target = self.expand(target, domain, &term).await?;
                 match self.check_host(target.clone()).await? {
                     Some(hit) => Ok(hit.result == SpfResult::Pass),
                     None => Err(SpfEvalError::MissingTarget {
-                        term: d.to_string(),
+                        term,
                         domain: target,
                     }),
                 }
             }
             Mechanism::Exists { domain: target } => {
-                let name = self.expand(target, domain, d)?;
-                let addrs = self.addrs(&name).await?;
-                Ok(addrs.iter().any(IpAddr::is_ipv4))
+                let name = self.expand(target, domain, &term).await?;
+                // exists always asks for A records, whatever the client's family (§5.7)
+                let addrs = self.addrs(&name, true).await?;
+                Ok(!addrs.is_empty())
             }
-            // ptr is deprecated (§5.5) and needs reverse DNS the trait lacks: never matches
-            Mechanism::Ptr { .. } => Ok(false),
         }
+    }
+
+    /// The explanation of a `fail` (§6.2): the one TXT record at the expanded `exp=` name, its
+    /// macros expanded; `None` on any DNS problem, no or several records, or bad macros.
+    async fn explanation(&mut self, domain: &str, spec: &str) -> Option<String> {
+        let name = truncate_domain(self.expand_as(spec, domain, Use::Domain).await?);
+        let q = query_name(&name)?;
+        let txt = self.dns.txt(q).await.ok()?;
+        let [text] = txt.as_slice() else {
+            return None;
+        };
+        self.expand_as(text, domain, Use::Explanation).await
     }
 }
 
-/// Whether `ip` would get `pass` for mail from `domain` (sender `postmaster@domain`, HELO `domain`).
-/// `Err` carries `temperror`/`permerror` causes; see [`SpfEvalError::result`]. `ptr` never matches.
+/// `name` equals `domain` or is a subdomain of it (case-insensitive, trailing dots ignored).
+fn under(name: &str, domain: &str) -> bool {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    name == domain || name.ends_with(&format!(".{domain}"))
+}
+
+/// `check_host()` for an identity (§2.4, §4): the MAIL FROM domain, or `postmaster@` the HELO
+/// name for an empty MAIL FROM; a malformed domain gives `none` without a query (§4.3).
+pub async fn check_host<D: SpfDns + ?Sized>(id: &Identity<'_>, dns: &D) -> Verdict {
+    let (local, domain) = match id.mail_from.rsplit_once('@') {
+        Some((l, d)) => (l, d),
+        None if id.mail_from.is_empty() => ("postmaster", id.helo),
+        None => ("postmaster", id.mail_from),
+    };
+    let local = if local.is_empty() {
+        "postmaster"
+    } else {
+        local
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut eval = Eval {
+        dns,
+        who: Sender {
+            ip: id.ip,
+            sender: format!("{local}@{domain}"),
+            local: local.to_string(),
+            domain: domain.to_string(),
+            helo: id.helo.to_string(),
+            now,
+        },
+        lookups: 0,
+        voids: 0,
+    };
+    let mut verdict = Verdict {
+        result: SpfResult::None,
+        domain: domain.to_string(),
+        matched: None,
+        matched_in: None,
+        lookups: 0,
+        explanation: None,
+        error: None,
+    };
+    match eval.check_host(domain.to_string()).await {
+        Ok(None) => {}
+        Ok(Some(hit)) => {
+            verdict.result = hit.result;
+            verdict.matched = hit.matched;
+            verdict.matched_in = hit.matched_in;
+            if hit.result == SpfResult::Fail {
+                if let Some((d, spec)) = hit.exp {
+                    verdict.explanation = eval.explanation(&d, &spec).await;
+                }
+            }
+        }
+        Err(e) => {
+            verdict.result = e.result();
+            verdict.error = Some(e);
+        }
+    }
+    verdict.lookups = eval.lookups;
+    verdict
+}
+
+/// Whether `ip` would get `pass` for mail from `postmaster@domain` with HELO `domain`.
+/// `Err` carries `temperror`/`permerror` causes; see [`SpfEvalError::result`].
 pub async fn authorizes<D: SpfDns + ?Sized>(
     domain: &str,
     ip: IpAddr,
     dns: &D,
 ) -> Result<Authorization, SpfEvalError> {
-    let mut eval = Eval {
+    let mail_from = format!("postmaster@{domain}");
+    let v = check_host(
+        &Identity {
+            ip,
+            mail_from: &mail_from,
+            helo: domain,
+        },
         dns,
-        ip,
-        sender_domain: domain.to_string(),
-        lookups: 0,
-        voids: 0,
-    };
-    let hit = eval.check_host(domain.to_string()).await?;
-    Ok(match hit {
-        None => Authorization {
-            result: SpfResult::None,
-            matched: None,
-            matched_in: None,
-            lookups: eval.lookups,
-        },
-        Some(h) => Authorization {
-            result: h.result,
-            matched: h.matched,
-            matched_in: h.matched_in,
-            lookups: eval.lookups,
-        },
-    })
+    )
+    .await;
+    match v.error {
+        Some(e) => Err(e),
+        None => Ok(Authorization {
+            result: v.result,
+            matched: v.matched,
+            matched_in: v.matched_in,
+            lookups: v.lookups,
+        }),
+    }
 }
 
 fn cidr_match(ip: IpAddr, candidate: IpAddr, cidr: &DualCidr) -> bool {
@@ -343,7 +569,7 @@ mod tests {
     use mxscope_proto::ErrorClass;
 
     use super::*;
-    use crate::probe::spf::testing::{ip, FakeDns};
+    use crate::testing::{ip, FakeDns};
 
     fn mail_dns() -> FakeDns {
         FakeDns::default()
@@ -505,6 +731,67 @@ mod tests {
             .await
             .expect("evaluates");
         assert_eq!(v.result, SpfResult::Fail);
+    }
+
+    #[tokio::test]
+    async fn ptr_validates_names_and_exp_explains_a_fail() {
+        let dns = FakeDns::default()
+            .spf(
+                "example.com",
+                "v=spf1 ptr:relays.example.com -all exp=why.%{d}",
+            )
+            .spf(
+                "why.example.com",
+                "%{l} from %{c} (%{p}) may not send for %{o} via %{h}",
+            )
+            .ptr("192.0.2.7", &["out.relays.example.com."])
+            .addr("out.relays.example.com", &["192.0.2.7"])
+            .ptr("192.0.2.8", &["forged.relays.example.com"])
+            .addr("forged.relays.example.com", &["198.51.100.1"]);
+        let id = |addr: &'static str| Identity {
+            ip: ip(addr),
+            mail_from: "alice@example.com",
+            helo: "mta.example.net",
+        };
+        let v = check_host(&id("192.0.2.7"), &dns).await;
+        assert_eq!(v.result, SpfResult::Pass);
+        assert_eq!(v.matched.as_deref(), Some("ptr:relays.example.com"));
+        assert_eq!(v.explanation, None);
+        // a PTR name whose addresses do not include the client is not validated
+        let v = check_host(&id("192.0.2.8"), &dns).await;
+        assert_eq!(v.result, SpfResult::Fail);
+        assert_eq!(
+            v.explanation.as_deref(),
+            Some("alice from 192.0.2.8 (unknown) may not send for example.com via mta.example.net")
+        );
+        // an empty MAIL FROM checks postmaster@ the HELO name
+        let v = check_host(
+            &Identity {
+                ip: ip("192.0.2.8"),
+                mail_from: "",
+                helo: "example.com",
+            },
+            &dns,
+        )
+        .await;
+        assert_eq!(
+            (v.result, v.domain.as_str()),
+            (SpfResult::Fail, "example.com")
+        );
+        assert!(v
+            .explanation
+            .is_some_and(|e| e.starts_with("postmaster from")));
+        // a malformed domain is none without any query (§4.3)
+        let v = check_host(
+            &Identity {
+                ip: ip("192.0.2.8"),
+                mail_from: "bob@localhost",
+                helo: "x",
+            },
+            &dns,
+        )
+        .await;
+        assert_eq!((v.result, v.lookups), (SpfResult::None, 0));
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! Test support for the SPF tests: a fake [`SpfDns`] built from literal tables, and small helpers.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use mxscope_proto::ErrorClass;
 
 use super::SpfDns;
-use crate::probe::resolve::DnsError;
+use mxscope_proto::dns::DnsError;
 
 /// A fake DNS built from literal tables; unknown names answer empty (NXDOMAIN), names marked with
 /// [`FakeDns::fail`] fail with `dns_servfail`.
@@ -16,6 +16,7 @@ pub(super) struct FakeDns {
     mx: HashMap<String, Vec<String>>,
     addrs: HashMap<String, Vec<IpAddr>>,
     failing: HashSet<String>,
+    ptr: HashMap<IpAddr, Vec<String>>,
 }
 
 impl FakeDns {
@@ -41,6 +42,14 @@ impl FakeDns {
             .map(|i| i.parse().expect("test address"))
             .collect();
         self.addrs.insert(name.to_string(), ips);
+        self
+    }
+
+    pub(super) fn ptr(mut self, addr: &str, names: &[&str]) -> Self {
+        self.ptr.insert(
+            addr.parse().expect("test address"),
+            names.iter().map(|n| n.to_string()).collect(),
+        );
         self
     }
 
@@ -74,9 +83,32 @@ impl SpfDns for FakeDns {
         Ok(self.mx.get(name).cloned().unwrap_or_default())
     }
 
-    async fn addrs(&self, name: &str) -> Result<Vec<IpAddr>, DnsError> {
+    async fn a(&self, name: &str) -> Result<Vec<Ipv4Addr>, DnsError> {
         self.check(name)?;
-        Ok(self.addrs.get(name).cloned().unwrap_or_default())
+        let all = self.addrs.get(name).cloned().unwrap_or_default();
+        Ok(all
+            .into_iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect())
+    }
+
+    async fn aaaa(&self, name: &str) -> Result<Vec<Ipv6Addr>, DnsError> {
+        self.check(name)?;
+        let all = self.addrs.get(name).cloned().unwrap_or_default();
+        Ok(all
+            .into_iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(v6) => Some(v6),
+                IpAddr::V4(_) => None,
+            })
+            .collect())
+    }
+
+    async fn ptr(&self, ip: IpAddr) -> Result<Vec<String>, DnsError> {
+        Ok(self.ptr.get(&ip).cloned().unwrap_or_default())
     }
 }
 
