@@ -69,7 +69,10 @@ fn crates_depend_only_downwards() {
         ("mxscope-spf", &["mxscope-proto"]),
         ("mxscope-agent", &["mxscope-proto", "mxscope-spf"]),
         ("mxscope-collector", &["mxscope-proto", "mxscope-pki"]),
-        ("mxscope-ctl", &["mxscope-proto", "mxscope-pki", "mxscope-spf"]),
+        (
+            "mxscope-ctl",
+            &["mxscope-proto", "mxscope-pki", "mxscope-spf"],
+        ),
     ];
     for (name, ok) in allowed {
         let deps = graph

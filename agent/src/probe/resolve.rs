@@ -147,8 +147,12 @@ impl Resolver {
         name: &str,
         rtype: hickory_resolver::proto::rr::RecordType,
     ) -> Result<hickory_resolver::lookup::Lookup, DnsError> {
-        let fqdn = fqdn(name);
-        match tokio::time::timeout(self.deadline, self.inner.lookup(fqdn.as_str(), rtype)).await {
+        let qname = raw_name(name).map_err(|e| DnsError {
+            class: ErrorClass::DnsError,
+            name: name.to_string(),
+            detail: format!("bad query name: {e}"),
+        })?;
+        match tokio::time::timeout(self.deadline, self.inner.lookup(qname, rtype)).await {
             Ok(Ok(lookup)) => Ok(lookup),
             Ok(Err(e)) => Err(DnsError {
                 class: classify(&e),
@@ -195,6 +199,21 @@ impl Resolver {
 }
 
 /// The name as an absolute DNS name, so no search domain is ever appended.
+/// `name` as a fully qualified DNS name, its labels taken as raw octets: names that SPF macros
+/// expand to may hold any octet DNS allows (`%`, spaces, `_`), not only host-name characters.
+fn raw_name(
+    name: &str,
+) -> Result<hickory_resolver::proto::rr::Name, hickory_resolver::proto::ProtoError> {
+    let trimmed = name.strip_suffix('.').unwrap_or(name);
+    if trimmed.split('.').any(str::is_empty) {
+        return Err(format!("empty label in {name:?}").into());
+    }
+    let mut n =
+        hickory_resolver::proto::rr::Name::from_labels(trimmed.split('.').map(str::as_bytes))?;
+    n.set_fqdn(true);
+    Ok(n)
+}
+
 fn fqdn(name: &str) -> String {
     if name.ends_with('.') {
         name.to_string()
@@ -508,6 +527,11 @@ mod tests {
     #[test]
     fn names_are_made_absolute() {
         assert_eq!(fqdn("example.test"), "example.test.");
+        let odd = raw_name("macro%percent  space%20url-space.example.com").expect("legal in DNS");
+        assert_eq!(odd.num_labels(), 3);
+        assert!(odd.is_fqdn());
+        assert!(raw_name("a..example.com").is_err());
+        assert!(raw_name(&format!("{}.example.com", "a".repeat(64))).is_err());
         assert_eq!(fqdn("example.test."), "example.test.");
     }
 }
