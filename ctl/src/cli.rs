@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::args;
 use crate::client::{Client, Target};
 use crate::cmd::offline::bounce;
-use crate::cmd::offline::{pki, revoke};
+use crate::cmd::offline::{pki, revoke, spf};
 use crate::cmd::{agents, diagnose, latency, matrix, results, status, target, watch};
 use crate::output::{Format, Report};
 
@@ -84,6 +84,9 @@ pub(crate) enum Command {
     /// Revoke a certificate (by --cert, --serial or --fingerprint) or an agent id in the
     /// collector's revocation list (offline; the collector re-reads it within a second).
     Revoke(revoke::RevokeArgs),
+    /// Evaluate SPF for an address (offline: resolves DNS itself, no collector).
+    #[command(subcommand)]
+    Spf(spf::SpfCommand),
 }
 
 /// Runs the parsed command against the collector and writes its answer to `out`.
@@ -106,6 +109,9 @@ pub(crate) async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     if let Command::Revoke(a) = &cli.command {
         return revoke::run(a, out);
     }
+    if let Command::Spf(cmd) = &cli.command {
+        return spf::run(cmd, cli.format, cli.timeout, out).await;
+    }
     // Arguments that only make sense together are checked before any connection is made.
     if let Command::Target(cmd) = &cli.command {
         cmd.check()?;
@@ -122,6 +128,7 @@ pub(crate) async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Watch(a) => watch::run(&mut client, a, cli.format, out).await,
         Command::Bounce(a) => bounce::run(&a, cli.format, out),
         Command::Revoke(a) => revoke::run(&a, out),
+        Command::Spf(cmd) => spf::run(&cmd, cli.format, cli.timeout, out).await,
         cmd @ (Command::Ca(_) | Command::Enroll(_) | Command::AdminCert(_)) => pki::run(cmd, out),
     }
 }

@@ -455,9 +455,20 @@ fn under(name: &str, domain: &str) -> bool {
 /// `check_host()` for an identity (§2.4, §4): the MAIL FROM domain, or `postmaster@` the HELO
 /// name for an empty MAIL FROM; a malformed domain gives `none` without a query (§4.3).
 pub async fn check_host<D: SpfDns + ?Sized>(id: &Identity<'_>, dns: &D) -> Verdict {
-    let (local, domain) = match id.mail_from.rsplit_once('@') {
+    let domain = match id.mail_from.rsplit_once('@') {
+        Some((_, d)) => d,
+        None if id.mail_from.is_empty() => id.helo,
+        None => id.mail_from,
+    };
+    check_domain(domain, id, dns).await
+}
+
+/// `check_host(ip, domain, sender)` with an explicit `domain` (§4.1): the sender's parts still
+/// come from the identity (`postmaster@<domain>` when MAIL FROM is empty).
+pub async fn check_domain<D: SpfDns + ?Sized>(domain: &str, id: &Identity<'_>, dns: &D) -> Verdict {
+    let (local, sender_domain) = match id.mail_from.rsplit_once('@') {
         Some((l, d)) => (l, d),
-        None if id.mail_from.is_empty() => ("postmaster", id.helo),
+        None if id.mail_from.is_empty() => ("postmaster", domain),
         None => ("postmaster", id.mail_from),
     };
     let local = if local.is_empty() {
@@ -472,9 +483,9 @@ pub async fn check_host<D: SpfDns + ?Sized>(id: &Identity<'_>, dns: &D) -> Verdi
         dns,
         who: Sender {
             ip: id.ip,
-            sender: format!("{local}@{domain}"),
+            sender: format!("{local}@{sender_domain}"),
             local: local.to_string(),
-            domain: domain.to_string(),
+            domain: sender_domain.to_string(),
             helo: id.helo.to_string(),
             now,
         },

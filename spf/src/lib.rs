@@ -15,7 +15,9 @@ use std::pin::Pin;
 
 pub use mxscope_proto::dns::DnsError;
 
-pub use eval::{authorizes, check_host, Authorization, Identity, SpfEvalError, SpfResult, Verdict};
+pub use eval::{
+    authorizes, check_domain, check_host, Authorization, Identity, SpfEvalError, SpfResult, Verdict,
+};
 pub use lookups::{count_lookups, LookupIssue, LookupReport};
 pub use record::{
     parse, select_spf, Directive, DualCidr, Mechanism, Qualifier, SpfParseError, SpfRecord,
