@@ -554,6 +554,7 @@ mod tests {
                 regions: Vec::new(),
                 labels: BTreeMap::new(),
                 require_tls: false,
+                spf_senders: Vec::new(),
             },
             options: CheckOptions::default(),
         }

@@ -369,6 +369,7 @@ async fn agent_probes_while_collector_is_down_and_delivers_later() {
             regions: Vec::new(),
             labels: BTreeMap::new(),
             require_tls: false,
+            spf_senders: Vec::new(),
         },
         options: CheckOptions::default(),
     };

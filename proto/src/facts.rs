@@ -306,12 +306,19 @@ pub mod spf {
     pub const PLUS_ALL: &str = "spf.plus_all";
     pub const RECORD: &str = "spf.record";
     pub const RECORDS: &str = "spf.records";
+    /// How many configured outbound addresses (`spf_senders`) do not get `pass`.
+    pub const SENDERS_UNAUTHORISED: &str = "spf.senders_unauthorised";
     pub const VALID: &str = "spf.valid";
     pub const VOID_LOOKUPS: &str = "spf.void_lookups";
 
     /// Whether one MX address passes SPF: `spf.mx.192.0.2.1`.
     pub fn mx_address(ip: &str) -> String {
         format!("spf.mx.{ip}")
+    }
+
+    /// The result for one configured outbound address (`spf_senders`): `spf.sender.192.0.2.1`.
+    pub fn sender_address(ip: &str) -> String {
+        format!("spf.sender.{ip}")
     }
 }
 

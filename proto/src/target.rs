@@ -3,6 +3,7 @@
 //! pre-flight check all go through [`validate`], so they accept and refuse the same things.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::names::{self, TargetName};
@@ -64,6 +65,10 @@ pub enum TargetError {
     PortForAbsentCheck(String),
     #[error("region '{0}' is not a valid region name ({rule}, e.g. eu-west)", rule = names::LABEL_RULE)]
     BadRegion(String),
+    #[error("spf sender '{0}' is not an IP address")]
+    BadSpfSender(String),
+    #[error("spf_senders are given but the target does not run the spf check")]
+    SpfSendersWithoutSpf,
     #[error(
         "label key '{0}' is not valid (1-63 letters, digits and '-', '_', '.', '/'; e.g. team=mail)"
     )]
@@ -83,6 +88,7 @@ impl TargetError {
             | TargetError::PortForAbsentCheck(_) => "ports",
             TargetError::BadRegion(_) => "regions",
             TargetError::BadLabelKey(_) => "labels",
+            TargetError::BadSpfSender(_) | TargetError::SpfSendersWithoutSpf => "spf_senders",
         }
     }
 }
@@ -101,6 +107,8 @@ pub struct Target {
     pub regions: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub require_tls: bool,
+    /// Outbound addresses the `spf` check evaluates the domain's policy for, de-duplicated.
+    pub spf_senders: Vec<IpAddr>,
 }
 
 impl Target {
@@ -125,6 +133,7 @@ impl Target {
             source: source.to_string(),
             require_tls: self.require_tls,
             kind: self.kind.name().to_string(),
+            spf_senders: self.spf_senders.iter().map(ToString::to_string).collect(),
         }
     }
 }
@@ -226,6 +235,17 @@ pub fn validate_from(
         }
         labels.insert(k.clone(), v.clone());
     }
+    let mut spf_senders: Vec<IpAddr> = Vec::new();
+    for s in &spec.spf_senders {
+        let ip = names::parse_ip_literal(s.trim())
+            .ok_or_else(|| TargetError::BadSpfSender(s.clone()))?;
+        if !spf_senders.contains(&ip) {
+            spf_senders.push(ip);
+        }
+    }
+    if !spf_senders.is_empty() && !checks.contains(&CheckKind::Spf) {
+        return Err(TargetError::SpfSendersWithoutSpf);
+    }
     let target = Target {
         name,
         kind,
@@ -236,6 +256,7 @@ pub fn validate_from(
         regions,
         labels,
         require_tls: spec.require_tls,
+        spf_senders,
     };
     Ok((target, unknown))
 }
@@ -250,6 +271,32 @@ mod tests {
             checks: checks.iter().map(|c| c.to_string()).collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn spf_senders_are_addresses_of_a_target_with_the_spf_check() {
+        let mut s = spec("example.test", &["spf"]);
+        s.spf_senders = vec![
+            "192.0.2.1".into(),
+            "[2001:db8::1]".into(),
+            "192.0.2.1".into(),
+        ];
+        let t = validate(&s).unwrap();
+        assert_eq!(
+            t.spf_senders,
+            vec![
+                "192.0.2.1".parse::<IpAddr>().unwrap(),
+                "2001:db8::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(validate(&t.to_wire("central")).unwrap(), t);
+        s.spf_senders = vec!["mail.example.test".into()];
+        let e = validate(&s).unwrap_err();
+        assert_eq!(e, TargetError::BadSpfSender("mail.example.test".into()));
+        assert_eq!(e.field(), "spf_senders");
+        let mut s = spec("example.test", &["mx"]);
+        s.spf_senders = vec!["192.0.2.1".into()];
+        assert_eq!(validate(&s), Err(TargetError::SpfSendersWithoutSpf));
     }
 
     #[test]

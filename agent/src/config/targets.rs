@@ -48,7 +48,10 @@ impl Target {
             timeout: def.timeout,
             interval: def.interval,
             require_tls: def.require_tls,
-            options: self.options.clone(),
+            options: CheckOptions {
+                spf_senders: def.spf_senders.clone(),
+                ..self.options.clone()
+            },
         }
     }
 
@@ -93,6 +96,7 @@ struct RawTarget {
     cert_warn_days: Option<Spanned<i64>>,
     cert_fail_days: Option<Spanned<i64>>,
     dkim_selectors: Option<Vec<Spanned<String>>>,
+    spf_senders: Option<Vec<Spanned<String>>>,
     dnsbl_zones: Option<Vec<Spanned<String>>>,
     queue_config_dir: Option<Spanned<String>>,
     credentials: Option<Spanned<String>>,
@@ -366,6 +370,12 @@ fn validate_target(
             .collect(),
         kind: kind.name().to_string(),
         require_tls: raw.require_tls.unwrap_or(false),
+        spf_senders: raw
+            .spf_senders
+            .iter()
+            .flatten()
+            .map(|s| s.get_ref().clone())
+            .collect(),
         ..Default::default()
     };
     let def = target::validate(&core).map_err(|e| {

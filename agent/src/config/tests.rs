@@ -251,6 +251,15 @@ checks = ["smtp"]
     assert_eq!(whole[1].options.dkim_selectors, vec!["s1", "s2"]);
     assert_eq!(whole[2].def.kind, TargetKind::Host);
 
+    // spf_senders go through proto's validator and reach the spf check's options
+    let senders =
+        "[[target]]\nname = \"example.test\"\nchecks = [\"spf\"]\nspf_senders = [\"192.0.2.25\"]\n";
+    let t = &parse_targets("t.toml", senders).unwrap()[0];
+    let ip: std::net::IpAddr = "192.0.2.25".parse().unwrap();
+    assert_eq!(t.def.spf_senders, vec![ip]);
+    assert_eq!(t.check_spec(CheckKind::Spf).options.spf_senders, vec![ip]);
+    assert!(parse_targets("t.toml", &senders.replace("192.0.2.25", "nope")).is_err());
+
     // The inline-array form is not split and reads the same.
     let inline = "target = [{ name = \"a.example\", checks = [\"mx\"] }]\n";
     assert_eq!(

@@ -80,6 +80,8 @@ pub struct CheckOptions {
     pub cert_fail_days: u32,
     /// DKIM selectors the `dkim` check reads (`<selector>._domainkey.<domain>`).
     pub dkim_selectors: Vec<String>,
+    /// Outbound addresses the `spf` check evaluates the policy for (the target's `spf_senders`).
+    pub spf_senders: Vec<std::net::IpAddr>,
     /// DNS blocklist zones the `dnsbl` check asks about each MX address.
     pub dnsbl_zones: Vec<String>,
     /// `queue`: Postfix configuration directory (`postqueue -c DIR`); `None` = the default.
@@ -103,6 +105,7 @@ impl Default for CheckOptions {
             cert_warn_days: 14,
             cert_fail_days: 3,
             dkim_selectors: Vec::new(),
+            spf_senders: Vec::new(),
             dnsbl_zones: Vec::new(),
             postfix_config_dir: None,
             postqueue: None,

@@ -108,8 +108,9 @@ fn dns_problem(obs: &mut Observation, what: &str, e: &DnsError) {
     );
 }
 
-/// `spf`: exactly one valid record, the recursive lookup count, `+all`, and whether every MX
-/// address of the domain is authorised by it.
+/// `spf`: exactly one valid record, the recursive lookup count, `+all`, whether every MX
+/// address of the domain is authorised by it, and the result for each configured outbound
+/// address (`spf_senders`).
 pub(crate) async fn spf_check(
     spec: &CheckSpec,
     resolver: &dyn Resolve,
@@ -245,6 +246,46 @@ pub(crate) async fn spf_check(
             format!(
                 "SPF of {domain} does not authorise MX address(es) {}",
                 unauthorised.join(", ")
+            ),
+        );
+    }
+
+    // Is each configured outbound address (`spf_senders`) authorised? A sender that does not
+    // pass is a failure: mail it sends for the domain is refused or marked.
+    let mut refused = Vec::new();
+    for ip in &spec.options.spf_senders {
+        let mail_from = format!("postmaster@{domain}");
+        let verdict = spf::check_host(
+            &spf::Identity {
+                ip: *ip,
+                mail_from: &mail_from,
+                helo: domain,
+            },
+            &view,
+        )
+        .await;
+        let result = verdict.result.name();
+        obs.fact(&facts::spf::sender_address(&ip.to_string()), result);
+        if verdict.result != spf::SpfResult::Pass {
+            let why = match (&verdict.matched, &verdict.error) {
+                (_, Some(e)) => format!("{ip} ({result}: {e})"),
+                (Some(m), None) => format!("{ip} ({result} by {m})"),
+                (None, None) => format!("{ip} ({result})"),
+            };
+            refused.push(why);
+        }
+    }
+    if !spec.options.spf_senders.is_empty() {
+        obs.fact(facts::spf::SENDERS_UNAUTHORISED, refused.len());
+    }
+    if !refused.is_empty() {
+        obs.problem(
+            Outcome::Fail,
+            ErrorClass::Policy,
+            Phase::Resolve,
+            format!(
+                "SPF of {domain} does not authorise outbound address(es) {}",
+                refused.join(", ")
             ),
         );
     }

@@ -90,6 +90,19 @@ pub(crate) struct SpecArgs {
     /// Fail when STARTTLS is missing on 25/587/143/110 (--require-tls=false turns it off).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub require_tls: Option<bool>,
+    /// Outbound addresses the spf check evaluates the policy for, comma-separated; in update,
+    /// replaces the list ('' clears it).
+    #[arg(long, value_name = "IP,IP")]
+    pub spf_senders: Option<String>,
+}
+
+/// The addresses of `--spf-senders`, as typed (the validator checks them).
+fn sender_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// `target add|update --timeout`: refused, so the old spelling does not silently become the RPC
@@ -193,6 +206,11 @@ fn new_spec(a: &AddArgs) -> pb::TargetSpec {
         source: "central".to_string(),
         require_tls: s.require_tls.unwrap_or(false),
         kind: kind.name().to_string(),
+        spf_senders: s
+            .spf_senders
+            .as_deref()
+            .map(sender_list)
+            .unwrap_or_default(),
     }
 }
 
@@ -229,6 +247,9 @@ fn merged(mut spec: pb::TargetSpec, u: &UpdateArgs) -> pb::TargetSpec {
     }
     if let Some(tls) = s.require_tls {
         spec.require_tls = tls;
+    }
+    if let Some(senders) = &s.spf_senders {
+        spec.spf_senders = sender_list(senders);
     }
     spec
 }

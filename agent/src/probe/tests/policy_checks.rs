@@ -35,6 +35,43 @@ async fn spf_good_record_authorises_the_mx() {
 }
 
 #[tokio::test]
+async fn spf_reports_each_configured_outbound_address() {
+    let ctx = context(mail().txt(
+        "example.test",
+        &["v=spf1 mx ip4:192.0.2.0/28 ~ip4:198.51.100.0/24 -all"],
+    ));
+    let mut s = dns_spec("example.test", CheckKind::Spf);
+    s.options.spf_senders = vec![
+        "192.0.2.5".parse().unwrap(),
+        "198.51.100.7".parse().unwrap(),
+        "203.0.113.1".parse().unwrap(),
+    ];
+    let o = one(&ctx, &s).await;
+    let result = |ip: &str| o.fact_of(&format!("spf.sender.{ip}")).cloned();
+    assert_eq!(result("192.0.2.5"), Some(FactValue::Text("pass".into())));
+    assert_eq!(
+        result("198.51.100.7"),
+        Some(FactValue::Text("softfail".into()))
+    );
+    assert_eq!(result("203.0.113.1"), Some(FactValue::Text("fail".into())));
+    assert_eq!(
+        o.fact_of("spf.senders_unauthorised"),
+        Some(&FactValue::Int(2))
+    );
+    assert_eq!(o.outcome, Outcome::Fail, "{}", o.message);
+    assert!(
+        o.message.contains("203.0.113.1 (fail by -all)"),
+        "{}",
+        o.message
+    );
+    // the MX address is still judged on its own
+    assert_eq!(
+        o.fact_of("spf.mx.127.0.0.2"),
+        Some(&FactValue::Text("pass".into()))
+    );
+}
+
+#[tokio::test]
 async fn spf_two_records_plus_all_and_unauthorised_mx() {
     let ctx = context(mail().txt("example.test", &["v=spf1 -all", "v=spf1 +all"]));
     let o = one(&ctx, &dns_spec("example.test", CheckKind::Spf)).await;

@@ -198,7 +198,7 @@ impl SqliteStore {
     /// Adds (`update = false`) or replaces (`update = true`) a central target.
     pub fn put_target(&self, target: Target, update: bool, at_us: i64) -> Pending<()> {
         let fut = self.submit(Op::PutTarget {
-            target,
+            target: Box::new(target),
             update,
             at_us,
         });

@@ -23,6 +23,8 @@ struct Spec {
     ports: BTreeMap<String, u32>,
     require_tls: bool,
     kind: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    spf_senders: Vec<String>,
 }
 
 /// The `spec` JSON of a validated target.
@@ -38,6 +40,7 @@ pub(super) fn to_json(t: &Target) -> Result<String, StoreError> {
         ports: w.ports.into_iter().collect(),
         require_tls: w.require_tls,
         kind: w.kind,
+        spf_senders: w.spf_senders,
     })?)
 }
 
@@ -67,6 +70,7 @@ pub(super) fn from_json(json: &str) -> Result<Stored, StoreError> {
         source: String::new(),
         require_tls: s.require_tls,
         kind: s.kind,
+        spf_senders: s.spf_senders,
     };
     Ok(match target::validate_from(&wire, Source::Collector) {
         Ok((t, unknown)) => {

@@ -69,7 +69,8 @@ pub(crate) enum Op {
         at_us: i64,
     },
     PutTarget {
-        target: Target,
+        /// Boxed: a target is the largest payload and would size every message.
+        target: Box<Target>,
         update: bool,
         at_us: i64,
     },
