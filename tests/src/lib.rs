@@ -3,7 +3,9 @@
 
 pub mod binaries;
 pub mod certs;
+pub mod debroot;
 pub mod dovecot;
+pub mod exim;
 pub mod faults;
 pub mod lab;
 pub mod mxscope;

@@ -2,10 +2,12 @@
 //! Dovecot's LMTP; a second Postfix refuses others (full mailbox, policy); a closed loopback port
 //! gives a delay warning and then the expiry. The bounces land in the sender's Maildir.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use mxscope_tests::binaries::{mxscope_binary, CTL};
 use mxscope_tests::dovecot::{Dovecot, DovecotConfig};
+use mxscope_tests::exim::{Exim, EximConfig};
 use mxscope_tests::lab::write_file;
 use mxscope_tests::net::{free_ports, unique_loopback};
 use mxscope_tests::postfix::{Postfix, PostfixConfig};
@@ -260,5 +262,158 @@ fn postfix_dsns_explained_by_reason_and_soft_or_hard() {
         count("remote", &remote_ip.to_string()),
         Some(2.into()),
         "{out}"
+    );
+}
+
+/// A Postfix standing in for a remote mail server: `remote.test` is its virtual domain with one
+/// mailbox, so an unlisted recipient gets Postfix's own `550 5.1.1 … User unknown in virtual
+/// mailbox table`; `full@` and `policy@` are refused at RCPT with the replies a real server gives.
+fn refusing_remote(lab: &Lab, name: &str) -> Postfix {
+    let access = lab.path().join(format!("{name}-access"));
+    write_file(
+        &access,
+        "full@remote.test 552 5.2.2 Mailbox full\n\
+         policy@remote.test 554 5.7.1 Message refused by local policy\n",
+    )
+    .expect("access map");
+    let mailboxes = lab.path().join(format!("{name}-mailboxes"));
+    write_file(&mailboxes, "someone@remote.test remote.test/someone/\n").expect("mailbox map");
+    let mut cfg = PostfixConfig::new(unique_loopback(), "mx.remote.test");
+    cfg.extra_main_cf = vec![
+        format!(
+            "smtpd_recipient_restrictions = check_recipient_access texthash:{}, permit_mynetworks, reject",
+            access.display()
+        ),
+        "virtual_mailbox_domains = remote.test".into(),
+        format!("virtual_mailbox_maps = texthash:{}", mailboxes.display()),
+    ];
+    Postfix::start(lab, name, cfg).expect("remote postfix")
+}
+
+/// `mxscopectl bounce PATH --format json`, one row per recipient.
+fn explain(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let ctl = mxscope_binary(CTL).expect("mxscopectl");
+    let out = run(
+        &ctl,
+        &[
+            "bounce",
+            path.to_str().expect("utf-8 path"),
+            "--format",
+            "json",
+        ],
+    )
+    .expect("mxscopectl bounce");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("json output");
+    rows.as_array().expect("a list of recipients").clone()
+}
+
+/// Asserts one row per (recipient, action, status, reason, soft/hard) in `expected`, each from
+/// the notice format `mta`; returns the rows.
+fn assert_rows(rows: &[serde_json::Value], mta: &str, expected: &[(&str, &str, &str, &str, &str)]) {
+    assert_eq!(rows.len(), expected.len(), "{rows:#?}");
+    for (rcpt, action, status, reason, severity) in expected {
+        let r = rows
+            .iter()
+            .find(|r| r["recipient"] == *rcpt && r["action"] == *action)
+            .unwrap_or_else(|| panic!("no {action} row for {rcpt}: {rows:#?}"));
+        assert_eq!(r["status"], *status, "{rcpt} {action}: {r}");
+        assert_eq!(r["reason"], *reason, "{rcpt} {action}: {r}");
+        assert_eq!(r["severity"], *severity, "{rcpt} {action}: {r}");
+        assert_eq!(r["mta"], mta, "{r}");
+        assert_eq!(r["source"], "delivery_status", "{r}");
+    }
+}
+
+#[test]
+fn exim_dsns_explained_by_reason_and_soft_or_hard() {
+    let lab = Lab::new("bounce-exim").expect("lab");
+    let ip = unique_loopback();
+    let remote = refusing_remote(&lab, "remote");
+    // nothing listens on `closed`: connections to it are refused
+    let [closed] = free_ports::<1>(ip).expect("a closed port");
+    let exim = Exim::start(
+        &lab,
+        "mail",
+        EximConfig {
+            ip,
+            hostname: "mail.exim.test".into(),
+            domain: "exim.test".into(),
+            routes: vec![
+                ("remote.test".into(), remote.smtp_addr()),
+                ("refused.test".into(), SocketAddr::from((ip, closed))),
+            ],
+            // retry every 2 s, give up after 12 s; one delay warning after 4 s
+            retry: "F,12s,2s".into(),
+            delay_warning: "4s:1h".into(),
+        },
+    )
+    .expect("exim");
+
+    for rcpt in [
+        "nosuchuser@remote.test",
+        "full@remote.test",
+        "policy@remote.test",
+        "someone@refused.test",
+    ] {
+        smtp_send::send(
+            exim.smtp_addr(),
+            "sender@exim.test",
+            rcpt,
+            &format!("Subject: to {rcpt}\n\nhello\n"),
+        )
+        .expect("exim accepts the message");
+    }
+
+    // 3 bounces, the delay warning and the expiry
+    let maildir = exim.maildir();
+    wait_for(
+        "five DSNs in sender's Maildir",
+        Duration::from_secs(90),
+        || Ok((dsns_in(&maildir.join("new")).len() >= 5).then_some(())),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}\nexim:\n{}\nremote:\n{}",
+            exim.log_tail(),
+            remote.maillog_tail()
+        )
+    });
+
+    let rows = explain(&maildir);
+    assert_rows(
+        &rows,
+        "exim",
+        &[
+            (
+                "nosuchuser@remote.test",
+                "failed",
+                "5.1.1",
+                "user_unknown",
+                "hard",
+            ),
+            (
+                "full@remote.test",
+                "failed",
+                "5.2.2",
+                "mailbox_full",
+                "soft",
+            ),
+            ("policy@remote.test", "failed", "5.7.1", "policy", "hard"),
+            // Exim's warning names no cause: `Status: 4.0.0` and no Diagnostic-Code
+            ("someone@refused.test", "delayed", "4.0.0", "other", "soft"),
+            // `Status: 5.0.0`, "retry timeout exceeded"
+            ("someone@refused.test", "failed", "5.0.0", "expired", "soft"),
+        ],
+    );
+    let full = rows
+        .iter()
+        .find(|r| r["recipient"] == "full@remote.test")
+        .expect("full row");
+    assert_eq!(full["reporting_mta"], "mail.exim.test", "{full}");
+    assert!(
+        full["diagnostic"]
+            .as_str()
+            .is_some_and(|d| d.contains("552 5.2.2")),
+        "{full}"
     );
 }
