@@ -11,6 +11,7 @@ pub mod lab;
 pub mod mxscope;
 pub mod net;
 pub mod netlab;
+pub mod netns;
 pub mod nginx;
 pub mod nsd;
 pub mod postfix;

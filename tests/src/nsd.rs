@@ -155,8 +155,8 @@ impl Nsd {
     }
 
     /// Starts nsd serving `zones` on `addr`, inside network namespace `netns` when given (the
-    /// lab's mail host: `198.18.0.2:53`). Readiness is checked with `dig` from this process, so
-    /// `addr` must be reachable from here.
+    /// lab's mail host: `198.18.0.2:53`). Readiness is checked with `dig` run in the same
+    /// namespace; [`Nsd::query`] runs here, so it needs `addr` routed to from this process.
     pub fn start_at(
         lab: &Lab,
         zones: &[Zone],
@@ -199,7 +199,7 @@ impl Nsd {
                     read_tail(&dir.join("nsd.log"))
                 );
             }
-            Ok(dig_short(&dig, addr, zone, "SOA")
+            Ok(dig_short(&dig, addr, zone, "SOA", netns)
                 .ok()
                 .filter(|a| !a.trim().is_empty())
                 .map(|_| ()))
@@ -230,7 +230,7 @@ impl Nsd {
     /// Queries this server with `dig +short` (for assertions in tests).
     pub fn query(&self, name: &str, rtype: &str) -> Result<String> {
         let dig = system_tool("dig", "bind9-dnsutils")?;
-        dig_short(&dig, self.addr, name, rtype)
+        dig_short(&dig, self.addr, name, rtype, None)
     }
 }
 
@@ -267,8 +267,24 @@ fn render_config(dir: &Path, addr: SocketAddr, zones: &[Zone]) -> String {
     conf
 }
 
-fn dig_short(dig: &Path, server: SocketAddr, name: &str, rtype: &str) -> Result<String> {
-    let out = std::process::Command::new(dig)
+/// `dig +short`, run inside `netns` when given (the server's addresses need not be routed to
+/// from here).
+fn dig_short(
+    dig: &Path,
+    server: SocketAddr,
+    name: &str,
+    rtype: &str,
+    netns: Option<&str>,
+) -> Result<String> {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = std::process::Command::new(system_tool("ip", "iproute2")?);
+            c.args(["netns", "exec", ns]).arg(dig);
+            c
+        }
+        None => std::process::Command::new(dig),
+    };
+    let out = cmd
         .args([
             &format!("@{}", server.ip()),
             "-p",

@@ -168,10 +168,14 @@ impl Postfix {
                 // lab_smoke checks the TLS greeting with openssl.
                 return Ok(crate::net::is_listening(addr).then_some(()));
             }
-            Ok(read_greeting(addr, Duration::from_secs(2))
-                .ok()
-                .filter(|l| l.starts_with("220"))
-                .map(|_| ()))
+            let greeting = match &self.netns {
+                // from inside the namespace: its addresses need not be routed to from here
+                Some(ns) => crate::netns::in_netns(ns, move || {
+                    read_greeting(addr, Duration::from_secs(2)).ok()
+                })?,
+                None => read_greeting(addr, Duration::from_secs(2)).ok(),
+            };
+            Ok(greeting.filter(|l| l.starts_with("220")).map(|_| ()))
         });
         res.with_context(|| format!("postfix maillog:\n{}", self.maillog_tail()))
     }

@@ -2,15 +2,18 @@
 //! Dovecot's LMTP; a second Postfix refuses others (full mailbox, policy); a closed loopback port
 //! gives a delay warning and then the expiry. The bounces land in the sender's Maildir.
 
-use std::net::SocketAddr;
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use mxscope_tests::binaries::{mxscope_binary, CTL};
+use mxscope_tests::binaries::{mxscope_binary, system_tool, CTL};
 use mxscope_tests::dovecot::{Dovecot, DovecotConfig};
 use mxscope_tests::exim::{Exim, EximConfig};
-use mxscope_tests::lab::write_file;
+use mxscope_tests::lab::{chown_to_user, user_ids, write_file};
 use mxscope_tests::net::{free_ports, unique_loopback};
-use mxscope_tests::postfix::{Postfix, PostfixConfig};
+use mxscope_tests::netns::Netns;
+use mxscope_tests::nsd::{MailZone, Nsd};
+use mxscope_tests::postfix::{Postfix, PostfixConfig, PostfixPorts};
 use mxscope_tests::process::run;
 use mxscope_tests::wait::wait_for;
 use mxscope_tests::{smtp_send, Lab};
@@ -415,5 +418,88 @@ fn exim_dsns_explained_by_reason_and_soft_or_hard() {
             .as_str()
             .is_some_and(|d| d.contains("552 5.2.2")),
         "{full}"
+    );
+}
+
+#[test]
+fn postfix_dsn_for_an_unresolvable_domain_is_host_unknown() {
+    let lab = Lab::new("bounce-nxdomain").expect("lab");
+    // the namespace resolves only through the nsd started in it, authoritative for `test.`:
+    // `gone.test` gets NXDOMAIN, and no query leaves the namespace
+    let ns = Netns::create("bounce", "nameserver 127.0.0.1\n").expect("network namespace");
+    let dns = SocketAddr::from((Ipv4Addr::LOCALHOST, 53));
+    let _nsd = Nsd::start_at(&lab, &[MailZone::new("test").build()], dns, Some(ns.name()))
+        .expect("nsd in the namespace");
+
+    // bounces for sender@bounce.test go to a Maildir through Postfix's own virtual agent
+    let vmail = lab.subdir("vmail").expect("mail dir");
+    chown_to_user(&vmail, "postfix").expect("chown mail dir");
+    let (uid, gid) = user_ids("postfix").expect("postfix user");
+    let mailboxes = lab.path().join("mailboxes");
+    write_file(&mailboxes, "sender@bounce.test sender/Maildir/\n").expect("mailbox map");
+    let mut cfg = PostfixConfig::new(Ipv4Addr::LOCALHOST, "mail.bounce.test").in_netns(
+        ns.name(),
+        PostfixPorts {
+            smtp: 25,
+            submission: 587,
+            smtps: None,
+        },
+    );
+    cfg.extra_main_cf = vec![
+        // the real lookups: MX, then A, through the namespace's resolv.conf
+        "smtp_dns_support_level = enabled".into(),
+        "virtual_mailbox_domains = bounce.test".into(),
+        format!("virtual_mailbox_base = {}", vmail.display()),
+        format!("virtual_mailbox_maps = texthash:{}", mailboxes.display()),
+        format!("virtual_uid_maps = static:{uid}"),
+        format!("virtual_gid_maps = static:{gid}"),
+    ];
+    let pf = Postfix::start(&lab, "mail", cfg).expect("postfix in the namespace");
+
+    let sendmail = system_tool("sendmail", "postfix").expect("postfix's sendmail");
+    let mut child = std::process::Command::new(&sendmail)
+        .arg("-C")
+        .arg(pf.config_dir())
+        .args(["-f", "sender@bounce.test", "someone@gone.test"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("start sendmail");
+    child
+        .stdin
+        .take()
+        .expect("sendmail stdin")
+        .write_all(
+            b"From: sender@bounce.test\nTo: someone@gone.test\nSubject: to nowhere\n\nhello\n",
+        )
+        .expect("write the message");
+    let status = child.wait().expect("sendmail exits");
+    assert!(status.success(), "sendmail: {status}");
+
+    let new = vmail.join("sender/Maildir/new");
+    wait_for(
+        "the bounce in sender's Maildir",
+        Duration::from_secs(60),
+        || Ok((!dsns_in(&new).is_empty()).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\npostfix:\n{}", pf.maillog_tail()));
+
+    let rows = explain(&new);
+    assert_rows(
+        &rows,
+        "postfix",
+        &[(
+            "someone@gone.test",
+            "failed",
+            "5.4.4",
+            "host_unknown",
+            "hard",
+        )],
+    );
+    let r = &rows[0];
+    assert!(
+        r["diagnostic"]
+            .as_str()
+            .is_some_and(|d| d.contains("Host or domain name not found")),
+        "{r}"
     );
 }
