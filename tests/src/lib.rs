@@ -14,6 +14,7 @@ pub mod netlab;
 pub mod netns;
 pub mod nginx;
 pub mod nsd;
+pub mod opensmtpd;
 pub mod postfix;
 pub mod probes;
 pub mod process;

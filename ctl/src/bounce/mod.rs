@@ -248,6 +248,7 @@ fn parse_message(text: &str, depth: usize) -> Result<BounceReport, BounceError> 
                     text.push('\n');
                     text.push_str(&b.text);
                 }
+                expiry_reported_as_delay(r);
                 r.explain(&text);
             }
             return Ok(finish(report(
@@ -327,6 +328,17 @@ fn parse_message(text: &str, depth: usize) -> Result<BounceReport, BounceError> 
         None,
         recipients,
     )))
+}
+
+/// `Action: delayed` with `x.4.7` (delivery time expired) is a failure: the sender has given
+/// up and dropped the message. OpenSMTPD 6.8 words its expiry notices as delays ("Envelope
+/// expired", "only a temporary failure report") although the envelope is gone.
+fn expiry_reported_as_delay(r: &mut RecipientReport) {
+    if r.action == Some(Action::Delayed)
+        && r.status.is_some_and(|s| (s.subject, s.detail) == (4, 7))
+    {
+        r.action = Some(Action::Failed);
+    }
 }
 
 /// Takes a more specific code, the reply and the remote host from the prose block.
@@ -595,6 +607,40 @@ mod tests {
         assert_eq!(r.recipients[0].permanence, Some(Permanence::Temporary));
         assert_eq!(r.recipients[1].status, status("4.4.2"));
         assert_eq!(r.recipients[1].meaning, Some("bad connection"));
+    }
+
+    /// Trimmed from a real OpenSMTPD 6.8.0p2 notice (tests/tests/bounce.rs makes them).
+    fn opensmtpd_notice(prose: &str, status: &str) -> String {
+        format!(
+            "Subject: Delivery status notification: delayed\nFrom: Mailer Daemon <MAILER-DAEMON@vm>\n\
+             MIME-Version: 1.0\nContent-Type: multipart/mixed;boundary=\"b/vm\"\n\n\
+             This is a MIME-encapsulated message.\n\n--b/vm\nContent-Description: Notification\n\
+             Content-Type: text/plain; charset=us-ascii\n\n    Hi!\n\n    This is the MAILER-DAEMON, please DO NOT REPLY to this email.\n\n\
+             \x20   A message is delayed for more than 4 seconds for the following\n    list of recipients:\n\n\
+             someone@refused.test: {prose}\n\n    Please note that this is only a temporary failure report.\n\n\
+             --b/vm\nContent-Description: Delivery Report\nContent-Type: message/delivery-status\n\n\
+             Reporting-MTA: dns; vm\n\nFinal-Recipient: rfc822; someone@refused.test\nAction: delayed\n\
+             Status: {status}\n\n--b/vm--\n"
+        )
+    }
+
+    #[test]
+    fn opensmtpd_expiry_worded_as_a_delay_is_a_failure() {
+        let r = parse(opensmtpd_notice("Envelope expired", "4.4.7").as_bytes()).expect("parses");
+        assert_eq!(r.mta, Some(Mta::OpenSmtpd));
+        assert_eq!(r.kind, Kind::Bounce);
+        let x = r.recipients.first().expect("one recipient");
+        assert_eq!(x.action, Some(Action::Failed));
+        assert_eq!(x.reason, Reason::Expired);
+        assert_eq!(x.severity, Some(Severity::Soft));
+
+        // its real delay warning stays a delay, explained by the prose
+        let r = parse(opensmtpd_notice("Network error on destination MXs", "4.0.0").as_bytes())
+            .expect("parses");
+        assert_eq!(r.kind, Kind::Delay);
+        let x = r.recipients.first().expect("one recipient");
+        assert_eq!(x.action, Some(Action::Delayed));
+        assert_eq!(x.reason, Reason::Network);
     }
 
     #[test]

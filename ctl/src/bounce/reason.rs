@@ -408,6 +408,8 @@ pub const WORDING: &[(Reason, &[&str])] = &[
     (
         Reason::Network,
         &[
+            // OpenSMTPD: "Network error on destination MXs"
+            "network error",
             "connection refused",
             "connection timed out",
             "timed out",
