@@ -448,6 +448,56 @@ impl LabCollector {
     }
 }
 
+/// What a lab test queries (the collector, as an admin) and prints when a wait runs out (the
+/// logs of the collector and of `procs`).
+#[derive(Debug)]
+pub struct LabQuery<'a> {
+    pub collector: &'a LabCollector,
+    pub admin: &'a ClientCert,
+    pub procs: Vec<&'a Proc>,
+    /// How long [`LabQuery::await_json`] waits.
+    pub settle: Duration,
+}
+
+impl LabQuery<'_> {
+    /// `mxscopectl ARGS… --format json`, parsed.
+    pub fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        self.collector.ctl_json(self.admin, args)
+    }
+
+    /// Polls `args` until `pick` returns `Some`; on timeout panics with the last answer and logs.
+    pub fn await_json<T>(
+        &self,
+        what: &str,
+        args: &[&str],
+        mut pick: impl FnMut(&serde_json::Value) -> Option<T>,
+    ) -> T {
+        let mut last = String::from("(no answer yet)");
+        let res = wait_for(what, self.settle, || {
+            match self.json(args) {
+                Ok(v) => {
+                    if let Some(t) = pick(&v) {
+                        return Ok(Some(t));
+                    }
+                    last = serde_json::to_string_pretty(&v).unwrap_or_default();
+                }
+                Err(e) => last = format!("{e:#}"),
+            }
+            Ok(None)
+        });
+        res.unwrap_or_else(|e| panic!("{e}\nlast answer of {args:?}:\n{last}\n{}", self.logs()))
+    }
+
+    /// The tails of the collector's and the other processes' logs.
+    pub fn logs(&self) -> String {
+        let mut s = format!("collector log:\n{}\n", self.collector.proc.log_tail(30));
+        for p in &self.procs {
+            s += &format!("{} log:\n{}\n", p.name(), p.log_tail(15));
+        }
+        s
+    }
+}
+
 /// What an agent in a region runs.
 #[derive(Debug, Clone)]
 pub struct LabAgentOptions {

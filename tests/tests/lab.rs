@@ -15,13 +15,11 @@ use mxscope_tests::certs::TestCa;
 use mxscope_tests::dovecot::{Dovecot, DovecotConfig, DovecotPorts};
 use mxscope_tests::net::is_listening;
 use mxscope_tests::netlab::{
-    pki_for, require_prerequisites, start_agent, LabAgentOptions, LabCollector, NetLab,
+    pki_for, require_prerequisites, start_agent, LabAgentOptions, LabCollector, LabQuery, NetLab,
 };
 use mxscope_tests::nsd::{MailZone, Nsd};
 use mxscope_tests::postfix::{Postfix, PostfixConfig, PostfixPorts};
-use mxscope_tests::process::{run, Proc};
-use mxscope_tests::tls::ClientCert;
-use mxscope_tests::wait::wait_for;
+use mxscope_tests::process::run;
 use mxscope_tests::Lab;
 use serde_json::Value;
 
@@ -42,49 +40,17 @@ fn dovecot_ports() -> DovecotPorts {
     }
 }
 
-/// Everything a query needs, and what to print when a wait runs out.
-struct World<'a> {
-    collector: &'a LabCollector,
-    admin: &'a ClientCert,
-    agents: &'a [Proc],
+/// The lab's queries, with this test's matrix lookup on top.
+struct World<'a>(LabQuery<'a>);
+
+impl<'a> std::ops::Deref for World<'a> {
+    type Target = LabQuery<'a>;
+    fn deref(&self) -> &LabQuery<'a> {
+        &self.0
+    }
 }
 
 impl World<'_> {
-    fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
-        self.collector.ctl_json(self.admin, args)
-    }
-
-    /// Polls `args` until `pick` returns `Some`; on timeout panics with the last answer and logs.
-    fn await_json<T>(
-        &self,
-        what: &str,
-        args: &[&str],
-        mut pick: impl FnMut(&Value) -> Option<T>,
-    ) -> T {
-        let mut last = String::from("(no answer yet)");
-        let res = wait_for(what, SETTLE, || {
-            match self.json(args) {
-                Ok(v) => {
-                    if let Some(t) = pick(&v) {
-                        return Ok(Some(t));
-                    }
-                    last = serde_json::to_string_pretty(&v).unwrap_or_default();
-                }
-                Err(e) => last = format!("{e:#}"),
-            }
-            Ok(None)
-        });
-        res.unwrap_or_else(|e| panic!("{e}\nlast answer of {args:?}:\n{last}\n{}", self.logs()))
-    }
-
-    fn logs(&self) -> String {
-        let mut s = format!("collector log:\n{}\n", self.collector.proc.log_tail(30));
-        for a in self.agents {
-            s += &format!("{} log:\n{}\n", a.name(), a.log_tail(15));
-        }
-        s
-    }
-
     /// The matrix row of `DOMAIN` for `check`.
     fn matrix_row(&self, check: &str, metric: &str) -> anyhow::Result<Option<Value>> {
         let v = self.json(&[
@@ -234,11 +200,12 @@ fn lab_regions_latency_reachability_and_diagnosis() {
         };
         agents.push(start_agent(&agent_dir, &opts).expect("agent in its region"));
     }
-    let world = World {
+    let world = World(LabQuery {
         collector: &collector,
         admin: &admin,
-        agents: &agents,
-    };
+        procs: agents.iter().collect(),
+        settle: SETTLE,
+    });
 
     // 1. Latency: connect medians per region follow the injected RTTs.
     let region_names: Vec<String> = regions.iter().map(|r| r.name.clone()).collect();

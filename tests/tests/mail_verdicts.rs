@@ -16,14 +16,12 @@ use std::time::Duration;
 use mxscope_tests::certs::{TestCa, Validity};
 use mxscope_tests::net::read_greeting;
 use mxscope_tests::netlab::{
-    pki_for, require_prerequisites, start_agent, LabAgentOptions, LabCollector, NetLab,
+    pki_for, require_prerequisites, start_agent, LabAgentOptions, LabCollector, LabQuery, NetLab,
 };
 use mxscope_tests::nsd::{MailZone, Nsd, Zone};
 use mxscope_tests::postfix::{Postfix, PostfixConfig, PostfixPorts};
 use mxscope_tests::process::Proc;
 use mxscope_tests::smtp_fixup::SmtpFixup;
-use mxscope_tests::tls::ClientCert;
-use mxscope_tests::wait::wait_for;
 use mxscope_tests::Lab;
 use serde_json::Value;
 
@@ -103,48 +101,17 @@ fn smtp_ports() -> PostfixPorts {
     }
 }
 
-struct World<'a> {
-    collector: &'a LabCollector,
-    admin: &'a ClientCert,
-    procs: Vec<&'a Proc>,
+/// The lab's queries, with this test's waits on top.
+struct World<'a>(LabQuery<'a>);
+
+impl<'a> std::ops::Deref for World<'a> {
+    type Target = LabQuery<'a>;
+    fn deref(&self) -> &LabQuery<'a> {
+        &self.0
+    }
 }
 
 impl World<'_> {
-    fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
-        self.collector.ctl_json(self.admin, args)
-    }
-
-    /// Polls `args` until `pick` returns `Some`; on timeout panics with the last answer and logs.
-    fn await_json<T>(
-        &self,
-        what: &str,
-        args: &[&str],
-        mut pick: impl FnMut(&Value) -> Option<T>,
-    ) -> T {
-        let mut last = String::from("(no answer yet)");
-        let res = wait_for(what, SETTLE, || {
-            match self.json(args) {
-                Ok(v) => {
-                    if let Some(t) = pick(&v) {
-                        return Ok(Some(t));
-                    }
-                    last = serde_json::to_string_pretty(&v).unwrap_or_default();
-                }
-                Err(e) => last = format!("{e:#}"),
-            }
-            Ok(None)
-        });
-        res.unwrap_or_else(|e| panic!("{e}\nlast answer of {args:?}:\n{last}\n{}", self.logs()))
-    }
-
-    fn logs(&self) -> String {
-        let mut s = format!("collector log:\n{}\n", self.collector.proc.log_tail(30));
-        for p in &self.procs {
-            s += &format!("{} log:\n{}\n", p.name(), p.log_tail(15));
-        }
-        s
-    }
-
     /// The newest smtp result of `domain` from `region` whose facts satisfy `pick`.
     fn await_result(
         &self,
@@ -440,11 +407,12 @@ fn mail_verdicts_follow_delivery_and_name_root_causes() {
     }
     let mut procs: Vec<&Proc> = agents.iter().collect();
     procs.push(&fixup.proc);
-    let world = World {
+    let world = World(LabQuery {
         collector: &collector,
         admin: &admin,
         procs,
-    };
+        settle: SETTLE,
+    });
 
     // Raw facts: what each region's path really did.
     let alt = world.await_result(
