@@ -9,6 +9,16 @@ pub mod address {
     /// The address (or failed lookup) came from expanding a mail domain through its MX records
     /// (or its implicit MX): port 25 of it is judged as mail delivery.
     pub const VIA_MX: &str = "address.via_mx";
+
+    /// True when a result's fact `key` (a flag `value`, or any value for the MX preference) marks
+    /// its endpoint as one of a domain's MX expansion.
+    pub fn marks_mx_expansion(key: &str, flag: Option<bool>) -> bool {
+        match key {
+            VIA_MX | super::mx::IMPLICIT | super::mx::NULL => flag == Some(true),
+            super::mx::PREFERENCE => true,
+            _ => false,
+        }
+    }
 }
 
 /// About the result itself.

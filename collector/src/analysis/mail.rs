@@ -29,10 +29,9 @@ pub fn endpoint_parts(label: &str) -> (&str, Option<&str>) {
 /// True when the view comes from the MX expansion of a domain (the agent records the MX
 /// preference, the implicit MX or the null MX on such results).
 pub fn via_mx(v: &SeriesView) -> bool {
-    flag(v, facts::address::VIA_MX)
-        || v.facts.contains_key(facts::mx::PREFERENCE)
-        || flag(v, facts::mx::IMPLICIT)
-        || flag(v, facts::mx::NULL)
+    v.facts
+        .iter()
+        .any(|(k, value)| facts::address::marks_mx_expansion(k, value.parse::<bool>().ok()))
 }
 
 fn flag(v: &SeriesView, key: &str) -> bool {

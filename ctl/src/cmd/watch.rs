@@ -157,6 +157,7 @@ mod tests {
             at_us: 1_700_000_000_000_000,
             error_class: "timeout".into(),
             level: "endpoint".into(),
+            via_mx: true,
         }
     }
 

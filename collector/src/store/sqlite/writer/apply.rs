@@ -573,6 +573,13 @@ pub(super) fn store_results(
                 at_us: r.start_us,
                 error_class: r.error_class.to_string(),
                 level: "endpoint".to_string(),
+                via_mx: r.facts.iter().any(|f| {
+                    let flag = match f.value {
+                        Some(mxscope_proto::raw::FactValue::Flag(b)) => Some(b),
+                        _ => None,
+                    };
+                    mxscope_proto::facts::address::marks_mx_expansion(f.key, flag)
+                }),
             });
         }
         ctx.req.stored += 1;
