@@ -29,3 +29,18 @@ pub enum ConfigError {
     #[error("{file}: {message}")]
     Credentials { file: String, message: String },
 }
+
+/// An error and its sources joined by ": " (tonic's bare "transport error" says nothing alone).
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = e.source();
+    }
+    out
+}

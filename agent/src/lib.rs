@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod credentials;
+pub mod enrol;
 pub mod error;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -55,6 +56,25 @@ pub fn probe_context(
         credentials: Arc::new(config.credentials.clone()),
         fanout: config.fanout,
     }
+}
+
+/// The renewal state of an enrolled agent (state directory and mTLS), `None` otherwise.
+fn renewal(config: &AgentConfig) -> Option<Arc<enrol::Renewal>> {
+    let (dir, tls) = (config.state_dir.as_ref()?, config.collector_tls.clone()?);
+    let dir = enrol::StateDir::new(dir);
+    let held = match dir.load() {
+        Ok(Some(held)) => held,
+        Ok(None) => return None,
+        Err(e) => {
+            warn!(error = %e, "cannot read the certificate for renewal; it will not be renewed");
+            return None;
+        }
+    };
+    Some(Arc::new(enrol::Renewal {
+        renew_at: std::sync::Mutex::new(held.renew_at()),
+        tls: std::sync::Mutex::new(tls),
+        dir,
+    }))
 }
 
 /// Runs the agent with the real probes until `shutdown`.
@@ -124,6 +144,7 @@ pub async fn run_with(
             local_targets: targets,
             tls: config.collector_tls.clone(),
         },
+        renewal: renewal(&config),
         spool: spool.clone(),
         schedule: schedule_tx,
         drain: DRAIN,

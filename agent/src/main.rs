@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use mxscope_agent::config::{log_filter, AgentConfig, Flags, LogFormat};
+use mxscope_agent::enrol::{self, StateDir};
 use mxscope_agent::probe::resolve::ResolverConfig;
 use mxscope_agent::probe::Resolver;
 use tokio_util::sync::CancellationToken;
@@ -19,22 +20,8 @@ const MAX_WORKERS: usize = 2;
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
-    let flags = Flags::parse();
+    let mut flags = Flags::parse();
     init_tracing(flags.log_format);
-    let config = match AgentConfig::from_flags(flags) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("mxscope-agent: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let roots = match mxscope_agent::trust::probe_roots(config.ca_file.as_deref()) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("mxscope-agent: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(MAX_WORKERS);
@@ -49,6 +36,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = runtime.block_on(use_state_dir(&mut flags)) {
+        eprintln!("mxscope-agent: {e}");
+        return ExitCode::from(2);
+    }
+    let config = match AgentConfig::from_flags(flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mxscope-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let roots = match mxscope_agent::trust::probe_roots(config.ca_file.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mxscope-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match runtime.block_on(serve(config, roots)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -56,6 +61,43 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// With `--state-dir`: the identity kept there (enrolling first with `--enroll` when there is
+/// none yet) becomes the agent's id, region and mTLS files.
+async fn use_state_dir(flags: &mut Flags) -> anyhow::Result<()> {
+    let Some(dir) = flags.state_dir.clone() else {
+        return Ok(());
+    };
+    let dir = StateDir::new(dir);
+    let held = enrol::prepare(
+        &flags.collector,
+        flags.enroll.as_deref(),
+        flags.id.as_deref(),
+        flags.region.as_deref(),
+        &dir,
+    )
+    .await?;
+    for (flag, given, held) in [
+        ("id", &flags.id, &held.id),
+        ("region", &flags.region, &held.region),
+    ] {
+        if let Some(given) = given.as_ref().filter(|g| *g != held) {
+            anyhow::bail!(
+                "--{flag} {given} differs from the certificate in --state-dir {} ({flag} {held}); \
+                 drop --{flag}, or use another --state-dir for another agent",
+                dir.dir.display()
+            );
+        }
+    }
+    flags.id = Some(held.id);
+    flags.region = Some(held.region);
+    flags.tls_cert = Some(dir.cert());
+    flags.tls_key = Some(dir.key());
+    if flags.collector_ca.is_none() {
+        flags.collector_ca = Some(dir.ca());
+    }
+    Ok(())
 }
 
 async fn serve(config: AgentConfig, roots: rustls::RootCertStore) -> anyhow::Result<()> {

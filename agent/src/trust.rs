@@ -60,6 +60,15 @@ impl std::fmt::Debug for CollectorTls {
 }
 
 impl CollectorTls {
+    /// Our certificate and key, and the collector's CA (PEM texts).
+    pub fn from_pems(cert_pem: Vec<u8>, key_pem: Vec<u8>, ca_pem: Option<Vec<u8>>) -> CollectorTls {
+        CollectorTls {
+            cert_pem,
+            key_pem,
+            ca_pem,
+        }
+    }
+
     /// The tonic client configuration: our certificate, and the collector CA or the web PKI roots.
     pub fn client_config(&self) -> tonic::transport::ClientTlsConfig {
         use tonic::transport::{Certificate, ClientTlsConfig, Identity};

@@ -54,7 +54,14 @@ pub enum UplinkError {
     Protocol(&'static str),
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// The certificate was renewed and every batch sent with the old one is acked: the next
+    /// session uses the new one, at once.
+    #[error("certificate renewed")]
+    Renewed,
 }
+
+/// How long after a refused or failed renewal the agent asks again.
+const RENEW_RETRY: Duration = Duration::from_secs(30);
 
 /// Who this agent is, as told in Hello.
 #[derive(Debug, Clone)]
@@ -69,20 +76,7 @@ pub struct Identity {
     pub tls: Option<crate::trust::CollectorTls>,
 }
 
-/// An error and its sources joined by ": " (tonic's bare "transport error" says nothing alone).
-pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let text = e.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = e.source();
-    }
-    out
-}
+pub use crate::error::chain;
 
 /// Capped exponential backoff with jitter: 0.5 s doubling to 30 s, each wait drawn from [d/2, d].
 #[derive(Debug, Clone)]
@@ -121,6 +115,8 @@ impl Backoff {
 /// The uplink task.
 pub struct Uplink {
     pub identity: Identity,
+    /// An enrolled agent's certificate renewal (its mTLS settings are then taken from here).
+    pub renewal: Option<Arc<crate::enrol::Renewal>>,
     pub spool: SpoolHandle,
     /// Latest central schedule, for the scheduler.
     pub schedule: watch::Sender<Option<pb::Schedule>>,
@@ -160,6 +156,11 @@ impl Uplink {
             };
             match result {
                 Ok(()) => return,
+                Err(UplinkError::Renewed) => {
+                    info!(collector = %self.identity.collector, "reconnecting with the renewed certificate");
+                    backoff.reset();
+                    continue;
+                }
                 Err(e) if deadline.is_cancelled() => {
                     warn!(collector = %self.identity.collector, error = %chain(&e), unsent = self.spool.depth(),
                         "shutdown deadline reached with results not acked, they stay in the spool");
@@ -191,6 +192,27 @@ impl Uplink {
         }
     }
 
+    /// Keeps a renewed certificate; `true` when the session should now drain and reconnect.
+    fn renewed(&self, renewal: &crate::enrol::Renewal, key: &str, r: pb::Renewed) -> bool {
+        if !r.error.is_empty() || r.cert_pem.is_empty() {
+            warn!(error = %r.error, retry_in_s = RENEW_RETRY.as_secs(), "the collector did not renew the certificate");
+            renewal.retry_in(RENEW_RETRY);
+            return false;
+        }
+        match renewal.install(key, &r.cert_pem) {
+            Ok(next) => {
+                info!(cert.serial = %r.serial, next_renewal = %humantime::format_rfc3339_seconds(next),
+                    "certificate renewed; reconnecting with it once the batches in flight are acked");
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in_s = RENEW_RETRY.as_secs(), "cannot keep the renewed certificate");
+                renewal.retry_in(RENEW_RETRY);
+                false
+            }
+        }
+    }
+
     fn hello(&self) -> pb::AgentMessage {
         pb::AgentMessage {
             msg: Some(Up::Hello(pb::Hello {
@@ -217,7 +239,11 @@ impl Uplink {
         welcomed_at: &mut Option<Instant>,
     ) -> Result<(), UplinkError> {
         let mut endpoint = Endpoint::from_shared(self.identity.collector.clone())?;
-        if let Some(tls) = &self.identity.tls {
+        let tls = match &self.renewal {
+            Some(r) => Some(r.current_tls()),
+            None => self.identity.tls.clone(),
+        };
+        if let Some(tls) = &tls {
             endpoint = endpoint.tls_config(tls.client_config())?;
         }
         let channel = endpoint
@@ -257,7 +283,25 @@ impl Uplink {
         // When the oldest unsent result may go in a partial batch; the backlog found at connect
         // goes at once.
         let mut send_after: Option<Instant> = Some(Instant::now());
+        // The key of a renewal asked for and not yet answered; set `draining` once the new
+        // certificate is kept: nothing more is sent, and the session ends when all is acked.
+        let mut renewing: Option<String> = None;
+        let mut draining = false;
         loop {
+            if draining && in_flight.is_empty() {
+                return Err(UplinkError::Renewed);
+            }
+            let renew_due = self
+                .renewal
+                .as_ref()
+                .filter(|_| renewing.is_none() && !draining)
+                .map(|r| {
+                    let wait = r
+                        .due()
+                        .duration_since(std::time::SystemTime::now())
+                        .unwrap_or(Duration::ZERO);
+                    Instant::now() + wait
+                });
             if stop.is_cancelled() && self.spool.depth() == 0 {
                 info!("all results acked");
                 return Ok(());
@@ -271,7 +315,7 @@ impl Uplink {
             let lingering = highest - sent.min(highest) < BATCH_RECORDS as u64
                 && !stop.is_cancelled()
                 && send_after.is_some_and(|at| Instant::now() < at);
-            let can_send = in_flight.len() < WINDOW && highest > sent && !lingering;
+            let can_send = in_flight.len() < WINDOW && highest > sent && !lingering && !draining;
             let linger_until = send_after.filter(|_| lingering && in_flight.len() < WINDOW);
             tokio::select! {
                 biased;
@@ -288,6 +332,11 @@ impl Uplink {
                     }
                     Some(Ok(pb::CollectorMessage { msg: Some(Down::Welcome(_)) })) => {
                         return Err(UplinkError::Protocol("second welcome"));
+                    }
+                    Some(Ok(pb::CollectorMessage { msg: Some(Down::Renewed(r)) })) => {
+                        if let (Some(renewal), Some(key)) = (&self.renewal, renewing.take()) {
+                            draining = self.renewed(renewal, &key, r);
+                        }
                     }
                     Some(Ok(pb::CollectorMessage { msg: None })) => {}
                     Some(Err(status)) => return Err(status.into()),
@@ -309,6 +358,23 @@ impl Uplink {
                     send_after = None;
                 }
                 _ = tokio::time::sleep_until(linger_until.unwrap_or_else(Instant::now)), if linger_until.is_some() => {}
+                _ = tokio::time::sleep_until(renew_due.unwrap_or_else(Instant::now)), if renew_due.is_some() => {
+                    match mxscope_pki::new_csr() {
+                        Ok((csr_pem, key)) => {
+                            info!("asking the collector to renew this agent's certificate");
+                            tx.send(pb::AgentMessage { msg: Some(Up::Renew(pb::RenewRequest { csr_pem })) })
+                                .await
+                                .map_err(|_| UplinkError::Closed)?;
+                            renewing = Some(key);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "cannot make a key for the renewal, trying again later");
+                            if let Some(r) = &self.renewal {
+                                r.retry_in(RENEW_RETRY);
+                            }
+                        }
+                    }
+                }
                 _ = heartbeat.tick() => {
                     let hb = pb::Heartbeat {
                         spool_depth: self.spool.depth(),

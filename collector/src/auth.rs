@@ -24,6 +24,8 @@ use crate::limits::Counters;
 use mxscope_pki::{peer_of, BadLine, Entry, Identity, Peer, Revocations};
 
 const INGEST: &str = "/mxscope.v1.Ingest/";
+/// The one call that needs no client certificate: its token is its credential.
+pub const ENROLL: &str = "/mxscope.v1.Enrollment/Enroll";
 const QUERY: &str = "/mxscope.v1.Query/";
 /// The Query methods a read-only certificate may call: an allow-list, so a method added later is
 /// admin-only until it is put here.
@@ -41,10 +43,14 @@ const READ_METHODS: [&str; 9] = [
 
 /// Decides whether `who` may call the gRPC method at `path`.
 pub fn authorize(path: &str, who: Option<&Identity>) -> Result<(), Status> {
+    if path == ENROLL {
+        return Ok(());
+    }
     let Some(who) = who else {
         return Err(Status::from(ServiceError::Unauthenticated(
-            "no mxscope client certificate: agents need one from 'mxscopectl enroll', \
-             mxscopectl one from 'mxscopectl admin-cert' (pass --tls-cert and --tls-key)"
+            "no mxscope client certificate: agents get one by enrolling (mxscope-agent --enroll \
+             TOKEN --state-dir DIR) or from 'mxscopectl enroll', mxscopectl one from \
+             'mxscopectl admin-cert' (pass --tls-cert and --tls-key)"
                 .into(),
         )));
     };
@@ -92,11 +98,16 @@ pub fn revoked_status(by: &Entry, peer: Option<&Peer>, ended: bool) -> Status {
         (Entry::Agent(id), _) => format!("agent '{id}' {is} revoked; enrol it again with a new id"),
         (_, Some(p)) => {
             let fix = match p.identity {
-                Identity::Agent { .. } => "enroll",
-                Identity::Admin { .. } | Identity::Reader { .. } => "admin-cert",
+                Identity::Agent { .. } => {
+                    "enrol the agent again (mxscopectl token create, then mxscope-agent --enroll), \
+                     or issue one with mxscopectl enroll"
+                }
+                Identity::Admin { .. } | Identity::Reader { .. } => {
+                    "issue a new one with mxscopectl admin-cert"
+                }
             };
             format!(
-                "this certificate (serial {}) {is} revoked; issue a new one with mxscopectl {fix}",
+                "this certificate (serial {}) {is} revoked; {fix}",
                 p.cert.serial
             )
         }
@@ -265,6 +276,68 @@ pub fn end_when_revoked<T: Send + 'static>(
 /// The revocation list, shared with every session and stream.
 pub type Revoked = Arc<Revocations>;
 
+/// The two sources of revocations, the `--revoked` file and the database (`mxscopectl revoke`
+/// through the Query API), and the union of both that every call and stream is checked against,
+/// published whenever either changes.
+#[derive(Debug)]
+pub struct RevocationState {
+    file: std::sync::Mutex<Revoked>,
+    online: std::sync::Mutex<Revocations>,
+    tx: watch::Sender<Revoked>,
+}
+
+impl RevocationState {
+    /// The state with these first lists, and the receiver sessions and streams watch.
+    pub fn new(
+        file: Revocations,
+        online: Revocations,
+    ) -> (Arc<RevocationState>, watch::Receiver<Revoked>) {
+        let (tx, rx) = watch::channel(Arc::new(file.union(&online)));
+        let state = RevocationState {
+            file: std::sync::Mutex::new(Arc::new(file)),
+            online: std::sync::Mutex::new(online),
+            tx,
+        };
+        (Arc::new(state), rx)
+    }
+
+    /// What is revoked now.
+    pub fn current(&self) -> Revoked {
+        self.tx.borrow().clone()
+    }
+
+    fn publish(&self) {
+        let file = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let online = self
+            .online
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.tx.send_replace(Arc::new(file.union(&online)));
+    }
+
+    /// The file was (re)read.
+    pub fn set_file(&self, list: Revocations) {
+        *self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(list);
+        self.publish();
+    }
+
+    /// An entry was stored in the database.
+    pub fn add_online(&self, entry: Entry) {
+        self.online
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(entry);
+        self.publish();
+    }
+}
+
 /// How often the revocation file's modification time is checked.
 pub const REVOKED_POLL: Duration = Duration::from_secs(1);
 
@@ -307,7 +380,7 @@ pub fn load_revoked(path: &Path) -> Result<Revocations, RevokedError> {
 /// Re-reads `path` whenever its modification time or size changes (polled every
 /// [`REVOKED_POLL`]) and publishes the new set, until `stop`. A file that disappears or cannot be
 /// read keeps the last list and is logged once.
-pub async fn watch_revoked(path: PathBuf, tx: watch::Sender<Revoked>, stop: CancellationToken) {
+pub async fn watch_revoked(path: PathBuf, state: Arc<RevocationState>, stop: CancellationToken) {
     // The first poll always publishes, so a change between the startup read and here is not lost.
     let mut last = None;
     let mut failing = false;
@@ -337,7 +410,7 @@ pub async fn watch_revoked(path: PathBuf, tx: watch::Sender<Revoked>, stop: Canc
                         "revocation list line skipped (an agent id, serial:HEX or sha256:HEX)");
                 }
                 info!(path = %path.display(), revoked = list.len(), skipped = bad.len(), "revocation list reloaded");
-                tx.send_replace(Arc::new(list));
+                state.set_file(list);
             }
             Ok(Err(err)) if !failing => {
                 failing = true;
@@ -374,6 +447,12 @@ mod tests {
             |path: &str, who: Option<&Identity>| authorize(path, who).err().map(|s| s.code());
 
         assert_eq!(code(session, None), Some(Code::Unauthenticated));
+        // Enrolment is the one call without a certificate: the token is checked by the service.
+        assert_eq!(code(ENROLL, None), None);
+        assert_eq!(
+            code("/mxscope.v1.Enrollment/Other", None),
+            Some(Code::Unauthenticated)
+        );
         assert_eq!(code(status, None), Some(Code::Unauthenticated));
         assert_eq!(code(session, Some(&agent())), None);
         assert_eq!(code(session, Some(&admin)), Some(Code::PermissionDenied));
@@ -416,8 +495,17 @@ mod tests {
             .collect();
         assert!(methods.len() >= 11, "{methods:?}");
         for m in &methods {
-            let writes = matches!(*m, "PutTarget" | "RemoveTarget");
-            assert_eq!(READ_METHODS.contains(m), !writes, "{m}");
+            // Writes, and the enrolment tokens and revocations: admin work.
+            let admin_only = matches!(
+                *m,
+                "PutTarget"
+                    | "RemoveTarget"
+                    | "CreateToken"
+                    | "ListTokens"
+                    | "RevokeToken"
+                    | "Revoke"
+            );
+            assert_eq!(READ_METHODS.contains(m), !admin_only, "{m}");
         }
     }
 
@@ -511,7 +599,7 @@ mod tests {
         let err = layer.check(session, Some(&a1)).expect_err("revoked agent");
         assert!(
             err.message()
-                .ends_with("issue a new one with mxscopectl enroll"),
+                .ends_with("or issue one with mxscopectl enroll"),
             "{err:?}"
         );
         tx.send_replace(Arc::new(Revocations::parse("a1\n").0));
@@ -622,9 +710,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("revoked");
         std::fs::write(&path, "ag-1\n").unwrap();
-        let (tx, mut rx) = watch::channel(Arc::new(load_revoked(&path).unwrap()));
+        let online: Revocations = Revocations::parse("serial:0b\n").0;
+        let (state, mut rx) = RevocationState::new(load_revoked(&path).unwrap(), online);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(watch_revoked(path.clone(), tx, stop.clone()));
+        let task = tokio::spawn(watch_revoked(path.clone(), state.clone(), stop.clone()));
         std::fs::write(&path, "ag-1\nag-22\nserial:nope\nserial:0a\n").unwrap();
         tokio::time::timeout(Duration::from_secs(5), async {
             while !rx.borrow_and_update().revokes_agent("ag-22") {
@@ -636,10 +725,12 @@ mod tests {
         let list = rx.borrow().clone();
         assert_eq!(
             list.len(),
-            3,
-            "the bad line is skipped, the others kept: {list:?}"
+            4,
+            "the bad line is skipped, the others kept, the database's beside them: {list:?}"
         );
         assert!(list.revokes_agent("ag-1"));
+        state.add_online(Entry::Agent("ag-9".into()));
+        assert!(rx.borrow().revokes_agent("ag-9") && rx.borrow().revokes_agent("ag-22"));
         stop.cancel();
         task.await.unwrap();
     }

@@ -32,6 +32,9 @@ pub enum ServiceError {
     /// The operation was ended in favour of another (a newer session of the same agent).
     #[error("{0}")]
     Aborted(String),
+    /// The collector is not set up for the call (e.g. enrolment without --ca-key).
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error(transparent)]
     Target(#[from] TargetError),
     #[error(transparent)]
@@ -50,6 +53,7 @@ impl From<ServiceError> for Status {
             ServiceError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
             ServiceError::Cancelled(m) => Status::cancelled(m),
             ServiceError::Aborted(m) => Status::aborted(m),
+            ServiceError::FailedPrecondition(m) => Status::failed_precondition(m),
             ServiceError::Target(e) => Status::invalid_argument(e.to_string()),
             ServiceError::Store(e) => store_status(e),
         }

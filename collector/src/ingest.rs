@@ -417,7 +417,13 @@ enum Handled {
     Batch(Commit, usize, usize),
     /// A heartbeat's spool depth and dropped total.
     Heartbeat(u64, u64),
+    /// A certificate renewal's CSR.
+    Renew(String),
 }
+
+/// Shortest time between two renewals of one session (an agent renews at two thirds of its
+/// certificate's life, so this only stops a loop).
+const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct Session {
     connection: Connection,
@@ -454,6 +460,7 @@ impl Session {
         // and the session reads nothing more until it has one (backpressure). The slot is given
         // back when the batch committed.
         let mut waiting: Option<(pb::raw::AgentMessage, Slot)> = None;
+        let mut last_renewal: Option<Instant> = None;
 
         if self.send_schedule().await.is_err() {
             return;
@@ -567,6 +574,31 @@ impl Session {
                         beat = Some(self.heartbeat(depth, dropped));
                     } else if next_beat.replace((depth, dropped)).is_some() {
                         Counters::bump(&self.shared.counters.heartbeats_coalesced);
+                    }
+                }
+                Ok(Handled::Renew(csr)) => {
+                    let answer = match (&self.peer, last_renewal) {
+                        (None, _) => pb::Renewed {
+                            error: "certificates are renewed only over mTLS sessions".into(),
+                            ..Default::default()
+                        },
+                        (Some(_), Some(at)) if at.elapsed() < RENEW_EVERY => pb::Renewed {
+                            error: format!(
+                                "renewals come at most every {} s",
+                                RENEW_EVERY.as_secs()
+                            ),
+                            ..Default::default()
+                        },
+                        (Some(peer), _) => {
+                            last_renewal = Some(Instant::now());
+                            crate::enrol::renew(&self.shared.enrolment, &peer.identity, csr).await
+                        }
+                    };
+                    if !answer.error.is_empty() {
+                        warn!(agent.id = %self.agent_id, error = %answer.error, "certificate renewal refused");
+                    }
+                    if self.send(Down::Renewed(answer)).await.is_err() {
+                        break;
                     }
                 }
                 Ok(Handled::Nothing) => {}
@@ -693,6 +725,7 @@ impl Session {
                 Ok(Handled::Batch(commit, n, bytes))
             }
             Some(Up::Heartbeat(hb)) => Ok(Handled::Heartbeat(hb.spool_depth, hb.dropped_total)),
+            Some(Up::Renew(r)) => Ok(Handled::Renew(r.csr_pem)),
         }
     }
 

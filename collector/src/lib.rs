@@ -6,6 +6,7 @@
 
 pub mod analysis;
 pub mod auth;
+pub mod enrol;
 pub mod error;
 pub mod http;
 pub mod ingest;
@@ -22,6 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mxscope_proto::pb::enrollment_server::EnrollmentServer;
 use mxscope_proto::pb::query_server::QueryServer;
 use mxscope_proto::pb::raw::ingest_server::IngestServer;
 use tokio::net::TcpListener;
@@ -32,7 +34,8 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 use tracing::{info, warn};
 
-use crate::auth::{AuthLayer, Mode, RevokedError};
+use crate::auth::{AuthLayer, Mode, RevocationState, RevokedError};
+use crate::enrol::{Enrolment, Signer};
 use crate::limits::RateLimiter;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
@@ -51,6 +54,10 @@ pub enum RunError {
     Tls(#[source] tonic::transport::Error),
     #[error(transparent)]
     Revoked(#[from] RevokedError),
+    #[error("--ca-key needs mTLS: pass --tls-cert, --tls-key and --client-ca (the CA certificate of that key)")]
+    CaKeyWithoutTls,
+    #[error("--ca-key {path}: {message}")]
+    CaKey { path: PathBuf, message: String },
     #[error(
         "refusing to serve plain text on non-loopback address {0}; listen on 127.0.0.1 or ::1"
     )]
@@ -95,17 +102,54 @@ fn read_pem(path: &std::path::Path, marker: &str, what: &str) -> Result<Vec<u8>,
     Ok(pem)
 }
 
-/// The server side of mTLS: our certificate, and client certificates required from `client_ca`;
-/// a client that has not completed its handshake within `handshake` is dropped.
-pub fn server_tls(files: &TlsFiles, handshake: Duration) -> Result<ServerTlsConfig, RunError> {
-    let cert = read_pem(&files.cert, "CERTIFICATE", "certificate")?;
+/// The server side of mTLS: our certificate, and client certificates from `client_ca`; a client
+/// that has not completed its handshake within `handshake` is dropped. With a `signer` a client
+/// may come without a certificate (to enrol; every other call is refused in [`auth`]), and the
+/// CA certificate follows ours in the chain, so that an enrolling agent can pin it.
+pub fn server_tls(
+    files: &TlsFiles,
+    handshake: Duration,
+    signer: Option<&Signer>,
+) -> Result<ServerTlsConfig, RunError> {
+    let mut cert = read_pem(&files.cert, "CERTIFICATE", "certificate")?;
     let key = read_pem(&files.key, "PRIVATE KEY", "private key")?;
     let ca = read_pem(&files.client_ca, "CERTIFICATE", "CA certificate")?;
+    if let Some(signer) = signer {
+        if !cert.ends_with(b"\n") {
+            cert.push(b'\n');
+        }
+        cert.extend_from_slice(signer.ca_pem().as_bytes());
+    }
     Ok(ServerTlsConfig::new()
         .identity(TlsIdentity::from_pem(cert, key))
         .client_ca_root(Certificate::from_pem(ca))
-        .client_auth_optional(false)
+        .client_auth_optional(signer.is_some())
         .timeout(handshake))
+}
+
+/// The CA the collector signs with: `--ca-key` and its certificate, the `--client-ca` file.
+fn load_signer(config: &Config) -> Result<Option<Signer>, RunError> {
+    let Some(key_path) = &config.ca_key else {
+        return Ok(None);
+    };
+    let files = config.tls.as_ref().ok_or(RunError::CaKeyWithoutTls)?;
+    let err = |message: String| RunError::CaKey {
+        path: key_path.clone(),
+        message,
+    };
+    let key = mxscope_proto::secret::read_private(key_path).map_err(|e| err(e.to_string()))?;
+    let key = String::from_utf8(key).map_err(|_| err("not a PEM file".into()))?;
+    let cert = std::fs::read_to_string(&files.client_ca).map_err(|e| {
+        err(format!(
+            "cannot read its certificate {}: {e}",
+            files.client_ca.display()
+        ))
+    })?;
+    let what = files.client_ca.display().to_string();
+    let ca = mxscope_pki::Ca::from_pems(&cert, &key, &what)
+        .map_err(|e| err(format!("{e} (its certificate is --client-ca {what})")))?;
+    info!(ca.fingerprint = %ca.fingerprint(), agent_cert_life = ?config.agent_cert_life, "signing agent certificates online (--ca-key)");
+    Ok(Some(Signer::new(ca, config.agent_cert_life)))
 }
 
 /// Streams (and requests in flight) one client connection may hold.
@@ -120,8 +164,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let addr = listener.local_addr().map_err(RunError::Listener)?;
+    let signer = load_signer(&config)?;
     let tls = match &config.tls {
-        Some(files) => Some(server_tls(files, config.tls_handshake_timeout)?),
+        Some(files) => Some(server_tls(
+            files,
+            config.tls_handshake_timeout,
+            signer.as_ref(),
+        )?),
         None => {
             check_plaintext(true, addr)?;
             warn!(listen = %addr, "serving plain text without client certificates: every caller may ingest, read and change targets (--insecure)");
@@ -147,6 +196,8 @@ pub async fn run(
     let opts = config.store.clone();
     let store: Arc<dyn Store> =
         Arc::new(tokio::task::spawn_blocking(move || SqliteStore::open(&path, opts)).await??);
+    let identities = enrol::db::IdentityDb::open(&config.db_path)?;
+    let online_revoked = identities.with(|c| enrol::db::revocations(c)).await?;
 
     let token = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -155,10 +206,20 @@ pub async fn run(
     let request_timeout = config.request_timeout;
     let max_queued = config.max_queued_batches.max(1);
     let max_message = config.max_message_bytes;
-    let (revoked_tx, revoked) = watch::channel(Arc::new(revoked_initial));
+    let (revocations, revoked) = RevocationState::new(revoked_initial, online_revoked);
     if let Some(path) = config.revoked.clone() {
-        tasks.spawn(auth::watch_revoked(path, revoked_tx, token.clone()));
+        tasks.spawn(auth::watch_revoked(
+            path,
+            revocations.clone(),
+            token.clone(),
+        ));
     }
+    let enrolment = Arc::new(Enrolment::new(
+        signer,
+        identities,
+        revocations.clone(),
+        config.counters.clone(),
+    ));
     let counters = config.counters.clone();
     let limiter = RateLimiter::new(config.limits.rate_per_sec, config.limits.burst);
     let byte_limiter = RateLimiter::new(config.limits.bytes_per_sec, config.limits.bytes_burst);
@@ -171,6 +232,7 @@ pub async fn run(
         tasks: tasks.clone(),
         mode,
         revoked,
+        enrolment: enrolment.clone(),
         limiter,
         byte_limiter,
         series: Mutex::new(HashMap::new()),
@@ -226,6 +288,9 @@ pub async fn run(
         .max_decoding_message_size(max_message);
     let query = QueryServer::new(query::QueryService::new(shared.clone()))
         .max_decoding_message_size(max_message);
+    // A CSR and a token: a few KiB.
+    let enrollment = EnrollmentServer::new(enrol::EnrollmentService::new(enrolment.clone()))
+        .max_decoding_message_size(64 * 1024);
     let stop = token.clone();
     let signal = async move {
         shutdown.await;
@@ -253,6 +318,7 @@ pub async fn run(
         .layer(AuthLayer::new(mode, counters, shared.revoked.clone()))
         .add_service(ingest)
         .add_service(query)
+        .add_service(enrollment)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
     info!(listen = %addr, db = %shared.config.db_path.display(), tls = (mode == Mode::Certificates), "collector listening");
 

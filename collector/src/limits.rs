@@ -288,6 +288,13 @@ pub struct Counters {
     pub sessions_replaced: AtomicU64,
     /// Times a session waited for a write slot (the writer's queue was full).
     pub write_slot_waits: AtomicU64,
+    /// Agents enrolled with a token.
+    pub enrolled: AtomicU64,
+    /// Enrolment attempts refused (bad, expired, used-up or revoked token, id or region outside
+    /// it, rate limit).
+    pub enrol_refused: AtomicU64,
+    /// Certificates renewed over agents' sessions.
+    pub renewed: AtomicU64,
 }
 
 impl Counters {
@@ -491,7 +498,7 @@ impl Counters {
             "Results refused by the input limits (skipped and acked), by reason",
             rejected,
         );
-        let plain: [(&str, &str, &AtomicU64); 13] = [
+        let plain: [(&str, &str, &AtomicU64); 16] = [
             (
                 "mxscope_ingest_oversize_messages",
                 "Messages above the gRPC size limit (session closed)",
@@ -556,6 +563,21 @@ impl Counters {
                 "mxscope_ingest_write_slot_waits",
                 "Times a session waited for a write slot (--max-queued-batches reached)",
                 &self.write_slot_waits,
+            ),
+            (
+                "mxscope_enrol_enrolled",
+                "Agents enrolled with a token",
+                &self.enrolled,
+            ),
+            (
+                "mxscope_enrol_refused",
+                "Enrolment attempts refused (token, id, region or rate limit)",
+                &self.enrol_refused,
+            ),
+            (
+                "mxscope_enrol_renewed",
+                "Agent certificates renewed over their sessions",
+                &self.renewed,
             ),
         ];
         for (name, help, value) in plain {

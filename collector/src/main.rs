@@ -48,6 +48,14 @@ struct Args {
     /// comments (`mxscopectl revoke` appends to it); re-read within a second of a change.
     #[arg(long, env = "MXSCOPE_REVOKED")]
     revoked: Option<PathBuf>,
+    /// The CA's private key (PEM, mode 0600); its certificate is --client-ca. With it the
+    /// collector signs agent certificates online: enrolment with a token from `mxscopectl token
+    /// create`, and renewal. Without it the CA key can stay offline (`mxscopectl enroll`).
+    #[arg(long, env = "MXSCOPE_CA_KEY", requires = "client_ca")]
+    ca_key: Option<PathBuf>,
+    /// Life of the agent certificates the collector signs (renewed at two thirds of it).
+    #[arg(long, env = "MXSCOPE_AGENT_CERT_TTL", default_value = "30d", value_parser = positive_duration)]
+    agent_cert_ttl: Duration,
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "MXSCOPE_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     max_message_bytes: usize,
@@ -240,6 +248,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.http_options = http;
     config.tls = tls;
     config.revoked = args.revoked;
+    config.ca_key = args.ca_key;
+    config.agent_cert_life = args.agent_cert_ttl;
     config.max_message_bytes = args.max_message_bytes;
     config.max_batch_results = args.max_batch;
     let mut limits = Limits::default();

@@ -414,6 +414,38 @@ impl Query for QueryService {
         Ok(Response::new(saved))
     }
 
+    async fn create_token(&self, request: Request<pb::CreateTokenRequest>) -> Res<pb::TokenInfo> {
+        let by = caller(request.extensions());
+        let info =
+            crate::enrol::create_token(&self.shared.enrolment, &by, request.into_inner()).await?;
+        Ok(Response::new(info))
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: Request<pb::ListTokensRequest>,
+    ) -> Res<pb::ListTokensResponse> {
+        Ok(Response::new(
+            crate::enrol::list_tokens(&self.shared.enrolment).await?,
+        ))
+    }
+
+    async fn revoke_token(&self, request: Request<pb::RevokeTokenRequest>) -> Res<pb::TokenInfo> {
+        let by = caller(request.extensions());
+        let id = request.into_inner().id;
+        Ok(Response::new(
+            crate::enrol::revoke_token(&self.shared.enrolment, &by, id).await?,
+        ))
+    }
+
+    async fn revoke(&self, request: Request<pb::RevokeRequest>) -> Res<pb::RevokeResponse> {
+        let by = caller(request.extensions());
+        let req = request.into_inner();
+        Ok(Response::new(
+            crate::enrol::revoke(&self.shared.enrolment, &by, req).await?,
+        ))
+    }
+
     async fn remove_target(
         &self,
         request: Request<pb::RemoveTargetRequest>,
@@ -527,6 +559,12 @@ impl Drop for WatchSlot {
             }
         }
     }
+}
+
+/// Who makes a call, for audit lines: the certificate's identity, or `insecure` without one.
+fn caller(ext: &tonic::codegen::http::Extensions) -> String {
+    ext.get::<mxscope_pki::Identity>()
+        .map_or_else(|| "insecure".to_string(), ToString::to_string)
 }
 
 #[cfg(test)]

@@ -51,6 +51,11 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// The revocation list (agent ids, certificate serials and fingerprints), re-read on change.
     pub revoked: Option<PathBuf>,
+    /// The CA's private key (its certificate is `tls.client_ca`): the collector signs agent
+    /// certificates online (enrolment, renewal) only with it.
+    pub ca_key: Option<PathBuf>,
+    /// Life of the certificates the collector signs.
+    pub agent_cert_life: Duration,
     /// Per-result limits and the per-agent rate.
     pub limits: Limits,
     /// Refusal counters; clone the `Arc` before [`run`] to read them (e.g. for `/metrics`).
@@ -127,6 +132,8 @@ impl Config {
             store: StoreOptions::default(),
             tls: None,
             revoked: None,
+            ca_key: None,
+            agent_cert_life: crate::enrol::DEFAULT_CERT_LIFE,
             limits: Limits::default(),
             counters: Arc::new(Counters::default()),
             quorum: analysis::scope::Quorum::Majority,
@@ -152,6 +159,9 @@ pub(crate) struct Shared {
     pub mode: Mode,
     /// Revoked agent ids and certificates (updated live).
     pub revoked: watch::Receiver<Revoked>,
+    /// Online signing (with --ca-key), the enrolment tables, and where the revocations come
+    /// from (the file and the database; `mxscopectl revoke` adds to them).
+    pub enrolment: Arc<crate::enrol::Enrolment>,
     /// Per-agent result rate, shared by all connections of an agent.
     pub limiter: RateLimiter,
     /// Per-agent bytes of results, likewise.

@@ -10,8 +10,10 @@ use clap::{Parser, Subcommand};
 use crate::args;
 use crate::client::{Client, Target};
 use crate::cmd::offline::bounce;
-use crate::cmd::offline::{pki, revoke, spf};
-use crate::cmd::{agents, diagnose, latency, matrix, results, status, target, watch};
+use crate::cmd::offline::{pki, spf};
+use crate::cmd::{
+    agents, diagnose, latency, matrix, results, revoke, status, target, token, watch,
+};
 use crate::output::{Format, Report};
 
 /// mxscopectl: query an mxscope collector and manage its targets.
@@ -81,9 +83,12 @@ pub(crate) enum Command {
     Enroll(pki::EnrollArgs),
     /// Issue a certificate for mxscopectl: admin (30 days by default), or --read-only (offline).
     AdminCert(pki::AdminCertArgs),
-    /// Revoke a certificate (by --cert, --serial or --fingerprint) or an agent id in the
-    /// collector's revocation list (offline; the collector re-reads it within a second).
+    /// Revoke a certificate (by --cert, --serial or --fingerprint) or an agent id: in the
+    /// collector's database (admin certificate), or offline in its --revoked file with --list.
     Revoke(revoke::RevokeArgs),
+    /// Enrolment tokens: create one for a region, list them, revoke one (admin certificate).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Evaluate SPF for an address (offline: resolves DNS itself, no collector).
     #[command(subcommand)]
     Spf(spf::SpfCommand),
@@ -106,7 +111,7 @@ pub(crate) async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     if let Command::Bounce(a) = &cli.command {
         return bounce::run(a, cli.format, out);
     }
-    if let Command::Revoke(a) = &cli.command {
+    if let Command::Revoke(a @ revoke::RevokeArgs { list: Some(_), .. }) = &cli.command {
         return revoke::run(a, out);
     }
     if let Command::Spf(cmd) = &cli.command {
@@ -127,7 +132,8 @@ pub(crate) async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Diagnose(a) => diagnose::run(&mut client, a, cli.format, out).await,
         Command::Watch(a) => watch::run(&mut client, a, cli.format, out).await,
         Command::Bounce(a) => bounce::run(&a, cli.format, out),
-        Command::Revoke(a) => revoke::run(&a, out),
+        Command::Revoke(a) => revoke::run_online(&mut client, &a, out).await,
+        Command::Token(cmd) => token::run(&mut client, cmd, cli.format, out).await,
         Command::Spf(cmd) => spf::run(&cmd, cli.format, cli.timeout, out).await,
         cmd @ (Command::Ca(_) | Command::Enroll(_) | Command::AdminCert(_)) => pki::run(cmd, out),
     }

@@ -185,6 +185,37 @@ impl Query for FakeQuery {
             .ok_or_else(|| unknown(&name))
     }
 
+    // Enrolment lives in the real collector only (tests/tests/enrolment.rs runs it).
+    async fn create_token(
+        &self,
+        _: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::TokenInfo>, Status> {
+        Err(Status::unimplemented("the fake collector keeps no tokens"))
+    }
+
+    async fn list_tokens(
+        &self,
+        _: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        Err(Status::unimplemented("the fake collector keeps no tokens"))
+    }
+
+    async fn revoke_token(
+        &self,
+        _: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::TokenInfo>, Status> {
+        Err(Status::unimplemented("the fake collector keeps no tokens"))
+    }
+
+    async fn revoke(
+        &self,
+        _: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake collector keeps no revocations",
+        ))
+    }
+
     type WatchStream = tokio_stream::Empty<Result<pb::WatchEvent, Status>>;
 
     async fn watch(

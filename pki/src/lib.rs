@@ -4,6 +4,7 @@
 //! the revocation list's entries ([`revocation`]) are parsed here for the collector and ctl.
 
 pub mod revocation;
+pub mod token;
 
 use std::fmt;
 use std::fs;
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use mxscope_proto::names::{is_label, LABEL_RULE};
 pub use revocation::{BadLine, CertId, Entry, Fingerprint, Revocations, Serial};
+pub use token::Token;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -159,6 +161,38 @@ pub fn read_cert_pem(pem: &str, what: &str) -> Result<(Option<Identity>, CertId)
     ))
 }
 
+/// What a certificate file says of itself.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    /// `None` if it is not one of ours.
+    pub identity: Option<Identity>,
+    pub id: CertId,
+    pub not_before: time::OffsetDateTime,
+    pub not_after: time::OffsetDateTime,
+}
+
+/// The identity, serial, fingerprint and validity of the first certificate in a PEM text.
+pub fn cert_info(pem: &str, what: &str) -> Result<CertInfo, PkiError> {
+    let invalid = |why| PkiError::Invalid {
+        what: "certificate file",
+        value: what.into(),
+        why,
+    };
+    let block = x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .filter_map(Result::ok)
+        .find(|p| p.label == "CERTIFICATE")
+        .ok_or_else(|| invalid("no PEM block 'BEGIN CERTIFICATE' in it"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&block.contents)
+        .map_err(|_| invalid("its CERTIFICATE block is not an X.509 certificate"))?;
+    let validity = cert.validity();
+    Ok(CertInfo {
+        identity: identity_in(&cert),
+        id: CertId::of_parsed(&block.contents, &cert),
+        not_before: validity.not_before.to_datetime(),
+        not_after: validity.not_after.to_datetime(),
+    })
+}
+
 /// A certificate and its private key, both PEM.
 #[derive(Clone)]
 pub struct Issued {
@@ -242,8 +276,12 @@ fn apply(params: &mut CertificateParams, v: Validity) {
 
 /// A certificate authority held in memory.
 pub struct Ca {
+    /// The issuer rcgen signs with (for a loaded CA, re-made from its certificate and key).
     cert: rcgen::Certificate,
     key: KeyPair,
+    /// The CA certificate as distributed (the file's, for a loaded CA), PEM and DER.
+    pem: String,
+    der: Vec<u8>,
 }
 
 impl fmt::Debug for Ca {
@@ -272,8 +310,11 @@ impl Ca {
                 days: 3650,
             },
         );
+        let cert = params.self_signed(&key)?;
         Ok(Ca {
-            cert: params.self_signed(&key)?,
+            pem: cert.pem(),
+            der: cert.der().to_vec(),
+            cert,
             key,
         })
     }
@@ -284,13 +325,47 @@ impl Ca {
             let path = dir.join(name);
             fs::read_to_string(&path).map_err(|source| PkiError::Io { path, source })
         };
-        let key = KeyPair::from_pem(&read("ca.key")?)?;
-        let params = CertificateParams::from_ca_cert_pem(&read("ca.pem")?)?;
+        Ca::from_pems(&read("ca.pem")?, &read("ca.key")?, "ca.pem")
+    }
+
+    /// The CA of a certificate and its key (both PEM); `what` names the certificate in errors.
+    /// The key must be the certificate's.
+    pub fn from_pems(cert_pem: &str, key_pem: &str, what: &str) -> Result<Ca, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let invalid = |why| PkiError::Invalid {
+            what: "CA certificate",
+            value: what.into(),
+            why,
+        };
+        let block = x509_parser::pem::Pem::iter_from_buffer(cert_pem.as_bytes())
+            .filter_map(Result::ok)
+            .find(|p| p.label == "CERTIFICATE")
+            .ok_or_else(|| invalid("no PEM block 'BEGIN CERTIFICATE' in it"))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&block.contents)
+            .map_err(|_| invalid("its CERTIFICATE block is not an X.509 certificate"))?;
+        if parsed.public_key().raw != key.public_key_der().as_slice() {
+            return Err(invalid(
+                "the private key is not this certificate's (pass the key of the CA that signed the agents' certificates)",
+            ));
+        }
+        if !parsed.is_ca() {
+            return Err(invalid("it is not a CA certificate"));
+        }
+        let der = block.contents.clone();
+        let pem = pem_of(&der);
+        let params = CertificateParams::from_ca_cert_der(&der.clone().into())?;
         // Re-signing the parsed parameters gives an issuer with the same name and key.
         Ok(Ca {
             cert: params.self_signed(&key)?,
             key,
+            pem,
+            der,
         })
+    }
+
+    /// The SHA-256 fingerprint of the CA certificate: what enrolment tokens carry.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(&self.der)
     }
 
     /// Writes `ca.pem` and `ca.key` (mode 0600) into `dir`, never overwriting.
@@ -306,11 +381,12 @@ impl Ca {
             }
         }
         write_private(&key, &self.key.serialize_pem())?;
-        fs::write(&cert, self.cert.pem()).map_err(|source| PkiError::Io { path: cert, source })
+        fs::write(&cert, &self.pem).map_err(|source| PkiError::Io { path: cert, source })
     }
 
+    /// The CA certificate, PEM.
     pub fn cert_pem(&self) -> String {
-        self.cert.pem()
+        self.pem.clone()
     }
 
     /// A client certificate for an agent, an admin or a reader.
@@ -336,6 +412,27 @@ impl Ca {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
         csr.params = self.client_params(who, validity)?;
         Ok(csr.signed_by(&self.cert, &self.key)?.pem())
+    }
+
+    /// Signs an agent's CSR for `who`, valid from a minute ago (clock skew) for `life` from now.
+    pub fn sign_csr_for(
+        &self,
+        csr_pem: &str,
+        who: &Identity,
+        life: std::time::Duration,
+    ) -> Result<Issued, PkiError> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut params = self.client_params(who, Validity::default())?;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + life;
+        let not_after = params.not_after;
+        csr.params = params;
+        Ok(Issued {
+            cert_pem: csr.signed_by(&self.cert, &self.key)?.pem(),
+            key_pem: String::new(),
+            not_after,
+        })
     }
 
     /// A server certificate for the collector, for these DNS names and IP addresses.
@@ -398,6 +495,19 @@ pub fn new_csr() -> Result<(String, String), PkiError> {
         .push(DnType::CommonName, "mxscope agent enrolment");
     let csr = params.serialize_request(&key)?;
     Ok((csr.pem()?, key.serialize_pem()))
+}
+
+/// The PEM text of a certificate's DER.
+fn pem_of(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
 }
 
 /// Writes a secret file readable by its owner only.
@@ -581,5 +691,56 @@ mod tests {
             Ca::load(&dir.path().join("missing")),
             Err(PkiError::Io { .. })
         ));
+    }
+
+    #[test]
+    fn a_ca_from_its_files_keeps_its_certificate_and_refuses_another_key() {
+        let ca = Ca::create("test ca").unwrap();
+        let key = ca.key.serialize_pem();
+        let loaded = Ca::from_pems(&ca.cert_pem(), &key, "ca.pem").unwrap();
+        assert_eq!(
+            loaded.cert_pem(),
+            ca.cert_pem(),
+            "the distributed certificate, not a re-signed one"
+        );
+        assert_eq!(loaded.fingerprint(), ca.fingerprint());
+        let other = Ca::create("other ca").unwrap();
+        let err = Ca::from_pems(&ca.cert_pem(), &other.key.serialize_pem(), "ca.pem")
+            .expect_err("mismatched key refused")
+            .to_string();
+        assert!(err.contains("not this certificate's"), "{err}");
+        let leaf = ca
+            .issue(&Identity::Admin { name: "ops".into() }, Validity::default())
+            .unwrap();
+        let err = Ca::from_pems(&leaf.cert_pem, &leaf.key_pem, "admin.pem")
+            .expect_err("a leaf is not a CA")
+            .to_string();
+        assert!(err.contains("not a CA"), "{err}");
+    }
+
+    #[test]
+    fn a_csr_signed_for_a_short_life_says_so() {
+        let ca = Ca::create("test ca").unwrap();
+        let (csr, _key) = new_csr().unwrap();
+        let who = Identity::Agent {
+            id: "ag-7".into(),
+            region: "eu".into(),
+        };
+        let issued = ca
+            .sign_csr_for(&csr, &who, std::time::Duration::from_secs(60))
+            .unwrap();
+        let info = cert_info(&issued.cert_pem, "agent.pem").unwrap();
+        assert_eq!(info.identity, Some(who));
+        let life = info.not_after - info.not_before;
+        assert_eq!(
+            life.whole_seconds(),
+            120,
+            "a minute back for skew, a minute ahead"
+        );
+        let left = info.not_after - time::OffsetDateTime::now_utc();
+        assert!(
+            left.whole_seconds() <= 60 && left.whole_seconds() >= 55,
+            "{left}"
+        );
     }
 }

@@ -87,10 +87,13 @@ pub struct Fingerprint(String);
 impl Fingerprint {
     /// The fingerprint of the certificate `der`.
     pub fn of(der: &[u8]) -> Fingerprint {
-        Fingerprint(hex(
-            ring::digest::digest(&ring::digest::SHA256, der).as_ref()
-        ))
+        Fingerprint(sha256_hex(der))
     }
+}
+
+/// The SHA-256 of `bytes` in lowercase hex.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 impl FromStr for Fingerprint {
@@ -233,6 +236,19 @@ impl Revocations {
             Entry::Agent(id) => self.agents.insert(id),
             Entry::Serial(s) => self.serials.insert(s),
             Entry::Fingerprint(fp) => self.fingerprints.insert(fp),
+        }
+    }
+
+    /// Both lists in one.
+    pub fn union(&self, other: &Revocations) -> Revocations {
+        Revocations {
+            agents: self.agents.union(&other.agents).cloned().collect(),
+            serials: self.serials.union(&other.serials).cloned().collect(),
+            fingerprints: self
+                .fingerprints
+                .union(&other.fingerprints)
+                .cloned()
+                .collect(),
         }
     }
 

@@ -340,6 +340,8 @@ pub struct SpoolSummary {
 pub struct Ctl {
     bin: PathBuf,
     url: String,
+    /// `--tls-cert … --tls-key … --ca-file …` for an https:// collector.
+    identity: Vec<String>,
 }
 
 impl Ctl {
@@ -347,12 +349,28 @@ impl Ctl {
         Ok(Ctl {
             bin: mxscope_binary(CTL)?,
             url: collector_url.to_string(),
+            identity: Vec::new(),
         })
+    }
+
+    /// mxscopectl for an mTLS collector, as the holder of `cert`.
+    pub fn with_identity(collector_url: &str, cert: &crate::tls::ClientCert) -> Result<Ctl> {
+        let mut ctl = Ctl::new(collector_url)?;
+        ctl.identity = vec![
+            "--tls-cert".into(),
+            path_str(&cert.cert)?,
+            "--tls-key".into(),
+            path_str(&cert.key)?,
+            "--ca-file".into(),
+            path_str(&cert.ca)?,
+        ];
+        Ok(ctl)
     }
 
     /// Runs `mxscopectl --collector URL ARGS…` and returns stdout; non-zero exit is an error.
     pub fn run(&self, args: &[&str]) -> Result<String> {
         let mut all = vec!["--collector", self.url.as_str()];
+        all.extend(self.identity.iter().map(String::as_str));
         all.extend_from_slice(args);
         crate::process::run(&self.bin, &all)
     }

@@ -123,13 +123,18 @@ pub struct TlsCollector {
 impl TlsCollector {
     /// Starts `mxscope-collector` with the CA's collector certificate and `extra` flags.
     pub fn start(dir: &Path, pki: &Pki, extra: &[&str]) -> Result<TlsCollector> {
+        TlsCollector::start_with_db(dir, &dir.join("mxscope-tls.db"), pki, extra)
+    }
+
+    /// Like [`TlsCollector::start`] with the database at `db` (the log stays in `dir`).
+    pub fn start_with_db(dir: &Path, db: &Path, pki: &Pki, extra: &[&str]) -> Result<TlsCollector> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)?));
         let spec = Spec::new("collector-tls", mxscope_binary(COLLECTOR)?)
             .args([
                 "--listen".to_string(),
                 addr.to_string(),
                 "--db".to_string(),
-                path_str(&dir.join("mxscope-tls.db"))?,
+                path_str(db)?,
                 "--tls-cert".to_string(),
                 path_str(&pki.dir.join("collector.pem"))?,
                 "--tls-key".to_string(),

@@ -1,5 +1,6 @@
-//! The demo (`deploy/demo/run` with no domain) runs offline against the private lab servers and
-//! prints a status table with rows from all three regions, then cleans up with `--once`.
+//! The demo (`deploy/demo/run` with no domain) runs offline against the private lab servers, its
+//! agents joining the collector with enrolment tokens, and prints a status table with rows from
+//! all three regions, then cleans up with `--once`.
 
 use std::time::Duration;
 
@@ -40,4 +41,13 @@ fn demo_once_prints_status_for_three_regions() {
         );
     }
     assert!(data.join("mxscope.db").exists(), "collector db under --dir");
+    // Every agent joined with a token (mTLS, online signing), none with copied certificates.
+    for region in ["eu-west", "us-east", "ap-south"] {
+        assert!(
+            out.contains(&format!(
+                "demo: agent-demo-{region} enrolled with its token"
+            )),
+            "agent in {region} enrolled with a token:\n{out}"
+        );
+    }
 }

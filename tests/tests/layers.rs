@@ -67,7 +67,10 @@ fn crates_depend_only_downwards() {
         ("mxscope-proto", &[]),
         ("mxscope-pki", &["mxscope-proto"]),
         ("mxscope-spf", &["mxscope-proto"]),
-        ("mxscope-agent", &["mxscope-proto", "mxscope-spf"]),
+        (
+            "mxscope-agent",
+            &["mxscope-proto", "mxscope-pki", "mxscope-spf"],
+        ),
         ("mxscope-collector", &["mxscope-proto", "mxscope-pki"]),
         (
             "mxscope-ctl",
@@ -245,6 +248,8 @@ fn collector_modules_respect_the_layer_order() {
             &["store"],
             &["error", "limits"],
             &["auth"],
+            // `enrol` signs for the Enrollment service and for renewals (ingest) and tokens (query).
+            &["enrol"],
             &["shared"],
             &["mailwatch", "ingest", "query", "http"],
             &["lib", "main"],
@@ -263,6 +268,7 @@ fn agent_modules_respect_the_layer_order() {
             &["config"],
             &["spool"],
             &["schedule"],
+            &["enrol"],
             &["uplink"],
             // `fuzzing` (only with the feature) hands fuzzer input to the layers below.
             &["lib", "main", "fuzzing"],

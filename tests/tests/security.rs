@@ -419,14 +419,14 @@ fn an_agent_revoked_by_fingerprint_is_cut_off_while_another_flows() {
     wait_until("agent sees its session end", Duration::from_secs(5), || {
         doomed_agent
             .log()
-            .contains("was revoked; issue a new one with mxscopectl enroll")
+            .contains("was revoked; enrol the agent again")
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", doomed_agent.log_tail(20)));
     // It reconnects and is refused before its hello is read.
     wait_until("reconnect refused", WAIT, || {
         doomed_agent
             .log()
-            .contains("is revoked; issue a new one with mxscopectl enroll")
+            .contains("is revoked; enrol the agent again")
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", doomed_agent.log_tail(20)));
     keeper_flows_while_doomed_stays_frozen(&url, &admin, &mut doomed_agent, "certificate");

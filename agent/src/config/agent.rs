@@ -27,6 +27,8 @@ pub struct AgentConfig {
     /// Probe logins (passwords print as `***`).
     pub credentials: crate::credentials::Credentials,
     pub spool_dir: PathBuf,
+    /// The state directory of an enrolled agent (its certificate is renewed there).
+    pub state_dir: Option<PathBuf>,
     pub spool_max: u64,
     pub concurrency: usize,
     pub per_host: usize,
@@ -41,7 +43,15 @@ impl AgentConfig {
     /// Validates the flags and loads the targets file they name.
     pub fn from_flags(flags: Flags) -> Result<AgentConfig, ConfigError> {
         let https = validate_collector(&flags.collector)?;
-        validate_id(&flags.id)?;
+        let required = |flag: &'static str| ConfigError::Flag {
+            flag,
+            message: "is required (or --state-dir DIR of an enrolled agent, or --enroll TOKEN \
+                      --state-dir DIR for the first start)"
+                .into(),
+        };
+        let id = flags.id.clone().ok_or_else(|| required("id"))?;
+        let region = flags.region.clone().ok_or_else(|| required("region"))?;
+        validate_id(&id)?;
         let collector_tls = crate::trust::collector_tls(
             https,
             flags.tls_cert.as_deref(),
@@ -52,7 +62,7 @@ impl AgentConfig {
             Some(path) => crate::credentials::Credentials::load(path)?,
             None => Default::default(),
         };
-        if flags.region.trim().is_empty() {
+        if region.trim().is_empty() {
             return Err(ConfigError::Flag {
                 flag: "region",
                 message: "must not be empty".into(),
@@ -79,24 +89,26 @@ impl AgentConfig {
                 }
             }
         }
-        let spool_dir = flags
-            .spool
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("./mxscope-spool-{}", flags.id)));
+        let spool_dir = match (&flags.spool, &flags.state_dir) {
+            (Some(spool), _) => spool.clone(),
+            (None, Some(state)) => state.join("spool"),
+            (None, None) => PathBuf::from(format!("./mxscope-spool-{id}")),
+        };
         let mut labels = BTreeMap::new();
         for (k, v) in flags.labels {
             labels.insert(k, v);
         }
         Ok(AgentConfig {
             collector: flags.collector,
-            id: flags.id,
-            region: flags.region,
+            id,
+            region,
             targets,
             resolver: flags.resolver,
             ca_file: flags.ca_file,
             collector_tls,
             credentials,
             spool_dir,
+            state_dir: flags.state_dir,
             spool_max: flags.spool_max,
             concurrency: flags.concurrency as usize,
             per_host: flags.per_host as usize,

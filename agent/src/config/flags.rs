@@ -56,12 +56,26 @@ pub struct Flags {
     /// Probe credentials (TOML: `[name]` with `user` and `password`), mode 0600.
     #[arg(long, env = "MXSCOPE_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
-    /// Agent id (DNS-label style: lowercase letters, digits, '-').
+    /// Agent id (DNS-label style: lowercase letters, digits, '-'). With --state-dir it comes from
+    /// the enrolled certificate (or, at enrolment, is the id asked for within the token's prefix).
     #[arg(long, env = "MXSCOPE_ID")]
-    pub id: String,
-    /// Region this agent probes from.
+    pub id: Option<String>,
+    /// Region this agent probes from. With --state-dir it comes from the certificate.
     #[arg(long, env = "MXSCOPE_REGION")]
-    pub region: String,
+    pub region: Option<String>,
+    /// Enrolment token from `mxscopectl token create`, used once on the first start: the agent
+    /// makes its key, gets its certificate from the collector and keeps both in --state-dir.
+    #[arg(
+        long,
+        env = "MXSCOPE_ENROLL_TOKEN",
+        requires = "state_dir",
+        hide_env_values = true
+    )]
+    pub enroll: Option<String>,
+    /// Where the agent keeps its key (agent.key, mode 0600), certificate (agent.pem, renewed
+    /// automatically), the collector's CA (ca.pem) and, unless --spool says otherwise, its spool.
+    #[arg(long, env = "MXSCOPE_STATE_DIR", conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub state_dir: Option<PathBuf>,
     /// Local targets file (TOML).
     #[arg(long, env = "MXSCOPE_CONFIG")]
     pub config: Option<PathBuf>,

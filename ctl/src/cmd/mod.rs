@@ -8,8 +8,10 @@ pub(crate) mod latency;
 pub(crate) mod matrix;
 pub(crate) mod offline;
 pub(crate) mod results;
+pub(crate) mod revoke;
 pub(crate) mod status;
 pub(crate) mod target;
+pub(crate) mod token;
 pub(crate) mod watch;
 
 /// Most pages `status` and `matrix` fetch of an answer the collector cuts (each under 3 MiB).

@@ -1,18 +1,23 @@
-//! The demo behind `deploy/demo/run`: a collector and three agents (eu-west, us-east, ap-south)
-//! probing the given mail domains, or a private Postfix + Dovecot + nsd on loopback when none.
+//! The demo behind `deploy/demo/run`: a collector with mTLS and online signing, and three agents
+//! (eu-west, us-east, ap-south) that join it with enrolment tokens, probing the given mail
+//! domains, or a private Postfix + Dovecot + nsd on loopback when none.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use mxscope_tests::binaries::{mxscope_binary, AGENT};
 use mxscope_tests::certs::TestCa;
 use mxscope_tests::dovecot::{Dovecot, DovecotConfig};
-use mxscope_tests::mxscope::{Agent, AgentOptions, Collector, Ctl, TargetConfig};
-use mxscope_tests::net::{free_port, unique_loopback};
+use mxscope_tests::lab::{path_str, write_file};
+use mxscope_tests::mxscope::{agent_toml, Ctl, TargetConfig};
+use mxscope_tests::net::unique_loopback;
 use mxscope_tests::nsd::{MailZone, Nsd, Zone};
 use mxscope_tests::postfix::{Postfix, PostfixConfig};
+use mxscope_tests::process::{Proc, Spec};
+use mxscope_tests::tls::{Pki, TlsCollector};
 use mxscope_tests::wait::wait_for;
 use mxscope_tests::Lab;
 
@@ -30,8 +35,10 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 const USAGE: &str = "usage: mxscope-demo [--once] [--dir DIR] [DOMAIN…]
 
-Starts a collector (SQLite under DIR, default ./.demo) and three agents labelled eu-west,
-us-east and ap-south probing DOMAIN… with the checks mx, smtp, submission, imaps. With no
+Starts a collector (SQLite under DIR, default ./.demo; a new CA per run, mTLS, online signing)
+and three agents labelled eu-west, us-east and ap-south that join it with enrolment tokens
+(mxscopectl token create, mxscope-agent --enroll), probing DOMAIN… with the checks mx, smtp,
+submission, imaps. With no
 domain it starts a private Postfix, Dovecot and nsd on loopback serving demo.test and probes
 that. Prints `mxscopectl status` once results from all three regions are in, then every 30 s
 until Ctrl-C (or exits right away with --once), stopping everything it started.";
@@ -165,27 +172,60 @@ fn run(args: Args) -> Result<()> {
             ),
         };
 
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)?));
+    // A CA of this run (the collector signs with its key), an admin certificate for mxscopectl.
+    let run_dir = dir.join(format!("run-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir)?;
+    let pki = Pki::init(&run_dir, "ca")?;
+    let admin = pki.admin(&run_dir, "demo", false)?;
+    let db = dir.join("mxscope.db");
     eprintln!(
-        "demo: starting collector on {addr} (db {})",
-        dir.join("mxscope.db").display()
+        "demo: starting collector with mTLS and online signing (db {})",
+        db.display()
     );
-    let mut collector = Collector::start_at(&logs, addr, &dir.join("mxscope.db"))?;
-    let ctl = collector.ctl()?;
+    let ca_key = path_str(&pki.dir.join("ca.key"))?;
+    let mut collector = TlsCollector::start_with_db(
+        &logs,
+        &db,
+        &pki,
+        &["--ca-key", &ca_key, "--http", "127.0.0.1:0"],
+    )?;
+    let ctl = Ctl::with_identity(&collector.url(), &admin)?;
+    let config = run_dir.join("targets.toml");
+    write_file(&config, agent_toml(&targets))?;
     let mut agents = Vec::new();
     for region in REGIONS {
-        let opts = AgentOptions {
-            id: format!("demo-{region}"),
-            region: region.to_string(),
-            collector_url: collector.url(),
-            resolver,
-            ca_file: ca_file.clone(),
-            targets: targets.clone(),
-        };
-        eprintln!("demo: starting agent {} in {region}", opts.id);
-        let spool_dir = dir.join("spools");
-        std::fs::create_dir_all(&spool_dir)?;
-        agents.push(Agent::start_with_spool(&logs, &spool_dir, &opts)?);
+        let id = format!("demo-{region}");
+        let token: serde_json::Value = serde_json::from_str(&ctl.run(&[
+            "token", "create", "--region", region, "--id", &id, "--ttl", "10m", "--format", "json",
+        ])?)?;
+        let token = token["token"]
+            .as_str()
+            .context("token create printed no token")?;
+        let state = run_dir.join(format!("state-{id}"));
+        eprintln!(
+            "demo: mxscope-agent --enroll <token> --state-dir {} ({id} in {region})",
+            state.display()
+        );
+        let mut spec = Spec::new(format!("agent-{id}"), mxscope_binary(AGENT)?)
+            .args([
+                "--collector".to_string(),
+                collector.url(),
+                "--enroll".into(),
+                token.to_string(),
+                "--state-dir".into(),
+                path_str(&state)?,
+                "--config".into(),
+                path_str(&config)?,
+            ])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
+        if let Some(resolver) = resolver {
+            spec = spec.args(["--resolver", &resolver.to_string()]);
+        }
+        if let Some(ca) = &ca_file {
+            spec = spec.args(["--ca-file", &path_str(ca)?]);
+        }
+        agents.push(Proc::spawn(spec, &logs)?);
     }
 
     eprintln!("demo: waiting for results from {}", REGIONS.join(", "));
@@ -198,7 +238,10 @@ fn run(args: Args) -> Result<()> {
                 bail!("interrupted");
             }
             for a in agents.iter_mut() {
-                a.ensure_running()?;
+                if !a.is_running() {
+                    let status = a.exit_status();
+                    bail!("{} exited ({status:?}):\n{}", a.name(), a.log_tail(40));
+                }
             }
             Ok((coverage(&ctl).1 == complete).then_some(()))
         },
@@ -206,9 +249,14 @@ fn run(args: Args) -> Result<()> {
     if let Err(e) = waited {
         // Some checks may simply not have reported yet; all three regions are the minimum.
         if coverage(&ctl).0 < REGIONS.len() {
-            bail!("{e}\ncollector log:\n{}", collector.log_tail(20));
+            bail!("{e}\ncollector log:\n{}", collector.proc.log_tail(20));
         }
         eprintln!("demo: {e:#}; showing what is in");
+    }
+    for a in &agents {
+        if a.log().contains("enrolled with the collector") {
+            eprintln!("demo: {} enrolled with its token", a.name());
+        }
     }
     print_status(&ctl)?;
 
@@ -238,12 +286,12 @@ fn run(args: Args) -> Result<()> {
 
     eprintln!("demo: stopping agents, collector and servers");
     for a in agents.iter_mut() {
-        let _ = a.proc_mut().signal(libc::SIGTERM);
+        let _ = a.signal(libc::SIGTERM);
     }
     for mut a in agents {
-        let _ = a.proc_mut().terminate(Duration::from_secs(15));
+        let _ = a.terminate(Duration::from_secs(15));
     }
-    let _ = collector.proc_mut().terminate(Duration::from_secs(15));
+    let _ = collector.proc.terminate(Duration::from_secs(15));
     drop(local);
     Ok(())
 }

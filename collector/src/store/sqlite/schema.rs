@@ -200,6 +200,40 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO rollup_mark (one, through_id) SELECT 1, coalesce(max(id), 0) FROM results;
     "#,
+    // 9 (enrolment, see the collector's `enrol` module): tokens by the SHA-256 of their secret (the secret is never
+    // stored), the certificates this collector signed, and revocations made through the Query API.
+    r#"
+    CREATE TABLE enrol_tokens (
+        hash           TEXT PRIMARY KEY,
+        id             TEXT NOT NULL UNIQUE,
+        region         TEXT NOT NULL,
+        agent_id       TEXT NOT NULL,
+        id_prefix      TEXT NOT NULL,
+        created_us     INTEGER NOT NULL,
+        expires_us     INTEGER NOT NULL,
+        uses           INTEGER NOT NULL,
+        uses_left      INTEGER NOT NULL,
+        revoked_us     INTEGER NOT NULL DEFAULT 0,
+        ca_fingerprint TEXT NOT NULL,
+        created_by     TEXT NOT NULL
+    );
+    CREATE TABLE certificates (
+        serial        TEXT PRIMARY KEY,
+        agent_id      TEXT NOT NULL,
+        region        TEXT NOT NULL,
+        not_after_us  INTEGER NOT NULL,
+        issued_us     INTEGER NOT NULL,
+        how           TEXT NOT NULL,
+        token_id      TEXT NOT NULL
+    );
+    CREATE INDEX certificates_agent ON certificates (agent_id, not_after_us);
+    CREATE TABLE revocations (
+        entry      TEXT PRIMARY KEY,
+        reason     TEXT NOT NULL,
+        revoked_us INTEGER NOT NULL,
+        revoked_by TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// The step after which [`compact_results`] runs.

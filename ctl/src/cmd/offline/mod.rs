@@ -1,9 +1,7 @@
 //! Commands that need no collector: the certificate authority and enrolment (`ca`, `enroll`,
-//! `admin-cert`, on a CA directory), revocation (`revoke`, on the collector's revocation list) and
-//! the bounce explainer (`bounce`, on a saved message) and the SPF evaluator (`spf check`, which
+//! `admin-cert`, on a CA directory), the bounce explainer (`bounce`, on a saved message) and the SPF evaluator (`spf check`, which
 //! resolves DNS itself).
 
 pub(crate) mod bounce;
 pub(crate) mod pki;
-pub(crate) mod revoke;
 pub(crate) mod spf;

@@ -1,6 +1,8 @@
-//! `mxscopectl revoke`: appends an entry (a certificate's serial, a fingerprint or an agent id)
-//! with a dated comment to the collector's revocation list (its `--revoked FILE`), which the
-//! collector re-reads within a second. Works on the file only, no collector connection.
+//! `mxscopectl revoke`: a certificate's serial, a fingerprint or an agent id refused from now on.
+//! Without `--list` it asks the collector (admin certificate), which keeps the entry in its
+//! database; with `--list FILE` it appends the entry with a dated comment to the collector's
+//! `--revoked FILE` and needs no connection. Either way the collector refuses the certificate
+//! within a second and ends its open sessions and streams.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,10 +17,10 @@ use crate::args;
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("what").required(true).args(["cert", "serial", "fingerprint", "agent"])))]
 pub(crate) struct RevokeArgs {
-    /// The collector's revocation list (its --revoked FILE); created, readable by its owner
-    /// only, if missing.
+    /// Append to this revocation list (the collector's --revoked FILE; created, readable by its
+    /// owner only, if missing) instead of asking the collector.
     #[arg(long, env = "MXSCOPE_REVOKED", value_name = "FILE")]
-    pub list: PathBuf,
+    pub list: Option<PathBuf>,
     /// Revoke this certificate (PEM, e.g. admin.pem or agent.pem): its serial is read from it.
     #[arg(long, value_name = "PEM")]
     pub cert: Option<PathBuf>,
@@ -88,11 +90,46 @@ fn comment(reason: Option<&str>, now: std::time::SystemTime) -> anyhow::Result<S
     })
 }
 
-/// Runs `mxscopectl revoke` (no collector connection).
+/// Asks the collector to revoke (it keeps the entry in its database).
+pub(crate) async fn run_online(
+    client: &mut crate::client::Client,
+    a: &RevokeArgs,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let r = revocation(a)?;
+    let reason = a.reason.as_deref().map(str::trim).unwrap_or("").to_string();
+    if reason.chars().any(char::is_control) {
+        bail!("--reason must be one line of text without control characters");
+    }
+    let mut req = mxscope_proto::pb::RevokeRequest {
+        reason,
+        ..Default::default()
+    };
+    match &r.entry {
+        Entry::Serial(s) => req.serial = s.to_string(),
+        Entry::Fingerprint(fp) => req.fingerprint = fp.to_string(),
+        Entry::Agent(id) => req.agent_id = id.clone(),
+    }
+    let resp = client.call(|c| c.revoke(req)).await?;
+    if resp.added {
+        writeln!(out, "revoked {} ({})", r.what, resp.entry)?;
+        writeln!(
+            out,
+            "the collector refuses it from now on and has ended its open sessions and watch streams"
+        )?;
+    } else {
+        writeln!(out, "{} was already revoked ({})", r.what, resp.entry)?;
+    }
+    Ok(())
+}
+
+/// Appends to the revocation list `--list` (no collector connection).
 pub(crate) fn run(a: &RevokeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let r = revocation(a)?;
     let comment = comment(a.reason.as_deref(), std::time::SystemTime::now())?;
-    let list = &a.list;
+    let Some(list) = &a.list else {
+        bail!("no --list FILE: without it, revoke asks the collector");
+    };
     let existing = match std::fs::read_to_string(list) {
         Ok(text) => Some(text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
