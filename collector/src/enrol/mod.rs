@@ -692,4 +692,116 @@ mod tests {
             .unwrap_err()
             .contains("was revoked"));
     }
+
+    /// A collector's enrolment state on a migrated database in `dir`, signing with a new CA.
+    fn enrolment(dir: &std::path::Path) -> Arc<Enrolment> {
+        let path = dir.join("e.db");
+        let store = crate::store::sqlite::SqliteStore::open(&path, Default::default()).unwrap();
+        drop(store);
+        let (revocations, _) = RevocationState::new(Default::default(), Default::default());
+        Arc::new(Enrolment::new(
+            Some(Signer::new(
+                Ca::create("test ca").unwrap(),
+                DEFAULT_CERT_LIFE,
+            )),
+            IdentityDb::open(&path).unwrap(),
+            revocations,
+            Arc::new(Counters::default()),
+        ))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_one_use_token_gives_one_certificate_however_many_ask_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = enrolment(dir.path());
+        let req = pb::CreateTokenRequest {
+            region: "eu".into(),
+            id_prefix: "eu-".into(),
+            ..Default::default()
+        };
+        let token = create_token(&e, "ops", req).await.unwrap().token;
+        let service = EnrollmentService::new(e.clone());
+        let attempts = (0..8).map(|i| {
+            let (service, token) = (service.clone(), token.clone());
+            tokio::spawn(async move {
+                let (csr_pem, _key) = mxscope_pki::new_csr().unwrap();
+                let req = pb::EnrollRequest {
+                    token,
+                    csr_pem,
+                    agent_id: format!("eu-{i}"),
+                    ..Default::default()
+                };
+                // Each from its own address, so the rate limit is not what refuses them.
+                service
+                    .enroll(&format!("198.18.0.{i}"), req, &mut String::new())
+                    .await
+            })
+        });
+        let mut granted = Vec::new();
+        let mut refused = Vec::new();
+        for a in attempts.collect::<Vec<_>>() {
+            match a.await.unwrap() {
+                Ok(r) => granted.push(r),
+                Err(err) => refused.push(err.to_string()),
+            }
+        }
+        assert_eq!(granted.len(), 1, "one certificate: {refused:?}");
+        assert!(refused.iter().all(|r| r.contains("used up")), "{refused:?}");
+        let info = cert_info(&granted[0].cert_pem, "granted").unwrap();
+        assert_eq!(
+            info.identity,
+            Some(Identity::Agent {
+                id: granted[0].agent_id.clone(),
+                region: "eu".into()
+            })
+        );
+        let rows = e.db.with(|c| db::tokens(c)).await.unwrap();
+        assert_eq!(rows[0].uses_left, 0);
+        assert!(
+            !rows
+                .iter()
+                .any(|t| format!("{t:?}").contains(&token[5..40])),
+            "only the hash is stored"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_ca_key_nothing_is_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let signing = enrolment(dir.path());
+        let e = Enrolment::new(
+            None,
+            signing.db.clone(),
+            signing.revocations.clone(),
+            Arc::new(Counters::default()),
+        );
+        let err = create_token(
+            &e,
+            "ops",
+            pb::CreateTokenRequest {
+                region: "eu".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--ca-key") && err.contains("mxscopectl enroll"),
+            "{err}"
+        );
+        let renewed = renew(
+            &e,
+            &Identity::Agent {
+                id: "eu-1".into(),
+                region: "eu".into(),
+            },
+            String::new(),
+        )
+        .await;
+        assert!(
+            renewed.cert_pem.is_empty() && renewed.error.contains("--ca-key"),
+            "{renewed:?}"
+        );
+    }
 }
