@@ -353,18 +353,6 @@ async fn pinned_ca(
     }
 }
 
-fn pem(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
-}
-
 /// First start: makes a key, pins the collector by the token's CA, sends a CSR with the token,
 /// and writes key, certificate and CA into `dir`. `id` and `region` are what the operator asked
 /// for (the token decides; a mismatch is refused by the collector).
@@ -381,7 +369,7 @@ pub async fn enroll(
     // Before anything goes over the network: the directory must take the files.
     dir.store_probe()?;
     let ca = pinned_ca(collector, &parsed.ca).await?;
-    let ca_pem = pem(&ca);
+    let ca_pem = mxscope_pki::pem_of(&ca);
     let (csr, key) = mxscope_pki::new_csr().map_err(|e| EnrolError::Token(e.to_string()))?;
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(&ca_pem));

@@ -144,21 +144,7 @@ pub fn peer_of(cert_der: &[u8]) -> Option<Peer> {
 /// The first certificate in a PEM text: its identity (if it is one of ours), serial and
 /// fingerprint. `what` names the file in errors.
 pub fn read_cert_pem(pem: &str, what: &str) -> Result<(Option<Identity>, CertId), PkiError> {
-    let invalid = |why| PkiError::Invalid {
-        what: "certificate file",
-        value: what.into(),
-        why,
-    };
-    let block = x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
-        .filter_map(Result::ok)
-        .find(|p| p.label == "CERTIFICATE")
-        .ok_or_else(|| invalid("no PEM block 'BEGIN CERTIFICATE' in it"))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&block.contents)
-        .map_err(|_| invalid("its CERTIFICATE block is not an X.509 certificate"))?;
-    Ok((
-        identity_in(&cert),
-        CertId::of_parsed(&block.contents, &cert),
-    ))
+    cert_info(pem, what).map(|info| (info.identity, info.id))
 }
 
 /// What a certificate file says of itself.
@@ -498,7 +484,7 @@ pub fn new_csr() -> Result<(String, String), PkiError> {
 }
 
 /// The PEM text of a certificate's DER.
-fn pem_of(der: &[u8]) -> String {
+pub fn pem_of(der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = String::from("-----BEGIN CERTIFICATE-----\n");

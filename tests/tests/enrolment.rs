@@ -160,9 +160,9 @@ impl World {
     }
 }
 
-/// The id in the certificate of a state directory (agent.pem's URI SAN), via mxscopectl's
-/// parser: `revoke --list` of a scratch list prints "agent ID in REGION".
-fn id_of_state(dir: &Path) -> String {
+/// The agent id and serial of the certificate in a state directory, via mxscopectl's parser:
+/// `revoke --list` of a scratch list prints "revoked agent ID in REGION (serial HEX, …".
+fn cert_of_state(dir: &Path) -> (String, String) {
     let list = dir.join("scratch-revoked");
     let out = mxscope_tests::tls::ctl_output(&[
         "revoke",
@@ -174,31 +174,14 @@ fn id_of_state(dir: &Path) -> String {
     .expect("mxscopectl");
     let _ = std::fs::remove_file(&list);
     let text = out.stdout;
-    let rest = text
-        .split("revoked agent ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("unexpected: {text}"));
-    rest.split(' ').next().unwrap_or_default().to_string()
-}
-
-/// The serial of the certificate in a state directory, read the same way.
-fn serial_of_state(dir: &Path) -> String {
-    let list = dir.join("scratch-revoked");
-    let out = mxscope_tests::tls::ctl_output(&[
-        "revoke",
-        "--list",
-        &path_str(&list).unwrap(),
-        "--cert",
-        &path_str(&dir.join("agent.pem")).unwrap(),
-    ])
-    .expect("mxscopectl");
-    let _ = std::fs::remove_file(&list);
-    let text = out.stdout;
-    let rest = text
-        .split("(serial ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("unexpected: {text}"));
-    rest.split(',').next().unwrap_or_default().to_string()
+    let after = |marker: &str, end: char| {
+        let rest = text
+            .split(marker)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no '{marker}' in: {text}"));
+        rest.split(end).next().unwrap_or_default().to_string()
+    };
+    (after("revoked agent ", ' '), after("(serial ", ','))
 }
 
 fn count(log: &str, needle: &str) -> usize {
@@ -274,7 +257,7 @@ fn agents_join_with_tokens_renew_in_flight_and_are_cut_off_when_revoked() {
         a_ap.log().contains("enrolled with the collector")
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", a_ap.log_tail(20)));
-    let ap_id = id_of_state(&w.state("a-ap"));
+    let (ap_id, _) = cert_of_state(&w.state("a-ap"));
     assert!(
         ap_id.starts_with(&format!("{}-", ap.name)) && ap_id.len() == ap.name.len() + 7,
         "a token without id or prefix gives REGION-<6 hex>: {ap_id}"
@@ -460,7 +443,7 @@ fn agents_join_with_tokens_renew_in_flight_and_are_cut_off_when_revoked() {
         },
     )
     .expect("renewal");
-    let serial = serial_of_state(&w.state("a-us"));
+    let (_, serial) = cert_of_state(&w.state("a-us"));
     let out = w.ctl(&["revoke", "--serial", &serial]);
     assert_eq!(out.code, 0, "revoke --serial: {}{}", out.stdout, out.stderr);
     wait_until("us-7's session closed", REVOKED_WITHIN, || {
