@@ -37,8 +37,7 @@ use tracing::{info, warn};
 use crate::auth::{AuthLayer, Mode, RevocationState, RevokedError};
 use crate::enrol::{Enrolment, Signer};
 use crate::limits::RateLimiter;
-use crate::store::sqlite::SqliteStore;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 use shared::Shared;
 pub use shared::{Config, HttpOptions, TlsFiles};
 
@@ -56,6 +55,8 @@ pub enum RunError {
     Revoked(#[from] RevokedError),
     #[error("--ca-key needs mTLS: pass --tls-cert, --tls-key and --client-ca (the CA certificate of that key)")]
     CaKeyWithoutTls,
+    #[error("--ca-key (token enrolment) is not available with --db postgres:// yet: its tables are in SQLite; enrol agents with `mxscopectl enroll` and the offline CA, or run on a SQLite --db")]
+    CaKeyOnPostgres,
     #[error("--ca-key {path}: {message}")]
     CaKey { path: PathBuf, message: String },
     #[error(
@@ -192,12 +193,24 @@ pub async fn run(
         _ => None,
     };
 
-    let path = config.db_path.clone();
-    let opts = config.store.clone();
-    let store: Arc<dyn Store> =
-        Arc::new(tokio::task::spawn_blocking(move || SqliteStore::open(&path, opts)).await??);
-    let identities = enrol::db::IdentityDb::open(&config.db_path)?;
-    let online_revoked = identities.with(|c| enrol::db::revocations(c)).await?;
+    let db = config.db_path.to_string_lossy().into_owned();
+    let on_postgres = store::postgres::is_postgres_url(&db);
+    if on_postgres && signer.is_some() {
+        return Err(RunError::CaKeyOnPostgres);
+    }
+    let store = store::open(&db, config.store.clone(), config.db_ca.as_deref()).await?;
+    let (identities, online_revoked) = if on_postgres {
+        (enrol::db::IdentityDb::unavailable(), Default::default())
+    } else {
+        let identities = enrol::db::IdentityDb::open(&config.db_path)?;
+        let revoked = identities.with(|c| enrol::db::revocations(c)).await?;
+        (identities, revoked)
+    };
+    let db_shown = if on_postgres {
+        store::postgres::redacted(&db)
+    } else {
+        db.clone()
+    };
 
     let token = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -240,6 +253,23 @@ pub async fn run(
         writes: Arc::new(tokio::sync::Semaphore::new(max_queued)),
         counters: counters.clone(),
         mail_events: tokio::sync::broadcast::channel(1024).0,
+    });
+    // Central target changes (on PostgreSQL: of every collector) make sessions resend schedules.
+    let mut target_changes = shared.store.target_changes();
+    let schedule_bump = shared.clone();
+    let stop_bumps = token.clone();
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop_bumps.cancelled() => return,
+                changed = target_changes.recv() => match changed {
+                    Ok(()) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        schedule_bump.schedule.send_modify(|v| *v += 1);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
     });
     tasks.spawn(mailwatch::run(
         shared.store.clone(),
@@ -320,7 +350,7 @@ pub async fn run(
         .add_service(query)
         .add_service(enrollment)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
-    info!(listen = %addr, db = %shared.config.db_path.display(), tls = (mode == Mode::Certificates), "collector listening");
+    info!(listen = %addr, db = %db_shown, tls = (mode == Mode::Certificates), "collector listening");
 
     let mut server = std::pin::pin!(server);
     let served = tokio::select! {

@@ -29,9 +29,14 @@ struct Args {
     /// Address to serve gRPC on.
     #[arg(long, env = "MXSCOPE_LISTEN", default_value = "127.0.0.1:7443")]
     listen: SocketAddr,
-    /// SQLite database file (created if missing).
+    /// SQLite database file (created if missing), or a PostgreSQL URL
+    /// (`postgres://user:password@host:5432/mxscope?sslmode=require`) that several collectors
+    /// share; the database must exist, its tables are created.
     #[arg(long, env = "MXSCOPE_DB", default_value = "./mxscope.db")]
     db: PathBuf,
+    /// CA certificates (PEM) to trust for TLS to PostgreSQL (default: the system's roots).
+    #[arg(long, env = "MXSCOPE_DB_CA")]
+    db_ca: Option<PathBuf>,
     /// Serve plain-text gRPC without client certificates (loopback only; everyone may do anything).
     #[arg(long, env = "MXSCOPE_INSECURE", conflicts_with_all = ["tls_cert", "tls_key", "client_ca"])]
     insecure: bool,
@@ -249,6 +254,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.tls = tls;
     config.revoked = args.revoked;
     config.ca_key = args.ca_key;
+    config.db_ca = args.db_ca;
     config.agent_cert_life = args.agent_cert_ttl;
     config.max_message_bytes = args.max_message_bytes;
     config.max_batch_results = args.max_batch;

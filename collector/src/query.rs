@@ -409,7 +409,6 @@ impl Query for QueryService {
             .put_target(target, req.update, now_us())
             .await
             .map_err(ServiceError::from)?;
-        self.shared.schedule.send_modify(|v| *v += 1);
         info!(target.name = %saved.name, update = req.update, "target saved");
         Ok(Response::new(saved))
     }
@@ -456,7 +455,6 @@ impl Query for QueryService {
             .remove_target(&name)
             .await
             .map_err(ServiceError::from)?;
-        self.shared.schedule.send_modify(|v| *v += 1);
         info!(target.name = %name, "target removed");
         Ok(Response::new(pb::RemoveTargetResponse {}))
     }

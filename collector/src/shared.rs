@@ -21,8 +21,10 @@ use crate::store::{Store, StoreOptions};
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
-    /// SQLite database file (created if missing).
+    /// SQLite database file (created if missing), or a `postgres://` URL.
     pub db_path: PathBuf,
+    /// CA certificates (PEM) to trust for TLS to PostgreSQL (default: the system's roots).
+    pub db_ca: Option<PathBuf>,
     /// Default status window when a request does not set one.
     pub window: Duration,
     /// An agent or series silent longer than this is stale.
@@ -118,6 +120,7 @@ impl Config {
     pub fn new(db_path: impl Into<PathBuf>) -> Config {
         Config {
             db_path: db_path.into(),
+            db_ca: None,
             window: Duration::from_secs(5 * 60),
             stale_after: Duration::from_secs(2 * 60),
             max_message_bytes: 4 * 1024 * 1024,

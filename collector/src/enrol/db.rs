@@ -64,7 +64,8 @@ pub struct CertRow {
 /// The connection to the enrolment tables.
 #[derive(Debug, Clone)]
 pub struct IdentityDb {
-    conn: Arc<Mutex<Connection>>,
+    /// `None` on a store without the enrolment tables (PostgreSQL, for now): every use fails.
+    conn: Option<Arc<Mutex<Connection>>>,
 }
 
 fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -103,8 +104,14 @@ impl IdentityDb {
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(sqlite(path))?;
         Ok(IdentityDb {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Some(Arc::new(Mutex::new(conn))),
         })
+    }
+
+    /// No enrolment tables: token enrolment, renewal and online revocation are refused with
+    /// [`StoreError::Unsupported`].
+    pub fn unavailable() -> IdentityDb {
+        IdentityDb { conn: None }
     }
 
     /// Runs `f` on the connection on a blocking thread.
@@ -113,7 +120,11 @@ impl IdentityDb {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let conn = self.conn.clone();
+        let conn = self.conn.clone().ok_or(StoreError::Unsupported(
+            "token enrolment and online revocation keep their tables in SQLite and are not \
+             available with --db postgres:// yet: enrol agents with `mxscopectl enroll` (offline \
+             CA) and revoke with --revoked FILE",
+        ))?;
         tokio::task::spawn_blocking(move || {
             let mut c = conn
                 .lock()

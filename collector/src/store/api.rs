@@ -1,6 +1,6 @@
 //! The storage seam: [`Store`], the operations the services (ingest, query, `/metrics`) and the
-//! retention job use, so a second backend (PostgreSQL) can stand beside
-//! [`SqliteStore`](super::sqlite::SqliteStore), today's and only one.
+//! retention job use, implemented by [`SqliteStore`](super::sqlite::SqliteStore) and
+//! [`PgStore`](super::postgres::PgStore).
 //! Every operation returns a boxed future ([`Pending`]): the trait is object safe, and a write's
 //! future is the one the SQLite writer hands out anyway.
 
@@ -49,6 +49,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn put_target(&self, target: Target, update: bool, at_us: i64) -> Pending<()>;
     /// Removes a central target; its results stay.
     fn remove_target(&self, name: &str) -> Pending<()>;
+    /// Central target changes as they commit (on PostgreSQL: those of every collector on the
+    /// database), so sessions resend their agents' schedules.
+    fn target_changes(&self) -> broadcast::Receiver<()>;
     /// All central targets, by name.
     fn central_targets(&self) -> Pending<Vec<Target>>;
     /// All agent-local targets as (agent id, region, target).

@@ -1,15 +1,18 @@
 //! Storage, the part every backend shares: the [`Store`] seam the services hold as
 //! `Arc<dyn Store>`, its row, filter and error types, and the retention job. The backends live
-//! below it; today's and only one is [`sqlite`].
+//! below it: [`sqlite`], the embedded default, and [`postgres`], for several collectors on one
+//! database; [`open`] picks one by the `--db` given.
 
 mod api;
+pub mod postgres;
 mod retention;
 pub mod rollup;
 pub mod row;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -28,6 +31,9 @@ pub enum StoreError {
     /// SQLite refused to open, migrate, run a statement or commit.
     #[error(transparent)]
     Sqlite(#[from] sqlite::SqliteError),
+    /// PostgreSQL refused to connect, migrate, run a statement or commit.
+    #[error(transparent)]
+    Postgres(#[from] postgres::PgError),
     #[error("database '{}' has schema version {found}, newer than this collector supports ({supported}); upgrade mxscope-collector or use another --db", path.display())]
     TooNew {
         path: PathBuf,
@@ -72,6 +78,9 @@ pub enum StoreError {
     RollupWrite,
     #[error("database task failed")]
     Task(#[from] tokio::task::JoinError),
+    /// The backend in use cannot do this (the message says what to use instead).
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// Tuning of the store.
@@ -181,7 +190,26 @@ impl StoreError {
         match self {
             StoreError::DiskFull { .. } => true,
             StoreError::Sqlite(e) => e.is_disk_full(),
+            StoreError::Postgres(e) => e.is_disk_full(),
             _ => false,
         }
     }
+}
+
+/// Opens the store `--db` names: a `postgres://` (or `postgresql://`) URL connects to PostgreSQL
+/// (`db_ca`: the CA certificates to trust for its TLS), anything else is a SQLite file.
+pub async fn open(
+    db: &str,
+    opts: StoreOptions,
+    db_ca: Option<&Path>,
+) -> Result<Arc<dyn Store>, StoreError> {
+    if postgres::is_postgres_url(db) {
+        return Ok(Arc::new(
+            postgres::PgStore::connect_with_ca(db, opts, db_ca).await?,
+        ));
+    }
+    let path = PathBuf::from(db);
+    Ok(Arc::new(
+        tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path, opts)).await??,
+    ))
 }

@@ -34,6 +34,9 @@ use crate::analysis::aggregate::Agg;
 
 use error::is_sqlite_full;
 pub use error::SqliteError;
+// Shared with the PostgreSQL backend: the stored forms of facts and targets.
+pub(crate) use read::{facts_text, facts_to_json};
+pub(crate) use target::{from_json as target_from_json, to_json as target_to_json, Stored as StoredTarget};
 pub use schema::SCHEMA_VERSION;
 use writer::{Op, Reply, Request};
 
@@ -49,6 +52,8 @@ pub struct SqliteStore {
     readers: Arc<read::Pool>,
     stats: Arc<WriterStats>,
     events: broadcast::Sender<pb::WatchEvent>,
+    /// Central target changes, sent after their commit.
+    targets: broadcast::Sender<()>,
     prune_batch: usize,
     /// Series ids the writer committed, for [`writer::Prepared::of`].
     series_dir: Arc<std::sync::RwLock<writer::SeriesDir>>,
@@ -88,6 +93,7 @@ impl SqliteStore {
             readers: Arc::new(read::Pool::new(path.to_path_buf(), opts.readers)),
             stats,
             events,
+            targets: broadcast::channel(16).0,
             prune_batch: opts.prune_batch,
             series_dir,
         })
@@ -202,7 +208,12 @@ impl SqliteStore {
             update,
             at_us,
         });
-        Box::pin(async move { fut.await.map(|_| ()) })
+        let targets = self.targets.clone();
+        Box::pin(async move {
+            fut.await?;
+            let _ = targets.send(());
+            Ok(())
+        })
     }
 
     /// Removes a central target; its results stay.
@@ -210,7 +221,12 @@ impl SqliteStore {
         let fut = self.submit(Op::RemoveTarget {
             name: name.to_string(),
         });
-        Box::pin(async move { fut.await.map(|_| ()) })
+        let targets = self.targets.clone();
+        Box::pin(async move {
+            fut.await?;
+            let _ = targets.send(());
+            Ok(())
+        })
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -374,6 +390,9 @@ impl Store for SqliteStore {
     }
     fn remove_target(&self, name: &str) -> Pending<()> {
         SqliteStore::remove_target(self, name)
+    }
+    fn target_changes(&self) -> broadcast::Receiver<()> {
+        self.targets.subscribe()
     }
     fn central_targets(&self) -> Pending<Vec<Target>> {
         let s = self.clone();

@@ -283,7 +283,7 @@ pub(crate) fn facts_from_json(json: &str) -> Result<Vec<pb::Fact>, StoreError> {
 }
 
 /// Stored facts (`[[key, value], ...]`) as text: strings as they are, other values as JSON.
-fn facts_text(json: &str) -> Result<BTreeMap<String, String>, StoreError> {
+pub(crate) fn facts_text(json: &str) -> Result<BTreeMap<String, String>, StoreError> {
     let facts: Vec<(String, serde_json::Value)> = serde_json::from_str(json)?;
     Ok(facts
         .into_iter()

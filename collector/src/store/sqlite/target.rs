@@ -28,7 +28,7 @@ struct Spec {
 }
 
 /// The `spec` JSON of a validated target.
-pub(super) fn to_json(t: &Target) -> Result<String, StoreError> {
+pub(crate) fn to_json(t: &Target) -> Result<String, StoreError> {
     let w = t.to_wire("");
     Ok(serde_json::to_string(&Spec {
         name: w.name,
@@ -45,7 +45,7 @@ pub(super) fn to_json(t: &Target) -> Result<String, StoreError> {
 }
 
 /// What a `spec` column holds.
-pub(super) enum Stored {
+pub(crate) enum Stored {
     Valid(Target),
     /// A definition this version refuses, with the name it was stored under.
     Refused {
@@ -57,7 +57,7 @@ pub(super) enum Stored {
 /// Reads a `spec` column through [`target::validate_from`]. Checks this version does not know (a
 /// newer collector or agent wrote them) are left out and logged, as an agent does with its
 /// collector's targets ([`Source::Collector`]). Malformed JSON is an error.
-pub(super) fn from_json(json: &str) -> Result<Stored, StoreError> {
+pub(crate) fn from_json(json: &str) -> Result<Stored, StoreError> {
     let s: Spec = serde_json::from_str(json)?;
     let wire = pb::TargetSpec {
         name: s.name,
