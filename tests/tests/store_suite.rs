@@ -228,10 +228,10 @@ async fn private_postgres_cluster_starts_and_serves_sql() {
     assert_eq!(other.expect("second database"), "7");
     let refused = refused.expect_err("bad name");
     assert!(refused.to_string().contains("Bad-Name"), "{refused}");
-    let pid_dir = pg.dir().join("data").join("postmaster.pid");
+    let pid_file = pg.dir().join("data").join("postmaster.pid");
     assert!(
-        pid_dir.is_file(),
-        "the server's data directory is the cluster's own"
+        pid_file.is_file(),
+        "the server runs from the cluster's own data directory, not a system cluster's"
     );
     let p = pg.clone();
     let in_first = tokio::task::spawn_blocking(move || {
