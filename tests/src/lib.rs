@@ -16,6 +16,7 @@ pub mod nginx;
 pub mod nsd;
 pub mod opensmtpd;
 pub mod postfix;
+pub mod postgres;
 pub mod probes;
 pub mod process;
 pub mod smtp_fixup;
