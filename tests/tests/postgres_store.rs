@@ -137,11 +137,25 @@ async fn two_stores_on_one_database_store_each_seq_exactly_once() -> Result<()> 
     }
     assert_eq!(marks.iter().max(), Some(&600));
     let seqs = seqs_of(&*a, "ag-1").await?;
-    assert_eq!(seqs, (1..=600).collect::<Vec<u64>>(), "every seq exactly once");
-    let stored = a.stats().results_stored.load(std::sync::atomic::Ordering::Relaxed)
-        + b.stats().results_stored.load(std::sync::atomic::Ordering::Relaxed);
-    let duplicates = a.stats().duplicates.load(std::sync::atomic::Ordering::Relaxed)
-        + b.stats().duplicates.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        seqs,
+        (1..=600).collect::<Vec<u64>>(),
+        "every seq exactly once"
+    );
+    let stored = a
+        .stats()
+        .results_stored
+        .load(std::sync::atomic::Ordering::Relaxed)
+        + b.stats()
+            .results_stored
+            .load(std::sync::atomic::Ordering::Relaxed);
+    let duplicates = a
+        .stats()
+        .duplicates
+        .load(std::sync::atomic::Ordering::Relaxed)
+        + b.stats()
+            .duplicates
+            .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(stored, 600);
     assert_eq!(duplicates, 600, "each result was sent twice");
     let agents = b.agents().await?;
@@ -179,7 +193,10 @@ async fn state_and_target_changes_reach_every_store() -> Result<()> {
     put(
         &b,
         "ag-2",
-        &[result("ag-2", 1, false, t0), result("ag-2", 2, false, t0 + 1)],
+        &[
+            result("ag-2", 1, false, t0),
+            result("ag-2", 2, false, t0 + 1),
+        ],
         t0,
     )
     .await?;
@@ -187,7 +204,11 @@ async fn state_and_target_changes_reach_every_store() -> Result<()> {
         .await
         .context("no state change at the other store within 2 s")??;
     assert_eq!(
-        (e.target.as_str(), e.old_state.as_str(), e.new_state.as_str()),
+        (
+            e.target.as_str(),
+            e.old_state.as_str(),
+            e.new_state.as_str()
+        ),
         ("example.test", "ok", "failing")
     );
     assert_eq!(e.region, "eu-west");
@@ -201,7 +222,10 @@ async fn state_and_target_changes_reach_every_store() -> Result<()> {
     tokio::time::timeout(Duration::from_secs(2), targets.recv())
         .await
         .context("target change not announced to the other store within 2 s")??;
-    eprintln!("target change seen by the other store after {:?}", added.elapsed());
+    eprintln!(
+        "target change seen by the other store after {:?}",
+        added.elapsed()
+    );
     let names: Vec<String> = a
         .central_targets()
         .await?

@@ -1,6 +1,6 @@
 //! The storage suite: what every [`Store`] backend must do, written only against the public
-//! trait (`Arc<dyn Store>`), so one table of cases runs on SQLite today and on PostgreSQL once
-//! `PgStore` lands (`store_suite_pg.rs.txt` beside this file: `open_postgres` and its test).
+//! trait (`Arc<dyn Store>`), so one table of cases runs on both backends: SQLite and PostgreSQL
+//! (a private cluster, a database per case).
 //! Each case gets a fresh, empty store; [`run_suite`] runs them all and names the failures.
 //! Also here: a check that the private PostgreSQL cluster of `mxscope_tests::postgres` works.
 
@@ -15,6 +15,7 @@ use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
 use mxscope_collector::analysis::aggregate::Agg;
 use mxscope_collector::analysis::hysteresis::Policy;
+use mxscope_collector::store::postgres::PgStore;
 use mxscope_collector::store::sqlite::SqliteStore;
 use mxscope_collector::store::{
     AgentHello, Filter, Pending, SeriesId, Store, StoreError, StoreOptions,
@@ -183,6 +184,34 @@ async fn open_sqlite(base: &Path, case: &str, opts: StoreOptions) -> Result<Arc<
 async fn storage_suite_on_sqlite() {
     let base = tempfile::tempdir().expect("temp dir");
     run_suite("sqlite", |case, opts| open_sqlite(base.path(), case, opts)).await;
+}
+
+/// A fresh PostgreSQL store: a database of its own (named after the case) in the suite's
+/// private cluster.
+async fn open_postgres(pg: &Postgres, case: &str, opts: StoreOptions) -> Result<Arc<dyn Store>> {
+    // `createdb` through psql is a short blocking call; the suite runs on the multi-thread
+    // runtime, where block_in_place lets the other tasks move on meanwhile.
+    let url = tokio::task::block_in_place(|| pg.create_database(case))?;
+    let store = PgStore::connect(&url, opts)
+        .await
+        .with_context(|| format!("PgStore::connect {url}"))?;
+    Ok(Arc::new(store))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn storage_suite_on_postgres() {
+    let pg = match tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .expect("join")
+    {
+        Ok(pg) => pg,
+        Err(e) => panic!("private postgres cluster: {e:#}"),
+    };
+    run_suite("postgres", |case, opts| open_postgres(&pg, case, opts)).await;
+    // Stopping the cluster waits for its shutdown: off the runtime's threads.
+    tokio::task::spawn_blocking(move || drop(pg))
+        .await
+        .expect("join");
 }
 
 /// The harness the PostgreSQL run of the suite uses: a private cluster starts, a database is
@@ -1124,12 +1153,18 @@ async fn case_prune_deletes_results_past_retention_in_rounds(store: Arc<dyn Stor
         .await?;
     assert_eq!(day_before.values().map(|a| a.count).sum::<u64>(), 7);
 
-    assert_eq!(
-        store.prune(now).await?,
-        3,
-        "a round deletes at most prune_batch"
+    // A round deletes at most prune_batch rows one by one; a backend that partitions by day
+    // (PostgreSQL) drops a day wholly past the retention at once, which happens here when the
+    // two hours straddle midnight. Either way the rounds catch up with the four old rows.
+    let first = store.prune(now).await?;
+    ensure!(
+        first == 3 || first == 4,
+        "first round deleted {first}, want the batch (3) or the old day (4)"
     );
-    assert_eq!(store.prune(now).await?, 1);
+    assert_eq!(
+        first + mxscope_collector::store::prune_all(&*store, now).await?,
+        4
+    );
     assert_eq!(store.prune(now).await?, 0, "caught up");
     assert_eq!(
         stored_seqs(&*store, "a1").await?,

@@ -702,6 +702,9 @@ impl Store for Counting {
     fn remove_target(&self, name: &str) -> crate::store::Pending<()> {
         Store::remove_target(&self.inner, name)
     }
+    fn target_changes(&self) -> tokio::sync::broadcast::Receiver<()> {
+        Store::target_changes(&self.inner)
+    }
     fn central_targets(&self) -> crate::store::Pending<Vec<mxscope_proto::target::Target>> {
         self.read();
         Store::central_targets(&self.inner)

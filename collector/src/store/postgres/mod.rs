@@ -363,7 +363,9 @@ async fn listen(
                     }
                 });
                 let listening = client
-                    .batch_execute(&format!("LISTEN {EVENTS_CHANNEL}; LISTEN {TARGETS_CHANNEL}"))
+                    .batch_execute(&format!(
+                        "LISTEN {EVENTS_CHANNEL}; LISTEN {TARGETS_CHANNEL}"
+                    ))
                     .await;
                 match listening {
                     Ok(()) => {
@@ -398,7 +400,9 @@ async fn listen(
                 }
                 driver.abort();
             }
-            Err(e) => tracing::warn!(error = %e, retry_in = ?wait, "cannot open the PostgreSQL LISTEN connection"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot open the PostgreSQL LISTEN connection")
+            }
         }
         tokio::select! {
             () = stop.cancelled() => return,

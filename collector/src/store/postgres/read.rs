@@ -87,17 +87,16 @@ pub(super) async fn results_per_agent(
     c: &impl GenericClient,
     since_us: i64,
 ) -> Result<BTreeMap<String, u64>, StoreError> {
-    Ok(c
-        .query(
-            "SELECT a.id, n FROM (SELECT agent_num, count(*) AS n FROM results
+    Ok(c.query(
+        "SELECT a.id, n FROM (SELECT agent_num, count(*) AS n FROM results
                  WHERE start_us >= $1 GROUP BY agent_num) r
              JOIN agents a ON a.num = r.agent_num",
-            &[&since_us],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), unsigned(r.get(1))))
-        .collect())
+        &[&since_us],
+    )
+    .await?
+    .iter()
+    .map(|r| (r.get(0), unsigned(r.get(1))))
+    .collect())
 }
 
 /// `AND column = $n` for the non-empty fields of a filter, numbered after `first` parameters.

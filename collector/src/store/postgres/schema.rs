@@ -141,9 +141,12 @@ pub(super) async fn migrate(client: &mut Client, what: &str) -> Result<(), Store
             continue;
         }
         tx.batch_execute(step).await.map_err(err(to))?;
-        tx.execute("UPDATE mxscope_schema SET version = $1 WHERE one = 1", &[&to])
-            .await
-            .map_err(err(to))?;
+        tx.execute(
+            "UPDATE mxscope_schema SET version = $1 WHERE one = 1",
+            &[&to],
+        )
+        .await
+        .map_err(err(to))?;
         tx.commit().await.map_err(err(to))?;
         tracing::info!(schema.version = to, db = %what, "database migrated");
     }

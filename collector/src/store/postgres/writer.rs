@@ -132,7 +132,9 @@ impl Prepared {
         results: &[ResultView<'_>],
         ids: &RwLock<HashMap<SeriesKey, i64>>,
     ) -> Prepared {
-        let ids = ids.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ids = ids
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut index: HashMap<SeriesKey, u32> = HashMap::new();
         let mut series = Vec::new();
         let mut rows = Vec::with_capacity(results.len());
@@ -530,7 +532,12 @@ impl Writer {
                         .execute(
                             "UPDATE agents SET spool_depth = $1, dropped_total = $2,
                                  last_seen_us = GREATEST(last_seen_us, $3) WHERE id = $4",
-                            &[&to_i64(*spool_depth)?, &to_i64(*dropped_total)?, at_us, agent_id],
+                            &[
+                                &to_i64(*spool_depth)?,
+                                &to_i64(*dropped_total)?,
+                                at_us,
+                                agent_id,
+                            ],
                         )
                         .await?;
                     if n == 0 {
@@ -632,8 +639,11 @@ impl Writer {
             }
         }
         let n = add.len();
-        let (mut levels, mut buckets, mut series) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut levels, mut buckets, mut series) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         let (mut counts, mut oks, mut warns, mut fails, mut blobs) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -711,10 +721,7 @@ impl Writer {
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
                 .await?;
             let gone = tx
-                .query_opt(
-                    "SELECT 1 FROM result_partitions WHERE day_us = $1",
-                    &[&day],
-                )
+                .query_opt("SELECT 1 FROM result_partitions WHERE day_us = $1", &[&day])
                 .await?
                 .is_none();
             if !gone {
@@ -767,9 +774,7 @@ fn key_of(s: &SeriesRef) -> Option<&SeriesKey> {
 }
 
 fn level_of(code: i32) -> Option<Level> {
-    Level::ALL
-        .into_iter()
-        .find(|l| l.code() == i64::from(code))
+    Level::ALL.into_iter().find(|l| l.code() == i64::from(code))
 }
 
 /// Inserts the series `new` (sorted by key) unless another collector did, and returns the ids
@@ -1205,9 +1210,7 @@ pub(super) fn unsigned(v: i64) -> u64 {
 }
 
 /// Loads the days whose partition exists.
-pub(super) async fn partitions(
-    client: &impl GenericClient,
-) -> Result<BTreeSet<i64>, StoreError> {
+pub(super) async fn partitions(client: &impl GenericClient) -> Result<BTreeSet<i64>, StoreError> {
     Ok(client
         .query("SELECT day_us FROM result_partitions", &[])
         .await?

@@ -36,8 +36,10 @@ use error::is_sqlite_full;
 pub use error::SqliteError;
 // Shared with the PostgreSQL backend: the stored forms of facts and targets.
 pub(crate) use read::{facts_text, facts_to_json};
-pub(crate) use target::{from_json as target_from_json, to_json as target_to_json, Stored as StoredTarget};
 pub use schema::SCHEMA_VERSION;
+pub(crate) use target::{
+    from_json as target_from_json, to_json as target_to_json, Stored as StoredTarget,
+};
 use writer::{Op, Reply, Request};
 
 /// Capacity of the state-change broadcast; a slower watcher skips (and is told how many).
