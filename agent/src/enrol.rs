@@ -14,7 +14,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::chain;
 
@@ -355,9 +355,11 @@ async fn pinned_ca(
 
 /// First start: makes a key, pins the collector by the token's CA, sends a CSR with the token,
 /// and writes key, certificate and CA into `dir`. `id` and `region` are what the operator asked
-/// for (the token decides; a mismatch is refused by the collector).
+/// for (the token decides; a mismatch is refused by the collector). The collectors are tried in
+/// order: one that cannot be reached, or does not present the token's CA (the token is then not
+/// sent), passes to the next; a refusal ends the enrolment.
 pub async fn enroll(
-    collector: &str,
+    collectors: &[String],
     token: &str,
     id: Option<&str>,
     region: Option<&str>,
@@ -368,6 +370,33 @@ pub async fn enroll(
         .map_err(|e: mxscope_pki::PkiError| EnrolError::Token(e.to_string()))?;
     // Before anything goes over the network: the directory must take the files.
     dir.store_probe()?;
+    let mut failed: Option<EnrolError> = None;
+    for (i, collector) in collectors.iter().enumerate() {
+        match enroll_at(collector, token, &parsed, id, region, dir).await {
+            Err(e @ (EnrolError::Unreachable { .. } | EnrolError::Pin { .. })) => {
+                if i + 1 < collectors.len() {
+                    warn!(collector = %collector, error = %e, "cannot enrol with this collector, trying the next");
+                }
+                // A collector with the wrong CA says more than one that is down: it is kept.
+                if !matches!(failed, Some(EnrolError::Pin { .. })) {
+                    failed = Some(e);
+                }
+            }
+            done => return done,
+        }
+    }
+    Err(failed.unwrap_or_else(|| EnrolError::Token("needs --collector https://host:port".into())))
+}
+
+/// [`enroll`] with one collector.
+async fn enroll_at(
+    collector: &str,
+    token: &str,
+    parsed: &Token,
+    id: Option<&str>,
+    region: Option<&str>,
+    dir: &StateDir,
+) -> Result<Held, EnrolError> {
     let ca = pinned_ca(collector, &parsed.ca).await?;
     let ca_pem = mxscope_pki::pem_of(&ca);
     let (csr, key) = mxscope_pki::new_csr().map_err(|e| EnrolError::Token(e.to_string()))?;
@@ -408,8 +437,8 @@ pub async fn enroll(
     let held = dir
         .load()?
         .ok_or_else(|| dir.err("the certificate just written is gone"))?;
-    info!(agent.id = %held.id, region = %held.region, cert.serial = %held.info.id.serial,
-        state_dir = %dir.dir.display(), "enrolled with the collector");
+    info!(collector = %collector, agent.id = %held.id, region = %held.region,
+        cert.serial = %held.info.id.serial, state_dir = %dir.dir.display(), "enrolled with the collector");
     Ok(held)
 }
 
@@ -432,7 +461,7 @@ impl StateDir {
 /// The identity the agent runs with: the one in `dir`, or, with a token and no (valid)
 /// certificate there yet, the one it enrols for. `None` and no token is an error naming the fix.
 pub async fn prepare(
-    collector: &str,
+    collectors: &[String],
     token: Option<&str>,
     id: Option<&str>,
     region: Option<&str>,
@@ -460,7 +489,7 @@ pub async fn prepare(
              token create --region R') and --collector https://host:port"
                 .to_string(),
         )),
-        (_, Some(token)) => enroll(collector, token, id, region, dir).await,
+        (_, Some(token)) => enroll(collectors, token, id, region, dir).await,
     }
 }
 

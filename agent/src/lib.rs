@@ -137,7 +137,7 @@ pub async fn run_with(
 
     let uplink = Uplink {
         identity: Identity {
-            collectors: vec![config.collector.clone()],
+            collectors: config.collectors.clone(),
             agent_id: config.id.clone(),
             region: config.region.clone(),
             labels: config.labels.clone(),

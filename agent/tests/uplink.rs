@@ -456,7 +456,7 @@ async fn agent_probes_while_collector_is_down_and_delivers_later() {
         options: CheckOptions::default(),
     };
     let config = AgentConfig {
-        collector: format!("http://{addr}"),
+        collectors: vec![format!("http://{addr}")],
         id: "eu-1".into(),
         region: "eu-west".into(),
         targets: vec![target],
