@@ -530,3 +530,87 @@ impl Renewal {
         self.tls.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PIN: &str = "9b0c5a1e2d3f4a5b6c7d8e9f00112233445566778899aabbccddeeff00112233";
+
+    /// `https://` URLs of loopback ports nothing listens on.
+    fn closed(n: usize) -> Vec<String> {
+        let held: Vec<std::net::TcpListener> = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        held.iter()
+            .map(|l| format!("https://{}", l.local_addr().unwrap()))
+            .collect()
+    }
+
+    /// A TLS server on loopback presenting a self-signed certificate (not the token's CA); it
+    /// serves handshakes until the test ends.
+    async fn other_ca_server() -> String {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = acceptor.accept(tcp).await;
+            }
+        });
+        url
+    }
+
+    fn token() -> String {
+        Token::generate(PIN.parse().unwrap()).unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn enrolment_tries_every_collector_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let collectors = closed(2);
+        let e = enroll(&collectors, &token(), None, None, &state)
+            .await
+            .unwrap_err();
+        match &e {
+            EnrolError::Unreachable { collector, .. } => {
+                assert_eq!(collector, &collectors[1], "the last one tried: {e}")
+            }
+            other => panic!("unreachable expected: {other}"),
+        }
+        assert!(state.load().unwrap().is_none(), "nothing written");
+    }
+
+    #[tokio::test]
+    async fn a_collector_with_another_ca_is_passed_over_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let other = other_ca_server().await;
+        // First or last, the collector with the wrong CA is the error: it says more than one
+        // that is down.
+        for collectors in [
+            vec![other.clone(), closed(1).remove(0)],
+            vec![closed(1).remove(0), other.clone()],
+        ] {
+            let e = enroll(&collectors, &token(), None, None, &state)
+                .await
+                .unwrap_err();
+            match &e {
+                EnrolError::Pin { collector, .. } => assert_eq!(collector, &other, "{e}"),
+                other => panic!("CA mismatch expected with {collectors:?}: {other}"),
+            }
+        }
+        assert!(state.load().unwrap().is_none(), "nothing written");
+    }
+}
