@@ -14,7 +14,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::chain;
 
@@ -355,9 +355,11 @@ async fn pinned_ca(
 
 /// First start: makes a key, pins the collector by the token's CA, sends a CSR with the token,
 /// and writes key, certificate and CA into `dir`. `id` and `region` are what the operator asked
-/// for (the token decides; a mismatch is refused by the collector).
+/// for (the token decides; a mismatch is refused by the collector). The collectors are tried in
+/// order: one that cannot be reached, or does not present the token's CA (the token is then not
+/// sent), passes to the next; a refusal ends the enrolment.
 pub async fn enroll(
-    collector: &str,
+    collectors: &[String],
     token: &str,
     id: Option<&str>,
     region: Option<&str>,
@@ -368,6 +370,33 @@ pub async fn enroll(
         .map_err(|e: mxscope_pki::PkiError| EnrolError::Token(e.to_string()))?;
     // Before anything goes over the network: the directory must take the files.
     dir.store_probe()?;
+    let mut failed: Option<EnrolError> = None;
+    for (i, collector) in collectors.iter().enumerate() {
+        match enroll_at(collector, token, &parsed, id, region, dir).await {
+            Err(e @ (EnrolError::Unreachable { .. } | EnrolError::Pin { .. })) => {
+                if i + 1 < collectors.len() {
+                    warn!(collector = %collector, error = %e, "cannot enrol with this collector, trying the next");
+                }
+                // A collector with the wrong CA says more than one that is down: it is kept.
+                if !matches!(failed, Some(EnrolError::Pin { .. })) {
+                    failed = Some(e);
+                }
+            }
+            done => return done,
+        }
+    }
+    Err(failed.unwrap_or_else(|| EnrolError::Token("needs --collector https://host:port".into())))
+}
+
+/// [`enroll`] with one collector.
+async fn enroll_at(
+    collector: &str,
+    token: &str,
+    parsed: &Token,
+    id: Option<&str>,
+    region: Option<&str>,
+    dir: &StateDir,
+) -> Result<Held, EnrolError> {
     let ca = pinned_ca(collector, &parsed.ca).await?;
     let ca_pem = mxscope_pki::pem_of(&ca);
     let (csr, key) = mxscope_pki::new_csr().map_err(|e| EnrolError::Token(e.to_string()))?;
@@ -408,8 +437,8 @@ pub async fn enroll(
     let held = dir
         .load()?
         .ok_or_else(|| dir.err("the certificate just written is gone"))?;
-    info!(agent.id = %held.id, region = %held.region, cert.serial = %held.info.id.serial,
-        state_dir = %dir.dir.display(), "enrolled with the collector");
+    info!(collector = %collector, agent.id = %held.id, region = %held.region,
+        cert.serial = %held.info.id.serial, state_dir = %dir.dir.display(), "enrolled with the collector");
     Ok(held)
 }
 
@@ -432,7 +461,7 @@ impl StateDir {
 /// The identity the agent runs with: the one in `dir`, or, with a token and no (valid)
 /// certificate there yet, the one it enrols for. `None` and no token is an error naming the fix.
 pub async fn prepare(
-    collector: &str,
+    collectors: &[String],
     token: Option<&str>,
     id: Option<&str>,
     region: Option<&str>,
@@ -460,7 +489,7 @@ pub async fn prepare(
              token create --region R') and --collector https://host:port"
                 .to_string(),
         )),
-        (_, Some(token)) => enroll(collector, token, id, region, dir).await,
+        (_, Some(token)) => enroll(collectors, token, id, region, dir).await,
     }
 }
 
@@ -499,5 +528,89 @@ impl Renewal {
 
     pub fn current_tls(&self) -> crate::trust::CollectorTls {
         self.tls.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PIN: &str = "9b0c5a1e2d3f4a5b6c7d8e9f00112233445566778899aabbccddeeff00112233";
+
+    /// `https://` URLs of loopback ports nothing listens on.
+    fn closed(n: usize) -> Vec<String> {
+        let held: Vec<std::net::TcpListener> = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        held.iter()
+            .map(|l| format!("https://{}", l.local_addr().unwrap()))
+            .collect()
+    }
+
+    /// A TLS server on loopback presenting a self-signed certificate (not the token's CA); it
+    /// serves handshakes until the test ends.
+    async fn other_ca_server() -> String {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = acceptor.accept(tcp).await;
+            }
+        });
+        url
+    }
+
+    fn token() -> String {
+        Token::generate(PIN.parse().unwrap()).unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn enrolment_tries_every_collector_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let collectors = closed(2);
+        let e = enroll(&collectors, &token(), None, None, &state)
+            .await
+            .unwrap_err();
+        match &e {
+            EnrolError::Unreachable { collector, .. } => {
+                assert_eq!(collector, &collectors[1], "the last one tried: {e}")
+            }
+            other => panic!("unreachable expected: {other}"),
+        }
+        assert!(state.load().unwrap().is_none(), "nothing written");
+    }
+
+    #[tokio::test]
+    async fn a_collector_with_another_ca_is_passed_over_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let other = other_ca_server().await;
+        // First or last, the collector with the wrong CA is the error: it says more than one
+        // that is down.
+        for collectors in [
+            vec![other.clone(), closed(1).remove(0)],
+            vec![closed(1).remove(0), other.clone()],
+        ] {
+            let e = enroll(&collectors, &token(), None, None, &state)
+                .await
+                .unwrap_err();
+            match &e {
+                EnrolError::Pin { collector, .. } => assert_eq!(collector, &other, "{e}"),
+                other => panic!("CA mismatch expected with {collectors:?}: {other}"),
+            }
+        }
+        assert!(state.load().unwrap().is_none(), "nothing written");
     }
 }

@@ -137,7 +137,7 @@ pub async fn run_with(
 
     let uplink = Uplink {
         identity: Identity {
-            collector: config.collector.clone(),
+            collectors: config.collectors.clone(),
             agent_id: config.id.clone(),
             region: config.region.clone(),
             labels: config.labels.clone(),

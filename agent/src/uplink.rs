@@ -1,6 +1,8 @@
 //! The one long-lived gRPC stream to the collector: hello, then spooled results in ascending seq
 //! with a bounded window of unacked batches; acks trim the spool, schedules go to the scheduler.
-//! Any failure reconnects with capped, jittered exponential backoff and resends from the last ack.
+//! With several collectors a session goes to one at a time; any failure moves to the next in the
+//! list at once, and only a whole round of failures waits out the capped, jittered exponential
+//! backoff ([`Rotation`]). Each session resends from what its collector's Welcome says is stored.
 //! When results trickle in, a batch waits up to [`LINGER`] for more (a full batch goes at once), so
 //! a fleet at tens of probes per second sends a few batches and gets a few acks per second, not one
 //! per result.
@@ -63,10 +65,11 @@ pub enum UplinkError {
 /// How long after a refused or failed renewal the agent asks again.
 const RENEW_RETRY: Duration = Duration::from_secs(30);
 
-/// Who this agent is, as told in Hello.
+/// Who this agent is, as told in Hello, and where it sends.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    pub collector: String,
+    /// The collectors, in failover order (at least one).
+    pub collectors: Vec<String>,
     pub agent_id: String,
     pub region: String,
     pub labels: BTreeMap<String, String>,
@@ -112,6 +115,58 @@ impl Backoff {
     }
 }
 
+/// Which collector the next session goes to and how long to wait before it: round robin over the
+/// list; after a failure the next collector is tried at once, and the [`Backoff`] is waited out
+/// only when every collector failed in a row (one full round). A healthy session resets both.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    collectors: usize,
+    current: usize,
+    /// Sessions that failed in a row in this round.
+    failed: usize,
+    backoff: Backoff,
+}
+
+impl Rotation {
+    /// A rotation over `collectors` collectors (at least one), starting at the first.
+    pub fn new(collectors: usize, backoff: Backoff) -> Self {
+        Rotation {
+            collectors: collectors.max(1),
+            current: 0,
+            failed: 0,
+            backoff,
+        }
+    }
+
+    /// The index of the collector the next session goes to.
+    pub fn current(&self) -> usize {
+        self.current
+    }
+
+    /// The session with the current collector failed or ended; `healthy` when it had lasted
+    /// [`HEALTHY_AFTER`] after its Welcome. Moves to the next collector and returns how long to
+    /// wait before connecting to it: nothing within a round, the backoff after a whole one.
+    pub fn failed(&mut self, healthy: bool) -> Duration {
+        if healthy {
+            self.backoff.reset();
+            self.failed = 0;
+        }
+        self.current = (self.current + 1) % self.collectors;
+        self.failed += 1;
+        if self.failed < self.collectors {
+            return Duration::ZERO;
+        }
+        self.failed = 0;
+        self.backoff.next_delay()
+    }
+
+    /// The session ended for a renewed certificate: the same collector again, at once.
+    pub fn renewed(&mut self) {
+        self.backoff.reset();
+        self.failed = 0;
+    }
+}
+
 /// The uplink task.
 pub struct Uplink {
     pub identity: Identity,
@@ -144,42 +199,45 @@ impl Uplink {
                 }
             });
         }
-        let mut backoff = Backoff::default();
+        let collectors = &self.identity.collectors;
+        let mut rotation = Rotation::new(collectors.len(), Backoff::default());
         loop {
             if stop.is_cancelled() && self.spool.depth() == 0 {
                 return;
             }
+            let collector = collectors[rotation.current()].as_str();
             let mut welcomed_at = None;
             let result = tokio::select! {
-                r = self.session(&stop, &mut welcomed_at) => r,
+                r = self.session(collector, &stop, &mut welcomed_at) => r,
                 _ = deadline.cancelled() => Err(UplinkError::Protocol("shutdown deadline")),
             };
             match result {
                 Ok(()) => return,
                 Err(UplinkError::Renewed) => {
-                    info!(collector = %self.identity.collector, "reconnecting with the renewed certificate");
-                    backoff.reset();
+                    info!(collector = %collector, "reconnecting with the renewed certificate");
+                    rotation.renewed();
                     continue;
                 }
                 Err(e) if deadline.is_cancelled() => {
-                    warn!(collector = %self.identity.collector, error = %chain(&e), unsent = self.spool.depth(),
+                    warn!(collector = %collector, error = %chain(&e), unsent = self.spool.depth(),
                         "shutdown deadline reached with results not acked, they stay in the spool");
                     return;
                 }
                 // Only a failed connection is "unreachable": a collector that answers and refuses
                 // (full disk, limits, identity) must not be reported as a network problem.
                 Err(e @ UplinkError::Connect(_)) => {
-                    warn!(collector = %self.identity.collector, error = %chain(&e), "collector unreachable, retrying")
+                    warn!(collector = %collector, error = %chain(&e), "collector unreachable, retrying")
                 }
                 Err(e) => {
-                    warn!(collector = %self.identity.collector, error = %chain(&e), "collector session failed, retrying")
+                    warn!(collector = %collector, error = %chain(&e), "collector session failed, retrying")
                 }
             }
-            if welcomed_at.is_some_and(|at: Instant| at.elapsed() >= HEALTHY_AFTER) {
-                backoff.reset();
+            let healthy = welcomed_at.is_some_and(|at: Instant| at.elapsed() >= HEALTHY_AFTER);
+            let delay = rotation.failed(healthy);
+            debug!(collector = %collectors[rotation.current()], delay = ?delay, "reconnecting");
+            if delay.is_zero() {
+                continue;
             }
-            let delay = backoff.next_delay();
-            debug!(delay = ?delay, "reconnecting");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = deadline.cancelled() => {
@@ -232,13 +290,14 @@ impl Uplink {
         }
     }
 
-    /// One session; `Ok` only when stopped and everything is acked.
+    /// One session with `collector`; `Ok` only when stopped and everything is acked.
     async fn session(
         &self,
+        collector: &str,
         stop: &CancellationToken,
         welcomed_at: &mut Option<Instant>,
     ) -> Result<(), UplinkError> {
-        let mut endpoint = Endpoint::from_shared(self.identity.collector.clone())?;
+        let mut endpoint = Endpoint::from_shared(collector.to_string())?;
         let tls = match &self.renewal {
             Some(r) => Some(r.current_tls()),
             None => self.identity.tls.clone(),
@@ -271,9 +330,14 @@ impl Uplink {
             None => return Err(UplinkError::Closed),
         };
         *welcomed_at = Some(Instant::now());
+        // What this collector has stored counts as acked: one sharing the database of the last
+        // one may hold more than that one acked (committed, ack lost), and it is not sent again.
+        // Sending goes on from the higher of that and our own ack, so a collector with a database
+        // of its own (stored below our ack) gets everything still in the spool; what another
+        // collector acked is no longer there to resend.
         self.spool.ensure_seq_above(stored).await?;
         self.spool.ack(stored).await?;
-        info!(collector = %self.identity.collector, stored_up_to_seq = stored,
+        info!(collector = %collector, stored_up_to_seq = stored,
             unsent = self.spool.depth(), "connected to collector");
 
         let mut sent = self.spool.acked_seq();
@@ -303,7 +367,7 @@ impl Uplink {
                     Instant::now() + wait
                 });
             if stop.is_cancelled() && self.spool.depth() == 0 {
-                info!("all results acked");
+                info!(collector = %collector, "all results acked");
                 return Ok(());
             }
             let highest = self.spool.highest_seq();
@@ -327,7 +391,7 @@ impl Uplink {
                         sent = sent.max(n);
                     }
                     Some(Ok(pb::CollectorMessage { msg: Some(Down::Schedule(s)) })) => {
-                        info!(version = s.version, targets = s.targets.len(), "central schedule received");
+                        info!(collector = %collector, version = s.version, targets = s.targets.len(), "central schedule received");
                         self.schedule.send_replace(Some(s));
                     }
                     Some(Ok(pb::CollectorMessage { msg: Some(Down::Welcome(_)) })) => {
@@ -361,7 +425,7 @@ impl Uplink {
                 _ = tokio::time::sleep_until(renew_due.unwrap_or_else(Instant::now)), if renew_due.is_some() => {
                     match mxscope_pki::new_csr() {
                         Ok((csr_pem, key)) => {
-                            info!("asking the collector to renew this agent's certificate");
+                            info!(collector = %collector, "asking the collector to renew this agent's certificate");
                             tx.send(pb::AgentMessage { msg: Some(Up::Renew(pb::RenewRequest { csr_pem })) })
                                 .await
                                 .map_err(|_| UplinkError::Closed)?;
@@ -418,5 +482,99 @@ mod tests {
         assert_eq!(caps[9], Duration::from_secs(30));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(500));
+    }
+
+    /// For each session outcome in turn: the collector tried next and the wait before it.
+    fn waits(r: &mut Rotation, outcomes: &[bool]) -> Vec<(usize, Duration)> {
+        outcomes
+            .iter()
+            .map(|&healthy| {
+                let d = r.failed(healthy);
+                (r.current(), d)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rotation_tries_every_collector_at_once_then_backs_off_per_round() {
+        let mut r = Rotation::new(3, Backoff::default());
+        assert_eq!(r.current(), 0);
+        let got = waits(&mut r, &[false; 9]);
+        let order: Vec<usize> = got.iter().map(|(c, _)| *c).collect();
+        assert_eq!(order, [1, 2, 0, 1, 2, 0, 1, 2, 0], "round robin");
+        for (i, (_, d)) in got.iter().enumerate() {
+            let round_end = i % 3 == 2;
+            assert_eq!(d.is_zero(), !round_end, "attempt {i}: {d:?}");
+        }
+        // The backoff grows per round: 0.5 s, 1 s, 2 s caps.
+        let ends: Vec<Duration> = got
+            .iter()
+            .map(|(_, d)| *d)
+            .filter(|d| !d.is_zero())
+            .collect();
+        assert_eq!(ends.len(), 3);
+        assert!(ends[0] <= Duration::from_millis(500), "{ends:?}");
+        assert!(
+            ends[1] >= Duration::from_millis(500) && ends[1] <= Duration::from_secs(1),
+            "{ends:?}"
+        );
+        assert!(
+            ends[2] >= Duration::from_secs(1) && ends[2] <= Duration::from_secs(2),
+            "{ends:?}"
+        );
+    }
+
+    #[test]
+    fn rotation_after_a_healthy_session_goes_to_the_next_at_once_and_resets_the_backoff() {
+        let mut r = Rotation::new(2, Backoff::default());
+        // Two full rounds of failures: the backoff is at 2 s now.
+        waits(&mut r, &[false; 4]);
+        assert_eq!(r.current(), 0);
+        // A healthy session on collector 0 ends (it was SIGKILLed): collector 1 at once.
+        assert_eq!(r.failed(true), Duration::ZERO);
+        assert_eq!(r.current(), 1);
+        // Collector 1 is down too: the round is over, and the wait starts from the base again.
+        let d = r.failed(false);
+        assert!(!d.is_zero() && d <= Duration::from_millis(500), "{d:?}");
+        assert_eq!(r.current(), 0);
+    }
+
+    #[test]
+    fn rotation_failing_within_a_round_after_a_healthy_session_counts_the_round_anew() {
+        let mut r = Rotation::new(3, Backoff::default());
+        assert_eq!(r.failed(false), Duration::ZERO); // 0 failed
+        assert_eq!(r.failed(true), Duration::ZERO); // 1 was healthy, then ended
+        assert_eq!(r.current(), 2);
+        // The round starts with the healthy one's end: 2 and 0 fail at once, then a wait for 1.
+        assert_eq!(r.failed(false), Duration::ZERO);
+        assert!(!r.failed(false).is_zero());
+        assert_eq!(r.current(), 1);
+    }
+
+    #[test]
+    fn rotation_over_one_collector_is_the_plain_backoff() {
+        let mut r = Rotation::new(1, Backoff::default());
+        let caps = [500, 1000, 2000, 4000];
+        for cap in caps {
+            let d = r.failed(false);
+            assert_eq!(r.current(), 0);
+            assert!(
+                !d.is_zero() && d <= Duration::from_millis(cap),
+                "{d:?} <= {cap} ms"
+            );
+            assert!(
+                d >= Duration::from_millis(cap / 2),
+                "{d:?} >= {} ms",
+                cap / 2
+            );
+        }
+        let d = r.failed(true);
+        assert!(
+            d <= Duration::from_millis(500),
+            "reset after a healthy session: {d:?}"
+        );
+        r.renewed();
+        assert_eq!(r.current(), 0, "a renewal reconnects to the same collector");
+        assert!(r.failed(false) <= Duration::from_millis(500));
     }
 }

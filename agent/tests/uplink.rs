@@ -1,5 +1,6 @@
 //! The agent against a fake collector on loopback: ordered delivery, acks trimming the spool,
-//! reconnect with resend from the last ack, Welcome moving seq ahead, schedules, clean shutdown.
+//! reconnect with resend from the last ack, Welcome moving seq ahead, schedules, clean shutdown;
+//! failover between two collectors sharing one database or each with its own.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -37,6 +38,9 @@ struct FakeCollector {
     seen: Arc<Mutex<Seen>>,
     /// Close the first session after its first batch, without acking it.
     drop_first_session: bool,
+    /// Close the first session after storing its first batch, without acking it (a collector
+    /// killed between its commit and the ack).
+    store_then_drop_first_session: bool,
     /// Welcome with this seq instead of what is stored.
     welcome_seq: Option<u64>,
     schedule: Option<pb::Schedule>,
@@ -102,6 +106,9 @@ impl Ingest for FakeCollector {
                     }
                     for r in batch.results {
                         seen.stored.insert(r.seq, r);
+                    }
+                    if me.store_then_drop_first_session && session == 1 {
+                        return;
                     }
                 }
                 let ack = Down::Ack(pb::Ack {
@@ -169,10 +176,18 @@ fn uplink(
     addr: SocketAddr,
     spool: &SpoolHandle,
 ) -> (Uplink, watch::Receiver<Option<pb::Schedule>>) {
+    uplink_to(&[addr], spool)
+}
+
+/// An uplink to the collectors at `addrs`, in this order.
+fn uplink_to(
+    addrs: &[SocketAddr],
+    spool: &SpoolHandle,
+) -> (Uplink, watch::Receiver<Option<pb::Schedule>>) {
     let (tx, rx) = watch::channel(None);
     let up = Uplink {
         identity: Identity {
-            collector: format!("http://{addr}"),
+            collectors: addrs.iter().map(|a| format!("http://{a}")).collect(),
             agent_id: "eu-1".into(),
             region: "eu-west".into(),
             labels: [("net".to_string(), "dsl".to_string())]
@@ -287,6 +302,72 @@ async fn reconnects_and_resends_from_the_last_ack() {
     server.cancel();
 }
 
+/// Runs an uplink over `[a, b]` with a spool of 700 results until all are acked.
+async fn fail_over(a: &FakeCollector, b: &FakeCollector, spool: &SpoolHandle) {
+    let (addr_a, server_a) = start(a.clone()).await;
+    let (addr_b, server_b) = start(b.clone()).await;
+    let (up, _) = uplink_to(&[addr_a, addr_b], spool);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(up.run(stop.clone()));
+    wait_until("all acked after failover", Duration::from_secs(20), || {
+        spool.depth() == 0
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+    server_a.cancel();
+    server_b.cancel();
+}
+
+#[tokio::test]
+async fn fails_over_to_the_next_collector_and_resends_what_it_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool_with(dir.path(), 700);
+    // A stores the first batch and dies before acking it; B has a database of its own.
+    let a = FakeCollector {
+        store_then_drop_first_session: true,
+        ..Default::default()
+    };
+    let b = FakeCollector::default();
+    fail_over(&a, &b, &spool).await;
+    let (a, b) = (a.seen.lock().unwrap(), b.seen.lock().unwrap());
+    assert_eq!(a.sessions, 1, "A is not tried again while B works");
+    assert_eq!(a.stored.len(), 500, "A stored its first batch");
+    assert_eq!(b.sessions, 1);
+    assert_eq!(
+        b.stored.len(),
+        700,
+        "B got everything, A's unacked batch too"
+    );
+    assert_eq!(b.stored.keys().next(), Some(&1));
+    assert_eq!(b.hellos[0].highest_seq, 700);
+}
+
+#[tokio::test]
+async fn fails_over_within_one_database_without_resending() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool_with(dir.path(), 700);
+    // Both collectors share one database (`seen`): B's Welcome says what A stored unacked.
+    let a = FakeCollector {
+        store_then_drop_first_session: true,
+        ..Default::default()
+    };
+    let b = FakeCollector {
+        seen: a.seen.clone(),
+        ..Default::default()
+    };
+    fail_over(&a, &b, &spool).await;
+    let seen = a.seen.lock().unwrap();
+    assert_eq!(seen.sessions, 2, "one session with A, one with B");
+    assert_eq!(seen.stored.len(), 700);
+    assert_eq!(seen.received.len(), 700, "nothing A stored is sent again");
+    assert_eq!(seen.received.iter().filter(|&&s| s == 1).count(), 1);
+    assert_eq!(spool.acked_seq(), 700);
+}
+
 #[tokio::test]
 async fn welcome_moves_seq_ahead_and_schedule_is_forwarded() {
     let dir = tempfile::tempdir().unwrap();
@@ -375,7 +456,7 @@ async fn agent_probes_while_collector_is_down_and_delivers_later() {
         options: CheckOptions::default(),
     };
     let config = AgentConfig {
-        collector: format!("http://{addr}"),
+        collectors: vec![format!("http://{addr}")],
         id: "eu-1".into(),
         region: "eu-west".into(),
         targets: vec![target],

@@ -83,10 +83,15 @@ impl Collector {
         self.proc.log_tail(n)
     }
 
-    /// SIGKILL (a crash), then start again on the same address and db. If the new process
-    /// cannot bind yet and exits, it is started again until the deadline.
+    /// SIGKILL (a crash), then start again on the same address and db (see [`Self::restart`]).
     pub fn crash_and_restart(&mut self) -> Result<()> {
         self.proc.kill()?;
+        self.restart()
+    }
+
+    /// Starts the stopped collector again on the same address and db. If the new process cannot
+    /// bind yet and exits, it is started again until the deadline.
+    pub fn restart(&mut self) -> Result<()> {
         self.proc.restart()?;
         let addr = self.addr;
         let proc = &mut self.proc;
@@ -194,14 +199,36 @@ impl Agent {
 
     /// Like [`Agent::start`], with the spool in `<spool_parent>/spool-ID`.
     pub fn start_with_spool(dir: &Path, spool_parent: &Path, opts: &AgentOptions) -> Result<Agent> {
+        Agent::spawn(dir, spool_parent, opts, &[])
+    }
+
+    /// Like [`Agent::start`], with `--collector` for `opts.collector_url` and then for each of
+    /// `failover`, in this order: the collectors the agent fails over between.
+    pub fn start_with_failover(
+        dir: &Path,
+        opts: &AgentOptions,
+        failover: &[String],
+    ) -> Result<Agent> {
+        Agent::spawn(dir, dir, opts, failover)
+    }
+
+    fn spawn(
+        dir: &Path,
+        spool_parent: &Path,
+        opts: &AgentOptions,
+        failover: &[String],
+    ) -> Result<Agent> {
         let bin = mxscope_binary(AGENT)?;
         let config = dir.join(format!("agent-{}.toml", opts.id));
         write_file(&config, agent_toml(&opts.targets))?;
         let spool = spool_parent.join(format!("spool-{}", opts.id));
-        let mut spec = Spec::new(format!("agent-{}", opts.id), bin)
+        let mut spec =
+            Spec::new(format!("agent-{}", opts.id), bin).args(["--collector", &opts.collector_url]);
+        for url in failover {
+            spec = spec.args(["--collector", url]);
+        }
+        spec = spec
             .args([
-                "--collector",
-                &opts.collector_url,
                 "--id",
                 &opts.id,
                 "--region",

@@ -1,4 +1,4 @@
-//! The validated settings the agent runs with, built from its flags: collector URL and TLS,
+//! The validated settings the agent runs with, built from its flags: collector URLs and TLS,
 //! identity, credentials, spool, concurrency and the targets file they name.
 
 use std::collections::BTreeMap;
@@ -16,7 +16,9 @@ pub const DEFAULT_SPOOL_MAX: u64 = 256 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    pub collector: String,
+    /// The collectors in the order given (at least one, all of one scheme); the uplink fails
+    /// over between them.
+    pub collectors: Vec<String>,
     pub id: String,
     pub region: String,
     pub targets: Vec<Target>,
@@ -42,7 +44,7 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Validates the flags and loads the targets file they name.
     pub fn from_flags(flags: Flags) -> Result<AgentConfig, ConfigError> {
-        let https = validate_collector(&flags.collector)?;
+        let https = validate_collectors(&flags.collector)?;
         let required = |flag: &'static str| ConfigError::Flag {
             flag,
             message: "is required (or --state-dir DIR of an enrolled agent, or --enroll TOKEN \
@@ -99,7 +101,7 @@ impl AgentConfig {
             labels.insert(k, v);
         }
         Ok(AgentConfig {
-            collector: flags.collector,
+            collectors: flags.collector,
             id,
             region,
             targets,
@@ -121,6 +123,31 @@ impl AgentConfig {
             log_format: flags.log_format,
         })
     }
+}
+
+/// Every `--collector` valid ([`validate_collector`]), none given twice, all with one scheme (one
+/// set of TLS settings serves them all): whether that is https.
+fn validate_collectors(urls: &[String]) -> Result<bool, ConfigError> {
+    let err = |message: String| ConfigError::Flag {
+        flag: "collector",
+        message,
+    };
+    let Some(first) = urls.first() else {
+        return Err(err("is required".into()));
+    };
+    let https = validate_collector(first)?;
+    for (i, url) in urls.iter().enumerate().skip(1) {
+        if urls[..i].contains(url) {
+            return Err(err(format!("'{url}' is given twice")));
+        }
+        if validate_collector(url)? != https {
+            return Err(err(format!(
+                "'{first}' and '{url}' mix http:// and https://: all collectors must use the same \
+                 scheme (the agent has one set of TLS settings for them all)"
+            )));
+        }
+    }
+    Ok(https)
 }
 
 /// `https://host:port` (true) or `http://host:port` (false); anything else is refused with the reason.

@@ -40,9 +40,10 @@ pub fn log_filter(rust_log: Option<&str>) -> (Targets, Option<String>) {
 )]
 pub struct Flags {
     /// Collector address: `https://host:port` (mTLS), or `http://host:port` for a plain-text
-    /// `--insecure` collector on loopback.
-    #[arg(long, env = "MXSCOPE_COLLECTOR")]
-    pub collector: String,
+    /// `--insecure` collector on loopback. Repeat it (or give a comma-separated list) for several
+    /// collectors: the agent streams to one at a time and fails over to the next in order.
+    #[arg(long, env = "MXSCOPE_COLLECTOR", required = true, value_delimiter = ',', value_parser = parse_trimmed)]
+    pub collector: Vec<String>,
     /// This agent's certificate (PEM) for the collector, from `mxscopectl enroll`.
     #[arg(long, env = "MXSCOPE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -138,6 +139,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// The value without the blanks around it (`a:7443, b:7443` in `MXSCOPE_COLLECTOR`).
+fn parse_trimmed(s: &str) -> Result<String, String> {
+    Ok(s.trim().to_string())
 }
 
 pub(super) fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -426,3 +426,100 @@ fn central_target_conversion() {
     };
     assert!(Target::from_central(&none).is_err());
 }
+
+#[test]
+fn several_collectors_are_validated_together() {
+    let parse = |args: &[&str]| {
+        let mut all = vec!["mxscope-agent", "--id", "a", "--region", "r"];
+        all.extend_from_slice(args);
+        Flags::try_parse_from(all)
+    };
+    let config = |args: &[&str]| AgentConfig::from_flags(parse(args).unwrap());
+
+    let cfg = config(&[
+        "--collector",
+        "http://127.0.0.1:7443",
+        "--collector",
+        "http://[::1]:7444",
+    ])
+    .unwrap();
+    assert_eq!(
+        cfg.collectors,
+        ["http://127.0.0.1:7443", "http://[::1]:7444"]
+    );
+    // A comma-separated list (as MXSCOPE_COLLECTOR gives it), blanks around the commas dropped.
+    let cfg = config(&[
+        "--collector",
+        "http://127.0.0.1:7443, http://localhost:7444",
+    ])
+    .unwrap();
+    assert_eq!(
+        cfg.collectors,
+        ["http://127.0.0.1:7443", "http://localhost:7444"]
+    );
+
+    // Every URL is checked, not only the first.
+    let e = config(&[
+        "--collector",
+        "http://127.0.0.1:7443",
+        "--collector",
+        "http://198.18.0.1:7443",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("--collector: 'http://198.18.0.1:7443'")
+            && e.contains("only to a collector on this machine"),
+        "{e}"
+    );
+    let e = config(&[
+        "--collector",
+        "http://127.0.0.1:7443",
+        "--collector",
+        "127.0.0.1:7444",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with("--collector: '127.0.0.1:7444'"), "{e}");
+    // One scheme for all: the error names both URLs.
+    for (first, second) in [
+        ("http://127.0.0.1:7443", "https://127.0.0.1:7444"),
+        ("https://127.0.0.1:7444", "http://127.0.0.1:7443"),
+    ] {
+        let e = config(&["--collector", first, "--collector", second])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--collector:")
+                && e.contains(first)
+                && e.contains(second)
+                && e.contains("same scheme"),
+            "{e}"
+        );
+    }
+    let e = config(&[
+        "--collector",
+        "http://127.0.0.1:7443",
+        "--collector",
+        "http://127.0.0.1:7443",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("given twice"), "{e}");
+
+    // None at all: clap's own usage error names the flag. (No other test leaves --collector out,
+    // so the environment set below cannot leak into them.)
+    let e = parse(&[]).unwrap_err();
+    assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    assert!(e.to_string().contains("--collector"), "{e}");
+    std::env::set_var(
+        "MXSCOPE_COLLECTOR",
+        "http://127.0.0.1:7443,http://127.0.0.1:7444",
+    );
+    let from_env = parse(&[]).map(|f| f.collector);
+    std::env::remove_var("MXSCOPE_COLLECTOR");
+    assert_eq!(
+        from_env.unwrap(),
+        ["http://127.0.0.1:7443", "http://127.0.0.1:7444"]
+    );
+}
