@@ -400,13 +400,24 @@ impl LabCollector {
     /// Starts `mxscope-collector --listen IP:<free port> --tls-cert … --client-ca … --http off`
     /// with `extra` flags, its db and log in `dir`.
     pub fn start(dir: &Path, ip: Ipv4Addr, pki: &Pki, extra: &[&str]) -> Result<LabCollector> {
+        LabCollector::start_with_db(dir, ip, pki, &path_str(&dir.join("mxscope.db"))?, extra)
+    }
+
+    /// [`start`](LabCollector::start) on the database `db` (a file or a `postgres://` URL).
+    pub fn start_with_db(
+        dir: &Path,
+        ip: Ipv4Addr,
+        pki: &Pki,
+        db: &str,
+        extra: &[&str],
+    ) -> Result<LabCollector> {
         let addr = SocketAddr::from((ip, free_port(ip)?));
         let spec = Spec::new("collector", mxscope_binary(COLLECTOR)?)
             .args([
                 "--listen".to_string(),
                 addr.to_string(),
                 "--db".to_string(),
-                path_str(&dir.join("mxscope.db"))?,
+                db.to_string(),
                 "--tls-cert".to_string(),
                 path_str(&pki.dir.join("collector.pem"))?,
                 "--tls-key".to_string(),
@@ -427,6 +438,12 @@ impl LabCollector {
     /// `https://IP:PORT`.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// Starts the stopped (or killed) collector again with the same flags, on the same address.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.restart()?;
+        self.proc.wait_listening(self.addr, Duration::from_secs(30))
     }
 
     /// Runs `mxscopectl --collector URL <admin identity> ARGS… --format json` and parses stdout.
