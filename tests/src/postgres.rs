@@ -307,7 +307,7 @@ impl OutputOk for Command {
 }
 
 /// Uid and gid of OS user `name`, from `getent passwd`.
-fn os_user(name: &str) -> Result<(u32, u32)> {
+pub fn os_user(name: &str) -> Result<(u32, u32)> {
     let out = Command::new("getent")
         .args(["passwd", name])
         .stdin(Stdio::null())

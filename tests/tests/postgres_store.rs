@@ -371,3 +371,71 @@ async fn retention_drops_whole_day_partitions() -> Result<()> {
     Store::close(&store).await?;
     Ok(())
 }
+
+/// TLS to PostgreSQL: with the server's CA given (`--db-ca`) and `sslmode=require`, every
+/// connection of the store is encrypted and the certificate is checked; a store given another CA
+/// is refused with a TLS error instead of falling back to plain text.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_to_postgres_with_the_servers_ca_and_refused_with_another() -> Result<()> {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    let pg = cluster().await?;
+    let url = create(&pg, "tls").await?;
+    let ca = mxscope_tests::certs::TestCa::new(pg.dir())?;
+    let server = ca.issue(
+        "server",
+        &["127.0.0.1"],
+        mxscope_tests::certs::Validity::Valid,
+    )?;
+    let postgres = mxscope_tests::postgres::os_user("postgres")?;
+    for f in [&server.cert, &server.key] {
+        chown(f, Some(postgres.0), Some(postgres.1))?;
+    }
+    std::fs::set_permissions(&server.key, std::fs::Permissions::from_mode(0o600))?;
+    for sql in [
+        format!(
+            "ALTER SYSTEM SET ssl_cert_file = '{}'",
+            server.cert.display()
+        ),
+        format!("ALTER SYSTEM SET ssl_key_file = '{}'", server.key.display()),
+        "ALTER SYSTEM SET ssl = on".to_string(),
+        "SELECT pg_reload_conf()".to_string(),
+    ] {
+        psql(&pg, "tls", &sql)?;
+    }
+    let tls_url = format!("{url}?sslmode=require");
+    let store =
+        mxscope_tests::wait::wait_for("PostgreSQL to serve TLS", Duration::from_secs(10), || {
+            let got = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(PgStore::connect_with_ca(
+                    &tls_url,
+                    StoreOptions::default(),
+                    Some(ca.ca_file()),
+                ))
+            });
+            Ok(got.ok())
+        })?;
+    store.register_agent(hello("ag-tls", "eu-west")).await?;
+    let encrypted = psql(
+        &pg,
+        "tls",
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid
+         WHERE s.ssl AND a.datname = 'tls'",
+    )?;
+    ensure!(
+        encrypted.parse::<u32>()? >= 2,
+        "the store's pool and LISTEN connections use TLS: {encrypted}"
+    );
+    std::fs::create_dir_all(pg.dir().join("other"))?;
+    let other = mxscope_tests::certs::TestCa::named(&pg.dir().join("other"), "other CA")?;
+    let err = PgStore::connect_with_ca(&tls_url, StoreOptions::default(), Some(other.ca_file()))
+        .await
+        .expect_err("a server certificate from another CA must be refused");
+    let text = mxscope_collector::error::chain(&err);
+    ensure!(
+        text.contains("cannot connect to PostgreSQL")
+            && text.to_lowercase().contains("certificate"),
+        "{text}"
+    );
+    Store::close(&store).await?;
+    Ok(())
+}
