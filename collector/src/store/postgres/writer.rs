@@ -288,7 +288,8 @@ impl Writer {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %crate::error::chain(&e), "PostgreSQL transaction failed: nothing of the batch is stored");
+                    // The requests get the error and their callers log its chain; here its detail.
+                    tracing::warn!(error = ?e, "PostgreSQL transaction failed: nothing of the batch is stored");
                     let e = Arc::new(e);
                     for reply in replies {
                         let _ = reply.send(Err(StoreError::Postgres(PgError::Batch(e.clone()))));
