@@ -264,6 +264,7 @@ impl Ingest for IngestService {
                 dropped_total: hello.dropped_total,
                 local_targets: local,
                 at_us: now_us(),
+                collector: shared.config.name.clone(),
             })
             .await
             .map_err(|err| {

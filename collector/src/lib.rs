@@ -153,6 +153,16 @@ fn load_signer(config: &Config) -> Result<Option<Signer>, RunError> {
     Ok(Some(Signer::new(ca, config.agent_cert_life)))
 }
 
+/// `<host name>:<port>`: the collector's name when `--name` is not given.
+fn default_name(addr: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| addr.ip().to_string());
+    format!("{host}:{}", addr.port())
+}
+
 /// Streams (and requests in flight) one client connection may hold.
 const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 
@@ -165,6 +175,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let addr = listener.local_addr().map_err(RunError::Listener)?;
+    let mut config = config;
+    if config.name.is_empty() {
+        config.name = default_name(addr);
+    }
     let signer = load_signer(&config)?;
     let tls = match &config.tls {
         Some(files) => Some(server_tls(

@@ -37,6 +37,10 @@ struct Args {
     /// CA certificates (PEM) to trust for TLS to PostgreSQL (default: the system's roots).
     #[arg(long, env = "MXSCOPE_DB_CA")]
     db_ca: Option<PathBuf>,
+    /// This collector's name in `mxscopectl agents` (which collector an agent streams to, when
+    /// several share a PostgreSQL database); default `<host name>:<gRPC port>`.
+    #[arg(long, env = "MXSCOPE_NAME")]
+    name: Option<String>,
     /// Serve plain-text gRPC without client certificates (loopback only; everyone may do anything).
     #[arg(long, env = "MXSCOPE_INSECURE", conflicts_with_all = ["tls_cert", "tls_key", "client_ca"])]
     insecure: bool,
@@ -255,6 +259,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.revoked = args.revoked;
     config.ca_key = args.ca_key;
     config.db_ca = args.db_ca;
+    config.name = args.name.unwrap_or_default();
     config.agent_cert_life = args.agent_cert_ttl;
     config.max_message_bytes = args.max_message_bytes;
     config.max_batch_results = args.max_batch;

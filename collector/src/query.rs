@@ -31,6 +31,9 @@ pub const MAX_RESULTS_LIMIT: u32 = 10_000;
 pub const MAX_RESULTS_BYTES: usize = 3 << 20;
 /// Span over which `results_per_min` of an agent is averaged.
 const RATE_SPAN: Duration = Duration::from_secs(5 * 60);
+/// An agent whose session is on another collector counts as connected while it was heard from
+/// (results or heartbeats, every 10 s) this recently.
+const REMOTE_SESSION_FRESH: Duration = Duration::from_secs(30);
 /// Window of matrix and latency when a request sets none.
 pub const DEFAULT_SINCE: Duration = Duration::from_secs(3600);
 /// Label that marks a target as a canary (a reference mail server), with value `true`.
@@ -248,10 +251,26 @@ impl Query for QueryService {
             .map_err(ServiceError::from)?;
         let stale_after = micros(self.shared.config.stale_after);
         let minutes = RATE_SPAN.as_secs_f64() / 60.0;
+        let me = &self.shared.config.name;
         let agents = agents
             .into_iter()
-            .map(|a| pb::AgentInfo {
-                connected: self.shared.is_connected(&a.id),
+            .map(|a| {
+                // Connected here, by this collector's own sessions; to another collector sharing
+                // the database, by the one its latest session named, while it is heard from.
+                let here = self.shared.is_connected(&a.id);
+                let elsewhere = !here
+                    && !a.collector.is_empty()
+                    && a.collector != *me
+                    && now.saturating_sub(a.last_seen_us) <= micros(REMOTE_SESSION_FRESH);
+                (a, here, elsewhere)
+            })
+            .map(|(a, here, elsewhere)| pb::AgentInfo {
+                collector: match (here, elsewhere) {
+                    (true, _) => me.clone(),
+                    (false, true) => a.collector.clone(),
+                    (false, false) => String::new(),
+                },
+                connected: here || elsewhere,
                 results_per_min: counts.get(&a.id).copied().unwrap_or(0) as f64 / minutes,
                 state: if now.saturating_sub(a.last_seen_us) > stale_after {
                     "stale"

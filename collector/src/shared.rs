@@ -25,6 +25,9 @@ pub struct Config {
     pub db_path: PathBuf,
     /// CA certificates (PEM) to trust for TLS to PostgreSQL (default: the system's roots).
     pub db_ca: Option<PathBuf>,
+    /// How this collector names itself in the agents it takes (`agents` shows it); empty:
+    /// `<host name>:<gRPC port>`.
+    pub name: String,
     /// Default status window when a request does not set one.
     pub window: Duration,
     /// An agent or series silent longer than this is stale.
@@ -121,6 +124,7 @@ impl Config {
         Config {
             db_path: db_path.into(),
             db_ca: None,
+            name: String::new(),
             window: Duration::from_secs(5 * 60),
             stale_after: Duration::from_secs(2 * 60),
             max_message_bytes: 4 * 1024 * 1024,

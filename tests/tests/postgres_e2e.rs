@@ -189,6 +189,25 @@ fn two_collectors_on_postgres_agents_fail_over_and_every_result_is_stored_once()
         start.keys().collect::<Vec<_>>()
     );
 
+    // Each collector lists every agent as connected, naming the collector it streams to.
+    for (asked, name) in [(&a, "A"), (&b, "B")] {
+        let listed = json(asked, &admin, &["agents"]);
+        for (i, id) in ids.iter().enumerate() {
+            let row = listed
+                .as_array()
+                .and_then(|rows| rows.iter().find(|r| r["id"] == id.as_str()))
+                .unwrap_or_else(|| panic!("{id} not listed by {name}: {listed}"));
+            let via = if i < 2 { &a } else { &b };
+            assert_eq!(row["connected"], true, "{name}: {row}");
+            let collector = row["collector"].as_str().unwrap_or_default();
+            assert!(
+                collector.ends_with(&format!(":{}", via.addr.port())),
+                "{name} lists {id} on {collector}, want the collector on port {}: {row}",
+                via.addr.port()
+            );
+        }
+    }
+
     // A central target added through A reaches the agent connected to B within 2 s.
     let third = agents.last().expect("three agents");
     let before = third.log();

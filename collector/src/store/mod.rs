@@ -159,6 +159,8 @@ pub struct AgentHello {
     /// Validated by the ingest ([`validate_from`](mxscope_proto::target::validate_from)).
     pub local_targets: Vec<Target>,
     pub at_us: i64,
+    /// The collector taking the session (its `--name`).
+    pub collector: String,
 }
 
 /// One row of `agents`.
@@ -173,6 +175,8 @@ pub struct AgentRow {
     pub stored_up_to_seq: u64,
     pub dropped_total: u64,
     pub spool_depth: u64,
+    /// The collector that took the agent's latest session (its `--name`).
+    pub collector: String,
 }
 
 /// Filters shared by status and results queries; empty strings match everything.

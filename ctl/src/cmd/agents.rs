@@ -31,6 +31,7 @@ pub(crate) const FIELDS: &[&str] = &[
     "region",
     "state",
     "connected",
+    "collector",
     "version",
     "labels",
     "last_seen",
@@ -46,6 +47,7 @@ fn columns() -> Vec<Column> {
         Column::text("region", "REGION"),
         Column::text("state", "STATE"),
         Column::text("connected", "CONNECTED"),
+        Column::text("collector", "COLLECTOR"),
         Column::text("version", "VERSION"),
         Column::text("labels", "LABELS"),
         Column::text("last_seen", "LAST SEEN"),
@@ -70,6 +72,7 @@ pub(crate) fn report(agents: &[pb::AgentInfo], now_us: i64) -> Report {
             Cell::new(a.region.as_str()),
             Cell::new(a.state.as_str()),
             Cell::new(a.connected),
+            Cell::new(a.collector.as_str()),
             Cell::new(a.version.as_str()),
             Cell::new(Value::Object(labels)),
             Cell::opt(output::timestamp_seconds(a.last_seen_us))
@@ -103,6 +106,7 @@ mod tests {
             connected: last_seen_us > 0,
             results_per_min: 12.5,
             state: if last_seen_us > 0 { "ok" } else { "stale" }.into(),
+            collector: if last_seen_us > 0 { "c1:7443" } else { "" }.into(),
         }
     }
 

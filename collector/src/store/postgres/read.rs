@@ -63,7 +63,7 @@ pub(super) async fn agents(c: &impl GenericClient) -> Result<Vec<AgentRow>, Stor
     for r in c
         .query(
             "SELECT id, region, version, labels, first_seen_us, last_seen_us, stored_up_to_seq,
-                 dropped_total, spool_depth FROM agents ORDER BY id",
+                 dropped_total, spool_depth, collector FROM agents ORDER BY id",
             &[],
         )
         .await?
@@ -78,6 +78,7 @@ pub(super) async fn agents(c: &impl GenericClient) -> Result<Vec<AgentRow>, Stor
             stored_up_to_seq: unsigned(r.get(6)),
             dropped_total: unsigned(r.get(7)),
             spool_depth: unsigned(r.get(8)),
+            collector: r.get(9),
         });
     }
     Ok(out)

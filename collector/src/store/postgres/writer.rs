@@ -1101,12 +1101,13 @@ async fn hello(tx: &Transaction<'_>, h: &AgentHello) -> Result<(i64, i64), Store
     let labels = serde_json::to_string(&h.labels)?;
     let row = tx
         .query_one(
-            "INSERT INTO agents (id, region, version, labels, first_seen_us, last_seen_us, dropped_total)
-             VALUES ($1, $2, $3, $4, $5, $5, $6)
+            "INSERT INTO agents (id, region, version, labels, first_seen_us, last_seen_us, dropped_total,
+                 collector)
+             VALUES ($1, $2, $3, $4, $5, $5, $6, $7)
              ON CONFLICT (id) DO UPDATE SET region = excluded.region, version = excluded.version,
                  labels = excluded.labels,
                  last_seen_us = GREATEST(agents.last_seen_us, excluded.last_seen_us),
-                 dropped_total = excluded.dropped_total
+                 dropped_total = excluded.dropped_total, collector = excluded.collector
              RETURNING num, stored_up_to_seq",
             &[
                 &h.id,
@@ -1115,6 +1116,7 @@ async fn hello(tx: &Transaction<'_>, h: &AgentHello) -> Result<(i64, i64), Store
                 &labels,
                 &h.at_us,
                 &to_i64(h.dropped_total)?,
+                &h.collector,
             ],
         )
         .await?;

@@ -124,7 +124,7 @@ pub(crate) fn local_targets(c: &Connection) -> Result<Vec<(String, String, Targe
 pub(crate) fn agents(c: &Connection) -> Result<Vec<AgentRow>, StoreError> {
     let mut st = c.prepare_cached(
         "SELECT id, region, version, labels, first_seen_us, last_seen_us, stored_up_to_seq, dropped_total,
-             spool_depth FROM agents ORDER BY id",
+             spool_depth, collector FROM agents ORDER BY id",
     )?;
     let rows = st.query_map([], |r| {
         Ok((
@@ -138,6 +138,7 @@ pub(crate) fn agents(c: &Connection) -> Result<Vec<AgentRow>, StoreError> {
                 stored_up_to_seq: unsigned(r.get(6)?),
                 dropped_total: unsigned(r.get(7)?),
                 spool_depth: unsigned(r.get(8)?),
+                collector: r.get(9)?,
             },
             r.get::<_, String>(3)?,
         ))

@@ -234,6 +234,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         revoked_by TEXT NOT NULL
     );
     "#,
+    // 10 (scale-out): the collector that took each agent's latest session.
+    r#"
+    ALTER TABLE agents ADD COLUMN collector TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The step after which [`compact_results`] runs.

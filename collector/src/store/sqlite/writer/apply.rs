@@ -445,12 +445,13 @@ pub(super) fn to_i64(v: u64) -> Result<i64, StoreError> {
 pub(super) fn hello(tx: &Connection, h: &AgentHello) -> Result<u64, StoreError> {
     let labels = serde_json::to_string(&h.labels)?;
     tx.execute(
-        "INSERT INTO agents (id, region, version, labels, first_seen_us, last_seen_us, dropped_total, num)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, (SELECT coalesce(max(num), 0) + 1 FROM agents))
+        "INSERT INTO agents (id, region, version, labels, first_seen_us, last_seen_us, dropped_total, num,
+             collector)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, (SELECT coalesce(max(num), 0) + 1 FROM agents), ?7)
          ON CONFLICT (id) DO UPDATE SET region = excluded.region, version = excluded.version,
              labels = excluded.labels, last_seen_us = max(last_seen_us, excluded.last_seen_us),
-             dropped_total = excluded.dropped_total",
-        params![h.id, h.region, h.version, labels, h.at_us, to_i64(h.dropped_total)?],
+             dropped_total = excluded.dropped_total, collector = excluded.collector",
+        params![h.id, h.region, h.version, labels, h.at_us, to_i64(h.dropped_total)?, h.collector],
     )?;
     tx.execute("DELETE FROM agent_targets WHERE agent_id = ?1", [&h.id])?;
     let mut ins = tx.prepare_cached(
