@@ -53,8 +53,8 @@ until Ctrl-C (or exits right away with --once), stopping everything it started.
 With --postgres (deploy/scale/run; DIR defaults to ./.scale) it starts a private PostgreSQL
 cluster (initdb in DIR, loopback, as the postgres user), two collectors A and B on that one
 database (mTLS, no online signing: PostgreSQL has no token enrolment yet) and the three agents,
-enrolled offline (mxscopectl enroll), each given both collectors (--collector A --collector B,
-in turns B first). It prints `mxscopectl agents` and `status` from both collectors, then stops A
+enrolled offline (mxscopectl enroll), each given both collectors (--collector A --collector B;
+us-east has B first, so both collectors have agents). It prints `mxscopectl agents` and `status` from both collectors, then stops A
 and shows every agent streaming to B (with --once it exits there; otherwise A is started
 again and both are reprinted every 30 s until Ctrl-C).";
 
@@ -514,7 +514,17 @@ fn run_scaled(args: &Args, dir: &Path, logs: &Path, probed: Probed) -> Result<()
     );
     if let Err(e) = waited {
         if nodes.iter().any(|n| coverage(&n.ctl).0 < REGIONS.len()) {
-            bail!("{e}");
+            let logs: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    format!(
+                        "collector {} log:\n{}",
+                        n.name,
+                        n.collector.proc.log_tail(20)
+                    )
+                })
+                .collect();
+            bail!("{e}\n{}", logs.join("\n"));
         }
         eprintln!("demo: {e:#}; showing what is in");
     }
