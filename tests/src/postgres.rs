@@ -109,12 +109,19 @@ impl Postgres {
     /// and a free port with `fsync=off`, waits until it accepts connections and creates the role
     /// [`ROLE`]. Blocking: call it from `spawn_blocking` in async code.
     pub fn start() -> Result<Postgres> {
+        Postgres::start_in(&std::env::temp_dir())
+    }
+
+    /// Like [`start`](Postgres::start), with the cluster's directory (still removed on drop)
+    /// made inside `parent`, which [`OS_USER`] must be able to enter (see
+    /// [`os_user_can_enter`]).
+    pub fn start_in(parent: &Path) -> Result<Postgres> {
         let bin = Binaries::find()?;
         let (uid, gid) = os_user(OS_USER)?;
         let dir = tempfile::Builder::new()
             .prefix("mxscope-pg-")
-            .tempdir()
-            .context("create the cluster's temp dir")?;
+            .tempdir_in(parent)
+            .with_context(|| format!("create the cluster's directory in {}", parent.display()))?;
         std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
             .with_context(|| format!("chown {} to {OS_USER}", dir.path().display()))?;
         let data = dir.path().join("data");
@@ -273,6 +280,20 @@ fn setpriv_args() -> [&'static str; 4] {
         "--init-groups",
         "--",
     ]
+}
+
+/// True when [`OS_USER`] can enter `dir` (every directory on the way is searchable to it), so a
+/// cluster made inside it can start; a home directory of mode 0700 on the way is the usual "no".
+pub fn os_user_can_enter(dir: &Path) -> bool {
+    Command::new("/usr/bin/setpriv")
+        .args(setpriv_args())
+        .args(["/usr/bin/test", "-x"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// A command running `program` as [`OS_USER`] in `dir`.

@@ -1,9 +1,12 @@
 //! The demo behind `deploy/demo/run`: a collector with mTLS and online signing, and three agents
 //! (eu-west, us-east, ap-south) that join it with enrolment tokens, probing the given mail
-//! domains, or a private Postfix + Dovecot + nsd on loopback when none.
+//! domains, or a private Postfix + Dovecot + nsd on loopback when none. With `--postgres` it is
+//! the scaled setup behind `deploy/scale/run`: a private PostgreSQL cluster, two collectors on it
+//! and the three agents, each given both collectors, enrolled offline.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -16,6 +19,7 @@ use mxscope_tests::mxscope::{agent_toml, Ctl, TargetConfig};
 use mxscope_tests::net::unique_loopback;
 use mxscope_tests::nsd::{MailZone, Nsd, Zone};
 use mxscope_tests::postfix::{Postfix, PostfixConfig};
+use mxscope_tests::postgres::{os_user_can_enter, Postgres, OS_USER};
 use mxscope_tests::process::{Proc, Spec};
 use mxscope_tests::tls::{Pki, TlsCollector};
 use mxscope_tests::wait::wait_for;
@@ -26,6 +30,9 @@ const DEMO_DOMAIN: &str = "demo.test";
 const CHECKS: [&str; 4] = ["mx", "smtp", "submission", "imaps"];
 const REPRINT_EVERY: Duration = Duration::from_secs(30);
 const FIRST_RESULTS_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound for every agent to stream to collector B once A is stopped (a few reconnect rounds).
+const FAILOVER_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_GRACE: Duration = Duration::from_secs(15);
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -33,7 +40,7 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-const USAGE: &str = "usage: mxscope-demo [--once] [--dir DIR] [DOMAIN…]
+const USAGE: &str = "usage: mxscope-demo [--postgres] [--once] [--dir DIR] [DOMAIN…]
 
 Starts a collector (SQLite under DIR, default ./.demo; a new CA per run, mTLS, online signing)
 and three agents labelled eu-west, us-east and ap-south that join it with enrolment tokens
@@ -41,11 +48,21 @@ and three agents labelled eu-west, us-east and ap-south that join it with enrolm
 submission, imaps. With no
 domain it starts a private Postfix, Dovecot and nsd on loopback serving demo.test and probes
 that. Prints `mxscopectl status` once results from all three regions are in, then every 30 s
-until Ctrl-C (or exits right away with --once), stopping everything it started.";
+until Ctrl-C (or exits right away with --once), stopping everything it started.
+
+With --postgres (deploy/scale/run; DIR defaults to ./.scale) it starts a private PostgreSQL
+cluster (initdb in DIR, loopback, as the postgres user), two collectors A and B on that one
+database (mTLS, no online signing: PostgreSQL has no token enrolment yet) and the three agents,
+enrolled offline (mxscopectl enroll), each given both collectors (--collector A --collector B;
+us-east has B first, so both collectors have agents). It prints `mxscopectl agents` and `status` from both collectors, then stops A
+and shows every agent streaming to B (with --once it exits there; otherwise A is started
+again and both are reprinted every 30 s until Ctrl-C).";
 
 #[derive(Debug)]
 struct Args {
     once: bool,
+    /// The scaled setup: PostgreSQL, two collectors.
+    postgres: bool,
     dir: PathBuf,
     domains: Vec<String>,
 }
@@ -53,14 +70,17 @@ struct Args {
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         once: false,
-        dir: PathBuf::from(".demo"),
+        postgres: false,
+        dir: PathBuf::new(),
         domains: Vec::new(),
     };
+    let mut dir = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--once" => args.once = true,
-            "--dir" => args.dir = it.next().context("--dir needs a value")?.into(),
+            "--postgres" => args.postgres = true,
+            "--dir" => dir = Some(it.next().context("--dir needs a value")?.into()),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -69,6 +89,7 @@ fn parse_args() -> Result<Args> {
             s => args.domains.push(s.trim_end_matches('.').to_lowercase()),
         }
     }
+    args.dir = dir.unwrap_or_else(|| PathBuf::from(if args.postgres { ".scale" } else { ".demo" }));
     Ok(args)
 }
 
@@ -120,6 +141,54 @@ fn start_local_mail() -> Result<LocalMail> {
     })
 }
 
+/// What the agents probe: the given domains, or the private servers (running while this lives).
+struct Probed {
+    targets: Vec<TargetConfig>,
+    resolver: Option<SocketAddr>,
+    ca_file: Option<PathBuf>,
+    _local: Option<LocalMail>,
+}
+
+impl Probed {
+    /// `domains` with the demo's checks, or the private servers when there are none.
+    fn start(domains: &[String]) -> Result<Probed> {
+        if domains.is_empty() {
+            let local = start_local_mail()?;
+            return Ok(Probed {
+                targets: vec![local.target.clone()],
+                resolver: Some(local.nsd.addr()),
+                ca_file: Some(local.ca_file.clone()),
+                _local: Some(local),
+            });
+        }
+        Ok(Probed {
+            targets: domains
+                .iter()
+                .map(|d| TargetConfig::new(d, &CHECKS).interval("30s"))
+                .collect(),
+            resolver: None,
+            ca_file: None,
+            _local: None,
+        })
+    }
+
+    /// `spec` with the agent's target file (`config`, written from `targets`), the private
+    /// resolver and CA when there are, and the log settings.
+    fn agent_args(&self, spec: Spec, config: &Path) -> Result<Spec> {
+        let mut spec = spec
+            .args(["--config".to_string(), path_str(config)?])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
+        if let Some(resolver) = self.resolver {
+            spec = spec.args(["--resolver", &resolver.to_string()]);
+        }
+        if let Some(ca) = &self.ca_file {
+            spec = spec.args(["--ca-file", &path_str(ca)?]);
+        }
+        Ok(spec)
+    }
+}
+
 /// How far the first results are: (regions with any row, (region, check) pairs with a row).
 fn coverage(ctl: &Ctl) -> (usize, usize) {
     let Ok(rows) = ctl.status() else {
@@ -143,6 +212,45 @@ fn print_status(ctl: &Ctl) -> Result<()> {
     Ok(())
 }
 
+/// Calls `print` every [`REPRINT_EVERY`] until Ctrl-C.
+fn reprint_until_stopped(mut print: impl FnMut() -> Result<()>) -> Result<()> {
+    eprintln!(
+        "demo: reprinting every {}s; Ctrl-C stops everything",
+        REPRINT_EVERY.as_secs()
+    );
+    let mut next = Instant::now() + REPRINT_EVERY;
+    loop {
+        let stopped = wait_for("ctrl-c or the next reprint", REPRINT_EVERY * 2, || {
+            Ok(if STOP.load(Ordering::SeqCst) {
+                Some(true)
+            } else if Instant::now() >= next {
+                Some(false)
+            } else {
+                None
+            })
+        })?;
+        if stopped {
+            return Ok(());
+        }
+        next += REPRINT_EVERY;
+        print()?;
+    }
+}
+
+/// Fails on Ctrl-C, or with its log when an agent has exited.
+fn agents_running(agents: &mut [Proc]) -> Result<()> {
+    if STOP.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    for a in agents.iter_mut() {
+        if !a.is_running() {
+            let status = a.exit_status();
+            bail!("{} exited ({status:?}):\n{}", a.name(), a.log_tail(40));
+        }
+    }
+    Ok(())
+}
+
 fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
     let dir = std::fs::canonicalize(&args.dir)?;
@@ -150,27 +258,10 @@ fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&logs)?;
 
     // Servers first so they outlive the agents that probe them (drop order is reverse).
-    let local = if args.domains.is_empty() {
-        Some(start_local_mail()?)
-    } else {
-        None
-    };
-    let (targets, resolver, ca_file): (Vec<TargetConfig>, Option<SocketAddr>, Option<PathBuf>) =
-        match &local {
-            Some(l) => (
-                vec![l.target.clone()],
-                Some(l.nsd.addr()),
-                Some(l.ca_file.clone()),
-            ),
-            None => (
-                args.domains
-                    .iter()
-                    .map(|d| TargetConfig::new(d, &CHECKS).interval("30s"))
-                    .collect(),
-                None,
-                None,
-            ),
-        };
+    let probed = Probed::start(&args.domains)?;
+    if args.postgres {
+        return run_scaled(&args, &dir, &logs, probed);
+    }
 
     // A CA of this run (the collector signs with its key), an admin certificate for mxscopectl.
     let run_dir = dir.join(format!("run-{}", std::process::id()));
@@ -191,7 +282,7 @@ fn run(args: Args) -> Result<()> {
     )?;
     let ctl = Ctl::with_identity(&collector.url(), &admin)?;
     let config = run_dir.join("targets.toml");
-    write_file(&config, agent_toml(&targets))?;
+    write_file(&config, agent_toml(&probed.targets))?;
     let mut agents = Vec::new();
     for region in REGIONS {
         let id = format!("demo-{region}");
@@ -206,26 +297,15 @@ fn run(args: Args) -> Result<()> {
             "demo: mxscope-agent --enroll <token> --state-dir {} ({id} in {region})",
             state.display()
         );
-        let mut spec = Spec::new(format!("agent-{id}"), mxscope_binary(AGENT)?)
-            .args([
-                "--collector".to_string(),
-                collector.url(),
-                "--enroll".into(),
-                token.to_string(),
-                "--state-dir".into(),
-                path_str(&state)?,
-                "--config".into(),
-                path_str(&config)?,
-            ])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1");
-        if let Some(resolver) = resolver {
-            spec = spec.args(["--resolver", &resolver.to_string()]);
-        }
-        if let Some(ca) = &ca_file {
-            spec = spec.args(["--ca-file", &path_str(ca)?]);
-        }
-        agents.push(Proc::spawn(spec, &logs)?);
+        let spec = Spec::new(format!("agent-{id}"), mxscope_binary(AGENT)?).args([
+            "--collector".to_string(),
+            collector.url(),
+            "--enroll".into(),
+            token.to_string(),
+            "--state-dir".into(),
+            path_str(&state)?,
+        ]);
+        agents.push(Proc::spawn(probed.agent_args(spec, &config)?, &logs)?);
     }
 
     eprintln!("demo: waiting for results from {}", REGIONS.join(", "));
@@ -234,15 +314,7 @@ fn run(args: Args) -> Result<()> {
         "every check from all three regions",
         FIRST_RESULTS_TIMEOUT,
         || {
-            if STOP.load(Ordering::SeqCst) {
-                bail!("interrupted");
-            }
-            for a in agents.iter_mut() {
-                if !a.is_running() {
-                    let status = a.exit_status();
-                    bail!("{} exited ({status:?}):\n{}", a.name(), a.log_tail(40));
-                }
-            }
+            agents_running(&mut agents)?;
             Ok((coverage(&ctl).1 == complete).then_some(()))
         },
     );
@@ -261,27 +333,7 @@ fn run(args: Args) -> Result<()> {
     print_status(&ctl)?;
 
     if !args.once {
-        eprintln!(
-            "demo: reprinting every {}s; Ctrl-C stops everything",
-            REPRINT_EVERY.as_secs()
-        );
-        let mut next = Instant::now() + REPRINT_EVERY;
-        loop {
-            let stopped = wait_for("ctrl-c or the next reprint", REPRINT_EVERY * 2, || {
-                Ok(if STOP.load(Ordering::SeqCst) {
-                    Some(true)
-                } else if Instant::now() >= next {
-                    Some(false)
-                } else {
-                    None
-                })
-            })?;
-            if stopped {
-                break;
-            }
-            next += REPRINT_EVERY;
-            print_status(&ctl)?;
-        }
+        reprint_until_stopped(|| print_status(&ctl))?;
     }
 
     eprintln!("demo: stopping agents, collector and servers");
@@ -292,7 +344,256 @@ fn run(args: Args) -> Result<()> {
         let _ = a.terminate(Duration::from_secs(15));
     }
     let _ = collector.proc.terminate(Duration::from_secs(15));
-    drop(local);
+    drop(probed);
+    Ok(())
+}
+
+/// One collector of the scaled setup and mxscopectl (admin) for it.
+struct Node {
+    name: &'static str,
+    collector: TlsCollector,
+    ctl: Ctl,
+}
+
+impl Node {
+    /// `mxscopectl agents` and `status` of this collector, each under a header line.
+    fn print(&self) -> Result<()> {
+        self.print_agents()?;
+        println!("{}", self.header("status"));
+        print_status(&self.ctl)
+    }
+
+    fn print_agents(&self) -> Result<()> {
+        println!("{}", self.header("agents"));
+        println!("{}", self.ctl.run(&["agents"])?);
+        Ok(())
+    }
+
+    fn header(&self, command: &str) -> String {
+        format!(
+            "== collector {} ({}): mxscopectl {command} ==",
+            self.name,
+            self.collector.url()
+        )
+    }
+
+    /// The (target, endpoint, check, region) rows of `status`.
+    fn series(&self) -> Result<BTreeSet<(String, String, String, String)>> {
+        Ok(self
+            .ctl
+            .status()?
+            .into_iter()
+            .map(|r| (r.target, r.endpoint, r.check, r.region))
+            .collect())
+    }
+
+    /// The agents holding a stream to this collector now.
+    fn connected(&self) -> Result<BTreeSet<String>> {
+        Ok(self
+            .ctl
+            .agents()?
+            .into_iter()
+            .filter(|a| a.extra.get("connected") == Some(&serde_json::Value::Bool(true)))
+            .map(|a| a.id)
+            .collect())
+    }
+
+    fn ensure_running(&mut self) -> Result<()> {
+        if !self.collector.proc.is_running() {
+            bail!(
+                "collector {} exited:\n{}",
+                self.name,
+                self.collector.proc.log_tail(30)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `--postgres`: a private PostgreSQL cluster, collectors A and B on one database in it, the
+/// three agents enrolled offline and given both collectors; then a failover from A to B.
+fn run_scaled(args: &Args, dir: &Path, logs: &Path, probed: Probed) -> Result<()> {
+    let run_dir = dir.join(format!("run-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir)?;
+
+    // The cluster lives in DIR when the postgres user can reach it (not under a 0700 home).
+    let pg_parent = if os_user_can_enter(dir) {
+        dir.to_path_buf()
+    } else {
+        let tmp = std::env::temp_dir();
+        eprintln!(
+            "demo: the {OS_USER} user cannot enter {}; the cluster goes to {}",
+            dir.display(),
+            tmp.display()
+        );
+        tmp
+    };
+    eprintln!(
+        "demo: starting a private PostgreSQL cluster in {} (initdb, 127.0.0.1, as {OS_USER})",
+        pg_parent.display()
+    );
+    let pg = Postgres::start_in(&pg_parent)?;
+    let db = pg.create_database("mxscope")?;
+    eprintln!(
+        "demo: PostgreSQL {} ready, collectors share {db}",
+        pg.version()
+    );
+
+    // A CA of this run without online signing: token enrolment needs a SQLite --db for now.
+    let pki = Pki::init(&run_dir, "ca")?;
+    let admin = pki.admin(&run_dir, "demo", false)?;
+    let mut nodes = Vec::new();
+    for name in ["A", "B"] {
+        let log_dir = logs.join(format!("collector-{}", name.to_lowercase()));
+        std::fs::create_dir_all(&log_dir)?;
+        eprintln!("demo: starting collector {name}: mxscope-collector --db {db} with mTLS");
+        let collector =
+            TlsCollector::start_with_db(&log_dir, Path::new(&db), &pki, &["--http", "127.0.0.1:0"])
+                .with_context(|| format!("collector {name}"))?;
+        let ctl = Ctl::with_identity(&collector.url(), &admin)?;
+        nodes.push(Node {
+            name,
+            collector,
+            ctl,
+        });
+    }
+
+    let config = run_dir.join("targets.toml");
+    write_file(&config, agent_toml(&probed.targets))?;
+    let urls: Vec<String> = nodes.iter().map(|n| n.collector.url()).collect();
+    let mut agents = Vec::new();
+    for (i, region) in REGIONS.iter().enumerate() {
+        let id = format!("demo-{region}");
+        let cert = pki.enroll(&run_dir, &id, region, &[])?;
+        // Both collectors, in turns A or B first, so both have agents streaming to them.
+        let order: Vec<&String> = urls.iter().cycle().skip(i).take(urls.len()).collect();
+        let flags: Vec<String> = order.iter().map(|u| format!("--collector {u}")).collect();
+        eprintln!(
+            "demo: mxscope-agent {} --id {id} --region {region} (certificate from mxscopectl enroll)",
+            flags.join(" ")
+        );
+        let mut spec = Spec::new(format!("agent-{id}"), mxscope_binary(AGENT)?);
+        for url in order {
+            spec = spec.args(["--collector", url]);
+        }
+        let spec = spec.args([
+            "--id".to_string(),
+            id.clone(),
+            "--region".into(),
+            region.to_string(),
+            "--tls-cert".into(),
+            path_str(&cert.cert)?,
+            "--tls-key".into(),
+            path_str(&cert.key)?,
+            "--collector-ca".into(),
+            path_str(&cert.ca)?,
+            "--spool".into(),
+            path_str(&run_dir.join(format!("spool-{id}")))?,
+        ]);
+        agents.push(Proc::spawn(probed.agent_args(spec, &config)?, logs)?);
+    }
+
+    eprintln!(
+        "demo: waiting for results from {} at both collectors",
+        REGIONS.join(", ")
+    );
+    let complete = REGIONS.len() * CHECKS.len();
+    let waited = wait_for(
+        "every check from all three regions at both collectors",
+        FIRST_RESULTS_TIMEOUT,
+        || {
+            agents_running(&mut agents)?;
+            for n in nodes.iter_mut() {
+                n.ensure_running()?;
+            }
+            Ok(nodes
+                .iter()
+                .all(|n| coverage(&n.ctl).1 == complete)
+                .then_some(()))
+        },
+    );
+    if let Err(e) = waited {
+        if nodes.iter().any(|n| coverage(&n.ctl).0 < REGIONS.len()) {
+            let logs: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    format!(
+                        "collector {} log:\n{}",
+                        n.name,
+                        n.collector.proc.log_tail(20)
+                    )
+                })
+                .collect();
+            bail!("{e}\n{}", logs.join("\n"));
+        }
+        eprintln!("demo: {e:#}; showing what is in");
+    }
+    for n in &nodes {
+        n.print()?;
+    }
+    let (a, b) = (nodes[0].series()?, nodes[1].series()?);
+    if a == b {
+        eprintln!(
+            "demo: collectors A and B show the same {} status rows from one database",
+            a.len()
+        );
+    } else {
+        eprintln!(
+            "demo: collector A shows {} status rows, B {} ({} in common)",
+            a.len(),
+            b.len(),
+            a.intersection(&b).count()
+        );
+    }
+
+    // Failover: A goes away; its agents move to B, the next collector they were given.
+    eprintln!("demo: stopping collector A (SIGTERM) to show the agents failing over to B");
+    let since = Instant::now();
+    let _ = nodes[0].collector.proc.terminate(STOP_GRACE);
+    let ids: BTreeSet<String> = REGIONS.iter().map(|r| format!("demo-{r}")).collect();
+    let b = &mut nodes[1];
+    wait_for(
+        "every agent streaming to collector B",
+        FAILOVER_TIMEOUT,
+        || {
+            agents_running(&mut agents)?;
+            b.ensure_running()?;
+            Ok(b.connected().ok().filter(|c| ids.is_subset(c)).map(|_| ()))
+        },
+    )?;
+    eprintln!(
+        "demo: every agent streams to collector B, {:.1}s after stopping A",
+        since.elapsed().as_secs_f64()
+    );
+    b.print_agents()?;
+
+    if !args.once {
+        let a = &mut nodes[0];
+        a.collector.proc.restart()?;
+        a.collector
+            .proc
+            .wait_listening(a.collector.addr, Duration::from_secs(30))?;
+        eprintln!("demo: collector A is back; agents stay with B until it fails");
+        reprint_until_stopped(|| {
+            for n in &nodes {
+                n.print()?;
+            }
+            Ok(())
+        })?;
+    }
+
+    eprintln!("demo: stopping agents, collectors, PostgreSQL and servers");
+    for a in agents.iter_mut() {
+        let _ = a.signal(libc::SIGTERM);
+    }
+    for mut a in agents {
+        let _ = a.terminate(STOP_GRACE);
+    }
+    for mut n in nodes {
+        let _ = n.collector.proc.terminate(STOP_GRACE);
+    }
+    drop(pg);
+    drop(probed);
     Ok(())
 }
 
