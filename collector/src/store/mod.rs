@@ -188,6 +188,29 @@ pub struct Filter {
     pub agent_id: String,
 }
 
+impl Filter {
+    /// The non-empty fields among `columns` (field name, SQL column) as (column, value): what each
+    /// backend turns into `AND column = <placeholder>`.
+    pub(crate) fn set_columns<'s, 'c>(
+        &'s self,
+        columns: &[(&str, &'c str)],
+    ) -> Vec<(&'c str, &'s String)> {
+        columns
+            .iter()
+            .filter_map(|(field, column)| {
+                let v = match *field {
+                    "target" => &self.target,
+                    "check" => &self.check,
+                    "region" => &self.region,
+                    "agent_id" => &self.agent_id,
+                    _ => return None,
+                };
+                (!v.is_empty()).then_some((*column, v))
+            })
+            .collect()
+    }
+}
+
 impl StoreError {
     /// True when the disk holding the data is full, judged by the backend's error codes.
     pub fn is_disk_full(&self) -> bool {

@@ -92,6 +92,46 @@ pub fn decode_body(b: &[u8]) -> Option<pb::ProbeResult> {
     pb::ProbeResult::decode(b).ok()
 }
 
+/// The series' endpoint label of a result (the target's name when it has no endpoint).
+pub fn endpoint_label(r: &ResultView<'_>) -> String {
+    match &r.endpoint {
+        Some(e) => mxscope_proto::endpoint_label(e.host, e.ip, e.port),
+        None => r.target.to_string(),
+    }
+}
+
+/// The persisted state names (`stale` is decided at read time from the clock).
+pub fn state_name(failing: bool) -> &'static str {
+    if failing {
+        mxscope_proto::RegionState::Failing.name()
+    } else {
+        mxscope_proto::RegionState::Ok.name()
+    }
+}
+
+/// The event of a series in `region` whose state `r` changed from `was_failing`.
+pub fn state_event(r: &ResultView<'_>, region: &str, was_failing: bool) -> pb::WatchEvent {
+    use mxscope_proto::raw::FactValue;
+    pb::WatchEvent {
+        target: r.target.to_string(),
+        endpoint: endpoint_label(r),
+        check: r.check.to_string(),
+        region: region.to_string(),
+        old_state: state_name(was_failing).to_string(),
+        new_state: state_name(!was_failing).to_string(),
+        at_us: r.start_us,
+        error_class: r.error_class.to_string(),
+        level: "endpoint".to_string(),
+        via_mx: r.facts.iter().any(|f| {
+            let flag = match f.value {
+                Some(FactValue::Flag(b)) => Some(b),
+                _ => None,
+            };
+            mxscope_proto::facts::address::marks_mx_expansion(f.key, flag)
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

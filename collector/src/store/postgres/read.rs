@@ -108,18 +108,9 @@ fn conditions<'a>(
 ) -> (String, Vec<&'a (dyn ToSql + Sync)>) {
     let mut sql = String::new();
     let mut args: Vec<&(dyn ToSql + Sync)> = Vec::new();
-    for (field, column) in columns {
-        let v = match *field {
-            "target" => &f.target,
-            "check" => &f.check,
-            "region" => &f.region,
-            "agent_id" => &f.agent_id,
-            _ => continue,
-        };
-        if !v.is_empty() {
-            args.push(v);
-            sql.push_str(&format!(" AND {column} = ${}", first + args.len()));
-        }
+    for (column, v) in f.set_columns(columns) {
+        args.push(v);
+        sql.push_str(&format!(" AND {column} = ${}", first + args.len()));
     }
     (sql, args)
 }

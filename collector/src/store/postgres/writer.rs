@@ -17,9 +17,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use bytes::Bytes;
 use mxscope_proto::pb;
-use mxscope_proto::raw::{FactValue, ResultView};
+use mxscope_proto::raw::ResultView;
 use mxscope_proto::target::Target;
-use mxscope_proto::RegionState;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -29,7 +28,7 @@ use super::{schema, PgError, DAY_US, EVENTS_CHANNEL, PARTITION_LOCK, TARGETS_CHA
 use crate::analysis::aggregate::Agg;
 use crate::analysis::hysteresis::{Hysteresis, Policy};
 use crate::store::rollup::Level;
-use crate::store::row::ResultRow;
+use crate::store::row::{endpoint_label, state_event, ResultRow};
 use crate::store::sqlite::{facts_to_json, target_to_json};
 use crate::store::{AgentHello, StoreError, StoreOptions, WriterStats};
 
@@ -180,14 +179,6 @@ impl Prepared {
             hours: hours.into_iter().map(|((b, k), a)| (b, k, a)).collect(),
             ascending: results.windows(2).all(|w| w[0].seq < w[1].seq),
         }
-    }
-}
-
-/// The series' endpoint label of a result (the target's name when it has no endpoint).
-fn endpoint_label(r: &ResultView<'_>) -> String {
-    match &r.endpoint {
-        Some(e) => mxscope_proto::endpoint_label(e.host, e.ip, e.port),
-        None => r.target.to_string(),
     }
 }
 
@@ -1009,7 +1000,7 @@ async fn store_results(
             b.roll(Level::Hour.bucket(row.start_us), id, &a);
         }
         let s = b.state.entry(id).or_default();
-        let was = state_name(s.hyst.failing);
+        let was_failing = s.hyst.failing;
         let ok = matches!(
             pb::Outcome::try_from(row.outcome),
             Ok(pb::Outcome::Ok | pb::Outcome::Warn)
@@ -1032,25 +1023,7 @@ async fn store_results(
         }
         b.touched.insert(id);
         if changed {
-            let r = view(i)?;
-            let event = pb::WatchEvent {
-                target: r.target.to_string(),
-                endpoint: endpoint_label(&r),
-                check: r.check.to_string(),
-                region: p.region.clone(),
-                old_state: was.to_string(),
-                new_state: state_name(s.hyst.failing).to_string(),
-                at_us: r.start_us,
-                error_class: r.error_class.to_string(),
-                level: "endpoint".to_string(),
-                via_mx: r.facts.iter().any(|f| {
-                    let flag = match f.value {
-                        Some(FactValue::Flag(b)) => Some(b),
-                        _ => None,
-                    };
-                    mxscope_proto::facts::address::marks_mx_expansion(f.key, flag)
-                }),
-            };
+            let event = state_event(&view(i)?, &p.region, was_failing);
             b.events.push(encode_event(&event));
         }
         b.stored += 1;
@@ -1180,15 +1153,6 @@ async fn put_target(
         }
     }
     Ok(Ok(Reply::Done))
-}
-
-/// The persisted state names (`stale` is decided at read time).
-fn state_name(failing: bool) -> &'static str {
-    if failing {
-        RegionState::Failing.name()
-    } else {
-        RegionState::Ok.name()
-    }
 }
 
 /// A state change as a `pg_notify` payload: the protobuf encoding in base64 (payloads are text).

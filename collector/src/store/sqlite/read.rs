@@ -180,18 +180,9 @@ pub(crate) fn results_per_agent(
 fn conditions(f: &Filter, columns: &[(&str, &str)]) -> (String, Vec<Value>) {
     let mut sql = String::new();
     let mut args = Vec::new();
-    for (field, column) in columns {
-        let v = match *field {
-            "target" => &f.target,
-            "check" => &f.check,
-            "region" => &f.region,
-            "agent_id" => &f.agent_id,
-            _ => continue,
-        };
-        if !v.is_empty() {
-            args.push(Value::Text(v.clone()));
-            sql.push_str(&format!(" AND {column} = ?{}", args.len()));
-        }
+    for (column, v) in f.set_columns(columns) {
+        args.push(Value::Text(v.clone()));
+        sql.push_str(&format!(" AND {column} = ?{}", args.len()));
     }
     (sql, args)
 }

@@ -549,7 +549,7 @@ pub(super) fn store_results(
         }
         let interval = to_i64(*interval_ms)?;
         let s = ctx.series(tx, id)?;
-        let was = state_name(s.hyst.failing);
+        let was_failing = s.hyst.failing;
         let (changed, replaced) = s.observe(
             row.start_us,
             row.outcome,
@@ -558,30 +558,13 @@ pub(super) fn store_results(
             &agent,
             policy,
         );
-        let now = state_name(s.hyst.failing);
         if let Some(old) = replaced {
             ctx.req.garbage.push(Box::new(old));
         }
         if changed {
-            let r = view(i)?;
-            ctx.req.events.push(pb::WatchEvent {
-                target: r.target.to_string(),
-                endpoint: endpoint_label(&r),
-                check: r.check.to_string(),
-                region: region.clone(),
-                old_state: was.to_string(),
-                new_state: now.to_string(),
-                at_us: r.start_us,
-                error_class: r.error_class.to_string(),
-                level: "endpoint".to_string(),
-                via_mx: r.facts.iter().any(|f| {
-                    let flag = match f.value {
-                        Some(mxscope_proto::raw::FactValue::Flag(b)) => Some(b),
-                        _ => None,
-                    };
-                    mxscope_proto::facts::address::marks_mx_expansion(f.key, flag)
-                }),
-            });
+            ctx.req
+                .events
+                .push(state_event(&view(i)?, &region, was_failing));
         }
         ctx.req.stored += 1;
         hwm = row.seq;
@@ -592,15 +575,6 @@ pub(super) fn store_results(
     )?
     .execute(params![hwm, at_us, agent_id])?;
     Ok(u64::try_from(hwm).unwrap_or(0))
-}
-
-/// The persisted state names (`stale` is decided at read time from the clock).
-pub(super) fn state_name(failing: bool) -> &'static str {
-    if failing {
-        RegionState::Failing.name()
-    } else {
-        RegionState::Ok.name()
-    }
 }
 
 /// One round of the retention job: deletes at most `batch` raw results stored before the raw

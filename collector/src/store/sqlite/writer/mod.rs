@@ -41,12 +41,11 @@ use super::{bump, SqliteError};
 use crate::analysis::aggregate::Agg;
 use crate::analysis::hysteresis::{Hysteresis, Policy};
 use crate::store::rollup::Level;
-use crate::store::row::ResultRow;
+use crate::store::row::{endpoint_label, state_event, ResultRow};
 use crate::store::{AgentHello, StoreError, StoreOptions, WriterStats};
 use bytes::Bytes;
 use mxscope_proto::raw::ResultView;
 use mxscope_proto::target::Target;
-use mxscope_proto::RegionState;
 
 /// A write operation.
 pub(crate) enum Op {

@@ -82,14 +82,6 @@ impl Prepared {
     }
 }
 
-/// The series' endpoint label of a result (the target's name when it has no endpoint).
-pub(super) fn endpoint_label(r: &ResultView<'_>) -> String {
-    match &r.endpoint {
-        Some(e) => mxscope_proto::endpoint_label(e.host, e.ip, e.port),
-        None => r.target.to_string(),
-    }
-}
-
 /// The parts of a result's endpoint, kept once per series.
 #[derive(Debug, Clone, Default)]
 pub(super) struct EndpointParts {
