@@ -336,6 +336,25 @@ impl RevocationState {
             .insert(entry);
         self.publish();
     }
+
+    /// The database's revocations were reloaded (another collector on it added some); returns
+    /// how many entries are new here. Merged, not replaced: revocations made online are never
+    /// taken back, and an entry this collector added while the reload read is kept.
+    pub fn merge_online(&self, list: Revocations) -> usize {
+        let added = {
+            let mut online = self
+                .online
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let before = online.len();
+            *online = online.union(&list);
+            online.len() - before
+        };
+        if added > 0 {
+            self.publish();
+        }
+        added
+    }
 }
 
 /// How often the revocation file's modification time is checked.
@@ -731,6 +750,14 @@ mod tests {
         assert!(list.revokes_agent("ag-1"));
         state.add_online(Entry::Agent("ag-9".into()));
         assert!(rx.borrow().revokes_agent("ag-9") && rx.borrow().revokes_agent("ag-22"));
+        let reloaded = Revocations::parse("ag-9\nag-31\n").0;
+        assert_eq!(state.merge_online(reloaded.clone()), 1, "only ag-31 is new");
+        assert!(rx.borrow().revokes_agent("ag-31") && rx.borrow().revokes_agent("ag-22"));
+        assert_eq!(
+            state.merge_online(reloaded),
+            0,
+            "a second reload adds nothing"
+        );
         stop.cancel();
         task.await.unwrap();
     }

@@ -35,6 +35,7 @@ use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::auth::{AuthLayer, Mode, RevocationState, RevokedError};
+use crate::enrol::db::IdentityDb;
 use crate::enrol::{Enrolment, Signer};
 use crate::limits::RateLimiter;
 use crate::store::StoreError;
@@ -55,8 +56,6 @@ pub enum RunError {
     Revoked(#[from] RevokedError),
     #[error("--ca-key needs mTLS: pass --tls-cert, --tls-key and --client-ca (the CA certificate of that key)")]
     CaKeyWithoutTls,
-    #[error("--ca-key (token enrolment) is not available with --db postgres:// yet: its tables are in SQLite; enrol agents with `mxscopectl enroll` and the offline CA, or run on a SQLite --db")]
-    CaKeyOnPostgres,
     #[error("--ca-key {path}: {message}")]
     CaKey { path: PathBuf, message: String },
     #[error(
@@ -209,17 +208,23 @@ pub async fn run(
 
     let db = config.db_path.to_string_lossy().into_owned();
     let on_postgres = store::postgres::is_postgres_url(&db);
-    if on_postgres && signer.is_some() {
-        return Err(RunError::CaKeyOnPostgres);
-    }
-    let store = store::open(&db, config.store.clone(), config.db_ca.as_deref()).await?;
-    let (identities, online_revoked) = if on_postgres {
-        (enrol::db::IdentityDb::unavailable(), Default::default())
+    // The enrolment tables are in the store's database, on PostgreSQL through its pool.
+    let (store, identities): (Arc<dyn store::Store>, IdentityDb) = if on_postgres {
+        let pg = store::postgres::PgStore::connect_with_ca(
+            &db,
+            config.store.clone(),
+            config.db_ca.as_deref(),
+        )
+        .await?;
+        let identities = IdentityDb::postgres(&pg);
+        (Arc::new(pg), identities)
     } else {
-        let identities = enrol::db::IdentityDb::open(&config.db_path)?;
-        let revoked = identities.with(|c| enrol::db::revocations(c)).await?;
-        (identities, revoked)
+        let store = store::open(&db, config.store.clone(), config.db_ca.as_deref()).await?;
+        (store, IdentityDb::open(&config.db_path)?)
     };
+    // Subscribed before the first read, so a revocation committed in between is reloaded.
+    let revocation_changes = identities.revocation_changes();
+    let online_revoked = identities.revocations().await?;
     let db_shown = if on_postgres {
         store::postgres::redacted(&db)
     } else {
@@ -237,6 +242,15 @@ pub async fn run(
     if let Some(path) = config.revoked.clone() {
         tasks.spawn(auth::watch_revoked(
             path,
+            revocations.clone(),
+            token.clone(),
+        ));
+    }
+    // Revocations made through the other collectors on the database.
+    if let Some(changes) = revocation_changes {
+        tasks.spawn(enrol::follow_revocations(
+            identities.clone(),
+            changes,
             revocations.clone(),
             token.clone(),
         ));

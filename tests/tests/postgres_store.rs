@@ -293,7 +293,8 @@ async fn migrations_run_once_and_a_newer_schema_is_refused() -> Result<()> {
     )?;
     assert_eq!(
         tables,
-        "agent_targets,agents,mxscope_schema,result_partitions,results,rollups,series,targets"
+        "agent_targets,agents,certificates,enrol_tokens,mxscope_schema,result_partitions,results,\
+         revocations,rollups,series,targets"
     );
     assert_eq!(
         psql(

@@ -1,16 +1,22 @@
-//! The enrolment tables of the collector's database (schema step 9): tokens (by the hash of
-//! their secret), the certificates this collector signed, and revocations made online. Its own
-//! connection beside the ingest writer: these writes are rare and small, and a token's use is one
-//! `BEGIN IMMEDIATE` transaction, so two enrolments never spend the same use.
+//! The enrolment tables: tokens (by the hash of their secret), the certificates the collectors
+//! signed, and revocations made online. [`IdentityDb`] is the seam, in the collector's database
+//! whichever it is: [`sqlite`] (schema step 9, a connection of its own beside the writer) or
+//! [`postgres`] (schema step 2, the store's pool; several collectors share the tables).
+//!
+//! A token's use is spent in one transaction that holds the token: `BEGIN IMMEDIATE` on SQLite,
+//! `SELECT … FOR UPDATE` of its row on PostgreSQL, so two enrolments (through one collector or
+//! two) never spend the same use.
+
+pub mod postgres;
+pub mod sqlite;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use mxscope_pki::{Entry, Revocations};
-use rusqlite::{params, Connection, OptionalExtension};
+use mxscope_pki::{Entry, Identity, Revocations};
+use tokio::sync::broadcast;
 
-use crate::store::sqlite::SqliteError;
+use crate::error::ServiceError;
+use crate::store::postgres::PgStore;
 use crate::store::StoreError;
 
 /// One token as stored (never its secret).
@@ -48,7 +54,7 @@ impl TokenRow {
     }
 }
 
-/// A certificate this collector signed.
+/// A certificate a collector signed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertRow {
     pub serial: String,
@@ -61,202 +67,143 @@ pub struct CertRow {
     pub token_id: String,
 }
 
-/// The connection to the enrolment tables.
+/// Whom a token admits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    pub who: Identity,
+    /// The id must not hold a live certificate yet: a prefix token must not take over an agent
+    /// that is enrolled already (an exact token is the admin's word for its id).
+    pub must_be_new: bool,
+}
+
+/// What one enrolment decides inside its token's transaction, the token held: who the agent
+/// becomes, then its certificate. A refusal at either step stores nothing and spends no use.
+pub trait Enrolling: Send + 'static {
+    /// Whom `token` admits at `now_us`, or why not.
+    fn admit(&mut self, token: &TokenRow, now_us: i64) -> Result<Admitted, ServiceError>;
+    /// The certificate (PEM, and its row to record) for `admitted`; `live` is the serial of a
+    /// live certificate its id holds, looked up when `must_be_new`.
+    fn sign(
+        &mut self,
+        token: &TokenRow,
+        admitted: &Admitted,
+        live: Option<&str>,
+    ) -> Result<(String, CertRow), ServiceError>;
+}
+
+/// How an enrolment's transaction ended.
+#[derive(Debug)]
+pub enum Spent {
+    /// One use spent, the certificate recorded: its PEM and row.
+    Signed(String, CertRow),
+    /// No token has this hash.
+    Unknown,
+    /// [`Enrolling`] refused: nothing is stored.
+    Refused(ServiceError),
+}
+
+/// The enrolment tables of the collector's database; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct IdentityDb {
-    /// `None` on a store without the enrolment tables (PostgreSQL, for now): every use fails.
-    conn: Option<Arc<Mutex<Connection>>>,
+pub enum IdentityDb {
+    Sqlite(sqlite::SqliteIdentities),
+    Postgres(postgres::PgIdentities),
 }
-
-fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-    move |source| {
-        StoreError::from(SqliteError::Open {
-            path: path.to_path_buf(),
-            source,
-        })
-    }
-}
-
-fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
-    Ok(TokenRow {
-        hash: r.get(0)?,
-        id: r.get(1)?,
-        region: r.get(2)?,
-        agent_id: r.get(3)?,
-        id_prefix: r.get(4)?,
-        created_us: r.get(5)?,
-        expires_us: r.get(6)?,
-        uses: r.get(7)?,
-        uses_left: r.get(8)?,
-        revoked_us: r.get(9)?,
-        ca_fingerprint: r.get(10)?,
-        created_by: r.get(11)?,
-    })
-}
-
-const TOKEN_COLUMNS: &str = "hash, id, region, agent_id, id_prefix, created_us, expires_us, uses, \
-                             uses_left, revoked_us, ca_fingerprint, created_by";
 
 impl IdentityDb {
-    /// Opens the database the store has already migrated.
+    /// The tables in the SQLite file at `path`, which the store has already migrated.
     pub fn open(path: &Path) -> Result<IdentityDb, StoreError> {
-        let conn = Connection::open(path).map_err(sqlite(path))?;
-        conn.busy_timeout(Duration::from_secs(10))
-            .map_err(sqlite(path))?;
-        Ok(IdentityDb {
-            conn: Some(Arc::new(Mutex::new(conn))),
-        })
+        Ok(IdentityDb::Sqlite(sqlite::SqliteIdentities::open(path)?))
     }
 
-    /// No enrolment tables: token enrolment, renewal and online revocation are refused with
-    /// [`StoreError::Unsupported`].
-    pub fn unavailable() -> IdentityDb {
-        IdentityDb { conn: None }
+    /// The tables in `store`'s PostgreSQL database (migrated when it connected), through its
+    /// pool.
+    pub fn postgres(store: &PgStore) -> IdentityDb {
+        IdentityDb::Postgres(postgres::PgIdentities::new(store))
     }
 
-    /// Runs `f` on the connection on a blocking thread.
-    pub async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
-    {
-        let conn = self.conn.clone().ok_or(StoreError::Unsupported(
-            "token enrolment and online revocation keep their tables in SQLite and are not \
-             available with --db postgres:// yet: enrol agents with `mxscopectl enroll` (offline \
-             CA) and revoke with --revoked FILE",
-        ))?;
-        tokio::task::spawn_blocking(move || {
-            let mut c = conn
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            f(&mut c)
-        })
-        .await?
+    /// Revocations committed by any collector on the database, when other collectors may share
+    /// it (PostgreSQL): each message says to reload [`revocations`](IdentityDb::revocations).
+    /// `None` on SQLite, whose revocations are this collector's alone.
+    pub fn revocation_changes(&self) -> Option<broadcast::Receiver<()>> {
+        match self {
+            IdentityDb::Sqlite(_) => None,
+            IdentityDb::Postgres(p) => Some(p.revocation_changes()),
+        }
+    }
+
+    pub async fn insert_token(&self, t: TokenRow) -> Result<(), StoreError> {
+        match self {
+            IdentityDb::Sqlite(s) => s.with(move |c| sqlite::insert_token(c, &t)).await,
+            IdentityDb::Postgres(p) => p.insert_token(&t).await,
+        }
+    }
+
+    /// Every token, oldest first.
+    pub async fn tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        match self {
+            IdentityDb::Sqlite(s) => s.with(|c| sqlite::tokens(c)).await,
+            IdentityDb::Postgres(p) => p.tokens().await,
+        }
+    }
+
+    /// Marks the token `id` revoked (if it is not already); `None` if there is no such token.
+    pub async fn revoke_token(
+        &self,
+        id: String,
+        now_us: i64,
+    ) -> Result<Option<TokenRow>, StoreError> {
+        match self {
+            IdentityDb::Sqlite(s) => s.with(move |c| sqlite::revoke_token(c, &id, now_us)).await,
+            IdentityDb::Postgres(p) => p.revoke_token(&id, now_us).await,
+        }
+    }
+
+    /// One enrolment with the token `hash`, in one transaction holding the token: the use is
+    /// spent and the certificate recorded only if `e` signs.
+    pub async fn enrol<E: Enrolling>(&self, hash: String, e: E) -> Result<Spent, StoreError> {
+        match self {
+            IdentityDb::Sqlite(s) => s.with(move |c| sqlite::enrol(c, &hash, e)).await,
+            IdentityDb::Postgres(p) => p.enrol(&hash, e).await,
+        }
+    }
+
+    /// Records a certificate (a renewal's); one with the same serial is replaced.
+    pub async fn insert_certificate(&self, r: CertRow) -> Result<(), StoreError> {
+        match self {
+            IdentityDb::Sqlite(s) => s.with(move |c| sqlite::insert_certificate(c, &r)).await,
+            IdentityDb::Postgres(p) => p.insert_certificate(&r).await,
+        }
+    }
+
+    /// Adds a revocation (on PostgreSQL announcing it to every collector); `false` if the entry
+    /// was revoked already.
+    pub async fn add_revocation(
+        &self,
+        entry: Entry,
+        reason: String,
+        by: String,
+        now_us: i64,
+    ) -> Result<bool, StoreError> {
+        match self {
+            IdentityDb::Sqlite(s) => {
+                s.with(move |c| sqlite::add_revocation(c, &entry, &reason, &by, now_us))
+                    .await
+            }
+            IdentityDb::Postgres(p) => p.add_revocation(&entry, &reason, &by, now_us).await,
+        }
+    }
+
+    /// Every revocation made online. An entry this version cannot read is skipped with a warning.
+    pub async fn revocations(&self) -> Result<Revocations, StoreError> {
+        let entries = match self {
+            IdentityDb::Sqlite(s) => s.with(|c| sqlite::revocation_entries(c)).await?,
+            IdentityDb::Postgres(p) => p.revocation_entries().await?,
+        };
+        Ok(parse_revocations(entries))
     }
 }
 
-fn db(e: rusqlite::Error) -> StoreError {
-    StoreError::from(SqliteError::from(e))
-}
-
-pub fn insert_token(c: &Connection, t: &TokenRow) -> Result<(), StoreError> {
-    c.execute(
-        &format!("INSERT INTO enrol_tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
-        params![
-            t.hash,
-            t.id,
-            t.region,
-            t.agent_id,
-            t.id_prefix,
-            t.created_us,
-            t.expires_us,
-            t.uses,
-            t.uses_left,
-            t.revoked_us,
-            t.ca_fingerprint,
-            t.created_by
-        ],
-    )
-    .map_err(db)?;
-    Ok(())
-}
-
-pub fn tokens(c: &Connection) -> Result<Vec<TokenRow>, StoreError> {
-    let mut st = c
-        .prepare(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM enrol_tokens ORDER BY created_us, id"
-        ))
-        .map_err(db)?;
-    let rows = st.query_map([], token_row).map_err(db)?;
-    rows.collect::<Result<_, _>>().map_err(db)
-}
-
-pub fn token_by_hash(c: &Connection, hash: &str) -> Result<Option<TokenRow>, StoreError> {
-    c.query_row(
-        &format!("SELECT {TOKEN_COLUMNS} FROM enrol_tokens WHERE hash = ?1"),
-        [hash],
-        token_row,
-    )
-    .optional()
-    .map_err(db)
-}
-
-/// Marks the token `id` revoked (if it is not already); `None` if there is no such token.
-pub fn revoke_token(c: &Connection, id: &str, now_us: i64) -> Result<Option<TokenRow>, StoreError> {
-    c.execute(
-        "UPDATE enrol_tokens SET revoked_us = ?2 WHERE id = ?1 AND revoked_us = 0",
-        params![id, now_us],
-    )
-    .map_err(db)?;
-    c.query_row(
-        &format!("SELECT {TOKEN_COLUMNS} FROM enrol_tokens WHERE id = ?1"),
-        [id],
-        token_row,
-    )
-    .optional()
-    .map_err(db)
-}
-
-/// Spends one use of the token.
-pub fn spend(c: &Connection, hash: &str) -> Result<(), StoreError> {
-    c.execute(
-        "UPDATE enrol_tokens SET uses_left = uses_left - 1 WHERE hash = ?1 AND uses_left > 0",
-        [hash],
-    )
-    .map_err(db)?;
-    Ok(())
-}
-
-pub fn insert_certificate(c: &Connection, r: &CertRow) -> Result<(), StoreError> {
-    c.execute(
-        "INSERT OR REPLACE INTO certificates (serial, agent_id, region, not_after_us, issued_us, how, token_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![r.serial, r.agent_id, r.region, r.not_after_us, r.issued_us, r.how, r.token_id],
-    )
-    .map_err(db)?;
-    Ok(())
-}
-
-/// Serials of this agent id's certificates that are still valid at `now_us`.
-pub fn live_serials(
-    c: &Connection,
-    agent_id: &str,
-    now_us: i64,
-) -> Result<Vec<String>, StoreError> {
-    let mut st = c
-        .prepare("SELECT serial FROM certificates WHERE agent_id = ?1 AND not_after_us > ?2")
-        .map_err(db)?;
-    let rows = st
-        .query_map(params![agent_id, now_us], |r| r.get(0))
-        .map_err(db)?;
-    rows.collect::<Result<_, _>>().map_err(db)
-}
-
-/// Adds a revocation; `false` if the entry was revoked already.
-pub fn add_revocation(
-    c: &Connection,
-    entry: &Entry,
-    reason: &str,
-    by: &str,
-    now_us: i64,
-) -> Result<bool, StoreError> {
-    let n = c
-        .execute(
-            "INSERT OR IGNORE INTO revocations (entry, reason, revoked_us, revoked_by) VALUES (?1, ?2, ?3, ?4)",
-            params![entry.to_string(), reason, now_us, by],
-        )
-        .map_err(db)?;
-    Ok(n == 1)
-}
-
-/// Every revocation made online. An entry this version cannot read is skipped with a warning.
-pub fn revocations(c: &Connection) -> Result<Revocations, StoreError> {
-    let mut st = c.prepare("SELECT entry FROM revocations").map_err(db)?;
-    let entries: Vec<String> = st
-        .query_map([], |r| r.get(0))
-        .map_err(db)?
-        .collect::<Result<_, _>>()
-        .map_err(db)?;
+fn parse_revocations(entries: Vec<String>) -> Revocations {
     let mut list = Revocations::default();
     for e in entries {
         match e.parse::<Entry>() {
@@ -266,5 +213,8 @@ pub fn revocations(c: &Connection) -> Result<Revocations, StoreError> {
             Err(err) => tracing::warn!(entry = %e, error = %err, "stored revocation skipped"),
         }
     }
-    Ok(list)
+    list
 }
+
+const TOKEN_COLUMNS: &str = "hash, id, region, agent_id, id_prefix, created_us, expires_us, uses, \
+                             uses_left, revoked_us, ca_fingerprint, created_by";

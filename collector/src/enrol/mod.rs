@@ -18,11 +18,10 @@ use mxscope_proto::time::now_us;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::auth::RevocationState;
+use crate::auth::{RevocationState, Revoked};
 use crate::error::ServiceError;
 use crate::limits::{Counters, RateLimiter};
-use crate::store::StoreError;
-use db::{CertRow, IdentityDb, TokenRow};
+use db::{Admitted, CertRow, Enrolling, IdentityDb, Spent, TokenRow};
 
 /// Life of the certificates the collector signs unless `--agent-cert-ttl` says otherwise.
 pub const DEFAULT_CERT_LIFE: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -138,15 +137,15 @@ impl Enrolment {
 }
 
 /// A token's answer to an agent that asks for `agent_id` in `region` (either may be empty):
-/// the identity it gets, or why not. `live` says whether an id already has a live certificate.
+/// the identity it gets, or why not. A prefix token's answer holds only if the id has no live
+/// certificate yet ([`Admitted::must_be_new`], checked with [`not_taken`]).
 pub fn admit(
     token: &TokenRow,
     agent_id: &str,
     region: &str,
     now_us: i64,
-    live: impl FnOnce(&str) -> Result<Option<String>, StoreError>,
     make_id: impl FnOnce(&str) -> String,
-) -> Result<Identity, ServiceError> {
+) -> Result<Admitted, ServiceError> {
     let id = &token.id;
     let refuse = |m: String| Err(ServiceError::PermissionDenied(m));
     match token.state(now_us) {
@@ -176,7 +175,8 @@ pub fn admit(
             token.region, token.region
         ));
     }
-    let agent = if !token.agent_id.is_empty() {
+    let exact = !token.agent_id.is_empty();
+    let agent = if exact {
         if !agent_id.is_empty() && agent_id != token.agent_id {
             return refuse(format!(
                 "enrolment token {id} is for agent id '{}', but this agent asks for '{agent_id}': \
@@ -198,19 +198,29 @@ pub fn admit(
                  with '{prefix}' ({LABEL_RULE}): pick such an --id"
             ));
         }
-        // A prefix token must not take over an agent that is enrolled already.
-        if let Some(serial) = live(&agent).map_err(ServiceError::Store)? {
-            return refuse(format!(
-                "agent id '{agent}' already has a live certificate (serial {serial}): pick \
-                 another --id, or revoke it first with 'mxscopectl revoke --serial {serial}'"
-            ));
-        }
         agent
     };
-    Ok(Identity::Agent {
-        id: agent,
-        region: token.region.clone(),
+    Ok(Admitted {
+        who: Identity::Agent {
+            id: agent,
+            region: token.region.clone(),
+        },
+        must_be_new: !exact,
     })
+}
+
+/// Refuses `admitted` when its id must be new and holds the `live` certificate: a prefix token
+/// must not take over an agent that is enrolled already.
+pub fn not_taken(admitted: &Admitted, live: Option<&str>) -> Result<(), ServiceError> {
+    match (&admitted.who, live) {
+        (Identity::Agent { id, .. }, Some(serial)) if admitted.must_be_new => {
+            Err(ServiceError::PermissionDenied(format!(
+                "agent id '{id}' already has a live certificate (serial {serial}): pick \
+                 another --id, or revoke it first with 'mxscopectl revoke --serial {serial}'"
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A time in microseconds as RFC 3339 (UTC, seconds).
@@ -223,6 +233,46 @@ fn when(us: i64) -> String {
 fn made_up_id(prefix: &str) -> String {
     let n: u32 = rand::random::<u32>() & 0xff_ffff;
     format!("{prefix}{n:06x}")
+}
+
+/// One enrolment request, decided inside its token's transaction.
+struct Asked {
+    req: pb::EnrollRequest,
+    /// What was revoked when the request came in.
+    revoked: Revoked,
+    shared: Arc<Enrolment>,
+}
+
+impl Enrolling for Asked {
+    fn admit(&mut self, token: &TokenRow, now_us: i64) -> Result<Admitted, ServiceError> {
+        let admitted = admit(
+            token,
+            &self.req.agent_id,
+            &self.req.region,
+            now_us,
+            made_up_id,
+        )?;
+        if let Identity::Agent { id, .. } = &admitted.who {
+            if self.revoked.revokes_agent(id) {
+                return Err(ServiceError::PermissionDenied(format!(
+                    "agent id '{id}' is revoked; enrol it with another id"
+                )));
+            }
+        }
+        Ok(admitted)
+    }
+
+    fn sign(
+        &mut self,
+        token: &TokenRow,
+        admitted: &Admitted,
+        live: Option<&str>,
+    ) -> Result<(String, CertRow), ServiceError> {
+        not_taken(admitted, live)?;
+        self.shared
+            .signer()?
+            .sign(&self.req.csr_pem, &admitted.who, "enrol", &token.id)
+    }
 }
 
 /// The `Enrollment` gRPC service.
@@ -277,67 +327,25 @@ impl EnrollmentService {
                 req.agent_id
             )));
         }
-        let revoked_ids = enrol.revocations.current();
         let hash = token.hash();
         let ca_pem = signer.ca_pem();
-        let shared = self.enrolment.clone();
-        let (cert_pem, row) = enrol
-            .db
-            .with(move |c| {
-                let tx = c
-                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                    .map_err(|e| StoreError::from(crate::store::sqlite::SqliteError::from(e)))?;
-                let outcome = (|| {
-                    let Some(stored) = db::token_by_hash(&tx, &hash)? else {
-                        return Ok(Err(ServiceError::PermissionDenied(format!(
-                            "unknown enrolment token {} (never created on this collector, or \
-                             mistyped): create one with 'mxscopectl token create'",
-                            &hash[..12]
-                        ))));
-                    };
-                    let now = now_us();
-                    let who = match admit(
-                        &stored,
-                        &req.agent_id,
-                        &req.region,
-                        now,
-                        |id| Ok(db::live_serials(&tx, id, now)?.into_iter().next()),
-                        made_up_id,
-                    ) {
-                        Ok(who) => who,
-                        Err(e) => return Ok(Err(e)),
-                    };
-                    if let Identity::Agent { id, .. } = &who {
-                        if revoked_ids.revokes_agent(id) {
-                            return Ok(Err(ServiceError::PermissionDenied(format!(
-                                "agent id '{id}' is revoked; enrol it with another id"
-                            ))));
-                        }
-                    }
-                    let Some(signer) = shared.signer.as_ref() else {
-                        return Ok(Err(ServiceError::FailedPrecondition(NOT_SIGNING.into())));
-                    };
-                    let signed = match signer.sign(&req.csr_pem, &who, "enrol", &stored.id) {
-                        Ok(s) => s,
-                        Err(e) => return Ok(Err(e)),
-                    };
-                    db::spend(&tx, &hash)?;
-                    db::insert_certificate(&tx, &signed.1)?;
-                    Ok::<_, StoreError>(Ok(signed))
-                })();
-                match outcome {
-                    Ok(Ok(signed)) => {
-                        tx.commit().map_err(|e| {
-                            StoreError::from(crate::store::sqlite::SqliteError::from(e))
-                        })?;
-                        Ok(Ok(signed))
-                    }
-                    // Nothing of a refused attempt is stored: the use is not spent.
-                    other => other,
-                }
-            })
-            .await
-            .map_err(ServiceError::Store)??;
+        let asked = Asked {
+            req,
+            revoked: enrol.revocations.current(),
+            shared: self.enrolment.clone(),
+        };
+        let (cert_pem, row) = match enrol.db.enrol(hash.clone(), asked).await? {
+            Spent::Signed(pem, row) => (pem, row),
+            Spent::Unknown => {
+                return Err(ServiceError::PermissionDenied(format!(
+                    "unknown enrolment token {} (never created on this collector, or \
+                     mistyped): create one with 'mxscopectl token create'",
+                    &hash[..12]
+                )))
+            }
+            // Nothing of a refused attempt is stored: the use is not spent.
+            Spent::Refused(err) => return Err(err),
+        };
         Ok(pb::EnrollResponse {
             cert_pem,
             ca_pem,
@@ -402,12 +410,7 @@ pub async fn renew(shared: &Enrolment, who: &Identity, csr_pem: String) -> pb::R
         Ok(s) => s,
         Err(e) => return refused(e.to_string()),
     };
-    let stored = row.clone();
-    if let Err(err) = shared
-        .db
-        .with(move |c| db::insert_certificate(c, &stored))
-        .await
-    {
+    if let Err(err) = shared.db.insert_certificate(row.clone()).await {
         warn!(agent.id = %id, error = %crate::error::chain(&err), "recording a renewed certificate failed");
         return refused("the collector could not record the certificate; it retries later".into());
     }
@@ -510,11 +513,7 @@ pub async fn create_token(
         ca_fingerprint: token.ca.to_string(),
         created_by: by.to_string(),
     };
-    let stored = row.clone();
-    shared
-        .db
-        .with(move |c| db::insert_token(c, &stored))
-        .await?;
+    shared.db.insert_token(row.clone()).await?;
     info!(target: "audit", event = "token_created", token = %row.id, region = %row.region,
         agent.id = %row.agent_id, id_prefix = %row.id_prefix, uses = row.uses,
         expires = %when(row.expires_us), by = %by, "enrolment token created");
@@ -525,7 +524,7 @@ pub async fn create_token(
 
 /// `ListTokens`: every token, oldest first, with its state now.
 pub async fn list_tokens(shared: &Enrolment) -> Result<pb::ListTokensResponse, ServiceError> {
-    let rows = shared.db.with(|c| db::tokens(c)).await?;
+    let rows = shared.db.tokens().await?;
     let now = now_us();
     Ok(pb::ListTokensResponse {
         tokens: rows.iter().map(|t| token_info(t, now)).collect(),
@@ -539,10 +538,9 @@ pub async fn revoke_token(
     id: String,
 ) -> Result<pb::TokenInfo, ServiceError> {
     let now = now_us();
-    let wanted = id.clone();
     let row = shared
         .db
-        .with(move |c| db::revoke_token(c, &wanted, now))
+        .revoke_token(id.clone(), now)
         .await?
         .ok_or_else(|| {
             ServiceError::NotFound(format!(
@@ -585,11 +583,9 @@ pub async fn revoke(
             "the reason must be one line of text without control characters".into(),
         ));
     }
-    let (stored, reason, who) = (entry.clone(), req.reason.clone(), by.to_string());
-    let now = now_us();
     let added = shared
         .db
-        .with(move |c| db::add_revocation(c, &stored, &reason, &who, now))
+        .add_revocation(entry.clone(), req.reason.clone(), by.to_string(), now_us())
         .await?;
     shared.revocations.add_online(entry.clone());
     info!(target: "audit", event = "revoked", entry = %entry, added, reason = %req.reason, by = %by,
@@ -598,6 +594,45 @@ pub async fn revoke(
         entry: entry.to_string(),
         added,
     })
+}
+
+/// Keeps `state` in step with the revocations every collector on a shared database (PostgreSQL)
+/// makes: each message on `changes` reloads them, until `stop`.
+///
+/// Why notifications rather than a periodic reload: a revocation notifies in its own
+/// transaction, so every collector's LISTEN connection hears of it within milliseconds of the
+/// commit, and an idle collector reads nothing. After that connection was lost and is back the
+/// store sends a message too, so nothing missed meanwhile stays unenforced (a lagging receiver
+/// reloads as well).
+pub async fn follow_revocations(
+    db: IdentityDb,
+    mut changes: tokio::sync::broadcast::Receiver<()>,
+    state: Arc<RevocationState>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            heard = changes.recv() => match heard {
+                Ok(()) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return,
+            },
+        }
+        match db.revocations().await {
+            Ok(list) => {
+                let added = state.merge_online(list);
+                if added > 0 {
+                    info!(added, "revocations made on another collector enforced");
+                }
+            }
+            // The next revocation (or reconnect) reloads again; until then the list in memory
+            // (which still grows with this collector's own revocations) is enforced.
+            Err(err) => {
+                warn!(error = %crate::error::chain(&err), "reloading the revocations failed")
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -627,15 +662,10 @@ mod tests {
         region: &str,
         live: Option<&str>,
     ) -> Result<Identity, String> {
-        admit(
-            t,
-            id,
-            region,
-            10,
-            |_| Ok(live.map(str::to_string)),
-            |p| format!("{p}abc123"),
-        )
-        .map_err(|e| e.to_string())
+        let admitted =
+            admit(t, id, region, 10, |p| format!("{p}abc123")).map_err(|e| e.to_string())?;
+        not_taken(&admitted, live).map_err(|e| e.to_string())?;
+        Ok(admitted.who)
     }
 
     fn agent(id: &str) -> Identity {
@@ -755,7 +785,7 @@ mod tests {
                 region: "eu".into()
             })
         );
-        let rows = e.db.with(|c| db::tokens(c)).await.unwrap();
+        let rows = e.db.tokens().await.unwrap();
         assert_eq!(rows[0].uses_left, 0);
         assert!(
             !rows

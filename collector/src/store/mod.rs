@@ -78,9 +78,6 @@ pub enum StoreError {
     RollupWrite,
     #[error("database task failed")]
     Task(#[from] tokio::task::JoinError),
-    /// The backend in use cannot do this (the message says what to use instead).
-    #[error("{0}")]
-    Unsupported(&'static str),
 }
 
 /// Tuning of the store.

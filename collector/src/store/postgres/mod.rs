@@ -1,7 +1,8 @@
 //! The PostgreSQL backend: [`PgStore`], for several collectors on one database (`--db
 //! postgres://…`). Each collector runs one writer task that commits requests in batches (see
-//! [`writer`] for what keeps several writers exact); reads use a connection pool; one more
-//! connection LISTENs for the state and target changes every collector announces at commit.
+//! [`writer`] for what keeps several writers exact); reads (and the enrolment tables, see
+//! `enrol::db`) use a connection pool; one more connection LISTENs for the state, target and
+//! revocation changes every collector announces at commit.
 
 mod read;
 mod schema;
@@ -33,9 +34,11 @@ pub const DAY_US: i64 = 86_400_000_000;
 /// Advisory lock keys ("mxscope" and a number): migrations, and partition DDL.
 const MIGRATE_LOCK: i64 = 0x6d78_7363_6f70_6501;
 const PARTITION_LOCK: i64 = 0x6d78_7363_6f70_6502;
-/// `pg_notify` channels: series state changes (payload: the event), central target changes.
+/// `pg_notify` channels: series state changes (payload: the event), central target changes,
+/// revocations made online (empty payload: reload them).
 const EVENTS_CHANNEL: &str = "mxscope_events";
 const TARGETS_CHANNEL: &str = "mxscope_targets";
+pub(crate) const REVOCATIONS_CHANNEL: &str = "mxscope_revocations";
 /// Capacity of the broadcasts; a slower watcher skips (and is told how many).
 const EVENTS_CAPACITY: usize = 1024;
 /// How long `connect` waits for the LISTEN connection before it gives up.
@@ -179,6 +182,7 @@ struct Inner {
     stats: Arc<WriterStats>,
     events: broadcast::Sender<pb::WatchEvent>,
     targets: broadcast::Sender<()>,
+    revocations: broadcast::Sender<()>,
     ids: Arc<RwLock<HashMap<writer::SeriesKey, i64>>>,
     prune_batch: usize,
     stop: CancellationToken,
@@ -246,16 +250,15 @@ impl PgStore {
         let stats = Arc::new(WriterStats::default());
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
         let (targets, _) = broadcast::channel(16);
+        let (revocations, _) = broadcast::channel(16);
         let stop = CancellationToken::new();
         let (ready_tx, ready) = oneshot::channel();
-        tokio::spawn(listen(
-            config,
-            tls,
-            events.clone(),
-            targets.clone(),
-            stop.clone(),
-            ready_tx,
-        ));
+        let heard = Heard {
+            events: events.clone(),
+            targets: targets.clone(),
+            revocations: revocations.clone(),
+        };
+        tokio::spawn(listen(config, tls, heard, stop.clone(), ready_tx));
         match tokio::time::timeout(LISTEN_READY, ready).await {
             Ok(Ok(())) => {}
             _ => {
@@ -287,6 +290,7 @@ impl PgStore {
                 stats,
                 events,
                 targets,
+                revocations,
                 ids,
                 prune_batch: opts.prune_batch,
                 stop,
@@ -327,15 +331,33 @@ impl PgStore {
     pub fn target_changes(&self) -> broadcast::Receiver<()> {
         self.inner.targets.subscribe()
     }
+
+    /// Revocations committed by any collector on this database (also sent after the LISTEN
+    /// connection was lost and is back: one may have been missed).
+    pub fn revocation_changes(&self) -> broadcast::Receiver<()> {
+        self.inner.revocations.subscribe()
+    }
+
+    /// The connection pool, for the tables beside the store's (enrolment).
+    pub fn pool(&self) -> &deadpool_postgres::Pool {
+        &self.inner.pool
+    }
 }
 
-/// The LISTEN connection: forwards every collector's state changes and target changes; after a
-/// lost connection it reconnects and reports a target change (one may have been missed).
+/// Where the LISTEN connection forwards what it hears.
+struct Heard {
+    events: broadcast::Sender<pb::WatchEvent>,
+    targets: broadcast::Sender<()>,
+    revocations: broadcast::Sender<()>,
+}
+
+/// The LISTEN connection: forwards every collector's state, target and revocation changes; after
+/// a lost connection it reconnects and reports a target and a revocation change (one may have
+/// been missed).
 async fn listen(
     config: tokio_postgres::Config,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
-    events: broadcast::Sender<pb::WatchEvent>,
-    targets: broadcast::Sender<()>,
+    heard: Heard,
     stop: CancellationToken,
     ready: oneshot::Sender<()>,
 ) {
@@ -364,7 +386,7 @@ async fn listen(
                 });
                 let listening = client
                     .batch_execute(&format!(
-                        "LISTEN {EVENTS_CHANNEL}; LISTEN {TARGETS_CHANNEL}"
+                        "LISTEN {EVENTS_CHANNEL}; LISTEN {TARGETS_CHANNEL}; LISTEN {REVOCATIONS_CHANNEL}"
                     ))
                     .await;
                 match listening {
@@ -373,7 +395,8 @@ async fn listen(
                         if let Some(r) = ready.take() {
                             let _ = r.send(());
                         } else {
-                            let _ = targets.send(());
+                            let _ = heard.targets.send(());
+                            let _ = heard.revocations.send(());
                         }
                         loop {
                             tokio::select! {
@@ -384,11 +407,14 @@ async fn listen(
                                 n = nrx.recv() => match n {
                                     None => break,
                                     Some(n) if n.channel() == TARGETS_CHANNEL => {
-                                        let _ = targets.send(());
+                                        let _ = heard.targets.send(());
+                                    }
+                                    Some(n) if n.channel() == REVOCATIONS_CHANNEL => {
+                                        let _ = heard.revocations.send(());
                                     }
                                     Some(n) => match writer::decode_event(n.payload()) {
                                         Some(e) => {
-                                            let _ = events.send(e);
+                                            let _ = heard.events.send(e);
                                         }
                                         None => tracing::warn!(channel = n.channel(), "unreadable notification skipped"),
                                     },

@@ -95,6 +95,41 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (agent_id, name)
     );
     "#,
+    // 2: the enrolment tables (see the collector's `enrol::db`), the columns of the SQLite
+    // schema's step 9: tokens by the SHA-256 of their secret (the secret is never stored), the
+    // certificates the collectors signed, and revocations made through the Query API.
+    r#"
+    CREATE TABLE enrol_tokens (
+        hash           TEXT PRIMARY KEY,
+        id             TEXT NOT NULL UNIQUE,
+        region         TEXT NOT NULL,
+        agent_id       TEXT NOT NULL,
+        id_prefix      TEXT NOT NULL,
+        created_us     BIGINT NOT NULL,
+        expires_us     BIGINT NOT NULL,
+        uses           INTEGER NOT NULL,
+        uses_left      INTEGER NOT NULL,
+        revoked_us     BIGINT NOT NULL DEFAULT 0,
+        ca_fingerprint TEXT NOT NULL,
+        created_by     TEXT NOT NULL
+    );
+    CREATE TABLE certificates (
+        serial        TEXT PRIMARY KEY,
+        agent_id      TEXT NOT NULL,
+        region        TEXT NOT NULL,
+        not_after_us  BIGINT NOT NULL,
+        issued_us     BIGINT NOT NULL,
+        how           TEXT NOT NULL,
+        token_id      TEXT NOT NULL
+    );
+    CREATE INDEX certificates_agent ON certificates (agent_id, not_after_us);
+    CREATE TABLE revocations (
+        entry      TEXT PRIMARY KEY,
+        reason     TEXT NOT NULL,
+        revoked_us BIGINT NOT NULL,
+        revoked_by TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this code writes and reads.
