@@ -4,6 +4,9 @@
 //! outside-prefix tokens are refused and store nothing; certificates of one minute are renewed
 //! in flight with every result stored exactly once; a revoked agent and a revoked admin
 //! certificate are cut off live; a restart needs no token; attempts are rate-limited.
+//! Then two collectors on one PostgreSQL database: a token made through B enrols an agent
+//! through A and is used up at B, the agent's session works through B, and a revocation made
+//! through A cuts it off at B.
 //!
 //! Needs root, `ip`, `nft` and `/dev/net/tun` (the lab); fails (never skips) without them.
 
@@ -17,6 +20,7 @@ use mxscope_tests::lab::{path_str, write_file};
 use mxscope_tests::mxscope::{agent_toml, TargetConfig};
 use mxscope_tests::net::free_port;
 use mxscope_tests::netlab::{pki_for, require_prerequisites, LabCollector, NetLab, Region};
+use mxscope_tests::postgres::Postgres;
 use mxscope_tests::process::{Proc, Spec};
 use mxscope_tests::tls::{ctl_as, spawn_ctl_as, stored_seqs, ClientCert};
 use mxscope_tests::wait::wait_until;
@@ -533,4 +537,96 @@ fn agents_join_with_tokens_renew_in_flight_and_are_cut_off_when_revoked() {
     assert_exactly_once("eu-1", &w.stored("eu-1"));
     drop(a_us);
     drop(a_ap);
+}
+
+#[test]
+fn two_collectors_on_postgres_share_tokens_certificates_and_revocations() {
+    if let Err(e) = require_prerequisites() {
+        panic!("the enrolment test cannot run here: {e:#}");
+    }
+    let lab = Lab::new("enrolment-pg").expect("lab dir");
+    let pg = Postgres::start().expect("private postgres cluster");
+    let db = pg.create_database("enrol").expect("database");
+    let state = lab.subdir("lab-state").expect("state dir");
+    let net = NetLab::up(
+        &state,
+        Path::new(env!("CARGO_BIN_EXE_mxscope-delayline")),
+        LOCK_WAIT,
+    )
+    .expect("lab up");
+    let regions = net.regions().to_vec();
+    let (eu, us) = (&regions[0], &regions[1]);
+    let collector_ip = net.collector_ip().expect("collector ip");
+    let dir = lab.subdir("run").expect("run dir");
+    let pki = pki_for(&lab.subdir("ca").expect("ca dir"), collector_ip).expect("pki");
+    let admin = pki.admin(&dir, "ops", false).expect("admin cert");
+    let ca_key = path_str(&pki.dir.join("ca.key")).unwrap();
+    let closed = free_port(collector_ip).expect("closed port");
+    // Two Worlds on one run directory: an agent's state directory is the same through either.
+    let world = |name: &str| World {
+        dir: dir.clone(),
+        collector: LabCollector::start_with_db(
+            &lab.subdir(name).expect("collector dir"),
+            collector_ip,
+            &pki,
+            &db,
+            &["--ca-key", &ca_key],
+        )
+        .unwrap_or_else(|e| panic!("collector {name}: {e:#}")),
+        admin: admin.clone(),
+        closed,
+        collector_ip,
+    };
+    let (a, b) = (world("collector-a"), world("collector-b"));
+
+    // A token made through B enrols an agent through A; B then sees it used up.
+    let (t_eu, t_eu_id) = b.token(&["--region", &eu.name, "--id", "eu-1"]);
+    let mut a_eu = a.agent("a-eu", eu, &["--enroll", &t_eu]);
+    wait_until("eu-1 enrolled through A", WAIT, || {
+        a_eu.log().contains("enrolled with the collector")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", a_eu.log_tail(20)));
+    a.wait_stored("eu-1", 3);
+    assert_eq!(b.token_row(&t_eu_id)["state"], "used");
+    b.refused(
+        "r-reuse",
+        us,
+        &["--enroll", &t_eu],
+        "is used up (1 of 1 uses)",
+    );
+
+    // The agent, restarted with only B to talk to, needs no token there.
+    a_eu.terminate(Duration::from_secs(20)).expect("stop eu-1");
+    let b_eu = b.agent("a-eu", eu, &[]);
+    wait_until("eu-1 connected to B", WAIT, || {
+        b_eu.log().contains("connected to collector")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", b_eu.log_tail(20)));
+    let n = b.stored("eu-1").len();
+    b.wait_stored("eu-1", n + 3);
+
+    // Revoked through A, cut off at B (LISTEN/NOTIFY), within the single collector's bound.
+    let t0 = Instant::now();
+    let out = a.ctl(&["revoke", "--agent", "eu-1", "--reason", "decommissioned"]);
+    assert_eq!(out.code, 0, "revoke --agent: {}{}", out.stdout, out.stderr);
+    wait_until("eu-1's session at B closed", REVOKED_WITHIN, || {
+        b_eu.log().contains("was revoked")
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}\n{}\ncollector B:\n{}",
+            b_eu.log_tail(20),
+            b.collector.proc.log_tail(20)
+        )
+    });
+    eprintln!("agent cut off at B {:?} after revoke at A", t0.elapsed());
+    assert!(
+        b.collector
+            .proc
+            .log()
+            .contains("revocations made on another collector enforced"),
+        "{}",
+        b.collector.proc.log_tail(20)
+    );
+    drop(b_eu);
 }
