@@ -155,10 +155,16 @@ pub(super) async fn migrate(client: &mut Client, what: &str) -> Result<(), Store
              INSERT INTO mxscope_schema (one, version) VALUES (1, 0) ON CONFLICT DO NOTHING;",
         )
         .await
-        // Two collectors creating the table at once: one loses the race on the catalog; the
-        // table is there either way, the locked read below is what counts.
+        // Two collectors creating the table at once: one loses the race on the catalog (told
+        // of a duplicate row of pg_type, or that the relation exists, once the winner has
+        // committed the table and its row); the locked read below is what counts.
         .or_else(|e| match e.code() {
-            Some(c) if *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION => Ok(()),
+            Some(c)
+                if *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+                    || *c == tokio_postgres::error::SqlState::DUPLICATE_TABLE =>
+            {
+                Ok(())
+            }
             _ => Err(e),
         })
         .map_err(err(0))?;
