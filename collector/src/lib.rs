@@ -219,8 +219,11 @@ pub async fn run(
         let identities = IdentityDb::postgres(&pg);
         (Arc::new(pg), identities)
     } else {
-        let store = store::open(&db, config.store.clone(), config.db_ca.as_deref()).await?;
-        (store, IdentityDb::open(&config.db_path)?)
+        let (path, opts) = (config.db_path.clone(), config.store.clone());
+        let store =
+            tokio::task::spawn_blocking(move || store::sqlite::SqliteStore::open(&path, opts))
+                .await??;
+        (Arc::new(store), IdentityDb::open(&config.db_path)?)
     };
     // Subscribed before the first read, so a revocation committed in between is reloaded.
     let revocation_changes = identities.revocation_changes();

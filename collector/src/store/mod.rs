@@ -1,7 +1,7 @@
 //! Storage, the part every backend shares: the [`Store`] seam the services hold as
 //! `Arc<dyn Store>`, its row, filter and error types, and the retention job. The backends live
 //! below it: [`sqlite`], the embedded default, and [`postgres`], for several collectors on one
-//! database; [`open`] picks one by the `--db` given.
+//! database (`--db postgres://…`).
 
 mod api;
 pub mod postgres;
@@ -11,9 +11,8 @@ pub mod row;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 use std::time::Duration;
 
 use mxscope_proto::target::{Target, TargetError};
@@ -218,22 +217,4 @@ impl StoreError {
             _ => false,
         }
     }
-}
-
-/// Opens the store `--db` names: a `postgres://` (or `postgresql://`) URL connects to PostgreSQL
-/// (`db_ca`: the CA certificates to trust for its TLS), anything else is a SQLite file.
-pub async fn open(
-    db: &str,
-    opts: StoreOptions,
-    db_ca: Option<&Path>,
-) -> Result<Arc<dyn Store>, StoreError> {
-    if postgres::is_postgres_url(db) {
-        return Ok(Arc::new(
-            postgres::PgStore::connect_with_ca(db, opts, db_ca).await?,
-        ));
-    }
-    let path = PathBuf::from(db);
-    Ok(Arc::new(
-        tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path, opts)).await??,
-    ))
 }
