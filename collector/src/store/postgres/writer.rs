@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
+use deadpool_postgres::Transaction;
 use mxscope_proto::pb;
 use mxscope_proto::raw::ResultView;
 use mxscope_proto::target::Target;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{GenericClient, Transaction};
+use tokio_postgres::GenericClient;
 
 use super::{schema, PgError, DAY_US, EVENTS_CHANNEL, PARTITION_LOCK, TARGETS_CHANNEL};
 use crate::analysis::aggregate::Agg;
@@ -415,8 +416,11 @@ impl Writer {
         if !agent_ids.is_empty() {
             for r in tx
                 .query(
-                    "SELECT id, num, stored_up_to_seq FROM agents WHERE id = ANY($1)
+                    &tx.prepare_cached(
+                        "SELECT id, num, stored_up_to_seq FROM agents WHERE id = ANY($1)
                      ORDER BY id FOR UPDATE",
+                    )
+                    .await?,
                     &[&agent_ids],
                 )
                 .await?
@@ -522,8 +526,11 @@ impl Writer {
                 } => {
                     let n = tx
                         .execute(
-                            "UPDATE agents SET spool_depth = $1, dropped_total = $2,
+                            &tx.prepare_cached(
+                                "UPDATE agents SET spool_depth = $1, dropped_total = $2,
                                  last_seen_us = GREATEST(last_seen_us, $3) WHERE id = $4",
+                            )
+                            .await?,
                             &[
                                 &to_i64(*spool_depth)?,
                                 &to_i64(*dropped_total)?,
@@ -549,7 +556,11 @@ impl Writer {
                 }
                 Op::RemoveTarget { name } => {
                     let n = tx
-                        .execute("DELETE FROM targets WHERE name = $1", &[name])
+                        .execute(
+                            &tx.prepare_cached("DELETE FROM targets WHERE name = $1")
+                                .await?,
+                            &[name],
+                        )
                         .await?;
                     if n == 0 {
                         Err(StoreError::TargetNotFound(name.clone()))
@@ -566,14 +577,18 @@ impl Writer {
         self.write_rollups(&tx, &mut delta.rollups).await?;
         if !events.is_empty() {
             tx.execute(
-                "SELECT pg_notify($1, e) FROM unnest($2::text[]) AS e",
+                &tx.prepare_cached("SELECT pg_notify($1, e) FROM unnest($2::text[]) AS e")
+                    .await?,
                 &[&EVENTS_CHANNEL, &events],
             )
             .await?;
         }
         if targets_changed {
-            tx.execute("SELECT pg_notify($1, '')", &[&TARGETS_CHANNEL])
-                .await?;
+            tx.execute(
+                &tx.prepare_cached("SELECT pg_notify($1, '')").await?,
+                &[&TARGETS_CHANNEL],
+            )
+            .await?;
         }
         tx.commit()
             .await
@@ -606,10 +621,10 @@ impl Writer {
             let series: Vec<i64> = missing.iter().map(|k| k.2).collect();
             for r in tx
                 .query(
-                    "SELECT r.level, r.bucket_us, r.series_id, r.count, r.ok, r.warn, r.fail, r.sketches
+&tx.prepare_cached("SELECT r.level, r.bucket_us, r.series_id, r.count, r.ok, r.warn, r.fail, r.sketches
                      FROM rollups r JOIN unnest($1::int[], $2::bigint[], $3::bigint[]) AS k(l, b, s)
                          ON r.level = k.l AND r.bucket_us = k.b AND r.series_id = k.s
-                     WHERE r.writer = $4",
+                     WHERE r.writer = $4").await?,
                     &[&levels, &buckets, &series, &self.writer_id],
                 )
                 .await?
@@ -667,13 +682,13 @@ impl Writer {
             *a = whole;
         }
         tx.execute(
-            "INSERT INTO rollups (level, bucket_us, series_id, writer, count, ok, warn, fail, sketches)
+&tx.prepare_cached("INSERT INTO rollups (level, bucket_us, series_id, writer, count, ok, warn, fail, sketches)
              SELECT l, b, s, $9, c, o, w, f, k
              FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
                          $6::bigint[], $7::bigint[], $8::bytea[]) AS u(l, b, s, c, o, w, f, k)
              ON CONFLICT (level, bucket_us, series_id, writer) DO UPDATE SET count = excluded.count,
                  ok = excluded.ok, warn = excluded.warn, fail = excluded.fail,
-                 sketches = excluded.sketches",
+                 sketches = excluded.sketches").await?,
             &[
                 &levels,
                 &buckets,
@@ -808,19 +823,25 @@ async fn create_series(
         }
     }
     tx.execute(
-        "INSERT INTO series (target, endpoint, check_name, region, host, ip, port, family)
+        &tx.prepare_cached(
+            "INSERT INTO series (target, endpoint, check_name, region, host, ip, port, family)
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                               $6::text[], $7::int[], $8::int[])
          ON CONFLICT DO NOTHING",
+        )
+        .await?,
         &[&t, &e, &c, &r, &host, &ip, &port, &family],
     )
     .await?;
     let mut out = HashMap::with_capacity(n);
     for row in tx
         .query(
-            "SELECT s.id, s.target, s.endpoint, s.check_name, s.region FROM series s
+            &tx.prepare_cached(
+                "SELECT s.id, s.target, s.endpoint, s.check_name, s.region FROM series s
              JOIN unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS k(t, e, c, r)
                  ON s.target = k.t AND s.endpoint = k.e AND s.check_name = k.c AND s.region = k.r",
+            )
+            .await?,
             &[&t, &e, &c, &r],
         )
         .await?
@@ -849,9 +870,9 @@ async fn lock_series(
     }
     for r in tx
         .query(
-            "SELECT id, failing, streak, state_since_us, last_outcome, last_seen_us, interval_ms,
+&tx.prepare_cached("SELECT id, failing, streak, state_since_us, last_outcome, last_seen_us, interval_ms,
                  agent_id, last_error, last_message, last_phase, last_facts
-             FROM series WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+             FROM series WHERE id = ANY($1) ORDER BY id FOR UPDATE").await?,
             &[&ids],
         )
         .await?
@@ -914,13 +935,16 @@ async fn write_series(
         &phase, &facts,
     ];
     tx.execute(
-        "UPDATE series s SET last_outcome = u.lo, last_error = u.le, last_message = u.lm,
+        &tx.prepare_cached(
+            "UPDATE series s SET last_outcome = u.lo, last_error = u.le, last_message = u.lm,
              last_seen_us = u.ls, interval_ms = u.im, failing = u.f, streak = u.st,
              state_since_us = u.ss, agent_id = u.ag, last_phase = u.lp, last_facts = u.lf
          FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
                      $7::bool[], $8::int[], $9::bigint[], $10::text[], $11::text[], $12::text[])
              AS u(id, lo, le, lm, ls, im, f, st, ss, ag, lp, lf)
          WHERE s.id = u.id",
+        )
+        .await?,
         &params,
     )
     .await?;
@@ -1033,10 +1057,13 @@ async fn store_results(
         let nums = vec![num; series.len()];
         let stored_at = vec![at_us; series.len()];
         tx.execute(
-            "INSERT INTO results (series_id, agent_num, seq, start_us, outcome, total_us,
+            &tx.prepare_cached(
+                "INSERT INTO results (series_id, agent_num, seq, start_us, outcome, total_us,
                  stored_at_us, body)
              SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
                                   $5::int[], $6::bigint[], $7::bigint[], $8::bytea[])",
+            )
+            .await?,
             &[
                 &series, &nums, &seqs, &starts, &outcomes, &totals, &stored_at, &bodies,
             ],
@@ -1054,9 +1081,12 @@ async fn store_results(
         None => hwm,
     };
     tx.execute(
-        "UPDATE agents SET stored_up_to_seq = GREATEST(stored_up_to_seq, $1),
+        &tx.prepare_cached(
+            "UPDATE agents SET stored_up_to_seq = GREATEST(stored_up_to_seq, $1),
              last_seen_us = GREATEST(last_seen_us, $2), rejected_total = rejected_total + $3
          WHERE id = $4",
+        )
+        .await?,
         &[
             &up_to,
             &at_us,
@@ -1074,14 +1104,14 @@ async fn hello(tx: &Transaction<'_>, h: &AgentHello) -> Result<(i64, i64), Store
     let labels = serde_json::to_string(&h.labels)?;
     let row = tx
         .query_one(
-            "INSERT INTO agents (id, region, version, labels, first_seen_us, last_seen_us, dropped_total,
+&tx.prepare_cached("INSERT INTO agents (id, region, version, labels, first_seen_us, last_seen_us, dropped_total,
                  collector)
              VALUES ($1, $2, $3, $4, $5, $5, $6, $7)
              ON CONFLICT (id) DO UPDATE SET region = excluded.region, version = excluded.version,
                  labels = excluded.labels,
                  last_seen_us = GREATEST(agents.last_seen_us, excluded.last_seen_us),
                  dropped_total = excluded.dropped_total, collector = excluded.collector
-             RETURNING num, stored_up_to_seq",
+             RETURNING num, stored_up_to_seq").await?,
             &[
                 &h.id,
                 &h.region,
@@ -1093,8 +1123,12 @@ async fn hello(tx: &Transaction<'_>, h: &AgentHello) -> Result<(i64, i64), Store
             ],
         )
         .await?;
-    tx.execute("DELETE FROM agent_targets WHERE agent_id = $1", &[&h.id])
-        .await?;
+    tx.execute(
+        &tx.prepare_cached("DELETE FROM agent_targets WHERE agent_id = $1")
+            .await?,
+        &[&h.id],
+    )
+    .await?;
     if !h.local_targets.is_empty() {
         let mut names = Vec::new();
         let mut specs = Vec::new();
@@ -1103,10 +1137,13 @@ async fn hello(tx: &Transaction<'_>, h: &AgentHello) -> Result<(i64, i64), Store
             specs.push(target_to_json(t)?);
         }
         tx.execute(
-            "INSERT INTO agent_targets (agent_id, name, spec, reported_us)
+            &tx.prepare_cached(
+                "INSERT INTO agent_targets (agent_id, name, spec, reported_us)
              SELECT $1, n, s, $4 FROM unnest($2::text[], $3::text[]) AS u(n, s)
              ON CONFLICT (agent_id, name) DO UPDATE SET spec = excluded.spec,
                  reported_us = excluded.reported_us",
+            )
+            .await?,
             &[&h.id, &names, &specs, &h.at_us],
         )
         .await?;
@@ -1122,7 +1159,8 @@ async fn put_target(
 ) -> Result<Result<Reply, StoreError>, StoreError> {
     let exists = tx
         .query_opt(
-            "SELECT 1 FROM targets WHERE name = $1 FOR UPDATE",
+            &tx.prepare_cached("SELECT 1 FROM targets WHERE name = $1 FOR UPDATE")
+                .await?,
             &[&target.name],
         )
         .await?
@@ -1135,8 +1173,8 @@ async fn put_target(
             // Another collector may add the same name at once: its row wins, this one is told.
             let n = tx
                 .execute(
-                    "INSERT INTO targets (name, spec, created_us, updated_us) VALUES ($1, $2, $3, $3)
-                     ON CONFLICT (name) DO NOTHING",
+&tx.prepare_cached("INSERT INTO targets (name, spec, created_us, updated_us) VALUES ($1, $2, $3, $3)
+                     ON CONFLICT (name) DO NOTHING").await?,
                     &[&target.name, &spec, &at_us],
                 )
                 .await?;
@@ -1146,7 +1184,8 @@ async fn put_target(
         }
         (true, true) => {
             tx.execute(
-                "UPDATE targets SET spec = $2, updated_us = $3 WHERE name = $1",
+                &tx.prepare_cached("UPDATE targets SET spec = $2, updated_us = $3 WHERE name = $1")
+                    .await?,
                 &[&target.name, &spec, &at_us],
             )
             .await?;
