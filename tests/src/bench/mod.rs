@@ -1,10 +1,11 @@
-//! mxscope-bench: six benchmarks, each measured side by side with its baseline in
+//! mxscope-bench: seven benchmarks, each measured side by side with its baseline in
 //! the same run, and the `BENCHMARKS.md` report they produce.
 
 pub(crate) mod agent_cost;
 pub(crate) mod collector;
 pub(crate) mod ingest;
 pub(crate) mod latency;
+pub(crate) mod pg_ingest;
 pub(crate) mod query;
 pub(crate) mod report;
 pub(crate) mod synth;
@@ -62,7 +63,14 @@ impl Ctx {
 }
 
 /// The benchmark names, in run order (`--only NAME`).
-pub(crate) const NAMES: &[&str] = &["ingest", "query", "latency", "agent-cost", "timing"];
+pub(crate) const NAMES: &[&str] = &[
+    "ingest",
+    "query",
+    "latency",
+    "agent-cost",
+    "timing",
+    "pg-ingest",
+];
 
 /// Proposals for the targets this run missed, from what the profile and the side-by-side figures
 /// show (see BENCHMARKS.md). Only sections with a miss get one.
