@@ -562,7 +562,8 @@ fn more_cores(s: &mut Section, copy: &Config, one: &Config, two: &Config) {
         ));
     } else {
         text.push_str(&format!(
-            "The one-collector runs kept only {busy1:.2} of the {cores:.0} cores busy, so one collector is not CPU-bound here but bound by its single writer: one transaction at a time, its statements one after another on one backend, then the commit's wait for the WAL flush ({:.0} rows per commit); more cores do not shorten that chain. A second writer overlaps a second chain: two collectors kept {busy2:.2} CPU s per s busy and stored {:.2}× as much. ",
+            "The one-collector runs kept only {busy1:.2} of the {cores:.0} cores busy (this run's processes; other load on the shared machine, average {} now, is not counted), so one collector is not held by CPU alone but by its single writer: one transaction at a time, its statements one after another on one backend, then the commit's wait for the WAL flush ({:.0} rows per commit); more cores do not shorten that chain. A second writer overlaps a second chain: two collectors kept {busy2:.2} CPU s per s busy and stored {:.2}× as much. ",
+            sys::load_avg(),
             one.median(Measured::rows_per_commit),
             two.rate() / one.rate().max(1e-9)
         ));
