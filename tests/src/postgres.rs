@@ -24,6 +24,9 @@ pub const ROLE: &str = "mxscope";
 const SUPERUSER: &str = "postgres";
 /// How long `initdb` plus the server's start may take (two shared cores, a cold disk cache).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// What [`Postgres::start`] runs the server with: no fsync (tests need no durability, and the
+/// shared disk is slow).
+pub const TEST_SETTINGS: &[(&str, &str)] = &[("fsync", "off")];
 /// How long a fast shutdown (SIGINT) may take before the guard falls back to SIGTERM/SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -106,16 +109,23 @@ pub struct Postgres {
 
 impl Postgres {
     /// Creates a cluster in a new temp dir (`initdb -A trust --no-sync`), starts it on 127.0.0.1
-    /// and a free port with `fsync=off`, waits until it accepts connections and creates the role
-    /// [`ROLE`]. Blocking: call it from `spawn_blocking` in async code.
+    /// and a free port with [`TEST_SETTINGS`] (`fsync=off`), waits until it accepts connections
+    /// and creates the role [`ROLE`]. Blocking: call it from `spawn_blocking` in async code.
     pub fn start() -> Result<Postgres> {
-        Postgres::start_in(&std::env::temp_dir())
+        Postgres::start_with(&std::env::temp_dir(), TEST_SETTINGS)
     }
 
     /// Like [`start`](Postgres::start), with the cluster's directory (still removed on drop)
     /// made inside `parent`, which [`OS_USER`] must be able to enter (see
     /// [`os_user_can_enter`]).
     pub fn start_in(parent: &Path) -> Result<Postgres> {
+        Postgres::start_with(parent, TEST_SETTINGS)
+    }
+
+    /// [`start_in`](Postgres::start_in) with `settings` (`-c name=value`, e.g. `("fsync", "on")`
+    /// for a benchmark that must pay for durability) instead of [`TEST_SETTINGS`]; anything not
+    /// named keeps the server's default.
+    pub fn start_with(parent: &Path, settings: &[(&str, &str)]) -> Result<Postgres> {
         let bin = Binaries::find()?;
         let (uid, gid) = os_user(OS_USER)?;
         let dir = tempfile::Builder::new()
@@ -143,7 +153,10 @@ impl Postgres {
                 "-c".to_string(),
                 format!("unix_socket_directories={}", path_str(dir.path())?),
             ])
-            .args(["-c", "fsync=off", "-c", "max_connections=200"]);
+            .args(["-c", "max_connections=200"]);
+        let spec = settings.iter().fold(spec, |spec, (name, value)| {
+            spec.args(["-c".to_string(), format!("{name}={value}")])
+        });
         let spec = Spec {
             current_dir: Some(dir.path().to_path_buf()),
             ..spec
@@ -189,6 +202,12 @@ impl Postgres {
         self.port
     }
 
+    /// The postmaster's PID (its backends and background workers are its children); `None`
+    /// once it has exited.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     /// The installed version the cluster runs (its directory name under [`DEBIAN_ROOT`]).
     pub fn version(&self) -> &str {
         &self.bin.version
@@ -212,18 +231,18 @@ impl Postgres {
     /// Creates database `name` owned by [`ROLE`] and returns its [`url`](Postgres::url).
     /// `name` is lowercase letters, digits and `_`, at most 63 bytes, so it needs no quoting.
     pub fn create_database(&self, name: &str) -> Result<String> {
-        let plain = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            && !name.as_bytes()[0].is_ascii_digit();
-        if !plain {
-            bail!("database name {name:?} must be [a-z_][a-z0-9_]*, at most 63 bytes");
-        }
+        plain_name(name)?;
         self.admin(&format!("CREATE DATABASE {name} OWNER {ROLE}"))
             .with_context(|| format!("create database {name}"))?;
         Ok(self.url(name))
+    }
+
+    /// Drops database `name` if it exists, ending the sessions still connected to it.
+    pub fn drop_database(&self, name: &str) -> Result<()> {
+        plain_name(name)?;
+        self.admin(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .with_context(|| format!("drop database {name}"))?;
+        Ok(())
     }
 
     /// Runs `sql` in database `db` as [`ROLE`] over TCP and returns psql's unaligned output
@@ -269,6 +288,20 @@ impl Drop for Postgres {
             );
         }
     }
+}
+
+/// Refuses a database name that would need quoting: `[a-z_][a-z0-9_]*`, at most 63 bytes.
+fn plain_name(name: &str) -> Result<()> {
+    let plain = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit();
+    if !plain {
+        bail!("database name {name:?} must be [a-z_][a-z0-9_]*, at most 63 bytes");
+    }
+    Ok(())
 }
 
 /// `setpriv` arguments that run the following program as [`OS_USER`], in place (exec: the PID

@@ -1,5 +1,6 @@
 //! CI keeps the benchmarks from rotting: `mxscope-bench --smoke` (tiny sizes, no thresholds) runs
-//! every benchmark against the real binaries and writes a report with every section.
+//! every benchmark against the real binaries (PostgreSQL ingest on a private cluster of Debian's
+//! `postgresql`) and writes a report with every section.
 
 use std::process::Command;
 
@@ -26,6 +27,7 @@ fn bench_smoke_writes_a_report_with_every_section() {
         "## 4. Agent cost",
         "## 5. Agent footprint",
         "## 6. Timing accuracy",
+        "## 7. PostgreSQL ingest",
     ];
     for s in sections {
         assert!(report.contains(s), "report lacks '{s}':\n{report}");
@@ -41,4 +43,12 @@ fn bench_smoke_writes_a_report_with_every_section() {
         "{report}"
     );
     assert!(report.contains("blackbox_exporter"), "{report}");
+    // PostgreSQL ingest measured all three configurations side by side.
+    for row in [
+        "| PostgreSQL COPY (binary), one connection |",
+        "| 1 collector, 4 streams |",
+        "| 2 collectors, 2 streams each |",
+    ] {
+        assert!(report.contains(row), "report lacks '{row}':\n{report}");
+    }
 }

@@ -57,16 +57,21 @@ impl BenchCollector {
         db: &Path,
         extra: &[(String, String)],
     ) -> Result<Self> {
+        BenchCollector::start_on(log_dir, name, &path_str(db)?, extra)
+    }
+
+    /// [`start`](BenchCollector::start) with `--db` as given: a SQLite path or a `postgres://`
+    /// URL.
+    pub(crate) fn start_on(
+        log_dir: &Path,
+        name: &str,
+        db: &str,
+        extra: &[(String, String)],
+    ) -> Result<Self> {
         let bin = mxscope_binary(COLLECTOR)?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)?));
         let mut spec = Spec::new(name, bin)
-            .args([
-                "--listen",
-                &addr.to_string(),
-                "--db",
-                &path_str(db)?,
-                "--insecure",
-            ])
+            .args(["--listen", &addr.to_string(), "--db", db, "--insecure"])
             .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1");
         for (flag, value) in extra {

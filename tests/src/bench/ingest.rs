@@ -3,13 +3,14 @@
 //! acks awaited), next to the raw limit measured in the same run — a plain rusqlite loop inserting
 //! the same rows into the same schema (created by the collector's own migrations).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use mxscope_collector::store::row::ResultRow;
 use mxscope_proto::pb;
 use pb::agent_message::Msg as Up;
 use pb::collector_message::Msg as Down;
@@ -55,15 +56,15 @@ impl Run {
 
 /// Records when a running count crosses each multiple of `segment`.
 #[derive(Debug)]
-struct Segments {
+pub(crate) struct Segments {
     segment: u64,
     next: u64,
     last_at: Instant,
-    rates: Vec<f64>,
+    pub rates: Vec<f64>,
 }
 
 impl Segments {
-    fn new(segment: u64, start: Instant) -> Self {
+    pub(crate) fn new(segment: u64, start: Instant) -> Self {
         Segments {
             segment: segment.max(1),
             next: segment.max(1),
@@ -74,7 +75,7 @@ impl Segments {
 
     /// Segments completed since the last call share the elapsed time evenly (a sampling tick
     /// that sees two boundaries cannot tell them apart).
-    fn observe(&mut self, count: u64, at: Instant) {
+    pub(crate) fn observe(&mut self, count: u64, at: Instant) {
         let mut crossed = 0u64;
         while count >= self.next {
             crossed += 1;
@@ -175,14 +176,34 @@ pub(crate) async fn load_collector(
     shapes: &[Shape],
     segment: u64,
 ) -> Result<Run> {
+    load_collectors(&[(url.to_string(), pid)], shapes, segment).await
+}
+
+/// Streams `shapes` concurrently into several collectors, given as (URL, PID): agent `i` goes to
+/// collector `i % collectors.len()`. The run's `server_cpu` is the collectors' CPU summed.
+pub(crate) async fn load_collectors(
+    collectors: &[(String, u32)],
+    shapes: &[Shape],
+    segment: u64,
+) -> Result<Run> {
+    if collectors.is_empty() {
+        bail!("no collector to load");
+    }
     let total: u64 = shapes.iter().map(|s| s.total).sum();
     let acked = Arc::new(AtomicU64::new(0));
-    let cpu0 = sys::cpu_seconds(pid)?;
+    let server_cpu = || -> Result<f64> {
+        collectors
+            .iter()
+            .map(|(_, pid)| sys::cpu_seconds(*pid))
+            .sum()
+    };
+    let cpu0 = server_cpu()?;
     let self0 = sys::cpu_seconds(std::process::id())?;
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for s in shapes {
-        tasks.spawn(stream_agent(url.to_string(), s.clone(), acked.clone()));
+    for (i, s) in shapes.iter().enumerate() {
+        let url = collectors[i % collectors.len()].0.clone();
+        tasks.spawn(stream_agent(url, s.clone(), acked.clone()));
     }
     let mut segments = Segments::new(segment, start);
     let mut failure = None;
@@ -213,7 +234,7 @@ pub(crate) async fn load_collector(
         rows,
         secs: end.duration_since(start).as_secs_f64(),
         segments: segments.rates,
-        server_cpu: sys::cpu_seconds(pid)? - cpu0,
+        server_cpu: server_cpu()? - cpu0,
         client_cpu: sys::cpu_seconds(std::process::id())? - self0,
     })
 }
@@ -229,14 +250,64 @@ pub(crate) async fn create_schema(db: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The rows of `shapes` in the order they reach a collector, a batch of [`BATCH`] from each
+/// agent in turn, for the raw baselines: (series id, agent number, row). Each row is encoded by
+/// the collector's own [`ResultRow::of`](mxscope_collector::store::row::ResultRow::of); series ids
+/// (one per region and target) and agent numbers (the agent's index + 1) come from memory, as a
+/// plain program would keep them.
+pub(crate) struct RawRows {
+    gens: Vec<Generator>,
+    regions: Vec<usize>,
+    series: HashMap<(usize, String), i64>,
+    /// The current batch, reversed (popped from the end).
+    pending: Vec<pb::ProbeResult>,
+    agent: usize,
+    next_agent: usize,
+}
+
+impl RawRows {
+    pub(crate) fn new(shapes: &[Shape]) -> RawRows {
+        RawRows {
+            gens: shapes.iter().cloned().map(Generator::new).collect(),
+            regions: shapes.iter().map(|s| s.region_index).collect(),
+            series: HashMap::new(),
+            pending: Vec::new(),
+            agent: 0,
+            next_agent: 0,
+        }
+    }
+}
+
+impl Iterator for RawRows {
+    type Item = (i64, i64, ResultRow);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pending.is_empty() {
+            // Next agent's next batch, round robin.
+            for _ in 0..self.gens.len() {
+                self.agent = self.next_agent % self.gens.len();
+                self.next_agent += 1;
+                self.pending = self.gens[self.agent].batch(BATCH);
+                if !self.pending.is_empty() {
+                    break;
+                }
+            }
+            self.pending.reverse();
+        }
+        let r = self.pending.pop()?;
+        let next_id = self.series.len() as i64 + 1;
+        let id = *self
+            .series
+            .entry((self.regions[self.agent], r.target.clone()))
+            .or_insert(next_id);
+        Some((id, self.agent as i64 + 1, ResultRow::of(&r)))
+    }
+}
+
 /// The raw limit: the same rows inserted into `results` of the collector's schema by one
 /// prepared statement, [`RAW_TX_ROWS`] per transaction, WAL, `synchronous=NORMAL` and the page
-/// cache of the collector's writer. Each row is encoded by the collector's own
-/// [`ResultRow::of`](mxscope_collector::store::row::ResultRow::of); series and agent ids come from
-/// a map in memory, as a plain program would keep them. Rows of the agents are interleaved a batch
-/// at a time, as they arrive at the collector.
+/// cache of the collector's writer, in the order of [`RawRows`].
 pub(crate) fn load_raw(db: &Path, shapes: &[Shape], segment: u64) -> Result<Run> {
-    use mxscope_collector::store::row::ResultRow;
     let mut conn = rusqlite::Connection::open(db)?;
     let _mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -245,48 +316,27 @@ pub(crate) fn load_raw(db: &Path, shapes: &[Shape], segment: u64) -> Result<Run>
     let _: i64 = conn.query_row("PRAGMA wal_autocheckpoint=8192", [], |r| r.get(0))?;
     let sql = "INSERT INTO results (series_id, agent_num, seq, start_us, outcome, total_us,
                    stored_at_us, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
-    let mut gens: Vec<Generator> = shapes.iter().cloned().map(Generator::new).collect();
+    let mut source = RawRows::new(shapes);
     let total: u64 = shapes.iter().map(|s| s.total).sum();
-    let mut series: std::collections::HashMap<(usize, String), i64> =
-        std::collections::HashMap::new();
     let tid = current_thread_cpu;
     let cpu0 = tid();
     let start = Instant::now();
     let mut segments = Segments::new(segment, start);
     let mut rows = 0u64;
-    let mut pending: Vec<pb::ProbeResult> = Vec::new();
-    let mut agent = 0usize;
-    let mut next_agent = 0usize;
-    while rows < total {
+    let mut done = false;
+    while rows < total && !done {
         let tx = conn.transaction()?;
         {
             let mut st = tx.prepare_cached(sql)?;
             let mut in_tx = 0usize;
             while in_tx < RAW_TX_ROWS && rows < total {
-                if pending.is_empty() {
-                    // Next agent's next batch, round robin.
-                    for _ in 0..gens.len() {
-                        agent = next_agent % gens.len();
-                        next_agent += 1;
-                        pending = gens[agent].batch(BATCH);
-                        if !pending.is_empty() {
-                            break;
-                        }
-                    }
-                    if pending.is_empty() {
-                        break;
-                    }
-                    pending.reverse();
-                }
-                let Some(r) = pending.pop() else { break };
-                let next_id = series.len() as i64 + 1;
-                let id = *series
-                    .entry((shapes[agent].region_index, r.target.clone()))
-                    .or_insert(next_id);
-                let row = ResultRow::of(&r);
+                let Some((id, agent, row)) = source.next() else {
+                    done = true;
+                    break;
+                };
                 st.execute(rusqlite::params![
                     id,
-                    agent as i64 + 1,
+                    agent,
                     row.seq,
                     row.start_us,
                     row.outcome,

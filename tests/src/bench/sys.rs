@@ -15,26 +15,67 @@ fn ticks_per_second() -> f64 {
     }
 }
 
+/// The fields of `/proc/PID/stat` we read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Stat {
+    ppid: u32,
+    /// utime + stime, in clock ticks.
+    own: u64,
+    /// cutime + cstime: children that exited and were waited for, in clock ticks.
+    reaped: u64,
+}
+
+impl Stat {
+    fn read(pid: u32) -> Result<Stat> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("read /proc/{pid}/stat"))?;
+        Stat::parse(&stat).with_context(|| format!("malformed /proc/{pid}/stat"))
+    }
+
+    fn parse(stat: &str) -> Option<Stat> {
+        // The command name may contain spaces; fields after the closing parenthesis are plain.
+        let (_, after) = stat.rsplit_once(')')?;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // After ')': state (field 3 of the full line) is at 0, so ppid (4) is at 1, utime (14),
+        // stime (15), cutime (16) and cstime (17) at 11 to 14.
+        let n = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+        Some(Stat {
+            ppid: u32::try_from(n(1)?).ok()?,
+            own: n(11)? + n(12)?,
+            reaped: n(13)? + n(14)?,
+        })
+    }
+}
+
 /// utime + stime of `pid` (children not included), in seconds.
 pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("read /proc/{pid}/stat"))?;
-    // The command name may contain spaces; fields after the closing parenthesis are plain.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("malformed /proc/PID/stat")?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // After ')': state is field 3 of the full line, so utime (14) and stime (15) are at 11 and 12.
-    let utime: f64 = fields
-        .get(11)
-        .and_then(|v| v.parse().ok())
-        .context("utime in /proc/PID/stat")?;
-    let stime: f64 = fields
-        .get(12)
-        .and_then(|v| v.parse().ok())
-        .context("stime in /proc/PID/stat")?;
-    Ok((utime + stime) / ticks_per_second())
+    Ok(Stat::read(pid)?.own as f64 / ticks_per_second())
+}
+
+/// CPU seconds of `pid` and its children (a server and its worker processes): its own utime +
+/// stime, its reaped children's (cutime + cstime), and the utime + stime of its children alive
+/// now. The difference of two readings counts a child that exited in between whole, including
+/// what it had used before the first reading (at most a few ticks for a short-lived backend).
+pub(crate) fn tree_cpu_seconds(pid: u32) -> Result<f64> {
+    let root = Stat::read(pid)?;
+    let mut ticks = root.own + root.reaped;
+    for entry in std::fs::read_dir("/proc").context("read /proc")? {
+        let Some(child) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may exit between the listing and the read: it is counted by its parent's
+        // cutime from now on.
+        if let Ok(s) = Stat::read(child) {
+            if s.ppid == pid {
+                ticks += s.own;
+            }
+        }
+    }
+    Ok(ticks as f64 / ticks_per_second())
 }
 
 /// A `kB` field of `/proc/PID/status` (`VmHWM`, `VmRSS`), in KiB.
@@ -153,9 +194,28 @@ mod tests {
     }
 
     #[test]
+    fn stat_fields_are_read_after_the_command_name() {
+        // A command name with spaces and a parenthesis, as postgres's process titles have.
+        let line = "4242 (postgres: mxscope one_1 (x) 127.0.0.1) S 4200 4200 4200 0 -1 4194560 \
+                    600 0 0 0 150 25 7 3 20 0 1 0 1234 123456789 1500 18446744073709551615";
+        assert_eq!(
+            Stat::parse(line),
+            Some(Stat {
+                ppid: 4200,
+                own: 175,
+                reaped: 10
+            })
+        );
+        assert_eq!(Stat::parse("4242 (truncated) S 1"), None);
+    }
+
+    #[test]
     fn own_process_counters_are_readable() {
         let pid = std::process::id();
-        assert!(cpu_seconds(pid).expect("cpu") >= 0.0);
+        let own = cpu_seconds(pid).expect("cpu");
+        assert!(own >= 0.0);
+        // Read later, and with the children on top: never less.
+        assert!(tree_cpu_seconds(pid).expect("tree cpu") >= own);
         assert!(peak_rss_mib(pid).expect("hwm") > 0.0);
         assert!(rss_mib(pid).expect("rss") > 0.0);
     }

@@ -1,6 +1,6 @@
 //! `mxscope-bench`: runs mxscope's benchmarks (collector ingest vs the raw SQLite limit, probe →
 //! queryable latency, query latency, agent cost vs blackbox_exporter, agent footprint, timing
-//! accuracy in the lab) and writes `BENCHMARKS.md`.
+//! accuracy in the lab, PostgreSQL ingest vs COPY) and writes `BENCHMARKS.md`.
 //!
 //!   cargo build --release --workspace
 //!   cargo run --release -p mxscope-tests --bin mxscope-bench -- [--smoke] [--only NAME] [--out FILE]
@@ -168,6 +168,10 @@ async fn run(args: Args) -> Result<()> {
     if wanted("timing") {
         eprintln!("mxscope-bench: timing accuracy");
         report.sections.push(bench::timing::run(&ctx).await);
+    }
+    if wanted("pg-ingest") {
+        eprintln!("mxscope-bench: PostgreSQL ingest");
+        report.sections.push(bench::pg_ingest::run(&ctx).await);
     }
     report.proposals = bench::proposals(&report);
 
