@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use mxscope_collector::store::postgres::{PgStore, DAY_US};
+use mxscope_collector::store::postgres::{PgStore, DAY_US, WRITERS};
 use mxscope_collector::store::{Store, StoreOptions};
 use mxscope_tests::postgres::Postgres;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -562,16 +562,17 @@ fn more_cores(s: &mut Section, copy: &Config, one: &Config, two: &Config) {
         ));
     } else {
         text.push_str(&format!(
-            "The one-collector runs kept only {busy1:.2} of the {cores:.0} cores busy (this run's processes; other load on the shared machine, average {} now, is not counted), so one collector is not held by CPU alone but by its single writer: one transaction at a time, its statements one after another on one backend, then the commit's wait for the WAL flush ({:.0} rows per commit); more cores do not shorten that chain. A second writer overlaps a second chain: two collectors kept {busy2:.2} CPU s per s busy and stored {:.2}× as much. ",
+            "The one-collector runs kept only {busy1:.2} of the {cores:.0} cores busy (this run's processes; other load on the shared machine, average {} now, is not counted), so one collector is not held by CPU alone but by its writers' transaction chains: each of its {WRITERS} writers runs one transaction at a time, its statements one after another on one backend, then the commit's wait for the WAL flush ({:.0} rows per commit); more cores do not shorten a chain. Two collectors run twice the chains: they kept {busy2:.2} CPU s per s busy and stored {:.2}× as much. ",
             sys::load_avg(),
             one.median(Measured::rows_per_commit),
             two.rate() / one.rate().max(1e-9)
         ));
     }
     text.push_str(&format!(
-        "PostgreSQL at {pg1:.1} µs of CPU per row saturates one core at ≈ {:.0} rows/s (COPY: {pgc:.1} µs per row, ≈ {:.0} rows/s per core); since one collector's writer uses one backend at a time, that is about the most one collector can reach on any machine (less the writer's own time between statements; the figure includes the WAL writer and checkpointer, which run beside the backend). With cores for two backends and two collectors (≈ {:.1} cores at that rate, agents elsewhere), two collectors could approach ≈ {:.0} results/s until the one WAL stream and the disk's flushes bind. Sizing from these figures: 100,000 results/s takes ≈ {:.1} cores of PostgreSQL and ≈ {:.1} of collectors, in ≥ {:.0} collectors (writers).",
+        "PostgreSQL at {pg1:.1} µs of CPU per row saturates one core at ≈ {:.0} rows/s (COPY: {pgc:.1} µs per row, ≈ {:.0} rows/s per core); one collector's {WRITERS} writers use {WRITERS} backends at once, so ≈ {:.0} results/s is about the most one collector can reach on any machine (less the writers' own time between statements; the figure includes the WAL writer and checkpointer, which run beside the backends). With cores for the backends of two collectors (≈ {:.1} cores at that rate, agents elsewhere), two collectors could approach ≈ {:.0} results/s until the one WAL stream and the disk's flushes bind. Sizing from these figures: 100,000 results/s takes ≈ {:.1} cores of PostgreSQL and ≈ {:.1} of collectors, in ≥ {:.0} collectors (writers).",
         1e6 / pg1.max(1e-9),
         1e6 / pgc.max(1e-9),
+        WRITERS as f64 * 1e6 / pg1.max(1e-9),
         2.0 * (pg2 + cpu2) / pg2.max(1e-9),
         2e6 / pg2.max(1e-9),
         1e5 * pg2 / 1e6,

@@ -45,7 +45,7 @@ const EVENTS_CAPACITY: usize = 1024;
 /// writer's transactions run one after another (statements, then the wait for the WAL flush),
 /// so a second overlaps them (BENCHMARKS.md, section 7: one writer stored 0.27 of COPY's rows/s,
 /// two collectors of one writer each 1.68 times as much).
-const WRITERS: usize = 2;
+pub const WRITERS: usize = 2;
 /// How long `connect` waits for the LISTEN connection before it gives up.
 const LISTEN_READY: Duration = Duration::from_secs(10);
 
