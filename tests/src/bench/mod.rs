@@ -117,18 +117,16 @@ const PROPOSALS: &[(&str, &str)] = &[
         queue first (section 1: the writer is the bottleneck)."),
     ("footprint", "see agent-cost: ≈ 8 KiB per scheduled job; one scheduler task over a heap of jobs instead of one task per job."),
     ("pg-ingest", "one collector on PostgreSQL stays well under half of what a binary COPY of the same rows reaches (section 7; \
-        0.24–0.33 in the five runs of 2026-12-04): PostgreSQL spends 2.2–3.2× COPY's CPU per row on the collector's path (the \
-        multi-row INSERT … unnest, and per transaction the agents' and series' rows locked and updated and the writer's \
-        hour/day/week rollup rows upserted), and the one writer runs one transaction at a time, its statements awaited one by \
-        one, so neither the collector nor PostgreSQL fills a core. A second collector on the same database stored 1.25–1.7× as \
-        much at the same CPU per result: a second chain is what adds throughput. Next steps: pipeline a transaction's statements \
-        (tokio-postgres pipelines queries issued together on one connection: the requests' INSERTs and agent updates need not \
-        wait for one another), write the results rows with binary COPY instead of INSERT … unnest, and give one collector two \
-        writer connections over disjoint sets of agents (series belong to one region, so agents partition them). A 4-second \
-        `perf record -p` of the collector during a 300k-row run put ≈ 40 % of its samples in the kernel zeroing fresh \
-        transparent huge pages under mimalloc's fresh-page allocation (Vec growth in the collector's tasks); reusing buffers \
-        between batches, or letting mimalloc keep freed pages longer, would cut that CPU (it does not explain the ratio: \
-        neither process fills a core)."),
+        0.20 with one writer and 0.29 with two, side by side on 2026-12-04): PostgreSQL spends ≈ 3× COPY's CPU per row on the \
+        collector's path (the multi-row INSERT … unnest, and per transaction the agents' and series' rows locked and updated \
+        and the writers' hour/day/week rollup rows upserted), and the collector ≈ 9 µs per result beside it, so on 2 cores \
+        client and server together cap it near 0.3 of COPY (which needs ≈ 7 µs in all per row). Next steps, by the CPU they \
+        save: buffer the day and week rollup rows in the writers for a few seconds (rebuilt from the hour rows after a crash) \
+        instead of upserting three levels per series per transaction, write the results rows with binary COPY instead of \
+        INSERT … unnest, pipeline a transaction's statements (tokio-postgres pipelines queries issued together), and reuse \
+        the writers' parameter buffers between batches (a profile put ≈ 40 % of the collector's samples in the kernel \
+        zeroing fresh pages under mimalloc)."),
+
     ("timing", "the agent's connect time runs ≈ 0.05 ms above a plain connect(2) from the same namespace (tokio wake-up); the rest is the \
         delay line's own overhead, which the lab measures as ≈ 0.2–0.4 ms."),
 ];
