@@ -101,7 +101,10 @@ impl Spool {
             let entry = entry.map_err(io_err(dir))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if let Some(first) = name
+            // `N.seg.moving`: a segment being renamed to `N.seg` when the agent stopped (see
+            // `name_segments`); it is that segment.
+            let base = name.strip_suffix(MOVING).unwrap_or(name);
+            if let Some(first) = base
                 .strip_suffix(".seg")
                 .and_then(|n| n.parse::<u64>().ok())
             {
@@ -208,6 +211,7 @@ impl Spool {
         }
 
         spool.next_seq = covered.max(last_seen).max(gone).saturating_add(1);
+        spool.name_segments()?;
         if new_state != spool.state {
             spool.write_state(new_state)?;
         }
@@ -215,6 +219,39 @@ impl Spool {
         report.depth = spool.depth();
         report.highest_seq = spool.highest_seq();
         Ok((spool, report))
+    }
+
+    /// Renames every kept segment after its first live record, as the writer names the segments
+    /// it starts: then the names ascend with the records and stay below the next seq, so a new
+    /// segment never takes the name of a kept one (a file misnamed by hand or by damage would
+    /// otherwise be truncated by it, or sort after it and have its records skipped). In two
+    /// steps through `N.seg.moving`, which `open_with` reads as `N.seg`, so a stop in between
+    /// loses nothing and no rename overwrites a segment not yet moved.
+    fn name_segments(&mut self) -> Result<(), SpoolError> {
+        let mut moved = Vec::new();
+        for (i, seg) in self.segments.iter().enumerate() {
+            let Some(first) = seg.entries.first() else {
+                continue;
+            };
+            let want = self.dir.join(format!("{:020}.seg", first.seq));
+            if seg.path != want {
+                let moving = self.dir.join(format!("{:020}.seg{MOVING}", first.seq));
+                fs::rename(&seg.path, &moving).map_err(io_err(&seg.path))?;
+                moved.push((i, moving, want));
+            }
+        }
+        if moved.is_empty() {
+            return Ok(());
+        }
+        sync_dir(&self.dir)?;
+        for (i, moving, want) in moved {
+            fs::rename(&moving, &want).map_err(io_err(&moving))?;
+            warn!(path = %want.display(), "spool segment renamed after its first record");
+            if let Some(seg) = self.segments.get_mut(i) {
+                seg.path = want;
+            }
+        }
+        sync_dir(&self.dir)
     }
 
     /// Appends one probe run's observations with contiguous seqs; durable (fsynced) on return.
@@ -572,3 +609,6 @@ impl Drop for Spool {
         self.write_acked_hint(true);
     }
 }
+
+/// Suffix of a segment file while `name_segments` renames it.
+const MOVING: &str = ".moving";
