@@ -69,10 +69,10 @@ pub enum PgError {
     },
     #[error("PostgreSQL statement failed")]
     Statement(#[from] tokio_postgres::Error),
-    #[error("PostgreSQL commit failed: nothing of the batch is stored")]
+    #[error("PostgreSQL commit failed: nothing of the batch is acked (the agents send it again)")]
     Commit(#[source] Arc<tokio_postgres::Error>),
-    /// The batch's transaction failed; every request of it gets this (nothing is stored).
-    #[error("PostgreSQL transaction failed: nothing of the batch is stored")]
+    /// The batch's transaction failed; every request of it gets this (nothing is acked).
+    #[error("PostgreSQL transaction failed: nothing of the batch is acked")]
     Batch(#[source] Arc<StoreError>),
     #[error("PostgreSQL connection pool: {0}")]
     Pool(String),

@@ -281,7 +281,10 @@ impl Writer {
                 }
                 Err(e) => {
                     // The requests get the error and their callers log its chain; here its detail.
-                    tracing::warn!(error = ?e, "PostgreSQL transaction failed: nothing of the batch is stored");
+                    tracing::warn!(error = ?e, "PostgreSQL transaction failed: nothing of the batch is acked");
+                    // A COMMIT whose answer was lost may still have committed: this writer's
+                    // rollup rows are read back from the database before their next write.
+                    self.rollups.clear();
                     let e = Arc::new(e);
                     for reply in replies {
                         let _ = reply.send(Err(StoreError::Postgres(PgError::Batch(e.clone()))));
