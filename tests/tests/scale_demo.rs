@@ -31,16 +31,17 @@ fn sections(out: &str) -> Vec<((String, String), Vec<&str>)> {
     all
 }
 
-/// The CONNECTED cell (`yes`, `no`) of each agent row of an `agents` table, by agent id.
-fn connected(table: &[&str]) -> BTreeMap<String, String> {
+/// The cell of column `column` (e.g. `CONNECTED`, `COLLECTOR`) of each agent row of an `agents`
+/// table, by agent id.
+fn column(table: &[&str], column: &str) -> BTreeMap<String, String> {
     let header = table
         .iter()
         .find(|l| l.contains("CONNECTED"))
         .unwrap_or_else(|| panic!("no agents table header in {table:?}"));
     let col = header
         .split_whitespace()
-        .position(|c| c == "CONNECTED")
-        .expect("CONNECTED column");
+        .position(|c| c == column)
+        .unwrap_or_else(|| panic!("no {column} column in {header}"));
     table
         .iter()
         .filter(|l| l.starts_with("demo-"))
@@ -49,6 +50,23 @@ fn connected(table: &[&str]) -> BTreeMap<String, String> {
             (cells[0].to_string(), cells[col].to_string())
         })
         .collect()
+}
+
+/// The gRPC port of collector `name` from the demo's section headers
+/// (`== collector A (https://127.0.0.1:PORT): …`).
+fn port_of(out: &str, name: &str) -> String {
+    let head = format!("== collector {name} (https://");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&head))
+        .unwrap_or_else(|| panic!("no section of collector {name} in:\n{out}"));
+    let url = &line[head.len()..];
+    let end = url.find(')').unwrap_or(url.len());
+    url[..end]
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// (endpoint, check, region) of the demo.test rows of a `status` table.
@@ -95,27 +113,37 @@ fn scaled_demo_once_shows_both_collectors_and_a_failover() {
             .unwrap_or_else(|| panic!("no {name} {command} section #{nth} in:\n{out}"))
     };
 
-    // Both collectors know all three agents (one database); each agent streams to one of them.
-    let (agents_a, agents_b) = (
-        connected(&find("A", "agents", 0)),
-        connected(&find("B", "agents", 0)),
-    );
+    // Both collectors know all three agents (one database), each as connected, and both name the
+    // same collector for it (its `--name`, host:port); each collector has agents streaming to it.
+    let (port_a, port_b) = (port_of(&out, "A"), port_of(&out, "B"));
     let ids: BTreeSet<String> = REGIONS.iter().map(|r| format!("demo-{r}")).collect();
-    for (name, agents) in [("A", &agents_a), ("B", &agents_b)] {
-        let listed: BTreeSet<String> = agents.keys().cloned().collect();
+    let via = |name: &str, nth: usize| column(&find(name, "agents", nth), "COLLECTOR");
+    let (via_a, via_b) = (via("A", 0), via("B", 0));
+    for (name, nth) in [("A", 0), ("B", 0)] {
+        let connected = column(&find(name, "agents", nth), "CONNECTED");
+        let listed: BTreeSet<String> = connected.keys().cloned().collect();
         assert_eq!(listed, ids, "collector {name} lists every agent:\n{out}");
+        assert!(
+            connected.values().all(|c| c == "yes"),
+            "collector {name} sees every agent connected (to it or the other):\n{out}"
+        );
     }
-    for id in &ids {
-        let streams = [&agents_a, &agents_b]
-            .iter()
-            .filter(|a| a[id] == "yes")
-            .count();
-        assert_eq!(streams, 1, "{id} streams to exactly one collector:\n{out}");
-    }
-    assert!(
-        agents_a.values().any(|c| c == "yes") && agents_b.values().any(|c| c == "yes"),
-        "both collectors have agents streaming to them:\n{out}"
+    assert_eq!(
+        via_a, via_b,
+        "A and B name the same collector per agent:\n{out}"
     );
+    for (id, c) in &via_a {
+        assert!(
+            c.ends_with(&format!(":{port_a}")) || c.ends_with(&format!(":{port_b}")),
+            "{id} streams to {c}, neither A ({port_a}) nor B ({port_b}):\n{out}"
+        );
+    }
+    for port in [&port_a, &port_b] {
+        assert!(
+            via_a.values().any(|c| c.ends_with(&format!(":{port}"))),
+            "an agent streams to the collector on port {port}:\n{out}"
+        );
+    }
 
     // Both show the same status rows, every region's smtp ok (the offline servers answer).
     let (status_a, status_b) = (find("A", "status", 0), find("B", "status", 0));
@@ -139,10 +167,10 @@ fn scaled_demo_once_shows_both_collectors_and_a_failover() {
     }
 
     // Failover: with A stopped, every agent streams to B.
-    let after = connected(&find("B", "agents", 1));
+    let after = via("B", 1);
     assert_eq!(after.keys().cloned().collect::<BTreeSet<_>>(), ids, "{out}");
     assert!(
-        after.values().all(|c| c == "yes"),
+        after.values().all(|c| c.ends_with(&format!(":{port_b}"))),
         "every agent streams to B after A stopped:\n{out}"
     );
 

@@ -387,13 +387,21 @@ impl Node {
             .collect())
     }
 
-    /// The agents holding a stream to this collector now.
+    /// The agents holding a stream to this collector now: connected, and the collector they
+    /// stream to is this one (its default `--name` ends with its port).
     fn connected(&self) -> Result<BTreeSet<String>> {
+        let me = format!(":{}", self.collector.addr.port());
         Ok(self
             .ctl
             .agents()?
             .into_iter()
             .filter(|a| a.extra.get("connected") == Some(&serde_json::Value::Bool(true)))
+            .filter(|a| {
+                a.extra
+                    .get("collector")
+                    .and_then(|c| c.as_str())
+                    .is_some_and(|c| c.ends_with(&me))
+            })
             .map(|a| a.id)
             .collect())
     }
