@@ -4,13 +4,37 @@
 
 use tonic_build::manual::{Builder, Method, Service};
 
+/// Messages serialised as JSON by the collector's web API.
+const JSON_MESSAGES: &[&str] = &[
+    "StatusRow",
+    "StatusResponse",
+    "AgentInfo",
+    "AgentsResponse",
+    "MatrixCell",
+    "MatrixRow",
+    "MatrixResponse",
+    "LatencyRow",
+    "LatencyResponse",
+    "Finding",
+    "DiagnoseResponse",
+    "WatchEvent",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = ["mxscope/v1/mxscope.proto", "mxscope/v1/raw.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["."])?;
-    tonic_prost_build::configure()
+    // The Query API's answers are also the dashboard's JSON (`/api/v1/…`): plain field names.
+    let mut config = tonic_prost_build::configure();
+    for message in JSON_MESSAGES {
+        config = config.type_attribute(
+            format!(".mxscope.v1.{message}"),
+            "#[derive(serde::Serialize)]",
+        );
+    }
+    config
         .build_client(true)
         .build_server(true)
         .bytes(".mxscope.v1.raw")

@@ -40,7 +40,7 @@ use crate::enrol::{Enrolment, Signer};
 use crate::limits::RateLimiter;
 use crate::store::StoreError;
 use shared::Shared;
-pub use shared::{Config, HttpOptions, TlsFiles};
+pub use shared::{Config, HttpOptions, ReadToken, TlsFiles};
 
 /// Why the collector could not run.
 #[derive(Debug, thiserror::Error)]
@@ -327,7 +327,15 @@ pub async fn run(
         let tls = http_tls.is_some();
         let state = http::MetricsState::new(store.clone(), shared.config.stale_after)
             .with_source(shared.counters.clone());
-        let metrics = http::Server::new(state, &shared.config.http_options, http_tls);
+        let access = http::web::Access {
+            token: shared.config.http_options.read_token.clone().map(|t| t.0),
+            plain_exposed: http::exposed(bound, tls),
+        };
+        if access.plain_exposed && access.token.is_none() {
+            warn!(http = %bound, "the dashboard and /api/v1 answer 403 on this plain-HTTP non-loopback address: pass --http-read-token-file, or TLS, to serve them");
+        }
+        let metrics = http::Server::new(state, &shared.config.http_options, http_tls)
+            .with_routes(http::web::router(shared.clone(), access));
         if http::exposed(bound, tls) {
             warn!(http = %bound, "/metrics is served in plain text without client certificates on a non-loopback address: anyone who reaches it reads every target's state; bind --http to 127.0.0.1, or pass --http-tls-cert, --http-tls-key and --http-client-ca");
         }
@@ -337,7 +345,7 @@ pub async fn run(
                 warn!(error = %err, "metrics server failed");
             }
         });
-        info!(http = %bound, tls, "serving /metrics");
+        info!(http = %bound, tls, "serving /metrics and the dashboard (/)");
     }
     tasks.spawn(store::retention_job(
         store.clone(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use mxscope_collector::limits::{parse_byte_rate, parse_rate, Limits};
-use mxscope_collector::{check_plaintext, run, Config, HttpOptions, TlsFiles};
+use mxscope_collector::{check_plaintext, run, Config, HttpOptions, ReadToken, TlsFiles};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc: per-thread free lists, so the ingest tasks, the writer and its dropper thread
@@ -155,6 +155,11 @@ struct Args {
     /// Most (target, check, region) label sets one scrape exports (central targets first).
     #[arg(long, env = "MXSCOPE_HTTP_MAX_SERIES", default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1..))]
     http_max_series: u32,
+    /// File (mode 0600) holding a read token the dashboard and `/api/v1/…` require
+    /// (`Authorization: Bearer TOKEN`, or open `/login?token=TOKEN` once in the browser); needed
+    /// to serve them in plain HTTP on a non-loopback --http address.
+    #[arg(long, env = "MXSCOPE_HTTP_READ_TOKEN_FILE")]
+    http_read_token_file: Option<PathBuf>,
     /// Log output format.
     #[arg(long, env = "MXSCOPE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -254,6 +259,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         }),
         _ => None,
     };
+    if let Some(path) = &args.http_read_token_file {
+        let bytes = mxscope_proto::secret::read_private(path)?;
+        let token = String::from_utf8(bytes)
+            .map(|t| t.trim().to_string())
+            .ok()
+            .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic() && b != b';'))
+            .with_context(|| {
+                format!(
+                    "--http-read-token-file {}: expected one line of printable ASCII without ';' (e.g. from 'openssl rand -hex 32')",
+                    path.display()
+                )
+            })?;
+        http.read_token = Some(ReadToken(token));
+    }
     config.http_options = http;
     config.tls = tls;
     config.revoked = args.revoked;

@@ -103,6 +103,18 @@ pub struct HttpOptions {
     /// Most (target, check, region) label sets one scrape exports; the rest are left out and
     /// counted.
     pub max_series: usize,
+    /// The dashboard's read token (`--http-read-token-file`).
+    pub read_token: Option<ReadToken>,
+}
+
+/// A read token; its `Debug` does not show it.
+#[derive(Clone)]
+pub struct ReadToken(pub String);
+
+impl std::fmt::Debug for ReadToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadToken(…)")
+    }
 }
 
 impl Default for HttpOptions {
@@ -114,6 +126,7 @@ impl Default for HttpOptions {
             tls: None,
             cache_for: Duration::from_secs(5),
             max_series: 50_000,
+            read_token: None,
         }
     }
 }

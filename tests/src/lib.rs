@@ -2,6 +2,7 @@
 //! loopback, a throw-away CA, and wrappers that run the real mxscope binaries against them.
 
 pub mod binaries;
+pub mod browser;
 pub mod certs;
 pub mod debroot;
 pub mod dovecot;

@@ -398,7 +398,7 @@ pub struct LabCollector {
 
 impl LabCollector {
     /// Starts `mxscope-collector --listen IP:<free port> --tls-cert … --client-ca … --http off`
-    /// with `extra` flags, its db and log in `dir`.
+    /// (unless `extra` names `--http`) with `extra` flags, its db and log in `dir`.
     pub fn start(dir: &Path, ip: Ipv4Addr, pki: &Pki, extra: &[&str]) -> Result<LabCollector> {
         LabCollector::start_with_db(dir, ip, pki, &path_str(&dir.join("mxscope.db"))?, extra)
     }
@@ -424,9 +424,14 @@ impl LabCollector {
                 path_str(&pki.dir.join("collector.key"))?,
                 "--client-ca".to_string(),
                 path_str(&pki.ca_pem())?,
-                "--http".to_string(),
-                "off".to_string(),
             ])
+            // `--http off` unless the test serves it (`extra` has `--http ADDR`).
+            .args(
+                (!extra.contains(&"--http"))
+                    .then_some(["--http", "off"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(extra.iter().copied())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");

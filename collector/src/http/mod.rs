@@ -18,6 +18,7 @@
 
 mod render;
 pub mod tls;
+pub mod web;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -112,6 +113,8 @@ pub struct Server {
     max_connections: usize,
     tls: Option<TlsAcceptor>,
     counters: Arc<HttpCounters>,
+    /// Routes served beside `/metrics` (the dashboard).
+    routes: Option<Router>,
 }
 
 impl std::fmt::Debug for Server {
@@ -143,7 +146,14 @@ impl Server {
             max_connections: options.max_connections.max(1),
             tls,
             counters,
+            routes: None,
         }
+    }
+
+    /// Serves `routes` beside `/metrics`, under the same limits, TLS and certificate check.
+    pub fn with_routes(mut self, routes: Router) -> Server {
+        self.routes = Some(routes);
+        self
     }
 
     /// The server's refusal counters.
@@ -159,9 +169,12 @@ impl Server {
         stop: CancellationToken,
     ) -> std::io::Result<()> {
         let server = Arc::new(self);
-        let router = Router::new()
+        let mut router = Router::new()
             .route("/metrics", get(metrics))
             .with_state(server.state.clone());
+        if let Some(routes) = server.routes.clone() {
+            router = router.merge(routes);
+        }
         let permits = Arc::new(Semaphore::new(server.max_connections));
         let connections = TaskTracker::new();
         loop {

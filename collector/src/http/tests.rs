@@ -741,6 +741,17 @@ impl Store for Counting {
         self.read();
         Store::rollups(&self.inner, filter, since_us, now_us, phase)
     }
+    fn history(
+        &self,
+        filter: crate::store::Filter,
+        since_us: i64,
+        now_us: i64,
+        phase: Option<String>,
+    ) -> crate::store::Pending<Vec<(i64, crate::store::SeriesId, crate::analysis::aggregate::Agg)>>
+    {
+        self.read();
+        Store::history(&self.inner, filter, since_us, now_us, phase)
+    }
     fn status_input(
         &self,
         filter: crate::store::Filter,

@@ -71,6 +71,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now_us: i64,
         phase: Option<String>,
     ) -> Pending<BTreeMap<SeriesId, Agg>>;
+    /// The window from `since_us` per bucket and series, oldest bucket first: minute buckets of
+    /// the raw results for windows up to 3 hours, else the rows of the level [`plan`] reads
+    /// (hour, day or week). `phase` as for [`rollups`](Store::rollups).
+    ///
+    /// [`plan`]: super::rollup::plan
+    fn history(
+        &self,
+        filter: Filter,
+        since_us: i64,
+        now_us: i64,
+        phase: Option<String>,
+    ) -> Pending<Vec<(i64, SeriesId, Agg)>>;
     /// Series matching the filter and the samples of their windows (results since `since_us`).
     fn status_input(&self, filter: Filter, since_us: i64)
         -> Pending<(Vec<SeriesRow>, Vec<Sample>)>;

@@ -42,6 +42,10 @@ impl Level {
     }
 }
 
+/// Bucket width of [`Store::history`](super::Store::history) over windows read from the raw
+/// results (up to 3 hours): one minute, one result per series at the usual probe interval.
+pub const RAW_BUCKET_US: i64 = 60_000_000;
+
 /// Longest window read from hour rows; longer windows read day rows (see [`plan`]).
 const HOUR_WINDOWS_UP_TO_US: i64 = 3 * 86_400_000_000;
 /// Longest window read from day rows; longer windows read week rows.

@@ -544,6 +544,19 @@ impl Store for PgStore {
             })
         })
     }
+    fn history(
+        &self,
+        filter: Filter,
+        since_us: i64,
+        now_us: i64,
+        phase: Option<String>,
+    ) -> Pending<Vec<(i64, SeriesId, Agg)>> {
+        self.read(move |c| {
+            Box::pin(async move {
+                read::history(&***c, &filter, since_us, now_us, phase.as_deref()).await
+            })
+        })
+    }
     fn status_input(
         &self,
         filter: Filter,

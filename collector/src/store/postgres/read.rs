@@ -10,7 +10,7 @@ use tokio_postgres::GenericClient;
 
 use super::writer::unsigned;
 use crate::analysis::aggregate::Agg;
-use crate::store::rollup::plan;
+use crate::store::rollup::{plan, RAW_BUCKET_US};
 use crate::store::row::decode_body;
 use crate::store::sqlite::{facts_text, target_from_json, StoredTarget};
 use crate::store::{AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError};
@@ -203,6 +203,79 @@ async fn groups(
         ));
     }
     Ok((groups, slot))
+}
+
+/// [`Store::history`](crate::store::Store::history) on PostgreSQL: the writers' rows of a
+/// bucket merged.
+pub(super) async fn history(
+    c: &impl GenericClient,
+    f: &Filter,
+    since_us: i64,
+    now_us: i64,
+    phase: Option<&str>,
+) -> Result<Vec<(i64, SeriesId, Agg)>, StoreError> {
+    let (groups, slot) = groups(c, f).await?;
+    let counts_only = phase == Some("");
+    let mut out: BTreeMap<(usize, i64), Agg> = BTreeMap::new();
+    match plan(since_us, now_us) {
+        None => {
+            let sql = if counts_only {
+                "SELECT series_id, start_us, outcome, NULL::bytea FROM results WHERE start_us >= $1"
+            } else {
+                "SELECT series_id, start_us, outcome, body FROM results WHERE start_us >= $1"
+            };
+            for r in c.query(sql, &[&since_us]).await? {
+                let Some(&g) = slot.get(&r.get::<_, i64>(0)) else {
+                    continue;
+                };
+                let mut result = if counts_only {
+                    pb::ProbeResult::default()
+                } else {
+                    decode_body(r.get::<_, &[u8]>(3))
+                        .ok_or(StoreError::OutOfRange("stored result body"))?
+                };
+                if let Some(p) = phase {
+                    result.timings.retain(|t| t.phase == p);
+                }
+                result.outcome = r.get(2);
+                let bucket = r.get::<_, i64>(1).div_euclid(RAW_BUCKET_US) * RAW_BUCKET_US;
+                out.entry((g, bucket)).or_default().add(&result);
+            }
+        }
+        Some((level, from)) => {
+            let sql = if counts_only {
+                "SELECT series_id, bucket_us, count, ok, warn, fail, NULL::bytea FROM rollups
+                 WHERE level = $1 AND bucket_us >= $2"
+            } else {
+                "SELECT series_id, bucket_us, count, ok, warn, fail, sketches FROM rollups
+                 WHERE level = $1 AND bucket_us >= $2"
+            };
+            for r in c.query(sql, &[&(level.code() as i32), &from]).await? {
+                let Some(&g) = slot.get(&r.get::<_, i64>(0)) else {
+                    continue;
+                };
+                let phases = if counts_only {
+                    Default::default()
+                } else {
+                    Agg::sketches_from_bytes(r.get::<_, &[u8]>(6), phase)
+                        .ok_or(StoreError::OutOfRange("rollup sketch blob"))?
+                };
+                out.entry((g, r.get(1))).or_default().merge(&Agg {
+                    count: unsigned(r.get(2)),
+                    ok: unsigned(r.get(3)),
+                    warn: unsigned(r.get(4)),
+                    fail: unsigned(r.get(5)),
+                    phases,
+                });
+            }
+        }
+    }
+    let mut rows: Vec<(i64, SeriesId, Agg)> = out
+        .into_iter()
+        .map(|((g, bucket), a)| (bucket, groups[g].0.clone(), a))
+        .collect();
+    rows.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    Ok(rows)
 }
 
 /// Aggregates of the window from `since_us`, merged per series: raw results for short windows,

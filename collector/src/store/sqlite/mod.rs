@@ -128,6 +128,21 @@ impl SqliteStore {
             .await
     }
 
+    /// Per bucket and series aggregates of the window (see [`Store::history`]).
+    pub async fn history(
+        &self,
+        filter: Filter,
+        since_us: i64,
+        now_us: i64,
+        phase: Option<String>,
+    ) -> Result<Vec<(i64, SeriesId, Agg)>, StoreError> {
+        if rollup::plan(since_us, now_us).is_some() {
+            self.sync().await?;
+        }
+        self.read(move |c| read::history(c, &filter, since_us, now_us, phase.as_deref()))
+            .await
+    }
+
     /// Writes the rollups and series state of every committed result that the writer still
     /// buffers (no-op when it buffers none). The reads of either do this themselves.
     pub async fn sync(&self) -> Result<(), StoreError> {
@@ -425,6 +440,16 @@ impl Store for SqliteStore {
     ) -> Pending<BTreeMap<SeriesId, Agg>> {
         let s = self.clone();
         Box::pin(async move { s.rollups(filter, since_us, now_us, phase).await })
+    }
+    fn history(
+        &self,
+        filter: Filter,
+        since_us: i64,
+        now_us: i64,
+        phase: Option<String>,
+    ) -> Pending<Vec<(i64, SeriesId, Agg)>> {
+        let s = self.clone();
+        Box::pin(async move { s.history(filter, since_us, now_us, phase).await })
     }
     fn status_input(
         &self,

@@ -16,7 +16,7 @@ use super::target::{self, Stored};
 use super::writer::FxMap;
 use super::SqliteError;
 use crate::analysis::aggregate::Agg;
-use crate::store::rollup::plan;
+use crate::store::rollup::{plan, RAW_BUCKET_US};
 use crate::store::row::decode_body;
 use crate::store::{AgentRow, Filter, Sample, SeriesId, SeriesRow, StoreError};
 
@@ -289,16 +289,12 @@ pub(crate) fn facts_text(json: &str) -> Result<BTreeMap<String, String>, StoreEr
         .collect())
 }
 
-/// Merges the rollup rows of the planned level from its first bucket on, per series.
-pub(crate) fn rollups(
-    c: &Connection,
-    f: &Filter,
-    since_us: i64,
-    now_us: i64,
-    phase: Option<&str>,
-) -> Result<BTreeMap<SeriesId, Agg>, StoreError> {
-    let source = plan(since_us, now_us);
-    // The series of the filter, by id; rollup rows of other series are skipped.
+/// Series with their (so far empty) aggregates.
+type Groups = Vec<(SeriesId, Agg)>;
+
+/// The series of the filter as empty groups, and each one's slot by series id (rows of other
+/// series are skipped).
+fn series_groups(c: &Connection, f: &Filter) -> Result<(Groups, FxMap<i64, usize>), StoreError> {
     let (cond, args) = conditions(
         f,
         &[
@@ -327,6 +323,96 @@ pub(crate) fn rollups(
             ));
         }
     }
+    Ok((groups, slot))
+}
+
+/// [`Store::history`](crate::store::Store::history) on SQLite.
+pub(crate) fn history(
+    c: &Connection,
+    f: &Filter,
+    since_us: i64,
+    now_us: i64,
+    phase: Option<&str>,
+) -> Result<Vec<(i64, SeriesId, Agg)>, StoreError> {
+    let (groups, slot) = series_groups(c, f)?;
+    let counts_only = phase == Some("");
+    let mut out: BTreeMap<(usize, i64), Agg> = BTreeMap::new();
+    match plan(since_us, now_us) {
+        None => {
+            let sql = if counts_only {
+                "SELECT series_id, start_us, outcome, NULL FROM results WHERE start_us >= ?1"
+            } else {
+                "SELECT series_id, start_us, outcome, body FROM results WHERE start_us >= ?1"
+            };
+            let mut st = c.prepare_cached(sql)?;
+            let mut rows = st.query([since_us])?;
+            while let Some(r) = rows.next()? {
+                let Some(&g) = slot.get(&r.get::<_, i64>(0)?) else {
+                    continue;
+                };
+                let mut result = if counts_only {
+                    pb::ProbeResult::default()
+                } else {
+                    let body = r.get_ref(3)?.as_blob().map_err(rusqlite::Error::from)?;
+                    decode_body(body).ok_or(StoreError::OutOfRange("stored result body"))?
+                };
+                if let Some(p) = phase {
+                    result.timings.retain(|t| t.phase == p);
+                }
+                result.outcome = r.get(2)?;
+                let bucket = r.get::<_, i64>(1)?.div_euclid(RAW_BUCKET_US) * RAW_BUCKET_US;
+                out.entry((g, bucket)).or_default().add(&result);
+            }
+        }
+        Some((level, from)) => {
+            let sql = if counts_only {
+                "SELECT series_id, bucket_us, count, ok, warn, fail, NULL FROM rollups
+                 WHERE level = ?1 AND bucket_us >= ?2"
+            } else {
+                "SELECT series_id, bucket_us, count, ok, warn, fail, sketches FROM rollups
+                 WHERE level = ?1 AND bucket_us >= ?2"
+            };
+            let mut st = c.prepare_cached(sql)?;
+            let mut rows = st.query(rusqlite::params![level.code(), from])?;
+            while let Some(r) = rows.next()? {
+                let Some(&g) = slot.get(&r.get::<_, i64>(0)?) else {
+                    continue;
+                };
+                let phases = if counts_only {
+                    Default::default()
+                } else {
+                    let blob = r.get_ref(6)?.as_blob().map_err(rusqlite::Error::from)?;
+                    Agg::sketches_from_bytes(blob, phase)
+                        .ok_or(StoreError::OutOfRange("rollup sketch blob"))?
+                };
+                out.entry((g, r.get(1)?)).or_default().merge(&Agg {
+                    count: unsigned(r.get(2)?),
+                    ok: unsigned(r.get(3)?),
+                    warn: unsigned(r.get(4)?),
+                    fail: unsigned(r.get(5)?),
+                    phases,
+                });
+            }
+        }
+    }
+    let mut rows: Vec<(i64, SeriesId, Agg)> = out
+        .into_iter()
+        .map(|((g, bucket), a)| (bucket, groups[g].0.clone(), a))
+        .collect();
+    rows.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    Ok(rows)
+}
+
+/// Merges the rollup rows of the planned level from its first bucket on, per series.
+pub(crate) fn rollups(
+    c: &Connection,
+    f: &Filter,
+    since_us: i64,
+    now_us: i64,
+    phase: Option<&str>,
+) -> Result<BTreeMap<SeriesId, Agg>, StoreError> {
+    let source = plan(since_us, now_us);
+    let (mut groups, slot) = series_groups(c, f)?;
     let mut seen = vec![false; groups.len()];
     // `Some("")`: counts only, no sketch is read.
     let counts_only = phase == Some("");
