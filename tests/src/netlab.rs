@@ -31,7 +31,9 @@ pub fn script() -> PathBuf {
 pub fn require_prerequisites() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("the lab test needs root (network namespaces, TUN devices, routes); run it as root");
+        bail!(
+            "the lab needs root (network namespaces, TUN devices, routes): run it as root (sudo)"
+        );
     }
     system_tool("ip", "iproute2")?;
     system_tool("nft", "nftables")?;
@@ -130,6 +132,9 @@ impl NetLab {
             .arg(state)
             .arg("--delayline")
             .arg(delayline);
+        // Own process group: a Ctrl-C in the terminal reaches the caller, which brings the lab
+        // down, instead of killing `lab up` half-way.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         if let Some(regions) = regions {
             cmd.arg("--regions").arg(regions);
         }
@@ -308,12 +313,10 @@ fn run_checked(tool: &str, package: &str, args: &[&str]) -> Result<()> {
 
 impl Drop for NetLab {
     fn drop(&mut self) {
-        let out = std::process::Command::new(script())
-            .arg("down")
-            .arg("--state")
-            .arg(&self.state)
-            .stdin(std::process::Stdio::null())
-            .output();
+        let mut cmd = std::process::Command::new(script());
+        cmd.arg("down").arg("--state").arg(&self.state);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let out = cmd.stdin(std::process::Stdio::null()).output();
         match out {
             Ok(o) if o.status.success() => {}
             Ok(o) => eprintln!(

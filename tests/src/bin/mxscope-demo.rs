@@ -1,8 +1,14 @@
-//! The demo behind `deploy/demo/run`: a collector with mTLS and online signing, and three agents
-//! (eu-west, us-east, ap-south) that join it with enrolment tokens, probing the given mail
-//! domains, or a private Postfix + Dovecot + nsd on loopback when none. With `--postgres` it is
-//! the scaled setup behind `deploy/scale/run`: a private PostgreSQL cluster, two collectors on it
-//! and the three agents, each given both collectors, enrolled offline.
+//! The demo behind `deploy/demo/run`. With no domain it runs in the project's lab
+//! (`deploy/lab/lab`, see [`lab`]): three regions with their own round-trip times, one of them
+//! behind a port-25 block, real Postfix and nsd, a domain whose backup MX is down, a collector
+//! and one agent per region joining with enrolment tokens. Given mail domains it probes those
+//! from this host with three agents labelled eu-west, us-east and ap-south. With `--postgres` it
+//! is the scaled setup behind `deploy/scale/run`: a private PostgreSQL cluster, two collectors on
+//! it and the three agents, each given both collectors, enrolled offline.
+
+// The lab scenario lives next to this file (a crate root has no directory of its own).
+#[path = "mxscope-demo/lab.rs"]
+mod lab;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -40,23 +46,33 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-const USAGE: &str = "usage: mxscope-demo [--postgres] [--once] [--dir DIR] [DOMAIN…]
+const USAGE: &str = "usage: mxscope-demo [--once] [--dir DIR] [--http ADDR] [DOMAIN…]
+       mxscope-demo --postgres [--once] [--dir DIR] [DOMAIN…]
 
-Starts a collector (SQLite under DIR, default ./.demo; a new CA per run, mTLS, online signing)
-and three agents labelled eu-west, us-east and ap-south that join it with enrolment tokens
-(mxscopectl token create, mxscope-agent --enroll), probing DOMAIN… with the checks mx, smtp,
-submission, imaps. With no
-domain it starts a private Postfix, Dovecot and nsd on loopback serving demo.test and probes
-that. Prints `mxscopectl status` once results from all three regions are in, then every 30 s
-until Ctrl-C (or exits right away with --once), stopping everything it started.
+With no domain (needs root, nft and /dev/net/tun): brings up the lab (deploy/lab/lab) with
+eu-west 10 ms, us-east 60 ms and ap-south 150 ms round-trip time, TCP 25 from ap-south dropped
+at the router (an ISP block); Postfix and nsd on the lab's mail host serving demo.test (MX 10
+mx.demo.test works, MX 20 mx2.demo.test is down) and canary.test (a reference domain labelled
+canary=true); a collector (SQLite under DIR/run-PID, a new CA, mTLS, online signing, --http
+ADDR, default 127.0.0.1 and a free port) and an agent in each region joining with an enrolment
+token. Prints the lab, `mxscopectl status`, `matrix` and `diagnose demo.test` and the dashboard
+URL once ap-south fails port 25 while the others deliver and the backup MX's loss is found,
+then every 30 s until Ctrl-C (or exits with --once), stopping everything and bringing the lab
+down.
+
+With DOMAIN…: a collector (SQLite under DIR, default ./.demo) and three agents labelled
+eu-west, us-east and ap-south on this host that join it with enrolment tokens, probing DOMAIN…
+with the checks mx, smtp, submission, imaps; prints `mxscopectl status` once results from all
+three regions are in (all three share this host's network: no regional differences).
 
 With --postgres (deploy/scale/run; DIR defaults to ./.scale) it starts a private PostgreSQL
 cluster (initdb in DIR, loopback, as the postgres user), two collectors A and B on that one
 database (mTLS, no online signing: PostgreSQL has no token enrolment yet) and the three agents,
 enrolled offline (mxscopectl enroll), each given both collectors (--collector A --collector B;
-us-east has B first, so both collectors have agents). It prints `mxscopectl agents` and `status` from both collectors, then stops A
-and shows every agent streaming to B (with --once it exits there; otherwise A is started
-again and both are reprinted every 30 s until Ctrl-C).";
+us-east has B first, so both collectors have agents), probing DOMAIN… or, with none, a private
+Postfix, Dovecot and nsd on loopback. It prints `mxscopectl agents` and `status` from both
+collectors, then stops A and shows every agent streaming to B (with --once it exits there;
+otherwise A is started again and both are reprinted every 30 s until Ctrl-C).";
 
 #[derive(Debug)]
 struct Args {
@@ -64,6 +80,8 @@ struct Args {
     /// The scaled setup: PostgreSQL, two collectors.
     postgres: bool,
     dir: PathBuf,
+    /// `--http` of the lab demo's collector (its dashboard); a free loopback port when unset.
+    http: Option<SocketAddr>,
     domains: Vec<String>,
 }
 
@@ -72,6 +90,7 @@ fn parse_args() -> Result<Args> {
         once: false,
         postgres: false,
         dir: PathBuf::new(),
+        http: None,
         domains: Vec::new(),
     };
     let mut dir = None;
@@ -81,6 +100,10 @@ fn parse_args() -> Result<Args> {
             "--once" => args.once = true,
             "--postgres" => args.postgres = true,
             "--dir" => dir = Some(it.next().context("--dir needs a value")?.into()),
+            "--http" => {
+                let addr = it.next().context("--http needs an address (IP:PORT)")?;
+                args.http = Some(addr.parse().with_context(|| format!("--http {addr}"))?);
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -90,6 +113,9 @@ fn parse_args() -> Result<Args> {
         }
     }
     args.dir = dir.unwrap_or_else(|| PathBuf::from(if args.postgres { ".scale" } else { ".demo" }));
+    if args.http.is_some() && (args.postgres || !args.domains.is_empty()) {
+        bail!("--http is for the lab demo (no --postgres, no DOMAIN)\n{USAGE}");
+    }
     Ok(args)
 }
 
@@ -254,6 +280,9 @@ fn agents_running(agents: &mut [Proc]) -> Result<()> {
 fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
     let dir = std::fs::canonicalize(&args.dir)?;
+    if !args.postgres && args.domains.is_empty() {
+        return lab::run(&args, &dir);
+    }
     let logs = dir.join(format!("logs-{}", std::process::id()));
     std::fs::create_dir_all(&logs)?;
 
