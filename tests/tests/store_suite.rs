@@ -82,6 +82,7 @@ fn cases() -> Vec<Case> {
         case!(case_local_targets_come_from_the_latest_hello),
         case!(case_results_per_agent_counts_from_since),
         case!(case_rollups_count_every_window_from_raw_and_stored_rollups),
+        case!(case_history_has_one_entry_per_bucket_and_series),
         case!(case_status_input_has_series_and_window_samples),
         case!(case_prune_deletes_results_past_retention_in_rounds, || {
             StoreOptions {
@@ -1057,6 +1058,57 @@ async fn case_rollups_count_every_window_from_raw_and_stored_rollups(
         .rollups(Filter::default(), now - 10 * MIN, now, None)
         .await?
         .is_empty());
+    Ok(())
+}
+
+async fn case_history_has_one_entry_per_bucket_and_series(store: Arc<dyn Store>) -> Result<()> {
+    let now = now_us();
+    store.register_agent(hello("a1", "eu-west", now)).await?;
+    // Two results in one minute 40 minutes ago, one ten minutes before; two in older days.
+    let m = (now - 40 * MIN).div_euclid(MIN) * MIN;
+    let recent = vec![
+        smtp("a1", 1, true, m - 10 * MIN),
+        smtp("a1", 2, false, m + 1_000_000),
+        smtp("a1", 3, true, m + 2_000_000),
+    ];
+    let old = vec![
+        smtp("a1", 4, true, now - 5 * DAY),
+        smtp("a1", 5, true, now - 2 * DAY),
+    ];
+    put(&*store, "a1", "eu-west", &recent, &[], now).await?;
+    put(&*store, "a1", "eu-west", &old, &[], now).await?;
+    let id = series_id("example.test", "smtp", "eu-west");
+
+    // An hour: minute buckets of the raw results, oldest first.
+    let got = store
+        .history(Filter::default(), now - HOUR, now, None)
+        .await?;
+    let want = vec![
+        (m - 10 * MIN, id.clone(), agg_of(&recent[..1])),
+        (m, id.clone(), agg_of(&recent[1..])),
+    ];
+    ensure!(got == want, "1 h history: {got:?}");
+    // Seven days: day rows, one per day that holds results.
+    let day = |t: i64| t.div_euclid(DAY) * DAY;
+    let got = store
+        .history(Filter::default(), now - 7 * DAY, now, Some(String::new()))
+        .await?;
+    let buckets: Vec<(i64, u64)> = got.iter().map(|(b, _, a)| (*b, a.count)).collect();
+    let mut want: BTreeMap<i64, u64> = BTreeMap::new();
+    for t in [now - 5 * DAY, now - 2 * DAY, m - 10 * MIN, m, m] {
+        *want.entry(day(t)).or_default() += 1;
+    }
+    ensure!(
+        buckets == want.into_iter().collect::<Vec<_>>(),
+        "7 d history: {buckets:?}"
+    );
+    ensure!(got.iter().all(|(_, s, _)| *s == id), "one series: {got:?}");
+    // A filter that matches nothing: nothing.
+    let f = Filter {
+        region: "us-east".into(),
+        ..Default::default()
+    };
+    ensure!(store.history(f, now - HOUR, now, None).await?.is_empty());
     Ok(())
 }
 
