@@ -28,6 +28,7 @@ fn bench_smoke_writes_a_report_with_every_section() {
         "## 5. Agent footprint",
         "## 6. Timing accuracy",
         "## 7. PostgreSQL ingest",
+        "## 8. Dashboard overview in a browser",
     ];
     for s in sections {
         assert!(report.contains(s), "report lacks '{s}':\n{report}");

@@ -1,8 +1,9 @@
-//! mxscope-bench: seven benchmarks, each measured side by side with its baseline in
+//! mxscope-bench: eight benchmarks, each measured side by side with its baseline in
 //! the same run, and the `BENCHMARKS.md` report they produce.
 
 pub(crate) mod agent_cost;
 pub(crate) mod collector;
+pub(crate) mod dashboard;
 pub(crate) mod ingest;
 pub(crate) mod latency;
 pub(crate) mod pg_ingest;
@@ -70,6 +71,7 @@ pub(crate) const NAMES: &[&str] = &[
     "agent-cost",
     "timing",
     "pg-ingest",
+    "dashboard",
 ];
 
 /// Proposals for the targets this run missed, from what the profile and the side-by-side figures
@@ -127,6 +129,8 @@ const PROPOSALS: &[(&str, &str)] = &[
         the writers' parameter buffers between batches (a profile put ≈ 40 % of the collector's samples in the kernel \
         zeroing fresh pages under mimalloc)."),
 
+    ("dashboard", "the overview fetches two full matrices and builds every row's HTML at once: if it grows past 1 s, page the \
+        matrix (the API already pages internally), render only the rows in view, and cache the matrix per commit on the collector."),
     ("timing", "the agent's connect time runs ≈ 0.05 ms above a plain connect(2) from the same namespace (tokio wake-up); the rest is the \
         delay line's own overhead, which the lab measures as ≈ 0.2–0.4 ms."),
 ];

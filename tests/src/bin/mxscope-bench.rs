@@ -173,6 +173,10 @@ async fn run(args: Args) -> Result<()> {
         eprintln!("mxscope-bench: PostgreSQL ingest");
         report.sections.push(bench::pg_ingest::run(&ctx).await);
     }
+    if wanted("dashboard") {
+        eprintln!("mxscope-bench: dashboard in a browser");
+        report.sections.push(bench::dashboard::run(&ctx).await);
+    }
     report.proposals = bench::proposals(&report);
 
     let text = report.render();

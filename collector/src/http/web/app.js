@@ -14,7 +14,7 @@ const state = {
   refreshTimer: null,
 };
 // What the browser tests (and anyone curious) read back: the last render and its duration.
-window.mxscope = { renders: 0, lastRenderMs: 0, page: "", events: 0 };
+window.mxscope = { renders: 0, lastRenderMs: 0, renderedAt: 0, page: "", events: 0 };
 
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 const fmtMs = (v) => (v == null ? "–" : v < 10 ? v.toFixed(1) + " ms" : Math.round(v) + " ms");
@@ -135,6 +135,7 @@ function renderOverview() {
   window.mxscope.renders += 1;
   window.mxscope.lastRenderMs = performance.now() - t0;
   window.mxscope.rows = rows.length;
+  window.mxscope.renderedAt = performance.now();
 }
 
 // ---- target ---------------------------------------------------------------------------------
