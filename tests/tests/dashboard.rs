@@ -304,6 +304,23 @@ fn dashboard_shows_the_labs_verdicts_live_in_a_real_browser() {
         explanation.as_str().is_some_and(|t| !t.is_empty()),
         "the diagnosis is shown: {explanation}"
     );
+    let days = b
+        .eval("[...document.querySelectorAll('#certs tbody tr td:nth-child(4)')].map(td => td.textContent)")
+        .expect("certificate days");
+    assert!(
+        days.as_array().is_some_and(|d| d
+            .iter()
+            .any(|t| t.as_str().is_some_and(|t| t.parse::<u32>().is_ok()))),
+        "the certificates table shows days left: {days}\nsmtp series: {:?}",
+        serde_json::from_str::<Value>(&http_get(&format!("{base}/api/v1/target/{DOMAIN}")).1)
+            .ok()
+            .and_then(|v| v["series"].as_array().cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s["check"] == "smtp")
+            .map(|s| s["facts"].clone())
+            .collect::<Vec<_>>()
+    );
     b.screenshot(&shots.join("target.png")).expect("screenshot");
 
     // 4. The agents page lists every agent.

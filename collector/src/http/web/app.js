@@ -209,13 +209,13 @@ async function loadTarget(name) {
   const certs = [], policy = [];
   for (const s of facts.series) {
     const f = s.facts || {};
-    const certKeys = Object.keys(f).filter((k) => k.startsWith("cert") || k.startsWith("tls"));
+    const certKeys = Object.keys(f).filter((k) => k.startsWith("cert.") || k.startsWith("tls."));
     if (certKeys.length) certs.push({ s, f, keys: certKeys });
-    const recordKeys = Object.keys(f).filter((k) => k.includes("record") || k.startsWith("policy"));
+    const recordKeys = Object.keys(f).filter((k) => /^(spf|dmarc|mta_sts|mtasts|tlsrpt|dkim|dane|tlsa|bimi)\./.test(k) || k.includes("record"));
     if (recordKeys.length) policy.push({ s, f, keys: recordKeys });
   }
   const certRows = certs
-    .map(({ s, f }) => `<tr><td>${esc(s.endpoint)}</td><td>${esc(s.check)}</td><td>${esc(s.region)}</td><td>${esc(f.cert_days_left ?? "–")}</td><td>${esc(f.cert_subject ?? f.cert_cn ?? "")}</td><td>${esc(f.cert_issuer ?? "")}</td><td>${esc(f.tls_version ?? "")}</td><td class="muted">${esc((f.cert_sha256 ?? f.cert_fingerprint ?? "").slice(0, 23))}</td></tr>`)
+    .map(({ s, f }) => `<tr><td>${esc(s.endpoint)}</td><td>${esc(s.check)}</td><td>${esc(s.region)}</td><td>${esc(f["cert.days_left"] ?? "–")}</td><td>${esc(f["cert.subject"] ?? "")}</td><td>${esc(f["cert.issuer"] ?? "")}</td><td>${esc(f["tls.version"] ?? "")}</td><td class="muted">${esc(f["cert.not_after"] ?? "")}</td></tr>`)
     .join("");
   const policyRows = policy
     .map(({ s, f, keys }) => keys.map((k) => `<tr><td>${esc(s.check)}</td><td>${esc(s.region)}</td><td>${esc(k)}</td><td>${esc(f[k])}</td></tr>`).join(""))
@@ -234,7 +234,7 @@ async function loadTarget(name) {
     <h3>Latency per region and phase</h3><div class="cards">${latencyCards || '<p class="muted">no results in this window</p>'}</div>
     <h3>Reachability per region</h3><div class="cards">${reachCards}</div>
     <h3>Timeline</h3><ul class="timeline">${states}</ul>
-    <h3>Certificates seen</h3><table><thead><tr><th>endpoint</th><th>check</th><th>region</th><th>days left</th><th>subject</th><th>issuer</th><th>TLS</th><th>fingerprint</th></tr></thead><tbody>${certRows}</tbody></table>
+    <h3>Certificates seen</h3><table id="certs"><thead><tr><th>endpoint</th><th>check</th><th>region</th><th>days left</th><th>subject</th><th>issuer</th><th>TLS</th><th>not after</th></tr></thead><tbody>${certRows}</tbody></table>
     <h3>Policy records</h3><table><thead><tr><th>check</th><th>region</th><th>fact</th><th>value</th></tr></thead><tbody>${policyRows}</tbody></table>`;
   document.getElementById("since").addEventListener("change", (e) => {
     state.since = e.target.value;
