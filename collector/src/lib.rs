@@ -6,12 +6,14 @@
 
 pub mod analysis;
 pub mod auth;
+pub mod confirm;
 pub mod enrol;
 pub mod error;
 pub mod http;
 pub mod ingest;
 pub mod limits;
 pub mod mailwatch;
+pub mod notify;
 pub mod query;
 mod shared;
 pub mod store;

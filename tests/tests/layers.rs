@@ -246,12 +246,13 @@ fn collector_modules_respect_the_layer_order() {
         &[
             &["analysis"],
             &["store"],
-            &["error", "limits"],
+            &["error", "limits", "notify"],
             &["auth"],
             // `enrol` signs for the Enrollment service and for renewals (ingest) and tokens (query).
             &["enrol"],
             &["shared"],
-            &["mailwatch", "ingest", "query", "http"],
+            // `alert` asks agents through `confirm` and answers `query`; `query` lists its alerts.
+            &["mailwatch", "ingest", "query", "http", "confirm", "alert"],
             &["lib", "main"],
         ],
     );
