@@ -535,6 +535,7 @@ mod tests {
         Peer {
             identity: who,
             cert,
+            not_after_us: issued.not_after.unix_timestamp() * 1_000_000,
         }
     }
 

@@ -265,6 +265,7 @@ impl Ingest for IngestService {
                 local_targets: local,
                 at_us: now_us(),
                 collector: shared.config.name.clone(),
+                cert_not_after_us: peer.as_ref().map(|p| p.not_after_us),
             })
             .await
             .map_err(|err| {

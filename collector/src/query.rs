@@ -286,6 +286,7 @@ impl Query for QueryService {
                 stored_up_to_seq: a.stored_up_to_seq,
                 dropped_total: a.dropped_total,
                 spool_depth: a.spool_depth,
+                cert_not_after_us: a.cert_not_after_us.unwrap_or(0),
             })
             .collect();
         Ok(Response::new(pb::AgentsResponse { agents }))

@@ -130,6 +130,8 @@ fn identity_in(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<I
 pub struct Peer {
     pub identity: Identity,
     pub cert: CertId,
+    /// The end of the certificate's validity, µs since the epoch.
+    pub not_after_us: i64,
 }
 
 /// The identity, serial and fingerprint of a peer certificate (DER), if it is one of ours.
@@ -138,6 +140,11 @@ pub fn peer_of(cert_der: &[u8]) -> Option<Peer> {
     Some(Peer {
         identity: identity_in(&cert)?,
         cert: CertId::of_parsed(cert_der, &cert),
+        not_after_us: cert
+            .validity()
+            .not_after
+            .timestamp()
+            .saturating_mul(1_000_000),
     })
 }
 

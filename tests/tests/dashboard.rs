@@ -321,6 +321,30 @@ fn dashboard_shows_the_labs_verdicts_live_in_a_real_browser() {
             .map(|s| s["facts"].clone())
             .collect::<Vec<_>>()
     );
+    // The timeline comes from the stored changes, not only from what the page saw live.
+    let (code, body) = http_get(&format!("{base}/api/v1/target/{DOMAIN}"));
+    assert_eq!(code, 200, "{body}");
+    let stored: Value = serde_json::from_str(&body).expect("target JSON");
+    let imap_changes: Vec<&Value> = stored["changes"]
+        .as_array()
+        .map(|c| c.iter().filter(|e| e["check"] == "imap").collect())
+        .unwrap_or_default();
+    assert!(
+        regions.iter().all(|r| imap_changes
+            .iter()
+            .any(|e| e["region"] == r.name.as_str() && e["new_state"] != e["old_state"])),
+        "a stored imap state change per region: {}",
+        stored["changes"]
+    );
+    let shown = b
+        .eval("[...document.querySelectorAll('#timeline li.change')].map(li => li.textContent)")
+        .expect("timeline");
+    assert!(
+        shown.as_array().is_some_and(|l| l
+            .iter()
+            .any(|t| t.as_str().is_some_and(|t| t.contains("imap")))),
+        "the timeline shows the imap changes: {shown}"
+    );
     b.screenshot(&shots.join("target.png")).expect("screenshot");
 
     // 4. The agents page lists every agent.
@@ -332,6 +356,18 @@ fn dashboard_shows_the_labs_verdicts_live_in_a_real_browser() {
     assert_eq!(
         listed,
         serde_json::json!(["agent-ap-south", "agent-eu-west", "agent-us-east"])
+    );
+    // Every agent has an mTLS certificate from the lab's PKI: its expiry is shown, days ahead.
+    let left = b
+        .eval("[...document.querySelectorAll('tr[data-agent] td.cert')].map(td => td.dataset.leftDays)")
+        .expect("certificate expiry");
+    assert!(
+        left.as_array().is_some_and(|l| l.len() == 3
+            && l.iter().all(|d| d
+                .as_str()
+                .and_then(|d| d.parse::<i64>().ok())
+                .is_some_and(|d| d > 0))),
+        "each agent's certificate expiry is shown: {left}"
     );
     b.screenshot(&shots.join("agents.png")).expect("screenshot");
     assert_eq!(b.page_errors().expect("errors"), Vec::<String>::new());

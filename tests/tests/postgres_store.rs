@@ -293,7 +293,7 @@ async fn migrations_run_once_and_a_newer_schema_is_refused() -> Result<()> {
     )?;
     assert_eq!(
         tables,
-        "agent_targets,agents,certificates,enrol_tokens,mxscope_schema,result_partitions,results,\
+        "agent_targets,agents,certificates,changes,enrol_tokens,mxscope_schema,result_partitions,results,\
          revocations,rollups,series,targets"
     );
     assert_eq!(

@@ -746,6 +746,32 @@ async fn case_series_state_follows_the_policy_and_changes_are_broadcast(
         ("ok", "failing", at(11)),
         "no change before the third failure in a row: {e:?}"
     );
+    // Every change is stored too, newest first, from a point in time and bounded in count.
+    let stored = store.changes("example.test", t0, 10).await?;
+    let flips: Vec<(&str, &str, i64)> = stored
+        .iter()
+        .map(|e| (e.old_state.as_str(), e.new_state.as_str(), e.at_us))
+        .collect();
+    assert_eq!(
+        flips,
+        [
+            ("ok", "failing", at(11)),
+            ("failing", "ok", at(6)),
+            ("ok", "failing", at(4))
+        ],
+        "{stored:?}"
+    );
+    assert_eq!(
+        (
+            stored[2].check.as_str(),
+            stored[2].region.as_str(),
+            stored[2].error_class.as_str()
+        ),
+        ("smtp", "eu-west", "refused")
+    );
+    assert_eq!(store.changes("example.test", at(5), 10).await?.len(), 2);
+    assert_eq!(store.changes("example.test", t0, 1).await?.len(), 1);
+    assert!(store.changes("other.test", t0, 10).await?.is_empty());
     // A filter on another region or target matches no series.
     for f in [
         Filter {
@@ -782,9 +808,15 @@ async fn case_heartbeat_updates_the_agent_row(store: Arc<dyn Store>) -> Result<(
     let t0 = now_us();
     let mut h = hello("a1", "eu-west", t0);
     h.dropped_total = 4;
+    h.cert_not_after_us = Some(t0 + 90 * 86_400 * SEC);
     store.register_agent(h).await?;
     let a = &store.agents().await?[0];
     assert_eq!((a.spool_depth, a.dropped_total, a.last_seen_us), (0, 4, t0));
+    assert_eq!(
+        a.cert_not_after_us,
+        Some(t0 + 90 * 86_400 * SEC),
+        "the session's certificate expiry"
+    );
     store.heartbeat("a1", 17, 9, t0 + 5 * SEC).await?;
     let a = &store.agents().await?[0];
     assert_eq!(

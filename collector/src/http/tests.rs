@@ -752,6 +752,15 @@ impl Store for Counting {
         self.read();
         Store::history(&self.inner, filter, since_us, now_us, phase)
     }
+    fn changes(
+        &self,
+        target: &str,
+        since_us: i64,
+        limit: u32,
+    ) -> crate::store::Pending<Vec<pb::WatchEvent>> {
+        self.read();
+        Store::changes(&self.inner, target, since_us, limit)
+    }
     fn status_input(
         &self,
         filter: crate::store::Filter,

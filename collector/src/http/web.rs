@@ -483,8 +483,12 @@ async fn history(
     }))
 }
 
-/// Every series of a target with its state and the facts of its latest result (certificates,
-/// policy records), as the page shows them.
+/// How far back the target page's timeline reaches, and how many changes it shows at most.
+const TIMELINE_DAYS: i64 = 30;
+const TIMELINE_LIMIT: u32 = 500;
+
+/// Every series of a target with its state, the facts of its latest result (certificates,
+/// policy records) and its stored state changes (newest first), as the page shows them.
 async fn target(
     State(web): State<Web>,
     Path(target): Path<String>,
@@ -520,7 +524,16 @@ async fn target(
             })
         })
         .collect();
-    Ok(Json(json!({ "target": target, "series": series })))
+    // The stored timeline: state changes of the last TIMELINE_DAYS, from every collector.
+    let since = now_us() - TIMELINE_DAYS * 86_400_000_000;
+    let changes = web
+        .shared
+        .store
+        .changes(&target, since, TIMELINE_LIMIT)
+        .await?;
+    Ok(Json(
+        json!({ "target": target, "series": series, "changes": changes }),
+    ))
 }
 
 /// State changes as server-sent events (`event: state`, the JSON of a `watch` event), from

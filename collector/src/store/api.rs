@@ -88,6 +88,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         -> Pending<(Vec<SeriesRow>, Vec<Sample>)>;
     /// Stored results, newest first.
     fn results(&self, filter: Filter, since_us: i64, limit: u32) -> Pending<Vec<pb::StoredResult>>;
+    /// The state changes of `target`'s series from `since_us`, newest first, at most `limit`
+    /// (kept as long as the rollups).
+    fn changes(&self, target: &str, since_us: i64, limit: u32) -> Pending<Vec<pb::WatchEvent>>;
     /// One round of the retention job: deletes raw results and rollups past their retention,
     /// at most [`prune_batch`](Store::prune_batch) rows per table; resolves to the rows deleted.
     fn prune(&self, now_us: i64) -> Pending<u64>;

@@ -157,6 +157,8 @@ pub struct AgentHello {
     pub at_us: i64,
     /// The collector taking the session (its `--name`).
     pub collector: String,
+    /// When the session's client certificate expires (µs; `None` without mTLS).
+    pub cert_not_after_us: Option<i64>,
 }
 
 /// One row of `agents`.
@@ -173,6 +175,8 @@ pub struct AgentRow {
     pub spool_depth: u64,
     /// The collector that took the agent's latest session (its `--name`).
     pub collector: String,
+    /// When the certificate of its latest session expires (µs; `None` without mTLS).
+    pub cert_not_after_us: Option<i64>,
 }
 
 /// Filters shared by status and results queries; empty strings match everything.

@@ -39,6 +39,7 @@ pub(crate) const FIELDS: &[&str] = &[
     "stored_up_to_seq",
     "spool_depth",
     "dropped_total",
+    "cert_expires",
 ];
 
 fn columns() -> Vec<Column> {
@@ -55,6 +56,7 @@ fn columns() -> Vec<Column> {
         Column::number("stored_up_to_seq", "STORED SEQ"),
         Column::number("spool_depth", "SPOOL"),
         Column::number("dropped_total", "DROPPED"),
+        Column::text("cert_expires", "CERT EXPIRES"),
     ]
 }
 
@@ -81,9 +83,24 @@ pub(crate) fn report(agents: &[pb::AgentInfo], now_us: i64) -> Report {
             Cell::new(a.stored_up_to_seq),
             Cell::new(a.spool_depth),
             Cell::new(a.dropped_total),
+            Cell::opt(output::timestamp_seconds(a.cert_not_after_us))
+                .shown_as(cert_left(a.cert_not_after_us, now_us)),
         ]);
     }
     r
+}
+
+/// `2027-01-04 (31d)`: the expiry date and the days left, `expired` once past, `-` unknown.
+fn cert_left(not_after_us: i64, now_us: i64) -> String {
+    let Some(at) = output::timestamp_seconds(not_after_us) else {
+        return "-".into();
+    };
+    let date = at.get(..10).unwrap_or(&at);
+    if not_after_us <= now_us {
+        return format!("{date} (expired)");
+    }
+    let days = (not_after_us - now_us) / 86_400_000_000;
+    format!("{date} ({days}d)")
 }
 
 #[cfg(test)]
@@ -107,6 +124,11 @@ mod tests {
             results_per_min: 12.5,
             state: if last_seen_us > 0 { "ok" } else { "stale" }.into(),
             collector: if last_seen_us > 0 { "c1:7443" } else { "" }.into(),
+            cert_not_after_us: if last_seen_us > 0 {
+                last_seen_us + 30 * 86_400_000_000
+            } else {
+                0
+            },
         }
     }
 
@@ -134,6 +156,8 @@ mod tests {
         assert_eq!(rows[0]["connected"], json!(true));
         assert_eq!(rows[0]["stored_up_to_seq"], json!(1200));
         assert_eq!(rows[0]["results_per_min"], json!(12.5));
+        assert_eq!(rows[0]["cert_expires"], json!("2023-12-14T22:13:20Z"));
+        assert!(rows[1]["cert_expires"].is_null());
         assert!(rows[1]["last_seen"].is_null());
         assert_eq!(rows[1]["state"], json!("stale"));
     }
@@ -155,8 +179,18 @@ mod tests {
             "30s ago",
             "12.5",
             "1200",
+            "2023-12-14 (29d)",
         ] {
             assert!(line.contains(want), "{want} missing in {line}");
         }
+    }
+
+    #[test]
+    fn certificate_expiry_says_days_left_or_expired() {
+        let day = 86_400_000_000;
+        let at = 1_700_000_000_000_000;
+        assert_eq!(cert_left(at, at - 3 * day), "2023-11-14 (3d)");
+        assert_eq!(cert_left(at, at + 1), "2023-11-14 (expired)");
+        assert_eq!(cert_left(0, at), "-");
     }
 }

@@ -24,6 +24,13 @@ const ago = (us) => {
   const s = Math.max(0, Math.round(Date.now() / 1000 - us / 1e6));
   return s < 90 ? s + " s ago" : s < 5400 ? Math.round(s / 60) + " min ago" : s < 129600 ? Math.round(s / 3600) + " h ago" : Math.round(s / 86400) + " d ago";
 };
+// Whole days until an agent's client certificate expires (null: unknown, no mTLS).
+const certDays = (us) => (us ? Math.floor((us / 1000 - Date.now()) / 86400000) : null);
+const certLeft = (us) => {
+  const d = certDays(us);
+  if (d == null) return "–";
+  return `${new Date(us / 1000).toISOString().slice(0, 10)} (${d < 0 ? "expired" : d + " d"})`;
+};
 const when = (us) => (us ? new Date(us / 1000).toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z") : "–");
 // A cell's class from its region state; a row's from its scope.
 const CELL = { ok: "up", failing: "down", stale: "stale", agent: "agent" };
@@ -220,11 +227,19 @@ async function loadTarget(name) {
   const policyRows = policy
     .map(({ s, f, keys }) => keys.map((k) => `<tr><td>${esc(s.check)}</td><td>${esc(s.region)}</td><td>${esc(k)}</td><td>${esc(f[k])}</td></tr>`).join(""))
     .join("");
-  const states = facts.series
-    .map((s) => ({ at: s.state_since_us, text: `${s.check} ${s.endpoint} from ${s.region}: ${s.failing ? "failing" : "ok"} since ${when(s.state_since_us)}${s.last_error ? " (" + s.last_error + ")" : ""}` }))
-    .concat(state.events.filter((e) => e.target === name).map((e) => ({ at: e.at_us, text: `${when(e.at_us)} ${e.check} ${e.endpoint || "(mail)"} from ${e.region}: ${e.old_state} → ${e.new_state} ${e.error_class || ""}` })))
+  // Stored changes (every collector, the last 30 days) and live ones since, each shown once.
+  const seen = new Set();
+  const changes = (facts.changes || [])
+    .concat(state.events.filter((e) => e.target === name))
+    .filter((e) => {
+      const key = `${e.at_us}|${e.check}|${e.endpoint}|${e.region}|${e.new_state}`;
+      return !seen.has(key) && seen.add(key);
+    })
+    .map((e) => ({ at: e.at_us, change: true, text: `${when(e.at_us)} ${e.check} ${e.endpoint || "(mail)"} from ${e.region}: ${e.old_state} → ${e.new_state} ${e.error_class || ""}` }));
+  const timeline = changes
+    .concat(facts.series.map((s) => ({ at: s.state_since_us, change: false, text: `${s.check} ${s.endpoint} from ${s.region}: ${s.failing ? "failing" : "ok"} since ${when(s.state_since_us)}${s.last_error ? " (" + s.last_error + ")" : ""}` })))
     .sort((a, b) => b.at - a.at)
-    .map((e) => `<li>${esc(e.text)}</li>`)
+    .map((e) => `<li class="${e.change ? "change" : "current"}">${esc(e.text)}</li>`)
     .join("");
   const windows = ["1h", "24h", "7d", "30d"].map((w) => `<option ${w === since ? "selected" : ""}>${w}</option>`).join("");
   view.innerHTML = `<h2>${esc(name)}</h2>
@@ -233,7 +248,7 @@ async function loadTarget(name) {
     <ul class="findings">${findings}</ul>
     <h3>Latency per region and phase</h3><div class="cards">${latencyCards || '<p class="muted">no results in this window</p>'}</div>
     <h3>Reachability per region</h3><div class="cards">${reachCards}</div>
-    <h3>Timeline</h3><ul class="timeline">${states}</ul>
+    <h3>Timeline</h3><ul class="timeline" id="timeline">${timeline}</ul>
     <h3>Certificates seen</h3><table id="certs"><thead><tr><th>endpoint</th><th>check</th><th>region</th><th>days left</th><th>subject</th><th>issuer</th><th>TLS</th><th>not after</th></tr></thead><tbody>${certRows}</tbody></table>
     <h3>Policy records</h3><table><thead><tr><th>check</th><th>region</th><th>fact</th><th>value</th></tr></thead><tbody>${policyRows}</tbody></table>`;
   document.getElementById("since").addEventListener("change", (e) => {
@@ -249,9 +264,9 @@ async function loadTarget(name) {
 async function loadAgents() {
   const d = await api("/api/v1/agents");
   const rows = d.agents
-    .map((a) => `<tr data-agent="${esc(a.id)}" data-state="${esc(a.state)}"><td>${esc(a.id)}</td><td>${esc(a.region)}</td><td><span class="pill ${a.connected ? "up" : "stale"}">${a.connected ? "connected" : "not connected"}</span></td><td>${esc(a.collector)}</td><td>${esc(ago(a.last_seen_us))}</td><td>${a.results_per_min.toFixed(1)}</td><td>${a.spool_depth}</td><td>${a.dropped_total}</td><td>${a.stored_up_to_seq}</td><td>${esc(a.version)}</td><td><span class="pill ${a.state === "ok" ? "up" : "stale"}">${esc(a.state)}</span></td></tr>`)
+    .map((a) => `<tr data-agent="${esc(a.id)}" data-state="${esc(a.state)}"><td>${esc(a.id)}</td><td>${esc(a.region)}</td><td><span class="pill ${a.connected ? "up" : "stale"}">${a.connected ? "connected" : "not connected"}</span></td><td>${esc(a.collector)}</td><td>${esc(ago(a.last_seen_us))}</td><td>${a.results_per_min.toFixed(1)}</td><td>${a.spool_depth}</td><td>${a.dropped_total}</td><td>${a.stored_up_to_seq}</td><td>${esc(a.version)}</td><td class="cert" data-left-days="${certDays(a.cert_not_after_us) ?? ""}">${esc(certLeft(a.cert_not_after_us))}</td><td><span class="pill ${a.state === "ok" ? "up" : "stale"}">${esc(a.state)}</span></td></tr>`)
     .join("");
-  view.innerHTML = `<table id="agents"><thead><tr><th>agent</th><th>region</th><th>session</th><th>collector</th><th>last seen</th><th>results/min</th><th>spool depth</th><th>dropped</th><th>stored up to seq</th><th>version</th><th>state</th></tr></thead><tbody>${rows}</tbody></table>`;
+  view.innerHTML = `<table id="agents"><thead><tr><th>agent</th><th>region</th><th>session</th><th>collector</th><th>last seen</th><th>results/min</th><th>spool depth</th><th>dropped</th><th>stored up to seq</th><th>version</th><th>certificate expires</th><th>state</th></tr></thead><tbody>${rows}</tbody></table>`;
   window.mxscope.renders += 1;
   stamp();
 }

@@ -566,6 +566,12 @@ impl Store for PgStore {
             Box::pin(async move { read::status_input(&***c, &filter, since_us).await })
         })
     }
+    fn changes(&self, target: &str, since_us: i64, limit: u32) -> Pending<Vec<pb::WatchEvent>> {
+        let target = target.to_string();
+        self.read(move |c| {
+            Box::pin(async move { read::changes(&***c, &target, since_us, limit).await })
+        })
+    }
     fn results(&self, filter: Filter, since_us: i64, limit: u32) -> Pending<Vec<pb::StoredResult>> {
         self.read(move |c| {
             Box::pin(async move { read::results(&***c, &filter, since_us, limit).await })

@@ -63,7 +63,7 @@ pub(super) async fn agents(c: &impl GenericClient) -> Result<Vec<AgentRow>, Stor
     for r in c
         .query(
             "SELECT id, region, version, labels, first_seen_us, last_seen_us, stored_up_to_seq,
-                 dropped_total, spool_depth, collector FROM agents ORDER BY id",
+                 dropped_total, spool_depth, collector, cert_not_after_us FROM agents ORDER BY id",
             &[],
         )
         .await?
@@ -79,6 +79,7 @@ pub(super) async fn agents(c: &impl GenericClient) -> Result<Vec<AgentRow>, Stor
             dropped_total: unsigned(r.get(7)),
             spool_depth: unsigned(r.get(8)),
             collector: r.get(9),
+            cert_not_after_us: r.get(10),
         });
     }
     Ok(out)
@@ -440,4 +441,36 @@ pub(super) async fn results(
         });
     }
     Ok(out)
+}
+
+/// See [`Store::changes`](crate::store::Store::changes).
+pub(super) async fn changes(
+    c: &impl GenericClient,
+    target: &str,
+    since_us: i64,
+    limit: u32,
+) -> Result<Vec<pb::WatchEvent>, StoreError> {
+    let rows = c
+        .query(
+            "SELECT at_us, target, check_name, region, endpoint, old_state, new_state,
+                 error_class, via_mx FROM changes WHERE target = $1 AND at_us >= $2
+             ORDER BY at_us DESC, id DESC LIMIT $3",
+            &[&target, &since_us, &i64::from(limit)],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| pb::WatchEvent {
+            at_us: r.get(0),
+            target: r.get(1),
+            check: r.get(2),
+            region: r.get(3),
+            endpoint: r.get(4),
+            old_state: r.get(5),
+            new_state: r.get(6),
+            error_class: r.get(7),
+            via_mx: r.get(8),
+            level: "endpoint".to_string(),
+        })
+        .collect())
 }

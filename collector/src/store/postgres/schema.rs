@@ -130,6 +130,24 @@ const MIGRATIONS: &[&str] = &[
         revoked_by TEXT NOT NULL
     );
     "#,
+    // 3: the SQLite schema's step 11: each agent's session certificate expiry, the series'
+    // state changes (the dashboard's timeline).
+    r#"
+    ALTER TABLE agents ADD COLUMN cert_not_after_us BIGINT;
+    CREATE TABLE changes (
+        id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at_us       BIGINT NOT NULL,
+        target      TEXT NOT NULL,
+        check_name  TEXT NOT NULL,
+        region      TEXT NOT NULL,
+        endpoint    TEXT NOT NULL,
+        old_state   TEXT NOT NULL,
+        new_state   TEXT NOT NULL,
+        error_class TEXT NOT NULL,
+        via_mx      BOOLEAN NOT NULL
+    );
+    CREATE INDEX changes_target ON changes (target, at_us);
+    "#,
 ];
 
 /// The schema version this code writes and reads.
@@ -146,28 +164,22 @@ pub(super) async fn migrate(client: &mut Client, what: &str) -> Result<(), Store
             })
         }
     };
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS mxscope_schema (
-                 one     INTEGER PRIMARY KEY CHECK (one = 1),
-                 version BIGINT NOT NULL
-             );
-             INSERT INTO mxscope_schema (one, version) VALUES (1, 0) ON CONFLICT DO NOTHING;",
-        )
+    // Under the same lock as the steps: two collectors creating the table at once would
+    // otherwise race on the catalog (a duplicate pg_type row, "type already exists").
+    let tx = client.transaction().await.map_err(err(0))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
         .await
-        // Two collectors creating the table at once: one loses the race on the catalog (told
-        // of a duplicate row of pg_type, or that the relation exists, once the winner has
-        // committed the table and its row); the locked read below is what counts.
-        .or_else(|e| match e.code() {
-            Some(c)
-                if *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
-                    || *c == tokio_postgres::error::SqlState::DUPLICATE_TABLE =>
-            {
-                Ok(())
-            }
-            _ => Err(e),
-        })
         .map_err(err(0))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS mxscope_schema (
+             one     INTEGER PRIMARY KEY CHECK (one = 1),
+             version BIGINT NOT NULL
+         );
+         INSERT INTO mxscope_schema (one, version) VALUES (1, 0) ON CONFLICT DO NOTHING;",
+    )
+    .await
+    .map_err(err(0))?;
+    tx.commit().await.map_err(err(0))?;
     for (i, step) in MIGRATIONS.iter().enumerate() {
         let to = i as i64 + 1;
         let tx = client.transaction().await.map_err(err(to))?;

@@ -476,7 +476,7 @@ impl Writer {
         let mut state = lock_series(&tx, &all_ids).await?;
 
         let mut answers = Vec::with_capacity(ops.len());
-        let mut events: Vec<String> = Vec::new();
+        let mut events: Vec<pb::WatchEvent> = Vec::new();
         let mut touched: BTreeSet<i64> = BTreeSet::new();
         let mut targets_changed = false;
         let mut batch_ids = batch_ids.into_iter();
@@ -579,10 +579,12 @@ impl Writer {
         write_series(&tx, &touched, &state).await?;
         self.write_rollups(&tx, &mut delta.rollups).await?;
         if !events.is_empty() {
+            write_changes(&tx, &events).await?;
+            let encoded: Vec<String> = events.iter().map(encode_event).collect();
             tx.execute(
                 &tx.prepare_cached("SELECT pg_notify($1, e) FROM unnest($2::text[]) AS e")
                     .await?,
-                &[&EVENTS_CHANNEL, &events],
+                &[&EVENTS_CHANNEL, &encoded],
             )
             .await?;
         }
@@ -772,6 +774,14 @@ impl Writer {
             self.rollups
                 .retain(|(l, b, _), _| *l != level || *b >= from);
         }
+        // State changes are the timeline of the rollups' span.
+        deleted += client
+            .execute(
+                "DELETE FROM changes WHERE id IN (
+                     SELECT id FROM changes WHERE at_us < $1 LIMIT $2)",
+                &[&rollup_cutoff, &batch],
+            )
+            .await?;
         Ok(deleted)
     }
 }
@@ -954,11 +964,40 @@ async fn write_series(
     Ok(())
 }
 
+/// Keeps the batch's state changes (the dashboard's timeline, `Store::changes`).
+async fn write_changes(tx: &Transaction<'_>, events: &[pb::WatchEvent]) -> Result<(), StoreError> {
+    let col = |f: fn(&pb::WatchEvent) -> &str| -> Vec<&str> { events.iter().map(f).collect() };
+    let at: Vec<i64> = events.iter().map(|e| e.at_us).collect();
+    let via_mx: Vec<bool> = events.iter().map(|e| e.via_mx).collect();
+    tx.execute(
+        &tx.prepare_cached(
+            "INSERT INTO changes (at_us, target, check_name, region, endpoint, old_state, new_state,
+                 error_class, via_mx)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                 $6::text[], $7::text[], $8::text[], $9::bool[])",
+        )
+        .await?,
+        &[
+            &at,
+            &col(|e| &e.target),
+            &col(|e| &e.check),
+            &col(|e| &e.region),
+            &col(|e| &e.endpoint),
+            &col(|e| &e.old_state),
+            &col(|e| &e.new_state),
+            &col(|e| &e.error_class),
+            &via_mx,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
 /// What a results request changes beside its rows, shared by the batch's requests.
 struct Batch<'a> {
     state: &'a mut HashMap<i64, SeriesState>,
     touched: &'a mut BTreeSet<i64>,
-    events: &'a mut Vec<String>,
+    events: &'a mut Vec<pb::WatchEvent>,
     rollups: &'a mut HashMap<RollupKey, Agg>,
     stored: u64,
     duplicates: u64,
@@ -1050,8 +1089,8 @@ async fn store_results(
         }
         b.touched.insert(id);
         if changed {
-            let event = state_event(&view(i)?, &p.region, was_failing);
-            b.events.push(encode_event(&event));
+            b.events
+                .push(state_event(&view(i)?, &p.region, was_failing));
         }
         b.stored += 1;
         hwm = row.seq;
@@ -1108,12 +1147,13 @@ async fn hello(tx: &Transaction<'_>, h: &AgentHello) -> Result<(i64, i64), Store
     let row = tx
         .query_one(
 &tx.prepare_cached("INSERT INTO agents (id, region, version, labels, first_seen_us, last_seen_us, dropped_total,
-                 collector)
-             VALUES ($1, $2, $3, $4, $5, $5, $6, $7)
+                 collector, cert_not_after_us)
+             VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8)
              ON CONFLICT (id) DO UPDATE SET region = excluded.region, version = excluded.version,
                  labels = excluded.labels,
                  last_seen_us = GREATEST(agents.last_seen_us, excluded.last_seen_us),
-                 dropped_total = excluded.dropped_total, collector = excluded.collector
+                 dropped_total = excluded.dropped_total, collector = excluded.collector,
+                 cert_not_after_us = excluded.cert_not_after_us
              RETURNING num, stored_up_to_seq").await?,
             &[
                 &h.id,
@@ -1123,6 +1163,7 @@ async fn hello(tx: &Transaction<'_>, h: &AgentHello) -> Result<(i64, i64), Store
                 &h.at_us,
                 &to_i64(h.dropped_total)?,
                 &h.collector,
+                &h.cert_not_after_us,
             ],
         )
         .await?;

@@ -463,6 +463,14 @@ impl Store for SqliteStore {
         let s = self.clone();
         Box::pin(async move { s.results(filter, since_us, limit).await })
     }
+    fn changes(&self, target: &str, since_us: i64, limit: u32) -> Pending<Vec<pb::WatchEvent>> {
+        let s = self.clone();
+        let target = target.to_string();
+        Box::pin(async move {
+            s.read(move |c| read::changes(c, &target, since_us, limit))
+                .await
+        })
+    }
     fn prune(&self, now_us: i64) -> Pending<u64> {
         let fut = self.submit(Op::Prune { now_us });
         Box::pin(async move {

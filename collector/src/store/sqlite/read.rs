@@ -124,7 +124,7 @@ pub(crate) fn local_targets(c: &Connection) -> Result<Vec<(String, String, Targe
 pub(crate) fn agents(c: &Connection) -> Result<Vec<AgentRow>, StoreError> {
     let mut st = c.prepare_cached(
         "SELECT id, region, version, labels, first_seen_us, last_seen_us, stored_up_to_seq, dropped_total,
-             spool_depth, collector FROM agents ORDER BY id",
+             spool_depth, collector, cert_not_after_us FROM agents ORDER BY id",
     )?;
     let rows = st.query_map([], |r| {
         Ok((
@@ -139,6 +139,7 @@ pub(crate) fn agents(c: &Connection) -> Result<Vec<AgentRow>, StoreError> {
                 dropped_total: unsigned(r.get(7)?),
                 spool_depth: unsigned(r.get(8)?),
                 collector: r.get(9)?,
+                cert_not_after_us: r.get(10)?,
             },
             r.get::<_, String>(3)?,
         ))
@@ -609,4 +610,33 @@ pub(crate) fn fact_from_json(v: serde_json::Value) -> Option<pb::fact::Value> {
         },
         _ => None,
     }
+}
+
+/// See [`Store::changes`](crate::store::Store::changes).
+pub(crate) fn changes(
+    c: &Connection,
+    target: &str,
+    since_us: i64,
+    limit: u32,
+) -> Result<Vec<pb::WatchEvent>, StoreError> {
+    let mut st = c.prepare_cached(
+        "SELECT at_us, target, check_name, region, endpoint, old_state, new_state, error_class,
+             via_mx FROM changes WHERE target = ?1 AND at_us >= ?2
+         ORDER BY at_us DESC, id DESC LIMIT ?3",
+    )?;
+    let rows = st.query_map(rusqlite::params![target, since_us, limit], |r| {
+        Ok(pb::WatchEvent {
+            at_us: r.get(0)?,
+            target: r.get(1)?,
+            check: r.get(2)?,
+            region: r.get(3)?,
+            endpoint: r.get(4)?,
+            old_state: r.get(5)?,
+            new_state: r.get(6)?,
+            error_class: r.get(7)?,
+            via_mx: r.get(8)?,
+            level: "endpoint".to_string(),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }

@@ -238,6 +238,25 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE agents ADD COLUMN collector TEXT NOT NULL DEFAULT '';
     "#,
+    // 11 (dashboard): the expiry of the certificate of each agent's latest session (NULL
+    // without mTLS), and the series' state changes as they committed (the target page's
+    // timeline), newest read first.
+    r#"
+    ALTER TABLE agents ADD COLUMN cert_not_after_us INTEGER;
+    CREATE TABLE changes (
+        id          INTEGER PRIMARY KEY,
+        at_us       INTEGER NOT NULL,
+        target      TEXT NOT NULL,
+        check_name  TEXT NOT NULL,
+        region      TEXT NOT NULL,
+        endpoint    TEXT NOT NULL,
+        old_state   TEXT NOT NULL,
+        new_state   TEXT NOT NULL,
+        error_class TEXT NOT NULL,
+        via_mx      INTEGER NOT NULL
+    );
+    CREATE INDEX changes_target ON changes (target, at_us);
+    "#,
 ];
 
 /// The step after which [`compact_results`] runs.

@@ -446,12 +446,22 @@ pub(super) fn hello(tx: &Connection, h: &AgentHello) -> Result<u64, StoreError> 
     let labels = serde_json::to_string(&h.labels)?;
     tx.execute(
         "INSERT INTO agents (id, region, version, labels, first_seen_us, last_seen_us, dropped_total, num,
-             collector)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, (SELECT coalesce(max(num), 0) + 1 FROM agents), ?7)
+             collector, cert_not_after_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, (SELECT coalesce(max(num), 0) + 1 FROM agents), ?7, ?8)
          ON CONFLICT (id) DO UPDATE SET region = excluded.region, version = excluded.version,
              labels = excluded.labels, last_seen_us = max(last_seen_us, excluded.last_seen_us),
-             dropped_total = excluded.dropped_total, collector = excluded.collector",
-        params![h.id, h.region, h.version, labels, h.at_us, to_i64(h.dropped_total)?, h.collector],
+             dropped_total = excluded.dropped_total, collector = excluded.collector,
+             cert_not_after_us = excluded.cert_not_after_us",
+        params![
+            h.id,
+            h.region,
+            h.version,
+            labels,
+            h.at_us,
+            to_i64(h.dropped_total)?,
+            h.collector,
+            h.cert_not_after_us
+        ],
     )?;
     tx.execute("DELETE FROM agent_targets WHERE agent_id = ?1", [&h.id])?;
     let mut ins = tx.prepare_cached(
@@ -562,9 +572,23 @@ pub(super) fn store_results(
             ctx.req.garbage.push(Box::new(old));
         }
         if changed {
-            ctx.req
-                .events
-                .push(state_event(&view(i)?, &region, was_failing));
+            let e = state_event(&view(i)?, &region, was_failing);
+            tx.prepare_cached(
+                "INSERT INTO changes (at_us, target, check_name, region, endpoint, old_state,
+                     new_state, error_class, via_mx) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                e.at_us,
+                e.target,
+                e.check,
+                e.region,
+                e.endpoint,
+                e.old_state,
+                e.new_state,
+                e.error_class,
+                e.via_mx
+            ])?;
+            ctx.req.events.push(e);
         }
         ctx.req.stored += 1;
         hwm = row.seq;
@@ -601,5 +625,11 @@ pub(super) fn prune(tx: &Connection, ret: Retention, now_us: i64) -> Result<u64,
             ],
         )?;
     }
+    // State changes are the timeline of the rollups' span.
+    deleted += tx.execute(
+        "DELETE FROM changes WHERE id IN
+             (SELECT id FROM changes WHERE at_us < ?1 LIMIT ?2)",
+        params![now_us.saturating_sub(ret.rollup_us), ret.batch],
+    )?;
     Ok(deleted as u64)
 }
