@@ -4,6 +4,7 @@
 //! Like mini-redis, [`run`] takes an already bound listener and a shutdown future, so tests bind
 //! port 0 and stop the collector on demand.
 
+pub mod alert;
 pub mod analysis;
 pub mod auth;
 pub mod confirm;
