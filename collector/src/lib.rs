@@ -71,6 +71,9 @@ pub enum RunError {
     Http(SocketAddr, #[source] std::io::Error),
     #[error("cannot serve metrics over TLS")]
     HttpTls(#[from] http::TlsError),
+    /// The message names the file and line; no source, so it is said once.
+    #[error("--alert-rules {0}")]
+    AlertRules(alert::rules::RulesError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("database task failed")]
@@ -182,6 +185,11 @@ pub async fn run(
         config.name = default_name(addr);
     }
     let signer = load_signer(&config)?;
+    // A bad rules file is a configuration error: refuse to start, naming file and line.
+    let alert_rules = match &config.alert_rules {
+        Some(path) => alert::rules::load(path).map_err(RunError::AlertRules)?,
+        None => alert::rules::Rules::default(),
+    };
     let tls = match &config.tls {
         Some(files) => Some(server_tls(
             files,
@@ -350,6 +358,28 @@ pub async fn run(
         });
         info!(http = %bound, tls, "serving /metrics and the dashboard (/)");
     }
+    let public_url = match (&shared.config.public_url, shared.config.http) {
+        (u, _) if !u.is_empty() => u.clone(),
+        (_, Some(addr)) => format!("http://{addr}"),
+        (_, None) => String::new(),
+    };
+    let engine = alert::Engine::new(
+        alert_rules,
+        alert::Settings {
+            stale_after: shared.config.stale_after,
+            quorum: shared.config.quorum,
+            public_url,
+        },
+        None,
+        Arc::new(alert::LogNotify),
+    );
+    tasks.spawn(alert::run(
+        store.clone(),
+        engine,
+        shared.config.alert_interval,
+        shared.config.alert_rules.clone(),
+        token.clone(),
+    ));
     tasks.spawn(store::retention_job(
         store.clone(),
         shared.config.retention_every,

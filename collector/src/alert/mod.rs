@@ -400,13 +400,22 @@ fn agent_found(rule: &Rule, agent: &str, region: &str, check: Option<&str>, hold
 }
 
 /// Runs the engine until `stop`: every `interval` and on the store's state changes, reads every
-/// series and evaluates.
+/// series and evaluates. On SIGHUP it re-reads `rules_file`; a bad file keeps the old rules and
+/// logs the `file:line` error.
 pub async fn run(
     store: Arc<dyn Store>,
     mut engine: Engine,
     interval: Duration,
+    rules_file: Option<std::path::PathBuf>,
     stop: CancellationToken,
 ) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(err) => {
+            tracing::warn!(error = %err, "alerts: no SIGHUP handler, rules are not reloaded");
+            None
+        }
+    };
     let mut events = store.subscribe();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -414,6 +423,18 @@ pub async fn run(
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                match &rules_file {
+                    Some(path) => match rules::load(path) {
+                        Ok(rules) => {
+                            tracing::info!(rules = rules.rules.len(), file = %path.display(), "alert rules reloaded");
+                            engine.set_rules(rules);
+                        }
+                        Err(err) => tracing::error!(error = %err, "alert rules not reloaded, the old rules stay"),
+                    },
+                    None => tracing::info!("SIGHUP: no --alert-rules file, the built-in rules stay"),
+                }
+            }
             e = events.recv() => {
                 if matches!(e, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
                     return;

@@ -154,11 +154,20 @@ impl Default for Rules {
 
 /// Why a rules file was refused: where, and what to change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}: {message}")]
 pub struct RulesError {
     pub file: String,
+    /// 1-based; 0 when the file could not be read at all.
     pub line: usize,
     pub message: String,
+}
+
+impl fmt::Display for RulesError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            0 => write!(f, "{}: {}", self.file, self.message),
+            line => write!(f, "{}:{line}: {}", self.file, self.message),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
