@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::analysis::cross;
 use crate::analysis::diagnosis::{agent_faults, SeriesView};
+use crate::analysis::mail;
 use crate::analysis::scope::{Quorum, RegionState};
 use crate::analysis::series::SeriesRow;
 use crate::analysis::status::StatusParams;
@@ -198,6 +199,8 @@ impl Engine {
             }
         }
         self.agents(&views, &mut found);
+        self.redundancy(&views, &mut found);
+        self.certificates(&views, &mut found);
         self.apply(found, &views, now_us)
     }
 
@@ -239,6 +242,136 @@ impl Engine {
                     }
                 }
                 _ => {}
+            }
+        }
+    }
+
+    /// `redundancy`: an MX host of a domain fails from every fresh region that sees it while
+    /// mail still flows through another host there (a one-region block of a backup does not).
+    fn redundancy(&self, views: &[SeriesView], found: &mut Vec<(String, Found)>) {
+        let rules: Vec<&Rule> = self
+            .rules
+            .rules
+            .iter()
+            .filter(|r| r.kind == Kind::Redundancy)
+            .collect();
+        if rules.is_empty() {
+            return;
+        }
+        let faults = agent_faults(views);
+        let mut groups: BTreeMap<(&str, &str), Vec<&SeriesView>> = BTreeMap::new();
+        for v in views {
+            groups
+                .entry((v.target.as_str(), v.check.as_str()))
+                .or_default()
+                .push(v);
+        }
+        for ((target, check), rows) in groups {
+            if !mail::is_mail_group(check, &rows) {
+                continue;
+            }
+            // Per host: (regions seeing it fresh, regions where it fails while mail flows).
+            let mut hosts: BTreeMap<String, (BTreeSet<&str>, BTreeSet<&str>)> = BTreeMap::new();
+            for (region, verdict) in mail::by_region(&rows, &faults) {
+                if verdict.state == RegionState::Stale || verdict.state == RegionState::AgentFault {
+                    continue;
+                }
+                for h in &verdict.hosts {
+                    hosts
+                        .entry(h.name.to_string())
+                        .or_default()
+                        .0
+                        .insert(region);
+                }
+                for h in verdict.failing_hosts() {
+                    hosts
+                        .entry(h.name.to_string())
+                        .or_default()
+                        .1
+                        .insert(region);
+                }
+            }
+            for rule in &rules {
+                if !rule.applies(target, check) {
+                    continue;
+                }
+                for (host, (seen, failing)) in &hosts {
+                    let holds = !seen.is_empty() && seen == failing;
+                    let labels = BTreeMap::from([
+                        ("target".to_string(), target.to_string()),
+                        ("check".to_string(), check.to_string()),
+                        ("mx".to_string(), host.clone()),
+                    ]);
+                    found.push((
+                        rule.name.clone(),
+                        Found {
+                            key: format!("{}/{target}/{check}/{host}", rule.name),
+                            seen: if holds { Seen::Confirmed } else { Seen::Clear },
+                            labels,
+                            summary: format!(
+                                "{target}: MX {host} fails {check} from {} while mail flows through another MX",
+                                failing.iter().copied().collect::<Vec<_>>().join(", ")
+                            ),
+                            target: Some(target.to_string()),
+                        },
+                    ));
+                }
+            }
+        }
+    }
+
+    /// `cert-expiry`: a certificate seen by any region on any MX and port expires within the
+    /// rule's `days` (the probes' `cert.days_left` fact).
+    fn certificates(&self, views: &[SeriesView], found: &mut Vec<(String, Found)>) {
+        // (target, check, endpoint) -> (fewest days left, a region that saw it).
+        let mut certs: BTreeMap<(&str, &str, &str), (i64, &str)> = BTreeMap::new();
+        for v in views {
+            if v.state == RegionState::Stale {
+                continue;
+            }
+            let Some(days) = v
+                .facts
+                .get(mxscope_proto::facts::cert::DAYS_LEFT)
+                .and_then(|d| d.parse::<i64>().ok())
+            else {
+                continue;
+            };
+            let e = certs
+                .entry((v.target.as_str(), v.check.as_str(), v.endpoint.as_str()))
+                .or_insert((days, v.region.as_str()));
+            if days < e.0 {
+                *e = (days, v.region.as_str());
+            }
+        }
+        for rule in self
+            .rules
+            .rules
+            .iter()
+            .filter(|r| r.kind == Kind::CertExpiry)
+        {
+            for ((target, check, endpoint), (days, region)) in &certs {
+                if !rule.applies(target, check) {
+                    continue;
+                }
+                let holds = *days < i64::from(rule.days);
+                let labels = BTreeMap::from([
+                    ("target".to_string(), target.to_string()),
+                    ("check".to_string(), check.to_string()),
+                    ("endpoint".to_string(), endpoint.to_string()),
+                    ("region".to_string(), region.to_string()),
+                ]);
+                found.push((
+                    rule.name.clone(),
+                    Found {
+                        key: format!("{}/{target}/{check}/{endpoint}", rule.name),
+                        seen: if holds { Seen::Confirmed } else { Seen::Clear },
+                        labels,
+                        summary: format!(
+                            "{target}: the certificate of {endpoint} ({check}) expires in {days} days (seen from {region})"
+                        ),
+                        target: Some(target.to_string()),
+                    },
+                ));
             }
         }
     }

@@ -236,3 +236,82 @@ fn silenced_target_sends_nothing_but_is_firing() {
     );
     assert!(record.0.lock().unwrap().is_empty());
 }
+
+fn mx(region: &str, host: &str, pref: u16, failing: bool, seen_us: i64) -> SeriesRow {
+    let mut r = row(region, failing, seen_us);
+    r.endpoint = format!("{host}[198.18.0.{pref}]:25");
+    r.last_facts.insert(
+        mxscope_proto::facts::mx::PREFERENCE.to_string(),
+        pref.to_string(),
+    );
+    r
+}
+
+#[test]
+fn a_stopped_backup_mx_raises_redundancy_not_down() {
+    let (mut e, _) = engine("", None);
+    let t0 = 1_000 * S;
+    let at = |t| {
+        vec![
+            mx("a", "mx1.example.com", 10, false, t),
+            mx("a", "mx2.example.com", 20, true, t),
+            mx("b", "mx1.example.com", 10, false, t),
+            mx("b", "mx2.example.com", 20, true, t),
+        ]
+    };
+    assert!(
+        e.evaluate(&at(t0), t0).is_empty(),
+        "redundancy waits its for (5m)"
+    );
+    let n = e.evaluate(&at(t0 + 301 * S), t0 + 301 * S);
+    assert_eq!(
+        keys(&n),
+        vec![(
+            "redundancy/example.com/smtp/mx2.example.com".to_string(),
+            NoticeStatus::Firing
+        )]
+    );
+    assert_eq!(n[0].labels["mx"], "mx2.example.com");
+    // Blocked from one region only: not a redundancy loss.
+    let (mut e, _) = engine(
+        "[[rule]]\nname = \"redundancy\"\nkind = \"redundancy\"\n",
+        None,
+    );
+    let one = vec![
+        mx("a", "mx1.example.com", 10, false, t0),
+        mx("a", "mx2.example.com", 20, true, t0),
+        mx("b", "mx1.example.com", 10, false, t0),
+        mx("b", "mx2.example.com", 20, false, t0),
+    ];
+    assert!(e.evaluate(&one, t0).is_empty());
+    assert!(e.alerts.by_key.is_empty());
+}
+
+#[test]
+fn a_certificate_expiring_within_days_fires_from_any_region() {
+    let (mut e, _) = engine(
+        "[defaults]\nbuiltin = false\n[[rule]]\nname = \"certs\"\nkind = \"cert-expiry\"\ndays = 20\n",
+        None,
+    );
+    let t0 = 1_000 * S;
+    let mut soon = row("b", false, t0);
+    soon.last_facts
+        .insert(mxscope_proto::facts::cert::DAYS_LEFT.into(), "9".into());
+    let mut later = row("a", false, t0);
+    later
+        .last_facts
+        .insert(mxscope_proto::facts::cert::DAYS_LEFT.into(), "60".into());
+    let n = e.evaluate(&[later.clone(), soon], t0);
+    assert_eq!(n.len(), 1, "{n:?}");
+    assert!(
+        n[0].key.starts_with("certs/example.com/smtp/"),
+        "{}",
+        n[0].key
+    );
+    assert_eq!(n[0].labels["region"], "b");
+    assert!(n[0].summary.contains("9 days"), "{}", n[0].summary);
+    // Renewed: resolves.
+    let n = e.evaluate(&[later], t0 + S);
+    assert_eq!(n.len(), 1);
+    assert_eq!(n[0].status, NoticeStatus::Resolved);
+}
