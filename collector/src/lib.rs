@@ -320,6 +320,7 @@ pub async fn run(
         token.clone(),
     ));
 
+    let alert_counts = Arc::new(alert::AlertCounts::default());
     // Metrics (when asked for) and the retention job run until shutdown.
     // A taken metrics port must not keep the collector (and its agents' data) down: say it loudly.
     let http_listener = match shared.config.http {
@@ -337,7 +338,8 @@ pub async fn run(
         let bound = http_listener.local_addr().map_err(RunError::Listener)?;
         let tls = http_tls.is_some();
         let state = http::MetricsState::new(store.clone(), shared.config.stale_after)
-            .with_source(shared.counters.clone());
+            .with_source(shared.counters.clone())
+            .with_source(alert_counts.clone());
         let access = http::web::Access {
             token: shared.config.http_options.read_token.clone().map(|t| t.0),
             plain_exposed: http::exposed(bound, tls),
@@ -372,7 +374,8 @@ pub async fn run(
         },
         None,
         Arc::new(alert::LogNotify),
-    );
+    )
+    .with_counts(alert_counts);
     tasks.spawn(alert::run(
         store.clone(),
         engine,

@@ -43,6 +43,33 @@ impl Notify for LogNotify {
     }
 }
 
+/// The alerts per (rule, state) for `/metrics` (`mxscope_alerts`), as of the last evaluation.
+/// Labels: the rule names of the loaded rules and the states `pending`, `firing`, `silenced`.
+#[derive(Debug, Default)]
+pub struct AlertCounts(std::sync::Mutex<BTreeMap<(String, &'static str), u64>>);
+
+impl crate::http::MetricsSource for AlertCounts {
+    fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::gauge::Gauge;
+        let family = Family::<Vec<(String, String)>, Gauge>::default();
+        let counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for ((rule, state), n) in counts.iter() {
+            family
+                .get_or_create(&vec![
+                    ("rule".to_string(), rule.clone()),
+                    ("state".to_string(), (*state).to_string()),
+                ])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        registry.register(
+            "mxscope_alerts",
+            "Alerts by rule and state (pending, firing, silenced)",
+            family,
+        );
+    }
+}
+
 /// A confirmation asked for a (target, check): when, and whom.
 #[derive(Debug, Clone)]
 struct Asked {
@@ -69,6 +96,7 @@ pub struct Engine {
     confirm: Option<Arc<dyn Confirm>>,
     notify: Arc<dyn Notify>,
     asked: BTreeMap<(String, String), Asked>,
+    counts: Arc<AlertCounts>,
 }
 
 fn us(d: Duration) -> i64 {
@@ -99,7 +127,33 @@ impl Engine {
             confirm,
             notify,
             asked: BTreeMap::new(),
+            counts: Arc::default(),
         }
+    }
+
+    /// Where the engine publishes its counts for `/metrics`.
+    pub fn with_counts(mut self, counts: Arc<AlertCounts>) -> Self {
+        self.counts = counts;
+        self
+    }
+
+    fn publish_counts(&self, now_us: i64) {
+        let mut out: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+        for r in &self.rules.rules {
+            for state in ["pending", "firing", "silenced"] {
+                out.insert((r.name.clone(), state), 0);
+            }
+        }
+        for a in self.alerts.by_key.values() {
+            let state = match a.phase {
+                state::Phase::Pending => "pending",
+                state::Phase::Firing if self.silenced(&a.labels, now_us) => "silenced",
+                state::Phase::Firing => "firing",
+                state::Phase::Resolved => continue,
+            };
+            *out.entry((a.rule.clone(), state)).or_insert(0) += 1;
+        }
+        *self.counts.0.lock().unwrap_or_else(|e| e.into_inner()) = out;
     }
 
     /// Whether the asked regions answered for (target, check) since the request, or the wait is
@@ -432,6 +486,9 @@ impl Engine {
                 sent.push(notice);
             }
         }
+        // Resolved alerts have sent their notice: they leave the state (history is to come).
+        self.alerts.take_resolved();
+        self.publish_counts(now_us);
         sent
     }
 

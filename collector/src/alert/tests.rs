@@ -315,3 +315,25 @@ fn a_certificate_expiring_within_days_fires_from_any_region() {
     assert_eq!(n.len(), 1);
     assert_eq!(n[0].status, NoticeStatus::Resolved);
 }
+
+#[test]
+fn counts_for_metrics_by_rule_and_state() {
+    use crate::http::MetricsSource;
+    let counts = Arc::new(AlertCounts::default());
+    let (e, _) = engine("", None);
+    let mut e = e.with_counts(counts.clone());
+    let t0 = 1_000 * S;
+    e.evaluate(&[row("a", true, t0)], t0);
+    let mut registry = prometheus_client::registry::Registry::default();
+    counts.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("mxscope_alerts{rule=\"down\",state=\"pending\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mxscope_alerts{rule=\"drift\",state=\"firing\"} 0"),
+        "{text}"
+    );
+}
