@@ -4,6 +4,7 @@
 //! Like mini-redis, [`run`] takes an already bound listener and a shutdown future, so tests bind
 //! port 0 and stop the collector on demand.
 
+pub mod alert;
 pub mod analysis;
 pub mod auth;
 pub mod confirm;
@@ -70,6 +71,9 @@ pub enum RunError {
     Http(SocketAddr, #[source] std::io::Error),
     #[error("cannot serve metrics over TLS")]
     HttpTls(#[from] http::TlsError),
+    /// The message names the file and line; no source, so it is said once.
+    #[error("--alert-rules {0}")]
+    AlertRules(alert::rules::RulesError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("database task failed")]
@@ -181,6 +185,11 @@ pub async fn run(
         config.name = default_name(addr);
     }
     let signer = load_signer(&config)?;
+    // A bad rules file is a configuration error: refuse to start, naming file and line.
+    let alert_rules = match &config.alert_rules {
+        Some(path) => alert::rules::load(path).map_err(RunError::AlertRules)?,
+        None => alert::rules::Rules::default(),
+    };
     let tls = match &config.tls {
         Some(files) => Some(server_tls(
             files,
@@ -311,6 +320,7 @@ pub async fn run(
         token.clone(),
     ));
 
+    let alert_counts = Arc::new(alert::AlertCounts::default());
     // Metrics (when asked for) and the retention job run until shutdown.
     // A taken metrics port must not keep the collector (and its agents' data) down: say it loudly.
     let http_listener = match shared.config.http {
@@ -328,7 +338,8 @@ pub async fn run(
         let bound = http_listener.local_addr().map_err(RunError::Listener)?;
         let tls = http_tls.is_some();
         let state = http::MetricsState::new(store.clone(), shared.config.stale_after)
-            .with_source(shared.counters.clone());
+            .with_source(shared.counters.clone())
+            .with_source(alert_counts.clone());
         let access = http::web::Access {
             token: shared.config.http_options.read_token.clone().map(|t| t.0),
             plain_exposed: http::exposed(bound, tls),
@@ -349,6 +360,29 @@ pub async fn run(
         });
         info!(http = %bound, tls, "serving /metrics and the dashboard (/)");
     }
+    let public_url = match (&shared.config.public_url, shared.config.http) {
+        (u, _) if !u.is_empty() => u.clone(),
+        (_, Some(addr)) => format!("http://{addr}"),
+        (_, None) => String::new(),
+    };
+    let engine = alert::Engine::new(
+        alert_rules,
+        alert::Settings {
+            stale_after: shared.config.stale_after,
+            quorum: shared.config.quorum,
+            public_url,
+        },
+        None,
+        Arc::new(alert::LogNotify),
+    )
+    .with_counts(alert_counts);
+    tasks.spawn(alert::run(
+        store.clone(),
+        engine,
+        shared.config.alert_interval,
+        shared.config.alert_rules.clone(),
+        token.clone(),
+    ));
     tasks.spawn(store::retention_job(
         store.clone(),
         shared.config.retention_every,

@@ -123,6 +123,15 @@ struct Args {
     /// Failing regions that make a (target, check) `down`: `majority` (of regions with fresh data) or a number.
     #[arg(long, env = "MXSCOPE_QUORUM", default_value = "majority")]
     quorum: mxscope_collector::analysis::scope::Quorum,
+    /// Alert rules (TOML; see README, Alerts); absent: the built-in rules. Re-read on SIGHUP.
+    #[arg(long, env = "MXSCOPE_ALERT_RULES")]
+    alert_rules: Option<std::path::PathBuf>,
+    /// How often the alert engine evaluates (it also does on every state change).
+    #[arg(long, env = "MXSCOPE_ALERT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    alert_interval: Duration,
+    /// Base URL of the dashboard in alerts' links (default: http://<--http address>).
+    #[arg(long, env = "MXSCOPE_PUBLIC_URL")]
+    public_url: Option<String>,
     /// How long raw results are kept.
     #[arg(long, env = "MXSCOPE_RETENTION", default_value = "14d", value_parser = humantime::parse_duration)]
     retention: Duration,
@@ -245,6 +254,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.store.retention = args.retention;
     config.store.rollup_retention = args.rollup_retention.max(args.retention);
     config.quorum = args.quorum;
+    config.alert_rules = args.alert_rules;
+    config.alert_interval = args.alert_interval.max(Duration::from_millis(100));
+    config.public_url = args.public_url.unwrap_or_default();
     config.http = args.http.0;
     let mut http = HttpOptions::default();
     http.header_timeout = args.http_header_timeout;

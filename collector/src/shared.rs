@@ -73,6 +73,12 @@ pub struct Config {
     pub http_options: HttpOptions,
     /// How often the retention job runs.
     pub retention_every: Duration,
+    /// The alert rules file (TOML); `None`: the built-in rules. Re-read on SIGHUP.
+    pub alert_rules: Option<PathBuf>,
+    /// How often the alert engine evaluates (besides on the store's state changes).
+    pub alert_interval: Duration,
+    /// Base URL of the dashboard in alert links; empty: `http://<--http address>`.
+    pub public_url: String,
 }
 
 /// The collector's certificate and key, and the CA its clients' certificates must chain to.
@@ -160,6 +166,9 @@ impl Config {
             http: None,
             http_options: HttpOptions::default(),
             retention_every: Duration::from_secs(60),
+            alert_rules: None,
+            alert_interval: Duration::from_secs(5),
+            public_url: String::new(),
         }
     }
 }
